@@ -1,0 +1,25 @@
+# Two entry points: `make demo` and `make test`. Both build .venv/ at the repo root.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO_DATA ?= data
+DEMO_OUT  ?= runs
+
+.PHONY: venv demo test slurm-up slurm-down bench clean-demo
+
+# The stamp is rebuilt whenever the dependency list changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m pipeline.data synthetic --root $(DEMO_DATA) --exist-ok
+	$(PY) -m pipeline.sweep sweeps/quickstart.yaml --cluster local --wait --out $(DEMO_OUT) data.root=$(DEMO_DATA)
+	$(PY) -m pipeline.collect $(DEMO_OUT)/quickstart
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)

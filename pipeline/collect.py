@@ -1,0 +1,135 @@
+"""``python -m pipeline.collect <out>/<sweep>``: one table row per run, from the run folders alone.
+
+Prints a markdown table and writes ``results.md`` and ``results.csv`` into the sweep folder. Columns:
+the swept values, then training loss, train best acc, val loss, val best acc, test acc, status.
+Unfinished runs show their status in place of numbers. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline import cli
+from pipeline.config import COMMAND_LINE, ConfigError
+from pipeline.rundir import RunDir, atomic_write_text, list_runs
+
+# (column title, metrics/train.json key, formatter)
+METRIC_COLUMNS: list[tuple[str, str, str]] = [
+    ("training loss", "train_loss", "loss"),
+    ("train best acc", "train_acc_best", "pct"),
+    ("val loss", "val_loss", "loss"),
+    ("val best acc", "val_acc_best", "pct"),
+    ("test acc", "test_acc", "pct"),
+]
+
+
+def _format(value: Any, kind: str) -> str:
+    if value is None:
+        return ""
+    if kind == "pct":
+        return f"{100 * float(value):.2f}%"
+    if kind == "loss":
+        return f"{float(value):.4f}"
+    return cli.fmt(value)
+
+
+def gather(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(swept keys, one record per run with its swept values, metrics and status)."""
+    runs = list_runs(sweep_dir)
+    records = []
+    for run in runs:
+        meta = run.read_meta()
+        metrics = run.read_metrics("train") or {}
+        records.append({"id": run.id, "swept": meta.get("swept", {}), "metrics": metrics,
+                        "status": run.status(), "progress": run.read_progress(), "log": str(run.log)})
+    keys = list(dict.fromkeys(k for r in records for k in r["swept"]))
+    records.sort(key=lambda r: ([str(r["swept"].get(k, "")) for k in keys], r["id"]))
+    return keys, records
+
+
+def rows(keys: list[str], records: list[dict[str, Any]], *, raw: bool = False) -> tuple[list[str], list[list[str]]]:
+    titles = cli.short_keys(keys)
+    header = ["run"] + [titles[k] for k in keys] + [c[0] for c in METRIC_COLUMNS] + ["status"]
+    out = []
+    for r in records:
+        row = [r["id"]] + [cli.fmt(r["swept"].get(k, "")) for k in keys]
+        finished = r["status"] in ("done", "diverged")
+        for _, key, kind in METRIC_COLUMNS:
+            value = r["metrics"].get(key) if finished else None
+            row.append(("" if value is None else repr(value)) if raw else _format(value, kind))
+        status = r["status"]
+        if status == "running" and r["progress"]:
+            status = f"running (epoch {r['progress'].get('epoch')}/{r['progress'].get('epochs')})"
+        elif status == "diverged" and r["metrics"].get("diverged_epoch"):
+            status = f"diverged (epoch {r['metrics']['diverged_epoch']})"
+        elif status == "failed":
+            status = f"failed (log {r['log']})" if not raw else "failed"
+        row.append(status)
+        out.append(row)
+    return header, out
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+    numeric = [all(_looks_numeric(r[i]) for r in body if r[i]) and any(r[i] for r in body)
+               for i in range(len(header))]
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
+             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s.rstrip("%"))
+        return True
+    except ValueError:
+        return False
+
+
+def to_csv(header: list[str], body: list[list[str]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(body)
+    return buf.getvalue()
+
+
+def collect(sweep_dir: Path) -> tuple[str, str]:
+    """Write results.md and results.csv into the sweep folder; returns (markdown, csv) text."""
+    keys, records = gather(sweep_dir)
+    header, body = rows(keys, records)
+    md = markdown(header, body)
+    raw_header, raw_body = rows(keys, records, raw=True)
+    # CSV keeps full dotted keys and unrounded numbers, for plotting and papers
+    raw_header = ["run"] + keys + [c[1] for c in METRIC_COLUMNS] + ["status"]
+    text = to_csv(raw_header, raw_body)
+    atomic_write_text(sweep_dir / "results.md", md)
+    atomic_write_text(sweep_dir / "results.csv", text)
+    return md, text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.collect", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep_dir", type=Path, help="a sweep's results folder, e.g. runs/optimizers")
+    args = p.parse_args(argv)
+    con = cli.console()
+    with cli.exit_on_config_error():
+        if not args.sweep_dir.is_dir():
+            raise ConfigError(COMMAND_LINE, f"'{args.sweep_dir}' is not a folder", key="sweep_dir")
+        if not list_runs(args.sweep_dir):
+            raise ConfigError(args.sweep_dir, "holds no run folders (*/config.yaml)")
+    md, _ = collect(args.sweep_dir)
+    con.print(md, markup=False, highlight=False, soft_wrap=True)
+    con.print(f"wrote {args.sweep_dir / 'results.md'} and {args.sweep_dir / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

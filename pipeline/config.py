@@ -1,0 +1,379 @@
+"""The one configuration schema, and loading it from YAML files and ``key=value`` overrides.
+
+Every setting lives in a dataclass below with its type, default and unit. Files and overrides are
+merged onto the schema through omegaconf; anything that does not fit (an unknown key, a wrong type,
+a value out of range, an unknown choice) raises :class:`ConfigError`, which names the source (file or
+command line), the dotted key and what is allowed. The command-line tools turn it into exit code 2.
+
+This module must stay free of torch: the login-node commands import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.models import MODEL_NAMES, SHORTCUTS
+
+COMMAND_LINE = "command line"
+
+
+class ConfigError(ValueError):
+    """A setting that does not fit the schema; ``str()`` is the message shown to the user."""
+
+    def __init__(self, source: str | os.PathLike, message: str, key: str | None = None):
+        self.source = str(source)
+        self.key = key
+        where = f"{self.source}: {key}" if key else self.source
+        super().__init__(f"{where}: {message}")
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _num(default: float | int, *, min: float | None = None, max: float | None = None,
+         min_exclusive: bool = False) -> Any:
+    return field(default=default, metadata={"min": min, "max": max, "min_exclusive": min_exclusive})
+
+
+# --------------------------------------------------------------------------------------------------
+# The schema. Units are in the comments; fixed dotted names are relied on by tests and users.
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    name: str = _choice("cifar10", "cifar10", "cifar100", "synthetic")
+    # Folder holding cifar-10-batches-py/, cifar-100-python/ or synthetic-batches-py/. A relative path
+    # is taken from the directory the sweep is launched in and stored absolute in each run's config.
+    root: str = "data"
+    val_size: int = _num(5000, min=1)         # images held out of the train files for validation
+    split_seed: int = _num(0, min=0)          # seed of the train/val split (independent of train.seed)
+    train_size: int = _num(0, min=0)          # cap on training images after the split; 0 = all
+    augment: bool = True                      # pad-4 random crop + horizontal flip of training images
+    loader: str = _choice("device", "device", "dataloader")  # device: one tensor on the device, batched
+    # augmentation; dataloader: torch DataLoader with train.num_workers processes (the conventional path)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _choice("resnet20", *MODEL_NAMES)
+    shortcut: str = _choice("A", *SHORTCUTS)  # CIFAR ResNets: A = zero-pad, B = 1x1 conv projection
+
+
+@dataclass
+class OptimConfig:
+    name: str = _choice("nesterov", "sgd", "nesterov", "adagrad", "adadelta", "adam", "adamw")
+    lr: float = _num(0.1, min=0.0, min_exclusive=True)   # peak learning rate (per optimizer step)
+    momentum: float = _num(0.9, min=0.0, max=1.0)        # sgd / nesterov only
+    weight_decay: float = _num(1e-4, min=0.0)            # L2 coefficient (decoupled for adamw)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw
+    eps: float = _num(1e-8, min=0.0, min_exclusive=True)  # adam / adamw / adagrad / adadelta
+    grad_clip: float = _num(0.0, min=0.0)                 # max global gradient norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = _choice("cosine", "constant", "step", "cosine", "onecycle")
+    warmup_epochs: float = _num(0.0, min=0.0)    # linear warm-up from 0 before the schedule, epochs
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+    gamma: float = _num(0.1, min=0.0, min_exclusive=True)  # step: lr factor at each milestone
+    min_lr_ratio: float = _num(0.0, min=0.0, max=1.0)      # cosine / onecycle: final lr / peak lr
+    pct_start: float = _num(0.25, min=0.0, max=1.0)        # onecycle: fraction of training rising
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _num(100, min=1)               # full passes over the training split
+    batch_size: int = _num(128, min=1)           # images per optimizer step, summed over all ranks
+    eval_batch_size: int = _num(512, min=1)      # images per forward pass in evaluation
+    num_workers: int = _num(4, min=0)            # DataLoader processes (data.loader=dataloader only)
+    seed: int = _num(0, min=0)                   # model init, shuffling and augmentation
+    device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when available
+    precision: str = _choice("fp32", "fp32", "fp16", "bf16")  # autocast dtype; fp16 adds a GradScaler
+    channels_last: bool = True                   # NHWC memory format (faster on CPU and tensor cores)
+    compile: bool = False                        # torch.compile the model (minutes of start-up)
+    label_smoothing: float = _num(0.0, min=0.0, max=1.0)  # cross-entropy target smoothing
+    threads: int = _num(0, min=0)                # torch CPU threads; 0 = SLURM_CPUS_PER_TASK or default
+
+
+@dataclass
+class PruneConfig:
+    method: str = _choice("none", "none")        # filled by the pruning stage
+
+
+@dataclass
+class QuantConfig:
+    method: str = _choice("none", "none")        # filled by the quantization stage
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""                          # empty = the cluster's default partition
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    nodes: int = _num(1, min=1)
+    tasks_per_node: int = _num(1, min=1)         # > 1 = one data-parallel rank per task
+    gpus_per_node: int = _num(0, min=0)
+    gpu_type: str = ""                           # gres type, e.g. rtx8000 or v100; empty = any
+    cpus_per_task: int = _num(2, min=1)
+    mem_gb: float = _num(8.0, min=0.0, min_exclusive=True)   # memory per node, GB
+    time_min: int = _num(120, min=1)             # time limit per job, minutes
+    array_parallelism: int = _num(64, min=1)     # array tasks running at once
+    max_requeues: int = _num(3, min=0)           # requeues after time limit or preemption
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
+
+
+@dataclass
+class OutputConfig:
+    tensorboard: bool = True                     # scalars per epoch under <run>/tb/
+    log_every: int = _num(50, min=1)             # optimizer steps between log lines
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# Settings that only say where or how a run is scheduled or logged: they do not change its result, so
+# they are left out of the run id (a longer time limit must resume a run, not start a new one).
+ID_EXCLUDED_SECTIONS = ("slurm", "output")
+ID_INCLUDED_SLURM_KEYS = ("nodes", "tasks_per_node")  # the number of ranks does change the result
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema introspection
+# --------------------------------------------------------------------------------------------------
+
+def schema_fields() -> dict[str, dataclasses.Field]:
+    """Every leaf of the schema by dotted key."""
+    out: dict[str, dataclasses.Field] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                walk(type(default), key + ".")
+            else:
+                out[key] = f
+    walk(Config, "")
+    return out
+
+
+_FIELDS = schema_fields()
+_SECTIONS = {k.split(".", 1)[0] for k in _FIELDS}
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def allowed_keys_text(section: str | None = None) -> str:
+    keys = [k for k in _FIELDS if section is None or k.startswith(section + ".")]
+    return ", ".join(keys)
+
+
+def check_keys(tree: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """Fail on any key (nested or dotted) that is not in the schema."""
+    for key in flatten(tree):
+        if key in _FIELDS:
+            continue
+        section = key.split(".", 1)[0]
+        if section not in _SECTIONS:
+            raise ConfigError(source, f"unknown section '{section}'.{_suggest(section, sorted(_SECTIONS))} "
+                              f"Allowed sections: {', '.join(sorted(_SECTIONS))}.", key=key)
+        in_section = [k for k in _FIELDS if k.startswith(section + ".")]
+        raise ConfigError(source, f"unknown key.{_suggest(key, in_section)} "
+                          f"Allowed keys in '{section}': {', '.join(in_section)}.", key=key)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}; lists are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and key not in _FIELDS:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file; a missing file or a syntax error becomes a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(p, "file not found")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(p, f"YAML syntax error{where}: {problem}") from None
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "optim.betas=[0.9,0.99]"]`` -> dotted dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(COMMAND_LINE, f"'{item}' is not of the form key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+@dataclass
+class Layer:
+    """One source of settings: its name (file path or 'command line') and a dotted dict."""
+    source: str
+    values: dict[str, Any]
+
+
+def file_layer(path: str | os.PathLike) -> Layer:
+    tree = read_yaml(path)
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(path, f"expected a mapping of settings, got {type(tree).__name__}")
+    return Layer(str(path), flatten(tree))
+
+
+def compose(layers: Sequence[Layer]) -> DictConfig:
+    """Merge layers in order onto the schema and validate; raises ConfigError naming the source."""
+    cfg = OmegaConf.structured(Config)
+    provenance: dict[str, str] = {}
+    for layer in layers:
+        check_keys(layer.values, layer.source)
+        for key, value in layer.values.items():
+            try:
+                OmegaConf.update(cfg, key, value, merge=False)
+            except OmegaConfBaseException as e:
+                raise ConfigError(layer.source, _type_message(key, value, e), key=key) from None
+            provenance[key] = layer.source
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(provenance.get(key, "config"), f"cannot resolve: {e.msg if hasattr(e, 'msg') else e}",
+                          key=key) from None
+    cfg = OmegaConf.structured(Config)
+    cfg.merge_with(container)
+    validate(cfg, provenance)
+    return cfg
+
+
+def _type_message(key: str, value: Any, err: OmegaConfBaseException) -> str:
+    f = _FIELDS[key]
+    expected = getattr(f.type, "__name__", str(f.type))
+    return f"expected a value of type {expected}, got {value!r}"
+
+
+def validate(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> None:
+    """Choices, ranges and cross-field rules; the error names the source that set the bad key."""
+    provenance = provenance or {}
+    flat = flatten(OmegaConf.to_container(cfg))
+    for key, f in _FIELDS.items():
+        value = flat[key]
+        src = provenance.get(key, "defaults")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(src, f"'{value}' is not allowed.{_suggest(str(value), choices)} "
+                              f"Allowed values: {', '.join(choices)}.", key=key)
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is not None and (value < lo or (f.metadata.get("min_exclusive") and value == lo)):
+            op = ">" if f.metadata.get("min_exclusive") else ">="
+            raise ConfigError(src, f"must be {op} {lo}, got {value}.", key=key)
+        if hi is not None and value > hi:
+            raise ConfigError(src, f"must be <= {hi}, got {value}.", key=key)
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(provenance.get(key, "defaults"), msg, key=key)
+
+    if len(flat["optim.betas"]) != 2 or not all(0 <= b < 1 for b in flat["optim.betas"]):
+        fail("optim.betas", f"must be two numbers in [0, 1), got {flat['optim.betas']}.")
+    ms = flat["schedule.milestones"]
+    if any(not 0 < m < 1 for m in ms) or list(ms) != sorted(ms):
+        fail("schedule.milestones", f"must be increasing fractions of training in (0, 1), got {list(ms)}.")
+    if flat["schedule.warmup_epochs"] >= flat["train.epochs"]:
+        fail("schedule.warmup_epochs", f"must be shorter than train.epochs ({flat['train.epochs']}).")
+    if flat["slurm.nodes"] > 1 and flat["slurm.tasks_per_node"] < 1:
+        fail("slurm.tasks_per_node", "must be >= 1.")
+
+
+def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] | Mapping[str, Any] = ()
+                ) -> DictConfig:
+    """Schema defaults <- each file in order <- ``key=value`` overrides."""
+    layers = [file_layer(f) for f in files]
+    over = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    if over:
+        layers.append(Layer(COMMAND_LINE, dict(over)))
+    return compose(layers)
+
+
+def absolutize_paths(cfg: DictConfig, base: Path) -> DictConfig:
+    """Make location settings absolute (relative to ``base``) so a job on another node finds them."""
+    root = Path(os.path.expanduser(str(cfg.data.root)))
+    if not root.is_absolute():
+        cfg.data.root = str((base / root).resolve())
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, sort_keys=False)
+
+
+def from_run_file(path: str | os.PathLike) -> DictConfig:
+    """Load a resolved run config written by :func:`to_yaml` (validated again: files can be edited)."""
+    return load_config([path])
+
+
+def run_id(cfg: DictConfig) -> str:
+    """A short, stable hash of everything that can change a run's result."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for section in ID_EXCLUDED_SECTIONS:
+        kept = {k: tree[section][k] for k in ID_INCLUDED_SLURM_KEYS} if section == "slurm" else {}
+        tree[section] = kept
+    blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]

@@ -1,0 +1,188 @@
+"""Submission through submitit: the only module that imports it. Torch-free.
+
+- slurm: one job array per distinct set of Slurm resources, throttled by ``slurm.array_parallelism``;
+  each array task runs one run folder (``pipeline.run.execute``).
+- local: ``--parallel`` submitit local jobs, each running its share of the runs one after another, so a
+  CPU machine trains one network at a time by default. The jobs outlive this process.
+- debug: submitit's in-process executor (breakpoints work); runs execute when waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from pipeline.rundir import RunDir
+
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # local jobs run until done; submitit's default would kill them at 2 min
+
+
+def slurm_controller_answers(timeout_s: float = 10.0) -> bool:
+    if shutil.which("scontrol") is None or shutil.which("srun") is None:
+        return False
+    try:
+        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and " is UP" in r.stdout
+
+
+def resolve_cluster(name: str) -> str:
+    if name == "auto":
+        return "slurm" if slurm_controller_answers() else "local"
+    return name
+
+
+def signal_delay_s(time_min: int) -> int:
+    """Seconds before the time limit at which Slurm signals the job to checkpoint.
+
+    slurmctld checks limits about every 30 s and signals once now + delay + ~30 s passes the end, so a
+    delay of 30 s or more on a 1-minute job signals it before Python is up (FACTS.md). Take a tenth of
+    the limit, at least 10 s and at most 120 s.
+    """
+    return int(min(120, max(10, time_min * 60 // 10)))
+
+
+def slurm_parameters(slurm: dict[str, Any], name: str) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters from a config's ``slurm`` section."""
+    p: dict[str, Any] = {
+        "name": f"pipeline-{name}",
+        "timeout_min": int(slurm["time_min"]),
+        "nodes": int(slurm["nodes"]),
+        "tasks_per_node": int(slurm["tasks_per_node"]),
+        "cpus_per_task": int(slurm["cpus_per_task"]),
+        "mem_gb": float(slurm["mem_gb"]),
+        "array_parallelism": int(slurm["array_parallelism"]),
+        "signal_delay_s": signal_delay_s(int(slurm["time_min"])),
+        "stderr_to_stdout": True,
+    }
+    for key in ("partition", "account", "qos", "constraint"):
+        if slurm[key]:
+            p[key] = str(slurm[key])
+    gpus = int(slurm["gpus_per_node"])
+    if gpus and slurm["gpu_type"]:
+        p["gres"] = f"gpu:{slurm['gpu_type']}:{gpus}"
+    elif gpus:
+        p["gpus_per_node"] = gpus
+    if slurm["setup"]:
+        p["setup"] = list(slurm["setup"])
+    return p
+
+
+def _groups(cfgs: Sequence[DictConfig], name: str) -> list[tuple[dict[str, Any], list[int]]]:
+    """Runs with identical Slurm resources go into one array."""
+    groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
+    for i, cfg in enumerate(cfgs):
+        params = slurm_parameters(OmegaConf.to_container(cfg.slurm), name)
+        key = repr(sorted(params.items()))
+        groups.setdefault(key, (params, []))[1].append(i)
+    return list(groups.values())
+
+
+def sbatch_headers(sweep_dir: Path, cfgs: Sequence[DictConfig], name: str) -> list[str]:
+    """The #SBATCH lines that submission would use, one text per array; writes nothing."""
+    from submitit.slurm.slurm import _make_sbatch_string
+    out = []
+    for params, idx in _groups(cfgs, name):
+        params = dict(params)
+        converted = submitit.SlurmExecutor._equivalence_dict()
+        sb = {converted.get(k, k): v for k, v in params.items()}
+        if "mem" in sb:
+            sb["mem"] = f"{int(sb['mem'] * 1024)}MB"
+        text = _make_sbatch_string(command="<python -u -m submitit.core._submit ...>",
+                                   folder=str(sweep_dir / "logs" / "%j"), map_count=len(idx), **sb)
+        out.append("\n".join(line for line in text.splitlines() if line.startswith("#SBATCH")))
+    return out
+
+
+@dataclass
+class Submission:
+    cluster: str
+    job_ids: dict[str, str] = field(default_factory=dict)        # run id -> job id
+    jobs: list[tuple[list[RunDir], Any]] = field(default_factory=list)  # (runs, submitit job)
+
+
+def _visible_gpu_count() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in r.stdout.splitlines() if line.startswith("GPU "))
+
+
+def submit(runs: Sequence[RunDir], cfgs: Sequence[DictConfig], *, cluster: str, sweep_dir: Path,
+           name: str, parallel: int = 1) -> Submission:
+    from pipeline.run import execute, execute_many
+
+    sub = Submission(cluster)
+    if not runs:
+        return sub
+    log_folder = sweep_dir / "logs" / "%j"
+    if cluster == "slurm":
+        for params, idx in _groups(cfgs, name):
+            executor = submitit.SlurmExecutor(folder=log_folder, max_num_timeout=int(
+                cfgs[idx[0]].slurm.max_requeues))
+            executor.update_parameters(**params)
+            paths = [str(runs[i].path) for i in idx]
+            jobs = executor.map_array(execute, paths)
+            for i, job in zip(idx, jobs):
+                sub.job_ids[runs[i].id] = job.job_id
+                sub.jobs.append(([runs[i]], job))
+        return sub
+
+    if cluster == "local":
+        executor: Any = submitit.LocalExecutor(folder=log_folder)
+        executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=_visible_gpu_count(),
+                                   stderr_to_stdout=True)
+    elif cluster == "debug":
+        executor = submitit.DebugExecutor(folder=log_folder)
+    else:
+        raise ValueError(f"unknown cluster {cluster!r}; allowed: slurm, local, debug")
+    slots = min(parallel, len(runs))
+    for s in range(slots):
+        share = [runs[i] for i in range(s, len(runs), slots)]
+        job = executor.submit(execute_many, [str(r.path) for r in share])
+        for r in share:
+            sub.job_ids[r.id] = str(job.job_id)
+        sub.jobs.append((share, job))
+    return sub
+
+
+def wait(sub: Submission, console: Console | None = None) -> dict[str, str]:
+    """Block until every job of the submission has ended; returns run id -> run status (from its folder)."""
+    for _, job in sub.jobs:
+        try:
+            job.result()
+        except Exception as e:  # a failed run is reported through its status, with its log
+            if console is not None:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                console.print(f"[yellow]job {job.job_id} ended with an error:[/] {first}")
+    return {r.id: r.status() for runs, _ in sub.jobs for r in runs}
+
+
+def job_is_active(cluster: str, job_id: str) -> bool:
+    """Whether a job recorded in a manifest is still queued or running."""
+    if cluster == "local":
+        try:
+            os.kill(int(job_id), 0)
+        except (ProcessLookupError, ValueError):
+            return False
+        except PermissionError:
+            return True
+        return True
+    if cluster == "slurm":
+        from pipeline import slurm_cli
+        return slurm_cli.job_states([job_id]).get(job_id, "") in slurm_cli.ACTIVE_STATES
+    return False

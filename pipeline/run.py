@@ -1,0 +1,133 @@
+"""``python -m pipeline.run RUN_DIR_OR_CONFIG [key=value ...]``: run one config in this process.
+
+A submitted job calls :func:`execute` on its run folder; ``python -m pipeline.run`` runs the same code
+in the foreground (what the plain sbatch scripts call). Stages run in order; each is skipped when its
+``metrics/<stage>.json`` exists and writes that file atomically when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
+from pipeline.rundir import STAGES, RunDir, atomic_write_json, atomic_write_text
+
+# stage name -> "module:function"; each function is ``stage(run, cfg) -> metrics`` with a "status" key
+STAGE_FUNCTIONS = {"train": "pipeline.train:train_stage"}
+
+log = logging.getLogger("pipeline")
+
+
+def _stage_function(stage: str) -> Callable[..., dict[str, Any]]:
+    module, _, fn = STAGE_FUNCTIONS[stage].partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _attach_log(run: RunDir) -> logging.Handler:
+    """Log to <run>/run.log (appended across restarts) and to stdout (the scheduler's log)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("pipeline")
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in root.handlers):
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        root.addHandler(stream)
+    return handler
+
+
+def execute(run_dir: str | Path) -> str:
+    """Run every unfinished stage of one run folder; returns the run's status.
+
+    An exception in a stage is written to metrics/<stage>.json as status "failed" (with the error and
+    the log path) and raised again, so the scheduler marks the job failed too.
+    """
+    run = RunDir(Path(run_dir))
+    handler = _attach_log(run)
+    try:
+        cfg = from_run_file(run.config)
+        for stage in STAGES:
+            done = run.read_metrics(stage)
+            if done is not None:
+                if done.get("status") != "done":
+                    return str(done.get("status"))
+                continue
+            log.info("run %s: stage %s", run.id, stage)
+            started = time.time()
+            try:
+                metrics = _stage_function(stage)(run, cfg)
+            except Exception as e:
+                log.error("stage %s failed:\n%s", stage, traceback.format_exc())
+                run.write_metrics(stage, {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                          "log": str(run.log), "stage": stage})
+                raise
+            metrics["wall_s"] = time.time() - started
+            run.write_metrics(stage, metrics)
+            if metrics["status"] != "done":
+                return str(metrics["status"])
+        return "done"
+    finally:
+        logging.getLogger("pipeline").removeHandler(handler)
+        handler.close()
+
+
+def execute_many(run_dirs: Sequence[str | Path]) -> dict[str, str]:
+    """Run folders one after another (a local job slot); a failing run does not stop the others."""
+    out: dict[str, str] = {}
+    for d in run_dirs:
+        try:
+            out[Path(d).name] = execute(d)
+        except Exception:
+            out[Path(d).name] = "failed"
+    return out
+
+
+def prepare_single(config: Path, overrides: Sequence[str], out: Path) -> RunDir:
+    """A run folder under ``out`` for one config file plus overrides (resumed if it exists)."""
+    cfg = absolutize_paths(load_config([config], overrides), Path.cwd())
+    run = RunDir(out / run_id(cfg))
+    text = to_yaml(cfg)
+    if not run.config.exists() or run.config.read_text() != text:
+        atomic_write_text(run.config, text)
+    if not run.meta.exists():
+        atomic_write_json(run.meta, {"id": run.id, "sweep": out.name, "config_file": str(config),
+                                     "swept": {}, "overrides": list(overrides)})
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline import cli
+    p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("target", type=Path, help="a run folder (holding config.yaml) or a config YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value settings (with a config file only)")
+    p.add_argument("--out", type=Path, default=Path("runs/single"),
+                   help="with a config file: where its run folder goes (default runs/single)")
+    args = p.parse_intermixed_args(argv)
+    with cli.exit_on_config_error():
+        if args.target.is_dir():
+            if args.overrides:
+                raise ConfigError(COMMAND_LINE, "a run folder's config is fixed; pass a config file to "
+                                  "change settings", key=args.overrides[0].split("=")[0])
+            run = RunDir(args.target)
+            if not run.config.exists():
+                raise ConfigError(args.target, "not a run folder (no config.yaml)")
+            from_run_file(run.config)
+        else:
+            run = prepare_single(args.target, args.overrides, args.out)
+    status = execute(run.path)
+    cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")
+    return 0 if status in ("done", "diverged") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

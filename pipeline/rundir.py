@@ -1,0 +1,145 @@
+"""The run folder: the only interface between sweep (writes config.yaml), the job (writes results)
+and collect/status (read them). Torch-free.
+
+    <out>/<sweep>/<run id>/
+        config.yaml          fully resolved config, written before submission, never rewritten
+        meta.json            run id, sweep name and the swept values (for table columns)
+        run.log              the job's log, appended across restarts
+        progress.json        epoch x/y and best val acc so far, rewritten every epoch
+        metrics/<stage>.json one file per finished stage; its existence means "skip this stage"
+        checkpoints/last.pt  written atomically every epoch
+        tb/                  TensorBoard event files
+        archive/<time>/      what --rerun moved aside (nothing is deleted)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGES = ("train",)  # in order; later stages are appended here as they are built
+FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed file, or None when it is missing or half-written by a foreign tool."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "run.log"
+
+    @property
+    def progress(self) -> Path:
+        return self.path / "progress.json"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.path / "metrics"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tb"
+
+    def metrics_path(self, stage: str) -> Path:
+        return self.metrics_dir / f"{stage}.json"
+
+    def read_metrics(self, stage: str) -> dict[str, Any] | None:
+        return read_json(self.metrics_path(stage))
+
+    def write_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.metrics_path(stage), metrics)
+
+    def read_meta(self) -> dict[str, Any]:
+        return read_json(self.meta) or {}
+
+    def read_progress(self) -> dict[str, Any]:
+        return read_json(self.progress) or {}
+
+    def status(self) -> str:
+        """pending | running | done | diverged | failed, from the files alone.
+
+        'running' means started and not finished: the job may be alive, or dead and resumable.
+        """
+        for stage in STAGES:
+            m = self.read_metrics(stage)
+            if m is None:
+                return "running" if self.progress.exists() else "pending"
+            if m.get("status") != "done":
+                return str(m.get("status", "failed"))
+        return "done"
+
+    def is_finished(self) -> bool:
+        return self.status() in FINAL_STATUSES
+
+    def archive(self) -> Path | None:
+        """Move every result aside into archive/<UTC time>/ so the run starts afresh; keeps config."""
+        movable = [p for p in (self.metrics_dir, self.checkpoints, self.tensorboard, self.progress, self.log)
+                   if p.exists()]
+        if not movable:
+            return None
+        dest = self.path / "archive" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        n = 0
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        dest.mkdir(parents=True)
+        for p in movable:
+            os.replace(p, dest / p.name)
+        return dest
+
+
+def list_runs(sweep_dir: Path) -> list[RunDir]:
+    """Run folders of a sweep (those holding a config.yaml), sorted by id."""
+    return [RunDir(p.parent) for p in sorted(Path(sweep_dir).glob("*/config.yaml"))]

@@ -1,0 +1,52 @@
+"""Slurm's command-line tools (squeue, sacct, scancel): the only module that calls them. Torch-free."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Iterable
+
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED")
+
+
+def _run(cmd: list[str], timeout_s: float = 20.0) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def _base_id(job_id: str) -> str:
+    return job_id.split("_", 1)[0]
+
+
+def job_states(job_ids: Iterable[str]) -> dict[str, str]:
+    """State of each job or array task (``123`` or ``123_4``): squeue for live jobs, then sacct for
+    ended ones. Jobs neither tool knows are left out."""
+    wanted = {str(j) for j in job_ids}
+    if not wanted:
+        return {}
+    bases = sorted({_base_id(j) for j in wanted})
+    states: dict[str, str] = {}
+    out = _run(["squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i|%T"])
+    for line in (out or "").splitlines():
+        jid, _, state = line.strip().partition("|")
+        if jid in wanted:
+            states[jid] = state
+    missing = wanted - set(states)
+    if missing:
+        out = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(bases), "-o", "JobID,State"])
+        for line in (out or "").splitlines():
+            jid, _, state = line.strip().partition("|")
+            if jid in missing:
+                states[jid] = state.split()[0] if state else state
+    return states
+
+
+def cancel(job_ids: Iterable[str]) -> bool:
+    ids = sorted({str(j) for j in job_ids})
+    return bool(ids) and _run(["scancel", *ids]) is not None

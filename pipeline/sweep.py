@@ -1,0 +1,301 @@
+"""``python -m pipeline.sweep SWEEP.yaml [key=value ...]``: expand a sweep file into runs, write their
+folders, submit them, print what was submitted and exit.
+
+A sweep file::
+
+    name: optimizers            # folder name [A-Za-z0-9._-]; runs go to <out>/optimizers/<run id>/
+    base: [configs/base.yaml]   # config files merged in order
+    cluster: greene-rtx8000     # optional: configs/cluster/<name>.yaml, the slurm.* settings
+    set: {train.epochs: 50}     # fixed overrides for every run
+    grid: {optim.name: [sgd, adam]}               # cartesian product
+    zip: {optim.lr: [0.1, 0.01], optim.weight_decay: [1.0e-4, 5.0e-4]}  # varied together
+    variants: [{model.name: resnet20}, {model.name: resnet44}]        # each combined with grid x zip
+
+Order of precedence, lowest first: schema defaults, base files, cluster profile, set, variant, grid,
+zip, command-line overrides (which win, so runs they make identical are kept once). Torch-free: this
+runs on login nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import cli
+from pipeline.config import (COMMAND_LINE, ConfigError, Layer, check_keys, compose, file_layer, flatten,
+                             parse_overrides, read_yaml, run_id, to_yaml, absolutize_paths)
+from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+
+SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+CLUSTERS = ("auto", "local", "debug", "slurm")
+RERUN = ("failed", "all")
+
+
+@dataclass
+class SweepSpec:
+    path: Path
+    name: str
+    base: list[Path]
+    cluster: Path | None = None
+    set: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    zip: dict[str, list[Any]] = field(default_factory=dict)
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass
+class PlannedRun:
+    id: str
+    swept: dict[str, Any]
+    cfg: DictConfig
+
+
+def _find(ref: str, sweep_path: Path, key: str) -> Path:
+    """A path named in a sweep file: as given (absolute, or from the current directory), else relative
+    to the sweep file's folder or its parent (so sweeps/x.yaml can say configs/base.yaml)."""
+    p = Path(ref).expanduser()
+    candidates = [p] if p.is_absolute() else [p, sweep_path.parent / p, sweep_path.parent.parent / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(sweep_path, f"file '{ref}' not found (looked at {tried}).", key=key)
+
+
+def read_sweep(path: str | Path) -> SweepSpec:
+    """Parse and check a sweep file; every problem is a ConfigError naming the file and key."""
+    path = Path(path)
+    doc = read_yaml(path)
+    if not isinstance(doc, dict):
+        raise ConfigError(path, "a sweep file must be a mapping with keys " + ", ".join(SWEEP_KEYS))
+    for key in doc:
+        if key not in SWEEP_KEYS:
+            from pipeline.config import _suggest
+            raise ConfigError(path, f"unknown top-level key.{_suggest(str(key), SWEEP_KEYS)} "
+                              f"Allowed keys: {', '.join(SWEEP_KEYS)}.", key=str(key))
+    name = doc.get("name")
+    if not isinstance(name, str) or not SAFE_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(path, f"must be a folder name of letters, digits, '.', '_' or '-', got {name!r}.",
+                          key="name")
+    base = doc.get("base", [])
+    if isinstance(base, str):
+        base = [base]
+    if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
+        raise ConfigError(path, "must be a list of config file paths.", key="base")
+    spec = SweepSpec(path=path, name=name, base=[_find(b, path, "base") for b in base],
+                     description=str(doc.get("description") or ""))
+    cluster = doc.get("cluster")
+    if cluster is not None:
+        if not isinstance(cluster, str) or not cluster:
+            raise ConfigError(path, "must be a cluster profile name or a file path.", key="cluster")
+        ref = cluster if cluster.endswith((".yaml", ".yml")) else f"configs/cluster/{cluster}.yaml"
+        spec.cluster = _find(ref, path, "cluster")
+
+    for section in ("set", "grid", "zip"):
+        value = doc.get(section) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(path, "must be a mapping of dotted keys.", key=section)
+        flat = flatten(value)
+        check_keys(flat, f"{path} ({section})")
+        setattr(spec, section, flat)
+    for section in ("grid", "zip"):
+        for key, values in getattr(spec, section).items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(path, f"must be a non-empty list of values, got {values!r}.",
+                                  key=f"{section}.{key}")
+    lengths = {k: len(v) for k, v in spec.zip.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(path, "zip axes must have equal lengths, got "
+                          + ", ".join(f"{k}: {n}" for k, n in lengths.items()) + ".", key="zip")
+    variants = doc.get("variants") or []
+    if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
+        raise ConfigError(path, "must be a list of non-empty mappings of dotted keys.", key="variants")
+    spec.variants = [flatten(v) for v in variants]
+    for i, v in enumerate(spec.variants):
+        check_keys(v, f"{path} (variants[{i}])")
+    axes = [set(spec.grid), set(spec.zip)]
+    if axes[0] & axes[1]:
+        raise ConfigError(path, "a key may not be both in grid and zip.", key=sorted(axes[0] & axes[1])[0])
+    return spec
+
+
+def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
+                 cwd: Path | None = None) -> list[PlannedRun]:
+    """Every run of the sweep, composed and validated; identical configs are kept once."""
+    layers = [file_layer(b) for b in spec.base]
+    if spec.cluster is not None:
+        layers.append(file_layer(spec.cluster))
+    if spec.set:
+        layers.append(Layer(f"{spec.path} (set)", spec.set))
+    last = [Layer(COMMAND_LINE, dict(overrides))] if overrides else []
+
+    grid_points = [dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())]
+    n_zip = len(next(iter(spec.zip.values()))) if spec.zip else 1
+    zip_points = [{k: v[i] for k, v in spec.zip.items()} for i in range(n_zip)]
+    variants = spec.variants or [{}]
+
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+    for vi, variant in enumerate(variants):
+        for g in grid_points:
+            for z in zip_points:
+                extra = [Layer(f"{spec.path} (variants[{vi}])", variant), Layer(f"{spec.path} (grid)", g),
+                         Layer(f"{spec.path} (zip)", z)]
+                cfg = compose(layers + [x for x in extra if x.values] + last)
+                absolutize_paths(cfg, cwd or Path.cwd())
+                rid = run_id(cfg)
+                if rid in seen:
+                    continue
+                seen.add(rid)
+                runs.append(PlannedRun(rid, {k: OmegaConf.select(cfg, k) for k in {**variant, **g, **z}}, cfg))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing run folders and deciding what to submit
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Decision:
+    run: PlannedRun
+    action: str          # new | resume | rerun | skip-done | skip-failed | skip-active
+    note: str = ""
+
+
+def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None,
+         active_ids: set[str]) -> list[Decision]:
+    decisions = []
+    for r in runs:
+        rd = RunDir(sweep_dir / r.id)
+        if not rd.config.exists():
+            decisions.append(Decision(r, "new"))
+            continue
+        status = rd.status()
+        if r.id in active_ids:
+            decisions.append(Decision(r, "skip-active", "job still queued or running"))
+        elif rerun == "all" or (rerun == "failed" and status == "failed"):
+            decisions.append(Decision(r, "rerun", f"was {status}"))
+        elif status in ("done", "diverged"):
+            decisions.append(Decision(r, "skip-done", status))
+        elif status == "failed":
+            decisions.append(Decision(r, "skip-failed", "use --rerun failed"))
+        else:
+            decisions.append(Decision(r, "resume", status))
+    return decisions
+
+
+def write_run(sweep_dir: Path, spec: SweepSpec, r: PlannedRun) -> RunDir:
+    """Write config.yaml and meta.json; an existing identical config is left as it is."""
+    rd = RunDir(sweep_dir / r.id)
+    text = to_yaml(r.cfg)
+    if not rd.config.exists() or rd.config.read_text() != text:
+        # Same id means the same result-relevant settings: only slurm.* / output.* can differ here.
+        atomic_write_text(rd.config, text)
+    meta = {"id": r.id, "sweep": spec.name, "sweep_file": str(spec.path), "swept": r.swept}
+    if read_json(rd.meta) != meta:
+        atomic_write_json(rd.meta, meta)
+    return rd
+
+
+def update_manifest(sweep_dir: Path, cluster: str, job_ids: dict[str, str]) -> Path:
+    """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history)."""
+    path = sweep_dir / "manifest.json"
+    manifest = read_json(path) or {"runs": {}, "history": []}
+    for rid, jid in job_ids.items():
+        manifest["runs"][rid] = {"cluster": cluster, "job_id": jid}
+    manifest["history"].append({"cluster": cluster, "job_ids": job_ids})
+    atomic_write_json(path, manifest)
+    return path
+
+
+def active_run_ids(sweep_dir: Path) -> set[str]:
+    """Runs of this sweep whose last job is still queued or running (so they are not submitted twice)."""
+    from pipeline import launch
+    manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
+    return {rid for rid, entry in manifest["runs"].items()
+            if launch.job_is_active(entry["cluster"], entry["job_id"])}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="sweep YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value settings applied to every run")
+    p.add_argument("--dry-run", action="store_true", help="show the runs (and sbatch header); write nothing")
+    p.add_argument("--cluster", default="auto", help="auto | local | debug | slurm (default auto: slurm "
+                   "when a controller answers, else local)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="results folder (default runs/)")
+    p.add_argument("--rerun", default=None, help="failed | all: start those runs again from scratch "
+                   "(old results are moved to <run>/archive/)")
+    p.add_argument("--wait", action="store_true", help="local executor: return when the runs have finished")
+    p.add_argument("--parallel", type=int, default=1, help="local executor: runs at a time (default 1)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    console = cli.console()
+    with cli.exit_on_config_error():
+        if args.cluster not in CLUSTERS:
+            raise ConfigError(COMMAND_LINE, f"'{args.cluster}' is not allowed. Allowed values: "
+                              f"{', '.join(CLUSTERS)}.", key="--cluster")
+        if args.rerun is not None and args.rerun not in RERUN:
+            raise ConfigError(COMMAND_LINE, f"'{args.rerun}' is not allowed. Allowed values: "
+                              f"{', '.join(RERUN)}.", key="--rerun")
+        if args.parallel < 1:
+            raise ConfigError(COMMAND_LINE, f"must be >= 1, got {args.parallel}.", key="--parallel")
+        spec = read_sweep(args.sweep)
+        runs = expand_sweep(spec, parse_overrides(args.overrides))
+
+    sweep_dir = args.out / spec.name
+    if args.dry_run:
+        decisions = plan(runs, sweep_dir, args.rerun, set())
+        cli.print_plan(console, spec, decisions, dry_run=True)
+        from pipeline import launch
+        cluster = launch.resolve_cluster(args.cluster)
+        if cluster == "slurm":
+            for header in launch.sbatch_headers(sweep_dir, [d.run.cfg for d in decisions], spec.name):
+                console.print(header, markup=False, highlight=False)
+        return 0
+
+    from pipeline import launch
+    cluster = launch.resolve_cluster(args.cluster)
+    decisions = plan(runs, sweep_dir, args.rerun, active_run_ids(sweep_dir))
+    to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
+    for d in to_submit:
+        rd = write_run(sweep_dir, spec, d.run)
+        if d.action == "rerun":
+            rd.archive()
+    submission = launch.submit([RunDir(sweep_dir / d.run.id) for d in to_submit],
+                               [d.run.cfg for d in to_submit], cluster=cluster, sweep_dir=sweep_dir,
+                               name=spec.name, parallel=args.parallel)
+    if submission.job_ids:
+        update_manifest(sweep_dir, cluster, submission.job_ids)
+    cli.print_plan(console, spec, decisions, job_ids=submission.job_ids, cluster=cluster)
+    console.print(f"[bold]{len(to_submit)}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; "
+                  f"results in {sweep_dir}/")
+    if args.wait:
+        statuses = launch.wait(submission, console)
+        failed = [rid for rid, s in statuses.items() if s == "failed"]
+        if failed:
+            console.print(f"[red]{len(failed)} run(s) failed:[/] " + ", ".join(
+                f"{rid} (log {sweep_dir / rid / 'run.log'})" for rid in failed))
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
