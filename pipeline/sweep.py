@@ -60,10 +60,10 @@ class PlannedRun:
 
 
 def _find(ref: str, sweep_path: Path, key: str) -> Path:
-    """A path named in a sweep file: as given (absolute, or from the current directory), else relative
-    to the sweep file's folder or its parent (so sweeps/x.yaml can say configs/base.yaml)."""
+    """A path named in a sweep file: relative to the sweep file's folder, else to its parent (so
+    sweeps/x.yaml can say configs/base.yaml from any directory), else to the current directory."""
     p = Path(ref).expanduser()
-    candidates = [p] if p.is_absolute() else [p, sweep_path.parent / p, sweep_path.parent.parent / p]
+    candidates = [p] if p.is_absolute() else [sweep_path.parent / p, sweep_path.parent.parent / p, p]
     for c in candidates:
         if c.is_file():
             return c

@@ -1,0 +1,137 @@
+"""Sweep files: expansion (grid, zip, variants, overrides, stable ids), every sweep-file error (exit 2,
+file and key named, nothing written) and --dry-run writing nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.sweep import expand_sweep, read_sweep
+from tests.conftest import run_cli, tree_snapshot
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A folder laid out like the repo: configs/base.yaml and sweeps/."""
+    write(tmp_path / "configs/base.yaml", "model: {name: resnet20}\ntrain: {epochs: 2}\n")
+    return tmp_path
+
+
+FULL = """
+name: full
+base: [configs/base.yaml]
+set: {train.batch_size: 32}
+grid:
+  optim.name: [sgd, nesterov, adam]
+  optim.weight_decay: [1.0e-4, 5.0e-4]
+zip:
+  optim.lr: [0.1, 0.01]
+  train.seed: [1, 2]
+variants:
+  - {model.name: resnet20}
+  - {model.name: resnet44, train.epochs: 3}
+"""
+
+
+def test_grid_zip_variants_sizes_and_values(project):
+    spec = read_sweep(write(project / "sweeps/full.yaml", FULL))
+    runs = expand_sweep(spec, cwd=project)
+    assert len(runs) == 2 * 3 * 2 * 2
+    assert len({r.id for r in runs}) == len(runs)
+    for r in runs:
+        assert r.cfg.train.batch_size == 32                                # set
+        assert (r.cfg.optim.lr, r.cfg.train.seed) in [(0.1, 1), (0.01, 2)]  # zip goes together
+        assert r.cfg.train.epochs == (3 if r.cfg.model.name == "resnet44" else 2)  # variant over base
+        assert set(r.swept) == {"model.name", "train.epochs", "optim.name", "optim.weight_decay",
+                                "optim.lr", "train.seed"} - ({"train.epochs"} if r.cfg.model.name == "resnet20" else set())
+    names = [(r.cfg.model.name, r.cfg.optim.name) for r in runs]
+    assert names.count(("resnet44", "adam")) == 4
+
+
+def test_ids_are_stable_and_overrides_apply_to_every_run(project):
+    path = write(project / "sweeps/full.yaml", FULL)
+    first = [r.id for r in expand_sweep(read_sweep(path), cwd=project)]
+    assert first == [r.id for r in expand_sweep(read_sweep(path), cwd=project)]
+    over = expand_sweep(read_sweep(path), {"train.epochs": 5}, cwd=project)
+    assert all(r.cfg.train.epochs == 5 for r in over)
+    assert not set(first) & {r.id for r in over}
+    # an override of a swept key wins, and runs it makes identical are kept once
+    same = expand_sweep(read_sweep(path), {"optim.name": "sgd"}, cwd=project)
+    assert len(same) == 2 * 2 * 2 and all(r.cfg.optim.name == "sgd" for r in same)
+
+
+def test_relative_data_root_is_stored_absolute(project):
+    path = write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\nset: {data.root: mydata}\n")
+    (run,) = expand_sweep(read_sweep(path), cwd=project)
+    assert run.cfg.data.root == str((project / "mydata").resolve())
+
+
+@pytest.mark.parametrize("text, key, fragment", [
+    ("name: x\nbase: [configs/base.yaml]\ngird: {optim.lr: [1]}\n", "gird", "Did you mean 'grid'"),
+    ("name: x\nbase: [configs/base.yaml]\ngrid: {optim.lr: []}\n", "grid.optim.lr", "non-empty list"),
+    ("name: x\nbase: [configs/base.yaml]\nzip: {optim.lr: [0.1, 0.2], train.seed: [1]}\n", "zip", "equal lengths"),
+    ("name: x\nbase: [configs/nope.yaml]\n", "base", "'configs/nope.yaml' not found"),
+    ("name: ../evil\nbase: [configs/base.yaml]\n", "name", "folder name"),
+    ("name: 'a b'\nbase: [configs/base.yaml]\n", "name", "folder name"),
+    ("name: x\nbase: [configs/base.yaml]\ngrid: {optim.lrr: [0.1]}\n", "optim.lrr", "Did you mean 'optim.lr'"),
+    ("name: x\nbase: [configs/base.yaml]\nvariants: [{}]\n", "variants", "non-empty mappings"),
+])
+def test_sweep_file_errors(project, text, key, fragment):
+    path = write(project / "sweeps/bad.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        read_sweep(path)
+    assert e.value.key == key and fragment in str(e.value) and str(path) in str(e.value)
+
+
+def test_bad_value_in_grid_names_the_sweep_file(project):
+    path = write(project / "sweeps/bad.yaml", "name: x\nbase: [configs/base.yaml]\ngrid: {optim.name: [sgd, adamm]}\n")
+    with pytest.raises(ConfigError) as e:
+        expand_sweep(read_sweep(path), cwd=project)
+    assert e.value.key == "optim.name" and str(path) in e.value.source and "Did you mean 'adam'" in str(e.value)
+
+
+@pytest.mark.parametrize("text", [
+    "name: x\nbase: [configs/base.yaml]\ngrid: {optim.lr: [0.1,\n",        # YAML syntax error
+    "name: x\nbase: [configs/base.yaml]\nzip: {optim.lr: [0.1, 0.2], train.seed: [1]}\n",
+    "name: x\nbase: [configs/base.yaml]\ngrid: {train.batch_size: [0]}\n",
+])
+def test_cli_errors_exit_2_and_write_nothing(project, text):
+    path = write(project / "sweeps/bad.yaml", text)
+    before = tree_snapshot(project)
+    r = run_cli("pipeline.sweep", str(path), "--out", str(project / "runs"), "--cluster", "local", cwd=project)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "bad.yaml" in r.stderr and "error:" in r.stderr
+    assert tree_snapshot(project) == before
+
+
+def test_cli_bad_choice_flags_exit_2(project):
+    path = write(project / "sweeps/ok.yaml", "name: ok\nbase: [configs/base.yaml]\n")
+    for flag, value in (("--cluster", "pbs"), ("--rerun", "some")):
+        r = run_cli("pipeline.sweep", str(path), flag, value, cwd=project)
+        assert r.returncode == 2 and "Allowed values" in r.stderr, r.stderr
+    assert not (project / "runs").exists()
+
+
+def test_dry_run_lists_runs_and_writes_nothing(project):
+    path = write(project / "sweeps/full.yaml", FULL)
+    before = tree_snapshot(project)
+    r = run_cli("pipeline.sweep", str(path), "--dry-run", "--cluster", "local", "--out", str(project / "runs"),
+                cwd=project)
+    assert r.returncode == 0, r.stderr
+    ids = [run.id for run in expand_sweep(read_sweep(path), cwd=project)]
+    assert all(i in r.stdout for i in ids) and "24 runs" in r.stdout
+    assert tree_snapshot(project) == before and not (project / "runs").exists()
+
+
+def test_repo_sweep_files_expand(repo):
+    for path in sorted((repo / "sweeps").glob("*.yaml")):
+        runs = expand_sweep(read_sweep(path), cwd=repo)
+        assert runs, path
