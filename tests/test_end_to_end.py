@@ -1,0 +1,161 @@
+"""The whole path on this machine, for real: sweep file -> submitit local executor -> training on
+synthetic CIFAR-format files -> run folders, TensorBoard events -> collect's table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.rundir import RunDir, list_runs
+from tests.conftest import REPO, run_cli
+
+TINY = ["data.val_size=100", "train.epochs=2", "train.batch_size=50", "output.log_every=1000"]
+
+
+def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_cli("pipeline.sweep", *args, cwd=cwd, timeout=900)
+
+
+def test_quickstart_end_to_end(tmp_path, synthetic_root):
+    out = tmp_path / "runs"
+    r = sweep(str(REPO / "sweeps/quickstart.yaml"), "--cluster", "local", "--wait", "--out", str(out),
+              f"data.root={synthetic_root}", "data.train_size=0", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = list_runs(out / "quickstart")
+    assert len(runs) == 4
+    manifest = json.loads((out / "quickstart/manifest.json").read_text())
+    assert set(manifest["runs"]) == {run.id for run in runs}
+    for run in runs:
+        m = run.read_metrics("train")
+        assert m["status"] == "done" and m["epochs"] == 2
+        assert m["test_acc"] > 0.3, m  # 10 classes: chance is 0.1
+        for key in ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_top5", "images_per_s"):
+            assert m[key] is not None, key
+        assert (run.checkpoints / "last.pt").exists() and run.log.read_text().count("epoch 2/2") == 1
+        # real TensorBoard event files, read back
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        acc = EventAccumulator(str(run.tensorboard))
+        acc.Reload()
+        val = acc.Scalars("val/acc")
+        assert [e.step for e in val] == [1, 2]
+        assert val[-1].value == pytest.approx(json.loads(run.progress.read_text())["val_acc_best"]) or \
+            max(e.value for e in val) == pytest.approx(m["val_acc_best"])
+        assert {"train/loss", "train/acc", "val/loss", "lr", "images_per_s"} <= set(acc.Tags()["scalars"])
+
+    c = run_cli("pipeline.collect", str(out / "quickstart"), cwd=tmp_path)
+    assert c.returncode == 0, c.stderr
+    table = (out / "quickstart/results.md").read_text().splitlines()
+    assert table[0].startswith("| run | optim | weight_decay | training loss | train best acc | val loss | "
+                               "val best acc | test acc | status |")
+    assert len(table) == 2 + 4 and all(line.endswith("| done |") for line in table[2:])
+    assert table[0] in c.stdout
+    with open(out / "quickstart/results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["run"] for row in rows} == {run.id for run in runs}
+    assert all(float(row["test_acc"]) == run.read_metrics("train")["test_acc"]
+               for row in rows for run in runs if run.id == row["run"])
+
+    # submitting the same sweep again skips every finished run
+    again = sweep(str(REPO / "sweeps/quickstart.yaml"), "--cluster", "local", "--wait", "--out", str(out),
+                  f"data.root={synthetic_root}", "data.train_size=0", *TINY, cwd=tmp_path)
+    assert again.returncode == 0 and "0 of 4 runs submitted" in again.stdout, again.stdout
+
+
+def _final_state(run: RunDir) -> dict[str, torch.Tensor]:
+    return torch.load(run.checkpoints / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_resume_after_kill_9_matches_unbroken_run(tmp_path, synthetic_root):
+    args = [str(REPO / "configs/base.yaml"), "model.name=resnet20", "data.name=synthetic",
+            f"data.root={synthetic_root}", "train.threads=1", "train.epochs=3", "data.val_size=100",
+            "train.batch_size=25"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    unbroken = run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
+    assert "done" in unbroken.stdout
+
+    out_b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args, "--out", str(out_b)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        progress = list(out_b.glob("*/progress.json"))
+        if progress and json.loads(progress[0].read_text())["epoch"] == 1:
+            time.sleep(0.5)  # into the second epoch
+            killed_at = json.loads(progress[0].read_text())["epoch"]
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None and killed_at < 3, "the run ended before it could be killed"
+    (run_b,) = list_runs(out_b)
+    assert run_b.read_metrics("train") is None  # really interrupted
+    resumed = run_cli("pipeline.run", str(run_b.path), cwd=tmp_path, check=True)
+    assert "done" in resumed.stdout and "resuming from" in run_b.log.read_text()
+
+    (run_a,) = list_runs(tmp_path / "a")
+    assert run_a.id == run_b.id
+    ma, mb = run_a.read_metrics("train"), run_b.read_metrics("train")
+    for key in ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc", "test_top5"):
+        assert ma[key] == mb[key], key
+    sa, sb = _final_state(run_a), _final_state(run_b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_diverging_run_stops_cleanly_beside_a_healthy_one(tmp_path, synthetic_root):
+    spec = tmp_path / "diverge.yaml"
+    spec.write_text(f"""
+name: diverge
+base: [{REPO / 'configs/base.yaml'}]
+set: {{model.name: resnet20, data.name: synthetic, data.root: {synthetic_root}, schedule.name: constant}}
+grid:
+  optim.lr: [0.05, 1.0e+6]
+""")
+    out = tmp_path / "runs"
+    r = sweep(str(spec), "--cluster", "local", "--wait", "--out", str(out), *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    by_lr = {json.loads(run.meta.read_text())["swept"]["optim.lr"]: run for run in list_runs(out / "diverge")}
+    healthy, bad = by_lr[0.05].read_metrics("train"), by_lr[1e6].read_metrics("train")
+    assert healthy["status"] == "done" and healthy["test_acc"] is not None
+    assert bad["status"] == "diverged" and bad["diverged_epoch"] == 1 and bad["test_acc"] is None
+    assert "diverged" in by_lr[1e6].log.read_text()
+    c = run_cli("pipeline.collect", str(out / "diverge"), cwd=tmp_path, check=True)
+    assert "diverged (epoch 1)" in c.stdout
+
+
+def test_failed_run_is_reported_skipped_and_rerun_on_request(tmp_path, synthetic_root):
+    data = tmp_path / "later"  # the data is not there yet: the run fails
+    spec = tmp_path / "fail.yaml"
+    spec.write_text(f"""
+name: fail
+base: [{REPO / 'configs/base.yaml'}]
+set: {{model.name: resnet20, data.name: synthetic, data.root: {data}}}
+""")
+    out = tmp_path / "runs"
+    r = sweep(str(spec), "--cluster", "local", "--wait", "--out", str(out), *TINY, cwd=tmp_path)
+    assert r.returncode == 1 and "failed" in r.stdout
+    (run,) = list_runs(out / "fail")
+    m = run.read_metrics("train")
+    assert m["status"] == "failed" and "FileNotFoundError" in m["error"] and m["log"] == str(run.log)
+    c = run_cli("pipeline.collect", str(out / "fail"), cwd=tmp_path, check=True)
+    assert f"failed (log {run.log})" in c.stdout
+
+    again = sweep(str(spec), "--cluster", "local", "--out", str(out), *TINY, cwd=tmp_path)
+    assert again.returncode == 0 and "skip-failed" in again.stdout and "0 of 1 runs submitted" in again.stdout
+
+    data.symlink_to(synthetic_root)
+    rerun = sweep(str(spec), "--cluster", "local", "--wait", "--rerun", "failed", "--out", str(out), *TINY,
+                  cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert run.read_metrics("train")["status"] == "done"
+    (archived,) = (run.path / "archive").iterdir()  # the failed attempt is kept, not deleted
+    assert json.loads((archived / "metrics/train.json").read_text())["status"] == "failed"
