@@ -1,0 +1,153 @@
+"""``python -m pipeline.status <out>/<sweep> [--watch] [--cancel]``: where every run of a sweep stands.
+
+The scheduler's view (squeue, then sacct; the local executor's process ids) is joined with what the run
+folders say, so a job that died without writing a result still shows as failed. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import cli, slurm_cli
+from pipeline.config import COMMAND_LINE, ConfigError
+from pipeline.rundir import RunDir, list_runs, read_json
+
+FAILED_JOB_STATES = ("FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                     "PREEMPTED")
+
+
+@dataclass
+class RunState:
+    run: RunDir
+    state: str            # pending | running | done | diverged | failed | stopped
+    job_id: str
+    job_state: str        # the scheduler's word, or "" when it has none
+    epoch: str
+    val_acc_best: float | None
+    elapsed_s: float | None
+
+
+def job_log(sweep_dir: Path, job_id: str) -> Path:
+    """submitit's stdout/stderr file of a job (array tasks are named <job>_<task>)."""
+    return sweep_dir / "logs" / job_id / f"{job_id}_0_log.out"
+
+
+def run_states(sweep_dir: Path) -> list[RunState]:
+    manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
+    entries = manifest["runs"]
+    slurm_ids = [e["job_id"] for e in entries.values() if e["cluster"] == "slurm"]
+    sched = slurm_cli.job_states(slurm_ids) if slurm_ids else {}
+    from pipeline.launch import job_is_active
+    out = []
+    for run in list_runs(sweep_dir):
+        entry = entries.get(run.id, {})
+        job_id = str(entry.get("job_id", ""))
+        if entry.get("cluster") == "slurm":
+            job_state = sched.get(job_id, "")
+        elif entry.get("cluster") == "local":
+            job_state = "RUNNING" if job_is_active("local", job_id) else ""
+        else:
+            job_state = ""
+        files = run.status()
+        if files in ("done", "diverged", "failed"):
+            state = files
+        elif job_state in slurm_cli.ACTIVE_STATES:
+            state = "running" if job_state in ("RUNNING", "COMPLETING") else "pending"
+            if job_state == "RUNNING" and entry.get("cluster") == "local" and files == "pending":
+                state = "pending"  # a local slot that has not reached this run yet
+        elif job_state.split()[0] in FAILED_JOB_STATES if job_state else False:
+            state = "failed"
+        elif files == "running" or job_state == "COMPLETED":
+            state = "stopped"      # started, not finished, no job alive: submit the sweep again to resume
+        else:
+            state = "pending" if not job_id else "stopped"
+        progress = run.read_progress()
+        epoch = f"{progress['epoch']}/{progress['epochs']}" if progress else ""
+        out.append(RunState(run, state, job_id, job_state, epoch, progress.get("val_acc_best"),
+                            progress.get("elapsed_s")))
+    return out
+
+
+def _elapsed(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def render(sweep_dir: Path, states: list[RunState]) -> Table:
+    keys = list(dict.fromkeys(k for s in states for k in s.run.read_meta().get("swept", {})))
+    titles = cli.short_keys(keys)
+    table = Table(title=f"{sweep_dir}", title_justify="left")
+    for col in ["run", *[titles[k] for k in keys], "state", "job", "epoch", "best val acc", "elapsed", "log"]:
+        table.add_column(col, no_wrap=col in ("run", "job"))
+    colours = {"done": "green", "diverged": "yellow", "failed": "red", "running": "cyan", "stopped": "magenta"}
+    for s in states:
+        swept = s.run.read_meta().get("swept", {})
+        state = f"[{colours.get(s.state, 'white')}]{s.state}[/]" + (
+            f" ({s.job_state})" if s.job_state and s.job_state.lower() != s.state else "")
+        log = s.run.log if s.run.log.exists() else (job_log(sweep_dir, s.job_id) if s.job_id else "")
+        table.add_row(s.run.id, *[cli.fmt(swept.get(k, "")) for k in keys], state, s.job_id, s.epoch,
+                      f"{100 * s.val_acc_best:.2f}%" if s.val_acc_best is not None else "", _elapsed(s.elapsed_s),
+                      str(log))
+    return table
+
+
+def summary(states: list[RunState]) -> str:
+    counts = {k: sum(1 for s in states if s.state == k) for k in
+              ("pending", "running", "done", "diverged", "failed", "stopped")}
+    return f"{len(states)} runs: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in
+                                               ("pending", "running", "done", "failed"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.status", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep_dir", type=Path, help="a sweep's results folder, e.g. runs/optimizers")
+    p.add_argument("--watch", action="store_true", help="refresh until every run has ended (Ctrl-C stops)")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes with --watch")
+    p.add_argument("--cancel", action="store_true", help="cancel the sweep's queued and running jobs")
+    args = p.parse_args(argv)
+    con: Console = cli.console()
+    with cli.exit_on_config_error():
+        if not args.sweep_dir.is_dir():
+            raise ConfigError(COMMAND_LINE, f"'{args.sweep_dir}' is not a folder", key="sweep_dir")
+    if args.cancel:
+        return cancel(args.sweep_dir, con)
+    while True:
+        states = run_states(args.sweep_dir)
+        con.print(render(args.sweep_dir, states))
+        con.print(summary(states))
+        if not args.watch or not any(s.state in ("pending", "running") for s in states):
+            return 0
+        time.sleep(args.interval)
+
+
+def cancel(sweep_dir: Path, con: Console) -> int:
+    import os
+    import signal
+    states = run_states(sweep_dir)
+    live = [s for s in states if s.state in ("pending", "running") and s.job_id]
+    slurm = sorted({s.job_id for s in live if s.job_state})
+    manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
+    local = sorted({s.job_id for s in live if manifest["runs"].get(s.run.id, {}).get("cluster") == "local"})
+    if slurm:
+        slurm_cli.cancel(slurm)
+    for pid in local:
+        try:
+            os.kill(int(pid), signal.SIGINT)  # submitit's local controller forwards it to the job
+        except (ProcessLookupError, ValueError):
+            pass
+    con.print(f"cancelled {len(set(slurm) | set(local))} job(s) of {len(live)} unfinished run(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
