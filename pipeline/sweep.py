@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs"), help="results folder (default runs/)")
     p.add_argument("--rerun", default=None, help="failed | all: start those runs again from scratch "
                    "(old results are moved to <run>/archive/)")
+    p.add_argument("--no-submit", action="store_true", help="write the run folders, submit nothing "
+                   "(for sbatch/array.sh)")
     p.add_argument("--wait", action="store_true", help="local executor: return when the runs have finished")
     p.add_argument("--parallel", type=int, default=1, help="local executor: runs at a time (default 1)")
     return p
@@ -269,6 +271,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cluster == "slurm":
             for header in launch.sbatch_headers(sweep_dir, [d.run.cfg for d in decisions], spec.name):
                 console.print(header, markup=False, highlight=False)
+        return 0
+
+    if args.no_submit:
+        decisions = plan(runs, sweep_dir, args.rerun, set())
+        for d in decisions:
+            rd = write_run(sweep_dir, spec, d.run)
+            if d.action == "rerun":
+                rd.archive()
+        cli.print_plan(console, spec, decisions)
+        console.print(f"{len(decisions)} run folders in {sweep_dir}/; submit them as a plain array with\n"
+                      f"  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}")
         return 0
 
     from pipeline import launch

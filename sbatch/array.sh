@@ -1,0 +1,30 @@
+#!/bin/bash
+# The runs of a sweep as one plain Slurm array, without the Python launcher: array task i runs the
+# i-th run folder of the sweep, in the order of their ids (as `ls` sorts them).
+#
+#   python -m pipeline.sweep sweeps/optimizers.yaml --no-submit     # writes the run folders, prints N
+#   sbatch --array=0-$((N-1))%8 sbatch/array.sh runs/optimizers
+#
+# Finished runs are skipped by the job itself (their metrics exist), so resubmitting the whole array
+# after a failure or a time limit finishes exactly what is left.
+#SBATCH --job-name=pipeline-array
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=1
+#SBATCH --mem=8GB
+#SBATCH --time=04:00:00
+#SBATCH --output=pipeline-array_%A_%a.out
+
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+python_bin="${PIPELINE_PYTHON:-python}"
+sweep_dir="${1:?usage: sbatch --array=0-N sbatch/array.sh <out>/<sweep>}"
+index="${SLURM_ARRAY_TASK_ID:?submit with --array}"
+run_dir=$(find "${sweep_dir}" -mindepth 2 -maxdepth 2 -name config.yaml -printf '%h\n' | LC_ALL=C sort \
+          | sed -n "$((index + 1))p")
+if [ -z "${run_dir}" ]; then
+  echo "array task ${index}: ${sweep_dir} has no run folder number ${index}" >&2
+  exit 2
+fi
+echo "task ${SLURM_ARRAY_JOB_ID:-?}_${index} on $(hostname -s): ${run_dir}"
+exec "${python_bin}" -m pipeline.run "${run_dir}"
