@@ -21,5 +21,14 @@ demo: venv
 	$(PY) -m pipeline.sweep sweeps/quickstart.yaml --cluster local --wait --out $(DEMO_OUT) data.root=$(DEMO_DATA)
 	$(PY) -m pipeline.collect $(DEMO_OUT)/quickstart
 
+# The Slurm tests need the local cluster; start.sh is a fast no-op when it is already up. If it cannot
+# start (not root, say), the Slurm tests fail and show why: they are never skipped.
 test: venv
+	bash tests/slurm/start.sh || echo "warning: the local Slurm cluster did not start; Slurm tests will fail" >&2
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+slurm-up:
+	bash tests/slurm/start.sh
+
+slurm-down:
+	bash tests/slurm/stop.sh
