@@ -1,0 +1,53 @@
+"""collect's table from run folders in every state: finished, diverged, failed, running, pending."""
+
+from __future__ import annotations
+
+import csv
+
+from pipeline.collect import collect
+from pipeline.rundir import RunDir, atomic_write_json
+from pipeline.sweep import expand_sweep, read_sweep, write_run
+from tests.conftest import run_cli
+
+
+def make_sweep(tmp_path, repo):
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text(f"name: s\nbase: [{repo / 'configs/base.yaml'}]\n"
+                         "grid: {optim.name: [adam, adamw, nesterov, sgd, adagrad]}\n")
+    spec = read_sweep(spec_path)
+    runs = {r.cfg.optim.name: write_run(tmp_path / "runs/s", spec, r) for r in expand_sweep(spec, cwd=tmp_path)}
+    return tmp_path / "runs/s", runs
+
+
+def finished(status: str, **extra):
+    return {"status": status, "epochs": 3, "train_loss": 0.123456, "train_acc_best": 0.9512, "val_loss": 0.5,
+            "val_acc_best": 0.8812, "test_acc": 0.8731, "test_top5": 0.99, **extra}
+
+
+def test_table_shows_numbers_for_finished_runs_and_status_for_the_rest(tmp_path, repo):
+    sweep_dir, runs = make_sweep(tmp_path, repo)
+    runs["sgd"].write_metrics("train", finished("done"))
+    runs["adam"].write_metrics("train", finished("diverged", diverged_epoch=2, test_acc=None))
+    runs["adamw"].write_metrics("train", {"status": "failed", "error": "RuntimeError: boom"})
+    atomic_write_json(runs["nesterov"].progress, {"epoch": 1, "epochs": 3, "val_acc_best": 0.5})
+    md, text = collect(sweep_dir)
+    lines = md.splitlines()
+    assert lines[0] == ("| run | optim | training loss | train best acc | val loss | val best acc | test acc "
+                        "| status |")
+    by_optim = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert by_optim["sgd"].endswith("| 0.1235 | 95.12% | 0.5000 | 88.12% | 87.31% | done |")
+    assert by_optim["adam"].endswith("| 0.1235 | 95.12% | 0.5000 | 88.12% |  | diverged (epoch 2) |")
+    assert by_optim["adamw"].endswith(f"|  |  |  |  |  | failed (log {runs['adamw'].log}) |")
+    assert by_optim["nesterov"].endswith("|  |  |  |  |  | running (epoch 1/3) |")
+    assert by_optim["adagrad"].endswith("|  |  |  |  |  | pending |")
+    rows = {r["optim.name"]: r for r in csv.DictReader(text.splitlines())}
+    assert float(rows["sgd"]["test_acc"]) == 0.8731 and rows["adagrad"]["status"] == "pending"
+    assert (sweep_dir / "results.md").read_text() == md and (sweep_dir / "results.csv").read_text() == text
+
+
+def test_collect_cli_errors_exit_2(tmp_path):
+    r = run_cli("pipeline.collect", str(tmp_path / "nope"), cwd=tmp_path)
+    assert r.returncode == 2 and "is not a folder" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run_cli("pipeline.collect", str(tmp_path / "empty"), cwd=tmp_path)
+    assert r.returncode == 2 and "holds no run folders" in r.stderr
