@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -160,16 +161,44 @@ def submit(runs: Sequence[RunDir], cfgs: Sequence[DictConfig], *, cluster: str, 
     return sub
 
 
-def wait(sub: Submission, console: Console | None = None) -> dict[str, str]:
-    """Block until every job of the submission has ended; returns run id -> run status (from its folder)."""
-    for _, job in sub.jobs:
-        try:
-            job.result()
-        except Exception as e:  # a failed run is reported through its status, with its log
+def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -> dict[str, str]:
+    """Block until every job of the submission has ended, printing each run as it finishes; returns
+    run id -> run status (from its folder)."""
+    runs = [r for rs, _ in sub.jobs for r in rs]
+    reported: set[str] = set()
+
+    def report() -> None:
+        for r in runs:
+            status = r.status()
+            if r.id in reported or status in ("pending", "running"):
+                continue
+            reported.add(r.id)
             if console is not None:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                console.print(f"[yellow]job {job.job_id} ended with an error:[/] {first}")
-    return {r.id: r.status() for runs, _ in sub.jobs for r in runs}
+                m = r.read_metrics("train") or {}
+                acc = f"  test acc {100 * m['test_acc']:.2f}%" if m.get("test_acc") is not None else ""
+                console.print(f"  {r.id}: {status}{acc}")
+
+    if sub.cluster == "debug":  # the debug executor runs each job inside result()
+        for _, job in sub.jobs:
+            _result(job, console)
+            report()
+    else:
+        while not all(job.done() for _, job in sub.jobs):
+            report()
+            time.sleep(poll_s)
+        for _, job in sub.jobs:
+            _result(job, console)
+    report()
+    return {r.id: r.status() for r in runs}
+
+
+def _result(job: Any, console: Console | None) -> None:
+    try:
+        job.result()
+    except Exception as e:  # a failed run is reported through its status, with its log
+        if console is not None:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            console.print(f"[yellow]job {job.job_id} ended with an error:[/] {first}")
 
 
 def job_is_active(cluster: str, job_id: str) -> bool:

@@ -300,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.print_plan(console, spec, decisions, job_ids=submission.job_ids, cluster=cluster)
     console.print(f"[bold]{len(to_submit)}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; "
                   f"results in {sweep_dir}/")
-    if args.wait:
+    if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
+        console.print("waiting for the runs to finish")
         statuses = launch.wait(submission, console)
         failed = [rid for rid, s in statuses.items() if s == "failed"]
         if failed:
