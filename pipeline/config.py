@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.models import MODEL_NAMES, SHORTCUTS
+from pipeline.models import MODEL_NAMES, NORMS, SHORTCUTS
 
 COMMAND_LINE = "command line"
 
@@ -69,6 +69,7 @@ class DataConfig:
 class ModelConfig:
     name: str = _choice("resnet20", *MODEL_NAMES)
     shortcut: str = _choice("A", *SHORTCUTS)  # CIFAR ResNets: A = zero-pad, B = 1x1 conv projection
+    norm: str = _choice("batch", *NORMS)      # batch: BatchNorm (the papers); group: GroupNorm, per image
 
 
 @dataclass
@@ -105,6 +106,7 @@ class TrainConfig:
     compile: bool = False                        # torch.compile the model (minutes of start-up)
     label_smoothing: float = _num(0.0, min=0.0, max=1.0)  # cross-entropy target smoothing
     threads: int = _num(0, min=0)                # torch CPU threads; 0 = SLURM_CPUS_PER_TASK or default
+    sync_bn: bool = True                         # data-parallel on GPUs: BatchNorm statistics over all ranks
 
 
 @dataclass
@@ -338,8 +340,10 @@ def validate(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> No
         fail("schedule.milestones", f"must be increasing fractions of training in (0, 1), got {list(ms)}.")
     if flat["schedule.warmup_epochs"] >= flat["train.epochs"]:
         fail("schedule.warmup_epochs", f"must be shorter than train.epochs ({flat['train.epochs']}).")
-    if flat["slurm.nodes"] > 1 and flat["slurm.tasks_per_node"] < 1:
-        fail("slurm.tasks_per_node", "must be >= 1.")
+    ranks = flat["slurm.nodes"] * flat["slurm.tasks_per_node"]
+    if flat["train.batch_size"] % ranks:
+        fail("train.batch_size", f"must be divisible by the number of data-parallel ranks "
+             f"(slurm.nodes x slurm.tasks_per_node = {ranks}), got {flat['train.batch_size']}.")
 
 
 def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] | Mapping[str, Any] = ()

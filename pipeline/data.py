@@ -272,7 +272,7 @@ class DeviceLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.augment, self.shuffle, self.seed, self.drop_last = augment, shuffle, seed, drop_last
         self.channels_last = channels_last
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         self._n = len(split)
         self._labels = split.labels.to(self.device, torch.int64)
         images = split.images.to(self.device).contiguous()
@@ -291,9 +291,15 @@ class DeviceLoader:
         self._scale, self._shift = 1.0 / (255.0 * std_t), -mean_t / std_t
         self._len = _num_batches(self._n, batch_size, world_size, drop_last)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose permutation and augmentation the next iteration uses."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose permutation and augmentation the next iteration uses, and the batch it
+        starts at (a run resumed mid-epoch skips the batches it already trained on)."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def global_batch_size(self, b: int) -> int:
+        """Images in global batch ``b`` summed over all ranks (the last one may be short)."""
+        g = self.batch_size * self.world_size
+        return max(0, min(g, self._n - b * g))
 
     def __len__(self) -> int:
         return self._len
@@ -312,7 +318,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, offsets, flips = self._draws()
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for b in range(self._len):
+        for b in range(self.start_batch, self._len):
             lo, hi = _rank_bounds(b, self._n, self.batch_size, self.rank, self.world_size)
             if order is None:
                 x, y = self._images[lo:hi], self._labels[lo:hi]
@@ -350,6 +356,7 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
                  world_size: int):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size, self.epoch = drop_last, rank, world_size, 0
+        self.start_batch = 0
 
     def __len__(self) -> int:
         return _num_batches(self.n, self.batch_size, self.world_size, self.drop_last)
@@ -359,7 +366,7 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=_epoch_generator(self.seed, self.epoch)).tolist()
         else:
             order = list(range(self.n))
-        for b in range(len(self)):
+        for b in range(self.start_batch, len(self)):
             lo, hi = _rank_bounds(b, self.n, self.batch_size, self.rank, self.world_size)
             yield order[lo:hi]
 
@@ -391,9 +398,15 @@ class TorchLoader:
                                                   batch_sampler=self.sampler, num_workers=num_workers,
                                                   generator=self.generator)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (order and augmentation seeds) of the next iteration."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (order and augmentation seeds) of the next iteration and its first batch.
+        A mid-epoch start sees the same images as an unbroken epoch, but other augmentation draws."""
         self.epoch = self.sampler.epoch = int(epoch)
+        self.sampler.start_batch = int(start_batch)
+
+    def global_batch_size(self, b: int) -> int:
+        g = self.sampler.batch_size * self.sampler.world_size
+        return max(0, min(g, self.sampler.n - b * g))
 
     def __len__(self) -> int:
         return len(self.sampler)

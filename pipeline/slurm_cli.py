@@ -50,3 +50,8 @@ def job_states(job_ids: Iterable[str]) -> dict[str, str]:
 def cancel(job_ids: Iterable[str]) -> bool:
     ids = sorted({str(j) for j in job_ids})
     return bool(ids) and _run(["scancel", *ids]) is not None
+
+
+def requeue(job_id: str) -> bool:
+    """Ask Slurm to requeue a job (from inside it, before its time limit); True on success."""
+    return _run(["scontrol", "requeue", str(job_id)]) is not None

@@ -17,6 +17,7 @@ __all__ = [
     "SHORTCUTS",
     "activation_memory_bytes",
     "build_model",
+    "convert_norm",
     "count_macs",
 ]
 
@@ -34,6 +35,7 @@ _REGISTRY: dict[str, str] = {
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 SHORTCUTS: tuple[str, ...] = ("A", "B")
+NORMS: tuple[str, ...] = ("batch", "group")
 
 # Only the CIFAR ResNets of He et al. have the option A/B shortcut choice.
 _TAKES_SHORTCUT = frozenset({"resnet20", "resnet32", "resnet44", "resnet56", "resnet110"})
@@ -57,6 +59,30 @@ def build_model(name: str, num_classes: int, *, shortcut: str = "A") -> torch.nn
     if name in _TAKES_SHORTCUT:
         return factory(num_classes, shortcut=shortcut)
     return factory(num_classes)
+
+
+def convert_norm(model: torch.nn.Module, norm: str) -> torch.nn.Module:
+    """Replace every BatchNorm2d by the ``norm`` layer ("batch" leaves the model as it is).
+
+    "group" (GroupNorm, affine, up to 16 groups) normalises each image on its own, so training does not
+    depend on how a batch is split over data-parallel ranks: on CPUs, where SyncBatchNorm does not run,
+    it is what makes a 2-process run equal to a 1-process one.
+    """
+    import math
+
+    from torch import nn
+
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    if norm == "batch":
+        return model
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            c = child.num_features
+            setattr(model, name, nn.GroupNorm(math.gcd(c, 16), c, eps=child.eps))
+        else:
+            convert_norm(child, norm)
+    return model
 
 
 def count_macs(model: torch.nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> int:
