@@ -201,6 +201,14 @@ def _result(job: Any, console: Console | None) -> None:
             console.print(f"[yellow]job {job.job_id} ended with an error:[/] {first}")
 
 
+def export_distributed_env() -> None:
+    """Inside a multi-task Slurm job: set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK from
+    Slurm's variables with submitit's helper (also for plain ``srun python -m pipeline.run``)."""
+    if "SLURM_JOB_ID" in os.environ:
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def job_is_active(cluster: str, job_id: str) -> bool:
     """Whether a job recorded in a manifest is still queued or running."""
     if cluster == "local":

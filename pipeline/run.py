@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
 from pipeline.rundir import STAGES, RunDir, atomic_write_json, atomic_write_text
 
+EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
+
 # stage name -> "module:function"; each function is ``stage(run, cfg) -> metrics`` with a "status" key
 STAGE_FUNCTIONS = {"train": "pipeline.train:train_stage"}
 
@@ -47,13 +49,19 @@ def _attach_log(run: RunDir) -> logging.Handler:
 
 
 def execute(run_dir: str | Path) -> str:
-    """Run every unfinished stage of one run folder; returns the run's status.
+    """Run every unfinished stage of one run folder; returns the run's status, or "preempted" when a
+    stop signal ended it early (after a checkpoint; requeued on SIGUSR2 within slurm.max_requeues).
 
     An exception in a stage is written to metrics/<stage>.json as status "failed" (with the error and
-    the log path) and raised again, so the scheduler marks the job failed too.
+    the log path) and raised again, so the scheduler marks the job failed too. In a multi-task job every
+    rank runs this; only rank 0 writes the log file and the metrics.
     """
+    from pipeline import preempt
+
     run = RunDir(Path(run_dir))
-    handler = _attach_log(run)
+    rank = _distributed_rank()
+    handler = _attach_log(run) if rank == 0 else None
+    preempt.STOP.install()
     try:
         cfg = from_run_file(run.config)
         for stage in STAGES:
@@ -66,29 +74,50 @@ def execute(run_dir: str | Path) -> str:
             started = time.time()
             try:
                 metrics = _stage_function(stage)(run, cfg)
+            except preempt.Preempted as p:
+                if rank == 0:
+                    log.warning("run %s: %s", run.id, preempt.handle(p, int(cfg.slurm.max_requeues)))
+                return "preempted"
             except Exception as e:
                 log.error("stage %s failed:\n%s", stage, traceback.format_exc())
-                run.write_metrics(stage, {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                                          "log": str(run.log), "stage": stage})
+                if rank == 0:
+                    run.write_metrics(stage, {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                                              "log": str(run.log), "stage": stage})
                 raise
             metrics["wall_s"] = time.time() - started
-            run.write_metrics(stage, metrics)
+            if rank == 0:
+                run.write_metrics(stage, metrics)
             if metrics["status"] != "done":
                 return str(metrics["status"])
         return "done"
     finally:
-        logging.getLogger("pipeline").removeHandler(handler)
-        handler.close()
+        preempt.STOP.restore()
+        if handler is not None:
+            logging.getLogger("pipeline").removeHandler(handler)
+            handler.close()
+
+
+def _distributed_rank() -> int:
+    """This process's data-parallel rank; in a multi-task Slurm job the torch.distributed variables are
+    exported from Slurm's first (through submitit's helper)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from pipeline.launch import export_distributed_env
+        export_distributed_env()
+    return int(os.environ.get("RANK", "0"))
 
 
 def execute_many(run_dirs: Sequence[str | Path]) -> dict[str, str]:
-    """Run folders one after another (a local job slot); a failing run does not stop the others."""
+    """Run folders one after another (a local job slot); a failing run does not stop the others, a stop
+    signal does."""
     out: dict[str, str] = {}
     for d in run_dirs:
         try:
             out[Path(d).name] = execute(d)
         except Exception:
             out[Path(d).name] = "failed"
+        if out[Path(d).name] == "preempted":
+            break
     return out
 
 
@@ -126,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = prepare_single(args.target, args.overrides, args.out)
     status = execute(run.path)
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")
-    return 0 if status in ("done", "diverged") else 1
+    return {"done": 0, "diverged": 0, "preempted": EXIT_PREEMPTED}.get(status, 1)
 
 
 if __name__ == "__main__":

@@ -111,60 +111,118 @@ def lr_factor(schedule: DictConfig, t: float, total: float) -> float:
 
 @dataclass
 class EpochResult:
-    loss: float
-    acc: float
-    images: int
-    seconds: float
+    """Sums over the steps of one epoch done so far; ``steps`` < len(loader) when it was stopped early."""
+    loss_sum: float = 0.0
+    correct: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    stopped: bool = False
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.images, 1)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(self.images, 1)
 
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
 
+@dataclass
+class Dist:
+    """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on one of them (ranks must stop at the same step)."""
+    if not dist.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, *,
                     set_lr: Callable[[int], None] | None = None, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
-                    label_smoothing: float = 0.0, log_every: int = 0) -> EpochResult:
-    """One pass over ``loader``. Sums stay on the device (no per-step host sync) except every
-    ``log_every`` steps, where a non-finite loss stops the epoch early (the caller sees NaN)."""
+                    label_smoothing: float = 0.0, log_every: int = 0, start_step: int = 0,
+                    carry: EpochResult | None = None, should_stop: Callable[[], bool] | None = None,
+                    dist: Dist = Dist()) -> EpochResult:
+    """Train over ``loader`` from batch ``start_step`` (the loader must start there too), adding to
+    ``carry`` (the sums of the steps before it). Sums stay on the device: no host sync per step except
+    every ``log_every`` steps, where a non-finite loss ends the epoch early (the caller sees NaN), and
+    the ``should_stop`` poll after each step (agreed over ranks), which ends it with ``stopped=True``.
+
+    With several ranks each rank's loss is its sum over its images times world_size / (images in the
+    global batch), so DDP's gradient average equals one process's mean over the whole global batch.
+    """
     model.train()
     device = next(model.parameters()).device
+    res = EpochResult(**vars(carry)) if carry is not None else EpochResult()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
     start = time.perf_counter()
-    for step, (x, y) in enumerate(loader):
+    step = start_step
+    for step, (x, y) in enumerate(loader, start=start_step):
         if set_lr is not None:
             set_lr(step)
         with autocast(device, amp_dtype):
             out = model(x)
-            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+            if dist.enabled:
+                loss = F.cross_entropy(out, y, label_smoothing=label_smoothing, reduction="sum")
+                loss_for_grad = loss * (dist.world_size / loader.global_batch_size(step))
+            else:
+                loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+                loss_for_grad = loss
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(loss_for_grad).backward()
             if grad_clip > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            loss_for_grad.backward()
             if grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
         n = y.shape[0]
-        loss_sum += loss.detach().double() * n
+        loss_sum += loss.detach().double() * (1 if dist.enabled else n)
         correct += (out.detach().argmax(1) == y).sum()
-        seen += n
+        res.images += n
+        res.steps = step + 1  # batches of this epoch done, including those before start_step
         if log_every and (step + 1) % log_every == 0:
-            running = loss_sum.item() / seen
+            running = (res.loss_sum + loss_sum.item()) / max(res.images, 1)
             log.info("  step %d/%d  loss %.4f", step + 1, len(loader), running)
-            if not math.isfinite(running):
+            if _any_rank(not math.isfinite(running), dist, device):
                 break
+        # every step alone; with several ranks every 20th (agreeing costs a collective and a host sync)
+        if should_stop is not None and (not dist.enabled or (step + 1) % 20 == 0) \
+                and _any_rank(should_stop(), dist, device):
+            res.stopped = step + 1 < len(loader)
+            break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return EpochResult(loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), seen, seconds)
+    res.seconds += time.perf_counter() - start
+    res.loss_sum += loss_sum.item()
+    res.correct += int(correct.item())
+    return res
 
 
 @torch.no_grad()
@@ -231,22 +289,50 @@ def _set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(n)
 
 
-def make_loaders(cfg: DictConfig, device: torch.device):
-    """(data, train loader, val loader, test loader) for a config."""
+def dist_from_env() -> Dist:
+    """Rank and world size from torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK), which
+    ``pipeline.launch.export_distributed_env`` sets from Slurm's inside a multi-task job."""
+    return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(dist: Dist, device: torch.device) -> None:
+    """NCCL between GPUs, gloo between CPU processes; MASTER_ADDR/MASTER_PORT come from the environment."""
+    if dist.enabled and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
+        log.info("rank %d of %d joined (%s)", dist.rank, dist.world_size, backend)
+
+
+def _all_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
+    if not dist.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
+    """(data, train loader, val loader, test loader) for a config; the train loader yields this rank's
+    share of every global batch of ``train.batch_size`` images."""
     from pipeline import data as data_mod
 
     d = data_mod.load_cifar(cfg.data.name, cfg.data.root, val_size=int(cfg.data.val_size),
                             split_seed=int(cfg.data.split_seed), train_size=int(cfg.data.train_size))
     common = dict(mean=d.mean, std=d.std)
-    bs, ebs = int(cfg.train.batch_size), int(cfg.train.eval_batch_size)
+    bs, ebs = int(cfg.train.batch_size) // dist.world_size, int(cfg.train.eval_batch_size)
+    # a last global batch with fewer images than ranks would leave a rank with none: drop it
+    n_train = len(d.train.labels)
+    drop_last = dist.enabled and 0 < n_train % (bs * dist.world_size) < dist.world_size
+    shard = dict(rank=dist.rank, world_size=dist.world_size, drop_last=drop_last)
     if cfg.data.loader == "dataloader":
-        train = data_mod.dataloader_loader(d.train, bs, augment=bool(cfg.data.augment), shuffle=True,
-                                           seed=int(cfg.train.seed), num_workers=int(cfg.train.num_workers),
-                                           **common)
+        train: Any = _ToDevice(data_mod.dataloader_loader(
+            d.train, bs, augment=bool(cfg.data.augment), shuffle=True, seed=int(cfg.train.seed),
+            num_workers=int(cfg.train.num_workers), **shard, **common), device, bool(cfg.train.channels_last))
     else:
         train = data_mod.DeviceLoader(d.train, bs, device=device, augment=bool(cfg.data.augment), shuffle=True,
                                       seed=int(cfg.train.seed), channels_last=bool(cfg.train.channels_last),
-                                      **common)
+                                      **shard, **common)
     val = data_mod.DeviceLoader(d.val, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
     test = data_mod.DeviceLoader(d.test, ebs, device=device, channels_last=bool(cfg.train.channels_last),
                                  **common)
@@ -259,8 +345,11 @@ class _ToDevice:
     def __init__(self, loader: Any, device: torch.device, channels_last: bool):
         self.loader, self.device, self.channels_last = loader, device, channels_last
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_batch)
+
+    def global_batch_size(self, b: int) -> int:
+        return self.loader.global_batch_size(b)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -272,20 +361,38 @@ class _ToDevice:
                    y.to(self.device, non_blocking=True))
 
 
+def build_for_training(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The run's model, seeded by train.seed, on ``device`` in the configured memory format."""
+    from pipeline.models import convert_norm
+
+    torch.manual_seed(int(cfg.train.seed))
+    model = convert_norm(build_model(cfg.model.name, num_classes, shortcut=cfg.model.shortcut), cfg.model.norm)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume) the run's model; returns the metrics written to metrics/train.json."""
+    """Train (or resume) the run's model; returns the metrics written to metrics/train.json.
+
+    Raises :class:`pipeline.preempt.Preempted` after saving a mid-epoch checkpoint when a stop signal
+    arrives. With several ranks every rank calls this; only rank 0 writes files.
+    """
+    from pipeline.preempt import STOP, Preempted
+
     _set_threads(cfg)
+    dist = dist_from_env()
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    init_distributed(dist, device)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     epochs = int(cfg.train.epochs)
 
-    data, train_loader, val_loader, test_loader = make_loaders(cfg, device)
-    if cfg.data.loader == "dataloader":
-        train_loader = _ToDevice(train_loader, device, bool(cfg.train.channels_last))
-    torch.manual_seed(int(cfg.train.seed))
-    model = build_model(cfg.model.name, data.num_classes, shortcut=cfg.model.shortcut).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    data, train_loader, val_loader, test_loader = make_loaders(cfg, device, dist)
+    model = build_for_training(cfg, data.num_classes, device)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -293,7 +400,7 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = run.checkpoints / "last.pt"
     ckpt = load_checkpoint(ckpt_path)
     history: list[dict[str, float]] = []
-    start_epoch, elapsed = 0, 0.0
+    start_epoch, start_step, carry, elapsed = 0, 0, None, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -303,59 +410,89 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         start_epoch, history, elapsed = int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["elapsed_s"])
-        log.info("resuming from %s after epoch %d/%d", ckpt_path, start_epoch, epochs)
+        start_step = int(ckpt.get("step", 0))
+        carry = EpochResult(**ckpt["partial"]) if ckpt.get("partial") else None
+        log.info("resuming from %s at epoch %d/%d, step %d", ckpt_path, start_epoch + 1, epochs, start_step)
     else:
-        log.info("training %s (%.2fM params) on %s for %d epochs, %d train / %d val / %d test images, device %s",
-                 cfg.model.name, n_params / 1e6, cfg.data.name, epochs, len(data.train.labels),
-                 len(data.val.labels), len(data.test.labels), device)
+        log.info("training %s (%.2fM params) on %s for %d epochs, %d train / %d val / %d test images, "
+                 "device %s, %d rank(s)", cfg.model.name, n_params / 1e6, cfg.data.name, epochs,
+                 len(data.train.labels), len(data.val.labels), len(data.test.labels), device, dist.world_size)
 
-    step_model: nn.Module = torch.compile(model) if cfg.train.compile else model
+    train_model: nn.Module = model
+    if dist.enabled:
+        if device.type == "cuda" and cfg.train.sync_bn:
+            train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+
     writer = None
-    if cfg.output.tensorboard:
+    if cfg.output.tensorboard and dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops scalars logged after the checkpoint we resumed from (a kill between the
         # two writes), so curves never hold the same epoch twice
-        writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch + 1 if start_epoch else None)
+        writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch + 1 if ckpt is not None else None)
+
+    def checkpoint(epoch_done: int, step: int = 0, partial: EpochResult | None = None) -> None:
+        if dist.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "epoch": epoch_done, "step": step, "partial": vars(partial) if partial else None,
+                "history": history, "elapsed_s": elapsed,
+            })
+        if dist.enabled:
+            torch.distributed.barrier()
 
     peak_lr, steps = float(cfg.optim.lr), len(train_loader)
     status, diverged_epoch = "done", None
     for epoch in range(start_epoch, epochs):
-        train_loader.set_epoch(epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        train_loader.set_epoch(epoch, first_step)
 
         def set_lr(step: int, _epoch: int = epoch) -> None:
             lr = peak_lr * lr_factor(cfg.schedule, _epoch + step / max(steps, 1), epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-        res = train_one_epoch(step_model, train_loader, optimizer, set_lr=set_lr, scaler=scaler,
+        res = train_one_epoch(train_model, train_loader, optimizer, set_lr=set_lr, scaler=scaler,
                               amp_dtype=amp_dtype, grad_clip=float(cfg.optim.grad_clip),
-                              label_smoothing=float(cfg.train.label_smoothing), log_every=int(cfg.output.log_every))
-        elapsed += res.seconds
-        if not math.isfinite(res.loss):
+                              label_smoothing=float(cfg.train.label_smoothing),
+                              log_every=int(cfg.output.log_every), start_step=first_step,
+                              carry=carry if epoch == start_epoch else None, should_stop=lambda: bool(STOP),
+                              dist=dist)
+        if res.stopped:  # the partial epoch's sums (its seconds included) travel in the checkpoint
+            checkpoint(epoch, res.steps, res)
+            log.warning("stopped at epoch %d step %d/%d; checkpoint saved", epoch + 1, res.steps, steps)
+            raise Preempted(STOP.signum or 0)
+        epoch_seconds = res.seconds  # includes the part before a mid-epoch restart
+        elapsed += epoch_seconds
+        loss_sum, correct, images = _all_sum([res.loss_sum, float(res.correct), float(res.images)], dist, device)
+        train_loss, train_acc = loss_sum / max(images, 1), correct / max(images, 1)
+        if not math.isfinite(train_loss):
             status, diverged_epoch = "diverged", epoch + 1
-            log.warning("epoch %d: training loss is %s; stopping this run as diverged", epoch + 1, res.loss)
+            log.warning("epoch %d: training loss is %s; stopping this run as diverged", epoch + 1, train_loss)
             break
-        val = evaluate(step_model, val_loader, amp_dtype=amp_dtype)
-        row = {"epoch": epoch + 1, "train_loss": res.loss, "train_acc": res.acc, "val_loss": val["loss"],
-               "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"], "images_per_s": res.images_per_s}
+        val = evaluate(model, val_loader, amp_dtype=amp_dtype)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
+               "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
+               "images_per_s": images / max(epoch_seconds, 1e-9)}
         history.append(row)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s",
-                 epoch + 1, epochs, res.loss, res.acc, val["loss"], val["acc"], res.images_per_s)
+                 epoch + 1, epochs, train_loss, train_acc, val["loss"], val["acc"], row["images_per_s"])
         if writer is not None:
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
                 writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key,
                                   row[key], epoch + 1)
             writer.flush()
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "epoch": epoch + 1, "history": history, "elapsed_s": elapsed,
-        })
-        atomic_write_json(run.progress, {
-            "epoch": epoch + 1, "epochs": epochs, "val_acc_best": max(h["val_acc"] for h in history),
-            "train_loss": res.loss, "elapsed_s": elapsed, "updated": time.time()})
+        checkpoint(epoch + 1)
+        if dist.is_main:
+            atomic_write_json(run.progress, {
+                "epoch": epoch + 1, "epochs": epochs, "val_acc_best": max(h["val_acc"] for h in history),
+                "train_loss": train_loss, "elapsed_s": elapsed, "updated": time.time()})
 
     if writer is not None:
         writer.close()
@@ -373,11 +510,12 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         "params": n_params,
         "device": str(device),
         "precision": cfg.train.precision,
+        "world_size": dist.world_size,
     }
     if status == "diverged":
         metrics["diverged_epoch"] = diverged_epoch
         return metrics
-    test = evaluate(step_model, test_loader, amp_dtype=amp_dtype)
+    test = evaluate(model, test_loader, amp_dtype=amp_dtype)
     metrics.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"])
     log.info("test acc %.4f  top-5 %.4f", test["acc"], test["top5"])
     return metrics
