@@ -27,7 +27,7 @@ class Preempted(Exception):
 
     def __init__(self, signum: int):
         self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved")
+        super().__init__(f"stopped by signal {signum}; checkpoint saved")
 
 
 class StopRequest:

@@ -32,19 +32,22 @@ def _stage_function(stage: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), fn)
 
 
-def _attach_log(run: RunDir) -> logging.Handler:
-    """Log to <run>/run.log (appended across restarts) and to stdout (the scheduler's log)."""
-    run.path.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run.log)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+def _attach_log(run: RunDir, to_file: bool = True) -> logging.Handler | None:
+    """Log to stdout (the scheduler's log) and, unless ``to_file`` is False (ranks other than 0), to
+    <run>/run.log, appended across restarts."""
     root = logging.getLogger("pipeline")
     root.setLevel(logging.INFO)
-    root.addHandler(handler)
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in root.handlers):
         stream = logging.StreamHandler(sys.stdout)
         stream.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         root.addHandler(stream)
+    if not to_file:
+        return None
+    run.path.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
     return handler
 
 
@@ -60,7 +63,7 @@ def execute(run_dir: str | Path) -> str:
 
     run = RunDir(Path(run_dir))
     rank = _distributed_rank()
-    handler = _attach_log(run) if rank == 0 else None
+    handler = _attach_log(run, to_file=rank == 0)
     preempt.STOP.install()
     try:
         cfg = from_run_file(run.config)

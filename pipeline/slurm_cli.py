@@ -40,11 +40,39 @@ def job_states(job_ids: Iterable[str]) -> dict[str, str]:
     missing = wanted - set(states)
     if missing:
         out = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(bases), "-o", "JobID,State"])
+        # sacct lists array tasks that never started only inside one record of the whole array:
+        # "123_[1-3,7%2]" (or just "123" once cancelled); without these a pending task seen by sacct
+        # alone would count as unknown, i.e. not active, and be submitted a second time.
+        ranges: dict[str, str] = {}
+        remainder: dict[str, str] = {}
         for line in (out or "").splitlines():
             jid, _, state = line.strip().partition("|")
+            state = state.split()[0] if state else state
             if jid in missing:
-                states[jid] = state.split()[0] if state else state
+                states[jid] = state
+            elif "_[" in jid:
+                base, _, spec = jid.partition("_[")
+                for task in _array_tasks(spec.rstrip("]")):
+                    ranges.setdefault(f"{base}_{task}", state)
+            elif "_" not in jid:
+                remainder[jid] = state
+        for jid in missing - set(states):
+            if "_" in jid and (ranges.get(jid) or remainder.get(_base_id(jid))):
+                states[jid] = ranges.get(jid) or remainder[_base_id(jid)]
     return states
+
+
+def _array_tasks(spec: str) -> list[int]:
+    """Task ids of an array range as squeue/sacct print it: "1-3,7,9-11:2%4" -> [1, 2, 3, 7, 9, 11]."""
+    tasks: list[int] = []
+    for part in spec.split("%", 1)[0].split(","):
+        rng, _, step = part.partition(":")
+        lo, _, hi = rng.partition("-")
+        try:
+            tasks += list(range(int(lo), int(hi or lo) + 1, int(step or 1)))
+        except ValueError:
+            continue
+    return tasks
 
 
 def cancel(job_ids: Iterable[str]) -> bool:

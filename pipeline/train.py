@@ -173,7 +173,7 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     """
     model.train()
     device = next(model.parameters()).device
-    res = EpochResult(**vars(carry)) if carry is not None else EpochResult()
+    res = EpochResult(**{**vars(carry), "stopped": False}) if carry is not None else EpochResult()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     start = time.perf_counter()

@@ -1,0 +1,144 @@
+"""The training stage's pieces on the CPU: optimizers, schedules, precision fallback, a mid-epoch stop
+on a real signal and its exact resume, and 2-process data-parallel (gloo) training against 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.rundir import list_runs
+from pipeline.run import EXIT_PREEMPTED, prepare_single
+from pipeline.train import autocast_dtype, build_optimizer, lr_factor
+from tests.conftest import REPO, run_cli
+
+BASE = REPO / "configs/base.yaml"
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("nesterov", torch.optim.SGD),
+                                       ("adagrad", torch.optim.Adagrad), ("adadelta", torch.optim.Adadelta),
+                                       ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_every_optimizer_is_built_with_its_settings_and_steps(name, cls):
+    cfg = load_config([], [f"optim.name={name}", "optim.lr=0.05", "optim.weight_decay=0.001"])
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(cfg.optim, [p])
+    assert type(opt) is cls
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.05 and group["weight_decay"] == 0.001
+    if name in ("sgd", "nesterov"):
+        assert group["momentum"] == 0.9 and group["nesterov"] == (name == "nesterov")
+    p.sum().backward()
+    opt.step()
+    assert not torch.equal(p.detach(), torch.ones(3))
+
+
+def test_schedules():
+    def sched(**kw):
+        return load_config([], [f"schedule.{k}={v}" for k, v in kw.items()] + ["train.epochs=10"]).schedule
+    assert lr_factor(sched(name="constant"), 7.3, 10) == 1.0
+    step = sched(name="step", milestones="[0.5,0.75]", gamma=0.1)
+    assert [round(lr_factor(step, t, 10), 6) for t in (0, 4.9, 5, 7.4, 7.5, 9.9)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
+    cos = sched(name="cosine")
+    assert lr_factor(cos, 0, 10) == pytest.approx(1) and lr_factor(cos, 5, 10) == pytest.approx(0.5)
+    assert lr_factor(cos, 10, 10) == pytest.approx(0, abs=1e-9)
+    one = sched(name="onecycle", pct_start=0.25)
+    assert lr_factor(one, 0, 10) == pytest.approx(0.1) and lr_factor(one, 2.5, 10) == pytest.approx(1)
+    assert lr_factor(one, 10, 10) == pytest.approx(0, abs=1e-9)
+    warm = sched(name="cosine", warmup_epochs=2)
+    assert lr_factor(warm, 1, 10) == pytest.approx(0.5) and lr_factor(warm, 2, 10) == pytest.approx(1)
+
+
+def test_low_precision_on_cpu_warns_and_trains_in_fp32():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None
+    for precision in ("fp16", "bf16"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert autocast_dtype(precision, cpu) is None
+        assert any("GPU setting" in str(w.message) for w in caught)
+
+
+def tiny_args(root: Path, *extra: str) -> list[str]:
+    return [str(BASE), "model.name=resnet20", "data.name=synthetic", f"data.root={root}", "data.val_size=100",
+            "train.threads=1", "train.batch_size=25", "output.log_every=1000", *extra]
+
+
+def test_signal_mid_epoch_saves_step_checkpoint_and_resume_matches_unbroken(tmp_path, synthetic_root):
+    args = tiny_args(synthetic_root, "train.epochs=2")
+    run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args, "--out", str(tmp_path / "b")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((tmp_path / "b").glob("*/progress.json")):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGUSR2)  # what Slurm sends before a time limit
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, out
+    (run,) = list_runs(tmp_path / "b")
+    ckpt = torch.load(run.checkpoints / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["step"] < 16, (ckpt["epoch"], ckpt["step"])  # 400 images / 25
+    assert run.read_metrics("train") is None and "received SIGUSR2" in run.log.read_text()
+
+    run_cli("pipeline.run", str(run.path), cwd=tmp_path, check=True)
+    assert f"step {ckpt['step']}" in run.log.read_text()
+    (ref,) = list_runs(tmp_path / "a")
+    ma, mb = ref.read_metrics("train"), run.read_metrics("train")
+    for key in ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc"):
+        assert ma[key] == mb[key], key
+    sa = torch.load(ref.checkpoints / "last.pt", weights_only=False)["model"]
+    sb = torch.load(run.checkpoints / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return torch.load(run.checkpoints / "last.pt", weights_only=False)["model"]
+
+
+def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_path, synthetic_root):
+    # GroupNorm: BatchNorm statistics would differ per rank (SyncBatchNorm needs GPUs; on GPUs
+    # train.sync_bn converts to it). 8 steps of a global batch of 50 = 2 ranks x 25.
+    args = tiny_args(synthetic_root, "model.norm=group", "train.epochs=1", "train.batch_size=50",
+                     "optim.lr=0.02")[1:]
+    single = prepare_single(BASE, args, tmp_path / "single")
+    ddp = prepare_single(BASE, args, tmp_path / "ddp")
+    other_seed = prepare_single(BASE, args + ["train.seed=1"], tmp_path / "seed1")
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.run", str(ddp.path)], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    run_cli("pipeline.run", str(single.path), cwd=tmp_path, check=True)
+    run_cli("pipeline.run", str(other_seed.path), cwd=tmp_path, check=True)
+
+    m = ddp.read_metrics("train")
+    assert m["world_size"] == 2 and "rank 1 of 2 joined (gloo)" in outs[1]
+    assert m["train_loss"] == pytest.approx(single.read_metrics("train")["train_loss"], rel=1e-4)
+    w_ddp, w_one, w_other = _weights(ddp), _weights(single), _weights(other_seed)
+
+    def rel(a: dict, b: dict) -> float:  # relative distance of all weights together
+        return (sum(((a[k] - b[k]) ** 2).sum() for k in b) / sum((b[k] ** 2).sum() for k in b)).sqrt().item()
+
+    # float summation order differs (gloo's all-reduce); another seed is a different network
+    assert rel(w_ddp, w_one) < 1e-3 and rel(w_other, w_one) > 0.1, (rel(w_ddp, w_one), rel(w_other, w_one))
+    assert not (ddp.path / "tb").exists() or len(list((ddp.path / "tb").glob("events.*"))) == 1  # rank 0 only
