@@ -52,10 +52,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            log.warning("train.precision=bf16 but this GPU has no bf16 support; using fp32")
             warnings.warn("train.precision=bf16 but this GPU has no bf16 support; using fp32")
             return None
         return torch.float16 if precision == "fp16" else torch.bfloat16
-    warnings.warn(f"train.precision={precision} is a GPU setting; training in fp32 on the CPU")
+    message = f"train.precision={precision} is a GPU setting; training in fp32 on the CPU"
+    log.warning(message)
+    warnings.warn(message)
     return None
 
 
