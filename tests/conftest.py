@@ -41,3 +41,47 @@ def synthetic_root(tmp_path_factory) -> Path:
 def tree_snapshot(path: Path) -> dict[str, float]:
     """Every file under ``path`` with its modification time (to prove nothing was written)."""
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The local Slurm cluster (tests/slurm/start.sh) for tests marked ``slurm``
+# --------------------------------------------------------------------------------------------------
+
+_NODE_OK_STATES = ("idle", "mix", "mixed", "alloc", "allocated", "comp", "completing")
+
+
+def _slurm_answers() -> tuple[bool, str]:
+    """(controller answers and every node is usable, what was seen)."""
+    seen = []
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+        seen.append(f"scontrol ping -> rc {ping.returncode}: {ping.stdout.strip()} {ping.stderr.strip()}")
+        if ping.returncode != 0 or " is UP" not in ping.stdout:
+            return False, "\n".join(seen)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+        seen.append(f"sinfo -N -> rc {nodes.returncode}: {nodes.stdout.strip()} {nodes.stderr.strip()}")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        seen.append(f"{type(e).__name__}: {e}")
+        return False, "\n".join(seen)
+    states = [line.split()[-1] for line in nodes.stdout.splitlines() if line.strip()]
+    ok = nodes.returncode == 0 and bool(states) and all(s in _NODE_OK_STATES for s in states)
+    return ok, "\n".join(seen)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """The local Slurm cluster, up: started once with tests/slurm/start.sh when the controller does not
+    answer or the node is not usable. A cluster that cannot be started FAILS the test (never skips)."""
+    ok, seen = _slurm_answers()
+    if ok:
+        return
+    try:
+        r = subprocess.run(["bash", str(REPO / "tests/slurm/start.sh")], capture_output=True, text=True,
+                           timeout=600)
+        output = f"exit code {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        r, output = None, f"{type(e).__name__}: {e}"
+    ok_after, seen_after = _slurm_answers()
+    if r is None or r.returncode != 0 or not ok_after:
+        pytest.fail(f"the local Slurm cluster is not usable and tests/slurm/start.sh did not bring it up.\n"
+                    f"before: {seen}\nafter: {seen_after}\nstart.sh: {output}", pytrace=False)
