@@ -159,3 +159,16 @@ set: {{model.name: resnet20, data.name: synthetic, data.root: {data}}}
     assert run.read_metrics("train")["status"] == "done"
     (archived,) = (run.path / "archive").iterdir()  # the failed attempt is kept, not deleted
     assert json.loads((archived / "metrics/train.json").read_text())["status"] == "failed"
+
+
+def test_debug_cluster_runs_in_the_sweep_process(tmp_path, synthetic_root):
+    """--cluster debug: submitit's in-process executor (breakpoints work); it runs when waited for."""
+    spec = tmp_path / "dbg.yaml"
+    spec.write_text(f"name: dbg\nbase: [{REPO / 'configs/base.yaml'}]\n"
+                    f"set: {{model.name: resnet20, data.name: synthetic, data.root: {synthetic_root}}}\n")
+    r = sweep(str(spec), "--cluster", "debug", "--out", str(tmp_path / "runs"), *TINY, "train.epochs=1",
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = list_runs(tmp_path / "runs/dbg")
+    assert run.read_metrics("train")["status"] == "done"
+    assert "epoch 1/1" in r.stdout  # the training log went to this process's output
