@@ -7,7 +7,6 @@ import sys
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from rich.console import Console
-from rich.table import Table
 
 from pipeline.config import ConfigError
 
@@ -15,6 +14,7 @@ if TYPE_CHECKING:
     from pipeline.sweep import Decision, SweepSpec
 
 EXIT_USAGE = 2
+SHOWN_ROWS = 40  # plans longer than this show their first and last rows (--all shows every one)
 
 
 def console(stderr: bool = False) -> Console:
@@ -54,22 +54,39 @@ def short_keys(keys: Sequence[str]) -> dict[str, str]:
 
 
 def print_plan(con: Console, spec: "SweepSpec", decisions: Sequence["Decision"], *, dry_run: bool = False,
-               job_ids: dict[str, str] | None = None, cluster: str | None = None) -> None:
+               job_ids: dict[str, str] | None = None, cluster: str | None = None, show_all: bool = False) -> None:
     keys = list(dict.fromkeys(k for d in decisions for k in d.run.swept))
     titles = short_keys(keys)
     title = f"sweep [bold]{spec.name}[/] ({spec.path})" + (" — dry run, nothing written" if dry_run else "")
-    table = Table(title=title, title_justify="left")
-    table.add_column("run id", style="cyan", no_wrap=True)
-    for k in keys:
-        table.add_column(titles[k])
-    table.add_column("action")
-    if job_ids is not None:
-        table.add_column("job id")
+    headers = ["run id", *(titles[k] for k in keys), "action"] + (["job id"] if job_ids is not None else [])
+    rows = []
     for d in decisions:
         row = [d.run.id] + [fmt(d.run.swept.get(k, "")) for k in keys]
         row.append(d.action + (f" ({d.note})" if d.note else ""))
         if job_ids is not None:
             row.append(job_ids.get(d.run.id, ""))
-        table.add_row(*row)
-    con.print(table)
+        rows.append(row)
+    print_table(con, title, headers, rows, first_style="cyan", limit=None if show_all else SHOWN_ROWS)
     con.print(f"{len(decisions)} runs")
+
+
+def print_table(con: Console, title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], *,
+                first_style: str = "", limit: int | None = SHOWN_ROWS) -> None:
+    """A rich table (title on the left; ``title`` is markup, cells are text). Past ``limit`` rows only
+    the first and last ones are shown: a 1,000-row table is no use on a terminal, and rich lays out each
+    row at about 3 ms."""
+    from rich.table import Table
+    from rich.text import Text
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, style=(first_style or None) if i == 0 else None, no_wrap=i == 0)
+    shown: list[Sequence[str] | None] = list(rows)
+    if limit is not None and len(rows) > limit:
+        tail = 5
+        shown = [*rows[:limit - tail], None, *rows[-tail:]]
+    for row in shown:
+        if row is None:
+            table.add_row(f"... {len(rows) - limit} more", *[""] * (len(headers) - 1), style="dim")
+        else:
+            table.add_row(*(Text(c) for c in row))
+    con.print(table)

@@ -15,12 +15,13 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.models import MODEL_NAMES, NORMS, SHORTCUTS
@@ -45,6 +46,18 @@ def _choice(default: str, *choices: str) -> Any:
 def _num(default: float | int, *, min: float | None = None, max: float | None = None,
          min_exclusive: bool = False) -> Any:
     return field(default=default, metadata={"min": min, "max": max, "min_exclusive": min_exclusive})
+
+
+# What may reach an sbatch line: submitit writes these values into the #SBATCH header of a shell script.
+SBATCH_WORD = r"^[A-Za-z0-9._-]*$"
+SBATCH_CONSTRAINT = r"^[A-Za-z0-9._,&|!\[\]*:-]*$"
+
+
+def _sbatch(pattern: str, allowed: str) -> Any:
+    return field(default="", metadata={"pattern": pattern, "allowed": allowed})
+
+
+_WORD = "letters, digits, '.', '_' and '-'"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,20 +134,23 @@ class QuantConfig:
 
 @dataclass
 class SlurmConfig:
-    partition: str = ""                          # empty = the cluster's default partition
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
+    partition: str = _sbatch(SBATCH_WORD, _WORD)  # empty = the cluster's default partition
+    account: str = _sbatch(SBATCH_WORD, _WORD)
+    qos: str = _sbatch(SBATCH_WORD, _WORD)
+    constraint: str = _sbatch(SBATCH_CONSTRAINT, _WORD + " and the operators , & | ! [ ] * :")  # node features
     nodes: int = _num(1, min=1)
     tasks_per_node: int = _num(1, min=1)         # > 1 = one data-parallel rank per task
     gpus_per_node: int = _num(0, min=0)
-    gpu_type: str = ""                           # gres type, e.g. rtx8000 or v100; empty = any
+    gpu_type: str = _sbatch(SBATCH_WORD, _WORD)  # gres type, e.g. rtx8000 or v100; empty = any
     cpus_per_task: int = _num(2, min=1)
     mem_gb: float = _num(8.0, min=0.0, min_exclusive=True)   # memory per node, GB
     time_min: int = _num(120, min=1)             # time limit per job, minutes
-    array_parallelism: int = _num(64, min=1)     # array tasks running at once
+    array_parallelism: int = _num(64, min=1)     # array tasks running at once (shared out when a
+    # sweep is split into several arrays by the cluster's MaxArraySize)
     max_requeues: int = _num(3, min=0)           # requeues after time limit or preemption
-    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
+    # Shell lines run before the job (module load, conda activate ...). Shell by design, written into
+    # the job script unchecked: they run with the user's own rights, like a hand-written sbatch file.
+    setup: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -286,14 +302,7 @@ def compose(layers: Sequence[Layer]) -> DictConfig:
     """Merge layers in order onto the schema and validate; raises ConfigError naming the source."""
     cfg = OmegaConf.structured(Config)
     provenance: dict[str, str] = {}
-    for layer in layers:
-        check_keys(layer.values, layer.source)
-        for key, value in layer.values.items():
-            try:
-                OmegaConf.update(cfg, key, value, merge=False)
-            except OmegaConfBaseException as e:
-                raise ConfigError(layer.source, _type_message(key, value, e), key=key) from None
-            provenance[key] = layer.source
+    _apply(cfg, layers, provenance)
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
@@ -306,29 +315,59 @@ def compose(layers: Sequence[Layer]) -> DictConfig:
     return cfg
 
 
+def _apply(cfg: DictConfig, layers: Sequence[Layer], provenance: dict[str, str]) -> None:
+    """Set each layer's values into ``cfg`` in order (type-checked, unresolved), noting their source."""
+    for layer in layers:
+        check_keys(layer.values, layer.source)
+        for key, value in layer.values.items():
+            try:
+                OmegaConf.update(cfg, key, value, merge=False)
+            except OmegaConfBaseException as e:
+                raise ConfigError(layer.source, _type_message(key, value, e), key=key) from None
+            provenance[key] = layer.source
+
+
 def _type_message(key: str, value: Any, err: OmegaConfBaseException) -> str:
     f = _FIELDS[key]
     expected = getattr(f.type, "__name__", str(f.type))
     return f"expected a value of type {expected}, got {value!r}"
 
 
+def _rules() -> list[tuple[str, tuple[str, ...] | None, Any, Any, bool, re.Pattern | None, str]]:
+    """(key, choices, min, max, min_exclusive, pattern, allowed) per schema leaf, in schema order."""
+    out = []
+    for key, f in _FIELDS.items():
+        m = f.metadata
+        pattern = re.compile(m["pattern"]) if m.get("pattern") else None
+        out.append((key, m.get("choices"), m.get("min"), m.get("max"), bool(m.get("min_exclusive")), pattern,
+                    m.get("allowed", "")))
+    return out
+
+
+_RULES = _rules()
+
+
 def validate(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> None:
     """Choices, ranges and cross-field rules; the error names the source that set the bad key."""
+    validate_flat(flatten(OmegaConf.to_container(cfg)), provenance)
+
+
+def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None = None) -> None:
+    """:func:`validate` on a complete dotted dict of typed values (every schema key, as composed)."""
     provenance = provenance or {}
-    flat = flatten(OmegaConf.to_container(cfg))
-    for key, f in _FIELDS.items():
+    for key, choices, lo, hi, lo_excl, pattern, allowed in _RULES:
         value = flat[key]
-        src = provenance.get(key, "defaults")
-        choices = f.metadata.get("choices")
         if choices and value not in choices:
-            raise ConfigError(src, f"'{value}' is not allowed.{_suggest(str(value), choices)} "
-                              f"Allowed values: {', '.join(choices)}.", key=key)
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if lo is not None and (value < lo or (f.metadata.get("min_exclusive") and value == lo)):
-            op = ">" if f.metadata.get("min_exclusive") else ">="
-            raise ConfigError(src, f"must be {op} {lo}, got {value}.", key=key)
+            raise ConfigError(provenance.get(key, "defaults"), f"'{value}' is not allowed."
+                              f"{_suggest(str(value), choices)} Allowed values: {', '.join(choices)}.", key=key)
+        if lo is not None and (value < lo or (lo_excl and value == lo)):
+            op = ">" if lo_excl else ">="
+            raise ConfigError(provenance.get(key, "defaults"), f"must be {op} {lo}, got {value}.", key=key)
         if hi is not None and value > hi:
-            raise ConfigError(src, f"must be <= {hi}, got {value}.", key=key)
+            raise ConfigError(provenance.get(key, "defaults"), f"must be <= {hi}, got {value}.", key=key)
+        if pattern is not None and not pattern.fullmatch(str(value)):
+            raise ConfigError(provenance.get(key, "defaults"), f"{value!r} cannot be passed to sbatch: only "
+                              f"{allowed} are allowed (pattern {pattern.pattern}).", key=key)
 
     def fail(key: str, msg: str) -> None:
         raise ConfigError(provenance.get(key, "defaults"), msg, key=key)
@@ -375,9 +414,122 @@ def from_run_file(path: str | os.PathLike) -> DictConfig:
 
 def run_id(cfg: DictConfig) -> str:
     """A short, stable hash of everything that can change a run's result."""
-    tree = OmegaConf.to_container(cfg, resolve=True)
+    return tree_run_id(OmegaConf.to_container(cfg, resolve=True))
+
+
+def tree_run_id(tree: Mapping[str, Any]) -> str:
+    """:func:`run_id` of a resolved config given as a plain nested dict (``tree`` is not changed)."""
+    tree = dict(tree)
     for section in ID_EXCLUDED_SECTIONS:
         kept = {k: tree[section][k] for k in ID_INCLUDED_SLURM_KEYS} if section == "slurm" else {}
         tree[section] = kept
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def from_tree(tree: Mapping[str, Any]) -> DictConfig:
+    """The DictConfig of a resolved config given as a plain nested dict (as :func:`compose` returns it)."""
+    cfg = OmegaConf.structured(Config)
+    cfg.merge_with(tree)
+    return cfg
+
+
+def _value_key(value: Any) -> tuple[str, type]:
+    # repr tells 1, 1.0, True and '1' apart, which == and hash() do not
+    return repr(value), type(value)
+
+
+_YAML_LINES: dict[tuple[str, str, type], str] = {}
+
+
+def tree_to_yaml(tree: Mapping[str, Mapping[str, Any]]) -> str:
+    """:func:`to_yaml` of a resolved config given as a plain nested dict (sections of leaves, in schema
+    order), text for text. Each ``key: value`` block is emitted once by omegaconf's own YAML dumper and
+    reused: in a block mapping a leaf's text depends only on its key, value and indentation."""
+    parts = []
+    for section, leaves in tree.items():
+        if not leaves:
+            parts.append(OmegaConf.to_yaml({section: {}}))
+            continue
+        parts.append(f"{section}:\n")
+        for leaf, value in leaves.items():
+            key = (f"{section}.{leaf}", *_value_key(value))
+            text = _YAML_LINES.get(key)
+            if text is None:
+                text = OmegaConf.to_yaml({section: {leaf: value}}).split("\n", 1)[1]
+                _YAML_LINES[key] = text
+            parts.append(text)
+    return "".join(parts)
+
+
+_ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:[^${}]*\}")
+
+
+def _needs_full_compose(value: Any) -> bool:
+    """Values the fast path of :class:`Composer` does not handle: interpolations, '???', mappings."""
+    if isinstance(value, str):
+        return "${" in value or value == "???"
+    if isinstance(value, (list, tuple)):
+        return any(_needs_full_compose(v) for v in value)
+    return isinstance(value, Mapping)
+
+
+class Composer:
+    """:func:`compose` for many configs that share their first layers (a sweep: base files, cluster
+    profile, ``set``), without building an omegaconf config per run.
+
+    The shared layers are composed once. Each later value is type-checked and converted by omegaconf
+    once per (key, value) and cached, then set into a copy of the shared dotted dict, which goes through
+    the same :func:`validate_flat` as :func:`compose`, so a run gets the same values and the same errors
+    (same source, key and message, raised in the same order) as ``compose(shared + layers)``. Cases this
+    cannot reproduce exactly (interpolations other than ``${oc.env:...}``, '???') take :func:`compose`.
+    """
+
+    def __init__(self, shared: Sequence[Layer]):
+        self.shared = list(shared)
+        cfg = OmegaConf.structured(Config)
+        self._provenance: dict[str, str] = {}
+        _apply(cfg, self.shared, self._provenance)
+        self._flat: dict[str, Any] | None = None
+        raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+        # Interpolations are resolved after the last layer; only environment lookups are known not to
+        # depend on what later layers set. Anything else, or a failure, is left to compose() per run.
+        if not any(_needs_full_compose(_ENV_INTERPOLATION.sub("", v) if isinstance(v, str) else v)
+                   for v in raw.values()):
+            try:
+                cfg = from_tree(OmegaConf.to_container(cfg, resolve=True))
+                self._flat = flatten(OmegaConf.to_container(cfg))
+            except OmegaConfBaseException:
+                self._flat = None
+        self._scratch = cfg  # values are converted by setting them here: any schema-typed config will do
+        self._converted: dict[tuple[str, str, type], Any] = {}
+
+    def _convert(self, key: str, value: Any, source: str) -> Any:
+        """``value`` as omegaconf stores it in ``key`` (e.g. 1 -> 1.0 for a float); a ConfigError if it
+        does not fit the key's type."""
+        ck = (key, *_value_key(value))
+        if ck in self._converted:
+            return self._converted[ck]
+        try:
+            OmegaConf.update(self._scratch, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            raise ConfigError(source, _type_message(key, value, e), key=key) from None
+        out = OmegaConf.select(self._scratch, key)
+        if isinstance(out, (DictConfig, ListConfig)):
+            out = OmegaConf.to_container(out)
+        self._converted[ck] = out
+        return out
+
+    def compose_flat(self, layers: Sequence[Layer]) -> dict[str, Any]:
+        """The validated dotted dict (schema order) of ``compose(shared + layers)``."""
+        if self._flat is None or any(_needs_full_compose(v) for layer in layers for v in layer.values.values()):
+            return flatten(OmegaConf.to_container(compose(self.shared + list(layers))))
+        flat = dict(self._flat)
+        provenance = dict(self._provenance)
+        for layer in layers:
+            check_keys(layer.values, layer.source)
+            for key, value in layer.values.items():
+                flat[key] = self._convert(key, value, layer.source)
+                provenance[key] = layer.source
+        validate_flat(flat, provenance)
+        return {k: list(v) if isinstance(v, list) else v for k, v in flat.items()}

@@ -1,7 +1,8 @@
-"""Submission through submitit: the only module that imports it. Torch-free.
+"""Submission through submitit: the only module that imports it (lazily). Torch-free.
 
 - slurm: one job array per distinct set of Slurm resources, throttled by ``slurm.array_parallelism``;
-  each array task runs one run folder (``pipeline.run.execute``).
+  each array task runs one run folder (``pipeline.run.execute``). A set larger than the cluster's
+  MaxArraySize goes out as several arrays of at most that many tasks (never one sbatch per run).
 - local: ``--parallel`` submitit local jobs, each running its share of the runs one after another, so a
   CPU machine trains one network at a time by default. The jobs outlive this process.
 - debug: submitit's in-process executor (breakpoints work); runs execute when waited for.
@@ -9,21 +10,26 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import submitit
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
 from pipeline.rundir import RunDir
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # local jobs run until done; submitit's default would kill them at 2 min
+DEFAULT_MAX_ARRAY_SIZE = 1000    # when scontrol cannot tell (Slurm's own default is 1001)
+MAX_ARRAY_SIZE_ENV = "PIPELINE_MAX_ARRAY_SIZE"  # forces the array size limit (tests; unreadable configs)
 
 
 def slurm_controller_answers(timeout_s: float = 10.0) -> bool:
@@ -78,28 +84,87 @@ def slurm_parameters(slurm: dict[str, Any], name: str) -> dict[str, Any]:
     return p
 
 
-def _groups(cfgs: Sequence[DictConfig], name: str) -> list[tuple[dict[str, Any], list[int]]]:
+def _slurm_section(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """A config's ``slurm`` section as a plain dict (configs come as DictConfigs or plain nested dicts)."""
+    section = cfg["slurm"]
+    return OmegaConf.to_container(section) if isinstance(section, DictConfig) else dict(section)
+
+
+def _groups(cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str
+            ) -> list[tuple[dict[str, Any], list[int]]]:
     """Runs with identical Slurm resources go into one array."""
     groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
     for i, cfg in enumerate(cfgs):
-        params = slurm_parameters(OmegaConf.to_container(cfg.slurm), name)
+        params = slurm_parameters(_slurm_section(cfg), name)
         key = repr(sorted(params.items()))
         groups.setdefault(key, (params, []))[1].append(i)
     return list(groups.values())
 
 
-def sbatch_headers(sweep_dir: Path, cfgs: Sequence[DictConfig], name: str) -> list[str]:
+@functools.lru_cache(maxsize=1)
+def max_array_size() -> int:
+    """The most tasks one job array may have: ``MaxArraySize`` of ``scontrol show config`` (indices run
+    0..MaxArraySize-1), read once; $PIPELINE_MAX_ARRAY_SIZE wins; 1000 when neither can be read."""
+    forced = os.environ.get(MAX_ARRAY_SIZE_ENV, "").strip()
+    if forced.isdigit():
+        return max(1, int(forced))
+    if shutil.which("scontrol") is None:
+        return DEFAULT_MAX_ARRAY_SIZE
+    try:
+        r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return DEFAULT_MAX_ARRAY_SIZE
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", r.stdout, re.MULTILINE)
+    return max(1, int(m.group(1))) if r.returncode == 0 and m else DEFAULT_MAX_ARRAY_SIZE
+
+
+def split_arrays(indices: Sequence[int], max_size: int) -> list[list[int]]:
+    """``indices`` in order, cut into as few arrays of at most ``max_size`` as possible, of near-equal
+    sizes (so their throttles, which share ``array_parallelism``, stay busy alike)."""
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    n = len(indices)
+    k = max(1, -(-n // max_size))
+    bounds = [n * i // k for i in range(k + 1)]
+    return [list(indices[bounds[i]:bounds[i + 1]]) for i in range(k) if bounds[i] < bounds[i + 1]]
+
+
+def _arrays(cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str, max_size: int | None
+            ) -> list[tuple[dict[str, Any], list[int]]]:
+    """(:func:`slurm_parameters`, run indices) per array to submit: one group of runs with the same
+    resources per array, cut by ``max_size`` (default: the cluster's MaxArraySize)."""
+    max_size = max_array_size() if max_size is None else max_size
+    out = []
+    for params, idx in _groups(cfgs, name):
+        chunks = split_arrays(idx, max_size)
+        for chunk in chunks:
+            p = dict(params)
+            # array_parallelism is the cap for the whole set of runs: share it out between its arrays
+            p["array_parallelism"] = max(1, params["array_parallelism"] // len(chunks))
+            out.append((p, chunk))
+    return out
+
+
+def _executor_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """SlurmExecutor's own names and units for :func:`slurm_parameters`' (generic) ones."""
+    import submitit
+    from submitit.slurm.slurm import _convert_mem
+    renamed = submitit.SlurmExecutor._equivalence_dict() or {}
+    out = {renamed.get(k, k): v for k, v in params.items()}
+    if "mem" in out:
+        out["mem"] = _convert_mem(out["mem"])
+    return out
+
+
+def sbatch_headers(sweep_dir: Path, cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str,
+                   max_size: int | None = None) -> list[str]:
     """The #SBATCH lines that submission would use, one text per array; writes nothing."""
     from submitit.slurm.slurm import _make_sbatch_string
     out = []
-    for params, idx in _groups(cfgs, name):
-        params = dict(params)
-        converted = submitit.SlurmExecutor._equivalence_dict()
-        sb = {converted.get(k, k): v for k, v in params.items()}
-        if "mem" in sb:
-            sb["mem"] = f"{int(sb['mem'] * 1024)}MB"
+    for params, idx in _arrays(cfgs, name, max_size):
         text = _make_sbatch_string(command="<python -u -m submitit.core._submit ...>",
-                                   folder=str(sweep_dir / "logs" / "%j"), map_count=len(idx), **sb)
+                                   folder=str(sweep_dir / "logs" / "%j"), map_count=len(idx),
+                                   **_executor_parameters(params))
         out.append("\n".join(line for line in text.splitlines() if line.startswith("#SBATCH")))
     return out
 
@@ -123,8 +188,12 @@ def _visible_gpu_count() -> int:
     return sum(1 for line in r.stdout.splitlines() if line.startswith("GPU "))
 
 
-def submit(runs: Sequence[RunDir], cfgs: Sequence[DictConfig], *, cluster: str, sweep_dir: Path,
-           name: str, parallel: int = 1) -> Submission:
+def submit(runs: Sequence[RunDir], cfgs: Sequence[DictConfig | Mapping[str, Any]], *, cluster: str,
+           sweep_dir: Path, name: str, parallel: int = 1, max_size: int | None = None) -> Submission:
+    """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
+    cluster's MaxArraySize."""
+    import submitit
+
     from pipeline.run import execute, execute_many
 
     sub = Submission(cluster)
@@ -132,10 +201,10 @@ def submit(runs: Sequence[RunDir], cfgs: Sequence[DictConfig], *, cluster: str, 
         return sub
     log_folder = sweep_dir / "logs" / "%j"
     if cluster == "slurm":
-        for params, idx in _groups(cfgs, name):
+        for params, idx in _arrays(cfgs, name, max_size):
             executor = submitit.SlurmExecutor(folder=log_folder, max_num_timeout=int(
-                cfgs[idx[0]].slurm.max_requeues))
-            executor.update_parameters(**params)
+                _slurm_section(cfgs[idx[0]])["max_requeues"]))
+            executor.update_parameters(**_executor_parameters(params))
             paths = [str(runs[i].path) for i in idx]
             jobs = executor.map_array(execute, paths)
             for i, job in zip(idx, jobs):
@@ -204,9 +273,20 @@ def _result(job: Any, console: Console | None) -> None:
 def export_distributed_env() -> None:
     """Inside a multi-task Slurm job: set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK from
     Slurm's variables with submitit's helper (also for plain ``srun python -m pipeline.run``)."""
+    import submitit
     if "SLURM_JOB_ID" in os.environ:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def active_jobs(jobs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all."""
+    slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
+    states: dict[str, str] = {}
+    if slurm_ids:
+        from pipeline import slurm_cli
+        states = {j: s for j, s in slurm_cli.job_states(slurm_ids).items() if s in slurm_cli.ACTIVE_STATES}
+    return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j))}
 
 
 def job_is_active(cluster: str, job_id: str) -> bool:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -29,8 +31,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli
-from pipeline.config import (COMMAND_LINE, ConfigError, Layer, check_keys, compose, file_layer, flatten,
-                             parse_overrides, read_yaml, run_id, to_yaml, absolutize_paths)
+from pipeline.config import (COMMAND_LINE, Composer, ConfigError, Layer, check_keys, file_layer, flatten,
+                             from_tree, parse_overrides, read_yaml, tree_run_id, tree_to_yaml, unflatten)
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
 
 SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
@@ -54,16 +56,36 @@ class SweepSpec:
 
 @dataclass
 class PlannedRun:
+    """One run of a sweep: its id, the swept values and the resolved config as a plain nested dict (the
+    DictConfig, ``cfg``, is built on first use: a sweep of thousands of runs never needs most of them)."""
     id: str
     swept: dict[str, Any]
-    cfg: DictConfig
+    config: dict[str, Any]
+    _cfg: DictConfig | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, DictConfig):
+            self._cfg, self.config = self.config, OmegaConf.to_container(self.config, resolve=True)
+
+    @property
+    def cfg(self) -> DictConfig:
+        if self._cfg is None:
+            self._cfg = from_tree(self.config)
+        return self._cfg
+
+    @property
+    def yaml(self) -> str:
+        """config.yaml's text: what ``to_yaml(self.cfg)`` gives."""
+        return tree_to_yaml(self.config)
 
 
 def _find(ref: str, sweep_path: Path, key: str) -> Path:
     """A path named in a sweep file: relative to the sweep file's folder, else to its parent (so
-    sweeps/x.yaml can say configs/base.yaml from any directory), else to the current directory."""
+    sweeps/x.yaml can say configs/base.yaml from any directory), else to the current directory, else
+    to the project's own folder (its configs/ and cluster profiles)."""
     p = Path(ref).expanduser()
-    candidates = [p] if p.is_absolute() else [sweep_path.parent / p, sweep_path.parent.parent / p, p]
+    project = Path(__file__).resolve().parent.parent
+    candidates = [p] if p.is_absolute() else [sweep_path.parent / p, sweep_path.parent.parent / p, p, project / p]
     for c in candidates:
         if c.is_file():
             return c
@@ -130,13 +152,19 @@ def read_sweep(path: str | Path) -> SweepSpec:
 
 def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
                  cwd: Path | None = None) -> list[PlannedRun]:
-    """Every run of the sweep, composed and validated; identical configs are kept once."""
+    """Every run of the sweep, composed and validated; identical configs are kept once.
+
+    Same configs, ids and errors as composing every run's layers with ``compose()``, through a
+    :class:`Composer` (the shared layers are composed once)."""
     layers = [file_layer(b) for b in spec.base]
     if spec.cluster is not None:
         layers.append(file_layer(spec.cluster))
     if spec.set:
         layers.append(Layer(f"{spec.path} (set)", spec.set))
     last = [Layer(COMMAND_LINE, dict(overrides))] if overrides else []
+    composer = Composer(layers)
+    base = cwd or Path.cwd()
+    roots: dict[str, str] = {}
 
     grid_points = [dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())]
     n_zip = len(next(iter(spec.zip.values()))) if spec.zip else 1
@@ -150,14 +178,24 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
             for z in zip_points:
                 extra = [Layer(f"{spec.path} (variants[{vi}])", variant), Layer(f"{spec.path} (grid)", g),
                          Layer(f"{spec.path} (zip)", z)]
-                cfg = compose(layers + [x for x in extra if x.values] + last)
-                absolutize_paths(cfg, cwd or Path.cwd())
-                rid = run_id(cfg)
+                flat = composer.compose_flat([x for x in extra if x.values] + last)
+                root = flat["data.root"]
+                if root not in roots:
+                    roots[root] = _absolute_root(root, base)
+                flat["data.root"] = roots[root]
+                tree = unflatten(flat)
+                rid = tree_run_id(tree)
                 if rid in seen:
                     continue
                 seen.add(rid)
-                runs.append(PlannedRun(rid, {k: OmegaConf.select(cfg, k) for k in {**variant, **g, **z}}, cfg))
+                runs.append(PlannedRun(rid, {k: flat[k] for k in {**variant, **g, **z}}, tree))
     return runs
+
+
+def _absolute_root(root: str, base: Path) -> str:
+    """``absolutize_paths`` for data.root given as a string."""
+    p = Path(os.path.expanduser(str(root)))
+    return root if p.is_absolute() else str((base / p).resolve())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,17 +231,65 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None,
     return decisions
 
 
-def write_run(sweep_dir: Path, spec: SweepSpec, r: PlannedRun) -> RunDir:
-    """Write config.yaml and meta.json; an existing identical config is left as it is."""
+def write_run(sweep_dir: Path, spec: SweepSpec, r: PlannedRun, unsynced: list[Path] | None = None) -> RunDir:
+    """Write config.yaml and meta.json; an existing identical config is left as it is.
+
+    Each file replaces its target atomically. With ``unsynced``, the files are not fsynced one by one
+    but listed there, for one :func:`sync_files` over a whole sweep."""
     rd = RunDir(sweep_dir / r.id)
-    text = to_yaml(r.cfg)
+    text = r.yaml
     if not rd.config.exists() or rd.config.read_text() != text:
         # Same id means the same result-relevant settings: only slurm.* / output.* can differ here.
-        atomic_write_text(rd.config, text)
+        _write(rd.config, text, unsynced)
     meta = {"id": r.id, "sweep": spec.name, "sweep_file": str(spec.path), "swept": r.swept}
     if read_json(rd.meta) != meta:
-        atomic_write_json(rd.meta, meta)
+        _write(rd.meta, json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n", unsynced)
     return rd
+
+
+def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) -> None:
+    """The run folders of ``decisions`` (results of reruns archived), on disk before anything is submitted."""
+    unsynced: list[Path] = []
+    for d in decisions:
+        rd = write_run(sweep_dir, spec, d.run, unsynced)
+        if d.action == "rerun":
+            rd.archive()
+    sync_files(unsynced)
+
+
+def _write(path: Path, text: str, unsynced: list[Path] | None) -> None:
+    if unsynced is None:
+        atomic_write_text(path, text)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    unsynced.append(path)
+
+
+def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
+    """fsync files written by :func:`write_run` before their jobs are submitted. In parallel: each fsync
+    waits for a journal commit (or a file server), and concurrent ones share it."""
+    def sync(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if len(paths) < 2 * threads:
+        for p in paths:
+            sync(p)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(sync, paths))
 
 
 def update_manifest(sweep_dir: Path, cluster: str, job_ids: dict[str, str]) -> Path:
@@ -221,8 +307,9 @@ def active_run_ids(sweep_dir: Path) -> set[str]:
     """Runs of this sweep whose last job is still queued or running (so they are not submitted twice)."""
     from pipeline import launch
     manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
-    return {rid for rid, entry in manifest["runs"].items()
-            if launch.job_is_active(entry["cluster"], entry["job_id"])}
+    jobs = {rid: (entry["cluster"], str(entry["job_id"])) for rid, entry in manifest["runs"].items()}
+    active = launch.active_jobs(list(jobs.values()))
+    return {rid for rid, job in jobs.items() if job in active}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs"), help="results folder (default runs/)")
     p.add_argument("--rerun", default=None, help="failed | all: start those runs again from scratch "
                    "(old results are moved to <run>/archive/)")
+    p.add_argument("--all", action="store_true", help="list every run (long plans show the first and last)")
     p.add_argument("--no-submit", action="store_true", help="write the run folders, submit nothing "
                    "(for sbatch/array.sh)")
     p.add_argument("--wait", action="store_true", help="local executor: return when the runs have finished")
@@ -265,39 +353,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_dir = args.out / spec.name
     if args.dry_run:
         decisions = plan(runs, sweep_dir, args.rerun, set())
-        cli.print_plan(console, spec, decisions, dry_run=True)
+        cli.print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
         from pipeline import launch
         cluster = launch.resolve_cluster(args.cluster)
         if cluster == "slurm":
-            for header in launch.sbatch_headers(sweep_dir, [d.run.cfg for d in decisions], spec.name):
+            for header in launch.sbatch_headers(sweep_dir, [d.run.config for d in decisions], spec.name):
                 console.print(header, markup=False, highlight=False)
         return 0
 
     if args.no_submit:
         decisions = plan(runs, sweep_dir, args.rerun, set())
-        for d in decisions:
-            rd = write_run(sweep_dir, spec, d.run)
-            if d.action == "rerun":
-                rd.archive()
-        cli.print_plan(console, spec, decisions)
-        console.print(f"{len(decisions)} run folders in {sweep_dir}/; submit them as a plain array with\n"
-                      f"  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}")
+        write_runs(sweep_dir, spec, decisions)
+        # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
+        atomic_write_text(sweep_dir / "array_runs.txt",
+                          "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions))
+        cli.print_plan(console, spec, decisions, show_all=args.all)
+        console.print(f"{len(decisions)} run folders in {sweep_dir}/ (listed in array_runs.txt); submit them "
+                      f"as a plain array with\n  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}")
         return 0
 
     from pipeline import launch
     cluster = launch.resolve_cluster(args.cluster)
     decisions = plan(runs, sweep_dir, args.rerun, active_run_ids(sweep_dir))
     to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
-    for d in to_submit:
-        rd = write_run(sweep_dir, spec, d.run)
-        if d.action == "rerun":
-            rd.archive()
+    write_runs(sweep_dir, spec, to_submit)
     submission = launch.submit([RunDir(sweep_dir / d.run.id) for d in to_submit],
-                               [d.run.cfg for d in to_submit], cluster=cluster, sweep_dir=sweep_dir,
+                               [d.run.config for d in to_submit], cluster=cluster, sweep_dir=sweep_dir,
                                name=spec.name, parallel=args.parallel)
     if submission.job_ids:
         update_manifest(sweep_dir, cluster, submission.job_ids)
-    cli.print_plan(console, spec, decisions, job_ids=submission.job_ids, cluster=cluster)
+    cli.print_plan(console, spec, decisions, job_ids=submission.job_ids, cluster=cluster, show_all=args.all)
     console.print(f"[bold]{len(to_submit)}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; "
                   f"results in {sweep_dir}/")
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for

@@ -1,6 +1,7 @@
 #!/bin/bash
-# The runs of a sweep as one plain Slurm array, without the Python launcher: array task i runs the
-# i-th run folder of the sweep, in the order of their ids (as `ls` sorts them).
+# The runs of a sweep as one plain Slurm array, without the Python launcher: array task i runs line i+1
+# of <sweep>/array_runs.txt, the run folders that `--no-submit` wrote for the current sweep file (or,
+# without that file, the i-th run folder in the order of their ids).
 #
 #   python -m pipeline.sweep sweeps/optimizers.yaml --no-submit     # writes the run folders, prints N
 #   sbatch --array=0-$((N-1))%8 sbatch/array.sh runs/optimizers
@@ -20,8 +21,12 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 python_bin="${PIPELINE_PYTHON:-python}"
 sweep_dir="${1:?usage: sbatch --array=0-N sbatch/array.sh <out>/<sweep>}"
 index="${SLURM_ARRAY_TASK_ID:?submit with --array}"
-run_dir=$(find "${sweep_dir}" -mindepth 2 -maxdepth 2 -name config.yaml -printf '%h\n' | LC_ALL=C sort \
-          | sed -n "$((index + 1))p")
+if [ -f "${sweep_dir}/array_runs.txt" ]; then
+  run_dir=$(sed -n "$((index + 1))p" "${sweep_dir}/array_runs.txt")
+else
+  run_dir=$(find "${sweep_dir}" -mindepth 2 -maxdepth 2 -name config.yaml -printf '%h\n' | LC_ALL=C sort \
+            | sed -n "$((index + 1))p")
+fi
 if [ -z "${run_dir}" ]; then
   echo "array task ${index}: ${sweep_dir} has no run folder number ${index}" >&2
   exit 2

@@ -424,15 +424,19 @@ def test_min_project_script_trains_one_run(tmp_path, synthetic_root):
 
 
 def test_array_script_runs_every_run_folder(tmp_path, synthetic_root):
-    spec = write_sweep(tmp_path / "sweep.yaml", "slurm-plain", synthetic_root, lrs=[0.1, 0.05, 0.02])
     out = tmp_path / "runs"
     sweep_dir = out / "slurm-plain"
+    # an earlier version of the sweep file left a run folder behind: the array must not run it
+    old = write_sweep(tmp_path / "old.yaml", "slurm-plain", synthetic_root, lrs=[0.3])
+    assert sweep(str(old), "--no-submit", "--out", str(out)).returncode == 0
+    (stale,) = [p for p in sweep_dir.iterdir() if (p / "config.yaml").exists()]
+    spec = write_sweep(tmp_path / "sweep.yaml", "slurm-plain", synthetic_root, lrs=[0.1, 0.05, 0.02])
     w = sweep(str(spec), "--no-submit", "--out", str(out))
     assert w.returncode == 0, w.stdout + w.stderr
     assert f"sbatch --array=0-2 sbatch/array.sh {sweep_dir}" in w.stdout, w.stdout
     assert not (sweep_dir / "manifest.json").exists()  # nothing was submitted
-    run_ids = sorted(p.name for p in sweep_dir.iterdir() if (p / "config.yaml").exists())
-    assert len(run_ids) == 3
+    run_ids = [Path(line).name for line in (sweep_dir / "array_runs.txt").read_text().split()]
+    assert len(run_ids) == 3 and stale.name not in run_ids
 
     array_id = sbatch("--array=0-2", str(REPO / "sbatch/array.sh"), str(sweep_dir), cwd=tmp_path, env={})
     ids = [f"{array_id}_{i}" for i in range(3)]
@@ -446,7 +450,8 @@ def test_array_script_runs_every_run_folder(tmp_path, synthetic_root):
         cancel_all(ids)
     states = sacct(*ids)
     assert all(states[j] == "COMPLETED" for j in ids), states
-    # task i ran the i-th run folder in sorted order
+    assert train_status(stale) is None  # never run
+    # task i ran line i+1 of array_runs.txt
     for i, rid in enumerate(run_ids):
         text = (tmp_path / f"pipeline-array_{array_id}_{i}.out").read_text()
         assert f"task {array_id}_{i} on " in text and f"run {rid}: done" in text, text
