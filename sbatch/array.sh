@@ -15,6 +15,10 @@
 #SBATCH --mem=8GB
 #SBATCH --time=04:00:00
 #SBATCH --output=pipeline-array_%A_%a.out
+# Before the time limit Slurm sends SIGUSR2 to this script's process (python, through exec): the run
+# saves a checkpoint at the next step and requeues itself; the requeued job resumes from it.
+#SBATCH --signal=B:USR2@120
+#SBATCH --requeue
 
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"

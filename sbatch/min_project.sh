@@ -16,6 +16,10 @@
 #SBATCH --gres=gpu:1
 #SBATCH --time=04:00:00
 #SBATCH --output=min_project_%j.out
+# Before the time limit Slurm sends SIGUSR2 to this script's process (python, through exec): the run
+# saves a checkpoint at the next step and requeues itself; the requeued job resumes from it.
+#SBATCH --signal=B:USR2@120
+#SBATCH --requeue
 
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"

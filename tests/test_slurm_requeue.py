@@ -125,3 +125,28 @@ def test_two_task_gloo_ddp_job_completes(tmp_path, synthetic_root):
     logs = "\n".join(p.read_text() for p in (tmp_path / "runs/ddp/logs").rglob("*_log.out"))
     assert "rank 1 of 2 joined (gloo)" in logs and "rank 0 of 2 joined (gloo)" in logs
     assert sacct(job).get(job) == "COMPLETED"
+
+
+def test_plain_sbatch_script_checkpoints_and_requeues_on_sigusr2(tmp_path, synthetic_root):
+    """sbatch/min_project.sh asks for SIGUSR2 to its batch process before the limit; sending it by hand
+    (scancel --signal=USR2 --batch) must save a checkpoint, requeue the job and end in a finished run."""
+    settings = {"model.name": "resnet20", "data.name": "synthetic", "data.root": str(synthetic_root),
+                "train.threads": 1, "train.device": "cpu", "output.log_every": 1000, **LONG}
+    env = {**os.environ, **ENV, "PIPELINE_OUT": str(tmp_path / "runs")}
+    r = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--gres=gpu:0",
+                        str(REPO / "sbatch/min_project.sh"), str(REPO / "configs/base.yaml"),
+                        *[f"{k}={v}" for k, v in settings.items()]],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    try:
+        wait_until("the first epoch", lambda: (bool(list((tmp_path / "runs").glob("*/progress.json"))),
+                                               sacct(job)), timeout=300, every=0.5)
+        subprocess.run(["scancel", "--signal=USR2", "--batch", job], check=True, timeout=30)
+        (run,) = list_runs(tmp_path / "runs")
+        wait_done(run, job, timeout=600)
+    finally:
+        cancel_all([job])
+    log = run.log.read_text()
+    assert "received SIGUSR2" in log and f"job {job} requeued" in log and "resuming from" in log, log
+    assert run.read_metrics("train")["status"] == "done" and restarts(job) >= 1
