@@ -133,7 +133,7 @@ def test_plain_sbatch_script_checkpoints_and_requeues_on_sigusr2(tmp_path, synth
     settings = {"model.name": "resnet20", "data.name": "synthetic", "data.root": str(synthetic_root),
                 "train.threads": 1, "train.device": "cpu", "output.log_every": 1000, **LONG}
     env = {**os.environ, **ENV, "PIPELINE_OUT": str(tmp_path / "runs")}
-    r = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--gres=gpu:0",
+    r = subprocess.run(["sbatch", "--parsable",
                         str(REPO / "sbatch/min_project.sh"), str(REPO / "configs/base.yaml"),
                         *[f"{k}={v}" for k, v in settings.items()]],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
