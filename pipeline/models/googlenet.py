@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models._init import init_weights
+
 __all__ = ["ConvBNReLU", "GoogLeNet", "Inception", "googlenet"]
 
 
@@ -102,12 +104,7 @@ class GoogLeNet(nn.Module):
         self.inception5b = block("5b")
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(1024, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models._init import init_weights
+
 __all__ = ["ConvBNReLU", "Residual", "ResNet9", "resnet9"]
 
 
@@ -53,12 +55,7 @@ class ResNet9(nn.Module):
         self.fc = nn.Linear(512, num_classes, bias=False)
         # The original scales logits down so the untuned softmax starts soft.
         self.logit_scale = logit_scale
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))

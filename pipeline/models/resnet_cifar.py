@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models._init import init_weights
+
 __all__ = [
     "BasicBlock",
     "CifarResNet",
@@ -85,12 +87,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._stage(32, 64, n, 2, shortcut)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, n: int, stride: int, shortcut: str) -> nn.Sequential:
