@@ -135,3 +135,11 @@ def test_repo_sweep_files_expand(repo):
     for path in sorted((repo / "sweeps").glob("*.yaml")):
         runs = expand_sweep(read_sweep(path), cwd=repo)
         assert runs, path
+
+
+def test_auto_cluster_falls_back_to_local_without_a_slurm_controller(monkeypatch, tmp_path):
+    from pipeline import launch
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, no srun: a laptop
+    assert not launch.slurm_controller_answers()
+    assert launch.resolve_cluster("auto") == "local"
+    assert launch.resolve_cluster("slurm") == "slurm"
