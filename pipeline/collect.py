@@ -2,7 +2,8 @@
 
 Prints a markdown table and writes ``results.md`` and ``results.csv`` into the sweep folder. Columns:
 the swept values, then training loss, train best acc, val loss, val best acc, test acc, status.
-Unfinished runs show their status in place of numbers. Torch-free.
+Unfinished runs show their status in place of numbers. Also writes TensorBoard HParams into each run's
+tb/ folder (pipeline/tb_hparams.py), so ``tensorboard --logdir <out>/<sweep>`` shows the same table. Torch-free.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def collect(sweep_dir: Path) -> tuple[str, str]:
     text = to_csv(raw_header, raw_body)
     atomic_write_text(sweep_dir / "results.md", md)
     atomic_write_text(sweep_dir / "results.csv", text)
+    from pipeline.tb_hparams import write_hparams
+    try:
+        write_hparams(sweep_dir, keys, records)  # after the tables: they never wait on TensorBoard
+    except ImportError as e:  # tensorboard missing: only the optional TensorBoard view is lost
+        print(f"warning: no TensorBoard HParams written ({e})", file=sys.stderr)
     return md, text
 
 
@@ -128,6 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     md, _ = collect(args.sweep_dir)
     con.print(md, markup=False, highlight=False, soft_wrap=True)
     con.print(f"wrote {args.sweep_dir / 'results.md'} and {args.sweep_dir / 'results.csv'}")
+    from pipeline.tb_hparams import HPARAMS_FILE
+    runs = list_runs(args.sweep_dir)
+    n = sum((r.tensorboard / HPARAMS_FILE).is_file() for r in runs)
+    if n:
+        con.print(f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard --logdir "
+                  f"{args.sweep_dir} (restart a running TensorBoard to see changes)",
+                  markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
