@@ -9,13 +9,15 @@ and collect/status (read them). Torch-free.
         metrics/<stage>.json one file per finished stage; its existence means "skip this stage"
         checkpoints/last.pt  written atomically every epoch
         tb/                  TensorBoard event files
-        archive/<time>/      what --rerun moved aside (nothing is deleted)
+        archive/<time>/      what --rerun moved aside (nothing is deleted; tb/ packed as tb.tar)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -136,7 +138,15 @@ class RunDir:
             dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
         dest.mkdir(parents=True)
         for p in movable:
-            os.replace(p, dest / p.name)
+            if p == self.tensorboard:
+                # packed, so `tensorboard --logdir <sweep>` does not show old attempts as extra runs
+                tmp = dest / ".tb.tar.tmp"
+                with tarfile.open(tmp, "w") as tar:
+                    tar.add(p, arcname=p.name)
+                os.replace(tmp, dest / "tb.tar")
+                shutil.rmtree(p)
+            else:
+                os.replace(p, dest / p.name)
         return dest
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -159,6 +160,18 @@ set: {{model.name: resnet20, data.name: synthetic, data.root: {data}}}
     assert run.read_metrics("train")["status"] == "done"
     (archived,) = (run.path / "archive").iterdir()  # the failed attempt is kept, not deleted
     assert json.loads((archived / "metrics/train.json").read_text())["status"] == "failed"
+    assert (archived / "run.log").exists()
+
+    # --rerun all: the finished attempt moves aside too, its TensorBoard files packed out of TensorBoard's
+    # sight (an unpacked copy inside the sweep folder would show as one more run)
+    events = sorted(p.name for p in run.tensorboard.iterdir())
+    rerun = sweep(str(spec), "--cluster", "local", "--wait", "--rerun", "all", "--out", str(out), *TINY,
+                  cwd=tmp_path)
+    assert rerun.returncode == 0 and run.read_metrics("train")["status"] == "done"
+    second = max((run.path / "archive").iterdir())
+    with tarfile.open(second / "tb.tar") as tar:
+        assert sorted(Path(n).name for n in tar.getnames() if n != "tb") == events
+    assert not list((run.path / "archive").rglob("*tfevents*"))
 
 
 def test_debug_cluster_runs_in_the_sweep_process(tmp_path, synthetic_root):
