@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from pipeline import cli
 from pipeline.config import COMMAND_LINE, ConfigError
-from pipeline.rundir import RunDir, atomic_write_text, list_runs
+from pipeline.rundir import atomic_write_text, list_runs
 
 # (column title, metrics/train.json key, formatter)
 METRIC_COLUMNS: list[tuple[str, str, str]] = [

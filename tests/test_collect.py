@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 
 from pipeline.collect import collect
-from pipeline.rundir import RunDir, atomic_write_json
+from pipeline.rundir import atomic_write_json
 from pipeline.sweep import expand_sweep, read_sweep, write_run
 from tests.conftest import run_cli
 

@@ -3,7 +3,6 @@ kind of bad input (exit code 2 at the command line, nothing written)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@ on a real signal and its exact resume, and 2-process data-parallel (gloo) traini
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
