@@ -135,7 +135,7 @@ class EpochResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dist:
     """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""
     rank: int = 0
