@@ -38,6 +38,13 @@ def synthetic_root(tmp_path_factory) -> Path:
     return root
 
 
+def write(path: Path, text: str) -> Path:
+    """Write a text file, making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
 def tree_snapshot(path: Path) -> dict[str, float]:
     """Every file under ``path`` with its modification time (to prove nothing was written)."""
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}

@@ -21,7 +21,7 @@ from pipeline import cli, launch
 from pipeline.config import (COMMAND_LINE, ConfigError, Layer, absolutize_paths, compose, file_layer,
                              from_run_file, load_config, run_id, to_yaml)
 from pipeline.sweep import SweepSpec, expand_sweep, plan, read_sweep, write_run
-from tests.conftest import REPO, run_cli, tree_snapshot
+from tests.conftest import REPO, run_cli, tree_snapshot, write
 
 AXIS = 10
 BIG = f"""
@@ -54,12 +54,6 @@ variants:
   - {data.root: rel/data, slurm.mem_gb: 3, slurm.account: "123", train.compile: "yes",
      output.tensorboard: off}
 """
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 @pytest.fixture

@@ -9,13 +9,7 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.sweep import expand_sweep, read_sweep
-from tests.conftest import run_cli, tree_snapshot
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+from tests.conftest import run_cli, tree_snapshot, write
 
 
 @pytest.fixture
