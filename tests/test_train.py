@@ -155,3 +155,24 @@ def test_compiled_training_runs_and_learns_like_eager(tmp_path, synthetic_root):
     assert mb["status"] == "done" and a.id != b.id
     # same data, init and steps: fused kernels change rounding, not the training
     assert mb["train_loss"] == pytest.approx(ma["train_loss"], rel=0.05)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_and_grad_scaler_branch_of_the_training_step(amp_dtype):
+    """The low-precision branch of train_one_epoch (autocast, GradScaler, unscale + clipping) driven on
+    the CPU with a tiny model: on a GPU the same lines run with CUDA autocast (no GPU here to run them)."""
+    from pipeline.data import DeviceLoader, Split
+    from pipeline.models import build_model
+    from pipeline.train import EpochResult, train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    split = Split(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,)))
+    loader = DeviceLoader(split, 8, mean=(0.5,) * 3, std=(0.25,) * 3, augment=True, shuffle=True)
+    opt = build_optimizer(load_config([], ["optim.lr=0.01"]).optim, model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    res = train_one_epoch(model, loader, opt, scaler=scaler, amp_dtype=amp_dtype, grad_clip=1.0)
+    assert isinstance(res, EpochResult) and res.steps == 2 and res.images == 16
+    assert torch.isfinite(torch.tensor(res.loss)) and scaler.get_scale() > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
