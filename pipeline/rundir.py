@@ -28,15 +28,17 @@ STAGES = ("train",)  # in order; later stages are appended here as they are buil
 FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
+    """Write to a temporary file in the same folder, fsync (unless the caller syncs many files at once
+    later), then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

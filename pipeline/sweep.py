@@ -258,19 +258,9 @@ def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) 
 
 
 def _write(path: Path, text: str, unsynced: list[Path] | None) -> None:
-    if unsynced is None:
-        atomic_write_text(path, text)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    unsynced.append(path)
+    atomic_write_text(path, text, fsync=unsynced is None)
+    if unsynced is not None:
+        unsynced.append(path)
 
 
 def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
