@@ -7,6 +7,8 @@ folders say, so a job that died without writing a result still shows as failed. 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -63,7 +65,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             state = "running" if job_state in ("RUNNING", "COMPLETING") else "pending"
             if job_state == "RUNNING" and entry.get("cluster") == "local" and files == "pending":
                 state = "pending"  # a local slot that has not reached this run yet
-        elif job_state.split()[0] in FAILED_JOB_STATES if job_state else False:
+        elif job_state and job_state.split()[0] in FAILED_JOB_STATES:
             state = "failed"
         elif files == "running" or job_state == "COMPLETED":
             state = "stopped"      # started, not finished, no job alive: submit the sweep again to resume
@@ -131,8 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cancel(sweep_dir: Path, con: Console) -> int:
-    import os
-    import signal
     states = run_states(sweep_dir)
     live = [s for s in states if s.state in ("pending", "running") and s.job_id]
     slurm = sorted({s.job_id for s in live if s.job_state})
