@@ -122,14 +122,63 @@ class TrainConfig:
     sync_bn: bool = True                         # data-parallel on GPUs: BatchNorm statistics over all ranks
 
 
+PRUNE_METHODS = ("none", "unstructured", "structured")
+QUANT_METHODS = ("none", "int8", "qat", "fp16")
+LR_SCHEDULES = ("constant", "step", "cosine", "onecycle")
+
+
 @dataclass
 class PruneConfig:
-    method: str = _choice("none", "none")        # filled by the pruning stage
+    # none | unstructured (magnitude, per weight; zeros give no speed with dense kernels, but compress)
+    # | structured (whole channels removed with torch-pruning: fewer parameters and MACs, faster)
+    method: str = _choice("none", *PRUNE_METHODS)
+    sparsity: float = _num(0.5, min=0.0, max=1.0)   # final fraction of weights (unstructured) or of
+    # channels per layer (structured) removed; must be < 1
+    initial_sparsity: float = _num(0.0, min=0.0, max=1.0)  # unstructured, polynomial: sparsity at begin
+    schedule: str = _choice("polynomial", "constant", "polynomial")  # unstructured: constant = the final
+    # sparsity from the first pruning step on; polynomial = Zhu & Gupta 2017, rising from
+    # initial_sparsity to sparsity between begin and end
+    power: float = _num(3.0, min=0.0, min_exclusive=True)  # exponent of the polynomial schedule
+    begin: float = _num(0.0, min=0.0, max=1.0)     # first pruning update, fraction of the pruning steps
+    end: float = _num(0.75, min=0.0, max=1.0)      # last pruning update (final sparsity from here on)
+    frequency: int = _num(100, min=1)              # optimizer steps between mask updates
+    during: str = _choice("finetune", "train", "finetune")  # train: the schedule runs inside the training
+    # stage from scratch; finetune: the prune stage starts from the trained model and fine-tunes
+    scope: str = _choice("global", "global", "layer")  # unstructured: one magnitude threshold over all
+    # pruned tensors, or the same sparsity in each
+    dense_first_last: bool = True                  # leave the first conv and the classifier unpruned
+    importance: str = _choice("l2", "l1", "l2")    # structured: channel importance, L1 or L2 magnitude
+    round_to: int = _num(8, min=1)                 # structured: kept channels a multiple of this (fast
+    # kernels); on 16-channel layers 8 can remove far more than the ratio: the real widths are reported
+    iterative_steps: int = _num(1, min=1)          # structured: prune in this many steps (importance
+    # recomputed after each), all before fine-tuning
+    epochs: int = _num(10, min=0)                  # finetune: fine-tuning epochs after pruning
+    lr: float = _num(0.01, min=0.0, min_exclusive=True)  # finetune: peak learning rate (optim.name's
+    # optimizer, momentum and weight decay)
+    lr_schedule: str = _choice("cosine", *LR_SCHEDULES)  # finetune: learning-rate schedule
+    warmup_epochs: float = _num(0.0, min=0.0)      # finetune: linear warm-up, epochs
 
 
 @dataclass
 class QuantConfig:
-    method: str = _choice("none", "none")        # filled by the quantization stage
+    # none | int8 (post-training static int8: torch.export + torchao PT2E, x86 inductor quantizer, CPU
+    # inference) | qat (quantization-aware fine-tuning, then int8) | fp16 (half weights, GPU inference)
+    method: str = _choice("none", *QUANT_METHODS)
+    calib_batches: int = _num(16, min=1)           # int8: un-augmented training batches for calibration
+    epochs: int = _num(2, min=0)                   # qat: fine-tuning epochs with fake quantization (>= 1)
+    lr: float = _num(1e-3, min=0.0, min_exclusive=True)  # qat: peak learning rate (cosine to 0)
+
+
+@dataclass
+class MeasureConfig:
+    enabled: bool = True                           # measure every model of the run (metrics/measure.json)
+    latency_repeats: int = _num(50, min=1)         # batch-1 forwards timed per model (median reported)
+    throughput_batch: int = _num(256, min=1)       # images per forward for throughput
+    throughput_repeats: int = _num(5, min=1)       # large-batch forwards timed per model (median)
+    warmup: int = _num(3, min=1)                   # untimed forwards first, per model and batch size
+    compile: bool = True                           # int8: inductor-compiled (the fast path); fp32 also
+    # measured compiled for a fair baseline
+    threads: int = _num(0, min=0)                  # CPU threads; 0 = as for training
 
 
 @dataclass
@@ -168,6 +217,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -379,6 +429,26 @@ def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None 
         fail("schedule.milestones", f"must be increasing fractions of training in (0, 1), got {list(ms)}.")
     if flat["schedule.warmup_epochs"] >= flat["train.epochs"]:
         fail("schedule.warmup_epochs", f"must be shorter than train.epochs ({flat['train.epochs']}).")
+    for key in ("prune.sparsity", "prune.initial_sparsity"):
+        if flat[key] >= 1:
+            fail(key, f"must be in [0, 1) (a fraction of the weights removed), got {flat[key]}.")
+    if flat["prune.method"] != "none":
+        if flat["prune.begin"] > flat["prune.end"]:
+            fail("prune.begin", f"must not be after prune.end ({flat['prune.end']}): both are fractions of "
+                 f"the pruning steps, got {flat['prune.begin']}.")
+        if flat["prune.method"] == "unstructured" and flat["prune.schedule"] == "polynomial" \
+                and flat["prune.initial_sparsity"] > flat["prune.sparsity"]:
+            fail("prune.initial_sparsity", f"must not exceed prune.sparsity ({flat['prune.sparsity']}), "
+                 f"got {flat['prune.initial_sparsity']}.")
+        if flat["prune.method"] == "structured" and flat["prune.during"] == "train":
+            fail("prune.during", "structured pruning removes channels from a trained model: allowed value "
+                 "with prune.method=structured: finetune.")
+        if flat["prune.during"] == "finetune" and flat["prune.warmup_epochs"] and \
+                flat["prune.warmup_epochs"] >= flat["prune.epochs"]:
+            fail("prune.warmup_epochs", f"must be shorter than prune.epochs ({flat['prune.epochs']}).")
+    if flat["quant.method"] == "qat" and flat["quant.epochs"] < 1:
+        fail("quant.epochs", "quant.method=qat fine-tunes with fake quantization: must be >= 1, got "
+             f"{flat['quant.epochs']}.")
     ranks = flat["slurm.nodes"] * flat["slurm.tasks_per_node"]
     if flat["train.batch_size"] % ranks:
         fail("train.batch_size", f"must be divisible by the number of data-parallel ranks "
