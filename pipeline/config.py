@@ -446,6 +446,9 @@ def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None 
         if flat["prune.during"] == "finetune" and flat["prune.warmup_epochs"] and \
                 flat["prune.warmup_epochs"] >= flat["prune.epochs"]:
             fail("prune.warmup_epochs", f"must be shorter than prune.epochs ({flat['prune.epochs']}).")
+    if flat["quant.method"] == "qat" and flat["slurm.nodes"] * flat["slurm.tasks_per_node"] > 1:
+        fail("quant.method", "qat fine-tunes an exported program in one process: use slurm.nodes=1 and "
+             "slurm.tasks_per_node=1 with it, or quant.method=int8.")
     if flat["quant.method"] == "qat" and flat["quant.epochs"] < 1:
         fail("quant.epochs", "quant.method=qat fine-tunes with fake quantization: must be >= 1, got "
              f"{flat['quant.epochs']}.")

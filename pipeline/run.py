@@ -21,14 +21,11 @@ from pipeline.rundir import STAGES, RunDir, atomic_write_json, atomic_write_text
 
 EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
 
-# stage name -> "module:function"; each function is ``stage(run, cfg) -> metrics`` with a "status" key
-STAGE_FUNCTIONS = {"train": "pipeline.train:train_stage"}
-
 log = logging.getLogger("pipeline")
 
 
 def _stage_function(stage: str) -> Callable[..., dict[str, Any]]:
-    module, _, fn = STAGE_FUNCTIONS[stage].partition(":")
+    module, _, fn = STAGES[stage].partition(":")
     return getattr(importlib.import_module(module), fn)
 
 

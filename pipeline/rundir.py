@@ -7,8 +7,9 @@ and collect/status (read them). Torch-free.
         run.log              the job's log, appended across restarts
         progress.json        epoch x/y and best val acc so far, rewritten every epoch
         metrics/<stage>.json one file per finished stage; its existence means "skip this stage"
-        checkpoints/last.pt  written atomically every epoch
-        tb/                  TensorBoard event files
+        checkpoints/         last.pt (training), prune.pt, qat.pt: written atomically every epoch
+        models/              trained.pt, pruned.pt, int8.pt2, fp16.pt: every model the run made
+        tb/                  TensorBoard event files (tb/prune, tb/qat: fine-tunes; tb/sparsity: by step)
         archive/<time>/      what --rerun moved aside (nothing is deleted; tb/ packed as tb.tar)
 """
 
@@ -24,7 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STAGES = ("train",)  # in order; later stages are appended here as they are built
+# The stages of every run, in order: name -> "module:function", each ``stage(run, cfg) -> metrics``
+# (a dict with a "status" key), imported only inside the job.
+STAGES: dict[str, str] = {
+    "train": "pipeline.train:train_stage",
+    "prune": "pipeline.stages:prune_stage",
+    "quantize": "pipeline.stages:quantize_stage",
+    "measure": "pipeline.stages:measure_stage",
+}
+# What each stage writes besides metrics/<stage>.json (relative to the run folder): ``--rerun failed``
+# moves aside the files of the failed stage and of those after it, and keeps the earlier ones.
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    "train": ("checkpoints/last.pt", "models/trained.pt", "tb", "progress.json"),
+    "prune": ("checkpoints/prune.pt", "models/pruned.pt", "tb/prune"),
+    "quantize": ("checkpoints/qat.pt", "models/int8.pt2", "models/fp16.pt", "tb/qat"),
+    "measure": (),
+}
 FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
 
 
@@ -96,6 +112,10 @@ class RunDir:
     def tensorboard(self) -> Path:
         return self.path / "tb"
 
+    @property
+    def models(self) -> Path:
+        return self.path / "models"
+
     def metrics_path(self, stage: str) -> Path:
         return self.metrics_dir / f"{stage}.json"
 
@@ -116,21 +136,40 @@ class RunDir:
 
         'running' means started and not finished: the job may be alive, or dead and resumable.
         """
+        started = self.progress.exists()
         for stage in STAGES:
             m = self.read_metrics(stage)
             if m is None:
-                return "running" if self.progress.exists() else "pending"
+                return "running" if started else "pending"
             if m.get("status") != "done":
                 return str(m.get("status", "failed"))
+            started = True
         return "done"
+
+    def stage_statuses(self) -> dict[str, str | None]:
+        """Each stage's recorded status (None: not finished yet)."""
+        return {stage: (m.get("status", "failed") if (m := self.read_metrics(stage)) is not None else None)
+                for stage in STAGES}
+
+    def failed_stage(self) -> str | None:
+        """The first stage whose record says failed, if any."""
+        return next((s for s, st in self.stage_statuses().items() if st == "failed"), None)
 
     def is_finished(self) -> bool:
         return self.status() in FINAL_STATUSES
 
-    def archive(self) -> Path | None:
-        """Move every result aside into archive/<UTC time>/ so the run starts afresh; keeps config."""
-        movable = [p for p in (self.metrics_dir, self.checkpoints, self.tensorboard, self.progress, self.log)
-                   if p.exists()]
+    def archive(self, from_stage: str | None = None) -> Path | None:
+        """Move results aside into archive/<UTC time>/ so the run starts again; keeps config.yaml.
+
+        Without ``from_stage`` everything goes (a fresh start). With it, only that stage's and the later
+        stages' records, models, checkpoints and TensorBoard folders: what came before stays and is not
+        redone. Nothing is deleted (tb/ is packed as tb.tar)."""
+        if from_stage is None:
+            movable = [self.metrics_dir, self.checkpoints, self.models, self.tensorboard, self.progress, self.log]
+        else:
+            stages = list(STAGES)[list(STAGES).index(from_stage):]
+            movable = [self.metrics_path(s) for s in stages] + [self.path / f for s in stages for f in STAGE_FILES[s]]
+        movable = [p for p in dict.fromkeys(movable) if p.exists()]
         if not movable:
             return None
         dest = self.path / "archive" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -140,15 +179,18 @@ class RunDir:
             dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
         dest.mkdir(parents=True)
         for p in movable:
-            if p == self.tensorboard:
+            rel = p.relative_to(self.path)
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if p.is_dir() and rel.parts[0] == "tb":
                 # packed, so `tensorboard --logdir <sweep>` does not show old attempts as extra runs
-                tmp = dest / ".tb.tar.tmp"
+                tmp = target.parent / f".{target.name}.tar.tmp"
                 with tarfile.open(tmp, "w") as tar:
                     tar.add(p, arcname=p.name)
-                os.replace(tmp, dest / "tb.tar")
+                os.replace(tmp, target.parent / f"{target.name}.tar")
                 shutil.rmtree(p)
             else:
-                os.replace(p, dest / p.name)
+                os.replace(p, target)
         return dest
 
 

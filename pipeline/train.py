@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from pipeline.artifacts import TRAINED, arch_of, atomic_torch_save, save_model
 from pipeline.models import build_model
 from pipeline.rundir import RunDir, atomic_write_json
 
@@ -70,8 +71,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # Optimizers and schedules
 # --------------------------------------------------------------------------------------------------
 
-def build_optimizer(optim: DictConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    name, lr, wd = optim.name, float(optim.lr), float(optim.weight_decay)
+def build_optimizer(optim: DictConfig, params: Iterable[nn.Parameter], lr: float | None = None
+                    ) -> torch.optim.Optimizer:
+    """The optimizer of ``optim`` (optim.lr unless ``lr`` is given: fine-tuning phases have their own)."""
+    name, wd = optim.name, float(optim.weight_decay)
+    lr = float(optim.lr) if lr is None else float(lr)
     if name in ("sgd", "nesterov"):
         return torch.optim.SGD(params, lr=lr, momentum=float(optim.momentum), weight_decay=wd,
                                nesterov=name == "nesterov")
@@ -160,8 +164,21 @@ def _any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def set_mode(model: nn.Module, training: bool) -> None:
+    """model.train(training); exported programs (QAT) cannot switch modes that way and carry their own
+    switch as ``pipeline_set_mode``."""
+    switch = getattr(model, "pipeline_set_mode", None)
+    if switch is not None:
+        switch(training)
+        return
+    try:
+        model.train(training)
+    except NotImplementedError:  # a loaded exported program: inference only, nothing to switch
+        pass
+
+
 def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, *,
-                    set_lr: Callable[[int], None] | None = None, scaler: torch.amp.GradScaler | None = None,
+                    set_lr: Callable[[int], None] | None = None, after_step: Callable[[int], None] | None = None, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
                     label_smoothing: float = 0.0, log_every: int = 0, start_step: int = 0,
                     carry: EpochResult | None = None, should_stop: Callable[[], bool] | None = None,
@@ -170,11 +187,12 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
     ``carry`` (the sums of the steps before it). Sums stay on the device: no host sync per step except
     every ``log_every`` steps, where a non-finite loss ends the epoch early (the caller sees NaN), and
     the ``should_stop`` poll after each step (agreed over ranks), which ends it with ``stopped=True``.
+    ``after_step(step)`` runs after every optimizer step (pruning re-applies its masks there).
 
     With several ranks each rank's loss is its sum over its images times world_size / (images in the
     global batch), so DDP's gradient average equals one process's mean over the whole global batch.
     """
-    model.train()
+    set_mode(model, True)
     device = next(model.parameters()).device
     res = EpochResult(**{**vars(carry), "stopped": False}) if carry is not None else EpochResult()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -205,6 +223,8 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             if grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
+        if after_step is not None:
+            after_step(step)
         n = y.shape[0]
         loss_sum += loss.detach().double() * (1 if dist.enabled else n)
         correct += (out.detach().argmax(1) == y).sum()
@@ -229,29 +249,30 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | None = None,
-             max_batches: int | None = None) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 accuracy over ``loader`` (or its first ``max_batches``)."""
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    top1 = torch.zeros((), device=device, dtype=torch.int64)
-    top5 = torch.zeros((), device=device, dtype=torch.int64)
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *,
+             amp_dtype: torch.dtype | None = None, max_batches: int | None = None) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 accuracy over ``loader`` (or its first ``max_batches``). ``model`` may
+    be any callable (an exported int8 program, a compiled function); sums stay on the batches' device."""
+    if isinstance(model, nn.Module):
+        set_mode(model, False)
+    loss_sum = top1 = top5 = None
     seen = 0
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        with autocast(device, amp_dtype):
+        with autocast(x.device, amp_dtype):
             out = model(x)
         out = out.float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
         k = min(5, out.shape[1])
-        pred = out.topk(k, dim=1).indices
-        hit = pred == y[:, None]
-        top1 += hit[:, 0].sum()
-        top5 += hit.any(dim=1).sum()
+        hit = out.topk(k, dim=1).indices == y[:, None]
+        batch = (F.cross_entropy(out, y, reduction="sum").double(), hit[:, 0].sum(), hit.any(dim=1).sum())
+        if loss_sum is None:
+            loss_sum, top1, top5 = batch
+        else:
+            loss_sum, top1, top5 = loss_sum + batch[0], top1 + batch[1], top5 + batch[2]
         seen += y.shape[0]
-    seen = max(seen, 1)
+    if loss_sum is None:
+        return {"loss": float("nan"), "acc": 0.0, "top5": 0.0}
     return {"loss": loss_sum.item() / seen, "acc": top1.item() / seen, "top5": top5.item() / seen}
 
 
@@ -260,14 +281,9 @@ def evaluate(model: nn.Module, loader: Iterable, *, amp_dtype: torch.dtype | Non
 # --------------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save to a temporary file beside ``path``, then rename: a kill never leaves half a file.
+    ``state`` holds only tensors and plain containers, so it loads with ``weights_only=True``."""
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -276,7 +292,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} exists but cannot be loaded ({e}); move it away to "
                            "start this run again from scratch") from e
@@ -376,14 +392,23 @@ def build_for_training(cfg: DictConfig, num_classes: int, device: torch.device) 
     return model
 
 
-def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume) the run's model; returns the metrics written to metrics/train.json.
 
-    Raises :class:`pipeline.preempt.Preempted` after saving a mid-epoch checkpoint when a stop signal
-    arrives. With several ranks every rank calls this; only rank 0 writes files.
-    """
-    from pipeline.preempt import STOP, Preempted
 
+@dataclass
+class Context:
+    """What every stage that trains or evaluates shares: device, ranks, precision and the loaders."""
+    cfg: DictConfig
+    device: torch.device
+    dist: Dist
+    amp_dtype: torch.dtype | None
+    data: Any
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+
+
+def setup(cfg: DictConfig) -> Context:
+    """Threads, device, data-parallel group and loaders of a run (every rank calls this)."""
     _set_threads(cfg)
     dist = dist_from_env()
     device = resolve_device(cfg.train.device)
@@ -392,34 +417,72 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         torch.cuda.set_device(device)
     init_distributed(dist, device)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
-    epochs = int(cfg.train.epochs)
-
     data, train_loader, val_loader, test_loader = make_loaders(cfg, device, dist)
-    model = build_for_training(cfg, data.num_classes, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(cfg.optim, model.parameters())
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return Context(cfg, device, dist, amp_dtype, data, train_loader, val_loader, test_loader)
 
-    ckpt_path = run.checkpoints / "last.pt"
-    ckpt = load_checkpoint(ckpt_path)
+
+@dataclass
+class Phase:
+    """One training loop over a model: the training itself, a pruning fine-tune, a QAT fine-tune.
+
+    Each has its own checkpoint file (resumed exactly, mid-epoch included), its own TensorBoard folder
+    (epochs on the x axis) and learning rate; ``pruner`` (an unstructured
+    :class:`pipeline.compress.unstructured.MagnitudePruner`) re-applies its masks after every optimizer
+    step, its state travels in the checkpoint and its sparsity goes to ``<tb>/../sparsity`` by step.
+    """
+    name: str
+    epochs: int
+    lr: float
+    schedule: DictConfig
+    checkpoint: Path
+    tensorboard: Path | None
+    pruner: Any = None
+    sparsity_tensorboard: Path | None = None
+
+
+@dataclass
+class FitResult:
+    status: str                       # done | diverged
+    history: list[dict[str, float]]
+    elapsed_s: float
+    diverged_epoch: int | None = None
+    sparsity: list[dict[str, float]] = field(default_factory=list)  # (step, target, overall) per update
+
+
+def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[str, Any] | None = None
+        ) -> FitResult:
+    """Train ``model`` for ``phase.epochs`` epochs (resuming from ``ckpt``, a loaded ``phase.checkpoint``,
+    when given), validating after every epoch; raises :class:`pipeline.preempt.Preempted` after a
+    mid-epoch checkpoint when a stop signal arrives. With several ranks every rank calls this; only
+    rank 0 writes files."""
+    from pipeline.preempt import STOP, Preempted
+
+    cfg, device, dist, amp_dtype = ctx.cfg, ctx.device, ctx.dist, ctx.amp_dtype
+    train_loader, val_loader = ctx.train_loader, ctx.val_loader
+    epochs, steps = phase.epochs, len(train_loader)
+    optimizer = build_optimizer(cfg.optim, [p for p in model.parameters() if p.requires_grad], lr=phase.lr)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    pruner = phase.pruner
+
     history: list[dict[str, float]] = []
+    sparsity_log: list[dict[str, float]] = []
     start_epoch, start_step, carry, elapsed = 0, 0, None, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if pruner is not None and ckpt.get("pruner") is not None:
+            pruner.load_state_dict(ckpt["pruner"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         start_epoch, history, elapsed = int(ckpt["epoch"]), list(ckpt["history"]), float(ckpt["elapsed_s"])
+        sparsity_log = list(ckpt.get("sparsity_log") or [])
         start_step = int(ckpt.get("step", 0))
         carry = EpochResult(**ckpt["partial"]) if ckpt.get("partial") else None
-        log.info("resuming from %s at epoch %d/%d, step %d", ckpt_path, start_epoch + 1, epochs, start_step)
-    else:
-        log.info("training %s (%.2fM params) on %s for %d epochs, %d train / %d val / %d test images, "
-                 "device %s, %d rank(s)", cfg.model.name, n_params / 1e6, cfg.data.name, epochs,
-                 len(data.train.labels), len(data.val.labels), len(data.test.labels), device, dist.world_size)
+        log.info("%s: resuming from %s at epoch %d/%d, step %d", phase.name, phase.checkpoint, start_epoch + 1,
+                 epochs, start_step)
 
     train_model: nn.Module = model
     if dist.enabled:
@@ -427,49 +490,70 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
             train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
+    if cfg.train.compile and getattr(model, "pipeline_set_mode", None) is None:
         train_model = torch.compile(train_model)
 
-    writer = None
+    writer = sparsity_writer = None
     if cfg.output.tensorboard and dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
         # purge_step drops scalars logged after the checkpoint we resumed from (a kill between the
-        # two writes), so curves never hold the same epoch twice
-        writer = SummaryWriter(str(run.tensorboard), purge_step=start_epoch + 1 if ckpt is not None else None)
+        # two writes), so curves never hold the same epoch (or step) twice
+        if phase.tensorboard is not None:
+            writer = SummaryWriter(str(phase.tensorboard), purge_step=start_epoch + 1 if ckpt is not None else None)
+        if pruner is not None and phase.sparsity_tensorboard is not None:
+            sparsity_writer = SummaryWriter(str(phase.sparsity_tensorboard),
+                                            purge_step=start_epoch * steps + start_step + 1 if ckpt else None)
 
     def checkpoint(epoch_done: int, step: int = 0, partial: EpochResult | None = None) -> None:
         if dist.is_main:
-            save_checkpoint(ckpt_path, {
+            save_checkpoint(phase.checkpoint, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
+                "pruner": pruner.state_dict() if pruner is not None else None,
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "epoch": epoch_done, "step": step, "partial": vars(partial) if partial else None,
-                "history": history, "elapsed_s": elapsed,
+                "history": history, "elapsed_s": elapsed, "sparsity_log": sparsity_log,
             })
         if dist.enabled:
             torch.distributed.barrier()
 
-    peak_lr, steps = float(cfg.optim.lr), len(train_loader)
+    peak_lr = float(phase.lr)
     status, diverged_epoch = "done", None
     for epoch in range(start_epoch, epochs):
         first_step = start_step if epoch == start_epoch else 0
         train_loader.set_epoch(epoch, first_step)
 
         def set_lr(step: int, _epoch: int = epoch) -> None:
-            lr = peak_lr * lr_factor(cfg.schedule, _epoch + step / max(steps, 1), epochs)
+            lr = peak_lr * lr_factor(phase.schedule, _epoch + step / max(steps, 1), epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-        res = train_one_epoch(train_model, train_loader, optimizer, set_lr=set_lr, scaler=scaler,
-                              amp_dtype=amp_dtype, grad_clip=float(cfg.optim.grad_clip),
+        after_step = None
+        if pruner is not None:
+            def after_step(step: int, _epoch: int = epoch) -> None:
+                global_step = _epoch * steps + step
+                target = pruner.step(global_step)
+                if target is not None:
+                    rep = pruner.report()
+                    sparsity_log.append({"step": global_step + 1, "target": float(target),
+                                         "overall": float(rep["overall"])})
+                    if sparsity_writer is not None:
+                        sparsity_writer.add_scalar("sparsity/target", target, global_step + 1)
+                        sparsity_writer.add_scalar("sparsity/overall", rep["overall"], global_step + 1)
+                        for name, value in rep["layers"].items():
+                            sparsity_writer.add_scalar(f"sparsity/layer/{name}", value, global_step + 1)
+
+        res = train_one_epoch(train_model, train_loader, optimizer, set_lr=set_lr, after_step=after_step,
+                              scaler=scaler, amp_dtype=amp_dtype, grad_clip=float(cfg.optim.grad_clip),
                               label_smoothing=float(cfg.train.label_smoothing),
                               log_every=int(cfg.output.log_every), start_step=first_step,
                               carry=carry if epoch == start_epoch else None, should_stop=lambda: bool(STOP),
                               dist=dist)
         if res.stopped:  # the partial epoch's sums (its seconds included) travel in the checkpoint
             checkpoint(epoch, res.steps, res)
-            log.warning("stopped at epoch %d step %d/%d; checkpoint saved", epoch + 1, res.steps, steps)
+            log.warning("%s: stopped at epoch %d step %d/%d; checkpoint saved", phase.name, epoch + 1, res.steps,
+                        steps)
             raise Preempted(STOP.signum or 0)
         epoch_seconds = res.seconds  # includes the part before a mid-epoch restart
         elapsed += epoch_seconds
@@ -477,31 +561,47 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         train_loss, train_acc = loss_sum / max(images, 1), correct / max(images, 1)
         if not math.isfinite(train_loss):
             status, diverged_epoch = "diverged", epoch + 1
-            log.warning("epoch %d: training loss is %s; stopping this run as diverged", epoch + 1, train_loss)
+            log.warning("%s epoch %d: training loss is %s; stopping this run as diverged", phase.name, epoch + 1,
+                        train_loss)
             break
         val = evaluate(model, val_loader, amp_dtype=amp_dtype)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
                "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
                "images_per_s": images / max(epoch_seconds, 1e-9)}
+        if pruner is not None:
+            row["sparsity"] = float(pruner.report()["overall"])
         history.append(row)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s",
-                 epoch + 1, epochs, train_loss, train_acc, val["loss"], val["acc"], row["images_per_s"])
+        log.info("%sepoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s%s",
+                 "" if phase.name == "train" else f"{phase.name} ", epoch + 1, epochs, train_loss, train_acc,
+                 val["loss"], val["acc"], row["images_per_s"],
+                 f"  sparsity {row['sparsity']:.3f}" if "sparsity" in row else "")
         if writer is not None:
-            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
-                writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key,
-                                  row[key], epoch + 1)
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "sparsity"):
+                if key in row:
+                    writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key,
+                                      row[key], epoch + 1)
             writer.flush()
+        if sparsity_writer is not None:
+            sparsity_writer.flush()
         checkpoint(epoch + 1)
         if dist.is_main:
             atomic_write_json(run.progress, {
-                "epoch": epoch + 1, "epochs": epochs, "val_acc_best": max(h["val_acc"] for h in history),
+                "stage": phase.name, "epoch": epoch + 1, "epochs": epochs,
+                "val_acc_best": max(h["val_acc"] for h in history),
                 "train_loss": train_loss, "elapsed_s": elapsed, "updated": time.time()})
 
-    if writer is not None:
-        writer.close()
+    for w in (writer, sparsity_writer):
+        if w is not None:
+            w.close()
+    return FitResult(status, history, elapsed, diverged_epoch, sparsity_log)
+
+
+def history_metrics(result: FitResult) -> dict[str, Any]:
+    """The table figures of a finished loop: last losses, best accuracies, speed, time."""
+    history = result.history
     last = history[-1] if history else {}
-    metrics: dict[str, Any] = {
-        "status": status,
+    return {
+        "status": result.status,
         "epochs": len(history),
         "train_loss": last.get("train_loss"),
         "train_acc_best": max((h["train_acc"] for h in history), default=None),
@@ -509,16 +609,63 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         "val_acc_best": max((h["val_acc"] for h in history), default=None),
         "test_loss": None, "test_acc": None, "test_top5": None,
         "images_per_s": (sum(h["images_per_s"] for h in history) / len(history)) if history else None,
-        "train_time_s": elapsed,
-        "params": n_params,
-        "device": str(device),
-        "precision": cfg.train.precision,
-        "world_size": dist.world_size,
+        "train_time_s": result.elapsed_s,
     }
-    if status == "diverged":
-        metrics["diverged_epoch"] = diverged_epoch
+
+
+def evaluate_test(model: nn.Module, ctx: Context) -> dict[str, float]:
+    test = evaluate(model, ctx.test_loader, amp_dtype=ctx.amp_dtype)
+    return {"test_loss": test["loss"], "test_acc": test["acc"], "test_top5": test["top5"]}
+
+
+def unstructured_pruner(model: nn.Module, cfg: DictConfig, total_steps: int) -> Any:
+    """The magnitude pruner of ``prune.*`` over ``total_steps`` optimizer steps."""
+    from pipeline.compress.unstructured import MagnitudePruner
+
+    p = cfg.prune
+    return MagnitudePruner(model, scope=str(p.scope), dense_first_last=bool(p.dense_first_last),
+                           schedule=str(p.schedule), final=float(p.sparsity), initial=float(p.initial_sparsity),
+                           begin=float(p.begin), end=float(p.end), power=float(p.power),
+                           frequency=int(p.frequency), total_steps=total_steps)
+
+
+def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume) the run's model; returns the metrics written to metrics/train.json and saves
+    the trained model as models/trained.pt. With ``prune.during: train`` the sparsity schedule runs
+    inside this loop, from scratch.
+
+    Raises :class:`pipeline.preempt.Preempted` after saving a mid-epoch checkpoint when a stop signal
+    arrives. With several ranks every rank calls this; only rank 0 writes files.
+    """
+    ctx = setup(cfg)
+    epochs = int(cfg.train.epochs)
+    model = build_for_training(cfg, ctx.data.num_classes, ctx.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    phase = Phase("train", epochs, float(cfg.optim.lr), cfg.schedule, run.checkpoints / "last.pt",
+                  run.tensorboard)
+    if cfg.prune.method == "unstructured" and cfg.prune.during == "train":
+        phase.pruner = unstructured_pruner(model, cfg, epochs * len(ctx.train_loader))
+        phase.sparsity_tensorboard = run.tensorboard / "sparsity"
+    ckpt = load_checkpoint(phase.checkpoint)
+    if ckpt is None:
+        log.info("training %s (%.2fM params) on %s for %d epochs, %d train / %d val / %d test images, "
+                 "device %s, %d rank(s)", cfg.model.name, n_params / 1e6, cfg.data.name, epochs,
+                 len(ctx.data.train.labels), len(ctx.data.val.labels), len(ctx.data.test.labels), ctx.device,
+                 ctx.dist.world_size)
+    result = fit(model, ctx, phase, run, ckpt)
+    metrics = history_metrics(result)
+    metrics.update(params=n_params, device=str(ctx.device), precision=cfg.train.precision,
+                   world_size=ctx.dist.world_size)
+    if phase.pruner is not None:
+        rep = phase.pruner.report()
+        metrics.update(sparsity=rep["overall"], sparsity_target=float(cfg.prune.sparsity),
+                       sparsity_layers=rep["layers"], sparsity_log=result.sparsity)
+    if result.status == "diverged":
+        metrics["diverged_epoch"] = result.diverged_epoch
         return metrics
-    test = evaluate(model, test_loader, amp_dtype=amp_dtype)
-    metrics.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"])
-    log.info("test acc %.4f  top-5 %.4f", test["acc"], test["top5"])
+    metrics.update(evaluate_test(model, ctx))
+    log.info("test acc %.4f  top-5 %.4f", metrics["test_acc"], metrics["test_top5"])
+    if ctx.dist.is_main:
+        save_model(run.models / TRAINED, model, arch_of(cfg, ctx.data.num_classes),
+                   extra={"stage": "train", "test_acc": metrics["test_acc"]})
     return metrics

@@ -1,0 +1,207 @@
+"""The stages after training: ``prune_stage``, ``quantize_stage``, ``measure_stage`` (each
+``stage(run, cfg) -> metrics``, listed in :data:`pipeline.rundir.STAGES`).
+
+They reuse the training stage's pieces (:func:`pipeline.train.setup`, :func:`pipeline.train.fit`,
+:func:`pipeline.train.evaluate`, the loaders), so a fine-tune is as deterministic, checkpointed,
+stoppable and exactly resumable as training. A stage whose method is ``none`` records that and costs
+nothing. Every model a stage makes is written under ``<run>/models/`` (:mod:`pipeline.artifacts`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pipeline.artifacts import FP16, INT8, PRUNED, TRAINED, arch_of, build_from_arch, load_model, save_model
+from pipeline.rundir import RunDir
+from pipeline.train import (Phase, evaluate, evaluate_test, fit, history_metrics, load_checkpoint, setup,
+                            unstructured_pruner)
+
+log = logging.getLogger("pipeline.stages")
+
+
+def _skipped(method: str) -> dict[str, Any]:
+    return {"status": "done", "method": method}
+
+
+def _to_device(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+
+
+def _weights(model: nn.Module) -> dict[str, int]:
+    """Parameters and non-zero parameters."""
+    params = list(model.parameters())
+    return {"params": sum(p.numel() for p in params), "nonzero_params": sum(int(p.count_nonzero()) for p in params)}
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+# --------------------------------------------------------------------------------------------------
+# prune
+# --------------------------------------------------------------------------------------------------
+
+def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
+    """Prune the trained model (``prune.method``) and fine-tune it (``prune.epochs``); saves
+    models/pruned.pt. With ``prune.during: train`` the training stage already pruned: its model is
+    the pruned one and this stage only records its sparsity."""
+    p = cfg.prune
+    if p.method == "none":
+        return _skipped("none")
+    from pipeline.compress.unstructured import weight_sparsity
+    from pipeline.models import count_macs
+
+    trained, info = load_model(run.models / TRAINED)
+    if p.during == "train":
+        sp = weight_sparsity(trained)
+        return {"status": "done", "method": str(p.method), "during": "train", "model": f"models/{TRAINED}",
+                "sparsity": sp["overall"], "sparsity_target": float(p.sparsity), "sparsity_layers": sp["layers"],
+                **_weights(trained)}
+
+    ctx = setup(cfg)
+    arch = info["arch"]
+    before = {**_weights(trained), "macs": count_macs(trained), "widths": _widths(trained)}
+    ckpt_path = run.checkpoints / "prune.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    epochs = int(p.epochs)
+    torch.manual_seed(int(cfg.train.seed) + 1)  # the fine-tune's own, reproducible random stream
+    pruner = None
+    if p.method == "structured":
+        if ckpt is not None:  # resume: the checkpoint's shapes are the pruned architecture
+            model = build_from_arch(arch, ckpt["model"])
+        else:
+            from pipeline.compress.structured import prune_structured
+            model = copy.deepcopy(trained)
+            example = torch.zeros(2, 3, 32, 32)
+            prune_structured(model, ratio=float(p.sparsity), importance=str(p.importance), round_to=int(p.round_to),
+                             iterative_steps=int(p.iterative_steps), example_input=example)
+        model = _to_device(model, cfg, ctx.device)
+    else:
+        model = _to_device(trained, cfg, ctx.device)
+        pruner = unstructured_pruner(model, cfg, epochs * len(ctx.train_loader))
+        if epochs == 0:
+            pruner.prune_to(float(p.sparsity))
+
+    schedule = OmegaConf.merge(cfg.schedule, {"name": str(p.lr_schedule), "warmup_epochs": float(p.warmup_epochs)})
+    phase = Phase("prune", epochs, float(p.lr), schedule, ckpt_path, run.tensorboard / "prune", pruner,
+                  run.tensorboard / "prune" / "sparsity")
+    result = fit(model, ctx, phase, run, ckpt)
+    metrics: dict[str, Any] = history_metrics(result)
+    sp = weight_sparsity(model)
+    after = {**_weights(model), "macs": count_macs(model), "widths": _widths(model)}
+    metrics.update(method=str(p.method), during="finetune", sparsity=sp["overall"], sparsity_target=float(p.sparsity),
+                   sparsity_layers=sp["layers"], params=after["params"], nonzero_params=after["nonzero_params"],
+                   macs=after["macs"], params_before=before["params"], macs_before=before["macs"],
+                   widths={k: [before["widths"][k], v] for k, v in after["widths"].items() if k in before["widths"]},
+                   trained_test_acc=info.get("extra", {}).get("test_acc"))
+    if result.sparsity:
+        metrics["sparsity_log"] = result.sparsity
+    if result.status == "diverged":
+        metrics["diverged_epoch"] = result.diverged_epoch
+        return metrics
+    metrics.update(evaluate_test(model, ctx))
+    log.info("pruned (%s, %.2f): %d -> %d params, %d -> %d nonzero, test acc %.4f", p.method, p.sparsity,
+             before["params"], after["params"], before["nonzero_params"], after["nonzero_params"],
+             metrics["test_acc"])
+    if ctx.dist.is_main:
+        save_model(run.models / PRUNED, model, arch, extra={"stage": "prune", "test_acc": metrics["test_acc"],
+                                                            "method": str(p.method)})
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# quantize
+# --------------------------------------------------------------------------------------------------
+
+def source_model_file(run: RunDir, cfg: DictConfig) -> str:
+    """The model the later stages start from: the pruned one when pruning made one, else the trained."""
+    if cfg.prune.method != "none" and cfg.prune.during == "finetune":
+        return PRUNED
+    return TRAINED
+
+
+def _cpu_loaders(cfg: DictConfig):
+    """(data, calibration loader, test loader) on the CPU, un-augmented: int8 is built for CPU inference."""
+    from pipeline import data as data_mod
+    from pipeline.train import make_loaders
+
+    cpu = torch.device("cpu")
+    d, _, _, test = make_loaders(cfg, cpu)
+    calib = data_mod.DeviceLoader(d.train, int(cfg.train.batch_size), device=cpu, augment=False, shuffle=True,
+                                  seed=int(cfg.train.seed), channels_last=bool(cfg.train.channels_last),
+                                  mean=d.mean, std=d.std)
+    calib.set_epoch(0)
+    return d, calib, test
+
+
+def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
+    """int8 (post-training static, PT2E), qat (quantization-aware fine-tune, then int8) or fp16, of the
+    pruned model when pruning ran, else of the trained one. int8 targets CPU inference: it is built and
+    evaluated on the CPU, also in a GPU job."""
+    q = cfg.quant
+    if q.method == "none":
+        return _skipped("none")
+    from pipeline.compress import quantize as qz
+    source = source_model_file(run, cfg)
+    model, info = load_model(run.models / source)
+    arch = info["arch"]
+    metrics: dict[str, Any] = {"status": "done", "method": str(q.method), "source": f"models/{source}",
+                               "source_test_acc": info.get("extra", {}).get("test_acc")}
+    if q.method == "fp16":
+        half = copy.deepcopy(model).half()
+        save_model(run.models / FP16, half, arch, extra={"stage": "quantize", "method": "fp16"})
+        metrics.update(model=f"models/{FP16}", **qz.file_sizes(run.models / FP16))
+        if torch.cuda.is_available():
+            ctx = setup(cfg)
+            metrics.update(evaluate_test(_to_device(half, cfg, ctx.device), ctx), device=str(ctx.device))
+        return metrics
+
+    d, calib, test = _cpu_loaders(cfg)
+    example = next(iter(test))[0][:2]
+    if q.method == "int8":
+        batches = [x for i, (x, _) in zip(range(int(q.calib_batches)), calib)]
+        model = _to_device(model, cfg, torch.device("cpu"))
+        gm = qz.quantize_int8(model, batches, example)
+        metrics["calib_batches"] = len(batches)
+    else:  # qat
+        ctx = setup(cfg)
+        model = _to_device(model, cfg, ctx.device)
+        train_example = next(iter(ctx.test_loader))[0][:2]
+        torch.manual_seed(int(cfg.train.seed) + 2)
+        prepared = qz.prepare_qat(model, train_example)
+        prepared.pipeline_set_mode = lambda training: qz.set_exported_mode(prepared, training)
+        ckpt_path = run.checkpoints / "qat.pt"
+        schedule = OmegaConf.merge(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
+        phase = Phase("qat", int(q.epochs), float(q.lr), schedule, ckpt_path, run.tensorboard / "qat")
+        result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path))
+        metrics.update({f"qat_{k}": v for k, v in history_metrics(result).items() if k != "status"})
+        if result.status == "diverged":
+            return {**metrics, "status": "diverged", "diverged_epoch": result.diverged_epoch}
+        gm = qz.convert_qat(prepared.to("cpu"))
+    path = run.models / INT8
+    sizes = qz.save_int8(gm, path, example)
+    int8 = qz.load_int8(path)  # evaluate what is on disk, not what is in memory
+    test_scores = evaluate(int8, test)
+    metrics.update(model=f"models/{INT8}", test_loss=test_scores["loss"], test_acc=test_scores["acc"],
+                   test_top5=test_scores["top5"], **sizes)
+    log.info("%s: test acc %.4f (source %s), file %d bytes", q.method, metrics["test_acc"],
+             metrics["source_test_acc"], sizes.get("raw", 0))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# measure
+# --------------------------------------------------------------------------------------------------
+
+def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
+    """Every model of the run measured side by side (pipeline.compress.measure)."""
+    if not cfg.measure.enabled:
+        return {"status": "done", "method": "none"}
+    return {"status": "done", "method": "none"}  # TODO: pipeline.compress.measure
