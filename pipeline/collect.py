@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from pipeline import cli
 from pipeline.config import COMMAND_LINE, ConfigError
-from pipeline.rundir import atomic_write_text, list_runs
+from pipeline.rundir import STAGES, atomic_write_text, list_runs
 
 # (column title, metrics/train.json key, formatter)
 METRIC_COLUMNS: list[tuple[str, str, str]] = [
@@ -45,8 +45,8 @@ def gather(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     records = []
     for run in runs:
         meta = run.read_meta()
-        metrics = run.read_metrics("train") or {}
-        records.append({"id": run.id, "swept": meta.get("swept", {}), "metrics": metrics,
+        stages = {stage: run.read_metrics(stage) or {} for stage in STAGES}
+        records.append({"id": run.id, "swept": meta.get("swept", {}), "metrics": stages["train"], "stages": stages,
                         "status": run.status(), "progress": run.read_progress(), "log": str(run.log)})
     keys = list(dict.fromkeys(k for r in records for k in r["swept"]))
     records.sort(key=lambda r: ([str(r["swept"].get(k, "")) for k in keys], r["id"]))
@@ -59,17 +59,21 @@ def rows(keys: list[str], records: list[dict[str, Any]], *, raw: bool = False) -
     out = []
     for r in records:
         row = [r["id"]] + [cli.fmt(r["swept"].get(k, "")) for k in keys]
-        finished = r["status"] in ("done", "diverged")
+        finished = r["metrics"].get("status") in ("done", "diverged")  # training's figures, once it ended
         for _, key, kind in METRIC_COLUMNS:
             value = r["metrics"].get(key) if finished else None
             row.append(("" if value is None else repr(value)) if raw else _format(value, kind))
         status = r["status"]
         if status == "running" and r["progress"]:
-            status = f"running (epoch {r['progress'].get('epoch')}/{r['progress'].get('epochs')})"
+            stage = r["progress"].get("stage", "train")
+            status = (f"running ({'' if stage == 'train' else stage + ', '}epoch {r['progress'].get('epoch')}/"
+                      f"{r['progress'].get('epochs')})")
         elif status == "diverged" and r["metrics"].get("diverged_epoch"):
             status = f"diverged (epoch {r['metrics']['diverged_epoch']})"
         elif status == "failed":
-            status = f"failed (log {r['log']})" if not raw else "failed"
+            stage = next((k for k, m in r["stages"].items() if m.get("status") == "failed"), None)
+            where = f"{stage} stage; " if stage and stage != "train" else ""
+            status = f"failed ({where}log {r['log']})" if not raw else "failed"
         row.append(status)
         out.append(row)
     return header, out

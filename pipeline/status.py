@@ -73,6 +73,11 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             state = "pending" if not job_id else "stopped"
         progress = run.read_progress()
         epoch = f"{progress['epoch']}/{progress['epochs']}" if progress else ""
+        stage = progress.get("stage", "train") if progress else "train"
+        if epoch and stage != "train":
+            epoch = f"{stage} {epoch}"
+        if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
+            epoch = f"{failed} stage failed"
         out.append(RunState(run, state, job_id, job_state, epoch, progress.get("val_acc_best"),
                             progress.get("elapsed_s")))
     return out

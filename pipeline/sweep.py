@@ -207,6 +207,7 @@ class Decision:
     run: PlannedRun
     action: str          # new | resume | rerun | skip-done | skip-failed | skip-active
     note: str = ""
+    from_stage: str | None = None  # rerun: the first stage redone (None: all of them)
 
 
 def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None,
@@ -220,8 +221,12 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None,
         status = rd.status()
         if r.id in active_ids:
             decisions.append(Decision(r, "skip-active", "job still queued or running"))
-        elif rerun == "all" or (rerun == "failed" and status == "failed"):
+        elif rerun == "all":
             decisions.append(Decision(r, "rerun", f"was {status}"))
+        elif rerun == "failed" and status == "failed":
+            stage = rd.failed_stage()
+            decisions.append(Decision(r, "rerun", f"{stage} failed; redo from it" if stage else "was failed",
+                                      from_stage=stage))
         elif status in ("done", "diverged"):
             decisions.append(Decision(r, "skip-done", status))
         elif status == "failed":
@@ -253,7 +258,7 @@ def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) 
     for d in decisions:
         rd = write_run(sweep_dir, spec, d.run, unsynced)
         if d.action == "rerun":
-            rd.archive()
+            rd.archive(d.from_stage)
     sync_files(unsynced)
 
 

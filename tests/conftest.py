@@ -92,3 +92,11 @@ def slurm_cluster() -> None:
     if r is None or r.returncode != 0 or not ok_after:
         pytest.fail(f"the local Slurm cluster is not usable and tests/slurm/start.sh did not bring it up.\n"
                     f"before: {seen}\nafter: {seen_after}\nstart.sh: {output}", pytrace=False)
+
+
+def write_done(run, train_metrics: dict) -> None:
+    """Record a finished run by hand: the training's metrics, and every later stage as method none."""
+    from pipeline.rundir import STAGES
+    run.write_metrics("train", train_metrics)
+    for stage in list(STAGES)[1:]:
+        run.write_metrics(stage, {"status": "done", "method": "none"})

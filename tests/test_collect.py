@@ -7,7 +7,7 @@ import csv
 from pipeline.collect import collect
 from pipeline.rundir import atomic_write_json
 from pipeline.sweep import expand_sweep, read_sweep, write_run
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_done
 
 
 def make_sweep(tmp_path, repo):
@@ -26,7 +26,7 @@ def finished(status: str, **extra):
 
 def test_table_shows_numbers_for_finished_runs_and_status_for_the_rest(tmp_path, repo):
     sweep_dir, runs = make_sweep(tmp_path, repo)
-    runs["sgd"].write_metrics("train", finished("done"))
+    write_done(runs["sgd"], finished("done"))
     runs["adam"].write_metrics("train", finished("diverged", diverged_epoch=2, test_acc=None))
     runs["adamw"].write_metrics("train", {"status": "failed", "error": "RuntimeError: boom"})
     atomic_write_json(runs["nesterov"].progress, {"epoch": 1, "epochs": 3, "val_acc_best": 0.5})

@@ -15,7 +15,7 @@ from pipeline.collect import collect
 from pipeline.rundir import atomic_write_json, list_runs
 from pipeline.sweep import expand_sweep, read_sweep, write_run
 from pipeline.tb_hparams import HPARAMS_FILE, METRIC_TAG, METRICS
-from tests.conftest import REPO
+from tests.conftest import REPO, write_done
 
 KEYS = ["optim.name", "optim.lr"]
 
@@ -47,11 +47,11 @@ def sweep(tmp_path, repo):
     (r,) = expand_sweep(old, cwd=tmp_path)
     runs["adamw"] = write_run(sweep_dir, old, r)
 
-    runs["sgd", 0.1].write_metrics("train", finished("done"))
+    write_done(runs["sgd", 0.1], finished("done"))
     runs["sgd", 0.05].write_metrics("train", finished("diverged", diverged_epoch=2, test_acc=None, test_top5=None))
     runs["adam", 0.1].write_metrics("train", {"status": "failed", "error": "RuntimeError: boom"})
     atomic_write_json(runs["adam", 0.05].progress, {"epoch": 1, "epochs": 3, "val_acc_best": 0.5})
-    runs["adamw"].write_metrics("train", finished("done", test_acc=0.5))
+    write_done(runs["adamw"], finished("done", test_acc=0.5))
 
     from torch.utils.tensorboard import SummaryWriter
     w = SummaryWriter(str(runs["sgd", 0.1].tensorboard))
@@ -116,7 +116,7 @@ def test_hparams_per_run_match_meta_and_metrics_and_leave_training_files_alone(s
         [(METRIC_TAG.format(m), m) for m in METRICS]
 
     running = runs["adam", 0.05]  # finishes: its file is replaced, still one, now with metrics
-    running.write_metrics("train", finished("done"))
+    write_done(running, finished("done"))
     collect(sweep_dir)
     assert [p.name for p in running.tensorboard.iterdir()] == [HPARAMS_FILE]
     hparams, status, metrics, _ = read_tb(running.tensorboard)
