@@ -44,7 +44,7 @@ def short_keys(keys: Sequence[str]) -> dict[str, str]:
     out = {}
     for k in keys:
         parts = k.split(".")
-        if parts[-1] == "name" and len(parts) > 1:  # optim.name reads better as "optim"
+        if parts[-1] in ("name", "method") and len(parts) > 1:  # optim.name reads better as "optim"
             parts = parts[:-1]
         n = 1
         while n < len(parts) and sum(1 for o in keys if o.split(".")[-n:] == parts[-n:]) > 1:

@@ -68,6 +68,11 @@ def execute(run_dir: str | Path) -> str:
             done = run.read_metrics(stage)
             if done is not None:
                 if done.get("status") != "done":
+                    if done.get("status") == "failed":
+                        log.warning("run %s: the %s stage failed before (%s); it is not retried on its own: "
+                                    "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
+                                    "redoes it once the cause is fixed", run.id, stage,
+                                    done.get("error", "no reason recorded"), run.path)
                     return str(done.get("status"))
                 continue
             log.info("run %s: stage %s", run.id, stage)
@@ -141,8 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value settings (with a config file only)")
     p.add_argument("--out", type=Path, default=Path("runs/single"),
                    help="with a config file: where its run folder goes (default runs/single)")
+    p.add_argument("--rerun", default=None, help="failed: redo the failed stage and those after it; all: "
+                   "start again from scratch (old results are moved to <run>/archive/, never deleted)")
     args = p.parse_intermixed_args(argv)
     with cli.exit_on_config_error():
+        if args.rerun is not None and args.rerun not in ("failed", "all"):
+            raise ConfigError(COMMAND_LINE, f"'{args.rerun}' is not allowed. Allowed values: failed, all.",
+                              key="--rerun")
         if args.target.is_dir():
             if args.overrides:
                 raise ConfigError(COMMAND_LINE, "a run folder's config is fixed; pass a config file to "
@@ -153,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from_run_file(run.config)
         else:
             run = prepare_single(args.target, args.overrides, args.out)
+    if args.rerun == "all":
+        run.archive()
+    elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
+        run.archive(stage)
     status = execute(run.path)
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")
     return {"done": 0, "diverged": 0, "preempted": EXIT_PREEMPTED}.get(status, 1)
