@@ -1,0 +1,1 @@
+"""Model compression: magnitude (unstructured) and channel (structured) pruning."""
