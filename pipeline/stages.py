@@ -60,10 +60,12 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
 
     trained, info = load_model(run.models / TRAINED)
     if p.during == "train":
-        sp = weight_sparsity(trained)
+        train = run.read_metrics("train") or {}
         return {"status": "done", "method": str(p.method), "during": "train", "model": f"models/{TRAINED}",
-                "sparsity": sp["overall"], "sparsity_target": float(p.sparsity), "sparsity_layers": sp["layers"],
-                **_weights(trained)}
+                "sparsity": train.get("sparsity"), "sparsity_target": float(p.sparsity),
+                "sparsity_layers": train.get("sparsity_layers"),
+                "weight_sparsity": weight_sparsity(trained)["sparsity"], **_weights(trained),
+                "test_acc": train.get("test_acc"), "test_top5": train.get("test_top5")}
 
     ctx = setup(cfg)
     arch = info["arch"]
@@ -94,10 +96,15 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
                   run.tensorboard / "prune" / "sparsity")
     result = fit(model, ctx, phase, run, ckpt)
     metrics: dict[str, Any] = history_metrics(result)
-    sp = weight_sparsity(model)
     after = {**_weights(model), "macs": count_macs(model), "widths": _widths(model)}
-    metrics.update(method=str(p.method), during="finetune", sparsity=sp["overall"], sparsity_target=float(p.sparsity),
-                   sparsity_layers=sp["layers"], params=after["params"], nonzero_params=after["nonzero_params"],
+    if pruner is not None:  # the pruned tensors' sparsity (the target), per layer, and over all weights
+        rep = pruner.report()
+        metrics.update(sparsity=rep["sparsity"], sparsity_layers=rep["layers"],
+                       weight_sparsity=weight_sparsity(model)["sparsity"])
+    else:  # channels removed: the fraction of parameters gone
+        metrics.update(sparsity=1 - after["params"] / before["params"])
+    metrics.update(method=str(p.method), during="finetune", sparsity_target=float(p.sparsity),
+                   params=after["params"], nonzero_params=after["nonzero_params"],
                    macs=after["macs"], params_before=before["params"], macs_before=before["macs"],
                    widths={k: [before["widths"][k], v] for k, v in after["widths"].items() if k in before["widths"]},
                    trained_test_acc=info.get("extra", {}).get("test_acc"))

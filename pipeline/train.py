@@ -537,10 +537,10 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
                 if target is not None:
                     rep = pruner.report()
                     sparsity_log.append({"step": global_step + 1, "target": float(target),
-                                         "overall": float(rep["overall"])})
+                                         "overall": float(rep["sparsity"])})
                     if sparsity_writer is not None:
                         sparsity_writer.add_scalar("sparsity/target", target, global_step + 1)
-                        sparsity_writer.add_scalar("sparsity/overall", rep["overall"], global_step + 1)
+                        sparsity_writer.add_scalar("sparsity/overall", rep["sparsity"], global_step + 1)
                         for name, value in rep["layers"].items():
                             sparsity_writer.add_scalar(f"sparsity/layer/{name}", value, global_step + 1)
 
@@ -569,7 +569,7 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
                "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
                "images_per_s": images / max(epoch_seconds, 1e-9)}
         if pruner is not None:
-            row["sparsity"] = float(pruner.report()["overall"])
+            row["sparsity"] = float(pruner.report()["sparsity"])
         history.append(row)
         log.info("%sepoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s%s",
                  "" if phase.name == "train" else f"{phase.name} ", epoch + 1, epochs, train_loss, train_acc,
@@ -658,7 +658,7 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
                    world_size=ctx.dist.world_size)
     if phase.pruner is not None:
         rep = phase.pruner.report()
-        metrics.update(sparsity=rep["overall"], sparsity_target=float(cfg.prune.sparsity),
+        metrics.update(sparsity=rep["sparsity"], sparsity_target=float(cfg.prune.sparsity),
                        sparsity_layers=rep["layers"], sparsity_log=result.sparsity)
     if result.status == "diverged":
         metrics["diverged_epoch"] = result.diverged_epoch
