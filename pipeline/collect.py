@@ -13,7 +13,7 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline import cli
 from pipeline.config import COMMAND_LINE, ConfigError
@@ -29,9 +29,55 @@ METRIC_COLUMNS: list[tuple[str, str, str]] = [
 ]
 
 
+def _measured(r: dict[str, Any], model: str, key: str) -> Any:
+    """A figure of one model of a run from metrics/measure.json (None when not measured)."""
+    for entry in r["stages"].get("measure", {}).get("models") or []:
+        if isinstance(entry, dict) and entry.get("name") == model:
+            return entry.get(key)
+    return None
+
+
+def _stage(r: dict[str, Any], stage: str, key: str) -> Any:
+    m = r["stages"].get(stage) or {}
+    return m.get(key) if m.get("status") == "done" and m.get("method", "none") != "none" else None
+
+
+def _quant_acc(r: dict[str, Any]) -> Any:
+    return _stage(r, "quantize", "test_acc") if _stage(r, "quantize", "method") in ("int8", "qat") else None
+
+
+def _quant_size(r: dict[str, Any]) -> Any:
+    return _measured(r, "int8", "file_bytes") or (_stage(r, "quantize", "raw") if _quant_acc(r) is not None else None)
+
+
+# The compression stages' key figures, shown when any run of the sweep prunes or quantizes:
+# (column title, CSV key, value of a record, formatter). The full compression table is collect's own report.
+COMPRESSION_COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], Any], str]] = [
+    ("sparsity", "sparsity", lambda r: _stage(r, "prune", "sparsity"), "pct"),
+    ("pruned acc", "pruned_test_acc",
+     lambda r: _stage(r, "prune", "test_acc") if _stage(r, "prune", "during") == "finetune" else None, "pct"),
+    ("int8 acc", "int8_test_acc", _quant_acc, "pct"),
+    ("fp32 size", "fp32_bytes", lambda r: _measured(r, "trained", "file_bytes"), "bytes"),
+    ("int8 size", "int8_bytes", _quant_size, "bytes"),
+    ("int8 gzip", "int8_gzip_bytes", lambda r: _measured(r, "int8", "file_gzip_bytes") or
+     (_stage(r, "quantize", "gzip") if _quant_acc(r) is not None else None), "bytes"),
+    ("fp32 ms/img", "fp32_latency_ms", lambda r: _measured(r, "trained", "latency_b1_ms"), "ms"),
+    ("int8 ms/img", "int8_latency_ms", lambda r: _measured(r, "int8", "latency_b1_ms"), "ms"),
+]
+
+
+def _compresses(records: list[dict[str, Any]]) -> bool:
+    return any((r["stages"].get(s) or {}).get("method", "none") != "none" for r in records
+               for s in ("prune", "quantize"))
+
+
 def _format(value: Any, kind: str) -> str:
     if value is None:
         return ""
+    if kind == "bytes":
+        return f"{float(value) / 1e6:.2f} MB" if value >= 1e5 else f"{float(value) / 1e3:.1f} kB"
+    if kind == "ms":
+        return f"{float(value):.2f}"
     if kind == "pct":
         return f"{100 * float(value):.2f}%"
     if kind == "loss":
@@ -55,13 +101,16 @@ def gather(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 def rows(keys: list[str], records: list[dict[str, Any]], *, raw: bool = False) -> tuple[list[str], list[list[str]]]:
     titles = cli.short_keys(keys)
-    header = ["run"] + [titles[k] for k in keys] + [c[0] for c in METRIC_COLUMNS] + ["status"]
+    extra = COMPRESSION_COLUMNS if _compresses(records) else []
+    header = (["run"] + [titles[k] for k in keys] + [c[0] for c in METRIC_COLUMNS] + [c[0] for c in extra]
+              + ["status"])
     out = []
     for r in records:
         row = [r["id"]] + [cli.fmt(r["swept"].get(k, "")) for k in keys]
         finished = r["metrics"].get("status") in ("done", "diverged")  # training's figures, once it ended
-        for _, key, kind in METRIC_COLUMNS:
-            value = r["metrics"].get(key) if finished else None
+        values = [(r["metrics"].get(key) if finished else None, kind) for _, key, kind in METRIC_COLUMNS]
+        values += [(get(r), kind) for _, _, get, kind in extra]
+        for value, kind in values:
             row.append(("" if value is None else repr(value)) if raw else _format(value, kind))
         status = r["status"]
         if status == "running" and r["progress"]:
@@ -113,7 +162,8 @@ def collect(sweep_dir: Path) -> tuple[str, str]:
     md = markdown(header, body)
     raw_header, raw_body = rows(keys, records, raw=True)
     # CSV keeps full dotted keys and unrounded numbers, for plotting and papers
-    raw_header = ["run"] + keys + [c[1] for c in METRIC_COLUMNS] + ["status"]
+    extra = [c[1] for c in COMPRESSION_COLUMNS] if _compresses(records) else []
+    raw_header = ["run"] + keys + [c[1] for c in METRIC_COLUMNS] + extra + ["status"]
     text = to_csv(raw_header, raw_body)
     atomic_write_text(sweep_dir / "results.md", md)
     atomic_write_text(sweep_dir / "results.csv", text)
