@@ -208,7 +208,54 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
-    """Every model of the run measured side by side (pipeline.compress.measure)."""
-    if not cfg.measure.enabled:
-        return {"status": "done", "method": "none"}
-    return {"status": "done", "method": "none"}  # TODO: pipeline.compress.measure
+    """Every model of the run measured side by side in this one process (timing alternates between
+    them, :func:`pipeline.compress.measure.measure_artifacts`): test top-1/top-5, parameters and
+    non-zero parameters, MACs, file size raw and gzip, peak inference memory, latency at batch 1,
+    throughput, profiler CPU/CUDA time. CPU rows always (int8 is a CPU model); in a GPU job also CUDA
+    rows of the fp32, pruned and fp16 models."""
+    m = cfg.measure
+    if not m.enabled:
+        return _skipped("none")
+    from pipeline.compress.measure import Artifact, measure_artifacts
+    from pipeline.train import _set_threads
+
+    _set_threads(cfg)
+    threads = int(m.threads) or torch.get_num_threads()
+    channels_last = bool(cfg.train.channels_last)
+    compiled = bool(m.compile)
+    files = [("trained", run.models / TRAINED), ("pruned", run.models / PRUNED)]
+    artifacts: list[Artifact] = []
+    for name, path in files:
+        if path.is_file():
+            artifacts.append(Artifact.from_model_file(name, path, channels_last=channels_last, compile=compiled))
+    int8_path = run.models / INT8
+    if int8_path.is_file():
+        source, _ = load_model(run.models / source_model_file(run, cfg))
+        artifacts.append(Artifact.from_pt2("int8", int8_path, source=source, channels_last=channels_last,
+                                           compile=compiled))
+    if torch.cuda.is_available() and cfg.train.device != "cpu":
+        for name, path in [*files, ("fp16", run.models / FP16)]:
+            if path.is_file():
+                artifacts.append(Artifact.from_model_file(f"{name}-cuda", path, device="cuda",
+                                                          channels_last=channels_last, compile=compiled))
+    _, _, test = _cpu_loaders(cfg)
+    entries = measure_artifacts(artifacts, test, threads=threads, latency_repeats=int(m.latency_repeats),
+                                throughput_batch=int(m.throughput_batch),
+                                throughput_repeats=int(m.throughput_repeats), warmup=int(m.warmup))
+    for e in entries:
+        log.info("measure %-12s top-1 %.4f  %s bytes  %.3f ms/img (batch 1)  %s img/s (batch %d)", e["name"],
+                 e.get("test_top1") or 0, e.get("file_bytes"), e.get("latency_b1_ms") or float("nan"),
+                 f"{e['throughput_img_s']:.0f}" if e.get("throughput_img_s") else "-", int(m.throughput_batch))
+    return {"status": "done", "threads": threads, "compiled": compiled, "cpu": _cpu_name(),
+            "models": entries}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"

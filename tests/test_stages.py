@@ -89,9 +89,9 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     # measure: one entry per model, the same figures side by side
     by_name = {e["name"]: e for e in meas["models"]}
     assert set(by_name) == {"trained", "pruned", "int8"}
-    assert by_name["pruned"]["nonzero_params"] < 0.6 * by_name["trained"]["nonzero_params"]
+    assert by_name["pruned"]["nonzero_parameters"] < 0.6 * by_name["trained"]["nonzero_parameters"]
     assert by_name["int8"]["file_bytes"] == (run.models / "int8.pt2").stat().st_size
-    assert by_name["trained"]["top1"] == pytest.approx(train["test_acc"])
+    assert by_name["trained"]["test_top1"] == pytest.approx(train["test_acc"])
     # TensorBoard: the fine-tune's epochs and the sparsity of every mask update, read back
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc_tb = EventAccumulator(str(run.tensorboard / "prune" / "sparsity"))
