@@ -163,7 +163,7 @@ def test_collect_cli_writes_hparams_without_torch(sweep):
         "    runpy.run_module('pipeline.collect', run_name='__main__', alter_sys=True)\n"
         "except SystemExit as e:\n"
         "    assert not e.code, e.code\n"
-        "print('MODULES', ','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))))\n"
+        "print('MODULES', ','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'torchao', 'torch_pruning'))))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                        capture_output=True, text=True, timeout=120)

@@ -265,7 +265,7 @@ def test_login_node_commands_do_not_import_torch(finished, module):
         f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
         "except SystemExit as e:\n"
         "    rc = e.code or 0\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'torchao', 'torch_pruning'))\n"
         "print('RC', rc)\n"
         "print('HEAVY', ','.join(heavy))\n"
     )
