@@ -1,0 +1,115 @@
+"""Hostile and malformed input: crafted data files, odd encodings, duplicate YAML keys, odd override
+shapes, non-finite numbers, huge sweeps, unusable output folders and file permissions. Every case ends in
+a clear error naming the file or key (exit code 2 at the command line, no traceback) or in safe behaviour;
+nothing on disk is lost."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli, tree_snapshot, write
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Data files are unpickled with an allow-list of globals
+# --------------------------------------------------------------------------------------------------
+
+class _RunsCode:
+    """Unpickling this runs a shell command (what a crafted CIFAR batch would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _copy_data(src_root: Path, dst_root: Path) -> Path:
+    folder = dst_root / "synthetic-batches-py"
+    folder.mkdir(parents=True)
+    for p in (src_root / "synthetic-batches-py").iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    return folder
+
+
+def test_crafted_batch_is_refused_without_running_code(tmp_path, synthetic_root):
+    folder = _copy_data(synthetic_root, tmp_path / "data")
+    marker = tmp_path / "code-ran"
+    with (folder / "data_batch_3").open("wb") as f:
+        pickle.dump({"data": _RunsCode(marker), "labels": [0]}, f, protocol=2)
+    r = run_cli("pipeline.data", "info", "synthetic", "--root", str(tmp_path / "data"))
+    assert r.returncode == 2, r.stderr
+    assert not marker.exists()
+    err = " ".join(r.stderr.split())  # rich may wrap
+    assert "Traceback" not in r.stderr
+    assert str(folder / "data_batch_3") in err and "refused to load global 'posix.system'" in err, err
+
+
+@pytest.mark.parametrize("target", [eval, getattr, __import__, os.system])
+def test_read_cifar_pickle_refuses_every_other_global(tmp_path, target):
+    from pipeline.data import UnsafePickleError, read_cifar_pickle
+
+    class Crafted:
+        def __reduce__(self):
+            return target, ("1",)
+
+    p = tmp_path / "batches.meta"
+    p.write_bytes(pickle.dumps({"label_names": Crafted()}, protocol=4))
+    with pytest.raises(UnsafePickleError, match=f"{p}: refused to load global '.*{target.__name__}'"):
+        read_cifar_pickle(p)
+
+
+def test_codecs_encode_is_admitted_for_latin1_only(tmp_path):
+    import _codecs
+
+    from pipeline.data import read_cifar_pickle
+
+    class OtherCodec:
+        def __reduce__(self):
+            return _codecs.encode, ("x", "rot13")
+
+    p = tmp_path / "batches.meta"
+    p.write_bytes(pickle.dumps({"label_names": OtherCodec()}, protocol=2))
+    with pytest.raises(ValueError, match=f"{p}: not a readable CIFAR pickle.*only \\(str, 'latin1'\\)"):
+        read_cifar_pickle(p)
+
+
+def test_damaged_file_is_a_value_error_naming_it(tmp_path):
+    from pipeline.data import read_cifar_pickle
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({"data": b"x" * 100}, protocol=2)[:-20])
+    with pytest.raises(ValueError, match=f"{p}: not a readable CIFAR pickle"):
+        read_cifar_pickle(p)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_python3_pickles_of_every_protocol_still_read(tmp_path, protocol):
+    from pipeline.data import read_cifar_pickle
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({"data": data, "labels": [1, 2], "batch_label": "b", "filenames": ["a", "b"],
+                                b"bytes_key": b"v"}, protocol=protocol))
+    d = read_cifar_pickle(p)
+    assert np.array_equal(d["data"], data) and d["data"].dtype == np.uint8
+    assert d["labels"] == [1, 2] and d["filenames"] == ["a", "b"] and d["bytes_key"] == "v"
+
+
+def test_python2_style_and_synthetic_files_still_load(tmp_path, synthetic_root):
+    from pipeline.data import load_cifar, read_cifar_pickle
+    from tests.test_data import _Py2Pickler, _to_bytes  # Python-2 str opcodes, as in the real files
+
+    folder = _copy_data(synthetic_root, tmp_path)
+    for p in folder.iterdir():
+        obj = _to_bytes(read_cifar_pickle(p))
+        with p.open("wb") as f:
+            _Py2Pickler(f, protocol=2).dump(obj)
+    with (folder / "data_batch_1").open("rb") as f:  # what torchvision does with the real files
+        assert pickle.load(f, encoding="latin1")["data"].dtype == np.uint8
+    ref, got = load_cifar("synthetic", synthetic_root, val_size=10), load_cifar("synthetic", tmp_path, val_size=10)
+    assert np.array_equal(ref.train.images.numpy(), got.train.images.numpy())
+    assert ref.class_names == got.class_names
