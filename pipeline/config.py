@@ -304,12 +304,29 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 def read_yaml(path: str | os.PathLike) -> Any:
-    """Parse a YAML file; a missing file or a syntax error becomes a ConfigError naming the file."""
+    """Parse a UTF-8 YAML file; a missing, unreadable or binary file, another encoding or a syntax error
+    becomes a ConfigError naming the file (not a traceback)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(p, "file not found")
+    if not p.is_file():
+        raise ConfigError(p, "is a folder, not a YAML file" if p.is_dir() else
+                          "is not a regular file (a device, pipe or socket), not a YAML file")
     try:
-        return yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(p, f"cannot read the file: {e.strerror or e}") from None
+    if b"\0" in data:
+        raise ConfigError(p, "holds NUL bytes (a binary file, or UTF-16 text): config and sweep files must be "
+                          "UTF-8 YAML")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(p, f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): a binary file or "
+                          "another encoding such as latin-1; save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

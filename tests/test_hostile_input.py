@@ -113,3 +113,67 @@ def test_python2_style_and_synthetic_files_still_load(tmp_path, synthetic_root):
     ref, got = load_cifar("synthetic", synthetic_root, val_size=10), load_cifar("synthetic", tmp_path, val_size=10)
     assert np.array_equal(ref.train.images.numpy(), got.train.images.numpy())
     assert ref.class_names == got.class_names
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Binary, latin-1 and unreadable sweep and config files
+# --------------------------------------------------------------------------------------------------
+
+SWEEP = "name: s\nbase: [{base}]\ngrid: {{optim.lr: [0.1, 0.2]}}\n"
+
+
+def _assert_usage_error(r, *fragments: str) -> str:
+    """Exit code 2, no traceback, every fragment in the (unwrapped) error text; returns that text."""
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    write(tmp_path / "configs/base.yaml", "train: {epochs: 2}\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "holds NUL bytes"),
+    (b"\xff\xd8\xff\xe0\x10JFIF", "not UTF-8 text (byte 0xff on line 1)"),
+    ("name: caf\u00e9\nbase: [configs/base.yaml]\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 on line 1)"),
+], ids=["png", "jpeg", "latin-1"])
+@pytest.mark.parametrize("which", ["sweep", "base"])
+def test_binary_or_latin1_file_is_a_config_error(project, content, fragment, which):
+    bad = project / ("sweeps/s.yaml" if which == "sweep" else "configs/bad.yaml")
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(content)
+    sweep = bad if which == "sweep" else write(project / "sweeps/s.yaml", SWEEP.format(base="configs/bad.yaml"))
+    r = run_cli("pipeline.sweep", str(sweep), "--no-submit", "--out", str(project / "runs"), cwd=project)
+    _assert_usage_error(r, f"{bad}: {fragment}")
+    assert not (project / "runs").exists()
+
+
+def test_folder_given_as_the_sweep_file(project):
+    (project / "sweeps/s.yaml").mkdir(parents=True)
+    r = run_cli("pipeline.sweep", str(project / "sweeps/s.yaml"), "--dry-run", cwd=project)
+    _assert_usage_error(r, f"{project / 'sweeps/s.yaml'}: is a folder, not a YAML file")
+
+
+def test_base_file_that_cannot_be_read(project):
+    # /proc/self/mem is a regular file that fails to read (EIO at offset 0), even for root
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="/proc/self/mem"))
+    r = run_cli("pipeline.sweep", str(sweep), "--no-submit", "--out", str(project / "runs"), cwd=project)
+    _assert_usage_error(r, "/proc/self/mem: cannot read the file:")
+    assert not (project / "runs").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_sweep_file_without_read_permission(project):
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    sweep.chmod(0)
+    try:
+        r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
+    finally:
+        sweep.chmod(0o644)
+    _assert_usage_error(r, f"{sweep}: cannot read the file: Permission denied")
