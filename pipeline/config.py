@@ -303,6 +303,40 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 # Loading
 # --------------------------------------------------------------------------------------------------
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice (plain YAML keeps the last silently)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark):
+        self.key = key
+        self.where = (f"on lines {first.line + 1} and {again.line + 1}" if first.line != again.line else
+                      f"on line {first.line + 1} (columns {first.column + 1} and {again.column + 1})")
+        super().__init__(None, None, f"duplicate key {key!r} {self.where}", again)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: a second ``set:`` or ``optim.lr``
+    would otherwise replace the first without a word. Merge keys (``<<``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=False)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if first is not key_node.start_mark:
+                raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`StrictLoader` (duplicate keys refused)."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     """Parse a UTF-8 YAML file; a missing, unreadable or binary file, another encoding or a syntax error
     becomes a ConfigError naming the file (not a traceback)."""
@@ -326,7 +360,10 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(p, f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): a binary file or "
                           "another encoding such as latin-1; save it as UTF-8") from None
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(p, f"given twice in one mapping, {e.where} (the second would silently replace the "
+                          "first); keep one.", key=str(e.key)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -343,7 +380,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(COMMAND_LINE, f"'{item}' is not of the form key=value")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key] = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             out[key] = raw
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,41 @@ def test_sweep_file_without_read_permission(project):
     finally:
         sweep.chmod(0o644)
     _assert_usage_error(r, f"{sweep}: cannot read the file: Permission denied")
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Duplicate YAML keys
+# --------------------------------------------------------------------------------------------------
+
+def test_duplicate_top_level_key_in_a_sweep_file(project):
+    sweep = write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\nset: {train.epochs: 3}\n"
+                  "grid: {optim.lr: [0.1, 0.2]}\nset: {train.seed: 1}\n")
+    r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
+    _assert_usage_error(r, f"{sweep}: set: given twice in one mapping, on lines 3 and 5")
+
+
+@pytest.mark.parametrize("text, key, where", [
+    ("optim:\n  lr: 0.1\n  momentum: 0.8\n  lr: 0.2\n", "lr", "on lines 2 and 4"),
+    ("train: {epochs: 3, epochs: 4}\n", "epochs", "on line 1 (columns 9 and 20)"),
+    ("train: {epochs: 3}\nmodel: {name: resnet20}\ntrain: {seed: 1}\n", "train", "on lines 1 and 3"),
+])
+def test_duplicate_key_in_a_config_file(tmp_path, text, key, where):
+    from pipeline.config import ConfigError, load_config
+    f = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError, match=re.escape(f"{f}: {key}: given twice in one mapping, {where} ")):
+        load_config([f])
+
+
+def test_duplicate_key_in_a_base_file_via_the_cli(project):
+    write(project / "configs/base.yaml", "train:\n  epochs: 2\n  epochs: 3\n")
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    r = run_cli("pipeline.sweep", str(sweep), "--no-submit", "--out", str(project / "runs"), cwd=project)
+    _assert_usage_error(r, f"{project / 'configs/base.yaml'}: epochs: given twice in one mapping, on lines 2 and 3")
+    assert not (project / "runs").exists()
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    from pipeline.config import load_config
+    f = write(tmp_path / "c.yaml", "train: {<<: {epochs: 3, seed: 1}, seed: 2}\n")
+    cfg = load_config([f])
+    assert (cfg.train.epochs, cfg.train.seed) == (3, 2)
