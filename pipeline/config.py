@@ -276,15 +276,19 @@ def check_keys(tree: Mapping[str, Any], source: str | os.PathLike) -> None:
                           f"Allowed keys in '{section}': {', '.join(in_section)}.", key=key)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}; lists are leaves."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", source: str | os.PathLike | None = None
+            ) -> dict[str, Any]:
+    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}; lists are leaves. With ``source`` (a file), a
+    key given both dotted and nested (``optim.lr`` and ``optim: {lr: ...}``) is a ConfigError: one of the
+    two would silently replace the other."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key not in _FIELDS:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
+        inner = flatten(v, key + ".", source) if isinstance(v, Mapping) and key not in _FIELDS else {key: v}
+        if source is not None and not out.keys().isdisjoint(inner):
+            raise ConfigError(source, "given twice, once as a dotted key and once nested in a mapping (one "
+                              "would silently replace the other); keep one.", key=next(x for x in inner if x in out))
+        out.update(inner)
     return out
 
 
@@ -399,7 +403,7 @@ def file_layer(path: str | os.PathLike) -> Layer:
         tree = {}
     if not isinstance(tree, dict):
         raise ConfigError(path, f"expected a mapping of settings, got {type(tree).__name__}")
-    return Layer(str(path), flatten(tree))
+    return Layer(str(path), flatten(tree, source=path))
 
 
 def compose(layers: Sequence[Layer]) -> DictConfig:

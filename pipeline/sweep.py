@@ -126,7 +126,7 @@ def read_sweep(path: str | Path) -> SweepSpec:
         value = doc.get(section) or {}
         if not isinstance(value, dict):
             raise ConfigError(path, "must be a mapping of dotted keys.", key=section)
-        flat = flatten(value)
+        flat = flatten(value, source=f"{path} ({section})")
         check_keys(flat, f"{path} ({section})")
         setattr(spec, section, flat)
     for section in ("grid", "zip"):
@@ -141,7 +141,7 @@ def read_sweep(path: str | Path) -> SweepSpec:
     variants = doc.get("variants") or []
     if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
         raise ConfigError(path, "must be a list of non-empty mappings of dotted keys.", key="variants")
-    spec.variants = [flatten(v) for v in variants]
+    spec.variants = [flatten(v, source=f"{path} (variants[{i}])") for i, v in enumerate(variants)]
     for i, v in enumerate(spec.variants):
         check_keys(v, f"{path} (variants[{i}])")
     axes = [set(spec.grid), set(spec.zip)]

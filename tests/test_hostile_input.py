@@ -216,3 +216,19 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     f = write(tmp_path / "c.yaml", "train: {<<: {epochs: 3, seed: 1}, seed: 2}\n")
     cfg = load_config([f])
     assert (cfg.train.epochs, cfg.train.seed) == (3, 2)
+
+
+@pytest.mark.parametrize("text", ["optim.lr: 0.1\noptim: {lr: 0.2}\n", "optim: {lr: 0.2}\noptim.lr: 0.1\n"])
+def test_key_given_dotted_and_nested_in_one_file(tmp_path, text):
+    from pipeline.config import ConfigError, load_config
+    f = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError, match=re.escape(f"{f}: optim.lr: given twice, once as a dotted key and once "
+                                                    "nested")):
+        load_config([f])
+
+
+def test_key_given_dotted_and_nested_in_a_sweep_section(project):
+    sweep = write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\n"
+                  "grid: {optim.lr: [0.1], optim: {lr: [0.2, 0.3]}}\n")
+    r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
+    _assert_usage_error(r, f"{sweep} (grid): optim.lr: given twice")
