@@ -262,11 +262,31 @@ def allowed_keys_text(section: str | None = None) -> str:
     return ", ".join(keys)
 
 
+def _shape_message(key: str, value: Any = None) -> str | None:
+    """Why ``key`` cannot be set, when it is a section (``optim``) or reaches inside a setting
+    (``optim.lr.x``); None when it is merely unknown."""
+    inside = [k for k in _FIELDS if k.startswith(key + ".")]
+    if inside:
+        example = (" ".join(f"{k}={v}" for k, v in flatten(value, key + ".").items()) if isinstance(value, Mapping)
+                   and value else f"{inside[0]}=...")
+        return (f"is a section, not a setting: give its keys one at a time (on the command line: {example}). "
+                f"Allowed keys in '{key}': {', '.join(inside)}.")
+    parts = key.split(".")
+    for n in range(1, len(parts)):
+        leaf = ".".join(parts[:n])
+        if leaf in _FIELDS:
+            return f"'{leaf}' is a setting, not a section: it has no key '{'.'.join(parts[n:])}'."
+    return None
+
+
 def check_keys(tree: Mapping[str, Any], source: str | os.PathLike) -> None:
     """Fail on any key (nested or dotted) that is not in the schema."""
     for key in flatten(tree):
         if key in _FIELDS:
             continue
+        shape = _shape_message(key)
+        if shape:
+            raise ConfigError(source, shape, key=key)
         section = key.split(".", 1)[0]
         if section not in _SECTIONS:
             raise ConfigError(source, f"unknown section '{section}'.{_suggest(section, sorted(_SECTIONS))} "
@@ -428,6 +448,8 @@ def _apply(cfg: DictConfig, layers: Sequence[Layer], provenance: dict[str, str])
     for layer in layers:
         check_keys(layer.values, layer.source)
         for key, value in layer.values.items():
+            if key not in _FIELDS:  # a whole section given a mapping (optim={lr: 0.5}): keys one at a time
+                raise ConfigError(layer.source, _shape_message(key, value) or "unknown key.", key=key)
             try:
                 OmegaConf.update(cfg, key, value, merge=False)
             except OmegaConfBaseException as e:

@@ -232,3 +232,41 @@ def test_key_given_dotted_and_nested_in_a_sweep_section(project):
                   "grid: {optim.lr: [0.1], optim: {lr: [0.2, 0.3]}}\n")
     r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
     _assert_usage_error(r, f"{sweep} (grid): optim.lr: given twice")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Overrides of the wrong shape: a mapping for a section, a value for a section, a list for a leaf
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim={lr: 0.5}", "command line: optim: is a section, not a setting: give its keys one at a time "
+                        "(on the command line: optim.lr=0.5)"),
+    ("optim=3", "command line: optim: is a section, not a setting"),
+    ("optim.lr=[1,2]", "command line: optim.lr: expected a value of type float, got [1, 2]"),
+    ("optim.lr.x=1", "command line: optim.lr.x: 'optim.lr' is a setting, not a section"),
+])
+def test_override_of_the_wrong_shape_exits_2(project, override, fragment):
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    r = run_cli("pipeline.sweep", str(sweep), override, "--no-submit", "--out", str(project / "runs"), cwd=project)
+    _assert_usage_error(r, fragment)
+    assert not (project / "runs").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim={}", "optim"), ("optim=", "optim"), ("optim=[1]", "optim"), ("model={name: {x: 1}}", "model"),
+    ("optim.betas={a: 1}", "optim.betas"), ("optim.betas=[{a: 1}, 2]", "optim.betas"),
+    ("slurm.setup=[[a]]", "slurm.setup"), ("optim.name=[sgd]", "optim.name"), ("optim.lr={a: 1}", "optim.lr"),
+    ("train.epochs=[1]", "train.epochs"), ("schedule.milestones=0.5", "schedule.milestones"),
+])
+def test_every_override_shape_is_a_config_error(override, key):
+    from pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError) as e:
+        load_config([], [override])
+    assert e.value.source == "command line" and e.value.key == key
+
+
+def test_section_given_a_value_in_a_file(tmp_path):
+    from pipeline.config import ConfigError, load_config
+    f = write(tmp_path / "c.yaml", "optim: 3\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{f}: optim: is a section, not a setting")):
+        load_config([f])
