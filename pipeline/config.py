@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -192,7 +193,8 @@ class SlurmConfig:
     gpus_per_node: int = _num(0, min=0)
     gpu_type: str = _sbatch(SBATCH_WORD, _WORD)  # gres type, e.g. rtx8000 or v100; empty = any
     cpus_per_task: int = _num(2, min=1)
-    mem_gb: float = _num(8.0, min=0.0, min_exclusive=True)   # memory per node, GB
+    mem_gb: float = _num(8.0, min=0.001)         # memory per node, GB; sbatch gets whole MB, and
+    # --mem=0 would mean all of the node's memory: at least 1 MB
     time_min: int = _num(120, min=1)             # time limit per job, minutes
     array_parallelism: int = _num(64, min=1)     # array tasks running at once (shared out when a
     # sweep is split into several arrays by the cluster's MaxArraySize)
@@ -450,11 +452,37 @@ def _apply(cfg: DictConfig, layers: Sequence[Layer], provenance: dict[str, str])
         for key, value in layer.values.items():
             if key not in _FIELDS:  # a whole section given a mapping (optim={lr: 0.5}): keys one at a time
                 raise ConfigError(layer.source, _shape_message(key, value) or "unknown key.", key=key)
+            if _is_missing_marker(value):
+                raise ConfigError(layer.source, _missing_message(key), key=key)
             try:
                 OmegaConf.update(cfg, key, value, merge=False)
             except OmegaConfBaseException as e:
                 raise ConfigError(layer.source, _type_message(key, value, e), key=key) from None
             provenance[key] = layer.source
+
+
+def _is_missing_marker(value: Any) -> bool:
+    """omegaconf's '???' (a value still to be given), alone or in a list: merged onto the schema it
+    silently stands for the default, or reaches a job script as text."""
+    if isinstance(value, (list, tuple)):
+        return any(_is_missing_marker(v) for v in value)
+    return isinstance(value, str) and value == "???"
+
+
+def _missing_message(key: str) -> str:
+    choices = _FIELDS[key].metadata.get("choices")
+    allowed = f" Allowed values: {', '.join(choices)}." if choices else ""
+    return f"'???' (omegaconf's marker of a missing value) is not a value: give the setting.{allowed}"
+
+
+def _check_finite(flat: Mapping[str, Any], provenance: Mapping[str, str]) -> None:
+    """Refuse nan and +-inf in every numeric setting: range checks pass nan (every comparison is False)
+    and inf where there is no upper bound."""
+    for key, value in flat.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            what = "only finite numbers" if values is value else "a finite number"
+            raise ConfigError(provenance.get(key, "defaults"), f"must be {what}, got {value}.", key=key)
 
 
 def _type_message(key: str, value: Any, err: OmegaConfBaseException) -> str:
@@ -485,6 +513,7 @@ def validate(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> No
 def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None = None) -> None:
     """:func:`validate` on a complete dotted dict of typed values (every schema key, as composed)."""
     provenance = provenance or {}
+    _check_finite(flat, provenance)
     for key, choices, lo, hi, lo_excl, pattern, allowed in _RULES:
         value = flat[key]
         if choices and value not in choices:

@@ -270,3 +270,63 @@ def test_section_given_a_value_in_a_file(tmp_path):
     f = write(tmp_path / "c.yaml", "optim: 3\n")
     with pytest.raises(ConfigError, match=re.escape(f"{f}: optim: is a section, not a setting")):
         load_config([f])
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Non-finite numbers, omegaconf's '???' and a memory request that rounds to 0 MB
+# --------------------------------------------------------------------------------------------------
+
+def _float_keys() -> list[str]:
+    from pipeline.config import schema_fields
+    return [k for k, f in schema_fields().items() if str(f.type) in ("float", "list[float]")]
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_every_float_setting_refuses_non_finite_numbers(value):
+    from pipeline.config import ConfigError, load_config
+    keys = _float_keys()
+    assert "optim.lr" in keys and "slurm.mem_gb" in keys and "optim.betas" in keys and len(keys) > 20
+    for key in keys:
+        given = f"[{value}, 0.5]" if key in ("optim.betas", "schedule.milestones") else value
+        with pytest.raises(ConfigError) as e:
+            load_config([], [f"{key}={given}"])
+        assert e.value.key == key and "must be " in str(e.value) and "finite number" in str(e.value), str(e.value)
+
+
+def test_non_finite_number_in_a_grid_exits_2(project):
+    sweep = write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\ngrid: {optim.lr: [0.1, .nan]}\n")
+    r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
+    _assert_usage_error(r, f"{sweep} (grid): optim.lr: must be a finite number, got nan.")
+
+
+def test_non_finite_string_in_a_config_file(tmp_path):
+    from pipeline.config import ConfigError, load_config
+    f = write(tmp_path / "c.yaml", "optim: {weight_decay: 'inf'}\n")  # omegaconf turns 'inf' into a float
+    with pytest.raises(ConfigError, match=re.escape(f"{f}: optim.weight_decay: must be a finite number, got inf.")):
+        load_config([f])
+
+
+def test_missing_marker_is_refused(tmp_path, project):
+    from pipeline.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"command line: model.name: '\?\?\?' \(omegaconf's marker of a missing "
+                                          r"value\) is not a value: give the setting. Allowed values: resnet20"):
+        load_config([], ["model.name=???"])
+    f = write(tmp_path / "c.yaml", "slurm: {setup: ['module load x', '???']}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{f}: slurm.setup: '???'")):
+        load_config([f])
+    write(project / "configs/base.yaml", "model: {name: '???'}\n")
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
+    _assert_usage_error(r, f"{project / 'configs/base.yaml'}: model.name: '???'")
+    sweep = write(project / "sweeps/v.yaml", "name: v\nvariants: [{model.name: '???'}]\n")
+    r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
+    _assert_usage_error(r, f"{sweep} (variants[0]): model.name: '???'")
+
+
+def test_memory_request_of_less_than_a_megabyte_is_refused():
+    from pipeline.config import ConfigError, load_config
+    for small in ("1e-9", "0.0009", "0"):
+        with pytest.raises(ConfigError, match=r"command line: slurm.mem_gb: must be >= 0.001"):
+            load_config([], [f"slurm.mem_gb={small}"])
+    smallest = load_config([], ["slurm.mem_gb=0.001"]).slurm.mem_gb
+    assert int(smallest * 1024) == 1  # how submitit renders a fractional mem_gb: --mem=1MB
