@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -39,6 +40,9 @@ SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "v
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 CLUSTERS = ("auto", "local", "debug", "slurm")
 RERUN = ("failed", "all")
+# Runs one sweep file may expand to (before identical ones are merged). Checked before expanding: the plan
+# of a 10^8-point grid alone takes gigabytes; a study that big is several sweep files.
+MAX_RUNS = 100_000
 
 
 @dataclass
@@ -150,12 +154,32 @@ def read_sweep(path: str | Path) -> SweepSpec:
     return spec
 
 
+def count_runs(spec: SweepSpec) -> int:
+    """Runs the sweep expands to before identical configs are merged: grid product x zip length x variants
+    (computed from the lengths alone, nothing expanded)."""
+    n_zip = len(next(iter(spec.zip.values()))) if spec.zip else 1
+    return math.prod(len(v) for v in spec.grid.values()) * n_zip * max(1, len(spec.variants))
+
+
+def check_size(spec: SweepSpec) -> None:
+    """Refuse a sweep of more than :data:`MAX_RUNS` runs before anything is expanded."""
+    n = count_runs(spec)
+    if n > MAX_RUNS:
+        grid = " x ".join(str(len(v)) for v in spec.grid.values()) or "1"
+        n_zip = len(next(iter(spec.zip.values()))) if spec.zip else 1
+        raise ConfigError(spec.path, f"expands to {n:,} runs (grid {grid}, zip {n_zip}, variants "
+                          f"{max(1, len(spec.variants))}), more than the limit of {MAX_RUNS:,} runs per sweep "
+                          "(pipeline.sweep.MAX_RUNS); split it into several sweep files.", key="grid")
+
+
 def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
                  cwd: Path | None = None) -> list[PlannedRun]:
     """Every run of the sweep, composed and validated; identical configs are kept once.
 
     Same configs, ids and errors as composing every run's layers with ``compose()``, through a
-    :class:`Composer` (the shared layers are composed once)."""
+    :class:`Composer` (the shared layers are composed once). More than :data:`MAX_RUNS` runs is a
+    ConfigError, raised before anything is expanded."""
+    check_size(spec)
     layers = [file_layer(b) for b in spec.base]
     if spec.cluster is not None:
         layers.append(file_layer(spec.cluster))

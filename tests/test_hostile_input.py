@@ -330,3 +330,32 @@ def test_memory_request_of_less_than_a_megabyte_is_refused():
             load_config([], [f"slurm.mem_gb={small}"])
     smallest = load_config([], ["slurm.mem_gb=0.001"]).slurm.mem_gb
     assert int(smallest * 1024) == 1  # how submitit renders a fractional mem_gb: --mem=1MB
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Sweeps too big to expand are refused before expanding
+# --------------------------------------------------------------------------------------------------
+
+def test_huge_grid_is_refused_before_expanding(project):
+    axes = {"optim.lr": "0.1", "optim.weight_decay": "0.0001", "train.seed": "1", "optim.momentum": "0.5"}
+    grid = "\n".join(f"  {k}: [{', '.join([v] * 100)}]" for k, v in axes.items())  # 100^4 = 10^8 points
+    sweep = write(project / "sweeps/huge.yaml", f"name: huge\nbase: [configs/base.yaml]\ngrid:\n{grid}\n"
+                  "variants: [{model.name: resnet20}, {model.name: resnet32}]\n")
+    r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project, timeout=120)
+    _assert_usage_error(r, f"{sweep}: grid: expands to 200,000,000 runs (grid 100 x 100 x 100 x 100, zip 1, "
+                           "variants 2), more than the limit of 100,000 runs per sweep (pipeline.sweep.MAX_RUNS)")
+
+
+def test_run_limit_counts_grid_zip_and_variants(project, monkeypatch):
+    from pipeline import sweep as sweep_mod
+    from pipeline.config import ConfigError
+    spec = sweep_mod.read_sweep(write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\n"
+                                      "grid: {optim.lr: [0.1, 0.2, 0.3], train.seed: [1, 2]}\n"
+                                      "zip: {optim.momentum: [0.5, 0.6], optim.weight_decay: [0.1, 0.2]}\n"
+                                      "variants: [{model.name: resnet20}, {model.name: resnet32}]\n"))
+    assert sweep_mod.count_runs(spec) == 3 * 2 * 2 * 2
+    monkeypatch.setattr(sweep_mod, "MAX_RUNS", 24)
+    assert len(sweep_mod.expand_sweep(spec, cwd=project)) == 24
+    monkeypatch.setattr(sweep_mod, "MAX_RUNS", 23)
+    with pytest.raises(ConfigError, match="expands to 24 runs .* more than the limit of 23 runs"):
+        sweep_mod.expand_sweep(spec, cwd=project)
