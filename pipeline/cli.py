@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.config import ConfigError
 
@@ -27,7 +28,8 @@ def exit_on_config_error() -> Iterator[None]:
     try:
         yield
     except ConfigError as e:
-        console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        # escaped: a path or value like "[/x]" is text, not markup (rich would fail or swallow it)
+        console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
         sys.exit(EXIT_USAGE)
 
 

@@ -359,3 +359,13 @@ def test_run_limit_counts_grid_zip_and_variants(project, monkeypatch):
     monkeypatch.setattr(sweep_mod, "MAX_RUNS", 23)
     with pytest.raises(ConfigError, match="expands to 24 runs .* more than the limit of 23 runs"):
         sweep_mod.expand_sweep(spec, cwd=project)
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. Output folders that cannot be used, and file-system refusals while writing
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["[/x].yaml", "[bold]x[/].yaml"])
+def test_error_text_with_brackets_is_printed_as_text(project, name):
+    r = run_cli("pipeline.sweep", str(project / name), "--dry-run", cwd=project)
+    _assert_usage_error(r, f"{project / name}: file not found")
