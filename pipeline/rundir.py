@@ -32,7 +32,11 @@ def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync (unless the caller syncs many files at once
     later), then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        e.filename = str(path)  # the file being written, not its random temporary name
+        raise
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -40,8 +44,10 @@ def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # write() on a full disk names no file
+            e.filename = str(path)
         raise
 
 

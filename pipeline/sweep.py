@@ -25,6 +25,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -216,6 +217,25 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
     return runs
 
 
+def check_out(out: Path, sweep_dir: Path, write: bool) -> None:
+    """``--out`` must be a folder or not exist yet, with a path that job scripts and array_runs.txt (one
+    path a line) can hold, and, when run folders are to be written, in a place that takes them: checked
+    before anything is written."""
+    absolute = sweep_dir.absolute()
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(absolute)):
+        raise ConfigError(COMMAND_LINE, f"{str(out)!r} contains a newline or another control character: run "
+                          "folder paths go into job scripts and array_runs.txt, one a line.", key="--out")
+    existing = next(p for p in (absolute, *absolute.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ConfigError(COMMAND_LINE, f"'{existing}' exists and is not a folder: cannot hold {sweep_dir}/.",
+                          key="--out")
+    if write:
+        try:  # what will be done first: a folder made in the deepest existing one (mkdtemp: no name clash)
+            os.rmdir(tempfile.mkdtemp(prefix=".pipeline-write-test-", dir=existing))
+        except OSError as e:
+            raise ConfigError(COMMAND_LINE, f"cannot write in '{existing}': {e.strerror}.", key="--out") from None
+
+
 def _absolute_root(root: str, base: Path) -> str:
     """``absolutize_paths`` for data.root given as a string."""
     p = Path(os.path.expanduser(str(root)))
@@ -363,10 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(COMMAND_LINE, f"must be >= 1, got {args.parallel}.", key="--parallel")
         spec = read_sweep(args.sweep)
         runs = expand_sweep(spec, parse_overrides(args.overrides))
+        sweep_dir = args.out / spec.name
+        check_out(args.out, sweep_dir, write=not args.dry_run)
 
-    sweep_dir = args.out / spec.name
     if args.dry_run:
-        decisions = plan(runs, sweep_dir, args.rerun, set())
+        with cli.exit_on_os_error():
+            decisions = plan(runs, sweep_dir, args.rerun, set())
         cli.print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
         from pipeline import launch
         cluster = launch.resolve_cluster(args.cluster)
@@ -376,11 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.no_submit:
-        decisions = plan(runs, sweep_dir, args.rerun, set())
-        write_runs(sweep_dir, spec, decisions)
-        # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
-        atomic_write_text(sweep_dir / "array_runs.txt",
-                          "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions))
+        with cli.exit_on_os_error():
+            decisions = plan(runs, sweep_dir, args.rerun, set())
+            write_runs(sweep_dir, spec, decisions)
+            # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
+            atomic_write_text(sweep_dir / "array_runs.txt",
+                              "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions))
         cli.print_plan(console, spec, decisions, show_all=args.all)
         console.print(f"{len(decisions)} run folders in {sweep_dir}/ (listed in array_runs.txt); submit them "
                       f"as a plain array with\n  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}")
@@ -388,9 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pipeline import launch
     cluster = launch.resolve_cluster(args.cluster)
-    decisions = plan(runs, sweep_dir, args.rerun, active_run_ids(sweep_dir))
-    to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
-    write_runs(sweep_dir, spec, to_submit)
+    with cli.exit_on_os_error():  # before anything is submitted
+        decisions = plan(runs, sweep_dir, args.rerun, active_run_ids(sweep_dir))
+        to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
+        write_runs(sweep_dir, spec, to_submit)
     submission = launch.submit([RunDir(sweep_dir / d.run.id) for d in to_submit],
                                [d.run.config for d in to_submit], cluster=cluster, sweep_dir=sweep_dir,
                                name=spec.name, parallel=args.parallel)

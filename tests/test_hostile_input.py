@@ -369,3 +369,71 @@ def test_run_limit_counts_grid_zip_and_variants(project, monkeypatch):
 def test_error_text_with_brackets_is_printed_as_text(project, name):
     r = run_cli("pipeline.sweep", str(project / name), "--dry-run", cwd=project)
     _assert_usage_error(r, f"{project / name}: file not found")
+
+
+@pytest.mark.parametrize("mode", ["--no-submit", "--dry-run"])
+@pytest.mark.parametrize("where", ["out", "below-out", "sweep-dir"])
+def test_out_that_is_a_file_exits_2_and_keeps_it(project, mode, where):
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    blocker = write(project / ("results" if where != "sweep-dir" else "results/s"), "my notes\n")
+    out = {"out": blocker, "below-out": blocker / "more", "sweep-dir": project / "results"}[where]
+    before = tree_snapshot(project)
+    r = run_cli("pipeline.sweep", str(sweep), mode, "--out", str(out), cwd=project)
+    _assert_usage_error(r, f"command line: --out: '{blocker}' exists and is not a folder")
+    assert tree_snapshot(project) == before and blocker.read_text() == "my notes\n"
+
+
+def test_out_with_a_newline_exits_2_and_writes_nothing(project):
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    before = sorted(p.name for p in project.iterdir())
+    r = run_cli("pipeline.sweep", str(sweep), "--no-submit", "--out", "runs\nx", cwd=project)
+    _assert_usage_error(r, "command line: --out: 'runs\\nx' contains a newline or another control character")
+    assert sorted(p.name for p in project.iterdir()) == before
+
+
+def test_out_on_a_file_system_that_refuses_writes(project):
+    # sysfs takes no new folders (read-only in containers, EPERM otherwise), for root too
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    r = run_cli("pipeline.sweep", str(sweep), "--no-submit", "--out", "/sys/pipeline-hostile-test", cwd=project)
+    _assert_usage_error(r, "command line: --out: cannot write in '/sys':")
+    assert not Path("/sys/pipeline-hostile-test").exists()
+
+
+def test_disk_full_while_writing_run_folders_is_reported_with_the_path(project, monkeypatch, capsys):
+    import errno
+
+    from pipeline import rundir, sweep as sweep_mod
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rundir.os, "fdopen", FullDisk)
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit) as e:
+        sweep_mod.main([str(sweep), "--no-submit", "--out", str(project / "runs")])
+    assert e.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: " in err and "/config.yaml: No space left on device" in err, err
+    assert not [p for p in (project / "runs").rglob("*") if p.is_file()]  # no temporaries left behind
+
+
+def test_exit_on_os_error_lets_other_errors_through(capsys):
+    import errno
+
+    from pipeline import cli
+    with pytest.raises(SystemExit) as e, cli.exit_on_os_error():
+        raise PermissionError(errno.EACCES, "Permission denied", "/x/results.md")
+    assert e.value.code == 2 and "error: /x/results.md: Permission denied" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError), cli.exit_on_os_error():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/x")
