@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,33 @@ STAGES = ("train",)  # in order; later stages are appended here as they are buil
 FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
 
 
+_UMASK: int | None = None
+_UMASK_LOCK = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process umask, read once: from /proc/self/status (reading it changes nothing, so no other
+    thread can create a file under a wrong umask), else by setting and restoring it under a lock (0o077
+    meanwhile: a file another thread creates then is private, never world-writable)."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            try:
+                found = re.search(r"^Umask:\s*([0-7]+)\s*$", Path("/proc/self/status").read_text(), re.M)
+            except OSError:
+                found = None
+            if found:
+                _UMASK = int(found.group(1), 8)
+            else:
+                _UMASK = os.umask(0o077)
+                os.umask(_UMASK)
+        return _UMASK
+
+
 def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync (unless the caller syncs many files at once
-    later), then rename over ``path``."""
+    later), then rename over ``path``. The file gets the mode a plain ``open()`` would (0o666 less the
+    umask), not mkstemp's 0o600: lab mates must be able to read results where the umask lets them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,6 +64,10 @@ def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
         e.filename = str(path)  # the file being written, not its random temporary name
         raise
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~process_umask())
+        except OSError:  # a file system without modes (some FUSE/SMB mounts): the write matters more
+            pass
         with os.fdopen(fd, "w") as f:
             f.write(text)
             if fsync:

@@ -437,3 +437,60 @@ def test_exit_on_os_error_lets_other_errors_through(capsys):
     assert e.value.code == 2 and "error: /x/results.md: Permission denied" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError), cli.exit_on_os_error():
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/x")
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Atomically written files follow the umask
+# --------------------------------------------------------------------------------------------------
+
+def _python(code: str, umask: int, cwd: Path) -> str:
+    """Run ``code`` in a fresh interpreter under ``umask``; returns its stdout."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    code = ("import os, stat; from pathlib import Path; from pipeline.rundir import atomic_write_text, "
+            "atomic_write_json\n"
+            "atomic_write_text(Path('t/a.txt'), 'x'); atomic_write_text(Path('t/a.txt'), 'y', fsync=False)\n"
+            "atomic_write_json(Path('t/b.json'), {})\n"
+            "print(' '.join(oct(stat.S_IMODE(os.stat(p).st_mode)) for p in ('t/a.txt', 't/b.json')))\n"
+            "print(oct(os.umask(0)))")
+    out = _python(code, umask, tmp_path).split("\n")
+    assert out[0] == f"{oct(mode)} {oct(mode)}" and out[1] == oct(umask)  # and the umask left as it was
+
+
+def test_run_folders_are_readable_by_the_group_under_umask_022(project):
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    _python(f"from pipeline.sweep import main; main([{str(sweep)!r}, '--no-submit', '--out', 'runs'])", 0o022,
+            project)
+    written = [p for p in (project / "runs").rglob("*") if p.is_file()]
+    assert len(written) == 2 * 2 + 1  # config.yaml and meta.json per run, array_runs.txt
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
+
+
+def test_umask_fallback_without_proc_leaves_the_umask_unchanged(monkeypatch):
+    from pipeline import rundir
+    monkeypatch.setattr(rundir, "_UMASK", None)
+    real_read_text = Path.read_text
+
+    def no_proc(self, *a, **k):
+        if str(self) == "/proc/self/status":
+            raise FileNotFoundError(str(self))
+        return real_read_text(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    old = os.umask(0o027)
+    try:
+        assert rundir.process_umask() == 0o027
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+        monkeypatch.setattr(rundir, "_UMASK", None)
