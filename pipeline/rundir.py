@@ -81,6 +81,34 @@ def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
         raise
 
 
+# A temporary of atomic_write_text: mkstemp's ".<name>." + 8 random characters + ".tmp".
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_TEMPORARY_S = 3600.0  # far longer than any live write takes (the file's mtime moves as it is written)
+
+
+def clean_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY_S) -> list[Path]:
+    """Remove what atomic writes killed midway left in ``folder`` (not below it): ``.<name>.<random>.tmp``
+    files unmodified for ``older_than_s`` seconds, which no live writer still holds; returns them.
+    Other files, folders and links are left alone."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    now = time.time()
+    removed = []
+    for entry in entries:
+        if not _TEMPORARY.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than_s:
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:  # removed meanwhile, e.g. by a second sweep
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import cli
 from pipeline.config import (COMMAND_LINE, Composer, ConfigError, Layer, check_keys, file_layer, flatten,
                              from_tree, parse_overrides, read_yaml, tree_run_id, tree_to_yaml, unflatten)
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, clean_stale_temporaries, read_json
 
 SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -292,12 +292,15 @@ def write_run(sweep_dir: Path, spec: SweepSpec, r: PlannedRun, unsynced: list[Pa
 
 
 def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) -> None:
-    """The run folders of ``decisions`` (results of reruns archived), on disk before anything is submitted."""
+    """The run folders of ``decisions`` (results of reruns archived), on disk before anything is submitted.
+    Temporaries that killed earlier writes left in them (and in the sweep folder) are removed."""
     unsynced: list[Path] = []
     for d in decisions:
         rd = write_run(sweep_dir, spec, d.run, unsynced)
+        clean_stale_temporaries(rd.path)
         if d.action == "rerun":
             rd.archive()
+    clean_stale_temporaries(sweep_dir)
     sync_files(unsynced)
 
 

@@ -494,3 +494,54 @@ def test_umask_fallback_without_proc_leaves_the_umask_unchanged(monkeypatch):
     finally:
         os.umask(old)
         monkeypatch.setattr(rundir, "_UMASK", None)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Temporaries of killed atomic writes are cleaned up
+# --------------------------------------------------------------------------------------------------
+
+def _temporary(folder: Path, name: str, age_s: float) -> Path:
+    """A temporary named as atomic_write_text names them, last modified ``age_s`` ago."""
+    import tempfile
+    import time
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.write(fd, b"half a fi")
+    os.close(fd)
+    then = time.time() - age_s
+    os.utime(tmp, (then, then))
+    return Path(tmp)
+
+
+def test_clean_stale_temporaries_removes_only_old_write_temporaries(tmp_path):
+    import time
+
+    from pipeline.rundir import clean_stale_temporaries
+    stale = _temporary(tmp_path, "meta.json", 2 * 3600)
+    fresh = _temporary(tmp_path, "config.yaml", 60)  # a live writer could still hold it
+    keep = [write(tmp_path / "notes.tmp", "mine"), write(tmp_path / ".meta.json.tmp", "mine"),
+            write(tmp_path / ".x.abcdefgh.tmp.bak", "mine"), write(tmp_path / "sub/.a.abcdefgh.tmp", "below")]
+    (tmp_path / ".d.abcdefgh.tmp").mkdir()
+    (tmp_path / ".l.abcdefgh.tmp").symlink_to(tmp_path / "notes.tmp")
+    for p in [*keep, tmp_path / ".d.abcdefgh.tmp"]:
+        os.utime(p, (time.time() - 7200, time.time() - 7200))
+    assert clean_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists() and all(p.exists() for p in keep)
+    assert (tmp_path / ".d.abcdefgh.tmp").is_dir() and (tmp_path / ".l.abcdefgh.tmp").is_symlink()
+    assert clean_stale_temporaries(tmp_path, older_than_s=30) == [fresh]
+    assert clean_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_sweep_writing_run_folders_cleans_their_stale_temporaries(project, monkeypatch):
+    from pipeline.sweep import main
+    sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
+    out = project / "runs"
+    monkeypatch.chdir(project)
+    main([str(sweep), "--no-submit", "--out", str(out)])
+    run = next(p for p in (out / "s").iterdir() if p.is_dir())
+    config = run.joinpath("config.yaml").read_text()
+    stale = [_temporary(run, "meta.json", 7200), _temporary(out / "s", "array_runs.txt", 7200)]
+    fresh = _temporary(run, "progress.json", 5)
+    main([str(sweep), "--no-submit", "--out", str(out)])
+    assert not any(p.exists() for p in stale) and fresh.exists()
+    assert run.joinpath("config.yaml").read_text() == config
