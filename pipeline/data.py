@@ -683,6 +683,7 @@ def _print_info(console, name: str, root: str | Path, val_size: int, split_seed:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2 for bad input)."""
     from rich.console import Console
+    from rich.markup import escape  # error text holds paths: "[...]" in one is not markup
 
     args = _parser().parse_args(argv)
     # soft_wrap: long paths stay on one line (copy-pastable)
@@ -706,10 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _print_info(out, args.name, args.root, args.val_size, args.split_seed, args.train_size)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
         return 2
     except OSError as e:  # e.g. no network for download
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
         return 1
     return 0
 

@@ -51,6 +51,13 @@ def test_crafted_batch_is_refused_without_running_code(tmp_path, synthetic_root)
     assert str(folder / "data_batch_3") in err and "refused to load global 'posix.system'" in err, err
 
 
+def test_data_error_with_brackets_in_the_path_is_printed_as_text(tmp_path):
+    root = tmp_path / "[/x]"
+    r = run_cli("pipeline.data", "info", "synthetic", "--root", str(root))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"missing folder {root / 'synthetic-batches-py'}" in " ".join(r.stderr.split())
+
+
 @pytest.mark.parametrize("target", [eval, getattr, __import__, os.system])
 def test_read_cifar_pickle_refuses_every_other_global(tmp_path, target):
     from pipeline.data import UnsafePickleError, read_cifar_pickle
@@ -391,6 +398,7 @@ def test_out_with_a_newline_exits_2_and_writes_nothing(project):
     assert sorted(p.name for p in project.iterdir()) == before
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs a mounted sysfs")
 def test_out_on_a_file_system_that_refuses_writes(project):
     # sysfs takes no new folders (read-only in containers, EPERM otherwise), for root too
     sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
