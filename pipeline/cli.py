@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.config import ConfigError
 
@@ -27,7 +29,28 @@ def exit_on_config_error() -> Iterator[None]:
     try:
         yield
     except ConfigError as e:
-        console(stderr=True).print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        # escaped: a path or value like "[/x]" is text, not markup (rich would fail or swallow it)
+        console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
+        sys.exit(EXIT_USAGE)
+
+
+# OSError numbers that mean the file system refuses a write (or a read): read-only, permission, disk
+# full, quota. Reported with the path as bad input; any other OSError is a bug and keeps its traceback.
+FS_REFUSALS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def exit_on_os_error() -> Iterator[None]:
+    """Print a file-system refusal (:data:`FS_REFUSALS`) as the path and the reason in red on stderr and
+    exit with code 2, instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in FS_REFUSALS:
+            raise
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file"
+        console(stderr=True).print(f"[bold red]error:[/] {escape(where)}: {escape(e.strerror or str(e))}",
+                                   markup=True, soft_wrap=True)
         sys.exit(EXIT_USAGE)
 
 

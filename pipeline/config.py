@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -192,7 +193,8 @@ class SlurmConfig:
     gpus_per_node: int = _num(0, min=0)
     gpu_type: str = _sbatch(SBATCH_WORD, _WORD)  # gres type, e.g. rtx8000 or v100; empty = any
     cpus_per_task: int = _num(2, min=1)
-    mem_gb: float = _num(8.0, min=0.0, min_exclusive=True)   # memory per node, GB
+    mem_gb: float = _num(8.0, min=0.001)         # memory per node, GB; sbatch gets whole MB, and
+    # --mem=0 would mean all of the node's memory: at least 1 MB
     time_min: int = _num(120, min=1)             # time limit per job, minutes
     array_parallelism: int = _num(64, min=1)     # array tasks running at once (shared out when a
     # sweep is split into several arrays by the cluster's MaxArraySize)
@@ -262,11 +264,31 @@ def allowed_keys_text(section: str | None = None) -> str:
     return ", ".join(keys)
 
 
+def _shape_message(key: str, value: Any = None) -> str | None:
+    """Why ``key`` cannot be set, when it is a section (``optim``) or reaches inside a setting
+    (``optim.lr.x``); None when it is merely unknown."""
+    inside = [k for k in _FIELDS if k.startswith(key + ".")]
+    if inside:
+        example = (" ".join(f"{k}={v}" for k, v in flatten(value, key + ".").items()) if isinstance(value, Mapping)
+                   and value else f"{inside[0]}=...")
+        return (f"is a section, not a setting: give its keys one at a time (on the command line: {example}). "
+                f"Allowed keys in '{key}': {', '.join(inside)}.")
+    parts = key.split(".")
+    for n in range(1, len(parts)):
+        leaf = ".".join(parts[:n])
+        if leaf in _FIELDS:
+            return f"'{leaf}' is a setting, not a section: it has no key '{'.'.join(parts[n:])}'."
+    return None
+
+
 def check_keys(tree: Mapping[str, Any], source: str | os.PathLike) -> None:
     """Fail on any key (nested or dotted) that is not in the schema."""
     for key in flatten(tree):
         if key in _FIELDS:
             continue
+        shape = _shape_message(key)
+        if shape:
+            raise ConfigError(source, shape, key=key)
         section = key.split(".", 1)[0]
         if section not in _SECTIONS:
             raise ConfigError(source, f"unknown section '{section}'.{_suggest(section, sorted(_SECTIONS))} "
@@ -276,15 +298,19 @@ def check_keys(tree: Mapping[str, Any], source: str | os.PathLike) -> None:
                           f"Allowed keys in '{section}': {', '.join(in_section)}.", key=key)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}; lists are leaves."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", source: str | os.PathLike | None = None
+            ) -> dict[str, Any]:
+    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}; lists are leaves. With ``source`` (a file), a
+    key given both dotted and nested (``optim.lr`` and ``optim: {lr: ...}``) is a ConfigError: one of the
+    two would silently replace the other."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key not in _FIELDS:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
+        inner = flatten(v, key + ".", source) if isinstance(v, Mapping) and key not in _FIELDS else {key: v}
+        if source is not None and not out.keys().isdisjoint(inner):
+            raise ConfigError(source, "given twice, once as a dotted key and once nested in a mapping (one "
+                              "would silently replace the other); keep one.", key=next(x for x in inner if x in out))
+        out.update(inner)
     return out
 
 
@@ -303,13 +329,67 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 # Loading
 # --------------------------------------------------------------------------------------------------
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice (plain YAML keeps the last silently)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark):
+        self.key = key
+        self.where = (f"on lines {first.line + 1} and {again.line + 1}" if first.line != again.line else
+                      f"on line {first.line + 1} (columns {first.column + 1} and {again.column + 1})")
+        super().__init__(None, None, f"duplicate key {key!r} {self.where}", again)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: a second ``set:`` or ``optim.lr``
+    would otherwise replace the first without a word. Merge keys (``<<``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=False)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if first is not key_node.start_mark:
+                raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`StrictLoader` (duplicate keys refused)."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    """Parse a YAML file; a missing file or a syntax error becomes a ConfigError naming the file."""
+    """Parse a UTF-8 YAML file; a missing, unreadable or binary file, another encoding or a syntax error
+    becomes a ConfigError naming the file (not a traceback)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(p, "file not found")
+    if not p.is_file():
+        raise ConfigError(p, "is a folder, not a YAML file" if p.is_dir() else
+                          "is not a regular file (a device, pipe or socket), not a YAML file")
     try:
-        return yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(p, f"cannot read the file: {e.strerror or e}") from None
+    if b"\0" in data:
+        raise ConfigError(p, "holds NUL bytes (a binary file, or UTF-16 text): config and sweep files must be "
+                          "UTF-8 YAML")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(p, f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): a binary file or "
+                          "another encoding such as latin-1; save it as UTF-8") from None
+    try:
+        return load_yaml(text)
+    except DuplicateKeyError as e:
+        raise ConfigError(p, f"given twice in one mapping, {e.where} (the second would silently replace the "
+                          "first); keep one.", key=str(e.key)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -326,7 +406,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(COMMAND_LINE, f"'{item}' is not of the form key=value")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key] = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             out[key] = raw
     return out
@@ -345,7 +425,7 @@ def file_layer(path: str | os.PathLike) -> Layer:
         tree = {}
     if not isinstance(tree, dict):
         raise ConfigError(path, f"expected a mapping of settings, got {type(tree).__name__}")
-    return Layer(str(path), flatten(tree))
+    return Layer(str(path), flatten(tree, source=path))
 
 
 def compose(layers: Sequence[Layer]) -> DictConfig:
@@ -370,11 +450,39 @@ def _apply(cfg: DictConfig, layers: Sequence[Layer], provenance: dict[str, str])
     for layer in layers:
         check_keys(layer.values, layer.source)
         for key, value in layer.values.items():
+            if key not in _FIELDS:  # a whole section given a mapping (optim={lr: 0.5}): keys one at a time
+                raise ConfigError(layer.source, _shape_message(key, value) or "unknown key.", key=key)
+            if _is_missing_marker(value):
+                raise ConfigError(layer.source, _missing_message(key), key=key)
             try:
                 OmegaConf.update(cfg, key, value, merge=False)
             except OmegaConfBaseException as e:
                 raise ConfigError(layer.source, _type_message(key, value, e), key=key) from None
             provenance[key] = layer.source
+
+
+def _is_missing_marker(value: Any) -> bool:
+    """omegaconf's '???' (a value still to be given), alone or in a list: merged onto the schema it
+    silently stands for the default, or reaches a job script as text."""
+    if isinstance(value, (list, tuple)):
+        return any(_is_missing_marker(v) for v in value)
+    return isinstance(value, str) and value == "???"
+
+
+def _missing_message(key: str) -> str:
+    choices = _FIELDS[key].metadata.get("choices")
+    allowed = f" Allowed values: {', '.join(choices)}." if choices else ""
+    return f"'???' (omegaconf's marker of a missing value) is not a value: give the setting.{allowed}"
+
+
+def _check_finite(flat: Mapping[str, Any], provenance: Mapping[str, str]) -> None:
+    """Refuse nan and +-inf in every numeric setting: range checks pass nan (every comparison is False)
+    and inf where there is no upper bound."""
+    for key, value in flat.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            what = "only finite numbers" if values is value else "a finite number"
+            raise ConfigError(provenance.get(key, "defaults"), f"must be {what}, got {value}.", key=key)
 
 
 def _type_message(key: str, value: Any, err: OmegaConfBaseException) -> str:
@@ -405,6 +513,7 @@ def validate(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> No
 def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None = None) -> None:
     """:func:`validate` on a complete dotted dict of typed values (every schema key, as composed)."""
     provenance = provenance or {}
+    _check_finite(flat, provenance)
     for key, choices, lo, hi, lo_excl, pattern, allowed in _RULES:
         value = flat[key]
         if choices and value not in choices:

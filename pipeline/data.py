@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DATASETS", "LAYOUT_FOLDERS", "Split", "CifarData", "load_cifar", "read_cifar_pickle", "DeviceLoader",
-    "TorchLoader", "dataloader_loader", "write_synthetic", "download", "main",
+    "DATASETS", "LAYOUT_FOLDERS", "Split", "CifarData", "load_cifar", "read_cifar_pickle", "UnsafePickleError",
+    "DeviceLoader", "TorchLoader", "dataloader_loader", "write_synthetic", "download", "main",
 ]
 
 # Folder under the data root for each data set name (= write_synthetic layout).
@@ -97,15 +97,63 @@ def _decode(value: object) -> object:
     return value
 
 
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A data file that names a global no CIFAR file contains: unpickling it could run any code."""
+
+
+def _latin1_encode(text: object, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 uses it for bytes in protocol-2 pickles, latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode called with ({type(text).__name__}, {encoding!r}); "
+                                     "only (str, 'latin1') is allowed")
+    return text.encode("latin1")
+
+
+# The only globals real and synthetic CIFAR files refer to: numpy array reconstruction (numpy 1 and 2
+# module names; _frombuffer is numpy's protocol-5 path) and, in Python 3 protocol-2 pickles, the bytes of
+# the array buffers. Lists, dicts, bytes, str and int need no globals.
+_CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only :data:`_CIFAR_GLOBALS`: a crafted file cannot call
+    ``os.system`` or anything else through ``__reduce__``."""
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise UnsafePickleError(f"{self.path}: refused to load global '{module}.{name}': CIFAR files only "
+                                    f"contain numpy arrays, lists, dicts, str, bytes and int (allowed globals: "
+                                    f"{', '.join(sorted(f'{m}.{n}' for m, n in _CIFAR_GLOBALS))}); not loading "
+                                    "a file that could run code")
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        return super().find_class(module, name)
+
+
 def read_cifar_pickle(path: str | Path) -> dict[str, object]:
     """Load one CIFAR pickle; bytes keys (and bytes/list-of-bytes values) are decoded to str.
 
     ``encoding='bytes'`` reads the real Python-2 files (whose str objects, numpy buffers included, come back
-    as bytes) as well as Python-3 pickles with either str or bytes keys.
+    as bytes) as well as Python-3 pickles with either str or bytes keys. Only the globals of CIFAR files are
+    resolved (:class:`UnsafePickleError` otherwise); a damaged file is a ValueError naming it.
     """
     path = Path(path)
     with path.open("rb") as f:
-        obj = pickle.load(f, encoding="bytes")
+        try:
+            obj = _CifarUnpickler(f, path).load()
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                MemoryError) as e:
+            raise ValueError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return {_decode(k) if isinstance(k, bytes) else k: _decode(v) for k, v in obj.items()}
@@ -635,6 +683,7 @@ def _print_info(console, name: str, root: str | Path, val_size: int, split_seed:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2 for bad input)."""
     from rich.console import Console
+    from rich.markup import escape  # error text holds paths: "[...]" in one is not markup
 
     args = _parser().parse_args(argv)
     # soft_wrap: long paths stay on one line (copy-pastable)
@@ -658,10 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _print_info(out, args.name, args.root, args.val_size, args.split_seed, args.train_size)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
         return 2
     except OSError as e:  # e.g. no network for download
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
         return 1
     return 0
 

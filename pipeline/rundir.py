@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,21 +46,83 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
 FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
 
 
+_UMASK: int | None = None
+_UMASK_LOCK = threading.Lock()
+
+
+def process_umask() -> int:
+    """The process umask, read once: from /proc/self/status (reading it changes nothing, so no other
+    thread can create a file under a wrong umask), else by setting and restoring it under a lock (0o077
+    meanwhile: a file another thread creates then is private, never world-writable)."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            try:
+                found = re.search(r"^Umask:\s*([0-7]+)\s*$", Path("/proc/self/status").read_text(), re.M)
+            except OSError:
+                found = None
+            if found:
+                _UMASK = int(found.group(1), 8)
+            else:
+                _UMASK = os.umask(0o077)
+                os.umask(_UMASK)
+        return _UMASK
+
+
 def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync (unless the caller syncs many files at once
-    later), then rename over ``path``."""
+    later), then rename over ``path``. The file gets the mode a plain ``open()`` would (0o666 less the
+    umask), not mkstemp's 0o600: lab mates must be able to read results where the umask lets them."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        e.filename = str(path)  # the file being written, not its random temporary name
+        raise
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~process_umask())
+        except OSError:  # a file system without modes (some FUSE/SMB mounts): the write matters more
+            pass
         with os.fdopen(fd, "w") as f:
             f.write(text)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # write() on a full disk names no file
+            e.filename = str(path)
         raise
+
+
+# A temporary of atomic_write_text: mkstemp's ".<name>." + 8 random characters + ".tmp".
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_TEMPORARY_S = 3600.0  # far longer than any live write takes (the file's mtime moves as it is written)
+
+
+def clean_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY_S) -> list[Path]:
+    """Remove what atomic writes killed midway left in ``folder`` (not below it): ``.<name>.<random>.tmp``
+    files unmodified for ``older_than_s`` seconds, which no live writer still holds; returns them.
+    Other files, folders and links are left alone."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    now = time.time()
+    removed = []
+    for entry in entries:
+        if not _TEMPORARY.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than_s:
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:  # removed meanwhile, e.g. by a second sweep
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,12 +35,15 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import cli
 from pipeline.config import (COMMAND_LINE, Composer, ConfigError, Layer, check_keys, file_layer, flatten,
                              from_tree, parse_overrides, read_yaml, tree_run_id, tree_to_yaml, unflatten)
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, clean_stale_temporaries, read_json
 
 SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 CLUSTERS = ("auto", "local", "debug", "slurm")
 RERUN = ("failed", "all")
+# Runs one sweep file may expand to (before identical ones are merged). Checked before expanding: the plan
+# of a 10^8-point grid alone takes gigabytes; a study that big is several sweep files.
+MAX_RUNS = 100_000
 
 
 @dataclass
@@ -126,7 +131,7 @@ def read_sweep(path: str | Path) -> SweepSpec:
         value = doc.get(section) or {}
         if not isinstance(value, dict):
             raise ConfigError(path, "must be a mapping of dotted keys.", key=section)
-        flat = flatten(value)
+        flat = flatten(value, source=f"{path} ({section})")
         check_keys(flat, f"{path} ({section})")
         setattr(spec, section, flat)
     for section in ("grid", "zip"):
@@ -141,7 +146,7 @@ def read_sweep(path: str | Path) -> SweepSpec:
     variants = doc.get("variants") or []
     if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
         raise ConfigError(path, "must be a list of non-empty mappings of dotted keys.", key="variants")
-    spec.variants = [flatten(v) for v in variants]
+    spec.variants = [flatten(v, source=f"{path} (variants[{i}])") for i, v in enumerate(variants)]
     for i, v in enumerate(spec.variants):
         check_keys(v, f"{path} (variants[{i}])")
     axes = [set(spec.grid), set(spec.zip)]
@@ -150,12 +155,32 @@ def read_sweep(path: str | Path) -> SweepSpec:
     return spec
 
 
+def count_runs(spec: SweepSpec) -> int:
+    """Runs the sweep expands to before identical configs are merged: grid product x zip length x variants
+    (computed from the lengths alone, nothing expanded)."""
+    n_zip = len(next(iter(spec.zip.values()))) if spec.zip else 1
+    return math.prod(len(v) for v in spec.grid.values()) * n_zip * max(1, len(spec.variants))
+
+
+def check_size(spec: SweepSpec) -> None:
+    """Refuse a sweep of more than :data:`MAX_RUNS` runs before anything is expanded."""
+    n = count_runs(spec)
+    if n > MAX_RUNS:
+        grid = " x ".join(str(len(v)) for v in spec.grid.values()) or "1"
+        n_zip = len(next(iter(spec.zip.values()))) if spec.zip else 1
+        raise ConfigError(spec.path, f"expands to {n:,} runs (grid {grid}, zip {n_zip}, variants "
+                          f"{max(1, len(spec.variants))}), more than the limit of {MAX_RUNS:,} runs per sweep "
+                          "(pipeline.sweep.MAX_RUNS); split it into several sweep files.", key="grid")
+
+
 def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
                  cwd: Path | None = None) -> list[PlannedRun]:
     """Every run of the sweep, composed and validated; identical configs are kept once.
 
     Same configs, ids and errors as composing every run's layers with ``compose()``, through a
-    :class:`Composer` (the shared layers are composed once)."""
+    :class:`Composer` (the shared layers are composed once). More than :data:`MAX_RUNS` runs is a
+    ConfigError, raised before anything is expanded."""
+    check_size(spec)
     layers = [file_layer(b) for b in spec.base]
     if spec.cluster is not None:
         layers.append(file_layer(spec.cluster))
@@ -190,6 +215,25 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
                 seen.add(rid)
                 runs.append(PlannedRun(rid, {k: flat[k] for k in {**variant, **g, **z}}, tree))
     return runs
+
+
+def check_out(out: Path, sweep_dir: Path, write: bool) -> None:
+    """``--out`` must be a folder or not exist yet, with a path that job scripts and array_runs.txt (one
+    path a line) can hold, and, when run folders are to be written, in a place that takes them: checked
+    before anything is written."""
+    absolute = sweep_dir.absolute()
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(absolute)):
+        raise ConfigError(COMMAND_LINE, f"{str(out)!r} contains a newline or another control character: run "
+                          "folder paths go into job scripts and array_runs.txt, one a line.", key="--out")
+    existing = next(p for p in (absolute, *absolute.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ConfigError(COMMAND_LINE, f"'{existing}' exists and is not a folder: cannot hold {sweep_dir}/.",
+                          key="--out")
+    if write:
+        try:  # what will be done first: a folder made in the deepest existing one (mkdtemp: no name clash)
+            os.rmdir(tempfile.mkdtemp(prefix=".pipeline-write-test-", dir=existing))
+        except OSError as e:
+            raise ConfigError(COMMAND_LINE, f"cannot write in '{existing}': {e.strerror}.", key="--out") from None
 
 
 def _absolute_root(root: str, base: Path) -> str:
@@ -253,12 +297,15 @@ def write_run(sweep_dir: Path, spec: SweepSpec, r: PlannedRun, unsynced: list[Pa
 
 
 def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) -> None:
-    """The run folders of ``decisions`` (results of reruns archived), on disk before anything is submitted."""
+    """The run folders of ``decisions`` (results of reruns archived), on disk before anything is submitted.
+    Temporaries that killed earlier writes left in them (and in the sweep folder) are removed."""
     unsynced: list[Path] = []
     for d in decisions:
         rd = write_run(sweep_dir, spec, d.run, unsynced)
+        clean_stale_temporaries(rd.path)
         if d.action == "rerun":
             rd.archive(d.from_stage)
+    clean_stale_temporaries(sweep_dir)
     sync_files(unsynced)
 
 
@@ -344,10 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(COMMAND_LINE, f"must be >= 1, got {args.parallel}.", key="--parallel")
         spec = read_sweep(args.sweep)
         runs = expand_sweep(spec, parse_overrides(args.overrides))
+        sweep_dir = args.out / spec.name
+        check_out(args.out, sweep_dir, write=not args.dry_run)
 
-    sweep_dir = args.out / spec.name
     if args.dry_run:
-        decisions = plan(runs, sweep_dir, args.rerun, set())
+        with cli.exit_on_os_error():
+            decisions = plan(runs, sweep_dir, args.rerun, set())
         cli.print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
         from pipeline import launch
         cluster = launch.resolve_cluster(args.cluster)
@@ -357,11 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.no_submit:
-        decisions = plan(runs, sweep_dir, args.rerun, set())
-        write_runs(sweep_dir, spec, decisions)
-        # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
-        atomic_write_text(sweep_dir / "array_runs.txt",
-                          "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions))
+        with cli.exit_on_os_error():
+            decisions = plan(runs, sweep_dir, args.rerun, set())
+            write_runs(sweep_dir, spec, decisions)
+            # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
+            atomic_write_text(sweep_dir / "array_runs.txt",
+                              "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions))
         cli.print_plan(console, spec, decisions, show_all=args.all)
         console.print(f"{len(decisions)} run folders in {sweep_dir}/ (listed in array_runs.txt); submit them "
                       f"as a plain array with\n  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}")
@@ -369,9 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pipeline import launch
     cluster = launch.resolve_cluster(args.cluster)
-    decisions = plan(runs, sweep_dir, args.rerun, active_run_ids(sweep_dir))
-    to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
-    write_runs(sweep_dir, spec, to_submit)
+    with cli.exit_on_os_error():  # before anything is submitted
+        decisions = plan(runs, sweep_dir, args.rerun, active_run_ids(sweep_dir))
+        to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
+        write_runs(sweep_dir, spec, to_submit)
     submission = launch.submit([RunDir(sweep_dir / d.run.id) for d in to_submit],
                                [d.run.config for d in to_submit], cluster=cluster, sweep_dir=sweep_dir,
                                name=spec.name, parallel=args.parallel)
