@@ -185,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(COMMAND_LINE, f"'{args.sweep_dir}' is not a folder", key="sweep_dir")
         if not list_runs(args.sweep_dir):
             raise ConfigError(args.sweep_dir, "holds no run folders (*/config.yaml)")
-    md, _ = collect(args.sweep_dir)
+    with cli.exit_on_os_error():  # a read-only or full results folder: the path and the reason, exit 2
+        md, _ = collect(args.sweep_dir)
     con.print(md, markup=False, highlight=False, soft_wrap=True)
     con.print(f"wrote {args.sweep_dir / 'results.md'} and {args.sweep_dir / 'results.csv'}")
     from pipeline.tb_hparams import HPARAMS_FILE

@@ -553,3 +553,26 @@ def test_sweep_writing_run_folders_cleans_their_stale_temporaries(project, monke
     main([str(sweep), "--no-submit", "--out", str(out)])
     assert not any(p.exists() for p in stale) and fresh.exists()
     assert run.joinpath("config.yaml").read_text() == config
+
+
+def test_collect_on_a_read_only_folder_names_it_and_exits_2(tmp_path, repo):
+    """A sweep folder collect may not write in (here: a read-only bind of it): path and reason, exit 2."""
+    import shutil
+    import subprocess
+
+    from pipeline.sweep import expand_sweep, read_sweep, write_run
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text(f"name: s\nbase: [{repo / 'configs/base.yaml'}]\n")
+    spec = read_sweep(spec_path)
+    (run,) = [write_run(tmp_path / "runs/s", spec, r) for r in expand_sweep(spec, cwd=tmp_path)]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "runs/s"),
+                                                        str(ro)], capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount --bind (CI has both)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True, capture_output=True)
+        r = run_cli("pipeline.collect", str(ro), cwd=tmp_path)
+        assert r.returncode == 2 and "Read-only file system" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
