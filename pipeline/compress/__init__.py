@@ -1,0 +1,1 @@
+"""Model compression: pruning and quantization."""
