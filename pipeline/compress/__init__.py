@@ -1,1 +1,1 @@
-"""Model compression: magnitude (unstructured) and channel (structured) pruning."""
+"""Model compression and its measurement: pruning (unstructured, structured), int8 quantization, measure."""

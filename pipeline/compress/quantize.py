@@ -1,0 +1,361 @@
+"""int8 quantization of the CIFAR CNNs through torch.export + torchao PT2E, for fast CPU inference.
+
+Only the non-deprecated path is used: ``torch.export`` -> ``prepare_pt2e`` / ``prepare_qat_pt2e`` with
+the x86 inductor quantizer -> ``convert_pt2e`` -> ``torch.compile`` (inductor, freezing). Nothing here
+imports ``torch.ao.quantization`` (it warns at import); torchao itself registers the
+``quantized_decomposed`` ops that the converted graphs use.
+
+The saved artefact is an exported program (``.pt2``) that holds the int8 weights and the activation
+scales (they live in the graph, not in a state_dict), so it loads with plain ``torch.export.load``
+in a process that cannot import this project.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import io
+import logging
+import os
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch._inductor.config
+from torch import nn
+from torch.export import Dim, ExportedProgram
+from torch.fx import GraphModule
+from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+from torchao.quantization.pt2e.export_utils import model_is_exported
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+    X86InductorQuantizer,
+    get_default_x86_inductor_quantization_config,
+)
+
+log = logging.getLogger("pipeline.compress.quantize")
+
+__all__ = [
+    "compile_int8",
+    "convert_qat",
+    "export_model",
+    "file_sizes",
+    "fp16_state_dict",
+    "load_int8",
+    "prepare_qat",
+    "quantize_int8",
+    "quantize_op_count",
+    "save_int8",
+    "set_exported_mode",
+    "to_fp16",
+]
+
+# The largest batch an exported program accepts; export needs an upper bound only to reason about
+# shapes, so it is far above anything that fits in memory.
+_MAX_BATCH = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+def _export_example(example: torch.Tensor) -> torch.Tensor:
+    """A detached example with at least 2 rows: export specialises a dimension traced at size 1."""
+    x = example.detach()
+    if x.shape[0] < 2:
+        x = torch.cat([x, x])  # cat keeps channels_last when its inputs are channels_last
+    return x
+
+
+def _export(model: nn.Module, example: torch.Tensor, *, train: bool) -> ExportedProgram:
+    batch = Dim("batch", min=1, max=_MAX_BATCH)
+    args, shapes = (_export_example(example),), ({0: batch},)
+    if model_is_exported(model):  # its mode is baked into the graph; .train()/.eval() raise
+        return torch.export.export(model, args, dynamic_shapes=shapes)
+    was_training = model.training
+    model.train(train)
+    try:
+        return torch.export.export(model, args, dynamic_shapes=shapes)
+    finally:
+        model.train(was_training)
+
+
+def export_model(model: nn.Module, example: torch.Tensor) -> ExportedProgram:
+    """Export ``model`` in eval mode with a dynamic batch dimension.
+
+    A static batch would make every other batch size fail with "Guard failed: x.size()[0] == 1".
+    Strides are not part of the program, so contiguous and channels_last inputs both run. The model's
+    train/eval flag is restored afterwards.
+    """
+    return _export(model, example, train=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-training quantization
+# --------------------------------------------------------------------------------------------------
+
+def _residual_maxpools(gm: GraphModule) -> list[str] | None:
+    """Module names of the max-pools whose output feeds an add directly (None: one is functional).
+
+    Quantized, such a pool hands the add an int8 operand while the other operand is the fp32 output
+    of a conv+ReLU that feeds nothing quantized (ResNet-9: ConvBNReLU -> MaxPool2d -> x + res(x)).
+    Inductor then matches a conv-add fusion on a conv that already has ReLU fused and fails under
+    freezing (``assert kwargs["postop_name"] == "none"`` in torchao's x86 inductor passes). Left in
+    fp32, the pool gives the add an fp32 operand, the pattern no longer matches and every conv stays
+    int8.
+    """
+    names: list[str] = []
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.aten.max_pool2d.default:
+            continue
+        if not any(u.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor) for u in node.users):
+            continue
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        if not stack or not str(stack[-1][1]).endswith("MaxPool2d"):
+            return None
+        path = stack[-1][0]
+        names.append(path[len("L['self']."):] if path.startswith("L['self'].") else path)
+    return names
+
+
+def _quantizer(gm: GraphModule, *, is_qat: bool) -> X86InductorQuantizer:
+    # Without set_global the quantizer annotates nothing and prepare/convert silently return fp32.
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=is_qat))
+    pools = _residual_maxpools(gm)
+    if pools is None:
+        log.info("leaving every max-pool in fp32 (one that feeds an add is not an nn.MaxPool2d)")
+        quantizer.set_module_type_qconfig(nn.MaxPool2d, None)
+    for name in pools or ():
+        log.info("leaving max-pool %s in fp32 (it feeds a residual add)", name)
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+def _prepare(gm: GraphModule, *, is_qat: bool) -> GraphModule:
+    quantizer = _quantizer(gm, is_qat=is_qat)
+    prepared = (prepare_qat_pt2e if is_qat else prepare_pt2e)(gm, quantizer)
+    if _observer_count(prepared) == 0:
+        raise RuntimeError("the quantizer annotated nothing: no observer was inserted (is a global config set?)")
+    return prepared
+
+
+def quantize_op_count(gm: GraphModule) -> int:
+    """Number of quantize nodes (``quantized_decomposed.quantize_*``) in a converted graph."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            if node.target.namespace == "quantized_decomposed" and node.target.__name__.startswith("quantize_"):
+                count += 1
+    return count
+
+
+def _observer_count(gm: GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and "activation_post_process" in str(n.target))
+
+
+def _require_quantized(converted: GraphModule) -> GraphModule:
+    if quantize_op_count(converted) == 0:
+        raise RuntimeError("convert_pt2e inserted no quantize op: the model was left in fp32")
+    return converted
+
+
+def quantize_int8(model: nn.Module, calib: Iterable[torch.Tensor], example: torch.Tensor) -> GraphModule:
+    """Post-training static int8 (per-channel weights, per-tensor activations) for x86 inductor.
+
+    ``calib`` yields input batches already on the CPU and normalised like training inputs. The model is
+    copied first: folding BatchNorm into the convolutions must not touch the caller's weights.
+    """
+    model = copy.deepcopy(model).cpu()
+    prepared = _prepare(export_model(model, example).module(), is_qat=False)
+    batches = 0
+    with torch.no_grad():
+        for x in calib:
+            prepared(x)
+            batches += 1
+    if batches == 0:
+        raise ValueError("quantize_int8 needs at least one calibration batch")
+    return _require_quantized(convert_pt2e(prepared))
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization-aware training
+# --------------------------------------------------------------------------------------------------
+
+def prepare_qat(model: nn.Module, example: torch.Tensor) -> GraphModule:
+    """A copy of ``model`` exported in training mode with fake-quantize modules in place.
+
+    Train it like any module (``set_exported_mode(gm, True)``, an optimizer over ``gm.parameters()``);
+    its ``state_dict()`` loads with ``weights_only=True`` into another ``prepare_qat`` of the same
+    architecture, which is how an interrupted QAT fine-tune resumes.
+    """
+    model = copy.deepcopy(model).cpu()
+    return _prepare(_export(model, example, train=True).module(), is_qat=True)
+
+
+def set_exported_mode(gm: GraphModule, train: bool) -> GraphModule:
+    """Switch BatchNorm/dropout of an exported module; ``gm.train()``/``gm.eval()`` raise on these."""
+    if train:
+        move_exported_model_to_train(gm)
+    else:
+        move_exported_model_to_eval(gm)
+    return gm
+
+
+def convert_qat(gm: GraphModule) -> GraphModule:
+    """The int8 module of a QAT-prepared one; ``gm`` itself is left trainable (a copy is converted)."""
+    gm = copy.deepcopy(gm)
+    set_exported_mode(gm, False)
+    return _require_quantized(convert_pt2e(gm))
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------------------
+
+# Node metadata that only serves debugging and provenance; inference and re-export do not read it.
+_DEBUG_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "from_node", "custom")
+
+
+def _drop_unused_state(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` without the parameters, buffers and tensor attributes no node reads."""
+    gm = copy.deepcopy(gm)
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+
+    def is_used(name: str) -> bool:
+        return any(name == u or name.startswith(u + ".") for u in used)
+
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in names:
+        if not is_used(name):
+            owner, _, leaf = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, leaf)
+    return gm
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _tensor_bytes(ep: ExportedProgram) -> bytes:
+    chunks = [t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+              for t in list(ep.state_dict.values()) + list(ep.constants.values())
+              if isinstance(t, torch.Tensor)]
+    return b"".join(chunks)
+
+
+def save_int8(gm: GraphModule, path: Path, example: torch.Tensor) -> dict[str, int]:
+    """Save a converted int8 module as a self-contained exported program and return its sizes.
+
+    The converted module still carries the original fp32 weights, so a plain save is larger than the
+    fp32 model: every parameter/buffer no node reads is dropped before re-export, and the program is
+    stripped of its sample inputs and of per-node debug metadata (stack traces, module stacks, source
+    provenance). Left in the file: the int8 weights, fp32 biases, the graph with the activation
+    scales, its signature and per-node shapes (needed to load it). Written atomically.
+
+    Returns ``raw`` and ``gzip`` (level 9) bytes of the file, ``tensors`` (bytes of the weight
+    tensors alone) and ``tensors_gzip``.
+    """
+    ep = export_model(_drop_unused_state(gm), example)
+    ep.example_inputs = None
+    for node in ep.graph.nodes:
+        for key in _DEBUG_META:
+            node.meta.pop(key, None)
+    buffer = io.BytesIO()
+    torch.export.save(ep, buffer)
+    data = buffer.getvalue()
+    _atomic_write_bytes(Path(path), data)
+    tensors = _tensor_bytes(ep)
+    return {"raw": len(data), "gzip": len(gzip.compress(data, 9)),
+            "tensors": len(tensors), "tensors_gzip": len(gzip.compress(tensors, 9))}
+
+
+def load_int8(path: Path) -> nn.Module:
+    """The int8 module saved by ``save_int8``; needs torch (and torchao, see below), not this project."""
+    return torch.export.load(Path(path)).module()
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """Raw bytes and gzip (level 9, in memory) bytes of a file: the size a model costs to ship."""
+    data = Path(path).read_bytes()
+    return {"raw": len(data), "gzip": len(gzip.compress(data, 9))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Fast inference
+# --------------------------------------------------------------------------------------------------
+
+def _failure_reason(exc: BaseException) -> str:
+    """One line: the exception, the one inside it (dynamo wraps compiler errors) and where it was raised."""
+    inner = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    lines = [line.strip() for line in str(inner).splitlines()]
+    message = next((line for line in lines if line and not line.startswith("Set TORCHDYNAMO")), "")
+    frames = traceback.extract_tb(inner.__traceback__ or exc.__traceback__)
+    where = ""
+    if frames:
+        frame = frames[-1]
+        where = f" at {'/'.join(Path(frame.filename).parts[-3:])}:{frame.lineno}"
+        if frame.line:
+            where += f" ({frame.line.strip()})"
+    head = type(exc).__name__ if inner is exc else f"{type(exc).__name__}: {type(inner).__name__}"
+    return f"{head}{where}" + (f": {message}" if message else "")
+
+
+def compile_int8(module: nn.Module, example: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                   dict[str, Any]]:
+    """``torch.compile`` (inductor, freezing) of an int8 module, warmed up on ``example``.
+
+    Freezing lets inductor constant-fold the int8 weights into prepacked oneDNN kernels and fuse
+    q/dq into them; without it an int8 model is no faster than fp32. Inductor reads
+    ``torch._inductor.config.freezing`` globally when a graph compiles (the ``options=`` route of
+    torch.compile does not reach it: prepacking then fails on fake tensors), so the returned callable
+    sets it only around each call, which also covers recompiles for a new input shape or memory
+    format, and restores it after. Freezing applies only with gradients off: calls run under
+    ``torch.no_grad()``. If the warm-up compile fails, the eager int8 module is returned and
+    ``info["fallback_reason"]`` says why.
+    """
+    compiled = torch.compile(module, backend="inductor")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            return compiled(x)
+
+    try:
+        run(example)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager int8
+        reason = _failure_reason(exc)
+        log.warning("int8 compile failed, using the eager int8 module: %s", reason)
+
+        def eager(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return module(x)
+
+        return eager, {"compiled": False, "backend": "eager", "fallback_reason": reason}
+    return run, {"compiled": True, "backend": "inductor", "fallback_reason": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Half precision
+# --------------------------------------------------------------------------------------------------
+
+def to_fp16(model: nn.Module) -> nn.Module:
+    """A half-precision eval-mode copy for GPU inference (CPUs here have no fast fp16 kernels)."""
+    return copy.deepcopy(model).half().eval()
+
+
+def fp16_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict with floating tensors in fp16 (integer buffers such as BN counters unchanged)."""
+    return {k: v.detach().half() if v.is_floating_point() else v.detach()
+            for k, v in model.state_dict().items()}
