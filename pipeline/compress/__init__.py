@@ -1,0 +1,1 @@
+"""Compression stages: pruning, quantization and side-by-side measurement of the resulting models."""
