@@ -1,0 +1,743 @@
+"""Measure every model of a run side by side, in one process, fairly: :func:`measure_artifacts`.
+
+Each model (fp32, pruned, int8, fp16, ...) is described by an :class:`Artifact`: its file on disk (for the
+file size), how to load the runnable, optionally the fp32 ``nn.Module`` it came from (for MACs and parameter
+counts when the runnable is an exported or quantized graph), the device, the input dtype and memory format.
+An artifact that also carries a ``loader_spec`` (see :func:`load_from_spec`) can be rebuilt in another
+process, which is how peak CPU memory is measured (``python -m pipeline.compress.measure_memory``).
+
+Model files in the project's own format (:data:`MODEL_FORMAT`) are written by :func:`save_model_file` and
+read by :func:`load_model_file`::
+
+    torch.save({"format": "pipeline-model/1",
+                "arch": {"name": ..., "num_classes": ..., "shortcut": ..., "norm": ...},
+                "state_dict": sd, "dtype": "float32" | "float16"}, path)
+
+Structurally pruned state dicts (smaller tensors) are loaded through
+``pipeline.compress.structured.resize_to_state_dict`` when that module exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import gzip
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MODEL_FORMAT",
+    "Artifact",
+    "count_flop_macs",
+    "count_parameters",
+    "file_sizes",
+    "format_table",
+    "load_from_spec",
+    "load_model_file",
+    "measure_artifacts",
+    "save_model_file",
+]
+
+MODEL_FORMAT = "pipeline-model/1"
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+LOADER_KINDS = ("state_dict", "pt2")
+
+# glibc serves allocations at or above this size with their own mmap and unmaps them on free, so resident
+# memory follows live tensors instead of what the allocator keeps cached from the warm-up call.
+MMAP_THRESHOLD = 4096
+
+
+# --------------------------------------------------------------------------------------------------
+# Model files and loading
+# --------------------------------------------------------------------------------------------------
+
+def save_model_file(path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int,
+                    shortcut: str = "A", norm: str = "batch") -> Path:
+    """Write ``model``'s state_dict (on the CPU) in :data:`MODEL_FORMAT`; the dtype is its parameters'."""
+    param = next(model.parameters())
+    if param.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"parameters must be float32 or float16, got {param.dtype}")
+    path = Path(path)
+    torch.save({"format": MODEL_FORMAT,
+                "arch": {"name": name, "num_classes": int(num_classes), "shortcut": shortcut, "norm": norm},
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "dtype": _DTYPE_NAMES[param.dtype]}, path)
+    return path
+
+
+def _read_model_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a {MODEL_FORMAT} model file")
+    if blob.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"{path}: unknown dtype {blob.get('dtype')!r}; allowed: {', '.join(DTYPES)}")
+    return blob
+
+
+def _resize_if_needed(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Resize the layers of ``model`` to a structurally pruned state dict (only when shapes differ)."""
+    own = model.state_dict()
+    if all(k in own and tuple(own[k].shape) == tuple(v.shape) for k, v in state_dict.items()):
+        return
+    try:
+        from pipeline.compress.structured import resize_to_state_dict
+    except ModuleNotFoundError as e:
+        if e.name != "pipeline.compress.structured":
+            raise
+        return  # not merged yet: load_state_dict below reports the mismatching shapes
+    resize_to_state_dict(model, state_dict)
+
+
+def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a :data:`MODEL_FORMAT` file (``weights_only`` load), in eval mode, in its dtype."""
+    from pipeline.models import build_model, convert_norm
+
+    blob = _read_model_file(path)
+    arch = blob["arch"]
+    model = build_model(arch["name"], int(arch["num_classes"]), shortcut=arch.get("shortcut", "A"))
+    convert_norm(model, arch.get("norm", "batch"))
+    state_dict = blob["state_dict"]
+    _resize_if_needed(model, state_dict)
+    model.to(DTYPES[blob.get("dtype", "float32")])
+    model.load_state_dict(state_dict)
+    return model.to(device).eval()
+
+
+def _load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """``torch.export.load`` with the quantization ops a saved graph may call registered first.
+
+    A fresh process does not know the ``quantized_decomposed`` ops of a PT2E int8 graph until their library
+    is imported (cheap); torchao's own ops (a ~4 s import) are registered only when the graph names them.
+    """
+    import zipfile
+
+    try:
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed.*)
+    except ImportError:
+        pass
+    try:
+        with zipfile.ZipFile(path) as z:
+            uses_torchao = any(b"torchao" in z.read(n) for n in z.namelist() if n.endswith("model.json"))
+    except (OSError, zipfile.BadZipFile):
+        uses_torchao = False
+    if uses_torchao:
+        import torchao  # noqa: F401
+    return torch.export.load(path)
+
+
+def load_from_spec(spec: dict[str, Any], *, device: str | torch.device = "cpu",
+                   channels_last: bool = False) -> Callable[[Tensor], Tensor]:
+    """The runnable a loader spec describes; the spec is plain JSON so another process can rebuild it.
+
+    ``{"kind": "state_dict", "path": P}``: a :data:`MODEL_FORMAT` file (:func:`load_model_file`), moved to
+    channels_last if asked. ``{"kind": "pt2", "path": P}``: ``torch.export.load(P).module()``.
+    ``"compile": true`` wraps either in ``torch.compile`` with inductor freezing (compiled at the first
+    call, which :func:`measure_artifacts` makes in its warm-up).
+    """
+    kind = spec.get("kind")
+    path = spec.get("path")
+    if kind not in LOADER_KINDS or not path:
+        raise ValueError(f"loader spec needs kind in {LOADER_KINDS} and a path, got {spec!r}")
+    device = torch.device(device)
+    if kind == "state_dict":
+        model: nn.Module = load_model_file(path, device=device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    else:
+        model = _load_pt2(path).module()
+        if device.type != "cpu":
+            model = model.to(device)
+    if spec.get("compile"):
+        return torch.compile(model, options={"freezing": True})
+    return model
+
+
+@dataclass
+class Artifact:
+    """One model to measure.
+
+    ``load()`` returns the runnable (an ``nn.Module``, an exported graph, a compiled callable). ``source`` is
+    an fp32 module of the same architecture and weights, used for MACs, and for parameter counts when the
+    runnable is not an ``nn.Module``. ``dtype`` and ``channels_last`` describe the inputs the runnable takes.
+    ``loader_spec`` (see :func:`load_from_spec`) lets another process rebuild the runnable: without it the
+    CPU memory figures are not measured; without ``load`` the runnable is built from it. ``notes`` are copied
+    to the output.
+    """
+
+    name: str
+    path: str | os.PathLike | None
+    load: Callable[[], Callable[[Tensor], Tensor]] | None = None
+    source: nn.Module | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+    notes: dict = field(default_factory=dict)
+    loader_spec: dict | None = None
+
+    def __post_init__(self) -> None:
+        if torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"{self.name}: device must be cpu or cuda, got {self.device!r}")
+        if self.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{self.name}: dtype must be torch.float32 or torch.float16, got {self.dtype}")
+        if self.loader_spec is not None:
+            self.loader_spec = json.loads(json.dumps(self.loader_spec, default=str))
+        if self.load is None:
+            if self.loader_spec is None:
+                raise ValueError(f"{self.name}: give load or loader_spec")
+            spec, device, channels_last = self.loader_spec, self.device, self.channels_last
+            self.load = lambda: load_from_spec(spec, device=device, channels_last=channels_last)
+
+    @classmethod
+    def from_model_file(cls, name: str, path: str | os.PathLike, *, device: str = "cpu",
+                        channels_last: bool = False, compile: bool = False,
+                        notes: dict | None = None) -> Artifact:
+        """A :data:`MODEL_FORMAT` file; the input dtype is the file's."""
+        dtype = DTYPES[_read_model_file(path, mmap=True).get("dtype", "float32")]
+        return cls(name, path, device=device, dtype=dtype, channels_last=channels_last, notes=dict(notes or {}),
+                   loader_spec={"kind": "state_dict", "path": str(path), "compile": bool(compile)})
+
+    @classmethod
+    def from_pt2(cls, name: str, path: str | os.PathLike, *, source: nn.Module | None = None,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 compile: bool = False, notes: dict | None = None) -> Artifact:
+        """An exported program saved with ``torch.export.save`` (e.g. a PT2E int8 graph)."""
+        return cls(name, path, source=source, device=device, dtype=dtype, channels_last=channels_last,
+                   notes=dict(notes or {}),
+                   loader_spec={"kind": "pt2", "path": str(path), "compile": bool(compile)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Static figures: file size, parameters, MACs
+# --------------------------------------------------------------------------------------------------
+
+class _CountingWriter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, b: bytes) -> int:
+        self.n += len(b)
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+def file_sizes(path: str | os.PathLike | None) -> tuple[int | None, int | None]:
+    """(raw bytes, gzip level-9 bytes) of a file, compressed as a stream (nothing held in memory)."""
+    if path is None:
+        return None, None
+    counter = _CountingWriter()
+    with open(path, "rb") as f, gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=9, mtime=0) as gz:
+        shutil.copyfileobj(f, gz, 1 << 20)
+    return os.path.getsize(path), counter.n
+
+
+def _unwrap(fn: Any) -> Any:
+    """The original module or function behind ``torch.compile``."""
+    for _ in range(8):
+        if isinstance(fn, nn.Module) and isinstance(getattr(fn, "_orig_mod", None), nn.Module):
+            fn = fn._orig_mod
+        elif callable(getattr(fn, "_torchdynamo_orig_callable", None)):
+            fn = fn._torchdynamo_orig_callable
+        else:
+            break
+    return fn
+
+
+def _is_qdq(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and "quantize" in str(node.target)
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _graph_weights(gm: torch.fx.GraphModule) -> dict[int, Tensor]:
+    """Tensors a graph really reads: parameters and quantized values, not scales or zero points.
+
+    A get_attr tensor counts when it is an ``nn.Parameter`` or the value (first argument) of a quantize /
+    dequantize op (the int8 weights a PT2E convert folds in); one used only as the scale or zero point of
+    such ops does not, nor does a buffer such as a BatchNorm running mean. Tensors no node reads (the
+    original fp32 weights a converted graph keeps, which a re-exported graph even reads into get_attr nodes
+    without users) are ignored. Leaf modules called from the graph count
+    with their parameters.
+    """
+    found: dict[int, Tensor] = {}
+    for sub in gm.modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            if node.op == "call_module":
+                leaf = sub.get_submodule(node.target)
+                if not isinstance(leaf, torch.fx.GraphModule):
+                    found.update((id(p), p) for p in leaf.parameters())
+                continue
+            if node.op != "get_attr":
+                continue
+            t = _attr(sub, node.target)
+            if not isinstance(t, Tensor):
+                continue
+            uses = [(u, i) for u in node.users for i, a in enumerate(u.args) if a is node]
+            uses += [(u, k) for u in node.users for k, a in u.kwargs.items() if a is node]
+            qdq_value = any(_is_qdq(u) and i in (0, "input") for u, i in uses)
+            qdq_param_only = bool(uses) and all(_is_qdq(u) and i not in (0, "input") for u, i in uses)
+            if qdq_value or (isinstance(t, nn.Parameter) and uses and not qdq_param_only):
+                found[id(t)] = t
+    return found
+
+
+def count_parameters(model: Any) -> tuple[int, int] | None:
+    """(parameters, non-zero parameters) of an ``nn.Module`` or graph (see :func:`_graph_weights`);
+    None for anything else or when it holds no weights."""
+    m = _unwrap(model)
+    if not isinstance(m, nn.Module):
+        return None
+    if isinstance(m, torch.fx.GraphModule):
+        tensors = list(_graph_weights(m).values())
+    else:
+        tensors = list(m.parameters())
+    if not tensors:
+        return None
+    with torch.no_grad():
+        return (sum(t.numel() for t in tensors), sum(int(torch.count_nonzero(t)) for t in tensors))
+
+
+def _set_training(m: nn.Module, mode: bool) -> None:
+    try:
+        m.train(mode)
+    except NotImplementedError:  # exported graphs refuse .train()/.eval(); they run as they were exported
+        pass
+
+
+def count_flop_macs(model: Any, input_shape: tuple[int, ...], *, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> int:
+    """MACs per image: ``FlopCounterMode`` FLOPs of one batch-1 eval forward, / 2 (FLOPs = 2 x MACs).
+
+    The device and dtype of the input default to those of the model's first parameter (or buffer).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = _unwrap(model)
+    ref = next(iter(m.parameters()), None) if isinstance(m, nn.Module) else None
+    if ref is None and isinstance(m, nn.Module):
+        ref = next((b for b in m.buffers() if b.is_floating_point()), None)
+    device = torch.device(device) if device is not None else (ref.device if ref is not None else torch.device("cpu"))
+    if dtype is None:
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    was_training = m.training if isinstance(m, nn.Module) else False
+    if isinstance(m, nn.Module):
+        _set_training(m, False)
+    try:
+        x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(x)
+    finally:
+        if isinstance(m, nn.Module) and was_training:
+            _set_training(m, True)
+    return int(counter.get_total_flops()) // 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Runtime figures
+# --------------------------------------------------------------------------------------------------
+
+def _prepare(x: Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool) -> Tensor:
+    x = x.to(device=device, dtype=dtype)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _accuracy(fn: Callable, batches: Iterable, device: torch.device, dtype: torch.dtype,
+              channels_last: bool) -> dict[str, Any]:
+    """As ``pipeline.train.evaluate``: mean loss, top-1 and top-5 over every batch."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    top1 = torch.zeros((), device=device, dtype=torch.int64)
+    top5 = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for x, y in batches:
+        x, y = _prepare(x, device, dtype, channels_last), y.to(device)
+        out = fn(x).float()
+        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+        pred = out.topk(min(5, out.shape[1]), dim=1).indices
+        hit = pred == y[:, None]
+        top1 += hit[:, 0].sum()
+        top5 += hit.any(dim=1).sum()
+        seen += int(y.shape[0])
+    if seen == 0:
+        return {"test_images": 0, "test_loss": None, "test_top1": None, "test_top5": None}
+    return {"test_images": seen, "test_loss": loss_sum.item() / seen, "test_top1": top1.item() / seen,
+            "test_top5": top5.item() / seen}
+
+
+def _time_once(fn: Callable, x: Tensor, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn(x)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    del out
+    return elapsed
+
+
+def _profile_once(fn: Callable, x: Tensor, device: torch.device) -> tuple[float, float | None]:
+    """(self CPU µs, self CUDA µs or None) summed over the events of one profiled forward, as the footer of
+    ``prof.key_averages().table()`` sums them."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        out = fn(x)
+        _sync(device)
+    del out
+    events = prof.key_averages()
+    cpu_us = float(sum(e.self_cpu_time_total for e in events))
+    if not cuda:
+        return cpu_us, None
+    cuda_us = float(sum(e.self_device_time_total for e in events
+                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation))
+    return cpu_us, cuda_us
+
+
+def _cuda_peak(fn: Callable, x: Tensor, device: torch.device) -> int:
+    gc.collect()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        out = fn(x)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return max(0, int(peak))
+
+
+def _repo_root() -> str:
+    import pipeline
+
+    return str(Path(pipeline.__file__).resolve().parents[1])
+
+
+def _cpu_memory(art: Artifact, input_shape: tuple[int, ...], batches: list[int], threads: int, warmup: int,
+                timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m pipeline.compress.measure_memory`` for one artifact; its JSON answer."""
+    spec = {"loader": art.loader_spec, "dtype": _DTYPE_NAMES[art.dtype], "channels_last": art.channels_last,
+            "input_shape": list(input_shape), "batches": batches, "threads": threads, "warmup": warmup}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_repo_root(), env.get("PYTHONPATH", "")) if p)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
+    r = subprocess.run([sys.executable, "-m", "pipeline.compress.measure_memory", json.dumps(spec)],
+                       capture_output=True, text=True, env=env, timeout=timeout_s)
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"measure_memory exited {r.returncode}: {r.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _plain(v: Any) -> Any:
+    """JSON-serialisable copy (plain dict/list/str/int/float/bool/None)."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Tensor):
+        return _plain(v.tolist())
+    if isinstance(v, torch.dtype):
+        return str(v).removeprefix("torch.")
+    if hasattr(v, "item") and callable(v.item):  # numpy scalars
+        return _plain(v.item())
+    return str(v)
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return statistics.median(seconds) * 1e3
+
+
+# --------------------------------------------------------------------------------------------------
+# The measurement
+# --------------------------------------------------------------------------------------------------
+
+def measure_artifacts(artifacts: list[Artifact], test_data: Iterable | Callable[[], Iterable], *,
+                      threads: int, latency_repeats: int = 50, throughput_batch: int = 256,
+                      throughput_repeats: int = 5, warmup: int = 3, profile: bool = True,
+                      memory: bool = True, memory_timeout_s: float = 900.0) -> list[dict[str, Any]]:
+    """Measure every artifact under the same conditions; one JSON-serialisable dict per artifact, in order.
+
+    ``test_data`` is an iterable of ``(x, y)`` batches that can be iterated once per artifact (a list, a
+    ``DeviceLoader``), or a zero-argument callable returning a fresh one; a one-shot iterator is read into
+    a list first. Its first batch gives the image shape of the timing inputs.
+
+    Order: every artifact is loaded first; then the static figures (file size, parameters, MACs) and the
+    test accuracy of each; then the timing. FAIRNESS: timing alternates between the models so that load on
+    the machine (other jobs, frequency changes) falls on all of them alike: each model gets ``warmup``
+    untimed forwards at batch 1 and at ``throughput_batch`` (compiling there), then each of the
+    ``latency_repeats`` rounds times one batch-1 forward of every model in turn (A, B, C, A, B, C, ...),
+    then each of the ``throughput_repeats`` rounds one ``throughput_batch`` forward of every model in turn,
+    then (``profile``) each of ``throughput_repeats`` rounds profiles one ``throughput_batch`` forward of
+    every model in turn. Medians are reported. The garbage collector is off while timing; CUDA is
+    synchronized before and after each timed forward. Timing inputs are one fixed random batch (seed 0),
+    the same for every model, cast to each model's dtype and memory format.
+
+    Memory (``memory``): on CUDA in this process, ``max_memory_allocated`` after
+    ``reset_peak_memory_stats`` minus what was allocated before one forward; on the CPU in a fresh
+    subprocess per model (:mod:`pipeline.compress.measure_memory`, rebuilt from ``loader_spec``): warm-up,
+    ``echo 5 > /proc/self/clear_refs``, one forward, VmHWM minus the VmRSS read just before the forward.
+    Subprocesses run after all timing, one at a time.
+
+    fp16 on the CPU: there are no fast fp16 kernels there (ResNet-20 ran ~17x slower than in fp32), so such
+    an artifact gets its static figures and its accuracy, computed in fp32 from a copy of the module with
+    its fp16 weights upcast (exact; ``compute_dtype`` says so; in fp16 if the runnable is no module), but
+    no timing, profile or memory figures (None, the reason in ``skipped``).
+
+    All runs use ``torch.set_num_threads(threads)`` (restored afterwards; subprocesses get the same).
+    """
+    if threads < 0 or latency_repeats < 1 or throughput_batch < 1 or throughput_repeats < 1 or warmup < 0:
+        raise ValueError("need threads >= 0, latency_repeats >= 1, throughput_batch >= 1, "
+                         "throughput_repeats >= 1 and warmup >= 0")
+    names = [a.name for a in artifacts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"artifact names must be unique, got {names}")
+    for a in artifacts:
+        if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{a.name}: device {a.device} but CUDA is not available")
+    if callable(test_data) and not hasattr(test_data, "__iter__"):
+        batches_for: Callable[[], Iterable] = test_data  # type: ignore[assignment]
+    else:
+        if iter(test_data) is test_data:  # a one-shot iterator: keep its batches
+            test_data = list(test_data)
+        batches_for = lambda: test_data  # noqa: E731
+    first = next(iter(batches_for()), None)
+    if first is None:
+        raise ValueError("test_data yielded no batches")
+    input_shape = tuple(int(s) for s in first[0].shape[1:])
+    del first
+
+    old_threads = torch.get_num_threads()
+    threads = threads or old_threads
+    torch.set_num_threads(threads)
+    try:
+        return _measure(artifacts, batches_for, input_shape, threads=threads,
+                        latency_repeats=latency_repeats, throughput_batch=throughput_batch,
+                        throughput_repeats=throughput_repeats, warmup=warmup, profile=profile,
+                        memory=memory, memory_timeout_s=memory_timeout_s)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _measure(artifacts: list[Artifact], batches_for: Callable[[], Iterable], input_shape: tuple[int, ...], *,
+             threads: int, latency_repeats: int, throughput_batch: int, throughput_repeats: int, warmup: int,
+             profile: bool, memory: bool, memory_timeout_s: float) -> list[dict[str, Any]]:
+    devices = [torch.device(a.device) for a in artifacts]
+    if any(d.type == "cuda" and d.index is None for d in devices):
+        devices = [torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None
+                   else d for d in devices]
+
+    # Load everything first.
+    runnables: list[Callable[[Tensor], Tensor]] = []
+    computes: list[tuple[Callable[[Tensor], Tensor], torch.dtype]] = []  # what computes the accuracy
+    entries: list[dict[str, Any]] = []
+    for a, dev in zip(artifacts, devices):
+        t0 = time.perf_counter()
+        fn = a.load()
+        if isinstance(fn, nn.Module):
+            _set_training(fn, False)
+        load_s = time.perf_counter() - t0
+        runnables.append(fn)
+        skipped, compute = None, (fn, a.dtype)
+        if dev.type == "cpu" and a.dtype == torch.float16:
+            skipped = "fp16 on the CPU (no fast fp16 kernels): timing, profile and memory not measured"
+            if isinstance(_unwrap(fn), nn.Module):
+                compute = (copy.deepcopy(_unwrap(fn)).float(), torch.float32)
+                skipped += "; accuracy computed in fp32 from the fp16 weights (an exact upcast)"
+        computes.append(compute)
+        entries.append({
+            "name": a.name, "device": str(dev), "device_name": _device_name(dev),
+            "dtype": _DTYPE_NAMES[a.dtype], "compute_dtype": _DTYPE_NAMES[compute[1]],
+            "channels_last": bool(a.channels_last), "threads": threads,
+            "file": None if a.path is None else str(a.path), "load_s": load_s, "skipped": skipped,
+            "loader": a.loader_spec,
+        })
+
+    # Static figures and accuracy, one model at a time (nothing timed).
+    for a, fn, compute, dev, e in zip(artifacts, runnables, computes, devices, entries):
+        e["file_bytes"], e["file_gzip_bytes"] = file_sizes(a.path)
+        counted, counted_from = count_parameters(fn), "runnable"
+        if counted is None and a.source is not None:
+            counted, counted_from = count_parameters(a.source), "source"
+        e["parameters"], e["nonzero_parameters"] = counted if counted is not None else (None, None)
+        e["parameters_from"] = counted_from if counted is not None else None
+        mac_model, mac_from = (a.source, "source") if a.source is not None else (_unwrap(fn), "runnable")
+        if isinstance(mac_model, nn.Module):
+            e["macs_per_image"], e["macs_from"] = count_flop_macs(mac_model, input_shape), mac_from
+        else:
+            e["macs_per_image"], e["macs_from"] = None, None
+        e.update(_accuracy(compute[0], batches_for(), dev, compute[1], a.channels_last))
+    del computes
+
+    # Timing inputs: one fixed batch, cast per (device, dtype, memory format).
+    base = torch.randn((throughput_batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+    inputs: list[tuple[Tensor, Tensor]] = []
+    for a, dev in zip(artifacts, devices):
+        key = (str(dev), a.dtype, a.channels_last)
+        if key not in cache:
+            cache[key] = (_prepare(base[:1].clone(), dev, a.dtype, a.channels_last),
+                          _prepare(base, dev, a.dtype, a.channels_last))
+        inputs.append(cache[key])
+    timed = [i for i, e in enumerate(entries) if e["skipped"] is None]
+
+    lat: dict[int, list[float]] = {i: [] for i in timed}
+    thr: dict[int, list[float]] = {i: [] for i in timed}
+    prof_cpu: dict[int, list[float]] = {i: [] for i in timed}
+    prof_cuda: dict[int, list[float]] = {i: [] for i in timed}
+    gc_was_enabled = gc.isenabled()
+    try:
+        with torch.no_grad():
+            for i in timed:
+                for x in inputs[i]:
+                    for _ in range(warmup):
+                        _time_once(runnables[i], x, devices[i])
+            gc.collect()
+            gc.disable()
+            for _ in range(latency_repeats):
+                for i in timed:
+                    lat[i].append(_time_once(runnables[i], inputs[i][0], devices[i]))
+            for _ in range(throughput_repeats):
+                for i in timed:
+                    thr[i].append(_time_once(runnables[i], inputs[i][1], devices[i]))
+            gc.enable()
+            if profile:
+                for _ in range(throughput_repeats):
+                    for i in timed:
+                        cpu_us, cuda_us = _profile_once(runnables[i], inputs[i][1], devices[i])
+                        prof_cpu[i].append(cpu_us)
+                        if cuda_us is not None:
+                            prof_cuda[i].append(cuda_us)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    order = [entries[i]["name"] for i in timed]
+    for i, e in enumerate(entries):
+        on = i in lat
+        e["latency_repeats"] = latency_repeats if on else None
+        e["latency_b1_ms"] = _median_ms(lat[i]) if on else None
+        e["latency_b1_ms_min"] = min(lat[i]) * 1e3 if on else None
+        e["throughput_batch"] = throughput_batch
+        e["throughput_repeats"] = throughput_repeats if on else None
+        e["batch_ms"] = _median_ms(thr[i]) if on else None
+        e["batch_ms_min"] = min(thr[i]) * 1e3 if on else None
+        e["throughput_img_s"] = throughput_batch / statistics.median(thr[i]) if on else None
+        e["warmup"] = warmup
+        e["timing_order"] = ("interleaved rounds: " + ", ".join(order)) if on else None
+        n_prof = len(prof_cpu[i]) if on else 0
+        e["profile_iterations"] = n_prof or None
+        e["self_cpu_ms_per_batch"] = sum(prof_cpu[i]) / n_prof / 1e3 if n_prof else None
+        n_cuda = len(prof_cuda[i]) if on else 0
+        e["self_cuda_ms_per_batch"] = sum(prof_cuda[i]) / n_cuda / 1e3 if n_cuda else None
+        e.update(peak_memory_b1_bytes=None, peak_memory_batch_bytes=None, memory_method=None,
+                 memory_error=None)
+
+    if memory:
+        for i in timed:
+            a, fn, dev, e = artifacts[i], runnables[i], devices[i], entries[i]
+            if dev.type == "cuda":
+                e["peak_memory_b1_bytes"] = _cuda_peak(fn, inputs[i][0], dev)
+                e["peak_memory_batch_bytes"] = _cuda_peak(fn, inputs[i][1], dev)
+                e["memory_method"] = ("cuda, in this process after warm-up: max_memory_allocated after "
+                                      "reset_peak_memory_stats minus memory_allocated before one forward")
+            elif a.loader_spec is None:
+                e["memory_method"] = "not measured: the artifact has no loader_spec to rebuild it in a subprocess"
+            else:
+                try:
+                    got = _cpu_memory(a, input_shape, [1, throughput_batch], threads, max(1, warmup),
+                                      memory_timeout_s)
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as err:
+                    e["memory_error"] = str(err)[-2000:]
+                    e["memory_method"] = "cpu subprocess failed"
+                    continue
+                e["peak_memory_b1_bytes"] = int(got["peak_bytes"]["1"])
+                e["peak_memory_batch_bytes"] = int(got["peak_bytes"][str(throughput_batch)])
+                e["memory_method"] = got["method"]
+    else:
+        for i in timed:
+            entries[i]["memory_method"] = "not measured (memory=False)"
+
+    for a, e in zip(artifacts, entries):
+        e["notes"] = a.notes
+    return [_plain(e) for e in entries]
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------------
+
+def format_table(entries: list[dict[str, Any]]) -> str:
+    """A markdown table of the main figures of :func:`measure_artifacts`' entries."""
+    def num(v: Any, scale: float = 1.0, digits: int = 2) -> str:
+        return "–" if v is None else f"{v / scale:.{digits}f}"
+
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{100 * v:.2f}%"
+
+    header = ("| model | device | params | non-zero | MMACs | file MB | gzip MB | top-1 | top-5 | latency b1 ms | "
+              "img/s | self CPU ms/batch | self CUDA ms/batch | mem b1 MiB | mem batch MiB |")
+    rows = [header, "|---|---|" + "---:|" * 13]
+    for e in entries:
+        rows.append("| " + " | ".join([
+            str(e["name"]), str(e["device"]),
+            "–" if e["parameters"] is None else f"{e['parameters']:,}",
+            "–" if e["nonzero_parameters"] is None else f"{e['nonzero_parameters']:,}",
+            num(e["macs_per_image"], 1e6), num(e["file_bytes"], 1e6, 3), num(e["file_gzip_bytes"], 1e6, 3),
+            pct(e["test_top1"]), pct(e["test_top5"]), num(e["latency_b1_ms"]), num(e["throughput_img_s"], 1, 0),
+            num(e["self_cpu_ms_per_batch"]), num(e["self_cuda_ms_per_batch"]),
+            num(e["peak_memory_b1_bytes"], 2**20), num(e["peak_memory_batch_bytes"], 2**20),
+        ]) + " |")
+    return "\n".join(rows) + "\n"
