@@ -50,7 +50,8 @@ out = {}
 for name in sys.argv[2:]:
     path = run + "/models/" + name
     if name.endswith(".pt2"):
-        model = torch.export.load(path).module()
+        from pipeline.compress.quantize import load_int8
+        model = load_int8(path)
     else:
         model, _ = load_model(path)
         model = model.to(memory_format=torch.channels_last)
