@@ -78,6 +78,8 @@ def execute(run_dir: str | Path) -> str:
             log.info("run %s: stage %s", run.id, stage)
             started = time.time()
             try:
+                if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
+                    raise preempt.Preempted(preempt.STOP.signum or 0)
                 metrics = _stage_function(stage)(run, cfg)
             except preempt.Preempted as p:
                 if rank == 0:

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import REPO, run_cli
+from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
 
-TINY = ["data.val_size=100", "train.epochs=2", "train.batch_size=50", "output.log_every=1000"]
+TINY = ["data.val_size=100", "train.epochs=2", "train.batch_size=50", "output.log_every=1000", *MEASURE_FAST_ARGS]
 
 
 def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 # about a minute of training on one CPU thread: longer than the ~40 s after which a job with a 1-minute
 # limit is signalled, so that run is interrupted at least once; the same config (hence run id) for all
 LONG = {"data.val_size": 100, "data.train_size": 400, "train.epochs": 25, "train.batch_size": 20,
-        "optim.lr": 0.05}
+        "optim.lr": 0.05, "measure.enabled": False}
 COMPARED = ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc", "test_top5")
 
 

@@ -6,10 +6,10 @@ import pytest
 
 from pipeline.collect import collect
 from pipeline.rundir import list_runs
-from tests.conftest import REPO, run_cli
+from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
 
 TINY = ["data.name=synthetic", "data.val_size=50", "data.train_size=64", "train.epochs=1", "train.device=cpu",
-        "train.eval_batch_size=256", "output.log_every=1000"]
+        "train.eval_batch_size=256", "output.log_every=1000", *MEASURE_FAST_ARGS]
 
 
 @pytest.mark.parametrize("sweep, n_runs, model", [("optimizers", 5, "preact_resnet164"),
