@@ -53,7 +53,7 @@ def _quant_size(r: dict[str, Any]) -> Any:
 # The compression stages' key figures, shown when any run of the sweep prunes or quantizes:
 # (column title, CSV key, value of a record, formatter). The full compression table is collect's own report.
 COMPRESSION_COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], Any], str]] = [
-    ("sparsity", "sparsity", lambda r: _stage(r, "prune", "sparsity"), "pct"),
+    ("removed", "sparsity", lambda r: _stage(r, "prune", "sparsity"), "pct"),  # weights (or parameters) pruned
     ("pruned acc", "pruned_test_acc",
      lambda r: _stage(r, "prune", "test_acc") if _stage(r, "prune", "during") == "finetune" else None, "pct"),
     ("int8 acc", "int8_test_acc", _quant_acc, "pct"),

@@ -163,7 +163,15 @@ def load_from_spec(spec: dict[str, Any], *, device: str | torch.device = "cpu",
         if device.type != "cpu":
             model = model.to(device)
     if spec.get("compile"):
-        return torch.compile(model, options={"freezing": True})
+        # inductor with freezing (int8 weights prepacked into oneDNN kernels), compiled and warmed up
+        # here; a graph inductor cannot compile falls back to eager, and says why in compile_info
+        from pipeline.compress.quantize import compile_int8
+        example = torch.zeros(1, 3, 32, 32, device=device)
+        if channels_last:
+            example = example.contiguous(memory_format=torch.channels_last)
+        fn, info = compile_int8(model, example)
+        fn.compile_info = info  # type: ignore[attr-defined]
+        return fn
     return model
 
 
@@ -602,6 +610,7 @@ def _measure(artifacts: list[Artifact], batches_for: Callable[[], Iterable], inp
             "dtype": _DTYPE_NAMES[a.dtype], "compute_dtype": _DTYPE_NAMES[compute[1]],
             "channels_last": bool(a.channels_last), "threads": threads,
             "file": None if a.path is None else str(a.path), "load_s": load_s, "skipped": skipped,
+            "compile": getattr(fn, "compile_info", None),
             "loader": a.loader_spec,
         })
 
