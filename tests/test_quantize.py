@@ -320,7 +320,8 @@ def test_compile_int8_resnet20(resnet20_int8, task_eval):
     start = time.perf_counter()
     run, info = Q.compile_int8(resnet20_int8, x)
     print(f"\nresnet20 int8 compile + warm-up {time.perf_counter() - start:.1f} s: {info}")
-    assert info == {"compiled": True, "backend": "inductor", "fallback_reason": None}
+    assert info["compiled"] is True and info["backend"] == "inductor" and info["fallback_reason"] is None
+    assert 0 < info["compile_s"] <= time.perf_counter() - start
     assert torch._inductor.config.freezing == freezing  # the global setting is left as it was
     eager = _logits(resnet20_int8, task_eval[0])
     compiled = torch.cat([run(part) for part in task_eval[0].split(16)])
