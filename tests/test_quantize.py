@@ -4,6 +4,7 @@ compile (and the ResNet-9 workaround), and the file sizes that the compression t
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import os
@@ -299,7 +300,6 @@ def _qat_round_trip(name: str, model: nn.Module, tmp_path: Path, steps: int, bat
 
 
 def test_qat_resnet20_trains_resumes_converts_and_loads(resnet20, tmp_path):
-    import copy
     _qat_round_trip("resnet20", copy.deepcopy(resnet20), tmp_path, steps=3, batch=16)
 
 
@@ -368,7 +368,6 @@ def test_int8_file_sizes_resnet20_dense_and_sparse(resnet20, resnet20_int8, tmp_
     assert sizes["tensors"] < sizes["raw"]
 
     # 70% of the conv/linear weights (global magnitude) set to zero by hand, then int8.
-    import copy
     sparse = copy.deepcopy(resnet20)
     weights = [m.weight for m in sparse.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
