@@ -6,8 +6,10 @@ imports ``torch.ao.quantization`` (it warns at import); torchao itself registers
 ``quantized_decomposed`` ops that the converted graphs use.
 
 The saved artefact is an exported program (``.pt2``) that holds the int8 weights and the activation
-scales (they live in the graph, not in a state_dict), so it loads with plain ``torch.export.load``
-in a process that cannot import this project.
+scales (they live in the graph, not in a state_dict), so it loads with ``torch.export.load`` in a
+process that cannot import this project. That process must ``import torchao`` first: plain torch does
+not know the ``quantized_decomposed`` ops and the load fails ("We failed to resolve
+torch.ops.quantized_decomposed.dequantize_per_channel.default to an operator").
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 import logging
 import os
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -164,15 +167,16 @@ def _require_quantized(converted: GraphModule) -> GraphModule:
 def quantize_int8(model: nn.Module, calib: Iterable[torch.Tensor], example: torch.Tensor) -> GraphModule:
     """Post-training static int8 (per-channel weights, per-tensor activations) for x86 inductor.
 
-    ``calib`` yields input batches already on the CPU and normalised like training inputs. The model is
-    copied first: folding BatchNorm into the convolutions must not touch the caller's weights.
+    ``calib`` yields input batches normalised like training inputs (a few hundred images are enough for
+    min/max observers). The model is copied to the CPU first: folding BatchNorm into the convolutions
+    must not touch the caller's weights. Raises if no quantize op ended up in the graph.
     """
     model = copy.deepcopy(model).cpu()
-    prepared = _prepare(export_model(model, example).module(), is_qat=False)
+    prepared = _prepare(export_model(model, example.cpu()).module(), is_qat=False)
     batches = 0
     with torch.no_grad():
         for x in calib:
-            prepared(x)
+            prepared(x.cpu())
             batches += 1
     if batches == 0:
         raise ValueError("quantize_int8 needs at least one calibration batch")
@@ -191,7 +195,7 @@ def prepare_qat(model: nn.Module, example: torch.Tensor) -> GraphModule:
     architecture, which is how an interrupted QAT fine-tune resumes.
     """
     model = copy.deepcopy(model).cpu()
-    return _prepare(_export(model, example, train=True).module(), is_qat=True)
+    return _prepare(_export(model, example.cpu(), train=True).module(), is_qat=True)
 
 
 def set_exported_mode(gm: GraphModule, train: bool) -> GraphModule:
@@ -261,9 +265,13 @@ def save_int8(gm: GraphModule, path: Path, example: torch.Tensor) -> dict[str, i
 
     The converted module still carries the original fp32 weights, so a plain save is larger than the
     fp32 model: every parameter/buffer no node reads is dropped before re-export, and the program is
-    stripped of its sample inputs and of per-node debug metadata (stack traces, module stacks, source
-    provenance). Left in the file: the int8 weights, fp32 biases, the graph with the activation
-    scales, its signature and per-node shapes (needed to load it). Written atomically.
+    stripped of its sample inputs (the example batch, e.g. 98 KB for 8 CIFAR images) and of per-node
+    debug metadata (stack traces, module stacks, source provenance). ResNet-20: naive 1.82 MB ->
+    unused state dropped 0.72 MB -> no sample inputs 0.62 MB -> no debug metadata 0.47 MB (fp32
+    state_dict 1.12 MB). What is left: the int8 weights with their per-channel scales, fp32 biases
+    (0.28 MB together) and the graph JSON (~0.15 MB: nodes with the activation scales inlined, the
+    signature and every node's shape, all needed to load it; it gzips to a few KB). Written
+    atomically (temporary file in the same folder, fsync, rename).
 
     Returns ``raw`` and ``gzip`` (level 9) bytes of the file, ``tensors`` (bytes of the weight
     tensors alone) and ``tensors_gzip``.
@@ -283,7 +291,8 @@ def save_int8(gm: GraphModule, path: Path, example: torch.Tensor) -> dict[str, i
 
 
 def load_int8(path: Path) -> nn.Module:
-    """The int8 module saved by ``save_int8``; needs torch (and torchao, see below), not this project."""
+    """The int8 module saved by ``save_int8``. Elsewhere: ``import torchao`` (registers the ops), then
+    ``torch.export.load(path).module()``; this project is not needed."""
     return torch.export.load(Path(path)).module()
 
 
@@ -324,7 +333,7 @@ def compile_int8(module: nn.Module, example: torch.Tensor) -> tuple[Callable[[to
     sets it only around each call, which also covers recompiles for a new input shape or memory
     format, and restores it after. Freezing applies only with gradients off: calls run under
     ``torch.no_grad()``. If the warm-up compile fails, the eager int8 module is returned and
-    ``info["fallback_reason"]`` says why.
+    ``info["fallback_reason"]`` says why; ``info["compile_s"]`` is the warm-up time (compile included).
     """
     compiled = torch.compile(module, backend="inductor")
 
@@ -332,6 +341,7 @@ def compile_int8(module: nn.Module, example: torch.Tensor) -> tuple[Callable[[to
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             return compiled(x)
 
+    start = time.perf_counter()
     try:
         run(example)
     except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager int8
@@ -342,8 +352,10 @@ def compile_int8(module: nn.Module, example: torch.Tensor) -> tuple[Callable[[to
             with torch.no_grad():
                 return module(x)
 
-        return eager, {"compiled": False, "backend": "eager", "fallback_reason": reason}
-    return run, {"compiled": True, "backend": "inductor", "fallback_reason": None}
+        return eager, {"compiled": False, "backend": "eager", "fallback_reason": reason,
+                       "compile_s": round(time.perf_counter() - start, 2)}
+    return run, {"compiled": True, "backend": "inductor", "fallback_reason": None,
+                 "compile_s": round(time.perf_counter() - start, 2)}
 
 
 # --------------------------------------------------------------------------------------------------
