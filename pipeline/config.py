@@ -179,6 +179,7 @@ class MeasureConfig:
     warmup: int = _num(3, min=1)                   # untimed forwards first, per model and batch size
     compile: bool = True                           # int8: inductor-compiled (the fast path); fp32 also
     # measured compiled for a fair baseline
+    memory: bool = True                            # peak inference memory, each model in a fresh process
     threads: int = _num(0, min=0)                  # CPU threads; 0 = as for training
 
 

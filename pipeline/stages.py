@@ -241,7 +241,8 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     _, _, test = _cpu_loaders(cfg)
     entries = measure_artifacts(artifacts, test, threads=threads, latency_repeats=int(m.latency_repeats),
                                 throughput_batch=int(m.throughput_batch),
-                                throughput_repeats=int(m.throughput_repeats), warmup=int(m.warmup))
+                                throughput_repeats=int(m.throughput_repeats), warmup=int(m.warmup),
+                                memory=bool(m.memory))
     for e in entries:
         log.info("measure %-12s top-1 %.4f  %s bytes  %.3f ms/img (batch 1)  %s img/s (batch %d)", e["name"],
                  e.get("test_top1") or 0, e.get("file_bytes"), e.get("latency_b1_ms") or float("nan"),

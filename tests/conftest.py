@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The measure stage as tests run it: eager models, few repeats (timing figures are never asserted on)
 MEASURE_FAST = {"measure.compile": False, "measure.latency_repeats": 3, "measure.throughput_batch": 16,
-                "measure.throughput_repeats": 2, "measure.warmup": 1}
+                "measure.throughput_repeats": 2, "measure.warmup": 1, "measure.memory": False}
 MEASURE_FAST_ARGS = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MEASURE_FAST.items()]
 
 

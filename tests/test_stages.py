@@ -68,7 +68,8 @@ def fresh_accuracies(run: RunDir, *names: str) -> dict[str, float]:
 
 def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     run = run_job(tmp_path, synthetic_root, "prune.method=unstructured", "prune.sparsity=0.5", "prune.epochs=2",
-                  "prune.frequency=2", "prune.end=0.5", "prune.lr=0.01", "quant.method=int8", "quant.calib_batches=2")
+                  "prune.frequency=2", "prune.end=0.5", "prune.lr=0.01", "quant.method=int8", "quant.calib_batches=2",
+                  "measure.memory=true")
     assert run.status() == "done"
     train, prune, quant, meas = (run.read_metrics(s) for s in ("train", "prune", "quantize", "measure"))
     assert train["status"] == prune["status"] == quant["status"] == meas["status"] == "done"
@@ -91,6 +92,7 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     assert by_name["pruned"]["nonzero_parameters"] < 0.6 * by_name["trained"]["nonzero_parameters"]
     assert by_name["int8"]["file_bytes"] == (run.models / "int8.pt2").stat().st_size
     assert by_name["trained"]["test_top1"] == pytest.approx(train["test_acc"])
+    assert all(e["peak_memory_b1_bytes"] >= 0 and e["memory_method"] for e in meas["models"])
     # TensorBoard: the fine-tune's epochs and the sparsity of every mask update, read back
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc_tb = EventAccumulator(str(run.tensorboard / "prune" / "sparsity"))

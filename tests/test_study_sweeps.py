@@ -34,3 +34,38 @@ def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, 
     if sweep == "batch_workers":
         workers = {run.read_meta()["swept"]["train.num_workers"] for run in runs}
         assert workers == {0, 4, 8}
+
+
+# The compression studies on tiny data: command-line overrides win over the sweep's own axes, so
+# model.name=resnet20 and data.name=synthetic fold the model and data-set axes (each ResNet and GoogLeNet
+# is pruned, quantized and reloaded in tests/test_prune.py and tests/test_quantize.py).
+COMPRESS_TINY = [*TINY, "model.name=resnet20", "prune.epochs=1", "prune.frequency=1", "quant.calib_batches=1",
+                 "slurm.tasks_per_node=1", "slurm.gpus_per_node=0", "train.batch_size=32",
+                 "schedule.warmup_epochs=0", "prune.warmup_epochs=0"]
+
+
+@pytest.mark.parametrize("sweep, n_runs, fold", [("sparsity", 2, ["prune.sparsity=0.7"]), ("mixed_precision", 2, []),
+                                                 ("compression", 3, [])])
+def test_compression_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, fold):
+    out = tmp_path / "runs"
+    r = run_cli("pipeline.sweep", str(REPO / f"sweeps/{sweep}.yaml"), "--cluster", "local", "--wait", "--out",
+                str(out), f"data.root={synthetic_root}", *COMPRESS_TINY, *fold, cwd=tmp_path, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = list_runs(out / sweep)
+    assert len(runs) == n_runs
+    for run in runs:
+        assert run.status() == "done", (run.id, run.stage_statuses())
+        quant = run.read_metrics("quantize")
+        assert quant["method"] == "int8" and (run.models / "int8.pt2").is_file()
+        names = {e["name"] for e in run.read_metrics("measure")["models"]}
+        prune = run.read_metrics("prune")
+        if sweep == "sparsity":  # pruned while training, to the swept final sparsity
+            assert prune["during"] == "train" and prune["sparsity"] == pytest.approx(prune["sparsity_target"], abs=1e-3)
+            assert names == {"trained", "int8"}
+        elif sweep == "compression":
+            assert names == ({"trained", "int8"} if prune["method"] == "none" else {"trained", "pruned", "int8"})
+            assert quant["source"] == ("models/trained.pt" if prune["method"] == "none" else "models/pruned.pt")
+    md, _ = collect(out / sweep)
+    assert md.count("| done |") == n_runs and "int8 acc" in md
+    if sweep == "mixed_precision":
+        assert {run.read_metrics("train")["precision"] for run in runs} == {"fp32", "fp16"}
