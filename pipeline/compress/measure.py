@@ -42,6 +42,7 @@ from torch import Tensor
 __all__ = [
     "MODEL_FORMAT",
     "Artifact",
+    "FrozenCompiled",
     "count_flop_macs",
     "count_parameters",
     "file_sizes",
@@ -146,8 +147,8 @@ def load_from_spec(spec: dict[str, Any], *, device: str | torch.device = "cpu",
 
     ``{"kind": "state_dict", "path": P}``: a :data:`MODEL_FORMAT` file (:func:`load_model_file`), moved to
     channels_last if asked. ``{"kind": "pt2", "path": P}``: ``torch.export.load(P).module()``.
-    ``"compile": true`` wraps either in ``torch.compile`` with inductor freezing (compiled at the first
-    call, which :func:`measure_artifacts` makes in its warm-up).
+    ``"compile": true`` wraps either in ``torch.compile`` with inductor freezing (:class:`FrozenCompiled`;
+    compiled at the first call of each shape, which :func:`measure_artifacts` makes before timing).
     """
     kind = spec.get("kind")
     path = spec.get("path")
@@ -163,8 +164,34 @@ def load_from_spec(spec: dict[str, Any], *, device: str | torch.device = "cpu",
         if device.type != "cpu":
             model = model.to(device)
     if spec.get("compile"):
-        return torch.compile(model, options={"freezing": True})
+        return FrozenCompiled(model)
     return model
+
+
+class FrozenCompiled(nn.Module):
+    """``torch.compile(module)`` called with inductor freezing on.
+
+    Freezing must be on while dynamo traces, which happens at the first call of each new shape:
+    ``torch.compile(m, options={"freezing": True})`` is not enough there (PT2E int8 graphs then fail with
+    ``UnsupportedOperatorException: onednn.qconv_prepack.default``), so each call runs under
+    ``torch._inductor.config.patch(freezing=True)`` instead of changing the global config.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = module
+        self.compiled = torch.compile(module)
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+    def train(self, mode: bool = True) -> FrozenCompiled:
+        _set_training(self._orig_mod, mode)
+        self.training = mode
+        return self
 
 
 @dataclass
@@ -421,8 +448,11 @@ def _profile_once(fn: Callable, x: Tensor, device: torch.device) -> tuple[float,
     cpu_us = float(sum(e.self_cpu_time_total for e in events))
     if not cuda:
         return cpu_us, None
+    # As the footer: kernels are events of device type CUDA (user annotations aside); the legacy profiler
+    # kept kernel time on the CPU events instead.
     cuda_us = float(sum(e.self_device_time_total for e in events
-                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation))
+                        if (e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+                        or (e.device_type == DeviceType.CPU and e.is_legacy)))
     return cpu_us, cuda_us
 
 
@@ -536,11 +566,12 @@ def measure_artifacts(artifacts: list[Artifact], test_data: Iterable | Callable[
     its fp16 weights upcast (exact; ``compute_dtype`` says so; in fp16 if the runnable is no module), but
     no timing, profile or memory figures (None, the reason in ``skipped``).
 
-    All runs use ``torch.set_num_threads(threads)`` (restored afterwards; subprocesses get the same).
+    All runs use ``torch.set_num_threads(threads)`` (restored afterwards; subprocesses get the same;
+    0 keeps the current ``torch.get_num_threads()``).
     """
-    if threads < 0 or latency_repeats < 1 or throughput_batch < 1 or throughput_repeats < 1 or warmup < 0:
+    if threads < 0 or latency_repeats < 1 or throughput_batch < 1 or throughput_repeats < 1 or warmup < 1:
         raise ValueError("need threads >= 0, latency_repeats >= 1, throughput_batch >= 1, "
-                         "throughput_repeats >= 1 and warmup >= 0")
+                         "throughput_repeats >= 1 and warmup >= 1")
     names = [a.name for a in artifacts]
     if len(set(names)) != len(names):
         raise ValueError(f"artifact names must be unique, got {names}")
