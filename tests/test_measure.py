@@ -23,7 +23,8 @@ from pipeline.models import build_model, count_macs
 from pipeline.train import evaluate
 
 KEYS = {
-    "name", "device", "device_name", "dtype", "compute_dtype", "channels_last", "threads", "file", "load_s", "skipped", "loader",
+    "name", "device", "device_name", "dtype", "compute_dtype", "channels_last", "threads", "file", "load_s",
+    "skipped", "loader",
     "file_bytes", "file_gzip_bytes", "parameters", "nonzero_parameters", "parameters_from", "macs_per_image",
     "macs_from", "test_images", "test_loss", "test_top1", "test_top5", "latency_repeats", "latency_b1_ms",
     "latency_b1_ms_min", "throughput_batch", "throughput_repeats", "batch_ms", "batch_ms_min",
