@@ -18,12 +18,13 @@ from torch import nn
 from torch.export import Dim
 
 from pipeline.compress.measure import Artifact, format_table, load_model_file, measure_artifacts, save_model_file
-from pipeline.data import DeviceLoader, load_cifar
+from pipeline.data import DeviceLoader, Split, load_cifar
 from pipeline.models import build_model, count_macs
 from pipeline.train import evaluate
 
 KEYS = {
-    "name", "device", "device_name", "dtype", "compute_dtype", "channels_last", "threads", "file", "load_s", "skipped", "loader",
+    "name", "device", "device_name", "dtype", "compute_dtype", "channels_last", "threads", "file", "load_s", "compile",
+    "skipped", "loader",
     "file_bytes", "file_gzip_bytes", "parameters", "nonzero_parameters", "parameters_from", "macs_per_image",
     "macs_from", "test_images", "test_loss", "test_top1", "test_top5", "latency_repeats", "latency_b1_ms",
     "latency_b1_ms_min", "throughput_batch", "throughput_repeats", "batch_ms", "batch_ms_min",
@@ -70,7 +71,8 @@ def _int8(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
 def setup(synthetic_root, tmp_path_factory):
     d = tmp_path_factory.mktemp("measure")
     data = load_cifar("synthetic", synthetic_root, val_size=100)
-    loader = DeviceLoader(data.test, 50, mean=data.mean, std=data.std)  # 200 images, 4 batches
+    test = Split(data.test.images[:100], data.test.labels[:100])  # 2 batches (keeps the test quick)
+    loader = DeviceLoader(test, 50, mean=data.mean, std=data.std)
     torch.manual_seed(0)
     fp32 = build_model("resnet20", 10).eval()
     sparse = copy.deepcopy(fp32)
@@ -143,7 +145,7 @@ def test_accuracy_equals_evaluate(setup):
     for name in ("fp32", "pt2"):
         assert (e[name]["test_top1"], e[name]["test_top5"]) == (ref["acc"], ref["top5"]), name
         assert e[name]["test_loss"] == pytest.approx(ref["loss"], rel=1e-6)
-        assert e[name]["test_images"] == 200
+        assert e[name]["test_images"] == 100
     pruned = evaluate(setup["sparse"], loader)
     assert (e["pruned"]["test_top1"], e["pruned"]["test_top5"]) == (pruned["acc"], pruned["top5"])
     # fp16 on the CPU: computed in fp32 from the fp16 weights
@@ -241,3 +243,16 @@ def test_state_dict_of_another_shape(tmp_path):
         loaded = load_model_file(path)
         assert loaded.layer1[0].conv1.weight.shape == (8, 16, 3, 3)
         assert loaded(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_compiled_int8_is_measured_through_compile_int8(setup):
+    """compile=true: the int8 program runs inductor-compiled with freezing (the measure stage's default),
+    its parameters are still counted from the int8 graph, and predictions agree with eager int8."""
+    art = Artifact.from_pt2("int8c", setup["paths"]["int8"], source=setup["fp32"], compile=True)
+    (e,) = measure_artifacts([art], setup["loader"], threads=1, latency_repeats=2, throughput_batch=8,
+                             throughput_repeats=1, warmup=1, profile=False, memory=False)
+    assert e["compile"]["compiled"] is True and e["compile"]["fallback_reason"] is None
+    assert e["parameters"] == setup["entries"]["int8"]["parameters"] and e["parameters_from"] == "runnable"
+    assert abs(e["test_top1"] - setup["entries"]["int8"]["test_top1"]) <= 0.05
+    assert e["latency_b1_ms"] > 0

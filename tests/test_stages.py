@@ -32,6 +32,7 @@ def tiny(root: Path, *extra: str) -> list[str]:
 def run_job(tmp_path: Path, root: Path, *extra: str, out: str = "runs") -> RunDir:
     r = run_cli("pipeline.run", *tiny(root, *extra), "--out", str(tmp_path / out), cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "torch.ao.quantization" not in r.stdout + r.stderr  # no deprecated path, no warning about it
     (run,) = list_runs(tmp_path / out)
     return run
 

@@ -119,24 +119,10 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
 
 
 def _load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """``torch.export.load`` with the quantization ops a saved graph may call registered first.
+    """``torch.export.load`` with the quantization ops a saved int8 graph calls registered first (torchao's,
+    through :mod:`pipeline.compress.quantize`; never the deprecated ``torch.ao.quantization``)."""
+    from pipeline.compress.quantize import load_int8  # noqa: F401  (imports torchao: registers the ops)
 
-    A fresh process does not know the ``quantized_decomposed`` ops of a PT2E int8 graph until their library
-    is imported (cheap); torchao's own ops (a ~4 s import) are registered only when the graph names them.
-    """
-    import zipfile
-
-    try:
-        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed.*)
-    except ImportError:
-        pass
-    try:
-        with zipfile.ZipFile(path) as z:
-            uses_torchao = any(b"torchao" in z.read(n) for n in z.namelist() if n.endswith("model.json"))
-    except (OSError, zipfile.BadZipFile):
-        uses_torchao = False
-    if uses_torchao:
-        import torchao  # noqa: F401
     return torch.export.load(path)
 
 
@@ -146,8 +132,9 @@ def load_from_spec(spec: dict[str, Any], *, device: str | torch.device = "cpu",
 
     ``{"kind": "state_dict", "path": P}``: a :data:`MODEL_FORMAT` file (:func:`load_model_file`), moved to
     channels_last if asked. ``{"kind": "pt2", "path": P}``: ``torch.export.load(P).module()``.
-    ``"compile": true`` wraps either in ``torch.compile`` with inductor freezing (compiled at the first
-    call, which :func:`measure_artifacts` makes in its warm-up).
+    ``"compile": true`` wraps either in ``torch.compile`` with inductor freezing
+    (:func:`pipeline.compress.quantize.compile_int8`;
+    compiled at the first call of each shape, which :func:`measure_artifacts` makes before timing).
     """
     kind = spec.get("kind")
     path = spec.get("path")
@@ -258,7 +245,7 @@ def file_sizes(path: str | os.PathLike | None) -> tuple[int | None, int | None]:
 def _unwrap(fn: Any) -> Any:
     """The original module or function behind ``torch.compile``."""
     for _ in range(8):
-        if isinstance(fn, nn.Module) and isinstance(getattr(fn, "_orig_mod", None), nn.Module):
+        if isinstance(getattr(fn, "_orig_mod", None), nn.Module):  # torch.compile'd, or compile_int8's
             fn = fn._orig_mod
         elif callable(getattr(fn, "_torchdynamo_orig_callable", None)):
             fn = fn._torchdynamo_orig_callable
@@ -429,8 +416,11 @@ def _profile_once(fn: Callable, x: Tensor, device: torch.device) -> tuple[float,
     cpu_us = float(sum(e.self_cpu_time_total for e in events))
     if not cuda:
         return cpu_us, None
+    # As the footer: kernels are events of device type CUDA (user annotations aside); the legacy profiler
+    # kept kernel time on the CPU events instead.
     cuda_us = float(sum(e.self_device_time_total for e in events
-                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation))
+                        if (e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+                        or (e.device_type == DeviceType.CPU and e.is_legacy)))
     return cpu_us, cuda_us
 
 
@@ -544,11 +534,12 @@ def measure_artifacts(artifacts: list[Artifact], test_data: Iterable | Callable[
     its fp16 weights upcast (exact; ``compute_dtype`` says so; in fp16 if the runnable is no module), but
     no timing, profile or memory figures (None, the reason in ``skipped``).
 
-    All runs use ``torch.set_num_threads(threads)`` (restored afterwards; subprocesses get the same).
+    All runs use ``torch.set_num_threads(threads)`` (restored afterwards; subprocesses get the same;
+    0 keeps the current ``torch.get_num_threads()``).
     """
-    if threads < 0 or latency_repeats < 1 or throughput_batch < 1 or throughput_repeats < 1 or warmup < 0:
+    if threads < 0 or latency_repeats < 1 or throughput_batch < 1 or throughput_repeats < 1 or warmup < 1:
         raise ValueError("need threads >= 0, latency_repeats >= 1, throughput_batch >= 1, "
-                         "throughput_repeats >= 1 and warmup >= 0")
+                         "throughput_repeats >= 1 and warmup >= 1")
     names = [a.name for a in artifacts]
     if len(set(names)) != len(names):
         raise ValueError(f"artifact names must be unique, got {names}")

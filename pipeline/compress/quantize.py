@@ -352,8 +352,10 @@ def compile_int8(module: nn.Module, example: torch.Tensor) -> tuple[Callable[[to
             with torch.no_grad():
                 return module(x)
 
+        eager._orig_mod = module  # type: ignore[attr-defined]  (what measure counts and unwraps)
         return eager, {"compiled": False, "backend": "eager", "fallback_reason": reason,
                        "compile_s": round(time.perf_counter() - start, 2)}
+    run._orig_mod = module  # type: ignore[attr-defined]
     return run, {"compiled": True, "backend": "inductor", "fallback_reason": None,
                  "compile_s": round(time.perf_counter() - start, 2)}
 
