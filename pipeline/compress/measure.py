@@ -68,16 +68,12 @@ MMAP_THRESHOLD = 4096
 
 def save_model_file(path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int,
                     shortcut: str = "A", norm: str = "batch") -> Path:
-    """Write ``model``'s state_dict (on the CPU) in :data:`MODEL_FORMAT`; the dtype is its parameters'."""
-    param = next(model.parameters())
-    if param.dtype not in _DTYPE_NAMES:
-        raise ValueError(f"parameters must be float32 or float16, got {param.dtype}")
-    path = Path(path)
-    torch.save({"format": MODEL_FORMAT,
-                "arch": {"name": name, "num_classes": int(num_classes), "shortcut": shortcut, "norm": norm},
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "dtype": _DTYPE_NAMES[param.dtype]}, path)
-    return path
+    """:func:`pipeline.artifacts.save_model` with the architecture given by its parts."""
+    from pipeline.artifacts import save_model
+
+    save_model(Path(path), model, {"name": name, "num_classes": int(num_classes), "shortcut": shortcut,
+                                   "norm": norm})
+    return Path(path)
 
 
 def _read_model_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
@@ -89,33 +85,12 @@ def _read_model_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str
     return blob
 
 
-def _resize_if_needed(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
-    """Resize the layers of ``model`` to a structurally pruned state dict (only when shapes differ)."""
-    own = model.state_dict()
-    if all(k in own and tuple(own[k].shape) == tuple(v.shape) for k, v in state_dict.items()):
-        return
-    try:
-        from pipeline.compress.structured import resize_to_state_dict
-    except ModuleNotFoundError as e:
-        if e.name != "pipeline.compress.structured":
-            raise
-        return  # not merged yet: load_state_dict below reports the mismatching shapes
-    resize_to_state_dict(model, state_dict)
-
-
 def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model of a :data:`MODEL_FORMAT` file (``weights_only`` load), in eval mode, in its dtype."""
-    from pipeline.models import build_model, convert_norm
+    """The model of a :data:`MODEL_FORMAT` file in eval mode and its dtype (:func:`pipeline.artifacts.load_model`:
+    weights only, pruned shapes rebuilt from the tensors)."""
+    from pipeline.artifacts import load_model
 
-    blob = _read_model_file(path)
-    arch = blob["arch"]
-    model = build_model(arch["name"], int(arch["num_classes"]), shortcut=arch.get("shortcut", "A"))
-    convert_norm(model, arch.get("norm", "batch"))
-    state_dict = blob["state_dict"]
-    _resize_if_needed(model, state_dict)
-    model.to(DTYPES[blob.get("dtype", "float32")])
-    model.load_state_dict(state_dict)
-    return model.to(device).eval()
+    return load_model(Path(path), device)[0]
 
 
 def _load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
