@@ -25,6 +25,7 @@ demo: venv
 # start (not root, say), the Slurm tests fail and show why: they are never skipped.
 test: venv
 	bash tests/slurm/start.sh || echo "warning: the local Slurm cluster did not start; Slurm tests will fail" >&2
+	$(VENV)/bin/ruff check pipeline tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 slurm-up:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline.artifacts import FP16, INT8, PRUNED, TRAINED, arch_of, build_from_arch, load_model, save_model
+from pipeline.artifacts import FP16, INT8, PRUNED, TRAINED, build_from_arch, load_model, save_model
 from pipeline.rundir import RunDir
 from pipeline.train import (Phase, evaluate, evaluate_test, fit, history_metrics, load_checkpoint, setup,
                             unstructured_pruner)
