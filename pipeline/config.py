@@ -227,7 +227,7 @@ class Config:
 
 # Settings that only say where or how a run is scheduled or logged: they do not change its result, so
 # they are left out of the run id (a longer time limit must resume a run, not start a new one).
-ID_EXCLUDED_SECTIONS = ("slurm", "output")
+ID_EXCLUDED_SECTIONS = ("slurm", "output", "measure")  # measure: how models are timed, not which are made
 ID_INCLUDED_SLURM_KEYS = ("nodes", "tasks_per_node")  # the number of ranks does change the result
 
 

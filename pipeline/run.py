@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rerun == "all":
         run.archive()
     elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
-        run.archive(stage)
+        run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included
     status = execute(run.path)
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")
     return {"done": 0, "diverged": 0, "preempted": EXIT_PREEMPTED}.get(status, 1)

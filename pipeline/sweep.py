@@ -270,7 +270,7 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None,
         elif rerun == "failed" and status == "failed":
             stage = rd.failed_stage()
             decisions.append(Decision(r, "rerun", f"{stage} failed; redo from it" if stage else "was failed",
-                                      from_stage=stage))
+                                      from_stage=None if stage == "train" else stage))
         elif status in ("done", "diverged"):
             decisions.append(Decision(r, "skip-done", status))
         elif status == "failed":

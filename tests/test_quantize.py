@@ -321,7 +321,7 @@ def test_compile_int8_resnet20(resnet20_int8, task_eval):
     run, info = Q.compile_int8(resnet20_int8, x)
     print(f"\nresnet20 int8 compile + warm-up {time.perf_counter() - start:.1f} s: {info}")
     assert info["compiled"] is True and info["backend"] == "inductor" and info["fallback_reason"] is None
-    assert 0 < info["compile_s"] <= time.perf_counter() - start
+    assert 0 < info["compile_s"] <= time.perf_counter() - start + 0.01  # compile_s is rounded to 0.01 s
     assert torch._inductor.config.freezing == freezing  # the global setting is left as it was
     eager = _logits(resnet20_int8, task_eval[0])
     compiled = torch.cat([run(part) for part in task_eval[0].split(16)])
