@@ -133,7 +133,7 @@ def read_json(path: Path) -> Any | None:
     """The parsed file, or None when it is missing or half-written by a foreign tool."""
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, ValueError):  # binary or truncated
         return None
 
 
@@ -184,16 +184,30 @@ class RunDir:
         return self.metrics_dir / f"{stage}.json"
 
     def read_metrics(self, stage: str) -> dict[str, Any] | None:
-        return read_json(self.metrics_path(stage))
+        """The stage's record; None when there is none. A record that exists but cannot be read (binary,
+        truncated, not a mapping) counts as a failed stage naming the file, never as one not yet run."""
+        path = self.metrics_path(stage)
+        m = read_json(path)
+        if m is None and not path.exists():
+            return None
+        if not isinstance(m, dict) or not isinstance(m.get("status", "failed"), str):
+            return {"status": "failed", "stage": stage,
+                    "error": f"{path} is unreadable (corrupt or half-written); --rerun failed redoes the stage"}
+        return m
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
         atomic_write_json(self.metrics_path(stage), metrics)
 
     def read_meta(self) -> dict[str, Any]:
-        return read_json(self.meta) or {}
+        meta = read_json(self.meta)
+        if not isinstance(meta, dict):
+            return {}
+        return meta if isinstance(meta.get("swept", {}), dict) else {**meta, "swept": {}}
 
     def read_progress(self) -> dict[str, Any]:
-        return read_json(self.progress) or {}
+        progress = read_json(self.progress)
+        ok = isinstance(progress, dict) and all(k in progress for k in ("epoch", "epochs"))
+        return progress if ok else {}
 
     def status(self) -> str:
         """pending | running | done | diverged | failed, from the files alone.

@@ -51,3 +51,22 @@ def test_collect_cli_errors_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run_cli("pipeline.collect", str(tmp_path / "empty"), cwd=tmp_path)
     assert r.returncode == 2 and "holds no run folders" in r.stderr
+
+
+def test_bad_files_in_one_run_do_not_hide_the_sweep(tmp_path, repo):
+    """A binary or truncated stage record, a meta.json that is a list, a progress.json without epochs:
+    that run is reported (a corrupt record as a failed stage naming the file), the others are shown."""
+    sweep_dir, runs = make_sweep(tmp_path, repo)
+    write_done(runs["sgd"], finished("done"))
+    runs["adam"].metrics_path("train").parent.mkdir(parents=True)
+    runs["adam"].metrics_path("train").write_bytes(b"\x00\xff\x13binary")
+    write_done(runs["adamw"], finished("done"))
+    runs["adamw"].metrics_path("quantize").write_text('{"status": "do')  # truncated
+    runs["nesterov"].meta.write_text("[1, 2]")
+    runs["adagrad"].progress.write_text('{"stage": "train"}')
+    md, _ = collect(sweep_dir)
+    assert md.count("| done |") == 1 and md.count("failed (") == 2, md
+    assert runs["adam"].read_metrics("train")["error"].startswith(str(runs["adam"].metrics_path("train")))
+    assert "quantize stage" in next(line for line in md.splitlines() if line.startswith(f"| {runs['adamw'].id}"))
+    s = run_cli("pipeline.status", str(sweep_dir), cwd=tmp_path)
+    assert s.returncode == 0 and "Traceback" not in s.stderr, s.stderr
