@@ -578,9 +578,12 @@ def bench_prune_training(b: Bench) -> None:
     epoch = 1
     while not r.enough(cfg["step_rounds"], cfg["step_max_rounds"], cfg["step_min_quiet"], started,
                        cfg["step_budget_s"]):
+        # Blocks are long (seconds) and the machine drifts: the order alternates (A B, B A, ...) so that
+        # neither contender is always the second one.
+        order = list(runs) if epoch % 2 else list(runs)[::-1]
         r.begin()
-        for name, run in runs.items():
-            r.times[name].append(train_block(run, epoch))
+        for name in order:
+            r.times[name].append(train_block(runs[name], epoch))
         r.end()
         epoch += 1
     pruner = runs["pruner"]["pruner"]
