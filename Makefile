@@ -26,6 +26,7 @@ demo: venv
 test: venv
 	bash tests/slurm/start.sh || echo "warning: the local Slurm cluster did not start; Slurm tests will fail" >&2
 	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/ruff format --check pipeline tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 slurm-up:

@@ -76,19 +76,50 @@ TRAIN_BATCH = 128
 # Sizes of the two modes. The test split is cut to a multiple of the inference batch, so a compiled model
 # never sees a second batch size (a new shape would recompile inside the accuracy loop).
 MODES = {
-    "full": dict(train_per_class=500, test_per_class=256, val_size=500, epochs=4, finetune_epochs=2,
-                 finetune_lr=0.05, sparse_finetune_epochs=1, calib_batches=16,
-                 rounds=15, max_rounds=40, min_quiet=8, budget_s=120,
-                 step_block=20, step_rounds=8, step_max_rounds=16, step_min_quiet=5, step_budget_s=300),
-    "quick": dict(train_per_class=64, test_per_class=52, val_size=64, epochs=1, finetune_epochs=1,
-                  finetune_lr=0.05, sparse_finetune_epochs=1, calib_batches=4,
-                  rounds=3, max_rounds=3, min_quiet=3, budget_s=0,
-                  step_block=4, step_rounds=2, step_max_rounds=2, step_min_quiet=2, step_budget_s=0),
+    "full": dict(
+        train_per_class=500,
+        test_per_class=256,
+        val_size=500,
+        epochs=4,
+        finetune_epochs=2,
+        finetune_lr=0.05,
+        sparse_finetune_epochs=1,
+        calib_batches=16,
+        rounds=15,
+        max_rounds=40,
+        min_quiet=8,
+        budget_s=120,
+        step_block=20,
+        step_rounds=8,
+        step_max_rounds=16,
+        step_min_quiet=5,
+        step_budget_s=300,
+    ),
+    "quick": dict(
+        train_per_class=64,
+        test_per_class=52,
+        val_size=64,
+        epochs=1,
+        finetune_epochs=1,
+        finetune_lr=0.05,
+        sparse_finetune_epochs=1,
+        calib_batches=4,
+        rounds=3,
+        max_rounds=3,
+        min_quiet=3,
+        budget_s=0,
+        step_block=4,
+        step_rounds=2,
+        step_max_rounds=2,
+        step_min_quiet=2,
+        step_budget_s=0,
+    ),
 }
 
 # --------------------------------------------------------------------------------------------------
 # Machine
 # --------------------------------------------------------------------------------------------------
+
 
 def cpu_info() -> dict[str, Any]:
     """CPU model, family/model numbers and the SIMD features that matter for int8 kernels."""
@@ -122,11 +153,19 @@ def cpu_info() -> dict[str, Any]:
 
 def onednn_isa() -> str:
     """The instruction set oneDNN dispatches to, from its verbose banner in a child process."""
-    code = ("import torch; c = torch.nn.Conv2d(16, 16, 3, padding=1).eval()\n"
-            "with torch.no_grad(): c(torch.randn(2, 16, 8, 8))")
+    code = (
+        "import torch; c = torch.nn.Conv2d(16, 16, 3, padding=1).eval()\n"
+        "with torch.no_grad(): c(torch.randn(2, 16, 8, 8))"
+    )
     try:
-        out = subprocess.run([sys.executable, "-c", code], check=False, env={**os.environ, "ONEDNN_VERBOSE": "1"},
-                             capture_output=True, text=True, timeout=120).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            check=False,
+            env={**os.environ, "ONEDNN_VERBOSE": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     for line in out.splitlines():
@@ -137,11 +176,13 @@ def onednn_isa() -> str:
 
 def cpu_line(info: dict[str, Any]) -> str:
     fam = f"family {info.get('family')} model {info.get('cpu_model')}"
-    return (f"CPU: {info['model']} ({fam}{', under a hypervisor' if info['hypervisor'] else ''}), "
-            f"{os.cpu_count()} logical CPUs; avx2 {'yes' if info['avx2'] else 'no'}, "
-            f"avx512 {' '.join(info['avx512']) or 'no'}, vnni {' '.join(info['vnni']) or 'no'}, "
-            f"amx {' '.join(info['amx']) or 'no'}; torch kernels {info['torch_capability']}, "
-            f"oneDNN isa {info['onednn_isa']}")
+    return (
+        f"CPU: {info['model']} ({fam}{', under a hypervisor' if info['hypervisor'] else ''}), "
+        f"{os.cpu_count()} logical CPUs; avx2 {'yes' if info['avx2'] else 'no'}, "
+        f"avx512 {' '.join(info['avx512']) or 'no'}, vnni {' '.join(info['vnni']) or 'no'}, "
+        f"amx {' '.join(info['amx']) or 'no'}; torch kernels {info['torch_capability']}, "
+        f"oneDNN isa {info['onednn_isa']}"
+    )
 
 
 def loadavg() -> str:
@@ -246,6 +287,7 @@ def eager(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     def call() -> Any:
         with torch.no_grad():
             return model(x)
+
     return call
 
 
@@ -253,40 +295,65 @@ def timing_rows(r: Rounds, idx: list[int], base: str, batch: int) -> list[dict[s
     rows = []
     for name, ts in r.times.items():
         sel = r.pick(name, idx)
-        rows.append({"model": name, "median_ms_all": median(ts) * 1e3, "median_ms": median(sel) * 1e3,
-                     "min_ms": min(ts) * 1e3, "images_per_s": batch / median(sel),
-                     "vs_base": paired_ratio(r.pick(base, idx), sel),
-                     "vs_base_all": paired_ratio(r.times[base], ts)})
+        rows.append(
+            {
+                "model": name,
+                "median_ms_all": median(ts) * 1e3,
+                "median_ms": median(sel) * 1e3,
+                "min_ms": min(ts) * 1e3,
+                "images_per_s": batch / median(sel),
+                "vs_base": paired_ratio(r.pick(base, idx), sel),
+                "vs_base_all": paired_ratio(r.times[base], ts),
+            }
+        )
     return rows
 
 
 def print_timings(title: str, rows: list[dict[str, Any]], r: Rounds, used: str) -> None:
     print(f"\n{title}")
-    print(f"  rounds: {len(r.other)}; other processes' CPU use per round (cores): "
-          + " ".join(f"{o:.2f}" for o in r.other))
+    print(
+        f"  rounds: {len(r.other)}; other processes' CPU use per round (cores): "
+        + " ".join(f"{o:.2f}" for o in r.other)
+    )
     print(f"  figures from {used}")
-    print(f"  {'model':<42} {'median ms':>9} {'images/s':>9} {'vs baseline':>11}   "
-          f"{'all rounds: median ms':>21} {'vs baseline':>11} {'min ms':>7}")
+    print(
+        f"  {'model':<42} {'median ms':>9} {'images/s':>9} {'vs baseline':>11}   "
+        f"{'all rounds: median ms':>21} {'vs baseline':>11} {'min ms':>7}"
+    )
     for row in rows:
-        print(f"  {row['model']:<42} {row['median_ms']:>9.1f} {row['images_per_s']:>9,.0f} {row['vs_base']:>10.2f}x"
-              f"   {row['median_ms_all']:>21.1f} {row['vs_base_all']:>10.2f}x {row['min_ms']:>7.1f}")
+        print(
+            f"  {row['model']:<42} {row['median_ms']:>9.1f} {row['images_per_s']:>9,.0f} {row['vs_base']:>10.2f}x"
+            f"   {row['median_ms_all']:>21.1f} {row['vs_base_all']:>10.2f}x {row['min_ms']:>7.1f}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # Data, training
 # --------------------------------------------------------------------------------------------------
 
+
 def sgd(params, lr: float):
-    return build_optimizer(OmegaConf.create({"name": "nesterov", "lr": lr, "momentum": 0.9,
-                                             "weight_decay": 5e-4}), params)
+    return build_optimizer(
+        OmegaConf.create({"name": "nesterov", "lr": lr, "momentum": 0.9, "weight_decay": 5e-4}), params
+    )
 
 
-def train(model: torch.nn.Module, data, epochs: int, lr: float, seed: int,
-          after_step: Callable[[int], Any] | None = None) -> list[dict[str, float]]:
+def train(
+    model: torch.nn.Module, data, epochs: int, lr: float, seed: int, after_step: Callable[[int], Any] | None = None
+) -> list[dict[str, float]]:
     """SGD (Nesterov) with a per-step cosine schedule, batch 128, augmented, channels_last."""
     model.to(memory_format=torch.channels_last)
-    loader = DeviceLoader(data.train, TRAIN_BATCH, mean=data.mean, std=data.std, augment=True, shuffle=True,
-                          seed=seed, drop_last=True, channels_last=True)
+    loader = DeviceLoader(
+        data.train,
+        TRAIN_BATCH,
+        mean=data.mean,
+        std=data.std,
+        augment=True,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+        channels_last=True,
+    )
     opt = sgd(model.parameters(), lr)
     steps = len(loader)
     total = epochs * steps
@@ -301,14 +368,25 @@ def train(model: torch.nn.Module, data, epochs: int, lr: float, seed: int,
 
         hook = None
         if after_step is not None:
+
             def hook(step: int, _epoch: int = epoch) -> None:
                 after_step(_epoch * steps + step)
 
         res = train_one_epoch(model, loader, opt, set_lr=set_lr, after_step=hook)
-        history.append({"epoch": epoch + 1, "loss": res.loss, "acc": res.acc, "images_per_s": res.images_per_s,
-                        "seconds": res.seconds})
-        print(f"    epoch {epoch + 1}/{epochs}: loss {res.loss:.3f} train acc {res.acc:.3f} "
-              f"({res.images_per_s:.0f} img/s)", flush=True)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": res.loss,
+                "acc": res.acc,
+                "images_per_s": res.images_per_s,
+                "seconds": res.seconds,
+            }
+        )
+        print(
+            f"    epoch {epoch + 1}/{epochs}: loss {res.loss:.3f} train acc {res.acc:.3f} "
+            f"({res.images_per_s:.0f} img/s)",
+            flush=True,
+        )
     return history
 
 
@@ -324,6 +402,7 @@ def chlast(model: torch.nn.Module) -> torch.nn.Module:
 # The benchmark
 # --------------------------------------------------------------------------------------------------
 
+
 class Bench:
     """What the targets share: data, loaders, calibration batches, trained models, results."""
 
@@ -331,19 +410,30 @@ class Bench:
         self.args, self.cfg, self.tmp = args, cfg, tmp
         self.results: dict[str, Any] = {}
         self.targets: list[tuple[str, float, str, bool, str, str]] = []  # name, value, goal, pass, unit, note
-        write_synthetic(tmp, train_per_class=cfg["train_per_class"], test_per_class=cfg["test_per_class"],
-                        seed=args.seed)
+        write_synthetic(
+            tmp, train_per_class=cfg["train_per_class"], test_per_class=cfg["test_per_class"], seed=args.seed
+        )
         data = load_cifar("synthetic", tmp, val_size=cfg["val_size"])
         n_test = len(data.test) // INFER_BATCH * INFER_BATCH
         data.test = Split(data.test.images[:n_test], data.test.labels[:n_test])
         self.data = data
-        print(f"\ndata: synthetic, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
-              f"{data.num_classes} classes")
+        print(
+            f"\ndata: synthetic, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
+            f"{data.num_classes} classes"
+        )
         self.test_loader = DeviceLoader(data.test, INFER_BATCH, mean=data.mean, std=data.std)
         calib_loader = DeviceLoader(data.train, TRAIN_BATCH, mean=data.mean, std=data.std)  # un-augmented
         self.calib = [x for _, (x, _y) in zip(range(cfg["calib_batches"]), calib_loader)]
-        self.x256 = next(iter(DeviceLoader(Split(data.test.images[:INFER_BATCH], data.test.labels[:INFER_BATCH]),
-                                           INFER_BATCH, mean=data.mean, std=data.std)))[0]
+        self.x256 = next(
+            iter(
+                DeviceLoader(
+                    Split(data.test.images[:INFER_BATCH], data.test.labels[:INFER_BATCH]),
+                    INFER_BATCH,
+                    mean=data.mean,
+                    std=data.std,
+                )
+            )
+        )[0]
         self.x256_cl = self.x256.contiguous(memory_format=torch.channels_last)
         self.example = self.x256[:8]
         print(f"calibration: {len(self.calib)} un-augmented training batches of {TRAIN_BATCH}")
@@ -358,8 +448,11 @@ class Bench:
         if shortcut not in self._models:
             torch.manual_seed(self.args.seed)
             m = build_model("resnet20", self.data.num_classes, shortcut=shortcut)
-            print(f"\ntraining ResNet-20-{shortcut} ({sum(p.numel() for p in m.parameters()):,} params), "
-                  f"{self.cfg['epochs']} epochs, batch {TRAIN_BATCH}, SGD nesterov lr 0.1 cosine", flush=True)
+            print(
+                f"\ntraining ResNet-20-{shortcut} ({sum(p.numel() for p in m.parameters()):,} params), "
+                f"{self.cfg['epochs']} epochs, batch {TRAIN_BATCH}, SGD nesterov lr 0.1 cosine",
+                flush=True,
+            )
             self.results[f"train_{shortcut}"] = train(m, self.data, self.cfg["epochs"], 0.1, self.args.seed)
             self._models[shortcut] = m.eval()
         return self._models[shortcut]
@@ -381,27 +474,51 @@ def bench_int8(b: Bench) -> None:
     int8_fn, int8_info = compile_int8(int8, x)
     fp32c_fn, fp32c_info = compile_int8(nchw(b.model("A")), x)
     print(f"  compile int8: {int8_info}\n  compile fp32: {fp32c_info}")
-    acc = {"fp32 eager": b.acc(fp32), "fp32 compiled": b.acc(fp32c_fn), "int8 compiled": b.acc(int8_fn),
-           "int8 eager": b.acc(int8)}
+    acc = {
+        "fp32 eager": b.acc(fp32),
+        "fp32 compiled": b.acc(fp32c_fn),
+        "int8 compiled": b.acc(int8_fn),
+        "int8 eager": b.acc(int8),
+    }
     print("  test top-1: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
-    names = ("fp32 eager NCHW", "fp32 eager channels_last", "fp32 compiled (compile_int8)", "int8 compiled (compile_int8)")
-    r = interleaved(dict(zip(names, (eager(fp32, x), eager(fp32_cl, x_cl), lambda: fp32c_fn(x),
-                                     lambda: int8_fn(x)))), b.cfg)
+    names = (
+        "fp32 eager NCHW",
+        "fp32 eager channels_last",
+        "fp32 compiled (compile_int8)",
+        "int8 compiled (compile_int8)",
+    )
+    r = interleaved(
+        dict(zip(names, (eager(fp32, x), eager(fp32_cl, x_cl), lambda: fp32c_fn(x), lambda: int8_fn(x)))), b.cfg
+    )
     idx, used = r.used()
     base = min(names[:2], key=lambda k: median(r.pick(k, idx)))  # the faster fp32 eager layout
     rows = timing_rows(r, idx, base, INFER_BATCH)
-    print_timings(f"  ResNet-20-A inference, batch {INFER_BATCH}, interleaved (baseline: {base}, the faster "
-                  "fp32 eager layout)", rows, r, used)
+    print_timings(
+        f"  ResNet-20-A inference, batch {INFER_BATCH}, interleaved (baseline: {base}, the faster fp32 eager layout)",
+        rows,
+        r,
+        used,
+    )
     vs_eager = paired_ratio(r.pick(base, idx), r.pick(names[3], idx))
     vs_comp = paired_ratio(r.pick(names[2], idx), r.pick(names[3], idx))
     drop = (acc["fp32 eager"] - acc["int8 compiled"]) * 100
     b.target("int8_vs_fp32_eager", vs_eager, ">=3x", vs_eager >= 3, "x", used)
     b.target("int8_vs_fp32_compiled", vs_comp, ">=2x", vs_comp >= 2, "x", used)
     b.target("int8_top1_drop", drop, "<=0.5 pt", drop <= 0.5, " pt")
-    b.results["int8"] = {"accuracy": acc, "timings": rows, "raw_s": r.times, "other_cores": r.other,
-                         "used": used, "eager_baseline": base, "compile_int8": int8_info,
-                         "compile_fp32": fp32c_info, "int8_vs_fp32_eager": vs_eager,
-                         "int8_vs_fp32_compiled": vs_comp, "top1_drop_pt": drop, "load": loadavg()}
+    b.results["int8"] = {
+        "accuracy": acc,
+        "timings": rows,
+        "raw_s": r.times,
+        "other_cores": r.other,
+        "used": used,
+        "eager_baseline": base,
+        "compile_int8": int8_info,
+        "compile_fp32": fp32c_info,
+        "int8_vs_fp32_eager": vs_eager,
+        "int8_vs_fp32_compiled": vs_comp,
+        "top1_drop_pt": drop,
+        "load": loadavg(),
+    }
 
 
 def bench_structured(b: Bench) -> None:
@@ -411,8 +528,10 @@ def bench_structured(b: Bench) -> None:
     pruned = copy.deepcopy(base_m).eval()
     report = prune_structured(pruned, ratio=0.5, importance="l2", round_to=8, example_input=b.example)
     widths = sorted({w[1] for w in report["widths"].values()})
-    print(f"  params {report['params_before']:,} -> {report['params_after']:,}, MACs/image "
-          f"{report['macs_before'] / 1e6:.1f}M -> {report['macs_after'] / 1e6:.1f}M, widths now {widths}")
+    print(
+        f"  params {report['params_before']:,} -> {report['params_after']:,}, MACs/image "
+        f"{report['macs_before'] / 1e6:.1f}M -> {report['macs_after'] / 1e6:.1f}M, widths now {widths}"
+    )
     acc = {"fp32 unpruned": b.acc(nchw(base_m)), "pruned, before fine-tune": b.acc(nchw(pruned))}
     epochs, lr = b.cfg["finetune_epochs"], b.cfg["finetune_lr"]
     print(f"  fine-tuning the pruned model {epochs} epochs, lr {lr} cosine", flush=True)
@@ -425,28 +544,53 @@ def bench_structured(b: Bench) -> None:
     print(f"  compile pruned int8: {int8_info}")
     acc["pruned + int8 compiled"] = b.acc(int8_fn)
     print("  test top-1: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
-    names = ("unpruned fp32 eager NCHW", "unpruned fp32 eager channels_last", "pruned fp32 eager NCHW",
-             "pruned fp32 eager channels_last", "pruned + int8 compiled (compile_int8)")
-    fns = (eager(nchw(base_m), x), eager(chlast(base_m), x_cl), eager(pruned_nchw, x), eager(pruned_cl, x_cl),
-           lambda: int8_fn(x))
+    names = (
+        "unpruned fp32 eager NCHW",
+        "unpruned fp32 eager channels_last",
+        "pruned fp32 eager NCHW",
+        "pruned fp32 eager channels_last",
+        "pruned + int8 compiled (compile_int8)",
+    )
+    fns = (
+        eager(nchw(base_m), x),
+        eager(chlast(base_m), x_cl),
+        eager(pruned_nchw, x),
+        eager(pruned_cl, x_cl),
+        lambda: int8_fn(x),
+    )
     r = interleaved(dict(zip(names, fns)), b.cfg)
     idx, used = r.used()
     base = min(names[:2], key=lambda k: median(r.pick(k, idx)))
     pruned_name = min(names[2:4], key=lambda k: median(r.pick(k, idx)))
     rows = timing_rows(r, idx, base, INFER_BATCH)
-    print_timings(f"  ResNet-20-B inference, batch {INFER_BATCH}, interleaved (baseline: {base}; pruned: the "
-                  "faster layout)", rows, r, used)
+    print_timings(
+        f"  ResNet-20-B inference, batch {INFER_BATCH}, interleaved (baseline: {base}; pruned: the faster layout)",
+        rows,
+        r,
+        used,
+    )
     speed = paired_ratio(r.pick(base, idx), r.pick(pruned_name, idx))
     speed_int8 = paired_ratio(r.pick(base, idx), r.pick(names[4], idx))
     drop = (acc["fp32 unpruned"] - acc["pruned, fine-tuned"]) * 100
     b.target("structured50_vs_fp32_eager", speed, ">=2x", speed >= 2, "x", used)
     b.target("structured50_top1_drop", drop, "<=1 pt", drop <= 1, " pt")
     b.target("structured50_int8_vs_fp32_eager", speed_int8, ">=8x", speed_int8 >= 8, "x", used)
-    b.results["structured"] = {"report": {k: v for k, v in report.items() if k != "widths"},
-                               "widths": report["widths"], "accuracy": acc, "timings": rows, "raw_s": r.times,
-                               "other_cores": r.other, "used": used, "eager_baseline": base,
-                               "pruned_eager": pruned_name, "compile_int8": int8_info, "speedup": speed,
-                               "int8_speedup": speed_int8, "top1_drop_pt": drop, "load": loadavg()}
+    b.results["structured"] = {
+        "report": {k: v for k, v in report.items() if k != "widths"},
+        "widths": report["widths"],
+        "accuracy": acc,
+        "timings": rows,
+        "raw_s": r.times,
+        "other_cores": r.other,
+        "used": used,
+        "eager_baseline": base,
+        "pruned_eager": pruned_name,
+        "compile_int8": int8_info,
+        "speedup": speed,
+        "int8_speedup": speed_int8,
+        "top1_drop_pt": drop,
+        "load": loadavg(),
+    }
 
 
 def pt2_breakdown(path: Path) -> dict[str, dict[str, int]]:
@@ -471,8 +615,10 @@ def pt2_breakdown(path: Path) -> dict[str, dict[str, int]]:
                 kind = "other (version, byteorder, serialization id)"
             groups.setdefault(kind, []).append(z.read(item))
         stored = sum(i.compress_size for i in z.infolist())
-    out = {k: {"bytes": sum(len(x) for x in v), "files": len(v), "gzip": len(gzip.compress(b"".join(v), 9))}
-           for k, v in groups.items()}
+    out = {
+        k: {"bytes": sum(len(x) for x in v), "files": len(v), "gzip": len(gzip.compress(b"".join(v), 9))}
+        for k, v in groups.items()
+    }
     out["zip headers and alignment padding"] = {"bytes": path.stat().st_size - stored, "files": 0, "gzip": 0}
     return out
 
@@ -486,12 +632,21 @@ def bench_size(b: Bench) -> None:
     fp32_size = file_sizes(fp32_file)
     sparse = copy.deepcopy(b.model("A"))
     epochs = b.cfg["sparse_finetune_epochs"]
-    pruner = MagnitudePruner(sparse, final=0.7, scope="global", dense_first_last=True, schedule="constant",
-                             frequency=100, total_steps=epochs * (len(data.train) // TRAIN_BATCH))
+    pruner = MagnitudePruner(
+        sparse,
+        final=0.7,
+        scope="global",
+        dense_first_last=True,
+        schedule="constant",
+        frequency=100,
+        total_steps=epochs * (len(data.train) // TRAIN_BATCH),
+    )
     pruner.prune_to(0.7)
     acc = {"fp32 dense": b.acc(nchw(b.model("A"))), "70% one-shot": b.acc(nchw(sparse))}
-    print(f"  fine-tuning {epochs} epoch(s) with the masks held (pruner.step after every step), lr 0.02 cosine",
-          flush=True)
+    print(
+        f"  fine-tuning {epochs} epoch(s) with the masks held (pruner.step after every step), lr 0.02 cosine",
+        flush=True,
+    )
     b.results["finetune_sparse"] = train(sparse, data, epochs, 0.02, b.args.seed + 2, after_step=pruner.step)
     sparse_nchw = nchw(sparse)
     rep = pruner.report()
@@ -515,33 +670,48 @@ def bench_size(b: Bench) -> None:
     breakdown = pt2_breakdown(sparse_file)
     ratio = fp32_size["raw"] / sizes["gzip"]
     ratio_tensors = fp32_size["raw"] / sizes["tensors_gzip"]
-    print(f"  sparsity of the pruned layers {rep['sparsity']:.4f} (first conv and classifier dense); int8 weights "
-          f"in the file: {int8_zero:,} of {int8_total:,} zero ({int8_zero / max(int8_total, 1):.3f})")
+    print(
+        f"  sparsity of the pruned layers {rep['sparsity']:.4f} (first conv and classifier dense); int8 weights "
+        f"in the file: {int8_zero:,} of {int8_total:,} zero ({int8_zero / max(int8_total, 1):.3f})"
+    )
     print(f"  load_int8 of the file: {load_s:.1f} s, outputs vs the in-memory int8 module: max |diff| {same:.2e}")
     print(f"  {'file':<46} {'raw B':>10} {'gzip B':>10} {'fp32 file raw / gzip':>21}")
-    for label, sz in (("fp32 model file (save_model), dense", fp32_size),
-                      ("fp32 model file, 70% sparse", sparse_fp32),
-                      ("int8 .pt2 (save_int8), dense", dense_int8),
-                      ("int8 .pt2 (save_int8), 70% sparse", sizes),
-                      ("  its tensors alone (save_int8 'tensors')", {"raw": sizes["tensors"],
-                                                                      "gzip": sizes["tensors_gzip"]})):
+    for label, sz in (
+        ("fp32 model file (save_model), dense", fp32_size),
+        ("fp32 model file, 70% sparse", sparse_fp32),
+        ("int8 .pt2 (save_int8), dense", dense_int8),
+        ("int8 .pt2 (save_int8), 70% sparse", sizes),
+        ("  its tensors alone (save_int8 'tensors')", {"raw": sizes["tensors"], "gzip": sizes["tensors_gzip"]}),
+    ):
         print(f"  {label:<46} {sz['raw']:>10,} {sz['gzip']:>10,} {fp32_size['raw'] / sz['gzip']:>20.2f}x")
     print("  what the 70%-sparse int8 .pt2 holds:")
     for kind, v in breakdown.items():
         print(f"    {kind:<58} {v['bytes']:>9,} B in {v['files']:>3} member(s), gzip {v['gzip']:>8,} B")
     b.target("int8_sparse70_pt2_gzip_vs_fp32_file", ratio, ">=6x", ratio >= 6, "x")
-    b.results["size"] = {"fp32_file": fp32_size, "fp32_sparse_file": sparse_fp32, "int8_dense_pt2": dense_int8,
-                         "int8_sparse_pt2": sizes, "ratio_gzip": ratio, "ratio_tensors_gzip": ratio_tensors,
-                         "breakdown": breakdown, "sparsity": rep["sparsity"], "int8_zero_fraction":
-                         int8_zero / max(int8_total, 1), "accuracy": acc, "loaded_max_abs_diff": same,
-                         "load_s": load_s}
+    b.results["size"] = {
+        "fp32_file": fp32_size,
+        "fp32_sparse_file": sparse_fp32,
+        "int8_dense_pt2": dense_int8,
+        "int8_sparse_pt2": sizes,
+        "ratio_gzip": ratio,
+        "ratio_tensors_gzip": ratio_tensors,
+        "breakdown": breakdown,
+        "sparsity": rep["sparsity"],
+        "int8_zero_fraction": int8_zero / max(int8_total, 1),
+        "accuracy": acc,
+        "loaded_max_abs_diff": same,
+        "load_s": load_s,
+    }
 
 
 def bench_prune_training(b: Bench) -> None:
     cfg, data = b.cfg, b.data
     block = cfg["step_block"]
-    print(f"\n== 4. pruning while training: ResNet-20-A, batch {TRAIN_BATCH}, channels_last, interleaved blocks of "
-          f"{block} steps (load {loadavg()})", flush=True)
+    print(
+        f"\n== 4. pruning while training: ResNet-20-A, batch {TRAIN_BATCH}, channels_last, interleaved blocks of "
+        f"{block} steps (load {loadavg()})",
+        flush=True,
+    )
     idx = torch.arange(block * TRAIN_BATCH) % len(data.train)  # exactly `block` batches per pass
     sub = Split(data.train.images[idx], data.train.labels[idx])
     runs: dict[str, dict[str, Any]] = {}
@@ -551,13 +721,28 @@ def bench_prune_training(b: Bench) -> None:
     for name in ("plain", "pruner"):
         torch.manual_seed(b.args.seed)
         m = build_model("resnet20", data.num_classes, shortcut="A").to(memory_format=torch.channels_last)
-        loader = DeviceLoader(sub, TRAIN_BATCH, mean=data.mean, std=data.std, augment=True, shuffle=True,
-                              seed=b.args.seed, drop_last=True, channels_last=True)
-        run: dict[str, Any] = {"model": m, "loader": loader, "opt": sgd(m.parameters(), 0.05), "step": 0,
-                               "updates": []}
+        loader = DeviceLoader(
+            sub,
+            TRAIN_BATCH,
+            mean=data.mean,
+            std=data.std,
+            augment=True,
+            shuffle=True,
+            seed=b.args.seed,
+            drop_last=True,
+            channels_last=True,
+        )
+        run: dict[str, Any] = {"model": m, "loader": loader, "opt": sgd(m.parameters(), 0.05), "step": 0, "updates": []}
         if name == "pruner":
-            run["pruner"] = MagnitudePruner(m, final=0.7, scope="global", dense_first_last=True,
-                                            schedule="polynomial", frequency=100, total_steps=total_steps)
+            run["pruner"] = MagnitudePruner(
+                m,
+                final=0.7,
+                scope="global",
+                dense_first_last=True,
+                schedule="polynomial",
+                frequency=100,
+                total_steps=total_steps,
+            )
         runs[name] = run
 
     def train_block(run: dict[str, Any], epoch: int) -> float:
@@ -576,8 +761,9 @@ def bench_prune_training(b: Bench) -> None:
     r = Rounds(list(runs))
     started = time.perf_counter()
     epoch = 1
-    while not r.enough(cfg["step_rounds"], cfg["step_max_rounds"], cfg["step_min_quiet"], started,
-                       cfg["step_budget_s"]):
+    while not r.enough(
+        cfg["step_rounds"], cfg["step_max_rounds"], cfg["step_min_quiet"], started, cfg["step_budget_s"]
+    ):
         # Blocks are long (seconds) and the machine drifts: the order alternates (A B, B A, ...) so that
         # neither contender is always the second one.
         order = list(runs) if epoch % 2 else list(runs)[::-1]
@@ -603,28 +789,50 @@ def bench_prune_training(b: Bench) -> None:
     plain_step = median(r.pick("plain", idx_used))
     amortized = masked + upd / 100 / plain_step
     total_ratio = sum(r.pick("pruner", idx_used)) / sum(r.pick("plain", idx_used))
-    print(f"  rounds: {len(r.other)}; other processes' CPU use per round (cores): "
-          + " ".join(f"{o:.2f}" for o in r.other))
+    print(
+        f"  rounds: {len(r.other)}; other processes' CPU use per round (cores): "
+        + " ".join(f"{o:.2f}" for o in r.other)
+    )
     print(f"  figures from {used}")
-    print("  per step, ms (plain / with pruner) by round: "
-          + " ".join(f"{a * 1e3:.0f}/{p * 1e3:.0f}" for a, p in zip(r.times["plain"], r.times["pruner"])))
-    print(f"  median per step: plain {plain_step * 1e3:.1f} ms, with pruner "
-          f"{median(r.pick('pruner', idx_used)) * 1e3:.1f} ms; paired ratio over rounds without a mask update "
-          f"({len(clean)}): {masked:.3f}")
-    print(f"  one mask update, timed alone: {upd * 1e3:.1f} ms = {upd / 100 * 1e3:.2f} ms per step at frequency "
-          f"100 ({upd / 100 / plain_step * 100:.2f}% of a plain step)")
-    print(f"  mask updates inside the measured blocks: {sum(updates)} in {len(updates) * block} steps; sparsity "
-          f"now {pruner.report()['sparsity']:.3f}; total-time ratio over the used rounds (updates included) "
-          f"{total_ratio:.3f}")
+    print(
+        "  per step, ms (plain / with pruner) by round: "
+        + " ".join(f"{a * 1e3:.0f}/{p * 1e3:.0f}" for a, p in zip(r.times["plain"], r.times["pruner"]))
+    )
+    print(
+        f"  median per step: plain {plain_step * 1e3:.1f} ms, with pruner "
+        f"{median(r.pick('pruner', idx_used)) * 1e3:.1f} ms; paired ratio over rounds without a mask update "
+        f"({len(clean)}): {masked:.3f}"
+    )
+    print(
+        f"  one mask update, timed alone: {upd * 1e3:.1f} ms = {upd / 100 * 1e3:.2f} ms per step at frequency "
+        f"100 ({upd / 100 / plain_step * 100:.2f}% of a plain step)"
+    )
+    print(
+        f"  mask updates inside the measured blocks: {sum(updates)} in {len(updates) * block} steps; sparsity "
+        f"now {pruner.report()['sparsity']:.3f}; total-time ratio over the used rounds (updates included) "
+        f"{total_ratio:.3f}"
+    )
     overhead = (amortized - 1) * 100
     b.target("prune_while_training_step_overhead", overhead, "<=5%", overhead <= 5, "%", used)
-    b.results["prune_training"] = {"s_per_step": r.times, "other_cores": r.other, "used": used,
-                                   "updates": updates, "update_s": update_s, "masked_ratio": masked,
-                                   "amortized_ratio": amortized, "total_ratio": total_ratio, "load": loadavg()}
+    b.results["prune_training"] = {
+        "s_per_step": r.times,
+        "other_cores": r.other,
+        "used": used,
+        "updates": updates,
+        "update_s": update_s,
+        "masked_ratio": masked,
+        "amortized_ratio": amortized,
+        "total_ratio": total_ratio,
+        "load": loadavg(),
+    }
 
 
-TARGETS = {"1": ("1_int8_resnet20", bench_int8, 3), "2": ("2_structured50", bench_structured, 3),
-           "3": ("3_int8_sparse70_size", bench_size, 1), "4": ("4_prune_while_training", bench_prune_training, 1)}
+TARGETS = {
+    "1": ("1_int8_resnet20", bench_int8, 3),
+    "2": ("2_structured50", bench_structured, 3),
+    "3": ("3_int8_sparse70_size", bench_size, 1),
+    "4": ("4_prune_while_training", bench_prune_training, 1),
+}
 
 
 def main() -> int:
@@ -656,17 +864,30 @@ def main() -> int:
     command = " ".join([Path(sys.executable).name, *sys.argv])
     print(f"command: {command}")
     print(cpu_line(info))
-    print(f"torch {torch.__version__}, torchao {torchao.__version__}, python {platform.python_version()}, "
-          f"threads {torch.get_num_threads()}, mode {mode}, pipeline from {Path(pipeline.__file__).parent}")
-    print(f"load average at start: {loadavg()}; a timing round is quiet when other processes used "
-          f"< {QUIET_CORES} cores in it")
+    print(
+        f"torch {torch.__version__}, torchao {torchao.__version__}, python {platform.python_version()}, "
+        f"threads {torch.get_num_threads()}, mode {mode}, pipeline from {Path(pipeline.__file__).parent}"
+    )
+    print(
+        f"load average at start: {loadavg()}; a timing round is quiet when other processes used "
+        f"< {QUIET_CORES} cores in it"
+    )
     sections: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
         t0 = time.perf_counter()
         b = Bench(args, cfg, Path(tmp))
-        b.results.update({"command": command, "cpu": info, "torch": torch.__version__,
-                          "torchao": torchao.__version__, "threads": torch.get_num_threads(), "mode": mode,
-                          "config": cfg, "load_start": loadavg()})
+        b.results.update(
+            {
+                "command": command,
+                "cpu": info,
+                "torch": torch.__version__,
+                "torchao": torchao.__version__,
+                "threads": torch.get_num_threads(),
+                "mode": mode,
+                "config": cfg,
+                "load_start": loadavg(),
+            }
+        )
         sections["data"] = time.perf_counter() - t0
         for key in only:
             t0 = time.perf_counter()
@@ -675,11 +896,22 @@ def main() -> int:
             gc.collect()
 
     total = time.perf_counter() - t_start
-    b.results.update({"sections_s": sections, "total_s": total, "load_end": loadavg(),
-                      "targets": [{"name": n, "value": v, "goal": g, "pass": ok, "timings_from": note}
-                                  for n, v, g, ok, _, note in b.targets]})
-    print("\nsections (training included where first needed): "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items()) + f"; total {total:.0f} s")
+    b.results.update(
+        {
+            "sections_s": sections,
+            "total_s": total,
+            "load_end": loadavg(),
+            "targets": [
+                {"name": n, "value": v, "goal": g, "pass": ok, "timings_from": note}
+                for n, v, g, ok, _, note in b.targets
+            ],
+        }
+    )
+    print(
+        "\nsections (training included where first needed): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items())
+        + f"; total {total:.0f} s"
+    )
     print(f"load average at end: {loadavg()}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -693,7 +925,7 @@ def main() -> int:
     pos = 0
     for key in only:
         name, _, n = TARGETS[key]
-        ts = b.targets[pos:pos + n]
+        ts = b.targets[pos : pos + n]
         pos += n
         print(f"target {name}: {'PASS' if all(t[3] for t in ts) else 'FAIL'} ({sum(t[3] for t in ts)}/{n} conditions)")
     return 0

@@ -95,8 +95,12 @@ def _variants(images: torch.Tensor, batch: int, seed: int = 0) -> dict[str, Call
     def flat_index(lo: int, hi: int) -> torch.Tensor:  # one gather with a per-pixel index (flip folded in)
         rows = dy[lo:hi, None] + ar
         cols = torch.where(flip[lo:hi, None], 31 - ar, ar) + dx[lo:hi, None]
-        flat = ((perm[lo:hi] * 4800).view(-1, 1, 1, 1) + (torch.arange(3) * 1600).view(1, 3, 1, 1)
-                + (rows * 40).view(-1, 1, 32, 1) + cols.view(-1, 1, 1, 32))
+        flat = (
+            (perm[lo:hi] * 4800).view(-1, 1, 1, 1)
+            + (torch.arange(3) * 1600).view(1, 3, 1, 1)
+            + (rows * 40).view(-1, 1, 32, 1)
+            + cols.view(-1, 1, 1, 32)
+        )
         return norm(padded.view(-1)[flat])
 
     def two_gathers(lo: int, hi: int) -> torch.Tensor:  # rows, then columns (flip folded in), torch.gather
@@ -112,17 +116,19 @@ def _variants(images: torch.Tensor, batch: int, seed: int = 0) -> dict[str, Call
         key = dy[lo:hi] * 9 + dx[lo:hi]
         for k in torch.unique(key).tolist():
             m = (key == k).nonzero().squeeze(1)
-            out[m] = xb[m, :, k // 9:k // 9 + 32, k % 9:k % 9 + 32]
+            out[m] = xb[m, :, k // 9 : k // 9 + 32, k % 9 : k % 9 + 32]
         return norm(flip_u8(out, lo, hi))
 
-    return {"strided windows + uint8 arithmetic flip (DeviceLoader)": strided_arith,
-            "strided windows + torch.where flip": strided_where,
-            "strided windows + flip after float conversion": strided_float_where,
-            "pad per batch + strided windows": pad_per_batch,
-            "pre-flipped second copy (2x memory)": preflipped_copy,
-            "flat per-pixel index": flat_index,
-            "two torch.gather": two_gathers,
-            "per-offset grouping": offset_groups}
+    return {
+        "strided windows + uint8 arithmetic flip (DeviceLoader)": strided_arith,
+        "strided windows + torch.where flip": strided_where,
+        "strided windows + flip after float conversion": strided_float_where,
+        "pad per batch + strided windows": pad_per_batch,
+        "pre-flipped second copy (2x memory)": preflipped_copy,
+        "flat per-pixel index": flat_index,
+        "two torch.gather": two_gathers,
+        "per-offset grouping": offset_groups,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
 
     g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
-                  torch.randint(0, 10, (args.images,), generator=g))
+    split = Split(
+        torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (args.images,), generator=g),
+    )
     kw = dict(mean=MEAN, std=STD, augment=True, shuffle=True, seed=0)
     rows: list[tuple[str, str, int, float]] = []
     baseline = dataloader_loader(split, args.batch, num_workers=args.workers, **kw)
@@ -149,13 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("DeviceLoader", dev, *time_epoch(loader, args.warmup, dev)))
 
     base_rate = rows[0][2] / rows[0][3]
-    t = Table(title=f"Augmented loading, {args.images:,} images, batch {args.batch}, "
-                    f"{torch.get_num_threads()} torch threads")
+    t = Table(
+        title=f"Augmented loading, {args.images:,} images, batch {args.batch}, {torch.get_num_threads()} torch threads"
+    )
     for col in ("loader", "device", "images", "seconds", "images/s", "vs DataLoader"):
         t.add_column(col, justify="left" if col in ("loader", "device") else "right")
     for name, dev, n, s in rows:
-        t.add_row(name, dev + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""), f"{n:,}",
-                  f"{s:.2f}", f"{n / s:,.0f}", f"{n / s / base_rate:.1f}x")
+        t.add_row(
+            name,
+            dev + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""),
+            f"{n:,}",
+            f"{s:.2f}",
+            f"{n / s:,.0f}",
+            f"{n / s / base_rate:.1f}x",
+        )
     console.print(t)
 
     if args.impls:

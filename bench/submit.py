@@ -84,8 +84,9 @@ def cancel_and_drain(job_ids: set[str], timeout_s: float = 30.0) -> None:
     slurm_cli.cancel(job_ids)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(sorted(job_ids)), "-o", "%i"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(sorted(job_ids)), "-o", "%i"], capture_output=True, text=True
+        ).stdout
         if not out.strip():
             return
         time.sleep(0.5)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=120)  # logs: keep the table's rows whole
     if subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0:
         raise SystemExit("the local Slurm cluster is not up: bash tests/slurm/start.sh")
-    n = N_AXIS ** 3
+    n = N_AXIS**3
     times: dict[str, list[float]] = {"floor": [], "pipeline": [], "no-submit": [], "before": []}
     notes: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-submit-") as td:
@@ -143,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             s, folders, _ = run_pipeline(REPO, sweep, tmp, ["--no-submit"])
             times["no-submit"].append(s)
             notes["no-submit"] = f"{folders} folders"
-            console.print(f"repeat {rep + 1}/{args.repeats}: floor {times['floor'][-1]:.2f}s, pipeline "
-                          f"{times['pipeline'][-1]:.2f}s, --no-submit {times['no-submit'][-1]:.2f}s")
+            console.print(
+                f"repeat {rep + 1}/{args.repeats}: floor {times['floor'][-1]:.2f}s, pipeline "
+                f"{times['pipeline'][-1]:.2f}s, --no-submit {times['no-submit'][-1]:.2f}s"
+            )
         if args.before is not None:
             before = args.before.resolve()
             bsweep = write_sweep(tmp, before)
@@ -155,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
                 notes["before"] = f"{folders} folders, {len(ids)} array(s)"
                 console.print(f"before ({before}): {s:.2f}s")
 
-    labels = {"floor": ("submitit map_array (floor)", f"{n:,} x abs()"),
-              "pipeline": ("pipeline.sweep", f"{n:,} runs: expand, write, submit"),
-              "no-submit": ("pipeline.sweep --no-submit", "expand + write only"),
-              "before": ("pipeline.sweep, before", str(args.before))}
+    labels = {
+        "floor": ("submitit map_array (floor)", f"{n:,} x abs()"),
+        "pipeline": ("pipeline.sweep", f"{n:,} runs: expand, write, submit"),
+        "no-submit": ("pipeline.sweep --no-submit", "expand + write only"),
+        "before": ("pipeline.sweep, before", str(args.before)),
+    }
     floor = statistics.median(times["floor"])
     t = Table(title=f"Submitting {n:,} runs to local Slurm: seconds from process start to exit")
     for col in ("command", "what", "n", "median s", "min s", "vs floor", "result"):

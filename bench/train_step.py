@@ -33,8 +33,10 @@ MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
 def synthetic_split(n: int, classes: int, seed: int = 0) -> Split:
     g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
-                 torch.randint(0, classes, (n,), generator=g))
+    return Split(
+        torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+        torch.randint(0, classes, (n,), generator=g),
+    )
 
 
 def fresh(name: str, classes: int, device: torch.device, channels_last: bool, compile_: bool = False):
@@ -52,11 +54,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pipeline_rate(name, classes, split, batch, steps, warmup, device, channels_last, compile_=False,
-                  amp_dtype=None) -> float:
+def pipeline_rate(
+    name, classes, split, batch, steps, warmup, device, channels_last, compile_=False, amp_dtype=None
+) -> float:
     model, step_model, opt = fresh(name, classes, device, channels_last, compile_)
-    loader = DeviceLoader(split, batch, device=device, mean=MEAN, std=STD, augment=True, shuffle=True,
-                          channels_last=channels_last, drop_last=True)
+    loader = DeviceLoader(
+        split,
+        batch,
+        device=device,
+        mean=MEAN,
+        std=STD,
+        augment=True,
+        shuffle=True,
+        channels_last=channels_last,
+        drop_last=True,
+    )
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     def set_lr(step: int) -> None:
@@ -76,8 +88,8 @@ def bare_rate(name, classes, split, batch, steps, warmup, device, channels_last,
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     batches = []
     for i in range(max(steps, warmup)):
-        x = split.images[i * batch:(i + 1) * batch].to(device).float().div_(255)
-        batches.append((x.contiguous(memory_format=fmt), split.labels[i * batch:(i + 1) * batch].to(device)))
+        x = split.images[i * batch : (i + 1) * batch].to(device).float().div_(255)
+        batches.append((x.contiguous(memory_format=fmt), split.labels[i * batch : (i + 1) * batch].to(device)))
     model.train()
 
     def run(n: int) -> None:
@@ -111,16 +123,22 @@ def main() -> None:
         models = (args.models or (CPU_MODELS if device.type == "cpu" else CPU_MODELS)).split(",")
         n = (max(args.steps, args.warmup) + args.warmup + args.steps + 1) * args.batch
         split = synthetic_split(n, 10)
-        table = Table(title=f"training images/s, batch {args.batch}, {device}, {torch.get_num_threads()} threads, "
-                            f"channels_last, fp32, best of {args.repeats}")
+        table = Table(
+            title=f"training images/s, batch {args.batch}, {device}, {torch.get_num_threads()} threads, "
+            f"channels_last, fp32, best of {args.repeats}"
+        )
         for col in ("model", "bare loop", "pipeline", "pipeline / bare"):
             table.add_column(col, justify="right" if col != "model" else "left")
         for name in models:
             classes = 10
-            bare = max(bare_rate(name, classes, split, args.batch, args.steps, args.warmup, device, True)
-                       for _ in range(args.repeats))
-            ours = max(pipeline_rate(name, classes, split, args.batch, args.steps, args.warmup, device, True)
-                       for _ in range(args.repeats))
+            bare = max(
+                bare_rate(name, classes, split, args.batch, args.steps, args.warmup, device, True)
+                for _ in range(args.repeats)
+            )
+            ours = max(
+                pipeline_rate(name, classes, split, args.batch, args.steps, args.warmup, device, True)
+                for _ in range(args.repeats)
+            )
             table.add_row(name, f"{bare:,.0f}", f"{ours:,.0f}", f"{ours / bare:.3f}x")
             targets.append((f"train_step_{name}_{device.type}", ours / bare))
         con.print(table)
@@ -132,8 +150,12 @@ def main() -> None:
         if not args.no_compile:
             variants.append(("torch.compile, channels_last", True, True))
         for label, cl, comp in variants:
-            rate = max(pipeline_rate("resnet20", 10, split, args.batch, args.steps, args.warmup + (3 if comp else 0),
-                                     device, cl, comp) for _ in range(args.repeats))
+            rate = max(
+                pipeline_rate(
+                    "resnet20", 10, split, args.batch, args.steps, args.warmup + (3 if comp else 0), device, cl, comp
+                )
+                for _ in range(args.repeats)
+            )
             fmt_table.add_row(label, f"{rate:,.0f}")
         con.print(fmt_table)
 
@@ -142,12 +164,13 @@ def main() -> None:
             steps = 50_000 // 512
             t = time.perf_counter()
             rate = pipeline_rate("resnet9", 10, big, 512, steps, 5, device, True, amp_dtype=torch.float16)
-            con.print(f"fast recipe (ResNet-9, batch 512, fp16, channels_last) on {device}: "
-                      f"{rate:,.0f} images/s, one 50k-image epoch {50_000 / rate:.2f} s "
-                      f"(measured incl. warm-up {time.perf_counter() - t:.1f} s)")
+            con.print(
+                f"fast recipe (ResNet-9, batch 512, fp16, channels_last) on {device}: "
+                f"{rate:,.0f} images/s, one 50k-image epoch {50_000 / rate:.2f} s "
+                f"(measured incl. warm-up {time.perf_counter() - t:.1f} s)"
+            )
     for name, ratio in targets:
-        con.print(f"target {name}: {ratio:.3f}x (goal >=0.95x) {'PASS' if ratio >= 0.95 else 'FAIL'}",
-                  highlight=False)
+        con.print(f"target {name}: {ratio:.3f}x (goal >=0.95x) {'PASS' if ratio >= 0.95 else 'FAIL'}", highlight=False)
 
 
 if __name__ == "__main__":

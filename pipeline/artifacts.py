@@ -31,8 +31,12 @@ FP16 = "fp16.pt"
 
 def arch_of(cfg: Any, num_classes: int) -> dict[str, Any]:
     """What rebuilds a run's architecture: registry name, classes, shortcut, norm."""
-    return {"name": str(cfg.model.name), "num_classes": int(num_classes), "shortcut": str(cfg.model.shortcut),
-            "norm": str(cfg.model.norm)}
+    return {
+        "name": str(cfg.model.name),
+        "num_classes": int(num_classes),
+        "shortcut": str(cfg.model.shortcut),
+        "norm": str(cfg.model.norm),
+    }
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -56,22 +60,27 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def save_model(path: Path, model: nn.Module, arch: Mapping[str, Any], *, extra: Mapping[str, Any] | None = None
-               ) -> None:
+def save_model(
+    path: Path, model: nn.Module, arch: Mapping[str, Any], *, extra: Mapping[str, Any] | None = None
+) -> None:
     sd = plain_state_dict(model)
     dtype = "float16" if any(v.dtype == torch.float16 for v in sd.values()) else "float32"
-    atomic_torch_save({"format": FORMAT, "arch": dict(arch), "state_dict": sd, "dtype": dtype,
-                       "extra": dict(extra or {})}, path)
+    atomic_torch_save(
+        {"format": FORMAT, "arch": dict(arch), "state_dict": sd, "dtype": dtype, "extra": dict(extra or {})}, path
+    )
 
 
 def build_from_arch(arch: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """A registry model of ``arch``; with ``state_dict``, resized to its shapes (pruned models) and loaded."""
     from pipeline.models import build_model, convert_norm
 
-    model = convert_norm(build_model(arch["name"], int(arch["num_classes"]), shortcut=arch.get("shortcut", "A")),
-                         arch.get("norm", "batch"))
+    model = convert_norm(
+        build_model(arch["name"], int(arch["num_classes"]), shortcut=arch.get("shortcut", "A")),
+        arch.get("norm", "batch"),
+    )
     if state_dict is not None:
         from pipeline.compress.structured import resize_to_state_dict
+
         resize_to_state_dict(model, state_dict)
         model.load_state_dict(state_dict)
     return model

@@ -49,8 +49,9 @@ def exit_on_os_error() -> Iterator[None]:
         if e.errno not in FS_REFUSALS:
             raise
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file"
-        console(stderr=True).print(f"[bold red]error:[/] {escape(where)}: {escape(e.strerror or str(e))}",
-                                   markup=True, soft_wrap=True)
+        console(stderr=True).print(
+            f"[bold red]error:[/] {escape(where)}: {escape(e.strerror or str(e))}", markup=True, soft_wrap=True
+        )
         sys.exit(EXIT_USAGE)
 
 
@@ -76,8 +77,16 @@ def short_keys(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def print_plan(con: Console, spec: "SweepSpec", decisions: Sequence["Decision"], *, dry_run: bool = False,
-               job_ids: dict[str, str] | None = None, cluster: str | None = None, show_all: bool = False) -> None:
+def print_plan(
+    con: Console,
+    spec: "SweepSpec",
+    decisions: Sequence["Decision"],
+    *,
+    dry_run: bool = False,
+    job_ids: dict[str, str] | None = None,
+    cluster: str | None = None,
+    show_all: bool = False,
+) -> None:
     keys = list(dict.fromkeys(k for d in decisions for k in d.run.swept))
     titles = short_keys(keys)
     title = f"sweep [bold]{spec.name}[/] ({spec.path})" + (" — dry run, nothing written" if dry_run else "")
@@ -93,20 +102,28 @@ def print_plan(con: Console, spec: "SweepSpec", decisions: Sequence["Decision"],
     con.print(f"{len(decisions)} runs")
 
 
-def print_table(con: Console, title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], *,
-                first_style: str = "", limit: int | None = SHOWN_ROWS) -> None:
+def print_table(
+    con: Console,
+    title: str,
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    first_style: str = "",
+    limit: int | None = SHOWN_ROWS,
+) -> None:
     """A rich table (title on the left; ``title`` is markup, cells are text). Past ``limit`` rows only
     the first and last ones are shown: a 1,000-row table is no use on a terminal, and rich lays out each
     row at about 3 ms."""
     from rich.table import Table
     from rich.text import Text
+
     table = Table(title=title, title_justify="left")
     for i, h in enumerate(headers):
         table.add_column(h, style=(first_style or None) if i == 0 else None, no_wrap=i == 0)
     shown: list[Sequence[str] | None] = list(rows)
     if limit is not None and len(rows) > limit:
         tail = 5
-        shown = [*rows[:limit - tail], None, *rows[-tail:]]
+        shown = [*rows[: limit - tail], None, *rows[-tail:]]
     for row in shown:
         if row is None:
             table.add_row(f"... {len(rows) - limit} more", *[""] * (len(headers) - 1), style="dim")

@@ -54,21 +54,33 @@ def _quant_size(r: dict[str, Any]) -> Any:
 # (column title, CSV key, value of a record, formatter). The full compression table is collect's own report.
 COMPRESSION_COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], Any], str]] = [
     ("removed", "sparsity", lambda r: _stage(r, "prune", "sparsity"), "pct"),  # weights (or parameters) pruned
-    ("pruned acc", "pruned_test_acc",
-     lambda r: _stage(r, "prune", "test_acc") if _stage(r, "prune", "during") == "finetune" else None, "pct"),
+    (
+        "pruned acc",
+        "pruned_test_acc",
+        lambda r: _stage(r, "prune", "test_acc") if _stage(r, "prune", "during") == "finetune" else None,
+        "pct",
+    ),
     ("int8 acc", "int8_test_acc", _quant_acc, "pct"),
     ("fp32 size", "fp32_bytes", lambda r: _measured(r, "trained", "file_bytes"), "bytes"),
     ("int8 size", "int8_bytes", _quant_size, "bytes"),
-    ("int8 gzip", "int8_gzip_bytes", lambda r: _measured(r, "int8", "file_gzip_bytes") or
-     (_stage(r, "quantize", "gzip") if _quant_acc(r) is not None else None), "bytes"),
+    (
+        "int8 gzip",
+        "int8_gzip_bytes",
+        lambda r: (
+            _measured(r, "int8", "file_gzip_bytes")
+            or (_stage(r, "quantize", "gzip") if _quant_acc(r) is not None else None)
+        ),
+        "bytes",
+    ),
     ("fp32 ms/img", "fp32_latency_ms", lambda r: _measured(r, "trained", "latency_b1_ms"), "ms"),
     ("int8 ms/img", "int8_latency_ms", lambda r: _measured(r, "int8", "latency_b1_ms"), "ms"),
 ]
 
 
 def _compresses(records: list[dict[str, Any]]) -> bool:
-    return any((r["stages"].get(s) or {}).get("method", "none") != "none" for r in records
-               for s in ("prune", "quantize"))
+    return any(
+        (r["stages"].get(s) or {}).get("method", "none") != "none" for r in records for s in ("prune", "quantize")
+    )
 
 
 def _format(value: Any, kind: str) -> str:
@@ -92,8 +104,17 @@ def gather(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
     for run in runs:
         meta = run.read_meta()
         stages = {stage: run.read_metrics(stage) or {} for stage in STAGES}
-        records.append({"id": run.id, "swept": meta.get("swept", {}), "metrics": stages["train"], "stages": stages,
-                        "status": run.status(), "progress": run.read_progress(), "log": str(run.log)})
+        records.append(
+            {
+                "id": run.id,
+                "swept": meta.get("swept", {}),
+                "metrics": stages["train"],
+                "stages": stages,
+                "status": run.status(),
+                "progress": run.read_progress(),
+                "log": str(run.log),
+            }
+        )
     keys = list(dict.fromkeys(k for r in records for k in r["swept"]))
     records.sort(key=lambda r: ([str(r["swept"].get(k, "")) for k in keys], r["id"]))
     return keys, records
@@ -102,8 +123,7 @@ def gather(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
 def rows(keys: list[str], records: list[dict[str, Any]], *, raw: bool = False) -> tuple[list[str], list[list[str]]]:
     titles = cli.short_keys(keys)
     extra = COMPRESSION_COLUMNS if _compresses(records) else []
-    header = (["run"] + [titles[k] for k in keys] + [c[0] for c in METRIC_COLUMNS] + [c[0] for c in extra]
-              + ["status"])
+    header = ["run"] + [titles[k] for k in keys] + [c[0] for c in METRIC_COLUMNS] + [c[0] for c in extra] + ["status"]
     out = []
     for r in records:
         row = [r["id"]] + [cli.fmt(r["swept"].get(k, "")) for k in keys]
@@ -115,8 +135,10 @@ def rows(keys: list[str], records: list[dict[str, Any]], *, raw: bool = False) -
         status = r["status"]
         if status == "running" and r["progress"]:
             stage = r["progress"].get("stage", "train")
-            status = (f"running ({'' if stage == 'train' else stage + ', '}epoch {r['progress'].get('epoch')}/"
-                      f"{r['progress'].get('epochs')})")
+            status = (
+                f"running ({'' if stage == 'train' else stage + ', '}epoch {r['progress'].get('epoch')}/"
+                f"{r['progress'].get('epochs')})"
+            )
         elif status == "diverged" and r["metrics"].get("diverged_epoch"):
             status = f"diverged (epoch {r['metrics']['diverged_epoch']})"
         elif status == "failed":
@@ -131,10 +153,12 @@ def rows(keys: list[str], records: list[dict[str, Any]], *, raw: bool = False) -
 def markdown(header: list[str], body: list[list[str]]) -> str:
     def esc(s: str) -> str:
         return s.replace("|", "\\|")
-    numeric = [all(_looks_numeric(r[i]) for r in body if r[i]) and any(r[i] for r in body)
-               for i in range(len(header))]
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
-             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+
+    numeric = [all(_looks_numeric(r[i]) for r in body if r[i]) and any(r[i] for r in body) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(esc(h) for h in header) + " |",
+        "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in body]
     return "\n".join(lines) + "\n"
 
@@ -168,6 +192,7 @@ def collect(sweep_dir: Path) -> tuple[str, str]:
     atomic_write_text(sweep_dir / "results.md", md)
     atomic_write_text(sweep_dir / "results.csv", text)
     from pipeline.tb_hparams import write_hparams
+
     try:
         write_hparams(sweep_dir, keys, records)  # after the tables: they never wait on TensorBoard
     except ImportError as e:  # tensorboard missing: only the optional TensorBoard view is lost
@@ -190,12 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     con.print(md, markup=False, highlight=False, soft_wrap=True)
     con.print(f"wrote {args.sweep_dir / 'results.md'} and {args.sweep_dir / 'results.csv'}")
     from pipeline.tb_hparams import HPARAMS_FILE
+
     runs = list_runs(args.sweep_dir)
     n = sum((r.tensorboard / HPARAMS_FILE).is_file() for r in runs)
     if n:
-        con.print(f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard --logdir "
-                  f"{args.sweep_dir} (restart a running TensorBoard to see changes)",
-                  markup=False, highlight=False, soft_wrap=True)
+        con.print(
+            f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard --logdir "
+            f"{args.sweep_dir} (restart a running TensorBoard to see changes)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     return 0
 
 

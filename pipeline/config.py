@@ -44,8 +44,9 @@ def _choice(default: str, *choices: str) -> Any:
     return field(default=default, metadata={"choices": tuple(choices)})
 
 
-def _num(default: float | int, *, min: float | None = None, max: float | None = None,
-         min_exclusive: bool = False) -> Any:
+def _num(
+    default: float | int, *, min: float | None = None, max: float | None = None, min_exclusive: bool = False
+) -> Any:
     return field(default=default, metadata={"min": min, "max": max, "min_exclusive": min_exclusive})
 
 
@@ -65,16 +66,17 @@ _WORD = "letters, digits, '.', '_' and '-'"
 # The schema. Units are in the comments; fixed dotted names are relied on by tests and users.
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class DataConfig:
     name: str = _choice("cifar10", "cifar10", "cifar100", "synthetic")
     # Folder holding cifar-10-batches-py/, cifar-100-python/ or synthetic-batches-py/. A relative path
     # is taken from the directory the sweep is launched in and stored absolute in each run's config.
     root: str = "data"
-    val_size: int = _num(5000, min=1)         # images held out of the train files for validation
-    split_seed: int = _num(0, min=0)          # seed of the train/val split (independent of train.seed)
-    train_size: int = _num(0, min=0)          # cap on training images after the split; 0 = all
-    augment: bool = True                      # pad-4 random crop + horizontal flip of training images
+    val_size: int = _num(5000, min=1)  # images held out of the train files for validation
+    split_seed: int = _num(0, min=0)  # seed of the train/val split (independent of train.seed)
+    train_size: int = _num(0, min=0)  # cap on training images after the split; 0 = all
+    augment: bool = True  # pad-4 random crop + horizontal flip of training images
     loader: str = _choice("device", "device", "dataloader")  # device: one tensor on the device, batched
     # augmentation; dataloader: torch DataLoader with train.num_workers processes (the conventional path)
 
@@ -83,44 +85,44 @@ class DataConfig:
 class ModelConfig:
     name: str = _choice("resnet20", *MODEL_NAMES)
     shortcut: str = _choice("A", *SHORTCUTS)  # CIFAR ResNets: A = zero-pad, B = 1x1 conv projection
-    norm: str = _choice("batch", *NORMS)      # batch: BatchNorm (the papers); group: GroupNorm, per image
+    norm: str = _choice("batch", *NORMS)  # batch: BatchNorm (the papers); group: GroupNorm, per image
 
 
 @dataclass
 class OptimConfig:
     name: str = _choice("nesterov", "sgd", "nesterov", "adagrad", "adadelta", "adam", "adamw")
-    lr: float = _num(0.1, min=0.0, min_exclusive=True)   # peak learning rate (per optimizer step)
-    momentum: float = _num(0.9, min=0.0, max=1.0)        # sgd / nesterov only
-    weight_decay: float = _num(1e-4, min=0.0)            # L2 coefficient (decoupled for adamw)
+    lr: float = _num(0.1, min=0.0, min_exclusive=True)  # peak learning rate (per optimizer step)
+    momentum: float = _num(0.9, min=0.0, max=1.0)  # sgd / nesterov only
+    weight_decay: float = _num(1e-4, min=0.0)  # L2 coefficient (decoupled for adamw)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw
     eps: float = _num(1e-8, min=0.0, min_exclusive=True)  # adam / adamw / adagrad / adadelta
-    grad_clip: float = _num(0.0, min=0.0)                 # max global gradient norm; 0 = off
+    grad_clip: float = _num(0.0, min=0.0)  # max global gradient norm; 0 = off
 
 
 @dataclass
 class ScheduleConfig:
     name: str = _choice("cosine", "constant", "step", "cosine", "onecycle")
-    warmup_epochs: float = _num(0.0, min=0.0)    # linear warm-up from 0 before the schedule, epochs
+    warmup_epochs: float = _num(0.0, min=0.0)  # linear warm-up from 0 before the schedule, epochs
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
     gamma: float = _num(0.1, min=0.0, min_exclusive=True)  # step: lr factor at each milestone
-    min_lr_ratio: float = _num(0.0, min=0.0, max=1.0)      # cosine / onecycle: final lr / peak lr
-    pct_start: float = _num(0.25, min=0.0, max=1.0)        # onecycle: fraction of training rising
+    min_lr_ratio: float = _num(0.0, min=0.0, max=1.0)  # cosine / onecycle: final lr / peak lr
+    pct_start: float = _num(0.25, min=0.0, max=1.0)  # onecycle: fraction of training rising
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _num(100, min=1)               # full passes over the training split
-    batch_size: int = _num(128, min=1)           # images per optimizer step, summed over all ranks
-    eval_batch_size: int = _num(512, min=1)      # images per forward pass in evaluation
-    num_workers: int = _num(4, min=0)            # DataLoader processes (data.loader=dataloader only)
-    seed: int = _num(0, min=0)                   # model init, shuffling and augmentation
+    epochs: int = _num(100, min=1)  # full passes over the training split
+    batch_size: int = _num(128, min=1)  # images per optimizer step, summed over all ranks
+    eval_batch_size: int = _num(512, min=1)  # images per forward pass in evaluation
+    num_workers: int = _num(4, min=0)  # DataLoader processes (data.loader=dataloader only)
+    seed: int = _num(0, min=0)  # model init, shuffling and augmentation
     device: str = _choice("auto", "auto", "cpu", "cuda")  # auto = cuda when available
     precision: str = _choice("fp32", "fp32", "fp16", "bf16")  # autocast dtype; fp16 adds a GradScaler
-    channels_last: bool = True                   # NHWC memory format (faster on CPU and tensor cores)
-    compile: bool = False                        # torch.compile the model (minutes of start-up)
+    channels_last: bool = True  # NHWC memory format (faster on CPU and tensor cores)
+    compile: bool = False  # torch.compile the model (minutes of start-up)
     label_smoothing: float = _num(0.0, min=0.0, max=1.0)  # cross-entropy target smoothing
-    threads: int = _num(0, min=0)                # torch CPU threads; 0 = SLURM_CPUS_PER_TASK or default
-    sync_bn: bool = True                         # data-parallel on GPUs: BatchNorm statistics over all ranks
+    threads: int = _num(0, min=0)  # torch CPU threads; 0 = SLURM_CPUS_PER_TASK or default
+    sync_bn: bool = True  # data-parallel on GPUs: BatchNorm statistics over all ranks
 
 
 PRUNE_METHODS = ("none", "unstructured", "structured")
@@ -133,31 +135,31 @@ class PruneConfig:
     # none | unstructured (magnitude, per weight; zeros give no speed with dense kernels, but compress)
     # | structured (whole channels removed with torch-pruning: fewer parameters and MACs, faster)
     method: str = _choice("none", *PRUNE_METHODS)
-    sparsity: float = _num(0.5, min=0.0, max=1.0)   # final fraction of weights (unstructured) or of
+    sparsity: float = _num(0.5, min=0.0, max=1.0)  # final fraction of weights (unstructured) or of
     # channels per layer (structured) removed; must be < 1
     initial_sparsity: float = _num(0.0, min=0.0, max=1.0)  # unstructured, polynomial: sparsity at begin
     schedule: str = _choice("polynomial", "constant", "polynomial")  # unstructured: constant = the final
     # sparsity from the first pruning step on; polynomial = Zhu & Gupta 2017, rising from
     # initial_sparsity to sparsity between begin and end
     power: float = _num(3.0, min=0.0, min_exclusive=True)  # exponent of the polynomial schedule
-    begin: float = _num(0.0, min=0.0, max=1.0)     # first pruning update, fraction of the pruning steps
-    end: float = _num(0.75, min=0.0, max=1.0)      # last pruning update (final sparsity from here on)
-    frequency: int = _num(100, min=1)              # optimizer steps between mask updates
+    begin: float = _num(0.0, min=0.0, max=1.0)  # first pruning update, fraction of the pruning steps
+    end: float = _num(0.75, min=0.0, max=1.0)  # last pruning update (final sparsity from here on)
+    frequency: int = _num(100, min=1)  # optimizer steps between mask updates
     during: str = _choice("finetune", "train", "finetune")  # train: the schedule runs inside the training
     # stage from scratch; finetune: the prune stage starts from the trained model and fine-tunes
     scope: str = _choice("global", "global", "layer")  # unstructured: one magnitude threshold over all
     # pruned tensors, or the same sparsity in each
-    dense_first_last: bool = True                  # leave the first conv and the classifier unpruned
-    importance: str = _choice("l2", "l1", "l2")    # structured: channel importance, L1 or L2 magnitude
-    round_to: int = _num(8, min=1)                 # structured: kept channels a multiple of this (fast
+    dense_first_last: bool = True  # leave the first conv and the classifier unpruned
+    importance: str = _choice("l2", "l1", "l2")  # structured: channel importance, L1 or L2 magnitude
+    round_to: int = _num(8, min=1)  # structured: kept channels a multiple of this (fast
     # kernels); on 16-channel layers 8 can remove far more than the ratio: the real widths are reported
-    iterative_steps: int = _num(1, min=1)          # structured: prune in this many steps (importance
+    iterative_steps: int = _num(1, min=1)  # structured: prune in this many steps (importance
     # recomputed after each), all before fine-tuning
-    epochs: int = _num(10, min=0)                  # finetune: fine-tuning epochs after pruning
+    epochs: int = _num(10, min=0)  # finetune: fine-tuning epochs after pruning
     lr: float = _num(0.01, min=0.0, min_exclusive=True)  # finetune: peak learning rate (optim.name's
     # optimizer, momentum and weight decay)
     lr_schedule: str = _choice("cosine", *LR_SCHEDULES)  # finetune: learning-rate schedule
-    warmup_epochs: float = _num(0.0, min=0.0)      # finetune: linear warm-up, epochs
+    warmup_epochs: float = _num(0.0, min=0.0)  # finetune: linear warm-up, epochs
 
 
 @dataclass
@@ -165,22 +167,22 @@ class QuantConfig:
     # none | int8 (post-training static int8: torch.export + torchao PT2E, x86 inductor quantizer, CPU
     # inference) | qat (quantization-aware fine-tuning, then int8) | fp16 (half weights, GPU inference)
     method: str = _choice("none", *QUANT_METHODS)
-    calib_batches: int = _num(16, min=1)           # int8: un-augmented training batches for calibration
-    epochs: int = _num(2, min=0)                   # qat: fine-tuning epochs with fake quantization (>= 1)
+    calib_batches: int = _num(16, min=1)  # int8: un-augmented training batches for calibration
+    epochs: int = _num(2, min=0)  # qat: fine-tuning epochs with fake quantization (>= 1)
     lr: float = _num(1e-3, min=0.0, min_exclusive=True)  # qat: peak learning rate (cosine to 0)
 
 
 @dataclass
 class MeasureConfig:
-    enabled: bool = True                           # measure every model of the run (metrics/measure.json)
-    latency_repeats: int = _num(50, min=1)         # batch-1 forwards timed per model (median reported)
-    throughput_batch: int = _num(256, min=1)       # images per forward for throughput
-    throughput_repeats: int = _num(5, min=1)       # large-batch forwards timed per model (median)
-    warmup: int = _num(3, min=1)                   # untimed forwards first, per model and batch size
-    compile: bool = True                           # int8: inductor-compiled (the fast path); fp32 also
+    enabled: bool = True  # measure every model of the run (metrics/measure.json)
+    latency_repeats: int = _num(50, min=1)  # batch-1 forwards timed per model (median reported)
+    throughput_batch: int = _num(256, min=1)  # images per forward for throughput
+    throughput_repeats: int = _num(5, min=1)  # large-batch forwards timed per model (median)
+    warmup: int = _num(3, min=1)  # untimed forwards first, per model and batch size
+    compile: bool = True  # int8: inductor-compiled (the fast path); fp32 also
     # measured compiled for a fair baseline
-    memory: bool = True                            # peak inference memory, each model in a fresh process
-    threads: int = _num(0, min=0)                  # CPU threads; 0 = as for training
+    memory: bool = True  # peak inference memory, each model in a fresh process
+    threads: int = _num(0, min=0)  # CPU threads; 0 = as for training
 
 
 @dataclass
@@ -190,16 +192,16 @@ class SlurmConfig:
     qos: str = _sbatch(SBATCH_WORD, _WORD)
     constraint: str = _sbatch(SBATCH_CONSTRAINT, _WORD + " and the operators , & | ! [ ] * :")  # node features
     nodes: int = _num(1, min=1)
-    tasks_per_node: int = _num(1, min=1)         # > 1 = one data-parallel rank per task
+    tasks_per_node: int = _num(1, min=1)  # > 1 = one data-parallel rank per task
     gpus_per_node: int = _num(0, min=0)
     gpu_type: str = _sbatch(SBATCH_WORD, _WORD)  # gres type, e.g. rtx8000 or v100; empty = any
     cpus_per_task: int = _num(2, min=1)
-    mem_gb: float = _num(8.0, min=0.001)         # memory per node, GB; sbatch gets whole MB, and
+    mem_gb: float = _num(8.0, min=0.001)  # memory per node, GB; sbatch gets whole MB, and
     # --mem=0 would mean all of the node's memory: at least 1 MB
-    time_min: int = _num(120, min=1)             # time limit per job, minutes
-    array_parallelism: int = _num(64, min=1)     # array tasks running at once (shared out when a
+    time_min: int = _num(120, min=1)  # time limit per job, minutes
+    array_parallelism: int = _num(64, min=1)  # array tasks running at once (shared out when a
     # sweep is split into several arrays by the cluster's MaxArraySize)
-    max_requeues: int = _num(3, min=0)           # requeues after time limit or preemption
+    max_requeues: int = _num(3, min=0)  # requeues after time limit or preemption
     # Shell lines run before the job (module load, conda activate ...). Shell by design, written into
     # the job script unchecked: they run with the user's own rights, like a hand-written sbatch file.
     setup: list[str] = field(default_factory=list)
@@ -207,8 +209,8 @@ class SlurmConfig:
 
 @dataclass
 class OutputConfig:
-    tensorboard: bool = True                     # scalars per epoch under <run>/tb/
-    log_every: int = _num(50, min=1)             # optimizer steps between log lines
+    tensorboard: bool = True  # scalars per epoch under <run>/tb/
+    log_every: int = _num(50, min=1)  # optimizer steps between log lines
 
 
 @dataclass
@@ -235,6 +237,7 @@ ID_INCLUDED_SLURM_KEYS = ("nodes", "tasks_per_node")  # the number of ranks does
 # Schema introspection
 # --------------------------------------------------------------------------------------------------
 
+
 def schema_fields() -> dict[str, dataclasses.Field]:
     """Every leaf of the schema by dotted key."""
     out: dict[str, dataclasses.Field] = {}
@@ -247,6 +250,7 @@ def schema_fields() -> dict[str, dataclasses.Field]:
                 walk(type(default), key + ".")
             else:
                 out[key] = f
+
     walk(Config, "")
     return out
 
@@ -270,10 +274,15 @@ def _shape_message(key: str, value: Any = None) -> str | None:
     (``optim.lr.x``); None when it is merely unknown."""
     inside = [k for k in _FIELDS if k.startswith(key + ".")]
     if inside:
-        example = (" ".join(f"{k}={v}" for k, v in flatten(value, key + ".").items()) if isinstance(value, Mapping)
-                   and value else f"{inside[0]}=...")
-        return (f"is a section, not a setting: give its keys one at a time (on the command line: {example}). "
-                f"Allowed keys in '{key}': {', '.join(inside)}.")
+        example = (
+            " ".join(f"{k}={v}" for k, v in flatten(value, key + ".").items())
+            if isinstance(value, Mapping) and value
+            else f"{inside[0]}=..."
+        )
+        return (
+            f"is a section, not a setting: give its keys one at a time (on the command line: {example}). "
+            f"Allowed keys in '{key}': {', '.join(inside)}."
+        )
     parts = key.split(".")
     for n in range(1, len(parts)):
         leaf = ".".join(parts[:n])
@@ -292,15 +301,21 @@ def check_keys(tree: Mapping[str, Any], source: str | os.PathLike) -> None:
             raise ConfigError(source, shape, key=key)
         section = key.split(".", 1)[0]
         if section not in _SECTIONS:
-            raise ConfigError(source, f"unknown section '{section}'.{_suggest(section, sorted(_SECTIONS))} "
-                              f"Allowed sections: {', '.join(sorted(_SECTIONS))}.", key=key)
+            raise ConfigError(
+                source,
+                f"unknown section '{section}'.{_suggest(section, sorted(_SECTIONS))} "
+                f"Allowed sections: {', '.join(sorted(_SECTIONS))}.",
+                key=key,
+            )
         in_section = [k for k in _FIELDS if k.startswith(section + ".")]
-        raise ConfigError(source, f"unknown key.{_suggest(key, in_section)} "
-                          f"Allowed keys in '{section}': {', '.join(in_section)}.", key=key)
+        raise ConfigError(
+            source,
+            f"unknown key.{_suggest(key, in_section)} Allowed keys in '{section}': {', '.join(in_section)}.",
+            key=key,
+        )
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "", source: str | os.PathLike | None = None
-            ) -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "", source: str | os.PathLike | None = None) -> dict[str, Any]:
     """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}; lists are leaves. With ``source`` (a file), a
     key given both dotted and nested (``optim.lr`` and ``optim: {lr: ...}``) is a ConfigError: one of the
     two would silently replace the other."""
@@ -309,8 +324,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", source: str | os.PathLike
         key = f"{prefix}{k}"
         inner = flatten(v, key + ".", source) if isinstance(v, Mapping) and key not in _FIELDS else {key: v}
         if source is not None and not out.keys().isdisjoint(inner):
-            raise ConfigError(source, "given twice, once as a dotted key and once nested in a mapping (one "
-                              "would silently replace the other); keep one.", key=next(x for x in inner if x in out))
+            raise ConfigError(
+                source,
+                "given twice, once as a dotted key and once nested in a mapping (one "
+                "would silently replace the other); keep one.",
+                key=next(x for x in inner if x in out),
+            )
         out.update(inner)
     return out
 
@@ -330,13 +349,17 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 # Loading
 # --------------------------------------------------------------------------------------------------
 
+
 class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping that gives one key twice (plain YAML keeps the last silently)."""
 
     def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark):
         self.key = key
-        self.where = (f"on lines {first.line + 1} and {again.line + 1}" if first.line != again.line else
-                      f"on line {first.line + 1} (columns {first.column + 1} and {again.column + 1})")
+        self.where = (
+            f"on lines {first.line + 1} and {again.line + 1}"
+            if first.line != again.line
+            else f"on line {first.line + 1} (columns {first.column + 1} and {again.column + 1})"
+        )
         super().__init__(None, None, f"duplicate key {key!r} {self.where}", again)
 
 
@@ -371,26 +394,37 @@ def read_yaml(path: str | os.PathLike) -> Any:
     if not p.exists():
         raise ConfigError(p, "file not found")
     if not p.is_file():
-        raise ConfigError(p, "is a folder, not a YAML file" if p.is_dir() else
-                          "is not a regular file (a device, pipe or socket), not a YAML file")
+        raise ConfigError(
+            p,
+            "is a folder, not a YAML file"
+            if p.is_dir()
+            else "is not a regular file (a device, pipe or socket), not a YAML file",
+        )
     try:
         data = p.read_bytes()
     except OSError as e:
         raise ConfigError(p, f"cannot read the file: {e.strerror or e}") from None
     if b"\0" in data:
-        raise ConfigError(p, "holds NUL bytes (a binary file, or UTF-16 text): config and sweep files must be "
-                          "UTF-8 YAML")
+        raise ConfigError(
+            p, "holds NUL bytes (a binary file, or UTF-16 text): config and sweep files must be UTF-8 YAML"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(p, f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): a binary file or "
-                          "another encoding such as latin-1; save it as UTF-8") from None
+        raise ConfigError(
+            p,
+            f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}): a binary file or "
+            "another encoding such as latin-1; save it as UTF-8",
+        ) from None
     try:
         return load_yaml(text)
     except DuplicateKeyError as e:
-        raise ConfigError(p, f"given twice in one mapping, {e.where} (the second would silently replace the "
-                          "first); keep one.", key=str(e.key)) from None
+        raise ConfigError(
+            p,
+            f"given twice in one mapping, {e.where} (the second would silently replace the first); keep one.",
+            key=str(e.key),
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -416,6 +450,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 @dataclass
 class Layer:
     """One source of settings: its name (file path or 'command line') and a dotted dict."""
+
     source: str
     values: dict[str, Any]
 
@@ -438,8 +473,9 @@ def compose(layers: Sequence[Layer]) -> DictConfig:
         container = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(provenance.get(key, "config"), f"cannot resolve: {e.msg if hasattr(e, 'msg') else e}",
-                          key=key) from None
+        raise ConfigError(
+            provenance.get(key, "config"), f"cannot resolve: {e.msg if hasattr(e, 'msg') else e}", key=key
+        ) from None
     cfg = OmegaConf.structured(Config)
     cfg.merge_with(container)
     validate(cfg, provenance)
@@ -498,8 +534,17 @@ def _rules() -> list[tuple[str, tuple[str, ...] | None, Any, Any, bool, re.Patte
     for key, f in _FIELDS.items():
         m = f.metadata
         pattern = re.compile(m["pattern"]) if m.get("pattern") else None
-        out.append((key, m.get("choices"), m.get("min"), m.get("max"), bool(m.get("min_exclusive")), pattern,
-                    m.get("allowed", "")))
+        out.append(
+            (
+                key,
+                m.get("choices"),
+                m.get("min"),
+                m.get("max"),
+                bool(m.get("min_exclusive")),
+                pattern,
+                m.get("allowed", ""),
+            )
+        )
     return out
 
 
@@ -518,16 +563,22 @@ def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None 
     for key, choices, lo, hi, lo_excl, pattern, allowed in _RULES:
         value = flat[key]
         if choices and value not in choices:
-            raise ConfigError(provenance.get(key, "defaults"), f"'{value}' is not allowed."
-                              f"{_suggest(str(value), choices)} Allowed values: {', '.join(choices)}.", key=key)
+            raise ConfigError(
+                provenance.get(key, "defaults"),
+                f"'{value}' is not allowed.{_suggest(str(value), choices)} Allowed values: {', '.join(choices)}.",
+                key=key,
+            )
         if lo is not None and (value < lo or (lo_excl and value == lo)):
             op = ">" if lo_excl else ">="
             raise ConfigError(provenance.get(key, "defaults"), f"must be {op} {lo}, got {value}.", key=key)
         if hi is not None and value > hi:
             raise ConfigError(provenance.get(key, "defaults"), f"must be <= {hi}, got {value}.", key=key)
         if pattern is not None and not pattern.fullmatch(str(value)):
-            raise ConfigError(provenance.get(key, "defaults"), f"{value!r} cannot be passed to sbatch: only "
-                              f"{allowed} are allowed (pattern {pattern.pattern}).", key=key)
+            raise ConfigError(
+                provenance.get(key, "defaults"),
+                f"{value!r} cannot be passed to sbatch: only {allowed} are allowed (pattern {pattern.pattern}).",
+                key=key,
+            )
 
     def fail(key: str, msg: str) -> None:
         raise ConfigError(provenance.get(key, "defaults"), msg, key=key)
@@ -544,32 +595,55 @@ def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None 
             fail(key, f"must be in [0, 1) (a fraction of the weights removed), got {flat[key]}.")
     if flat["prune.method"] != "none":
         if flat["prune.begin"] > flat["prune.end"]:
-            fail("prune.begin", f"must not be after prune.end ({flat['prune.end']}): both are fractions of "
-                 f"the pruning steps, got {flat['prune.begin']}.")
-        if flat["prune.method"] == "unstructured" and flat["prune.schedule"] == "polynomial" \
-                and flat["prune.initial_sparsity"] > flat["prune.sparsity"]:
-            fail("prune.initial_sparsity", f"must not exceed prune.sparsity ({flat['prune.sparsity']}), "
-                 f"got {flat['prune.initial_sparsity']}.")
+            fail(
+                "prune.begin",
+                f"must not be after prune.end ({flat['prune.end']}): both are fractions of "
+                f"the pruning steps, got {flat['prune.begin']}.",
+            )
+        if (
+            flat["prune.method"] == "unstructured"
+            and flat["prune.schedule"] == "polynomial"
+            and flat["prune.initial_sparsity"] > flat["prune.sparsity"]
+        ):
+            fail(
+                "prune.initial_sparsity",
+                f"must not exceed prune.sparsity ({flat['prune.sparsity']}), got {flat['prune.initial_sparsity']}.",
+            )
         if flat["prune.method"] == "structured" and flat["prune.during"] == "train":
-            fail("prune.during", "structured pruning removes channels from a trained model: allowed value "
-                 "with prune.method=structured: finetune.")
-        if flat["prune.during"] == "finetune" and flat["prune.warmup_epochs"] and \
-                flat["prune.warmup_epochs"] >= flat["prune.epochs"]:
+            fail(
+                "prune.during",
+                "structured pruning removes channels from a trained model: allowed value "
+                "with prune.method=structured: finetune.",
+            )
+        if (
+            flat["prune.during"] == "finetune"
+            and flat["prune.warmup_epochs"]
+            and flat["prune.warmup_epochs"] >= flat["prune.epochs"]
+        ):
             fail("prune.warmup_epochs", f"must be shorter than prune.epochs ({flat['prune.epochs']}).")
     if flat["quant.method"] == "qat" and flat["slurm.nodes"] * flat["slurm.tasks_per_node"] > 1:
-        fail("quant.method", "qat fine-tunes an exported program in one process: use slurm.nodes=1 and "
-             "slurm.tasks_per_node=1 with it, or quant.method=int8.")
+        fail(
+            "quant.method",
+            "qat fine-tunes an exported program in one process: use slurm.nodes=1 and "
+            "slurm.tasks_per_node=1 with it, or quant.method=int8.",
+        )
     if flat["quant.method"] == "qat" and flat["quant.epochs"] < 1:
-        fail("quant.epochs", "quant.method=qat fine-tunes with fake quantization: must be >= 1, got "
-             f"{flat['quant.epochs']}.")
+        fail(
+            "quant.epochs",
+            f"quant.method=qat fine-tunes with fake quantization: must be >= 1, got {flat['quant.epochs']}.",
+        )
     ranks = flat["slurm.nodes"] * flat["slurm.tasks_per_node"]
     if flat["train.batch_size"] % ranks:
-        fail("train.batch_size", f"must be divisible by the number of data-parallel ranks "
-             f"(slurm.nodes x slurm.tasks_per_node = {ranks}), got {flat['train.batch_size']}.")
+        fail(
+            "train.batch_size",
+            f"must be divisible by the number of data-parallel ranks "
+            f"(slurm.nodes x slurm.tasks_per_node = {ranks}), got {flat['train.batch_size']}.",
+        )
 
 
-def load_config(files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] | Mapping[str, Any] = ()
-                ) -> DictConfig:
+def load_config(
+    files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> DictConfig:
     """Schema defaults <- each file in order <- ``key=value`` overrides."""
     layers = [file_layer(f) for f in files]
     over = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
@@ -677,8 +751,9 @@ class Composer:
         raw = flatten(OmegaConf.to_container(cfg, resolve=False))
         # Interpolations are resolved after the last layer; only environment lookups are known not to
         # depend on what later layers set. Anything else, or a failure, is left to compose() per run.
-        if not any(_needs_full_compose(_ENV_INTERPOLATION.sub("", v) if isinstance(v, str) else v)
-                   for v in raw.values()):
+        if not any(
+            _needs_full_compose(_ENV_INTERPOLATION.sub("", v) if isinstance(v, str) else v) for v in raw.values()
+        ):
             try:
                 cfg = from_tree(OmegaConf.to_container(cfg, resolve=True))
                 self._flat = flatten(OmegaConf.to_container(cfg))

@@ -34,13 +34,23 @@ import numpy as np
 import torch
 
 __all__ = [
-    "DATASETS", "LAYOUT_FOLDERS", "Split", "CifarData", "load_cifar", "read_cifar_pickle", "UnsafePickleError",
-    "DeviceLoader", "TorchLoader", "dataloader_loader", "write_synthetic", "download", "main",
+    "DATASETS",
+    "LAYOUT_FOLDERS",
+    "Split",
+    "CifarData",
+    "load_cifar",
+    "read_cifar_pickle",
+    "UnsafePickleError",
+    "DeviceLoader",
+    "TorchLoader",
+    "dataloader_loader",
+    "write_synthetic",
+    "download",
+    "main",
 ]
 
 # Folder under the data root for each data set name (= write_synthetic layout).
-LAYOUT_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
-                  "synthetic": "synthetic-batches-py"}
+LAYOUT_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "synthetic": "synthetic-batches-py"}
 _CIFAR10_FILES = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta")
 _CIFAR100_FILES = (["train"], ["test"], "meta")
 _PIXELS = 3 * 32 * 32
@@ -60,6 +70,7 @@ def _hint(name: str, root: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Split:
@@ -104,19 +115,26 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
 def _latin1_encode(text: object, encoding: str = "latin1") -> bytes:
     """``_codecs.encode`` as Python 3 uses it for bytes in protocol-2 pickles, latin-1 only."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode called with ({type(text).__name__}, {encoding!r}); "
-                                     "only (str, 'latin1') is allowed")
+        raise pickle.UnpicklingError(
+            f"_codecs.encode called with ({type(text).__name__}, {encoding!r}); only (str, 'latin1') is allowed"
+        )
     return text.encode("latin1")
 
 
 # The only globals real and synthetic CIFAR files refer to: numpy array reconstruction (numpy 1 and 2
 # module names; _frombuffer is numpy's protocol-5 path) and, in Python 3 protocol-2 pickles, the bytes of
 # the array buffers. Lists, dicts, bytes, str and int need no globals.
-_CIFAR_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-})
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -129,10 +147,12 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in _CIFAR_GLOBALS:
-            raise UnsafePickleError(f"{self.path}: refused to load global '{module}.{name}': CIFAR files only "
-                                    f"contain numpy arrays, lists, dicts, str, bytes and int (allowed globals: "
-                                    f"{', '.join(sorted(f'{m}.{n}' for m, n in _CIFAR_GLOBALS))}); not loading "
-                                    "a file that could run code")
+            raise UnsafePickleError(
+                f"{self.path}: refused to load global '{module}.{name}': CIFAR files only "
+                f"contain numpy arrays, lists, dicts, str, bytes and int (allowed globals: "
+                f"{', '.join(sorted(f'{m}.{n}' for m, n in _CIFAR_GLOBALS))}); not loading "
+                "a file that could run code"
+            )
         if (module, name) == ("_codecs", "encode"):
             return _latin1_encode
         return super().find_class(module, name)
@@ -151,8 +171,16 @@ def read_cifar_pickle(path: str | Path) -> dict[str, object]:
             obj = _CifarUnpickler(f, path).load()
         except UnsafePickleError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-                MemoryError) as e:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            MemoryError,
+        ) as e:
             raise ValueError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
@@ -177,8 +205,10 @@ def _read_batches(paths: Sequence[Path], num_classes: int) -> tuple[np.ndarray, 
         x = np.asarray(d["data"])
         y = np.asarray(d["labels"] if "labels" in d else d["fine_labels"], dtype=np.int64)
         if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != _PIXELS or len(y) != len(x):
-            raise ValueError(f"{p}: expected uint8 data of shape (N, {_PIXELS}) and N labels, "
-                             f"got {x.dtype} {x.shape} and {len(y)} labels")
+            raise ValueError(
+                f"{p}: expected uint8 data of shape (N, {_PIXELS}) and N labels, "
+                f"got {x.dtype} {x.shape} and {len(y)} labels"
+            )
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"{p}: labels outside [0, {num_classes}) (meta lists {num_classes} classes)")
         xs.append(x)
@@ -225,8 +255,9 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(means), tuple(stds)
 
 
-def load_cifar(name: str, root: str | Path, *, val_size: int = 5000, split_seed: int = 0,
-               train_size: int = 0) -> CifarData:
+def load_cifar(
+    name: str, root: str | Path, *, val_size: int = 5000, split_seed: int = 0, train_size: int = 0
+) -> CifarData:
     """Read data set ``name`` from ``root`` and split its train files into train/val.
 
     A permutation seeded by ``split_seed`` sends its first ``val_size`` images to val and the rest, in
@@ -241,8 +272,10 @@ def load_cifar(name: str, root: str | Path, *, val_size: int = 5000, split_seed:
     if val_size >= n:
         raise ValueError(f"val_size={val_size} must be smaller than the {n} training images in {folder}")
     if train_size > n - val_size:
-        raise ValueError(f"train_size={train_size} exceeds the {n - val_size} training images left after "
-                         f"val_size={val_size} in {folder}")
+        raise ValueError(
+            f"train_size={train_size} exceeds the {n - val_size} training images left after "
+            f"val_size={val_size} in {folder}"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     if train_size > 0:
@@ -258,6 +291,7 @@ def load_cifar(name: str, root: str | Path, *, val_size: int = 5000, split_seed:
 # --------------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------------
+
 
 def _epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     """A CPU generator for (seed, epoch, stream); SeedSequence keeps nearby tuples' streams unrelated."""
@@ -308,14 +342,27 @@ class DeviceLoader:
     every rank has the same ``len``.
     """
 
-    def __init__(self, split: Split, batch_size: int, *, device: str | torch.device = "cpu",
-                 mean: Sequence[float], std: Sequence[float], augment: bool = False, shuffle: bool = False,
-                 seed: int = 0, drop_last: bool = False, channels_last: bool = False, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        device: str | torch.device = "cpu",
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         _check_batching(batch_size, rank, world_size)
         if tuple(split.images.shape[1:]) != (3, 32, 32) or split.images.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 images (N, 3, 32, 32), got {split.images.dtype} "
-                             f"{tuple(split.images.shape)}")
+            raise ValueError(
+                f"expected uint8 images (N, 3, 32, 32), got {split.images.dtype} {tuple(split.images.shape)}"
+            )
         self.device = torch.device(device)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.augment, self.shuffle, self.seed, self.drop_last = augment, shuffle, seed, drop_last
@@ -330,8 +377,7 @@ class DeviceLoader:
             self._images = torch.nn.functional.pad(images, (_PAD,) * 4)
             s = self._images.stride()
             k = 2 * _PAD + 1
-            self._windows = self._images.as_strided((self._n, k, k, 3, 32, 32),
-                                                    (s[0], s[2], s[3], s[1], s[2], s[3]))
+            self._windows = self._images.as_strided((self._n, k, k, 3, 32, 32), (s[0], s[2], s[3], s[1], s[2], s[3]))
         else:
             self._images = images
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -400,8 +446,9 @@ class _IndexedDataset(torch.utils.data.Dataset):
 class _EpochBatchSampler(torch.utils.data.Sampler):
     """The same per-rank batches of indices as DeviceLoader (same order for the same seed and epoch)."""
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool, rank: int,
-                 world_size: int):
+    def __init__(
+        self, n: int, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int
+    ):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size, self.epoch = drop_last, rank, world_size, 0
         self.start_batch = 0
@@ -428,9 +475,21 @@ class TorchLoader:
     Batches stay on the CPU.
     """
 
-    def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
-                 augment: bool, shuffle: bool, seed: int, num_workers: int, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool,
+        shuffle: bool,
+        seed: int,
+        num_workers: int,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         from torchvision.transforms import v2
 
         _check_batching(batch_size, rank, world_size)
@@ -439,12 +498,16 @@ class TorchLoader:
         steps = [v2.RandomCrop(32, padding=_PAD), v2.RandomHorizontalFlip()] if augment else []
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
         self.seed, self.num_workers, self.epoch = seed, num_workers, 0
-        self.sampler = _EpochBatchSampler(len(split), batch_size, shuffle=shuffle, seed=seed,
-                                          drop_last=drop_last, rank=rank, world_size=world_size)
+        self.sampler = _EpochBatchSampler(
+            len(split), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
+        )
         self.generator = torch.Generator()
-        self.loader = torch.utils.data.DataLoader(_IndexedDataset(split, v2.Compose(steps)),
-                                                  batch_sampler=self.sampler, num_workers=num_workers,
-                                                  generator=self.generator)
+        self.loader = torch.utils.data.DataLoader(
+            _IndexedDataset(split, v2.Compose(steps)),
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            generator=self.generator,
+        )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (order and augmentation seeds) of the next iteration and its first batch.
@@ -478,25 +541,50 @@ class TorchLoader:
             yield batch
 
 
-def dataloader_loader(split: Split, batch_size: int, *, mean: Sequence[float], std: Sequence[float],
-                      augment: bool, shuffle: bool, seed: int, num_workers: int, drop_last: bool = False,
-                      rank: int = 0, world_size: int = 1) -> TorchLoader:
+def dataloader_loader(
+    split: Split,
+    batch_size: int,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TorchLoader:
     """The conventional path: DataLoader + per-sample torchvision v2 transforms (see :class:`TorchLoader`)."""
-    return TorchLoader(split, batch_size, mean=mean, std=std, augment=augment, shuffle=shuffle, seed=seed,
-                       num_workers=num_workers, drop_last=drop_last, rank=rank, world_size=world_size)
+    return TorchLoader(
+        split,
+        batch_size,
+        mean=mean,
+        std=std,
+        augment=augment,
+        shuffle=shuffle,
+        seed=seed,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Synthetic data in the real file format
 # --------------------------------------------------------------------------------------------------
 
+
 def _upsample(low: np.ndarray, size: int) -> np.ndarray:
     """Bilinear upsampling of the last two axes to ``size``; elementwise ops only, so bit-reproducible."""
+
     def axis_weights(n: int):
         pos = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
         i0 = np.floor(pos).astype(np.int64)
         i1 = np.minimum(i0 + 1, n - 1)
         return i0, i1, pos - i0
+
     i0, i1, w = axis_weights(low.shape[-2])
     rows = low[..., i0, :] * (1 - w)[:, None] + low[..., i1, :] * w[:, None]
     j0, j1, v = axis_weights(low.shape[-1])
@@ -548,9 +636,16 @@ def _complete(folder: Path, layout: str, num_classes: int, n_train: int, n_test:
     return len(raw.class_names) == num_classes and len(raw.train_y) == n_train and len(raw.test_y) == n_test
 
 
-def write_synthetic(root: str | Path, *, layout: str = "synthetic", num_classes: int = 10,
-                    train_per_class: int = 500, test_per_class: int = 100, seed: int = 0,
-                    exist_ok: bool = False) -> Path:
+def write_synthetic(
+    root: str | Path,
+    *,
+    layout: str = "synthetic",
+    num_classes: int = 10,
+    train_per_class: int = 500,
+    test_per_class: int = 100,
+    seed: int = 0,
+    exist_ok: bool = False,
+) -> Path:
     """Write a deterministic, learnable CIFAR-shaped data set in the real on-disk format; returns its folder.
 
     ``layout`` "synthetic"/"cifar10" -> CIFAR-10 files (5 train batches, test_batch, batches.meta) in
@@ -566,8 +661,10 @@ def write_synthetic(root: str | Path, *, layout: str = "synthetic", num_classes:
     if layout == "cifar10" and num_classes != 10:
         raise ValueError(f"layout cifar10 needs num_classes=10, got {num_classes}")
     if num_classes < 2 or train_per_class < 1 or test_per_class < 1:
-        raise ValueError("need num_classes >= 2, train_per_class >= 1 and test_per_class >= 1, got "
-                         f"{num_classes}, {train_per_class}, {test_per_class}")
+        raise ValueError(
+            "need num_classes >= 2, train_per_class >= 1 and test_per_class >= 1, got "
+            f"{num_classes}, {train_per_class}, {test_per_class}"
+        )
     root = Path(root).expanduser()
     folder = root / LAYOUT_FOLDERS[layout]
     n_train, n_test = num_classes * train_per_class, num_classes * test_per_class
@@ -575,8 +672,11 @@ def write_synthetic(root: str | Path, *, layout: str = "synthetic", num_classes:
     def existing() -> Path:
         if exist_ok and _complete(folder, layout, num_classes, n_train, n_test):
             return folder
-        why = ("it is incomplete or holds a data set of another shape" if exist_ok
-               else "pass exist_ok=True / --exist-ok to reuse it")
+        why = (
+            "it is incomplete or holds a data set of another shape"
+            if exist_ok
+            else "pass exist_ok=True / --exist-ok to reuse it"
+        )
         raise FileExistsError(f"{folder} already exists; not overwriting ({why})")
 
     if folder.exists():
@@ -586,23 +686,35 @@ def write_synthetic(root: str | Path, *, layout: str = "synthetic", num_classes:
     if layout == "cifar100":
         fine = [f"class_{i:03d}" for i in range(num_classes)]
         coarse = [f"superclass_{i:02d}" for i in range(20)]
-        for fname, x, y, label in (("train", train_x, train_y, "training batch 1 of 1"),
-                                   ("test", test_x, test_y, "testing batch 1 of 1")):
-            files[fname] = {"filenames": [f"{fine[c]}_s_{i:06d}.png" for i, c in enumerate(y)],
-                            "batch_label": label, "fine_labels": y.tolist(),
-                            "coarse_labels": (y // 5).tolist(), "data": x}
+        for fname, x, y, label in (
+            ("train", train_x, train_y, "training batch 1 of 1"),
+            ("test", test_x, test_y, "testing batch 1 of 1"),
+        ):
+            files[fname] = {
+                "filenames": [f"{fine[c]}_s_{i:06d}.png" for i, c in enumerate(y)],
+                "batch_label": label,
+                "fine_labels": y.tolist(),
+                "coarse_labels": (y // 5).tolist(),
+                "data": x,
+            }
         files["meta"] = {"fine_label_names": fine, "coarse_label_names": coarse}
     else:
         names = [f"class_{i:02d}" for i in range(num_classes)]
         pieces = np.array_split(np.arange(len(train_y)), 5)
         for k, idx in enumerate(pieces, start=1):
             files[f"data_batch_{k}"] = {
-                "batch_label": f"training batch {k} of 5", "labels": train_y[idx].tolist(), "data": train_x[idx],
-                "filenames": [f"{names[train_y[i]]}_s_{i:06d}.png" for i in idx]}
-        files["test_batch"] = {"batch_label": "testing batch 1 of 1", "labels": test_y.tolist(), "data": test_x,
-                               "filenames": [f"{names[c]}_s_{i:06d}.png" for i, c in enumerate(test_y)]}
-        files["batches.meta"] = {"num_cases_per_batch": len(pieces[0]), "label_names": names,
-                                 "num_vis": _PIXELS}
+                "batch_label": f"training batch {k} of 5",
+                "labels": train_y[idx].tolist(),
+                "data": train_x[idx],
+                "filenames": [f"{names[train_y[i]]}_s_{i:06d}.png" for i in idx],
+            }
+        files["test_batch"] = {
+            "batch_label": "testing batch 1 of 1",
+            "labels": test_y.tolist(),
+            "data": test_x,
+            "filenames": [f"{names[c]}_s_{i:06d}.png" for i, c in enumerate(test_y)],
+        }
+        files["batches.meta"] = {"num_cases_per_batch": len(pieces[0]), "label_names": names, "num_vis": _PIXELS}
     # Write into a private folder and rename it into place: readers never see a half-written data set,
     # and of two concurrent writers exactly one wins the rename.
     root.mkdir(parents=True, exist_ok=True)
@@ -627,6 +739,7 @@ def write_synthetic(root: str | Path, *, layout: str = "synthetic", num_classes:
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
+
 
 def download(name: str, root: str | Path) -> Path:
     """Download real CIFAR-10/100 with torchvision (needs internet: run it on a login node)."""
@@ -696,12 +809,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "synthetic":
             classes = args.classes if args.classes is not None else (100 if args.layout == "cifar100" else 10)
             existed = (Path(args.root).expanduser() / LAYOUT_FOLDERS[args.layout]).exists()
-            folder = write_synthetic(args.root, layout=args.layout, num_classes=classes,
-                                     train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-                                     seed=args.seed, exist_ok=args.exist_ok)
+            folder = write_synthetic(
+                args.root,
+                layout=args.layout,
+                num_classes=classes,
+                train_per_class=args.train_per_class,
+                test_per_class=args.test_per_class,
+                seed=args.seed,
+                exist_ok=args.exist_ok,
+            )
             verb = "kept existing" if existed else "wrote"
-            out.print(f"{verb} {folder}: {classes} classes, {classes * args.train_per_class} train + "
-                      f"{classes * args.test_per_class} test images (seed {args.seed})")
+            out.print(
+                f"{verb} {folder}: {classes} classes, {classes * args.train_per_class} train + "
+                f"{classes * args.test_per_class} test images (seed {args.seed})"
+            )
             for f in sorted(folder.iterdir()):
                 out.print(f"  {f.name}  {f.stat().st_size:,} bytes")
         else:

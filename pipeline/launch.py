@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # local jobs run until done; submitit's default would kill them at 2 min
-DEFAULT_MAX_ARRAY_SIZE = 1000    # when scontrol cannot tell (Slurm's own default is 1001)
+DEFAULT_MAX_ARRAY_SIZE = 1000  # when scontrol cannot tell (Slurm's own default is 1001)
 MAX_ARRAY_SIZE_ENV = "PIPELINE_MAX_ARRAY_SIZE"  # forces the array size limit (tests; unreadable configs)
 
 
@@ -90,8 +90,7 @@ def _slurm_section(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(section) if isinstance(section, DictConfig) else dict(section)
 
 
-def _groups(cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str
-            ) -> list[tuple[dict[str, Any], list[int]]]:
+def _groups(cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str) -> list[tuple[dict[str, Any], list[int]]]:
     """Runs with identical Slurm resources go into one array."""
     groups: dict[str, tuple[dict[str, Any], list[int]]] = {}
     for i, cfg in enumerate(cfgs):
@@ -126,11 +125,12 @@ def split_arrays(indices: Sequence[int], max_size: int) -> list[list[int]]:
     n = len(indices)
     k = max(1, -(-n // max_size))
     bounds = [n * i // k for i in range(k + 1)]
-    return [list(indices[bounds[i]:bounds[i + 1]]) for i in range(k) if bounds[i] < bounds[i + 1]]
+    return [list(indices[bounds[i] : bounds[i + 1]]) for i in range(k) if bounds[i] < bounds[i + 1]]
 
 
-def _arrays(cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str, max_size: int | None
-            ) -> list[tuple[dict[str, Any], list[int]]]:
+def _arrays(
+    cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str, max_size: int | None
+) -> list[tuple[dict[str, Any], list[int]]]:
     """(:func:`slurm_parameters`, run indices) per array to submit: one group of runs with the same
     resources per array, cut by ``max_size`` (default: the cluster's MaxArraySize)."""
     max_size = max_array_size() if max_size is None else max_size
@@ -149,6 +149,7 @@ def _executor_parameters(params: dict[str, Any]) -> dict[str, Any]:
     """SlurmExecutor's own names and units for :func:`slurm_parameters`' (generic) ones."""
     import submitit
     from submitit.slurm.slurm import _convert_mem
+
     renamed = submitit.SlurmExecutor._equivalence_dict() or {}
     out = {renamed.get(k, k): v for k, v in params.items()}
     if "mem" in out:
@@ -156,15 +157,20 @@ def _executor_parameters(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def sbatch_headers(sweep_dir: Path, cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str,
-                   max_size: int | None = None) -> list[str]:
+def sbatch_headers(
+    sweep_dir: Path, cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str, max_size: int | None = None
+) -> list[str]:
     """The #SBATCH lines that submission would use, one text per array; writes nothing."""
     from submitit.slurm.slurm import _make_sbatch_string
+
     out = []
     for params, idx in _arrays(cfgs, name, max_size):
-        text = _make_sbatch_string(command="<python -u -m submitit.core._submit ...>",
-                                   folder=str(sweep_dir / "logs" / "%j"), map_count=len(idx),
-                                   **_executor_parameters(params))
+        text = _make_sbatch_string(
+            command="<python -u -m submitit.core._submit ...>",
+            folder=str(sweep_dir / "logs" / "%j"),
+            map_count=len(idx),
+            **_executor_parameters(params),
+        )
         out.append("\n".join(line for line in text.splitlines() if line.startswith("#SBATCH")))
     return out
 
@@ -172,7 +178,7 @@ def sbatch_headers(sweep_dir: Path, cfgs: Sequence[DictConfig | Mapping[str, Any
 @dataclass
 class Submission:
     cluster: str
-    job_ids: dict[str, str] = field(default_factory=dict)        # run id -> job id
+    job_ids: dict[str, str] = field(default_factory=dict)  # run id -> job id
     jobs: list[tuple[list[RunDir], Any]] = field(default_factory=list)  # (runs, submitit job)
 
 
@@ -188,8 +194,16 @@ def _visible_gpu_count() -> int:
     return sum(1 for line in r.stdout.splitlines() if line.startswith("GPU "))
 
 
-def submit(runs: Sequence[RunDir], cfgs: Sequence[DictConfig | Mapping[str, Any]], *, cluster: str,
-           sweep_dir: Path, name: str, parallel: int = 1, max_size: int | None = None) -> Submission:
+def submit(
+    runs: Sequence[RunDir],
+    cfgs: Sequence[DictConfig | Mapping[str, Any]],
+    *,
+    cluster: str,
+    sweep_dir: Path,
+    name: str,
+    parallel: int = 1,
+    max_size: int | None = None,
+) -> Submission:
     """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
     cluster's MaxArraySize."""
     import submitit
@@ -202,8 +216,9 @@ def submit(runs: Sequence[RunDir], cfgs: Sequence[DictConfig | Mapping[str, Any]
     log_folder = sweep_dir / "logs" / "%j"
     if cluster == "slurm":
         for params, idx in _arrays(cfgs, name, max_size):
-            executor = submitit.SlurmExecutor(folder=log_folder, max_num_timeout=int(
-                _slurm_section(cfgs[idx[0]])["max_requeues"]))
+            executor = submitit.SlurmExecutor(
+                folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
+            )
             executor.update_parameters(**_executor_parameters(params))
             paths = [str(runs[i].path) for i in idx]
             jobs = executor.map_array(execute, paths)
@@ -214,8 +229,9 @@ def submit(runs: Sequence[RunDir], cfgs: Sequence[DictConfig | Mapping[str, Any]
 
     if cluster == "local":
         executor: Any = submitit.LocalExecutor(folder=log_folder)
-        executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=_visible_gpu_count(),
-                                   stderr_to_stdout=True)
+        executor.update_parameters(
+            timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=_visible_gpu_count(), stderr_to_stdout=True
+        )
     elif cluster == "debug":
         executor = submitit.DebugExecutor(folder=log_folder)
     else:
@@ -274,6 +290,7 @@ def export_distributed_env() -> None:
     """Inside a multi-task Slurm job: set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK from
     Slurm's variables with submitit's helper (also for plain ``srun python -m pipeline.run``)."""
     import submitit
+
     if "SLURM_JOB_ID" in os.environ:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -285,6 +302,7 @@ def active_jobs(jobs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
     states: dict[str, str] = {}
     if slurm_ids:
         from pipeline import slurm_cli
+
         states = {j: s for j, s in slurm_cli.job_states(slurm_ids).items() if s in slurm_cli.ACTIVE_STATES}
     return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j))}
 
@@ -301,5 +319,6 @@ def job_is_active(cluster: str, job_id: str) -> bool:
         return True
     if cluster == "slurm":
         from pipeline import slurm_cli
+
         return slurm_cli.job_states([job_id]).get(job_id, "") in slurm_cli.ACTIVE_STATES
     return False

@@ -78,9 +78,12 @@ def handle(p: Preempted, max_requeues: int) -> str:
         return "stopped on SIGUSR2 outside Slurm: run the same command again to resume"
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if restarts >= max_requeues:
-        return (f"time limit near and slurm.max_requeues={max_requeues} requeues used: not requeued; "
-                "submit the sweep again to resume")
+        return (
+            f"time limit near and slurm.max_requeues={max_requeues} requeues used: not requeued; "
+            "submit the sweep again to resume"
+        )
     from pipeline import slurm_cli
+
     if slurm_cli.requeue(job):
         return f"time limit near: job {job} requeued ({restarts + 1}/{max_requeues})"
     return f"time limit near: requeue of job {job} failed; submit the sweep again to resume"

@@ -34,8 +34,7 @@ def _attach_log(run: RunDir, to_file: bool = True) -> logging.Handler | None:
     <run>/run.log, appended across restarts."""
     root = logging.getLogger("pipeline")
     root.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in root.handlers):
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
         stream = logging.StreamHandler(sys.stdout)
         stream.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         root.addHandler(stream)
@@ -69,10 +68,15 @@ def execute(run_dir: str | Path) -> str:
             if done is not None:
                 if done.get("status") != "done":
                     if done.get("status") == "failed":
-                        log.warning("run %s: the %s stage failed before (%s); it is not retried on its own: "
-                                    "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
-                                    "redoes it once the cause is fixed", run.id, stage,
-                                    done.get("error", "no reason recorded"), run.path)
+                        log.warning(
+                            "run %s: the %s stage failed before (%s); it is not retried on its own: "
+                            "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
+                            "redoes it once the cause is fixed",
+                            run.id,
+                            stage,
+                            done.get("error", "no reason recorded"),
+                            run.path,
+                        )
                     return str(done.get("status"))
                 continue
             log.info("run %s: stage %s", run.id, stage)
@@ -88,8 +92,10 @@ def execute(run_dir: str | Path) -> str:
             except Exception as e:
                 log.error("stage %s failed:\n%s", stage, traceback.format_exc())
                 if rank == 0:
-                    run.write_metrics(stage, {"status": "failed", "error": f"{type(e).__name__}: {e}",
-                                              "log": str(run.log), "stage": stage})
+                    run.write_metrics(
+                        stage,
+                        {"status": "failed", "error": f"{type(e).__name__}: {e}", "log": str(run.log), "stage": stage},
+                    )
                 raise
             metrics["wall_s"] = time.time() - started
             if rank == 0:
@@ -108,8 +114,10 @@ def _distributed_rank() -> int:
     """This process's data-parallel rank; in a multi-task Slurm job the torch.distributed variables are
     exported from Slurm's first (through submitit's helper)."""
     import os
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from pipeline.launch import export_distributed_env
+
         export_distributed_env()
     return int(os.environ.get("RANK", "0"))
 
@@ -136,29 +144,44 @@ def prepare_single(config: Path, overrides: Sequence[str], out: Path) -> RunDir:
     if not run.config.exists() or run.config.read_text() != text:
         atomic_write_text(run.config, text)
     if not run.meta.exists():
-        atomic_write_json(run.meta, {"id": run.id, "sweep": out.name, "config_file": str(config),
-                                     "swept": {}, "overrides": list(overrides)})
+        atomic_write_json(
+            run.meta,
+            {"id": run.id, "sweep": out.name, "config_file": str(config), "swept": {}, "overrides": list(overrides)},
+        )
     return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from pipeline import cli
+
     p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.split("\n\n")[0])
     p.add_argument("target", type=Path, help="a run folder (holding config.yaml) or a config YAML file")
     p.add_argument("overrides", nargs="*", help="key=value settings (with a config file only)")
-    p.add_argument("--out", type=Path, default=Path("runs/single"),
-                   help="with a config file: where its run folder goes (default runs/single)")
-    p.add_argument("--rerun", default=None, help="failed: redo the failed stage and those after it; all: "
-                   "start again from scratch (old results are moved to <run>/archive/, never deleted)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/single"),
+        help="with a config file: where its run folder goes (default runs/single)",
+    )
+    p.add_argument(
+        "--rerun",
+        default=None,
+        help="failed: redo the failed stage and those after it; all: "
+        "start again from scratch (old results are moved to <run>/archive/, never deleted)",
+    )
     args = p.parse_intermixed_args(argv)
     with cli.exit_on_config_error():
         if args.rerun is not None and args.rerun not in ("failed", "all"):
-            raise ConfigError(COMMAND_LINE, f"'{args.rerun}' is not allowed. Allowed values: failed, all.",
-                              key="--rerun")
+            raise ConfigError(
+                COMMAND_LINE, f"'{args.rerun}' is not allowed. Allowed values: failed, all.", key="--rerun"
+            )
         if args.target.is_dir():
             if args.overrides:
-                raise ConfigError(COMMAND_LINE, "a run folder's config is fixed; pass a config file to "
-                                  "change settings", key=args.overrides[0].split("=")[0])
+                raise ConfigError(
+                    COMMAND_LINE,
+                    "a run folder's config is fixed; pass a config file to change settings",
+                    key=args.overrides[0].split("=")[0],
+                )
             run = RunDir(args.target)
             if not run.config.exists():
                 raise ConfigError(args.target, "not a run folder (no config.yaml)")

@@ -191,8 +191,11 @@ class RunDir:
         if m is None and not path.exists():
             return None
         if not isinstance(m, dict) or not isinstance(m.get("status", "failed"), str):
-            return {"status": "failed", "stage": stage,
-                    "error": f"{path} is unreadable (corrupt or half-written); --rerun failed redoes the stage"}
+            return {
+                "status": "failed",
+                "stage": stage,
+                "error": f"{path} is unreadable (corrupt or half-written); --rerun failed redoes the stage",
+            }
         return m
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
@@ -226,8 +229,10 @@ class RunDir:
 
     def stage_statuses(self) -> dict[str, str | None]:
         """Each stage's recorded status (None: not finished yet)."""
-        return {stage: (m.get("status", "failed") if (m := self.read_metrics(stage)) is not None else None)
-                for stage in STAGES}
+        return {
+            stage: (m.get("status", "failed") if (m := self.read_metrics(stage)) is not None else None)
+            for stage in STAGES
+        }
 
     def failed_stage(self) -> str | None:
         """The first stage whose record says failed, if any."""
@@ -245,7 +250,7 @@ class RunDir:
         if from_stage is None:
             movable = [self.metrics_dir, self.checkpoints, self.models, self.tensorboard, self.progress, self.log]
         else:
-            stages = list(STAGES)[list(STAGES).index(from_stage):]
+            stages = list(STAGES)[list(STAGES).index(from_stage) :]
             movable = [self.metrics_path(s) for s in stages] + [self.path / f for s in stages for f in STAGE_FILES[s]]
         movable = [p for p in dict.fromkeys(movable) if p.exists()]
         if not movable:

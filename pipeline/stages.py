@@ -19,8 +19,16 @@ from torch import nn
 
 from pipeline.artifacts import FP16, INT8, PRUNED, TRAINED, build_from_arch, load_model, save_model
 from pipeline.rundir import RunDir
-from pipeline.train import (Phase, evaluate, evaluate_test, fit, history_metrics, load_checkpoint, setup,
-                            unstructured_pruner)
+from pipeline.train import (
+    Phase,
+    evaluate,
+    evaluate_test,
+    fit,
+    history_metrics,
+    load_checkpoint,
+    setup,
+    unstructured_pruner,
+)
 
 log = logging.getLogger("pipeline.stages")
 
@@ -48,6 +56,7 @@ def _widths(model: nn.Module) -> dict[str, int]:
 # prune
 # --------------------------------------------------------------------------------------------------
 
+
 def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     """Prune the trained model (``prune.method``) and fine-tune it (``prune.epochs``); saves
     models/pruned.pt. With ``prune.during: train`` the training stage already pruned: its model is
@@ -61,11 +70,19 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     trained, info = load_model(run.models / TRAINED)
     if p.during == "train":
         train = run.read_metrics("train") or {}
-        return {"status": "done", "method": str(p.method), "during": "train", "model": f"models/{TRAINED}",
-                "sparsity": train.get("sparsity"), "sparsity_target": float(p.sparsity),
-                "sparsity_layers": train.get("sparsity_layers"),
-                "weight_sparsity": weight_sparsity(trained)["sparsity"], **_weights(trained),
-                "test_acc": train.get("test_acc"), "test_top5": train.get("test_top5")}
+        return {
+            "status": "done",
+            "method": str(p.method),
+            "during": "train",
+            "model": f"models/{TRAINED}",
+            "sparsity": train.get("sparsity"),
+            "sparsity_target": float(p.sparsity),
+            "sparsity_layers": train.get("sparsity_layers"),
+            "weight_sparsity": weight_sparsity(trained)["sparsity"],
+            **_weights(trained),
+            "test_acc": train.get("test_acc"),
+            "test_top5": train.get("test_top5"),
+        }
 
     ctx = setup(cfg)
     arch = info["arch"]
@@ -80,10 +97,17 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
             model = build_from_arch(arch, ckpt["model"])
         else:
             from pipeline.compress.structured import prune_structured
+
             model = copy.deepcopy(trained)
             example = torch.zeros(2, 3, 32, 32)
-            prune_structured(model, ratio=float(p.sparsity), importance=str(p.importance), round_to=int(p.round_to),
-                             iterative_steps=int(p.iterative_steps), example_input=example)
+            prune_structured(
+                model,
+                ratio=float(p.sparsity),
+                importance=str(p.importance),
+                round_to=int(p.round_to),
+                iterative_steps=int(p.iterative_steps),
+                example_input=example,
+            )
         model = _to_device(model, cfg, ctx.device)
     else:
         model = _to_device(trained, cfg, ctx.device)
@@ -92,40 +116,68 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
             pruner.prune_to(float(p.sparsity))
 
     schedule = OmegaConf.merge(cfg.schedule, {"name": str(p.lr_schedule), "warmup_epochs": float(p.warmup_epochs)})
-    phase = Phase("prune", epochs, float(p.lr), schedule, ckpt_path, run.tensorboard / "prune", pruner,
-                  run.tensorboard / "prune" / "sparsity")
+    phase = Phase(
+        "prune",
+        epochs,
+        float(p.lr),
+        schedule,
+        ckpt_path,
+        run.tensorboard / "prune",
+        pruner,
+        run.tensorboard / "prune" / "sparsity",
+    )
     result = fit(model, ctx, phase, run, ckpt)
     metrics: dict[str, Any] = history_metrics(result)
     after = {**_weights(model), "macs": count_macs(model), "widths": _widths(model)}
     if pruner is not None:  # the pruned tensors' sparsity (the target), per layer, and over all weights
         rep = pruner.report()
-        metrics.update(sparsity=rep["sparsity"], sparsity_layers=rep["layers"],
-                       weight_sparsity=weight_sparsity(model)["sparsity"])
+        metrics.update(
+            sparsity=rep["sparsity"], sparsity_layers=rep["layers"], weight_sparsity=weight_sparsity(model)["sparsity"]
+        )
     else:  # channels removed: the fraction of parameters gone
         metrics.update(sparsity=1 - after["params"] / before["params"])
-    metrics.update(method=str(p.method), during="finetune", sparsity_target=float(p.sparsity),
-                   params=after["params"], nonzero_params=after["nonzero_params"],
-                   macs=after["macs"], params_before=before["params"], macs_before=before["macs"],
-                   widths={k: [before["widths"][k], v] for k, v in after["widths"].items() if k in before["widths"]},
-                   trained_test_acc=info.get("extra", {}).get("test_acc"))
+    metrics.update(
+        method=str(p.method),
+        during="finetune",
+        sparsity_target=float(p.sparsity),
+        params=after["params"],
+        nonzero_params=after["nonzero_params"],
+        macs=after["macs"],
+        params_before=before["params"],
+        macs_before=before["macs"],
+        widths={k: [before["widths"][k], v] for k, v in after["widths"].items() if k in before["widths"]},
+        trained_test_acc=info.get("extra", {}).get("test_acc"),
+    )
     if result.sparsity:
         metrics["sparsity_log"] = result.sparsity
     if result.status == "diverged":
         metrics["diverged_epoch"] = result.diverged_epoch
         return metrics
     metrics.update(evaluate_test(model, ctx))
-    log.info("pruned (%s, %.2f): %d -> %d params, %d -> %d nonzero, test acc %.4f", p.method, p.sparsity,
-             before["params"], after["params"], before["nonzero_params"], after["nonzero_params"],
-             metrics["test_acc"])
+    log.info(
+        "pruned (%s, %.2f): %d -> %d params, %d -> %d nonzero, test acc %.4f",
+        p.method,
+        p.sparsity,
+        before["params"],
+        after["params"],
+        before["nonzero_params"],
+        after["nonzero_params"],
+        metrics["test_acc"],
+    )
     if ctx.dist.is_main:
-        save_model(run.models / PRUNED, model, arch, extra={"stage": "prune", "test_acc": metrics["test_acc"],
-                                                            "method": str(p.method)})
+        save_model(
+            run.models / PRUNED,
+            model,
+            arch,
+            extra={"stage": "prune", "test_acc": metrics["test_acc"], "method": str(p.method)},
+        )
     return metrics
 
 
 # --------------------------------------------------------------------------------------------------
 # quantize
 # --------------------------------------------------------------------------------------------------
+
 
 def source_model_file(run: RunDir, cfg: DictConfig) -> str:
     """The model the later stages start from: the pruned one when pruning made one, else the trained."""
@@ -141,9 +193,17 @@ def _cpu_loaders(cfg: DictConfig):
 
     cpu = torch.device("cpu")
     d, _, _, test = make_loaders(cfg, cpu)
-    calib = data_mod.DeviceLoader(d.train, int(cfg.train.batch_size), device=cpu, augment=False, shuffle=True,
-                                  seed=int(cfg.train.seed), channels_last=bool(cfg.train.channels_last),
-                                  mean=d.mean, std=d.std)
+    calib = data_mod.DeviceLoader(
+        d.train,
+        int(cfg.train.batch_size),
+        device=cpu,
+        augment=False,
+        shuffle=True,
+        seed=int(cfg.train.seed),
+        channels_last=bool(cfg.train.channels_last),
+        mean=d.mean,
+        std=d.std,
+    )
     calib.set_epoch(0)
     return d, calib, test
 
@@ -156,11 +216,16 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     if q.method == "none":
         return _skipped("none")
     from pipeline.compress import quantize as qz
+
     source = source_model_file(run, cfg)
     model, info = load_model(run.models / source)
     arch = info["arch"]
-    metrics: dict[str, Any] = {"status": "done", "method": str(q.method), "source": f"models/{source}",
-                               "source_test_acc": info.get("extra", {}).get("test_acc")}
+    metrics: dict[str, Any] = {
+        "status": "done",
+        "method": str(q.method),
+        "source": f"models/{source}",
+        "source_test_acc": info.get("extra", {}).get("test_acc"),
+    }
     if q.method == "fp16":
         half = copy.deepcopy(model).half()
         save_model(run.models / FP16, half, arch, extra={"stage": "quantize", "method": "fp16"})
@@ -196,16 +261,27 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     sizes = qz.save_int8(gm, path, example)
     int8 = qz.load_int8(path)  # evaluate what is on disk, not what is in memory
     test_scores = evaluate(int8, test)
-    metrics.update(model=f"models/{INT8}", test_loss=test_scores["loss"], test_acc=test_scores["acc"],
-                   test_top5=test_scores["top5"], **sizes)
-    log.info("%s: test acc %.4f (source %s), file %d bytes", q.method, metrics["test_acc"],
-             metrics["source_test_acc"], sizes.get("raw", 0))
+    metrics.update(
+        model=f"models/{INT8}",
+        test_loss=test_scores["loss"],
+        test_acc=test_scores["acc"],
+        test_top5=test_scores["top5"],
+        **sizes,
+    )
+    log.info(
+        "%s: test acc %.4f (source %s), file %d bytes",
+        q.method,
+        metrics["test_acc"],
+        metrics["source_test_acc"],
+        sizes.get("raw", 0),
+    )
     return metrics
 
 
 # --------------------------------------------------------------------------------------------------
 # measure
 # --------------------------------------------------------------------------------------------------
+
 
 def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     """Every model of the run measured side by side in this one process (timing alternates between
@@ -231,24 +307,39 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     int8_path = run.models / INT8
     if int8_path.is_file():
         source, _ = load_model(run.models / source_model_file(run, cfg))
-        artifacts.append(Artifact.from_pt2("int8", int8_path, source=source, channels_last=channels_last,
-                                           compile=compiled))
+        artifacts.append(
+            Artifact.from_pt2("int8", int8_path, source=source, channels_last=channels_last, compile=compiled)
+        )
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         for name, path in [*files, ("fp16", run.models / FP16)]:
             if path.is_file():
-                artifacts.append(Artifact.from_model_file(f"{name}-cuda", path, device="cuda",
-                                                          channels_last=channels_last, compile=compiled))
+                artifacts.append(
+                    Artifact.from_model_file(
+                        f"{name}-cuda", path, device="cuda", channels_last=channels_last, compile=compiled
+                    )
+                )
     _, _, test = _cpu_loaders(cfg)
-    entries = measure_artifacts(artifacts, test, threads=threads, latency_repeats=int(m.latency_repeats),
-                                throughput_batch=int(m.throughput_batch),
-                                throughput_repeats=int(m.throughput_repeats), warmup=int(m.warmup),
-                                memory=bool(m.memory))
+    entries = measure_artifacts(
+        artifacts,
+        test,
+        threads=threads,
+        latency_repeats=int(m.latency_repeats),
+        throughput_batch=int(m.throughput_batch),
+        throughput_repeats=int(m.throughput_repeats),
+        warmup=int(m.warmup),
+        memory=bool(m.memory),
+    )
     for e in entries:
-        log.info("measure %-12s top-1 %.4f  %s bytes  %.3f ms/img (batch 1)  %s img/s (batch %d)", e["name"],
-                 e.get("test_top1") or 0, e.get("file_bytes"), e.get("latency_b1_ms") or float("nan"),
-                 f"{e['throughput_img_s']:.0f}" if e.get("throughput_img_s") else "-", int(m.throughput_batch))
-    return {"status": "done", "threads": threads, "compiled": compiled, "cpu": _cpu_name(),
-            "models": entries}
+        log.info(
+            "measure %-12s top-1 %.4f  %s bytes  %.3f ms/img (batch 1)  %s img/s (batch %d)",
+            e["name"],
+            e.get("test_top1") or 0,
+            e.get("file_bytes"),
+            e.get("latency_b1_ms") or float("nan"),
+            f"{e['throughput_img_s']:.0f}" if e.get("throughput_img_s") else "-",
+            int(m.throughput_batch),
+        )
+    return {"status": "done", "threads": threads, "compiled": compiled, "cpu": _cpu_name(), "models": entries}
 
 
 def _cpu_name() -> str:
@@ -259,4 +350,5 @@ def _cpu_name() -> str:
     except OSError:
         pass
     import platform
+
     return platform.processor() or "unknown"

@@ -22,16 +22,24 @@ from pipeline import cli, slurm_cli
 from pipeline.config import COMMAND_LINE, ConfigError
 from pipeline.rundir import RunDir, list_runs, read_json
 
-FAILED_JOB_STATES = ("FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-                     "PREEMPTED")
+FAILED_JOB_STATES = (
+    "FAILED",
+    "TIMEOUT",
+    "CANCELLED",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+)
 
 
 @dataclass
 class RunState:
     run: RunDir
-    state: str            # pending | running | done | diverged | failed | stopped
+    state: str  # pending | running | done | diverged | failed | stopped
     job_id: str
-    job_state: str        # the scheduler's word, or "" when it has none
+    job_state: str  # the scheduler's word, or "" when it has none
     epoch: str
     val_acc_best: float | None
     elapsed_s: float | None
@@ -48,6 +56,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
     slurm_ids = [e["job_id"] for e in entries.values() if e["cluster"] == "slurm"]
     sched = slurm_cli.job_states(slurm_ids) if slurm_ids else {}
     from pipeline.launch import job_is_active
+
     out = []
     for run in list_runs(sweep_dir):
         entry = entries.get(run.id, {})
@@ -68,7 +77,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
         elif job_state and job_state.split()[0] in FAILED_JOB_STATES:
             state = "failed"
         elif files == "running" or job_state == "COMPLETED":
-            state = "stopped"      # started, not finished, no job alive: submit the sweep again to resume
+            state = "stopped"  # started, not finished, no job alive: submit the sweep again to resume
         else:
             state = "pending" if not job_id else "stopped"
         progress = run.read_progress()
@@ -78,8 +87,9 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             epoch = f"{stage} {epoch}"
         if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
             epoch = f"{failed} stage failed"
-        out.append(RunState(run, state, job_id, job_state, epoch, progress.get("val_acc_best"),
-                            progress.get("elapsed_s")))
+        out.append(
+            RunState(run, state, job_id, job_state, epoch, progress.get("val_acc_best"), progress.get("elapsed_s"))
+        )
     return out
 
 
@@ -100,19 +110,30 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
     for s in states:
         swept = s.run.read_meta().get("swept", {})
         state = f"[{colours.get(s.state, 'white')}]{s.state}[/]" + (
-            f" ({s.job_state})" if s.job_state and s.job_state.lower() != s.state else "")
+            f" ({s.job_state})" if s.job_state and s.job_state.lower() != s.state else ""
+        )
         log = s.run.log if s.run.log.exists() else (job_log(sweep_dir, s.job_id) if s.job_id else "")
-        table.add_row(s.run.id, *[cli.fmt(swept.get(k, "")) for k in keys], state, s.job_id, s.epoch,
-                      f"{100 * s.val_acc_best:.2f}%" if s.val_acc_best is not None else "", _elapsed(s.elapsed_s),
-                      str(log))
+        table.add_row(
+            s.run.id,
+            *[cli.fmt(swept.get(k, "")) for k in keys],
+            state,
+            s.job_id,
+            s.epoch,
+            f"{100 * s.val_acc_best:.2f}%" if s.val_acc_best is not None else "",
+            _elapsed(s.elapsed_s),
+            str(log),
+        )
     return table
 
 
 def summary(states: list[RunState]) -> str:
-    counts = {k: sum(1 for s in states if s.state == k) for k in
-              ("pending", "running", "done", "diverged", "failed", "stopped")}
-    return f"{len(states)} runs: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in
-                                               ("pending", "running", "done", "failed"))
+    counts = {
+        k: sum(1 for s in states if s.state == k)
+        for k in ("pending", "running", "done", "diverged", "failed", "stopped")
+    }
+    return f"{len(states)} runs: " + ", ".join(
+        f"{n} {k}" for k, n in counts.items() if n or k in ("pending", "running", "done", "failed")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

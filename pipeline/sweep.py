@@ -33,8 +33,21 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli
-from pipeline.config import (COMMAND_LINE, Composer, ConfigError, Layer, check_keys, file_layer, flatten,
-                             from_tree, parse_overrides, read_yaml, tree_run_id, tree_to_yaml, unflatten)
+from pipeline.config import (
+    COMMAND_LINE,
+    Composer,
+    ConfigError,
+    Layer,
+    check_keys,
+    file_layer,
+    flatten,
+    from_tree,
+    parse_overrides,
+    read_yaml,
+    tree_run_id,
+    tree_to_yaml,
+    unflatten,
+)
 from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, clean_stale_temporaries, read_json
 
 SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
@@ -63,6 +76,7 @@ class SweepSpec:
 class PlannedRun:
     """One run of a sweep: its id, the swept values and the resolved config as a plain nested dict (the
     DictConfig, ``cfg``, is built on first use: a sweep of thousands of runs never needs most of them)."""
+
     id: str
     swept: dict[str, Any]
     config: dict[str, Any]
@@ -107,19 +121,23 @@ def read_sweep(path: str | Path) -> SweepSpec:
     for key in doc:
         if key not in SWEEP_KEYS:
             from pipeline.config import _suggest
-            raise ConfigError(path, f"unknown top-level key.{_suggest(str(key), SWEEP_KEYS)} "
-                              f"Allowed keys: {', '.join(SWEEP_KEYS)}.", key=str(key))
+
+            raise ConfigError(
+                path,
+                f"unknown top-level key.{_suggest(str(key), SWEEP_KEYS)} Allowed keys: {', '.join(SWEEP_KEYS)}.",
+                key=str(key),
+            )
     name = doc.get("name")
     if not isinstance(name, str) or not SAFE_NAME.match(name) or name in (".", ".."):
-        raise ConfigError(path, f"must be a folder name of letters, digits, '.', '_' or '-', got {name!r}.",
-                          key="name")
+        raise ConfigError(path, f"must be a folder name of letters, digits, '.', '_' or '-', got {name!r}.", key="name")
     base = doc.get("base", [])
     if isinstance(base, str):
         base = [base]
     if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
         raise ConfigError(path, "must be a list of config file paths.", key="base")
-    spec = SweepSpec(path=path, name=name, base=[_find(b, path, "base") for b in base],
-                     description=str(doc.get("description") or ""))
+    spec = SweepSpec(
+        path=path, name=name, base=[_find(b, path, "base") for b in base], description=str(doc.get("description") or "")
+    )
     cluster = doc.get("cluster")
     if cluster is not None:
         if not isinstance(cluster, str) or not cluster:
@@ -137,12 +155,14 @@ def read_sweep(path: str | Path) -> SweepSpec:
     for section in ("grid", "zip"):
         for key, values in getattr(spec, section).items():
             if not isinstance(values, list) or not values:
-                raise ConfigError(path, f"must be a non-empty list of values, got {values!r}.",
-                                  key=f"{section}.{key}")
+                raise ConfigError(path, f"must be a non-empty list of values, got {values!r}.", key=f"{section}.{key}")
     lengths = {k: len(v) for k, v in spec.zip.items()}
     if len(set(lengths.values())) > 1:
-        raise ConfigError(path, "zip axes must have equal lengths, got "
-                          + ", ".join(f"{k}: {n}" for k, n in lengths.items()) + ".", key="zip")
+        raise ConfigError(
+            path,
+            "zip axes must have equal lengths, got " + ", ".join(f"{k}: {n}" for k, n in lengths.items()) + ".",
+            key="zip",
+        )
     variants = doc.get("variants") or []
     if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
         raise ConfigError(path, "must be a list of non-empty mappings of dotted keys.", key="variants")
@@ -168,13 +188,16 @@ def check_size(spec: SweepSpec) -> None:
     if n > MAX_RUNS:
         grid = " x ".join(str(len(v)) for v in spec.grid.values()) or "1"
         n_zip = len(next(iter(spec.zip.values()))) if spec.zip else 1
-        raise ConfigError(spec.path, f"expands to {n:,} runs (grid {grid}, zip {n_zip}, variants "
-                          f"{max(1, len(spec.variants))}), more than the limit of {MAX_RUNS:,} runs per sweep "
-                          "(pipeline.sweep.MAX_RUNS); split it into several sweep files.", key="grid")
+        raise ConfigError(
+            spec.path,
+            f"expands to {n:,} runs (grid {grid}, zip {n_zip}, variants "
+            f"{max(1, len(spec.variants))}), more than the limit of {MAX_RUNS:,} runs per sweep "
+            "(pipeline.sweep.MAX_RUNS); split it into several sweep files.",
+            key="grid",
+        )
 
 
-def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
-                 cwd: Path | None = None) -> list[PlannedRun]:
+def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None, cwd: Path | None = None) -> list[PlannedRun]:
     """Every run of the sweep, composed and validated; identical configs are kept once.
 
     Same configs, ids and errors as composing every run's layers with ``compose()``, through a
@@ -201,8 +224,11 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None,
     for vi, variant in enumerate(variants):
         for g in grid_points:
             for z in zip_points:
-                extra = [Layer(f"{spec.path} (variants[{vi}])", variant), Layer(f"{spec.path} (grid)", g),
-                         Layer(f"{spec.path} (zip)", z)]
+                extra = [
+                    Layer(f"{spec.path} (variants[{vi}])", variant),
+                    Layer(f"{spec.path} (grid)", g),
+                    Layer(f"{spec.path} (zip)", z),
+                ]
                 flat = composer.compose_flat([x for x in extra if x.values] + last)
                 root = flat["data.root"]
                 if root not in roots:
@@ -223,12 +249,17 @@ def check_out(out: Path, sweep_dir: Path, write: bool) -> None:
     before anything is written."""
     absolute = sweep_dir.absolute()
     if any(ord(c) < 32 or ord(c) == 127 for c in str(absolute)):
-        raise ConfigError(COMMAND_LINE, f"{str(out)!r} contains a newline or another control character: run "
-                          "folder paths go into job scripts and array_runs.txt, one a line.", key="--out")
+        raise ConfigError(
+            COMMAND_LINE,
+            f"{str(out)!r} contains a newline or another control character: run "
+            "folder paths go into job scripts and array_runs.txt, one a line.",
+            key="--out",
+        )
     existing = next(p for p in (absolute, *absolute.parents) if p.exists() or p.is_symlink())
     if not existing.is_dir():
-        raise ConfigError(COMMAND_LINE, f"'{existing}' exists and is not a folder: cannot hold {sweep_dir}/.",
-                          key="--out")
+        raise ConfigError(
+            COMMAND_LINE, f"'{existing}' exists and is not a folder: cannot hold {sweep_dir}/.", key="--out"
+        )
     if write:
         try:  # what will be done first: a folder made in the deepest existing one (mkdtemp: no name clash)
             os.rmdir(tempfile.mkdtemp(prefix=".pipeline-write-test-", dir=existing))
@@ -246,16 +277,16 @@ def _absolute_root(root: str, base: Path) -> str:
 # Writing run folders and deciding what to submit
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Decision:
     run: PlannedRun
-    action: str          # new | resume | rerun | skip-done | skip-failed | skip-active
+    action: str  # new | resume | rerun | skip-done | skip-failed | skip-active
     note: str = ""
     from_stage: str | None = None  # rerun: the first stage redone (None: all of them)
 
 
-def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None,
-         active_ids: set[str]) -> list[Decision]:
+def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_ids: set[str]) -> list[Decision]:
     decisions = []
     for r in runs:
         rd = RunDir(sweep_dir / r.id)
@@ -269,8 +300,14 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None,
             decisions.append(Decision(r, "rerun", f"was {status}"))
         elif rerun == "failed" and status == "failed":
             stage = rd.failed_stage()
-            decisions.append(Decision(r, "rerun", f"{stage} failed; redo from it" if stage else "was failed",
-                                      from_stage=None if stage == "train" else stage))
+            decisions.append(
+                Decision(
+                    r,
+                    "rerun",
+                    f"{stage} failed; redo from it" if stage else "was failed",
+                    from_stage=None if stage == "train" else stage,
+                )
+            )
         elif status in ("done", "diverged"):
             decisions.append(Decision(r, "skip-done", status))
         elif status == "failed":
@@ -318,6 +355,7 @@ def _write(path: Path, text: str, unsynced: list[Path] | None) -> None:
 def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
     """fsync files written by :func:`write_run` before their jobs are submitted. In parallel: each fsync
     waits for a journal commit (or a file server), and concurrent ones share it."""
+
     def sync(path: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -330,6 +368,7 @@ def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
             sync(p)
         return
     from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(sync, paths))
 
@@ -348,6 +387,7 @@ def update_manifest(sweep_dir: Path, cluster: str, job_ids: dict[str, str]) -> P
 def active_run_ids(sweep_dir: Path) -> set[str]:
     """Runs of this sweep whose last job is still queued or running (so they are not submitted twice)."""
     from pipeline import launch
+
     manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
     jobs = {rid: (entry["cluster"], str(entry["job_id"])) for rid, entry in manifest["runs"].items()}
     active = launch.active_jobs(list(jobs.values()))
@@ -358,20 +398,31 @@ def active_run_ids(sweep_dir: Path) -> set[str]:
 # Command line
 # --------------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.sweep",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("sweep", type=Path, help="sweep YAML file")
     p.add_argument("overrides", nargs="*", help="key=value settings applied to every run")
     p.add_argument("--dry-run", action="store_true", help="show the runs (and sbatch header); write nothing")
-    p.add_argument("--cluster", default="auto", help="auto | local | debug | slurm (default auto: slurm "
-                   "when a controller answers, else local)")
+    p.add_argument(
+        "--cluster",
+        default="auto",
+        help="auto | local | debug | slurm (default auto: slurm when a controller answers, else local)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs"), help="results folder (default runs/)")
-    p.add_argument("--rerun", default=None, help="failed | all: start those runs again from scratch "
-                   "(old results are moved to <run>/archive/)")
+    p.add_argument(
+        "--rerun",
+        default=None,
+        help="failed | all: start those runs again from scratch (old results are moved to <run>/archive/)",
+    )
     p.add_argument("--all", action="store_true", help="list every run (long plans show the first and last)")
-    p.add_argument("--no-submit", action="store_true", help="write the run folders, submit nothing "
-                   "(for sbatch/array.sh)")
+    p.add_argument(
+        "--no-submit", action="store_true", help="write the run folders, submit nothing (for sbatch/array.sh)"
+    )
     p.add_argument("--wait", action="store_true", help="local executor: return when the runs have finished")
     p.add_argument("--parallel", type=int, default=1, help="local executor: runs at a time (default 1)")
     return p
@@ -382,11 +433,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = cli.console()
     with cli.exit_on_config_error():
         if args.cluster not in CLUSTERS:
-            raise ConfigError(COMMAND_LINE, f"'{args.cluster}' is not allowed. Allowed values: "
-                              f"{', '.join(CLUSTERS)}.", key="--cluster")
+            raise ConfigError(
+                COMMAND_LINE,
+                f"'{args.cluster}' is not allowed. Allowed values: {', '.join(CLUSTERS)}.",
+                key="--cluster",
+            )
         if args.rerun is not None and args.rerun not in RERUN:
-            raise ConfigError(COMMAND_LINE, f"'{args.rerun}' is not allowed. Allowed values: "
-                              f"{', '.join(RERUN)}.", key="--rerun")
+            raise ConfigError(
+                COMMAND_LINE, f"'{args.rerun}' is not allowed. Allowed values: {', '.join(RERUN)}.", key="--rerun"
+            )
         if args.parallel < 1:
             raise ConfigError(COMMAND_LINE, f"must be >= 1, got {args.parallel}.", key="--parallel")
         spec = read_sweep(args.sweep)
@@ -399,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             decisions = plan(runs, sweep_dir, args.rerun, set())
         cli.print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
         from pipeline import launch
+
         cluster = launch.resolve_cluster(args.cluster)
         if cluster == "slurm":
             for header in launch.sbatch_headers(sweep_dir, [d.run.config for d in decisions], spec.name):
@@ -410,34 +466,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             decisions = plan(runs, sweep_dir, args.rerun, set())
             write_runs(sweep_dir, spec, decisions)
             # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
-            atomic_write_text(sweep_dir / "array_runs.txt",
-                              "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions))
+            atomic_write_text(
+                sweep_dir / "array_runs.txt", "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions)
+            )
         cli.print_plan(console, spec, decisions, show_all=args.all)
-        console.print(f"{len(decisions)} run folders in {sweep_dir}/ (listed in array_runs.txt); submit them "
-                      f"as a plain array with\n  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}")
+        console.print(
+            f"{len(decisions)} run folders in {sweep_dir}/ (listed in array_runs.txt); submit them "
+            f"as a plain array with\n  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}"
+        )
         return 0
 
     from pipeline import launch
+
     cluster = launch.resolve_cluster(args.cluster)
     with cli.exit_on_os_error():  # before anything is submitted
         decisions = plan(runs, sweep_dir, args.rerun, active_run_ids(sweep_dir))
         to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
         write_runs(sweep_dir, spec, to_submit)
-    submission = launch.submit([RunDir(sweep_dir / d.run.id) for d in to_submit],
-                               [d.run.config for d in to_submit], cluster=cluster, sweep_dir=sweep_dir,
-                               name=spec.name, parallel=args.parallel)
+    submission = launch.submit(
+        [RunDir(sweep_dir / d.run.id) for d in to_submit],
+        [d.run.config for d in to_submit],
+        cluster=cluster,
+        sweep_dir=sweep_dir,
+        name=spec.name,
+        parallel=args.parallel,
+    )
     if submission.job_ids:
         update_manifest(sweep_dir, cluster, submission.job_ids)
     cli.print_plan(console, spec, decisions, job_ids=submission.job_ids, cluster=cluster, show_all=args.all)
-    console.print(f"[bold]{len(to_submit)}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; "
-                  f"results in {sweep_dir}/")
+    console.print(
+        f"[bold]{len(to_submit)}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; results in {sweep_dir}/"
+    )
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
         console.print("waiting for the runs to finish")
         statuses = launch.wait(submission, console)
         failed = [rid for rid, s in statuses.items() if s == "failed"]
         if failed:
-            console.print(f"[red]{len(failed)} run(s) failed:[/] " + ", ".join(
-                f"{rid} (log {sweep_dir / rid / 'run.log'})" for rid in failed))
+            console.print(
+                f"[red]{len(failed)} run(s) failed:[/] "
+                + ", ".join(f"{rid} (log {sweep_dir / rid / 'run.log'})" for rid in failed)
+            )
             return 1
     return 0
 

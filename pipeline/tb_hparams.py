@@ -54,6 +54,7 @@ _SESSION_END_TAG = "_hparams_/session_end_info"
 # hyperparameter values
 # --------------------------------------------------------------------------------------------------
 
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -71,6 +72,7 @@ def _as_string(v: Any) -> str:
 def _config_value(run: RunDir, key: str) -> Any:
     """``key`` (dotted) from the run's config.yaml, or MISSING."""
     import yaml  # omegaconf's dependency; only needed for runs lacking a swept key
+
     try:
         node: Any = yaml.safe_load(run.config.read_text())
     except (OSError, yaml.YAMLError):
@@ -104,12 +106,21 @@ def _typed(value: Any, kind: str) -> Any:
 # protos and the event file
 # --------------------------------------------------------------------------------------------------
 
+
 def _pb() -> SimpleNamespace:
     """tensorboard's generated protobuf modules, imported on first use."""
     from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-    return SimpleNamespace(event=event_pb2, summary=summary_pb2, tensor=tensor_pb2, shape=tensor_shape_pb2,
-                           types=types_pb2, api=api_pb2, plugin_data=plugin_data_pb2)
+
+    return SimpleNamespace(
+        event=event_pb2,
+        summary=summary_pb2,
+        tensor=tensor_pb2,
+        shape=tensor_shape_pb2,
+        types=types_pb2,
+        api=api_pb2,
+        plugin_data=plugin_data_pb2,
+    )
 
 
 def _set_value(msg, value: Any, kind: str) -> None:
@@ -127,17 +138,24 @@ def _hparams_summary(tag: str, plugin_data) -> Any:
     pb = _pb()
     plugin_data.version = 0  # metadata.PLUGIN_DATA_VERSION
     null_tensor = pb.tensor.TensorProto(  # metadata.NULL_TENSOR: float32, shape (0,)
-        dtype=pb.types.DT_FLOAT, tensor_shape=pb.shape.TensorShapeProto(dim=[pb.shape.TensorShapeProto.Dim(size=0)]))
-    meta = pb.summary.SummaryMetadata(plugin_data=pb.summary.SummaryMetadata.PluginData(
-        plugin_name="hparams", content=plugin_data.SerializeToString()))
+        dtype=pb.types.DT_FLOAT, tensor_shape=pb.shape.TensorShapeProto(dim=[pb.shape.TensorShapeProto.Dim(size=0)])
+    )
+    meta = pb.summary.SummaryMetadata(
+        plugin_data=pb.summary.SummaryMetadata.PluginData(
+            plugin_name="hparams", content=plugin_data.SerializeToString()
+        )
+    )
     return pb.summary.Summary(value=[pb.summary.Summary.Value(tag=tag, metadata=meta, tensor=null_tensor)])
 
 
 def experiment_proto(keys: Sequence[str], types: dict[str, str], values: Sequence[dict[str, Any]]):
     """api_pb2.Experiment: each key with its discrete domain (sorted values seen), each metric."""
     api_pb2 = _pb().api
-    data_type = {"bool": api_pb2.DATA_TYPE_BOOL, "number": api_pb2.DATA_TYPE_FLOAT64,
-                 "string": api_pb2.DATA_TYPE_STRING}
+    data_type = {
+        "bool": api_pb2.DATA_TYPE_BOOL,
+        "number": api_pb2.DATA_TYPE_FLOAT64,
+        "string": api_pb2.DATA_TYPE_STRING,
+    }
     exp = api_pb2.Experiment()
     for k in keys:
         seen = sorted({_typed(v[k], types[k]) for v in values})
@@ -145,8 +163,9 @@ def experiment_proto(keys: Sequence[str], types: dict[str, str], values: Sequenc
         for x in seen:
             _set_value(info.domain_discrete.values.add(), x, types[k])
     for m in METRICS:
-        exp.metric_infos.add(name=api_pb2.MetricName(tag=METRIC_TAG.format(m)), display_name=m,
-                             description=METRIC_HELP.get(m, ""))
+        exp.metric_infos.add(
+            name=api_pb2.MetricName(tag=METRIC_TAG.format(m)), display_name=m, description=METRIC_HELP.get(m, "")
+        )
     return exp
 
 
@@ -157,34 +176,54 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def run_events(run: RunDir, experiment, hparams: dict[str, Any], types: dict[str, str],
-               status: str, metrics: dict[str, Any]) -> list:
+def run_events(
+    run: RunDir, experiment, hparams: dict[str, Any], types: dict[str, str], status: str, metrics: dict[str, Any]
+) -> list:
     """The Event protos of one run's HParams file, in order; deterministic for the same folder."""
     pb = _pb()
     event_pb2, summary_pb2, api_pb2, plugin_data_pb2 = pb.event, pb.summary, pb.api, pb.plugin_data
     start = _mtime(run.config) or _mtime(run.meta)
     end = _mtime(run.metrics_path("train")) or start
-    events = [event_pb2.Event(wall_time=start, file_version="brain.Event:2"),
-              event_pb2.Event(wall_time=start, summary=_hparams_summary(
-                  _EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)))]
+    events = [
+        event_pb2.Event(wall_time=start, file_version="brain.Event:2"),
+        event_pb2.Event(
+            wall_time=start,
+            summary=_hparams_summary(_EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+        ),
+    ]
     ssi = plugin_data_pb2.SessionStartInfo(start_time_secs=start)
     for k, v in hparams.items():
         _set_value(ssi.hparams[k], v, types[k])
-    events.append(event_pb2.Event(wall_time=start, summary=_hparams_summary(
-        _SESSION_START_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=ssi))))
+    events.append(
+        event_pb2.Event(
+            wall_time=start,
+            summary=_hparams_summary(_SESSION_START_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=ssi)),
+        )
+    )
     # step 0 throughout: a resumed run's SummaryWriter(purge_step>=1) purges steps >= purge_step
     # simple_value is float32: TensorBoard's default (Rust) loader reads no float64 scalars anyway
-    values = [summary_pb2.Summary.Value(tag=METRIC_TAG.format(m), simple_value=float(metrics[m]))
-              for m in METRICS if status in WITH_METRICS and _is_number(metrics.get(m))]
+    values = [
+        summary_pb2.Summary.Value(tag=METRIC_TAG.format(m), simple_value=float(metrics[m]))
+        for m in METRICS
+        if status in WITH_METRICS and _is_number(metrics.get(m))
+    ]
     if values:
         events.append(event_pb2.Event(wall_time=end, summary=summary_pb2.Summary(value=values)))
-    code = {"done": api_pb2.STATUS_SUCCESS, "diverged": api_pb2.STATUS_FAILURE,
-            "failed": api_pb2.STATUS_FAILURE, "running": api_pb2.STATUS_RUNNING}.get(status, api_pb2.STATUS_UNKNOWN)
+    code = {
+        "done": api_pb2.STATUS_SUCCESS,
+        "diverged": api_pb2.STATUS_FAILURE,
+        "failed": api_pb2.STATUS_FAILURE,
+        "running": api_pb2.STATUS_RUNNING,
+    }.get(status, api_pb2.STATUS_UNKNOWN)
     sei = plugin_data_pb2.SessionEndInfo(status=code)
     if status in ("done", "diverged", "failed"):
         sei.end_time_secs = end
-    events.append(event_pb2.Event(wall_time=end, summary=_hparams_summary(
-        _SESSION_END_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=sei))))
+    events.append(
+        event_pb2.Event(
+            wall_time=end,
+            summary=_hparams_summary(_SESSION_END_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=sei)),
+        )
+    )
     return events
 
 
@@ -234,6 +273,7 @@ def _umask() -> int:
 # --------------------------------------------------------------------------------------------------
 # the sweep
 # --------------------------------------------------------------------------------------------------
+
 
 def write_hparams(sweep_dir: Path, keys: Sequence[str], records: Sequence[dict[str, Any]]) -> list[Path]:
     """One HParams file per run of ``collect.gather``'s records; returns the files in place afterwards.

@@ -34,12 +34,15 @@ log = logging.getLogger("pipeline.train")
 # Devices and precision
 # --------------------------------------------------------------------------------------------------
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
+        raise RuntimeError(
+            "train.device=cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})"
+        )
     return torch.device(name)
 
 
@@ -71,14 +74,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # Optimizers and schedules
 # --------------------------------------------------------------------------------------------------
 
-def build_optimizer(optim: DictConfig, params: Iterable[nn.Parameter], lr: float | None = None
-                    ) -> torch.optim.Optimizer:
+
+def build_optimizer(
+    optim: DictConfig, params: Iterable[nn.Parameter], lr: float | None = None
+) -> torch.optim.Optimizer:
     """The optimizer of ``optim`` (optim.lr unless ``lr`` is given: fine-tuning phases have their own)."""
     name, wd = optim.name, float(optim.weight_decay)
     lr = float(optim.lr) if lr is None else float(lr)
     if name in ("sgd", "nesterov"):
-        return torch.optim.SGD(params, lr=lr, momentum=float(optim.momentum), weight_decay=wd,
-                               nesterov=name == "nesterov")
+        return torch.optim.SGD(
+            params, lr=lr, momentum=float(optim.momentum), weight_decay=wd, nesterov=name == "nesterov"
+        )
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, weight_decay=wd, eps=float(optim.eps))
     if name == "adadelta":
@@ -116,9 +122,11 @@ def lr_factor(schedule: DictConfig, t: float, total: float) -> float:
 # One epoch, evaluation
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class EpochResult:
     """Sums over the steps of one epoch done so far; ``steps`` < len(loader) when it was stopped early."""
+
     loss_sum: float = 0.0
     correct: int = 0
     images: int = 0
@@ -142,6 +150,7 @@ class EpochResult:
 @dataclass(frozen=True)
 class Dist:
     """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -177,12 +186,23 @@ def set_mode(model: nn.Module, training: bool) -> None:
         pass
 
 
-def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, *,
-                    set_lr: Callable[[int], None] | None = None, after_step: Callable[[int], None] | None = None, scaler: torch.amp.GradScaler | None = None,
-                    amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
-                    label_smoothing: float = 0.0, log_every: int = 0, start_step: int = 0,
-                    carry: EpochResult | None = None, should_stop: Callable[[], bool] | None = None,
-                    dist: Dist = Dist()) -> EpochResult:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    *,
+    set_lr: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float = 0.0,
+    label_smoothing: float = 0.0,
+    log_every: int = 0,
+    start_step: int = 0,
+    carry: EpochResult | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    dist: Dist = Dist(),
+) -> EpochResult:
     """Train over ``loader`` from batch ``start_step`` (the loader must start there too), adding to
     ``carry`` (the sums of the steps before it). Sums stay on the device: no host sync per step except
     every ``log_every`` steps, where a non-finite loss ends the epoch early (the caller sees NaN), and
@@ -236,8 +256,11 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
             if _any_rank(not math.isfinite(running), dist, device):
                 break
         # every step alone; with several ranks every 20th (agreeing costs a collective and a host sync)
-        if should_stop is not None and (not dist.enabled or (step + 1) % 20 == 0) \
-                and _any_rank(should_stop(), dist, device):
+        if (
+            should_stop is not None
+            and (not dist.enabled or (step + 1) % 20 == 0)
+            and _any_rank(should_stop(), dist, device)
+        ):
             res.stopped = step + 1 < len(loader)
             break
     if device.type == "cuda":
@@ -249,8 +272,13 @@ def train_one_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimi
 
 
 @torch.no_grad()
-def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *,
-             amp_dtype: torch.dtype | None = None, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    max_batches: int | None = None,
+) -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy over ``loader`` (or its first ``max_batches``). ``model`` may
     be any callable (an exported int8 program, a compiled function); sums stay on the batches' device."""
     if isinstance(model, nn.Module):
@@ -280,6 +308,7 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *,
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file beside ``path``, then rename: a kill never leaves half a file.
     ``state`` holds only tensors and plain containers, so it loads with ``weights_only=True``."""
@@ -294,13 +323,15 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} exists but cannot be loaded ({e}); move it away to "
-                           "start this run again from scratch") from e
+        raise RuntimeError(
+            f"checkpoint {path} exists but cannot be loaded ({e}); move it away to start this run again from scratch"
+        ) from e
 
 
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
+
 
 def _set_threads(cfg: DictConfig) -> None:
     n = int(cfg.train.threads) or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
@@ -311,8 +342,9 @@ def _set_threads(cfg: DictConfig) -> None:
 def dist_from_env() -> Dist:
     """Rank and world size from torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK), which
     ``pipeline.launch.export_distributed_env`` sets from Slurm's inside a multi-task job."""
-    return Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(
+        int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def init_distributed(dist: Dist, device: torch.device) -> None:
@@ -336,8 +368,13 @@ def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
     share of every global batch of ``train.batch_size`` images."""
     from pipeline import data as data_mod
 
-    d = data_mod.load_cifar(cfg.data.name, cfg.data.root, val_size=int(cfg.data.val_size),
-                            split_seed=int(cfg.data.split_seed), train_size=int(cfg.data.train_size))
+    d = data_mod.load_cifar(
+        cfg.data.name,
+        cfg.data.root,
+        val_size=int(cfg.data.val_size),
+        split_seed=int(cfg.data.split_seed),
+        train_size=int(cfg.data.train_size),
+    )
     common = dict(mean=d.mean, std=d.std)
     bs, ebs = int(cfg.train.batch_size) // dist.world_size, int(cfg.train.eval_batch_size)
     # a last global batch with fewer images than ranks would leave a rank with none: drop it
@@ -345,16 +382,34 @@ def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
     drop_last = dist.enabled and 0 < n_train % (bs * dist.world_size) < dist.world_size
     shard = dict(rank=dist.rank, world_size=dist.world_size, drop_last=drop_last)
     if cfg.data.loader == "dataloader":
-        train: Any = _ToDevice(data_mod.dataloader_loader(
-            d.train, bs, augment=bool(cfg.data.augment), shuffle=True, seed=int(cfg.train.seed),
-            num_workers=int(cfg.train.num_workers), **shard, **common), device, bool(cfg.train.channels_last))
+        train: Any = _ToDevice(
+            data_mod.dataloader_loader(
+                d.train,
+                bs,
+                augment=bool(cfg.data.augment),
+                shuffle=True,
+                seed=int(cfg.train.seed),
+                num_workers=int(cfg.train.num_workers),
+                **shard,
+                **common,
+            ),
+            device,
+            bool(cfg.train.channels_last),
+        )
     else:
-        train = data_mod.DeviceLoader(d.train, bs, device=device, augment=bool(cfg.data.augment), shuffle=True,
-                                      seed=int(cfg.train.seed), channels_last=bool(cfg.train.channels_last),
-                                      **shard, **common)
+        train = data_mod.DeviceLoader(
+            d.train,
+            bs,
+            device=device,
+            augment=bool(cfg.data.augment),
+            shuffle=True,
+            seed=int(cfg.train.seed),
+            channels_last=bool(cfg.train.channels_last),
+            **shard,
+            **common,
+        )
     val = data_mod.DeviceLoader(d.val, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
-    test = data_mod.DeviceLoader(d.test, ebs, device=device, channels_last=bool(cfg.train.channels_last),
-                                 **common)
+    test = data_mod.DeviceLoader(d.test, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
     return d, train, val, test
 
 
@@ -376,8 +431,10 @@ class _ToDevice:
     def __iter__(self):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for x, y in self.loader:
-            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
-                   y.to(self.device, non_blocking=True))
+            yield (
+                x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
+                y.to(self.device, non_blocking=True),
+            )
 
 
 def build_for_training(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
@@ -392,11 +449,10 @@ def build_for_training(cfg: DictConfig, num_classes: int, device: torch.device) 
     return model
 
 
-
-
 @dataclass
 class Context:
     """What every stage that trains or evaluates shares: device, ranks, precision and the loaders."""
+
     cfg: DictConfig
     device: torch.device
     dist: Dist
@@ -430,6 +486,7 @@ class Phase:
     :class:`pipeline.compress.unstructured.MagnitudePruner`) re-applies its masks after every optimizer
     step, its state travels in the checkpoint and its sparsity goes to ``<tb>/../sparsity`` by step.
     """
+
     name: str
     epochs: int
     lr: float
@@ -442,15 +499,14 @@ class Phase:
 
 @dataclass
 class FitResult:
-    status: str                       # done | diverged
+    status: str  # done | diverged
     history: list[dict[str, float]]
     elapsed_s: float
     diverged_epoch: int | None = None
     sparsity: list[dict[str, float]] = field(default_factory=list)  # (step, target, overall) per update
 
 
-def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[str, Any] | None = None
-        ) -> FitResult:
+def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[str, Any] | None = None) -> FitResult:
     """Train ``model`` for ``phase.epochs`` epochs (resuming from ``ckpt``, a loaded ``phase.checkpoint``,
     when given), validating after every epoch; raises :class:`pipeline.preempt.Preempted` after a
     mid-epoch checkpoint when a stop signal arrives. With several ranks every rank calls this; only
@@ -481,40 +537,57 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
         sparsity_log = list(ckpt.get("sparsity_log") or [])
         start_step = int(ckpt.get("step", 0))
         carry = EpochResult(**ckpt["partial"]) if ckpt.get("partial") else None
-        log.info("%s: resuming from %s at epoch %d/%d, step %d", phase.name, phase.checkpoint, start_epoch + 1,
-                 epochs, start_step)
+        log.info(
+            "%s: resuming from %s at epoch %d/%d, step %d",
+            phase.name,
+            phase.checkpoint,
+            start_epoch + 1,
+            epochs,
+            start_step,
+        )
 
     train_model: nn.Module = model
     if dist.enabled:
         if device.type == "cuda" and cfg.train.sync_bn:
             train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.train.compile and getattr(model, "pipeline_set_mode", None) is None:
         train_model = torch.compile(train_model)
 
     writer = sparsity_writer = None
     if cfg.output.tensorboard and dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
+
         # purge_step drops scalars logged after the checkpoint we resumed from (a kill between the
         # two writes), so curves never hold the same epoch (or step) twice
         if phase.tensorboard is not None:
             writer = SummaryWriter(str(phase.tensorboard), purge_step=start_epoch + 1 if ckpt is not None else None)
         if pruner is not None and phase.sparsity_tensorboard is not None:
-            sparsity_writer = SummaryWriter(str(phase.sparsity_tensorboard),
-                                            purge_step=start_epoch * steps + start_step + 1 if ckpt else None)
+            sparsity_writer = SummaryWriter(
+                str(phase.sparsity_tensorboard), purge_step=start_epoch * steps + start_step + 1 if ckpt else None
+            )
 
     def checkpoint(epoch_done: int, step: int = 0, partial: EpochResult | None = None) -> None:
         if dist.is_main:
-            save_checkpoint(phase.checkpoint, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "pruner": pruner.state_dict() if pruner is not None else None,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "epoch": epoch_done, "step": step, "partial": vars(partial) if partial else None,
-                "history": history, "elapsed_s": elapsed, "sparsity_log": sparsity_log,
-            })
+            save_checkpoint(
+                phase.checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "pruner": pruner.state_dict() if pruner is not None else None,
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "epoch": epoch_done,
+                    "step": step,
+                    "partial": vars(partial) if partial else None,
+                    "history": history,
+                    "elapsed_s": elapsed,
+                    "sparsity_log": sparsity_log,
+                },
+            )
         if dist.enabled:
             torch.distributed.barrier()
 
@@ -531,29 +604,40 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
 
         after_step = None
         if pruner is not None:
+
             def after_step(step: int, _epoch: int = epoch) -> None:
                 global_step = _epoch * steps + step
                 target = pruner.step(global_step)
                 if target is not None:
                     rep = pruner.report()
-                    sparsity_log.append({"step": global_step + 1, "target": float(target),
-                                         "overall": float(rep["sparsity"])})
+                    sparsity_log.append(
+                        {"step": global_step + 1, "target": float(target), "overall": float(rep["sparsity"])}
+                    )
                     if sparsity_writer is not None:
                         sparsity_writer.add_scalar("sparsity/target", target, global_step + 1)
                         sparsity_writer.add_scalar("sparsity/overall", rep["sparsity"], global_step + 1)
                         for name, value in rep["layers"].items():
                             sparsity_writer.add_scalar(f"sparsity/layer/{name}", value, global_step + 1)
 
-        res = train_one_epoch(train_model, train_loader, optimizer, set_lr=set_lr, after_step=after_step,
-                              scaler=scaler, amp_dtype=amp_dtype, grad_clip=float(cfg.optim.grad_clip),
-                              label_smoothing=float(cfg.train.label_smoothing),
-                              log_every=int(cfg.output.log_every), start_step=first_step,
-                              carry=carry if epoch == start_epoch else None, should_stop=lambda: bool(STOP),
-                              dist=dist)
+        res = train_one_epoch(
+            train_model,
+            train_loader,
+            optimizer,
+            set_lr=set_lr,
+            after_step=after_step,
+            scaler=scaler,
+            amp_dtype=amp_dtype,
+            grad_clip=float(cfg.optim.grad_clip),
+            label_smoothing=float(cfg.train.label_smoothing),
+            log_every=int(cfg.output.log_every),
+            start_step=first_step,
+            carry=carry if epoch == start_epoch else None,
+            should_stop=lambda: bool(STOP),
+            dist=dist,
+        )
         if res.stopped:  # the partial epoch's sums (its seconds included) travel in the checkpoint
             checkpoint(epoch, res.steps, res)
-            log.warning("%s: stopped at epoch %d step %d/%d; checkpoint saved", phase.name, epoch + 1, res.steps,
-                        steps)
+            log.warning("%s: stopped at epoch %d step %d/%d; checkpoint saved", phase.name, epoch + 1, res.steps, steps)
             raise Preempted(STOP.signum or 0)
         epoch_seconds = res.seconds  # includes the part before a mid-epoch restart
         elapsed += epoch_seconds
@@ -561,34 +645,58 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
         train_loss, train_acc = loss_sum / max(images, 1), correct / max(images, 1)
         if not math.isfinite(train_loss):
             status, diverged_epoch = "diverged", epoch + 1
-            log.warning("%s epoch %d: training loss is %s; stopping this run as diverged", phase.name, epoch + 1,
-                        train_loss)
+            log.warning(
+                "%s epoch %d: training loss is %s; stopping this run as diverged", phase.name, epoch + 1, train_loss
+            )
             break
         val = evaluate(model, val_loader, amp_dtype=amp_dtype)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
-               "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
-               "images_per_s": images / max(epoch_seconds, 1e-9)}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": images / max(epoch_seconds, 1e-9),
+        }
         if pruner is not None:
             row["sparsity"] = float(pruner.report()["sparsity"])
         history.append(row)
-        log.info("%sepoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s%s",
-                 "" if phase.name == "train" else f"{phase.name} ", epoch + 1, epochs, train_loss, train_acc,
-                 val["loss"], val["acc"], row["images_per_s"],
-                 f"  sparsity {row['sparsity']:.3f}" if "sparsity" in row else "")
+        log.info(
+            "%sepoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s%s",
+            "" if phase.name == "train" else f"{phase.name} ",
+            epoch + 1,
+            epochs,
+            train_loss,
+            train_acc,
+            val["loss"],
+            val["acc"],
+            row["images_per_s"],
+            f"  sparsity {row['sparsity']:.3f}" if "sparsity" in row else "",
+        )
         if writer is not None:
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "sparsity"):
                 if key in row:
-                    writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key,
-                                      row[key], epoch + 1)
+                    writer.add_scalar(
+                        key.replace("_", "/", 1) if key.startswith(("train", "val")) else key, row[key], epoch + 1
+                    )
             writer.flush()
         if sparsity_writer is not None:
             sparsity_writer.flush()
         checkpoint(epoch + 1)
         if dist.is_main:
-            atomic_write_json(run.progress, {
-                "stage": phase.name, "epoch": epoch + 1, "epochs": epochs,
-                "val_acc_best": max(h["val_acc"] for h in history),
-                "train_loss": train_loss, "elapsed_s": elapsed, "updated": time.time()})
+            atomic_write_json(
+                run.progress,
+                {
+                    "stage": phase.name,
+                    "epoch": epoch + 1,
+                    "epochs": epochs,
+                    "val_acc_best": max(h["val_acc"] for h in history),
+                    "train_loss": train_loss,
+                    "elapsed_s": elapsed,
+                    "updated": time.time(),
+                },
+            )
 
     for w in (writer, sparsity_writer):
         if w is not None:
@@ -607,7 +715,9 @@ def history_metrics(result: FitResult) -> dict[str, Any]:
         "train_acc_best": max((h["train_acc"] for h in history), default=None),
         "val_loss": last.get("val_loss"),
         "val_acc_best": max((h["val_acc"] for h in history), default=None),
-        "test_loss": None, "test_acc": None, "test_top5": None,
+        "test_loss": None,
+        "test_acc": None,
+        "test_top5": None,
         "images_per_s": (sum(h["images_per_s"] for h in history) / len(history)) if history else None,
         "train_time_s": result.elapsed_s,
     }
@@ -623,10 +733,19 @@ def unstructured_pruner(model: nn.Module, cfg: DictConfig, total_steps: int) -> 
     from pipeline.compress.unstructured import MagnitudePruner
 
     p = cfg.prune
-    return MagnitudePruner(model, scope=str(p.scope), dense_first_last=bool(p.dense_first_last),
-                           schedule=str(p.schedule), final=float(p.sparsity), initial=float(p.initial_sparsity),
-                           begin=float(p.begin), end=float(p.end), power=float(p.power),
-                           frequency=int(p.frequency), total_steps=total_steps)
+    return MagnitudePruner(
+        model,
+        scope=str(p.scope),
+        dense_first_last=bool(p.dense_first_last),
+        schedule=str(p.schedule),
+        final=float(p.sparsity),
+        initial=float(p.initial_sparsity),
+        begin=float(p.begin),
+        end=float(p.end),
+        power=float(p.power),
+        frequency=int(p.frequency),
+        total_steps=total_steps,
+    )
 
 
 def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
@@ -641,31 +760,47 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     epochs = int(cfg.train.epochs)
     model = build_for_training(cfg, ctx.data.num_classes, ctx.device)
     n_params = sum(p.numel() for p in model.parameters())
-    phase = Phase("train", epochs, float(cfg.optim.lr), cfg.schedule, run.checkpoints / "last.pt",
-                  run.tensorboard)
+    phase = Phase("train", epochs, float(cfg.optim.lr), cfg.schedule, run.checkpoints / "last.pt", run.tensorboard)
     if cfg.prune.method == "unstructured" and cfg.prune.during == "train":
         phase.pruner = unstructured_pruner(model, cfg, epochs * len(ctx.train_loader))
         phase.sparsity_tensorboard = run.tensorboard / "sparsity"
     ckpt = load_checkpoint(phase.checkpoint)
     if ckpt is None:
-        log.info("training %s (%.2fM params) on %s for %d epochs, %d train / %d val / %d test images, "
-                 "device %s, %d rank(s)", cfg.model.name, n_params / 1e6, cfg.data.name, epochs,
-                 len(ctx.data.train.labels), len(ctx.data.val.labels), len(ctx.data.test.labels), ctx.device,
-                 ctx.dist.world_size)
+        log.info(
+            "training %s (%.2fM params) on %s for %d epochs, %d train / %d val / %d test images, device %s, %d rank(s)",
+            cfg.model.name,
+            n_params / 1e6,
+            cfg.data.name,
+            epochs,
+            len(ctx.data.train.labels),
+            len(ctx.data.val.labels),
+            len(ctx.data.test.labels),
+            ctx.device,
+            ctx.dist.world_size,
+        )
     result = fit(model, ctx, phase, run, ckpt)
     metrics = history_metrics(result)
-    metrics.update(params=n_params, device=str(ctx.device), precision=cfg.train.precision,
-                   world_size=ctx.dist.world_size)
+    metrics.update(
+        params=n_params, device=str(ctx.device), precision=cfg.train.precision, world_size=ctx.dist.world_size
+    )
     if phase.pruner is not None:
         rep = phase.pruner.report()
-        metrics.update(sparsity=rep["sparsity"], sparsity_target=float(cfg.prune.sparsity),
-                       sparsity_layers=rep["layers"], sparsity_log=result.sparsity)
+        metrics.update(
+            sparsity=rep["sparsity"],
+            sparsity_target=float(cfg.prune.sparsity),
+            sparsity_layers=rep["layers"],
+            sparsity_log=result.sparsity,
+        )
     if result.status == "diverged":
         metrics["diverged_epoch"] = result.diverged_epoch
         return metrics
     metrics.update(evaluate_test(model, ctx))
     log.info("test acc %.4f  top-5 %.4f", metrics["test_acc"], metrics["test_top5"])
     if ctx.dist.is_main:
-        save_model(run.models / TRAINED, model, arch_of(cfg, ctx.data.num_classes),
-                   extra={"stage": "train", "test_acc": metrics["test_acc"]})
+        save_model(
+            run.models / TRAINED,
+            model,
+            arch_of(cfg, ctx.data.num_classes),
+            extra={"stage": "train", "test_acc": metrics["test_acc"]},
+        )
     return metrics

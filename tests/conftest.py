@@ -13,8 +13,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # The measure stage as tests run it: eager models, few repeats (timing figures are never asserted on)
-MEASURE_FAST = {"measure.compile": False, "measure.latency_repeats": 3, "measure.throughput_batch": 16,
-                "measure.throughput_repeats": 2, "measure.warmup": 1, "measure.memory": False}
+MEASURE_FAST = {
+    "measure.compile": False,
+    "measure.latency_repeats": 3,
+    "measure.throughput_batch": 16,
+    "measure.throughput_repeats": 2,
+    "measure.warmup": 1,
+    "measure.memory": False,
+}
 MEASURE_FAST_ARGS = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MEASURE_FAST.items()]
 
 
@@ -23,12 +29,14 @@ def repo() -> Path:
     return REPO
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
-            check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = False
+) -> subprocess.CompletedProcess:
     """``python -m <args>`` in a subprocess with this interpreter; output captured as text."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
-    r = subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=full_env, capture_output=True,
-                       text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"{args} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
     return r
@@ -38,6 +46,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 def synthetic_root(tmp_path_factory) -> Path:
     """10 classes x 60 train / 20 test images in the synthetic layout (CIFAR-10 file format)."""
     from pipeline.data import write_synthetic
+
     root = tmp_path_factory.mktemp("data")
     write_synthetic(root, train_per_class=60, test_per_class=20, seed=0)
     return root
@@ -88,20 +97,23 @@ def slurm_cluster() -> None:
     if ok:
         return
     try:
-        r = subprocess.run(["bash", str(REPO / "tests/slurm/start.sh")], capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(["bash", str(REPO / "tests/slurm/start.sh")], capture_output=True, text=True, timeout=600)
         output = f"exit code {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     except (OSError, subprocess.TimeoutExpired) as e:
         r, output = None, f"{type(e).__name__}: {e}"
     ok_after, seen_after = _slurm_answers()
     if r is None or r.returncode != 0 or not ok_after:
-        pytest.fail(f"the local Slurm cluster is not usable and tests/slurm/start.sh did not bring it up.\n"
-                    f"before: {seen}\nafter: {seen_after}\nstart.sh: {output}", pytrace=False)
+        pytest.fail(
+            f"the local Slurm cluster is not usable and tests/slurm/start.sh did not bring it up.\n"
+            f"before: {seen}\nafter: {seen_after}\nstart.sh: {output}",
+            pytrace=False,
+        )
 
 
 def write_done(run, train_metrics: dict) -> None:
     """Record a finished run by hand: the training's metrics, and every later stage as method none."""
     from pipeline.rundir import STAGES
+
     run.write_metrics("train", train_metrics)
     for stage in list(STAGES)[1:]:
         run.write_metrics(stage, {"status": "done", "method": "none"})

@@ -12,16 +12,26 @@ from tests.conftest import run_cli, write_done
 
 def make_sweep(tmp_path, repo):
     spec_path = tmp_path / "s.yaml"
-    spec_path.write_text(f"name: s\nbase: [{repo / 'configs/base.yaml'}]\n"
-                         "grid: {optim.name: [adam, adamw, nesterov, sgd, adagrad]}\n")
+    spec_path.write_text(
+        f"name: s\nbase: [{repo / 'configs/base.yaml'}]\ngrid: {{optim.name: [adam, adamw, nesterov, sgd, adagrad]}}\n"
+    )
     spec = read_sweep(spec_path)
     runs = {r.cfg.optim.name: write_run(tmp_path / "runs/s", spec, r) for r in expand_sweep(spec, cwd=tmp_path)}
     return tmp_path / "runs/s", runs
 
 
 def finished(status: str, **extra):
-    return {"status": status, "epochs": 3, "train_loss": 0.123456, "train_acc_best": 0.9512, "val_loss": 0.5,
-            "val_acc_best": 0.8812, "test_acc": 0.8731, "test_top5": 0.99, **extra}
+    return {
+        "status": status,
+        "epochs": 3,
+        "train_loss": 0.123456,
+        "train_acc_best": 0.9512,
+        "val_loss": 0.5,
+        "val_acc_best": 0.8812,
+        "test_acc": 0.8731,
+        "test_top5": 0.99,
+        **extra,
+    }
 
 
 def test_table_shows_numbers_for_finished_runs_and_status_for_the_rest(tmp_path, repo):
@@ -32,8 +42,9 @@ def test_table_shows_numbers_for_finished_runs_and_status_for_the_rest(tmp_path,
     atomic_write_json(runs["nesterov"].progress, {"epoch": 1, "epochs": 3, "val_acc_best": 0.5})
     md, text = collect(sweep_dir)
     lines = md.splitlines()
-    assert lines[0] == ("| run | optim | training loss | train best acc | val loss | val best acc | test acc "
-                        "| status |")
+    assert lines[0] == (
+        "| run | optim | training loss | train best acc | val loss | val best acc | test acc | status |"
+    )
     by_optim = {line.split(" | ")[1]: line for line in lines[2:]}
     assert by_optim["sgd"].endswith("| 0.1235 | 95.12% | 0.5000 | 88.12% | 87.31% | done |")
     assert by_optim["adam"].endswith("| 0.1235 | 95.12% | 0.5000 | 88.12% |  | diverged (epoch 2) |")

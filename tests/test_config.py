@@ -9,9 +9,21 @@ import pytest
 from pipeline.config import ConfigError, load_config, run_id, schema_fields
 from tests.conftest import run_cli, tree_snapshot
 
-FIXED_KEYS = ["data.name", "data.root", "model.name", "optim.name", "optim.lr", "optim.momentum",
-              "optim.weight_decay", "schedule.name", "train.epochs", "train.batch_size", "train.num_workers",
-              "train.seed", "train.device"]
+FIXED_KEYS = [
+    "data.name",
+    "data.root",
+    "model.name",
+    "optim.name",
+    "optim.lr",
+    "optim.momentum",
+    "optim.weight_decay",
+    "schedule.name",
+    "train.epochs",
+    "train.batch_size",
+    "train.num_workers",
+    "train.seed",
+    "train.device",
+]
 
 
 def test_fixed_dotted_names_exist():
@@ -47,16 +59,19 @@ def test_yaml_float_without_dot_is_accepted():
     assert load_config([], ["optim.weight_decay=1e-4"]).optim.weight_decay == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("content, key, fragment", [
-    ("train: {batchsize: 3}\n", "train.batchsize", "Did you mean 'train.batch_size'"),
-    ("trian: {epochs: 3}\n", "trian.epochs", "Did you mean 'train'"),
-    ("train: {epochs: three}\n", "train.epochs", "expected a value of type int"),
-    ("train: {batch_size: 0}\n", "train.batch_size", "must be >= 1, got 0"),
-    ("optim: {name: adamm}\n", "optim.name", "Did you mean 'adam'? Allowed values: sgd, nesterov"),
-    ("optim: {lr: 0}\n", "optim.lr", "must be > 0"),
-    ("data: {name: imagenet}\n", "data.name", "Allowed values: cifar10, cifar100, synthetic"),
-    ("schedule: {milestones: [0.8, 0.3]}\n", "schedule.milestones", "increasing fractions"),
-])
+@pytest.mark.parametrize(
+    "content, key, fragment",
+    [
+        ("train: {batchsize: 3}\n", "train.batchsize", "Did you mean 'train.batch_size'"),
+        ("trian: {epochs: 3}\n", "trian.epochs", "Did you mean 'train'"),
+        ("train: {epochs: three}\n", "train.epochs", "expected a value of type int"),
+        ("train: {batch_size: 0}\n", "train.batch_size", "must be >= 1, got 0"),
+        ("optim: {name: adamm}\n", "optim.name", "Did you mean 'adam'? Allowed values: sgd, nesterov"),
+        ("optim: {lr: 0}\n", "optim.lr", "must be > 0"),
+        ("data: {name: imagenet}\n", "data.name", "Allowed values: cifar10, cifar100, synthetic"),
+        ("schedule: {milestones: [0.8, 0.3]}\n", "schedule.milestones", "increasing fractions"),
+    ],
+)
 def test_bad_file_names_file_key_and_allowed(tmp_path, content, key, fragment):
     f = tmp_path / "bad.yaml"
     f.write_text(content)
@@ -91,15 +106,19 @@ def test_run_id_is_stable_and_ignores_scheduling_only_settings():
     assert run_id(a) != run_id(load_config([], ["train.epochs=3", "slurm.tasks_per_node=2"]))
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("optim.name=adamm", "optim.name: 'adamm' is not allowed. Did you mean 'adam'?"),
-    ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
-    ("model.name=resnet21", "Allowed values: resnet20"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.name=adamm", "optim.name: 'adamm' is not allowed. Did you mean 'adam'?"),
+        ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
+        ("model.name=resnet21", "Allowed values: resnet20"),
+    ],
+)
 def test_run_cli_bad_override_exits_2_and_writes_nothing(tmp_path, repo, override, fragment):
     before = tree_snapshot(tmp_path)
-    r = run_cli("pipeline.run", str(repo / "configs/base.yaml"), override, "--out", str(tmp_path / "runs"),
-                cwd=tmp_path)
+    r = run_cli(
+        "pipeline.run", str(repo / "configs/base.yaml"), override, "--out", str(tmp_path / "runs"), cwd=tmp_path
+    )
     assert r.returncode == 2, r.stderr
     assert "command line" in r.stderr and fragment in r.stderr
     assert tree_snapshot(tmp_path) == before and not (tmp_path / "runs").exists()

@@ -14,8 +14,15 @@ import pytest
 import torch
 
 from pipeline import data as D
-from pipeline.data import (DATASETS, DeviceLoader, Split, dataloader_loader, load_cifar, read_cifar_pickle,
-                           write_synthetic)
+from pipeline.data import (
+    DATASETS,
+    DeviceLoader,
+    Split,
+    dataloader_loader,
+    load_cifar,
+    read_cifar_pickle,
+    write_synthetic,
+)
 
 TINY = dict(num_classes=10, train_per_class=20, test_per_class=5)
 
@@ -40,6 +47,7 @@ def _image_keys(images: torch.Tensor) -> list[bytes]:
 # Reading and splitting
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layout,classes", [("synthetic", 7), ("cifar10", 10), ("cifar100", 100)])
 def test_reader_reads_every_layout(tmp_path, layout, classes):
     folder = write_synthetic(tmp_path, layout=layout, num_classes=classes, train_per_class=3, test_per_class=2)
@@ -63,7 +71,8 @@ def test_reader_reads_every_layout(tmp_path, layout, classes):
 def test_file_format_is_real_cifar(tiny_root):
     folder = tiny_root / "synthetic-batches-py"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    )
     raw = folder.joinpath("data_batch_1").read_bytes()
     assert raw[:2] == b"\x80\x02"  # pickle protocol 2
     with (folder / "data_batch_1").open("rb") as f:
@@ -142,6 +151,7 @@ def _torchvision_arrays(monkeypatch, cls_name: str, root: Path, train: bool):
     """torchvision's reading of the same files. Its md5 checks reject generated files, so the module's
     ``check_integrity`` (used by both ``_check_integrity`` and ``_load_meta``) is patched to accept them."""
     import torchvision.datasets.cifar as tv_cifar
+
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
     ds = getattr(tv_cifar, cls_name)(str(root), train=train)
     return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets), ds.classes  # HWC -> CHW
@@ -214,6 +224,7 @@ def test_missing_files_and_bad_sizes_raise_clear_errors(tmp_path, tiny_root):
 # --------------------------------------------------------------------------------------------------
 # write_synthetic
 # --------------------------------------------------------------------------------------------------
+
 
 def test_write_synthetic_is_byte_identical_and_seeded(tmp_path):
     a = write_synthetic(tmp_path / "a", **TINY, seed=3)
@@ -289,15 +300,16 @@ def test_device_loader_shapes_and_one_pass(tiny_root):
 def test_device_loader_normalises_like_a_manual_computation():
     split = _ids_split()
     for x, y in DeviceLoader(split, 20, mean=MEAN, std=STD, shuffle=True):
-        manual = (split.images[y].to(torch.float64) / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)) \
-            / torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+        manual = (
+            split.images[y].to(torch.float64) / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+        ) / torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
         torch.testing.assert_close(x.to(torch.float64), manual, atol=1e-5, rtol=0)
 
 
 def _all_crops_and_flips(image: torch.Tensor) -> torch.Tensor:
     """The 162 pad-4 crops (zero padding) and their horizontal flips of one (3, 32, 32) image."""
     padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
-    crops = torch.stack([padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)])
+    crops = torch.stack([padded[:, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)])
     return torch.cat([crops, crops.flip(3)])
 
 
@@ -376,6 +388,7 @@ def test_empty_split_gives_no_batches():
 # dataloader_loader
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_dataloader_loader_matches_device_loader_batches(num_workers):
     split = _ids_split()
@@ -393,8 +406,9 @@ def test_dataloader_loader_matches_device_loader_batches(num_workers):
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_dataloader_loader_augments_reproducibly(num_workers):
     split = _ids_split()
-    make = lambda: dataloader_loader(split, 16, mean=MEAN, std=STD, augment=True, shuffle=True, seed=3,
-                                     num_workers=num_workers)
+    make = lambda: dataloader_loader(
+        split, 16, mean=MEAN, std=STD, augment=True, shuffle=True, seed=3, num_workers=num_workers
+    )
     state = torch.get_rng_state()
     first, again, other = _epoch(make(), 2), _epoch(make(), 2), _epoch(make(), 3)
     if num_workers == 0:
@@ -410,8 +424,9 @@ def test_dataloader_loader_augments_reproducibly(num_workers):
 def test_dataloader_loader_shards_like_device_loader():
     split = _ids_split()
     for r in range(2):
-        tl = dataloader_loader(split, 8, mean=MEAN, std=STD, augment=False, shuffle=True, seed=1, num_workers=0,
-                               rank=r, world_size=2)
+        tl = dataloader_loader(
+            split, 8, mean=MEAN, std=STD, augment=False, shuffle=True, seed=1, num_workers=0, rank=r, world_size=2
+        )
         dl = DeviceLoader(split, 8, mean=MEAN, std=STD, shuffle=True, seed=1, rank=r, world_size=2)
         assert len(tl) == len(dl)
         assert all(torch.equal(a[1], b[1]) for a, b in zip(tl, dl))
@@ -421,16 +436,52 @@ def test_dataloader_loader_shards_like_device_loader():
 # CLI
 # --------------------------------------------------------------------------------------------------
 
+
 def test_cli_synthetic_and_info(tmp_path, capsys):
-    assert D.main(["synthetic", "--root", str(tmp_path), "--classes", "5", "--train-per-class", "8",
-                   "--test-per-class", "2", "--seed", "1"]) == 0
+    assert (
+        D.main(
+            [
+                "synthetic",
+                "--root",
+                str(tmp_path),
+                "--classes",
+                "5",
+                "--train-per-class",
+                "8",
+                "--test-per-class",
+                "2",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "wrote" in out and "synthetic-batches-py" in out and "40 train" in out and "data_batch_1" in out
-    assert D.main(["synthetic", "--root", str(tmp_path), "--classes", "5", "--train-per-class", "8",
-                   "--test-per-class", "2", "--exist-ok"]) == 0
+    assert (
+        D.main(
+            [
+                "synthetic",
+                "--root",
+                str(tmp_path),
+                "--classes",
+                "5",
+                "--train-per-class",
+                "8",
+                "--test-per-class",
+                "2",
+                "--exist-ok",
+            ]
+        )
+        == 0
+    )
     assert "kept existing" in capsys.readouterr().out
-    assert D.main(["synthetic", "--root", str(tmp_path), "--classes", "5", "--train-per-class", "8",
-                   "--test-per-class", "2"]) == 2
+    assert (
+        D.main(
+            ["synthetic", "--root", str(tmp_path), "--classes", "5", "--train-per-class", "8", "--test-per-class", "2"]
+        )
+        == 2
+    )
     assert "already exists" in capsys.readouterr().err
     assert D.main(["info", "synthetic", "--root", str(tmp_path), "--val-size", "10"]) == 0
     out = capsys.readouterr().out
@@ -438,9 +489,14 @@ def test_cli_synthetic_and_info(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):
-    for argv in (["download", "imagenet", "--root", str(tmp_path)], ["download", "cifar10"],
-                 ["download", "synthetic", "--root", str(tmp_path)], ["info", "svhn", "--root", str(tmp_path)],
-                 ["synthetic", "--root", str(tmp_path), "--layout", "mnist"], []):
+    for argv in (
+        ["download", "imagenet", "--root", str(tmp_path)],
+        ["download", "cifar10"],
+        ["download", "synthetic", "--root", str(tmp_path)],
+        ["info", "svhn", "--root", str(tmp_path)],
+        ["synthetic", "--root", str(tmp_path), "--layout", "mnist"],
+        [],
+    ):
         with pytest.raises(SystemExit) as e:
             D.main(argv)
         assert e.value.code == 2, argv
@@ -456,6 +512,7 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
 def test_cli_download_uses_torchvision(tmp_path, monkeypatch, capsys):
     """The download path, with torchvision's downloader replaced by a fake (no network in tests)."""
     import torchvision.datasets
+
     calls = []
 
     class FakeCIFAR10:
@@ -472,8 +529,19 @@ def test_cli_download_uses_torchvision(tmp_path, monkeypatch, capsys):
 
 def test_module_runs_as_a_script(tmp_path):
     from tests.conftest import run_cli
-    r = run_cli("pipeline.data", "synthetic", "--root", str(tmp_path), "--classes", "3", "--train-per-class", "2",
-                "--test-per-class", "1")
+
+    r = run_cli(
+        "pipeline.data",
+        "synthetic",
+        "--root",
+        str(tmp_path),
+        "--classes",
+        "3",
+        "--train-per-class",
+        "2",
+        "--test-per-class",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "synthetic-batches-py" / "batches.meta").is_file()
     r = run_cli("pipeline.data", "info", "cifar100", "--root", str(tmp_path))

@@ -29,8 +29,18 @@ def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_quickstart_end_to_end(tmp_path, synthetic_root):
     """The demo: one ResNet-20 unpruned, 70% unstructured and 50% structured, each then int8, all measured."""
     out = tmp_path / "runs"
-    r = sweep(str(REPO / "sweeps/quickstart.yaml"), "--cluster", "local", "--wait", "--out", str(out),
-              f"data.root={synthetic_root}", "data.train_size=0", *TINY, cwd=tmp_path)
+    r = sweep(
+        str(REPO / "sweeps/quickstart.yaml"),
+        "--cluster",
+        "local",
+        "--wait",
+        "--out",
+        str(out),
+        f"data.root={synthetic_root}",
+        "data.train_size=0",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     runs = list_runs(out / "quickstart")
     assert len(runs) == 3
@@ -52,6 +62,7 @@ def test_quickstart_end_to_end(tmp_path, synthetic_root):
         assert names == (["trained", "int8"] if method == "none" else ["trained", "pruned", "int8"])
         # real TensorBoard event files, read back
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
         acc = EventAccumulator(str(run.tensorboard))
         acc.Reload()
         val = acc.Scalars("val/acc")
@@ -65,8 +76,10 @@ def test_quickstart_end_to_end(tmp_path, synthetic_root):
     c = run_cli("pipeline.collect", str(out / "quickstart"), cwd=tmp_path)
     assert c.returncode == 0, c.stderr
     table = (out / "quickstart/results.md").read_text().splitlines()
-    assert table[0].startswith("| run | prune | sparsity | training loss | train best acc | val loss | "
-                               "val best acc | test acc | removed | pruned acc | int8 acc | fp32 size | int8 size |")
+    assert table[0].startswith(
+        "| run | prune | sparsity | training loss | train best acc | val loss | "
+        "val best acc | test acc | removed | pruned acc | int8 acc | fp32 size | int8 size |"
+    )
     assert len(table) == 2 + 3 and all(line.endswith("| done |") for line in table[2:])
     assert table[0] in c.stdout
     with open(out / "quickstart/results.csv") as f:
@@ -79,8 +92,18 @@ def test_quickstart_end_to_end(tmp_path, synthetic_root):
         assert int(row["int8_bytes"]) == (run.models / "int8.pt2").stat().st_size
 
     # submitting the same sweep again skips every finished run
-    again = sweep(str(REPO / "sweeps/quickstart.yaml"), "--cluster", "local", "--wait", "--out", str(out),
-                  f"data.root={synthetic_root}", "data.train_size=0", *TINY, cwd=tmp_path)
+    again = sweep(
+        str(REPO / "sweeps/quickstart.yaml"),
+        "--cluster",
+        "local",
+        "--wait",
+        "--out",
+        str(out),
+        f"data.root={synthetic_root}",
+        "data.train_size=0",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert again.returncode == 0 and "0 of 3 runs submitted" in again.stdout, again.stdout
 
 
@@ -89,16 +112,28 @@ def _final_state(run: RunDir) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_kill_9_matches_unbroken_run(tmp_path, synthetic_root):
-    args = [str(REPO / "configs/base.yaml"), "model.name=resnet20", "data.name=synthetic",
-            f"data.root={synthetic_root}", "train.threads=1", "train.epochs=3", "data.val_size=100",
-            "train.batch_size=25"]
+    args = [
+        str(REPO / "configs/base.yaml"),
+        "model.name=resnet20",
+        "data.name=synthetic",
+        f"data.root={synthetic_root}",
+        "train.threads=1",
+        "train.epochs=3",
+        "data.val_size=100",
+        "train.batch_size=25",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     unbroken = run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
     assert "done" in unbroken.stdout
 
     out_b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args, "--out", str(out_b)], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *args, "--out", str(out_b)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     killed_at = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -129,7 +164,7 @@ def test_diverging_run_stops_cleanly_beside_a_healthy_one(tmp_path, synthetic_ro
     spec = tmp_path / "diverge.yaml"
     spec.write_text(f"""
 name: diverge
-base: [{REPO / 'configs/base.yaml'}]
+base: [{REPO / "configs/base.yaml"}]
 set: {{model.name: resnet20, data.name: synthetic, data.root: {synthetic_root}, schedule.name: constant}}
 grid:
   optim.lr: [0.05, 1.0e+6]
@@ -151,7 +186,7 @@ def test_failed_run_is_reported_skipped_and_rerun_on_request(tmp_path, synthetic
     spec = tmp_path / "fail.yaml"
     spec.write_text(f"""
 name: fail
-base: [{REPO / 'configs/base.yaml'}]
+base: [{REPO / "configs/base.yaml"}]
 set: {{model.name: resnet20, data.name: synthetic, data.root: {data}}}
 """)
     out = tmp_path / "runs"
@@ -167,8 +202,9 @@ set: {{model.name: resnet20, data.name: synthetic, data.root: {data}}}
     assert again.returncode == 0 and "skip-failed" in again.stdout and "0 of 1 runs submitted" in again.stdout
 
     data.symlink_to(synthetic_root)
-    rerun = sweep(str(spec), "--cluster", "local", "--wait", "--rerun", "failed", "--out", str(out), *TINY,
-                  cwd=tmp_path)
+    rerun = sweep(
+        str(spec), "--cluster", "local", "--wait", "--rerun", "failed", "--out", str(out), *TINY, cwd=tmp_path
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert run.read_metrics("train")["status"] == "done"
     (archived,) = (run.path / "archive").iterdir()  # the failed attempt is kept, not deleted
@@ -178,8 +214,7 @@ set: {{model.name: resnet20, data.name: synthetic, data.root: {data}}}
     # --rerun all: the finished attempt moves aside too, its TensorBoard files packed out of TensorBoard's
     # sight (an unpacked copy inside the sweep folder would show as one more run)
     events = sorted(p.name for p in run.tensorboard.iterdir())
-    rerun = sweep(str(spec), "--cluster", "local", "--wait", "--rerun", "all", "--out", str(out), *TINY,
-                  cwd=tmp_path)
+    rerun = sweep(str(spec), "--cluster", "local", "--wait", "--rerun", "all", "--out", str(out), *TINY, cwd=tmp_path)
     assert rerun.returncode == 0 and run.read_metrics("train")["status"] == "done"
     second = max((run.path / "archive").iterdir())
     with tarfile.open(second / "tb.tar") as tar:
@@ -190,10 +225,11 @@ set: {{model.name: resnet20, data.name: synthetic, data.root: {data}}}
 def test_debug_cluster_runs_in_the_sweep_process(tmp_path, synthetic_root):
     """--cluster debug: submitit's in-process executor (breakpoints work); it runs when waited for."""
     spec = tmp_path / "dbg.yaml"
-    spec.write_text(f"name: dbg\nbase: [{REPO / 'configs/base.yaml'}]\n"
-                    f"set: {{model.name: resnet20, data.name: synthetic, data.root: {synthetic_root}}}\n")
-    r = sweep(str(spec), "--cluster", "debug", "--out", str(tmp_path / "runs"), *TINY, "train.epochs=1",
-              cwd=tmp_path)
+    spec.write_text(
+        f"name: dbg\nbase: [{REPO / 'configs/base.yaml'}]\n"
+        f"set: {{model.name: resnet20, data.name: synthetic, data.root: {synthetic_root}}}\n"
+    )
+    r = sweep(str(spec), "--cluster", "debug", "--out", str(tmp_path / "runs"), *TINY, "train.epochs=1", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     (run,) = list_runs(tmp_path / "runs/dbg")
     assert run.read_metrics("train")["status"] == "done"

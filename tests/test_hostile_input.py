@@ -20,6 +20,7 @@ from tests.conftest import run_cli, tree_snapshot, write
 # 1. Data files are unpickled with an allow-list of globals
 # --------------------------------------------------------------------------------------------------
 
+
 class _RunsCode:
     """Unpickling this runs a shell command (what a crafted CIFAR batch would do)."""
 
@@ -89,6 +90,7 @@ def test_codecs_encode_is_admitted_for_latin1_only(tmp_path):
 
 def test_damaged_file_is_a_value_error_naming_it(tmp_path):
     from pipeline.data import read_cifar_pickle
+
     p = tmp_path / "data_batch_1"
     p.write_bytes(pickle.dumps({"data": b"x" * 100}, protocol=2)[:-20])
     with pytest.raises(ValueError, match=f"{p}: not a readable CIFAR pickle"):
@@ -98,10 +100,15 @@ def test_damaged_file_is_a_value_error_naming_it(tmp_path):
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_python3_pickles_of_every_protocol_still_read(tmp_path, protocol):
     from pipeline.data import read_cifar_pickle
+
     data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     p = tmp_path / "data_batch_1"
-    p.write_bytes(pickle.dumps({"data": data, "labels": [1, 2], "batch_label": "b", "filenames": ["a", "b"],
-                                b"bytes_key": b"v"}, protocol=protocol))
+    p.write_bytes(
+        pickle.dumps(
+            {"data": data, "labels": [1, 2], "batch_label": "b", "filenames": ["a", "b"], b"bytes_key": b"v"},
+            protocol=protocol,
+        )
+    )
     d = read_cifar_pickle(p)
     assert np.array_equal(d["data"], data) and d["data"].dtype == np.uint8
     assert d["labels"] == [1, 2] and d["filenames"] == ["a", "b"] and d["bytes_key"] == "v"
@@ -146,11 +153,15 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "holds NUL bytes"),
-    (b"\xff\xd8\xff\xe0\x10JFIF", "not UTF-8 text (byte 0xff on line 1)"),
-    ("name: caf\u00e9\nbase: [configs/base.yaml]\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 on line 1)"),
-], ids=["png", "jpeg", "latin-1"])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "holds NUL bytes"),
+        (b"\xff\xd8\xff\xe0\x10JFIF", "not UTF-8 text (byte 0xff on line 1)"),
+        ("name: caf\u00e9\nbase: [configs/base.yaml]\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 on line 1)"),
+    ],
+    ids=["png", "jpeg", "latin-1"],
+)
 @pytest.mark.parametrize("which", ["sweep", "base"])
 def test_binary_or_latin1_file_is_a_config_error(project, content, fragment, which):
     bad = project / ("sweeps/s.yaml" if which == "sweep" else "configs/bad.yaml")
@@ -191,20 +202,28 @@ def test_sweep_file_without_read_permission(project):
 # 3. Duplicate YAML keys
 # --------------------------------------------------------------------------------------------------
 
+
 def test_duplicate_top_level_key_in_a_sweep_file(project):
-    sweep = write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\nset: {train.epochs: 3}\n"
-                  "grid: {optim.lr: [0.1, 0.2]}\nset: {train.seed: 1}\n")
+    sweep = write(
+        project / "sweeps/s.yaml",
+        "name: s\nbase: [configs/base.yaml]\nset: {train.epochs: 3}\n"
+        "grid: {optim.lr: [0.1, 0.2]}\nset: {train.seed: 1}\n",
+    )
     r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
     _assert_usage_error(r, f"{sweep}: set: given twice in one mapping, on lines 3 and 5")
 
 
-@pytest.mark.parametrize("text, key, where", [
-    ("optim:\n  lr: 0.1\n  momentum: 0.8\n  lr: 0.2\n", "lr", "on lines 2 and 4"),
-    ("train: {epochs: 3, epochs: 4}\n", "epochs", "on line 1 (columns 9 and 20)"),
-    ("train: {epochs: 3}\nmodel: {name: resnet20}\ntrain: {seed: 1}\n", "train", "on lines 1 and 3"),
-])
+@pytest.mark.parametrize(
+    "text, key, where",
+    [
+        ("optim:\n  lr: 0.1\n  momentum: 0.8\n  lr: 0.2\n", "lr", "on lines 2 and 4"),
+        ("train: {epochs: 3, epochs: 4}\n", "epochs", "on line 1 (columns 9 and 20)"),
+        ("train: {epochs: 3}\nmodel: {name: resnet20}\ntrain: {seed: 1}\n", "train", "on lines 1 and 3"),
+    ],
+)
 def test_duplicate_key_in_a_config_file(tmp_path, text, key, where):
     from pipeline.config import ConfigError, load_config
+
     f = write(tmp_path / "c.yaml", text)
     with pytest.raises(ConfigError, match=re.escape(f"{f}: {key}: given twice in one mapping, {where} ")):
         load_config([f])
@@ -220,6 +239,7 @@ def test_duplicate_key_in_a_base_file_via_the_cli(project):
 
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     from pipeline.config import load_config
+
     f = write(tmp_path / "c.yaml", "train: {<<: {epochs: 3, seed: 1}, seed: 2}\n")
     cfg = load_config([f])
     assert (cfg.train.epochs, cfg.train.seed) == (3, 2)
@@ -228,15 +248,19 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
 @pytest.mark.parametrize("text", ["optim.lr: 0.1\noptim: {lr: 0.2}\n", "optim: {lr: 0.2}\noptim.lr: 0.1\n"])
 def test_key_given_dotted_and_nested_in_one_file(tmp_path, text):
     from pipeline.config import ConfigError, load_config
+
     f = write(tmp_path / "c.yaml", text)
-    with pytest.raises(ConfigError, match=re.escape(f"{f}: optim.lr: given twice, once as a dotted key and once "
-                                                    "nested")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"{f}: optim.lr: given twice, once as a dotted key and once nested")
+    ):
         load_config([f])
 
 
 def test_key_given_dotted_and_nested_in_a_sweep_section(project):
-    sweep = write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\n"
-                  "grid: {optim.lr: [0.1], optim: {lr: [0.2, 0.3]}}\n")
+    sweep = write(
+        project / "sweeps/s.yaml",
+        "name: s\nbase: [configs/base.yaml]\ngrid: {optim.lr: [0.1], optim: {lr: [0.2, 0.3]}}\n",
+    )
     r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project)
     _assert_usage_error(r, f"{sweep} (grid): optim.lr: given twice")
 
@@ -245,13 +269,20 @@ def test_key_given_dotted_and_nested_in_a_sweep_section(project):
 # 4. Overrides of the wrong shape: a mapping for a section, a value for a section, a list for a leaf
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, fragment", [
-    ("optim={lr: 0.5}", "command line: optim: is a section, not a setting: give its keys one at a time "
-                        "(on the command line: optim.lr=0.5)"),
-    ("optim=3", "command line: optim: is a section, not a setting"),
-    ("optim.lr=[1,2]", "command line: optim.lr: expected a value of type float, got [1, 2]"),
-    ("optim.lr.x=1", "command line: optim.lr.x: 'optim.lr' is a setting, not a section"),
-])
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (
+            "optim={lr: 0.5}",
+            "command line: optim: is a section, not a setting: give its keys one at a time "
+            "(on the command line: optim.lr=0.5)",
+        ),
+        ("optim=3", "command line: optim: is a section, not a setting"),
+        ("optim.lr=[1,2]", "command line: optim.lr: expected a value of type float, got [1, 2]"),
+        ("optim.lr.x=1", "command line: optim.lr.x: 'optim.lr' is a setting, not a section"),
+    ],
+)
 def test_override_of_the_wrong_shape_exits_2(project, override, fragment):
     sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
     r = run_cli("pipeline.sweep", str(sweep), override, "--no-submit", "--out", str(project / "runs"), cwd=project)
@@ -259,14 +290,25 @@ def test_override_of_the_wrong_shape_exits_2(project, override, fragment):
     assert not (project / "runs").exists()
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim={}", "optim"), ("optim=", "optim"), ("optim=[1]", "optim"), ("model={name: {x: 1}}", "model"),
-    ("optim.betas={a: 1}", "optim.betas"), ("optim.betas=[{a: 1}, 2]", "optim.betas"),
-    ("slurm.setup=[[a]]", "slurm.setup"), ("optim.name=[sgd]", "optim.name"), ("optim.lr={a: 1}", "optim.lr"),
-    ("train.epochs=[1]", "train.epochs"), ("schedule.milestones=0.5", "schedule.milestones"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim={}", "optim"),
+        ("optim=", "optim"),
+        ("optim=[1]", "optim"),
+        ("model={name: {x: 1}}", "model"),
+        ("optim.betas={a: 1}", "optim.betas"),
+        ("optim.betas=[{a: 1}, 2]", "optim.betas"),
+        ("slurm.setup=[[a]]", "slurm.setup"),
+        ("optim.name=[sgd]", "optim.name"),
+        ("optim.lr={a: 1}", "optim.lr"),
+        ("train.epochs=[1]", "train.epochs"),
+        ("schedule.milestones=0.5", "schedule.milestones"),
+    ],
+)
 def test_every_override_shape_is_a_config_error(override, key):
     from pipeline.config import ConfigError, load_config
+
     with pytest.raises(ConfigError) as e:
         load_config([], [override])
     assert e.value.source == "command line" and e.value.key == key
@@ -274,6 +316,7 @@ def test_every_override_shape_is_a_config_error(override, key):
 
 def test_section_given_a_value_in_a_file(tmp_path):
     from pipeline.config import ConfigError, load_config
+
     f = write(tmp_path / "c.yaml", "optim: 3\n")
     with pytest.raises(ConfigError, match=re.escape(f"{f}: optim: is a section, not a setting")):
         load_config([f])
@@ -283,14 +326,17 @@ def test_section_given_a_value_in_a_file(tmp_path):
 # 5. Non-finite numbers, omegaconf's '???' and a memory request that rounds to 0 MB
 # --------------------------------------------------------------------------------------------------
 
+
 def _float_keys() -> list[str]:
     from pipeline.config import schema_fields
+
     return [k for k, f in schema_fields().items() if str(f.type) in ("float", "list[float]")]
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
 def test_every_float_setting_refuses_non_finite_numbers(value):
     from pipeline.config import ConfigError, load_config
+
     keys = _float_keys()
     assert "optim.lr" in keys and "slurm.mem_gb" in keys and "optim.betas" in keys and len(keys) > 20
     for key in keys:
@@ -308,6 +354,7 @@ def test_non_finite_number_in_a_grid_exits_2(project):
 
 def test_non_finite_string_in_a_config_file(tmp_path):
     from pipeline.config import ConfigError, load_config
+
     f = write(tmp_path / "c.yaml", "optim: {weight_decay: 'inf'}\n")  # omegaconf turns 'inf' into a float
     with pytest.raises(ConfigError, match=re.escape(f"{f}: optim.weight_decay: must be a finite number, got inf.")):
         load_config([f])
@@ -315,8 +362,12 @@ def test_non_finite_string_in_a_config_file(tmp_path):
 
 def test_missing_marker_is_refused(tmp_path, project):
     from pipeline.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match=r"command line: model.name: '\?\?\?' \(omegaconf's marker of a missing "
-                                          r"value\) is not a value: give the setting. Allowed values: resnet20"):
+
+    with pytest.raises(
+        ConfigError,
+        match=r"command line: model.name: '\?\?\?' \(omegaconf's marker of a missing "
+        r"value\) is not a value: give the setting. Allowed values: resnet20",
+    ):
         load_config([], ["model.name=???"])
     f = write(tmp_path / "c.yaml", "slurm: {setup: ['module load x', '???']}\n")
     with pytest.raises(ConfigError, match=re.escape(f"{f}: slurm.setup: '???'")):
@@ -332,6 +383,7 @@ def test_missing_marker_is_refused(tmp_path, project):
 
 def test_memory_request_of_less_than_a_megabyte_is_refused():
     from pipeline.config import ConfigError, load_config
+
     for small in ("1e-9", "0.0009", "0"):
         with pytest.raises(ConfigError, match=r"command line: slurm.mem_gb: must be >= 0.001"):
             load_config([], [f"slurm.mem_gb={small}"])
@@ -343,23 +395,36 @@ def test_memory_request_of_less_than_a_megabyte_is_refused():
 # 6. Sweeps too big to expand are refused before expanding
 # --------------------------------------------------------------------------------------------------
 
+
 def test_huge_grid_is_refused_before_expanding(project):
     axes = {"optim.lr": "0.1", "optim.weight_decay": "0.0001", "train.seed": "1", "optim.momentum": "0.5"}
     grid = "\n".join(f"  {k}: [{', '.join([v] * 100)}]" for k, v in axes.items())  # 100^4 = 10^8 points
-    sweep = write(project / "sweeps/huge.yaml", f"name: huge\nbase: [configs/base.yaml]\ngrid:\n{grid}\n"
-                  "variants: [{model.name: resnet20}, {model.name: resnet32}]\n")
+    sweep = write(
+        project / "sweeps/huge.yaml",
+        f"name: huge\nbase: [configs/base.yaml]\ngrid:\n{grid}\n"
+        "variants: [{model.name: resnet20}, {model.name: resnet32}]\n",
+    )
     r = run_cli("pipeline.sweep", str(sweep), "--dry-run", cwd=project, timeout=120)
-    _assert_usage_error(r, f"{sweep}: grid: expands to 200,000,000 runs (grid 100 x 100 x 100 x 100, zip 1, "
-                           "variants 2), more than the limit of 100,000 runs per sweep (pipeline.sweep.MAX_RUNS)")
+    _assert_usage_error(
+        r,
+        f"{sweep}: grid: expands to 200,000,000 runs (grid 100 x 100 x 100 x 100, zip 1, "
+        "variants 2), more than the limit of 100,000 runs per sweep (pipeline.sweep.MAX_RUNS)",
+    )
 
 
 def test_run_limit_counts_grid_zip_and_variants(project, monkeypatch):
     from pipeline import sweep as sweep_mod
     from pipeline.config import ConfigError
-    spec = sweep_mod.read_sweep(write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\n"
-                                      "grid: {optim.lr: [0.1, 0.2, 0.3], train.seed: [1, 2]}\n"
-                                      "zip: {optim.momentum: [0.5, 0.6], optim.weight_decay: [0.1, 0.2]}\n"
-                                      "variants: [{model.name: resnet20}, {model.name: resnet32}]\n"))
+
+    spec = sweep_mod.read_sweep(
+        write(
+            project / "sweeps/s.yaml",
+            "name: s\nbase: [configs/base.yaml]\n"
+            "grid: {optim.lr: [0.1, 0.2, 0.3], train.seed: [1, 2]}\n"
+            "zip: {optim.momentum: [0.5, 0.6], optim.weight_decay: [0.1, 0.2]}\n"
+            "variants: [{model.name: resnet20}, {model.name: resnet32}]\n",
+        )
+    )
     assert sweep_mod.count_runs(spec) == 3 * 2 * 2 * 2
     monkeypatch.setattr(sweep_mod, "MAX_RUNS", 24)
     assert len(sweep_mod.expand_sweep(spec, cwd=project)) == 24
@@ -371,6 +436,7 @@ def test_run_limit_counts_grid_zip_and_variants(project, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # 7. Output folders that cannot be used, and file-system refusals while writing
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["[/x].yaml", "[bold]x[/].yaml"])
 def test_error_text_with_brackets_is_printed_as_text(project, name):
@@ -440,6 +506,7 @@ def test_exit_on_os_error_lets_other_errors_through(capsys):
     import errno
 
     from pipeline import cli
+
     with pytest.raises(SystemExit) as e, cli.exit_on_os_error():
         raise PermissionError(errno.EACCES, "Permission denied", "/x/results.md")
     assert e.value.code == 2 and "error: /x/results.md: Permission denied" in capsys.readouterr().err
@@ -451,34 +518,44 @@ def test_exit_on_os_error_lets_other_errors_through(capsys):
 # 8. Atomically written files follow the umask
 # --------------------------------------------------------------------------------------------------
 
+
 def _python(code: str, umask: int, cwd: Path) -> str:
     """Run ``code`` in a fresh interpreter under ``umask``; returns its stdout."""
     import subprocess
     import sys
 
     from tests.conftest import REPO
-    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
-                       capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(umask))
+
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"])
 def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
-    code = ("import os, stat; from pathlib import Path; from pipeline.rundir import atomic_write_text, "
-            "atomic_write_json\n"
-            "atomic_write_text(Path('t/a.txt'), 'x'); atomic_write_text(Path('t/a.txt'), 'y', fsync=False)\n"
-            "atomic_write_json(Path('t/b.json'), {})\n"
-            "print(' '.join(oct(stat.S_IMODE(os.stat(p).st_mode)) for p in ('t/a.txt', 't/b.json')))\n"
-            "print(oct(os.umask(0)))")
+    code = (
+        "import os, stat; from pathlib import Path; from pipeline.rundir import atomic_write_text, "
+        "atomic_write_json\n"
+        "atomic_write_text(Path('t/a.txt'), 'x'); atomic_write_text(Path('t/a.txt'), 'y', fsync=False)\n"
+        "atomic_write_json(Path('t/b.json'), {})\n"
+        "print(' '.join(oct(stat.S_IMODE(os.stat(p).st_mode)) for p in ('t/a.txt', 't/b.json')))\n"
+        "print(oct(os.umask(0)))"
+    )
     out = _python(code, umask, tmp_path).split("\n")
     assert out[0] == f"{oct(mode)} {oct(mode)}" and out[1] == oct(umask)  # and the umask left as it was
 
 
 def test_run_folders_are_readable_by_the_group_under_umask_022(project):
     sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
-    _python(f"from pipeline.sweep import main; main([{str(sweep)!r}, '--no-submit', '--out', 'runs'])", 0o022,
-            project)
+    _python(f"from pipeline.sweep import main; main([{str(sweep)!r}, '--no-submit', '--out', 'runs'])", 0o022, project)
     written = [p for p in (project / "runs").rglob("*") if p.is_file()]
     assert len(written) == 2 * 2 + 1  # config.yaml and meta.json per run, array_runs.txt
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
@@ -486,6 +563,7 @@ def test_run_folders_are_readable_by_the_group_under_umask_022(project):
 
 def test_umask_fallback_without_proc_leaves_the_umask_unchanged(monkeypatch):
     from pipeline import rundir
+
     monkeypatch.setattr(rundir, "_UMASK", None)
     real_read_text = Path.read_text
 
@@ -508,10 +586,12 @@ def test_umask_fallback_without_proc_leaves_the_umask_unchanged(monkeypatch):
 # 9. Temporaries of killed atomic writes are cleaned up
 # --------------------------------------------------------------------------------------------------
 
+
 def _temporary(folder: Path, name: str, age_s: float) -> Path:
     """A temporary named as atomic_write_text names them, last modified ``age_s`` ago."""
     import tempfile
     import time
+
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     os.write(fd, b"half a fi")
@@ -525,10 +605,15 @@ def test_clean_stale_temporaries_removes_only_old_write_temporaries(tmp_path):
     import time
 
     from pipeline.rundir import clean_stale_temporaries
+
     stale = _temporary(tmp_path, "meta.json", 2 * 3600)
     fresh = _temporary(tmp_path, "config.yaml", 60)  # a live writer could still hold it
-    keep = [write(tmp_path / "notes.tmp", "mine"), write(tmp_path / ".meta.json.tmp", "mine"),
-            write(tmp_path / ".x.abcdefgh.tmp.bak", "mine"), write(tmp_path / "sub/.a.abcdefgh.tmp", "below")]
+    keep = [
+        write(tmp_path / "notes.tmp", "mine"),
+        write(tmp_path / ".meta.json.tmp", "mine"),
+        write(tmp_path / ".x.abcdefgh.tmp.bak", "mine"),
+        write(tmp_path / "sub/.a.abcdefgh.tmp", "below"),
+    ]
     (tmp_path / ".d.abcdefgh.tmp").mkdir()
     (tmp_path / ".l.abcdefgh.tmp").symlink_to(tmp_path / "notes.tmp")
     for p in [*keep, tmp_path / ".d.abcdefgh.tmp"]:
@@ -542,6 +627,7 @@ def test_clean_stale_temporaries_removes_only_old_write_temporaries(tmp_path):
 
 def test_sweep_writing_run_folders_cleans_their_stale_temporaries(project, monkeypatch):
     from pipeline.sweep import main
+
     sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="configs/base.yaml"))
     out = project / "runs"
     monkeypatch.chdir(project)
@@ -561,14 +647,20 @@ def test_collect_on_a_read_only_folder_names_it_and_exits_2(tmp_path, repo):
     import subprocess
 
     from pipeline.sweep import expand_sweep, read_sweep, write_run
+
     spec_path = tmp_path / "s.yaml"
     spec_path.write_text(f"name: s\nbase: [{repo / 'configs/base.yaml'}]\n")
     spec = read_sweep(spec_path)
     (run,) = [write_run(tmp_path / "runs/s", spec, r) for r in expand_sweep(spec, cwd=tmp_path)]
     ro = tmp_path / "ro"
     ro.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "runs/s"),
-                                                        str(ro)], capture_output=True).returncode != 0:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "--bind", "-o", "ro", str(tmp_path / "runs/s"), str(ro)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs root and mount --bind (CI has both)")
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True, capture_output=True)

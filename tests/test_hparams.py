@@ -26,8 +26,17 @@ def f32(x: float) -> float:
 
 
 def finished(status: str, **extra):
-    return {"status": status, "epochs": 3, "train_loss": 0.123456, "train_acc_best": 0.9512, "val_loss": 0.5,
-            "val_acc_best": 0.8812, "test_acc": 0.8731, "test_top5": 0.99, **extra}
+    return {
+        "status": status,
+        "epochs": 3,
+        "train_loss": 0.123456,
+        "train_acc_best": 0.9512,
+        "val_loss": 0.5,
+        "val_acc_best": 0.8812,
+        "test_acc": 0.8731,
+        "test_top5": 0.99,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -39,8 +48,10 @@ def sweep(tmp_path, repo):
     spec_path.write_text(f"name: s\nbase: [{base}]\ngrid: {{optim.name: [adam, sgd], optim.lr: [0.1, 0.05]}}\n")
     spec = read_sweep(spec_path)
     sweep_dir = tmp_path / "runs/s"
-    runs = {(r.swept["optim.name"], r.swept["optim.lr"]): write_run(sweep_dir, spec, r)
-            for r in expand_sweep(spec, cwd=tmp_path)}
+    runs = {
+        (r.swept["optim.name"], r.swept["optim.lr"]): write_run(sweep_dir, spec, r)
+        for r in expand_sweep(spec, cwd=tmp_path)
+    }
     old_path = tmp_path / "old.yaml"
     old_path.write_text(f"name: s\nbase: [{base}]\ngrid: {{optim.name: [adamw]}}\n")
     old = read_sweep(old_path)
@@ -54,6 +65,7 @@ def sweep(tmp_path, repo):
     write_done(runs["adamw"], finished("done", test_acc=0.5))
 
     from torch.utils.tensorboard import SummaryWriter
+
     w = SummaryWriter(str(runs["sgd", 0.1].tensorboard))
     for epoch in (1, 2, 3):
         w.add_scalar("train/loss", 1.0 / epoch, epoch)
@@ -65,6 +77,7 @@ def read_tb(tb_dir):
     """(session start hparams, session end status, metric values, experiment) as TensorBoard reads them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
+
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
     content = acc.PluginTagToContent("hparams")
@@ -74,12 +87,17 @@ def read_tb(tb_dir):
     hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     tags = set(acc.Tags()["scalars"])
     metrics = {m: acc.Scalars(METRIC_TAG.format(m))[-1].value for m in METRICS if METRIC_TAG.format(m) in tags}
-    return hparams, data["_hparams_/session_end_info"].session_end_info.status, metrics, \
-        data["_hparams_/experiment"].experiment
+    return (
+        hparams,
+        data["_hparams_/session_end_info"].session_end_info.status,
+        metrics,
+        data["_hparams_/experiment"].experiment,
+    )
 
 
 def test_hparams_per_run_match_meta_and_metrics_and_leave_training_files_alone(sweep):
     from tensorboard.plugins.hparams import api_pb2
+
     sweep_dir, runs = sweep
     tb_file = next(runs["sgd", 0.1].tensorboard.glob("events.out.tfevents.*"))
     training_bytes = tb_file.read_bytes()
@@ -91,9 +109,13 @@ def test_hparams_per_run_match_meta_and_metrics_and_leave_training_files_alone(s
 
     assert tb_file.read_bytes() == training_bytes
     assert sorted(p.name for p in runs["sgd", 0.1].tensorboard.iterdir()) == sorted([HPARAMS_FILE, tb_file.name])
-    status_code = {"done": api_pb2.STATUS_SUCCESS, "diverged": api_pb2.STATUS_FAILURE,
-                   "failed": api_pb2.STATUS_FAILURE, "running": api_pb2.STATUS_RUNNING,
-                   "pending": api_pb2.STATUS_UNKNOWN}
+    status_code = {
+        "done": api_pb2.STATUS_SUCCESS,
+        "diverged": api_pb2.STATUS_FAILURE,
+        "failed": api_pb2.STATUS_FAILURE,
+        "running": api_pb2.STATUS_RUNNING,
+        "pending": api_pb2.STATUS_UNKNOWN,
+    }
     experiments = set()
     for run in list_runs(sweep_dir):
         assert [p.name for p in run.tensorboard.iterdir() if "hparams" in p.name] == [HPARAMS_FILE]
@@ -108,12 +130,14 @@ def test_hparams_per_run_match_meta_and_metrics_and_leave_training_files_alone(s
         experiments.add(experiment.SerializeToString())
     assert len(experiments) == 1  # every run carries the same experiment
     assert [h.name for h in experiment.hparam_infos] == KEYS
-    domains = {h.name: [getattr(v, v.WhichOneof("kind")) for v in h.domain_discrete.values]
-               for h in experiment.hparam_infos}
+    domains = {
+        h.name: [getattr(v, v.WhichOneof("kind")) for v in h.domain_discrete.values] for h in experiment.hparam_infos
+    }
     assert domains == {"optim.name": ["adam", "adamw", "sgd"], "optim.lr": [0.05, 0.1]}
     assert [h.type for h in experiment.hparam_infos] == [api_pb2.DATA_TYPE_STRING, api_pb2.DATA_TYPE_FLOAT64]
-    assert [(m.name.tag, m.display_name) for m in experiment.metric_infos] == \
-        [(METRIC_TAG.format(m), m) for m in METRICS]
+    assert [(m.name.tag, m.display_name) for m in experiment.metric_infos] == [
+        (METRIC_TAG.format(m), m) for m in METRICS
+    ]
 
     running = runs["adam", 0.05]  # finishes: its file is replaced, still one, now with metrics
     write_done(running, finished("done"))
@@ -130,26 +154,35 @@ def test_hparams_plugin_lists_one_session_per_run(sweep):
     from tensorboard.plugins import base_plugin
     from tensorboard.plugins.hparams import hparams_plugin
     from werkzeug.test import Client
+
     sweep_dir, runs = sweep
     collect(sweep_dir)
     mux = plugin_event_multiplexer.EventMultiplexer()
     mux.AddRunsFromDirectory(str(sweep_dir))
     mux.Reload()
-    ctx = base_plugin.TBContext(logdir=str(sweep_dir), multiplexer=mux,
-                                data_provider=data_provider.MultiplexerDataProvider(mux, str(sweep_dir)))
+    ctx = base_plugin.TBContext(
+        logdir=str(sweep_dir), multiplexer=mux, data_provider=data_provider.MultiplexerDataProvider(mux, str(sweep_dir))
+    )
     apps = hparams_plugin.HParamsPlugin(ctx).get_plugin_apps()
-    request = {"experimentName": "", "startIndex": 0, "sliceSize": 100,
-               "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
-               "colParams": [{"hparam": "optim.name", "filterDiscrete": ["adam", "adamw", "sgd"]},
-                             {"hparam": "optim.lr", "filterDiscrete": [0.05, 0.1]}]}
+    request = {
+        "experimentName": "",
+        "startIndex": 0,
+        "sliceSize": 100,
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "colParams": [
+            {"hparam": "optim.name", "filterDiscrete": ["adam", "adamw", "sgd"]},
+            {"hparam": "optim.lr", "filterDiscrete": [0.05, 0.1]},
+        ],
+    }
     r = Client(apps["/session_groups"]).post("/", json=request)
     assert r.status_code == 200, r.get_data(as_text=True)
     groups = {g["name"]: g for g in json.loads(r.get_data())["sessionGroups"]}
     assert set(groups) == {f"{run.id}/tb" for run in list_runs(sweep_dir)}
     done = groups[f"{runs['sgd', 0.1].id}/tb"]
     assert done["hparams"] == {"optim.name": "sgd", "optim.lr": 0.1}
-    assert {v["name"]["tag"]: v["value"] for v in done["metricValues"]} == \
-        {METRIC_TAG.format(m): f32(finished("done")[m]) for m in METRICS}
+    assert {v["name"]["tag"]: v["value"] for v in done["metricValues"]} == {
+        METRIC_TAG.format(m): f32(finished("done")[m]) for m in METRICS
+    }
     assert groups[f"{runs['adam', 0.05].id}/tb"]["sessions"][0]["status"] == "STATUS_RUNNING"
 
 
@@ -165,8 +198,14 @@ def test_collect_cli_writes_hparams_without_torch(sweep):
         "    assert not e.code, e.code\n"
         "print('MODULES', ','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'torchao', 'torch_pruning'))))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"tensorboard --logdir {sweep_dir}" in r.stdout
     assert r.stdout.split("MODULES", 1)[1].strip() == ""

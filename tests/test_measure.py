@@ -22,23 +22,63 @@ from pipeline.models import build_model, count_macs
 from pipeline.train import evaluate
 
 KEYS = {
-    "name", "device", "device_name", "dtype", "compute_dtype", "channels_last", "threads", "file", "load_s", "compile",
-    "skipped", "loader",
-    "file_bytes", "file_gzip_bytes", "parameters", "nonzero_parameters", "parameters_from", "macs_per_image",
-    "macs_from", "test_images", "test_loss", "test_top1", "test_top5", "latency_repeats", "latency_b1_ms",
-    "latency_b1_ms_min", "throughput_batch", "throughput_repeats", "batch_ms", "batch_ms_min",
-    "throughput_img_s", "warmup", "timing_order", "profile_iterations", "self_cpu_ms_per_batch",
-    "self_cuda_ms_per_batch", "peak_memory_b1_bytes", "peak_memory_batch_bytes", "memory_method",
-    "memory_error", "notes",
+    "name",
+    "device",
+    "device_name",
+    "dtype",
+    "compute_dtype",
+    "channels_last",
+    "threads",
+    "file",
+    "load_s",
+    "compile",
+    "skipped",
+    "loader",
+    "file_bytes",
+    "file_gzip_bytes",
+    "parameters",
+    "nonzero_parameters",
+    "parameters_from",
+    "macs_per_image",
+    "macs_from",
+    "test_images",
+    "test_loss",
+    "test_top1",
+    "test_top5",
+    "latency_repeats",
+    "latency_b1_ms",
+    "latency_b1_ms_min",
+    "throughput_batch",
+    "throughput_repeats",
+    "batch_ms",
+    "batch_ms_min",
+    "throughput_img_s",
+    "warmup",
+    "timing_order",
+    "profile_iterations",
+    "self_cpu_ms_per_batch",
+    "self_cuda_ms_per_batch",
+    "peak_memory_b1_bytes",
+    "peak_memory_batch_bytes",
+    "memory_method",
+    "memory_error",
+    "notes",
 }
-TIMINGS = ("latency_b1_ms", "latency_b1_ms_min", "batch_ms", "batch_ms_min", "throughput_img_s",
-           "self_cpu_ms_per_batch")
+TIMINGS = (
+    "latency_b1_ms",
+    "latency_b1_ms_min",
+    "batch_ms",
+    "batch_ms_min",
+    "throughput_img_s",
+    "self_cpu_ms_per_batch",
+)
 PRUNED = (nn.Conv2d, nn.Linear)
 
 
 def _export(model: nn.Module) -> torch.export.ExportedProgram:
-    return torch.export.export(model, (torch.randn(4, 3, 32, 32),),
-                               dynamic_shapes=({0: Dim("batch", min=1, max=1024)},))
+    return torch.export.export(
+        model, (torch.randn(4, 3, 32, 32),), dynamic_shapes=({0: Dim("batch", min=1, max=1024)},)
+    )
 
 
 def _magnitude_prune_(model: nn.Module, amount: float) -> dict[str, int]:
@@ -57,7 +97,9 @@ def _magnitude_prune_(model: nn.Module, amount: float) -> dict[str, int]:
 def _int8(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(_export(model).module(), quantizer)
@@ -77,8 +119,13 @@ def setup(synthetic_root, tmp_path_factory):
     sparse = copy.deepcopy(fp32)
     zeroed = _magnitude_prune_(sparse, 0.5)
     half = copy.deepcopy(fp32).half()
-    paths = {"fp32": d / "fp32.pt", "pruned": d / "pruned.pt", "fp16": d / "fp16.pt", "pt2": d / "fp32.pt2",
-             "int8": d / "int8.pt2"}
+    paths = {
+        "fp32": d / "fp32.pt",
+        "pruned": d / "pruned.pt",
+        "fp16": d / "fp16.pt",
+        "pt2": d / "fp32.pt2",
+        "int8": d / "int8.pt2",
+    }
     for key, m in (("fp32", fp32), ("pruned", sparse), ("fp16", half)):
         save_model_file(paths[key], m, name="resnet20", num_classes=10)
     torch.export.save(_export(fp32), paths["pt2"])
@@ -91,10 +138,19 @@ def setup(synthetic_root, tmp_path_factory):
         Artifact.from_pt2("pt2", paths["pt2"]),
         Artifact.from_pt2("int8", paths["int8"], source=fp32),
     ]
-    entries = measure_artifacts(artifacts, loader, threads=1, latency_repeats=3, throughput_batch=16,
-                                throughput_repeats=2, warmup=1)
-    return dict(loader=loader, fp32=fp32, sparse=sparse, half=half, zeroed=zeroed, paths=paths,
-                entries={e["name"]: e for e in entries}, order=[e["name"] for e in entries])
+    entries = measure_artifacts(
+        artifacts, loader, threads=1, latency_repeats=3, throughput_batch=16, throughput_repeats=2, warmup=1
+    )
+    return dict(
+        loader=loader,
+        fp32=fp32,
+        sparse=sparse,
+        half=half,
+        zeroed=zeroed,
+        paths=paths,
+        entries={e["name"]: e for e in entries},
+        order=[e["name"] for e in entries],
+    )
 
 
 def test_one_entry_per_artifact_with_every_key_and_json(setup):
@@ -203,17 +259,29 @@ def test_timing_alternates_between_models():
     b = b.to(memory_format=torch.channels_last)
     log: list = []
     batches = [(torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))) for _ in range(2)]
-    artifacts = [Artifact("A", None, load=lambda: _Recorder("A", a, log), source=a),
-                 Artifact("B", None, load=lambda: _Recorder("B", b, log), source=b, channels_last=True)]
-    entries = measure_artifacts(artifacts, iter(batches), threads=1, latency_repeats=3, throughput_batch=8,
-                                throughput_repeats=2, warmup=1, profile=True, memory=True)
+    artifacts = [
+        Artifact("A", None, load=lambda: _Recorder("A", a, log), source=a),
+        Artifact("B", None, load=lambda: _Recorder("B", b, log), source=b, channels_last=True),
+    ]
+    entries = measure_artifacts(
+        artifacts,
+        iter(batches),
+        threads=1,
+        latency_repeats=3,
+        throughput_batch=8,
+        throughput_repeats=2,
+        warmup=1,
+        profile=True,
+        memory=True,
+    )
     calls = [(n, bs) for n, bs, _ in log]
     assert calls == (
-        [("A", 20)] * 2 + [("B", 20)] * 2         # accuracy, one model after the other (untimed)
+        [("A", 20)] * 2
+        + [("B", 20)] * 2  # accuracy, one model after the other (untimed)
         + [("A", 1), ("A", 8), ("B", 1), ("B", 8)]  # warm-up of all, before any timing
-        + [("A", 1), ("B", 1)] * 3                # latency rounds: A, B, A, B, ...
-        + [("A", 8), ("B", 8)] * 2                # throughput rounds
-        + [("A", 8), ("B", 8)] * 2                # profiled rounds
+        + [("A", 1), ("B", 1)] * 3  # latency rounds: A, B, A, B, ...
+        + [("A", 8), ("B", 8)] * 2  # throughput rounds
+        + [("A", 8), ("B", 8)] * 2  # profiled rounds
     )
     assert all(cl == (n == "B") for n, _, cl in log)  # inputs in each artifact's memory format
     for e in entries:
@@ -232,9 +300,15 @@ def test_state_dict_of_another_shape(tmp_path):
         sd[f"layer1.0.bn1.{k}"] = sd[f"layer1.0.bn1.{k}"][:8].clone()
     sd["layer1.0.conv2.weight"] = sd["layer1.0.conv2.weight"][:, :8].clone()
     path = tmp_path / "narrow.pt"
-    torch.save({"format": "pipeline-model/1",
-                "arch": {"name": "resnet20", "num_classes": 10, "shortcut": "A", "norm": "batch"},
-                "state_dict": sd, "dtype": "float32"}, path)
+    torch.save(
+        {
+            "format": "pipeline-model/1",
+            "arch": {"name": "resnet20", "num_classes": 10, "shortcut": "A", "norm": "batch"},
+            "state_dict": sd,
+            "dtype": "float32",
+        },
+        path,
+    )
     loaded = load_model_file(path)
     assert loaded.layer1[0].conv1.weight.shape == (8, 16, 3, 3)
     assert loaded(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -245,8 +319,17 @@ def test_compiled_int8_is_measured_through_compile_int8(setup):
     """compile=true: the int8 program runs inductor-compiled with freezing (the measure stage's default),
     its parameters are still counted from the int8 graph, and predictions agree with eager int8."""
     art = Artifact.from_pt2("int8c", setup["paths"]["int8"], source=setup["fp32"], compile=True)
-    (e,) = measure_artifacts([art], setup["loader"], threads=1, latency_repeats=2, throughput_batch=8,
-                             throughput_repeats=1, warmup=1, profile=False, memory=False)
+    (e,) = measure_artifacts(
+        [art],
+        setup["loader"],
+        threads=1,
+        latency_repeats=2,
+        throughput_batch=8,
+        throughput_repeats=1,
+        warmup=1,
+        profile=False,
+        memory=False,
+    )
     assert e["compile"]["compiled"] is True and e["compile"]["fallback_reason"] is None
     assert e["parameters"] == setup["entries"]["int8"]["parameters"] and e["parameters_from"] == "runnable"
     assert abs(e["test_top1"] - setup["entries"]["int8"]["test_top1"]) <= 0.05

@@ -59,6 +59,7 @@ def batches(n: int, batch: int = 4, channels_last: bool = False) -> list[tuple[t
 # Schedule
 # --------------------------------------------------------------------------------------------------
 
+
 def test_constant_schedule_values_and_update_steps():
     kw = dict(schedule="constant", final=0.8, begin=0.1, end=0.6)
     # t0 = round(0.1 * 100) = 10: nothing before, the final sparsity from t0 on (end plays no part)
@@ -72,12 +73,15 @@ def test_polynomial_schedule_values_and_update_steps():
     kw = dict(schedule="polynomial", final=0.8, initial=0.1, begin=0.1, end=0.6, power=3.0)
     assert phase_bounds(100, begin=0.1, end=0.6) == (10, 60)
     expected = {
-        0: 0.0, 9: 0.0,                          # before t0
-        10: 0.1,                                 # t0: the initial sparsity
-        20: 0.8 - 0.7 * 0.8 ** 3,                # 0.4416
-        35: 0.8 - 0.7 * 0.5 ** 3,                # half way: 0.7125
+        0: 0.0,
+        9: 0.0,  # before t0
+        10: 0.1,  # t0: the initial sparsity
+        20: 0.8 - 0.7 * 0.8**3,  # 0.4416
+        35: 0.8 - 0.7 * 0.5**3,  # half way: 0.7125
         59: 0.8 - 0.7 * (1 / 50) ** 3,
-        60: 0.8, 61: 0.8, 99: 0.8,               # t1 and after
+        60: 0.8,
+        61: 0.8,
+        99: 0.8,  # t1 and after
     }
     for t, s in expected.items():
         assert target_sparsity(t, 100, **kw) == pytest.approx(s, abs=1e-12), t
@@ -95,11 +99,14 @@ def test_schedule_edges():
     assert phase_bounds(10, begin=0.0, end=1.0) == (0, 9)
     assert update_steps(10, schedule="polynomial", frequency=4) == [0, 4, 8, 9]
     assert target_sparsity(9, 10, schedule="polynomial", final=0.5) == 0.5
-    assert target_sparsity(8, 10, schedule="polynomial", final=0.5) == pytest.approx(0.5 - 0.5 / 9 ** 3)
+    assert target_sparsity(8, 10, schedule="polynomial", final=0.5) == pytest.approx(0.5 - 0.5 / 9**3)
     # begin == end: one jump to the final sparsity at t0
     assert update_steps(100, schedule="polynomial", frequency=7, begin=0.5, end=0.5) == [50]
-    assert [target_sparsity(t, 100, schedule="polynomial", final=0.3, begin=0.5, end=0.5)
-            for t in (49, 50, 51)] == [0.0, 0.3, 0.3]
+    assert [target_sparsity(t, 100, schedule="polynomial", final=0.3, begin=0.5, end=0.5) for t in (49, 50, 51)] == [
+        0.0,
+        0.3,
+        0.3,
+    ]
     # Python's round(): halves to even
     assert phase_bounds(10, begin=0.25, end=0.75) == (2, 8)
     # no pruning steps at all (one-shot): no update step, the target is the final sparsity
@@ -114,6 +121,7 @@ def test_schedule_edges():
 # --------------------------------------------------------------------------------------------------
 # Exact masks
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_exact_sparsity_and_dense_first_last(scope):
@@ -173,6 +181,7 @@ def test_ties_cannot_change_the_count(scope):
 # Training with masks
 # --------------------------------------------------------------------------------------------------
 
+
 def train_steps(model, optimizer, pruner, data, start=0, check=True, amp_dtype=None):
     """Steps start.. of a training loop with pruner.step after each optimizer step; checks the masks."""
     model.train()
@@ -218,8 +227,7 @@ def test_channels_last_and_bf16_autocast_keep_format_and_zeros():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     pruner = MagnitudePruner(model, scope="layer", final=0.5, schedule="constant", frequency=2, total_steps=4)
     train_steps(model, optimizer, pruner, batches(2, batch=2, channels_last=True))
-    train_steps(model, optimizer, pruner, batches(2, batch=2, channels_last=True), start=2,
-                amp_dtype=torch.bfloat16)
+    train_steps(model, optimizer, pruner, batches(2, batch=2, channels_last=True), start=2, amp_dtype=torch.bfloat16)
     for name in pruner.names:
         w = model.get_submodule(name).weight
         assert w.dtype == torch.float32
@@ -319,8 +327,17 @@ def test_state_dict_round_trip_resumes_bitwise(tmp_path):
 # Structured pruning of every registry model
 # --------------------------------------------------------------------------------------------------
 
-MODELS = [("resnet20", "A"), ("resnet20", "B"), ("resnet32", "A"), ("resnet44", "A"), ("resnet56", "A"),
-          ("resnet110", "A"), ("preact_resnet164", "A"), ("googlenet", "A"), ("resnet9", "A")]
+MODELS = [
+    ("resnet20", "A"),
+    ("resnet20", "B"),
+    ("resnet32", "A"),
+    ("resnet44", "A"),
+    ("resnet56", "A"),
+    ("resnet110", "A"),
+    ("preact_resnet164", "A"),
+    ("googlenet", "A"),
+    ("resnet9", "A"),
+]
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
@@ -444,8 +461,7 @@ def test_ratio_zero_and_groupnorm_warning():
 def test_resize_groupnorm_model_to_a_pruned_state_dict():
     model = convert_norm(resnet20("B"), "group")
     prune_structured(model, ratio=0.5, round_to=1, example_input=torch.randn(2, 3, 32, 32))
-    fresh = resize_to_state_dict(convert_norm(build_model("resnet20", 10, shortcut="B"), "group"),
-                                 model.state_dict())
+    fresh = resize_to_state_dict(convert_norm(build_model("resnet20", 10, shortcut="B"), "group"), model.state_dict())
     fresh.load_state_dict(model.state_dict())
     assert channel_widths(fresh) == channel_widths(model)
     x = torch.randn(2, 3, 32, 32)
@@ -486,8 +502,13 @@ def test_pruned_state_dicts_load_in_a_fresh_process(pruned, tmp_path):
         torch.save(case.model.state_dict(), tmp_path / f"{spec}.pt")
         torch.save({"x": case.x, "y": y}, tmp_path / f"{spec}.io.pt")
         specs.append(spec)
-    r = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path), *specs], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(tmp_path), *specs],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("\n")
     for spec in specs:

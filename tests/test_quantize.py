@@ -30,6 +30,7 @@ NUM_CLASSES = 10
 # A task a ResNet learns in a few dozen SGD steps: one smooth colour pattern per class plus noise
 # --------------------------------------------------------------------------------------------------
 
+
 def _prototypes(seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(NUM_CLASSES, 3, 4, 4, generator=g)
@@ -139,8 +140,14 @@ def _load_in_fresh_process(paths: list[Path], x: torch.Tensor, tmp_path: Path) -
     inputs, out = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
     torch.save(x, inputs)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", _LOADER, *map(str, paths), str(inputs), str(out)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _LOADER, *map(str, paths), str(inputs), str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -156,6 +163,7 @@ def _state_dict_file_sizes(model: nn.Module) -> dict[str, int]:
 # Export and PTQ
 # --------------------------------------------------------------------------------------------------
 
+
 def test_export_has_a_dynamic_batch_and_takes_channels_last():
     torch.manual_seed(0)
     model = build_model("resnet20", NUM_CLASSES).train()
@@ -168,8 +176,9 @@ def test_export_has_a_dynamic_batch_and_takes_channels_last():
         with torch.no_grad():
             expected = model(x)
             torch.testing.assert_close(exported(x), expected)
-            torch.testing.assert_close(exported(x.contiguous(memory_format=torch.channels_last)), expected,
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                exported(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5, rtol=1e-5
+            )
 
 
 def test_quantize_refuses_what_it_cannot_quantize():
@@ -185,11 +194,14 @@ def test_ptq_resnet20_agrees_with_fp32_and_survives_a_fresh_process(resnet20, re
     x, y = task_eval
     fp32, int8 = _logits(resnet20, x), _logits(gm, x)
     agreement = _agreement(fp32, int8)
-    print(f"\nresnet20 PTQ: top-1 agreement {agreement:.3f}, int8 accuracy "
-          f"{(int8.argmax(1) == y).float().mean().item():.3f}, fp32 {(fp32.argmax(1) == y).float().mean().item():.3f}")
+    print(
+        f"\nresnet20 PTQ: top-1 agreement {agreement:.3f}, int8 accuracy "
+        f"{(int8.argmax(1) == y).float().mean().item():.3f}, fp32 {(fp32.argmax(1) == y).float().mean().item():.3f}"
+    )
     assert agreement >= 0.9
-    torch.testing.assert_close(_logits(gm, x.contiguous(memory_format=torch.channels_last)), int8,
-                               atol=0.1 * int8.abs().max().item(), rtol=0)
+    torch.testing.assert_close(
+        _logits(gm, x.contiguous(memory_format=torch.channels_last)), int8, atol=0.1 * int8.abs().max().item(), rtol=0
+    )
 
     path = tmp_path / "resnet20.int8.pt2"
     sizes = Q.save_int8(gm, path, x[:4])
@@ -228,13 +240,19 @@ def test_quantize_save_load_emits_no_torch_ao_quantization_warning(tmp_path):
         from pipeline.models import build_model
         model, x = build_model("resnet20", 10).eval(), torch.randn(4, 3, 32, 32)
         gm = Q.quantize_int8(model, [x], x)
-        Q.save_int8(gm, {str(tmp_path / 'w.pt2')!r}, x)
-        Q.load_int8({str(tmp_path / 'w.pt2')!r})(x)
+        Q.save_int8(gm, {str(tmp_path / "w.pt2")!r}, x)
+        Q.load_int8({str(tmp_path / "w.pt2")!r})(x)
         qat = Q.prepare_qat(build_model("resnet20", 10), x)
         print("done")
     """)
-    r = subprocess.run([sys.executable, "-W", "always", "-c", script], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-W", "always", "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
     assert r.returncode == 0 and "done" in r.stdout, r.stderr[-3000:]
     assert "torch.ao.quantization" not in r.stderr + r.stdout
     source = Path(Q.__file__).read_text()
@@ -244,6 +262,7 @@ def test_quantize_save_load_emits_no_torch_ao_quantization_warning(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # QAT
 # --------------------------------------------------------------------------------------------------
+
 
 def _qat_round_trip(name: str, model: nn.Module, tmp_path: Path, steps: int, batch: int) -> None:
     example = _batch(batch, seed=3)[0]
@@ -313,6 +332,7 @@ def test_qat_resnet9_trains_resumes_converts_and_loads(tmp_path):
 # Compile
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_compile_int8_resnet20(resnet20_int8, task_eval):
     x = task_eval[0][:16]
@@ -359,6 +379,7 @@ def test_compile_int8_without_the_workaround_falls_back_and_says_why(monkeypatch
 # Sizes
 # --------------------------------------------------------------------------------------------------
 
+
 def test_int8_file_sizes_resnet20_dense_and_sparse(resnet20, resnet20_int8, tmp_path):
     fp32 = _state_dict_file_sizes(resnet20)
     sizes = Q.save_int8(resnet20_int8, tmp_path / "dense.pt2", _calib(1)[0])
@@ -377,13 +398,14 @@ def test_int8_file_sizes_resnet20_dense_and_sparse(resnet20, resnet20_int8, tmp_
             w.mul_((w.abs() > threshold).to(w.dtype))
     zeros = sum((w == 0).sum().item() for w in weights) / magnitudes.numel()
     assert 0.69 <= zeros <= 0.71
-    sparse_sizes = Q.save_int8(Q.quantize_int8(sparse, _calib(2), _calib(1)[0]), tmp_path / "sparse.pt2",
-                               _calib(1)[0])
+    sparse_sizes = Q.save_int8(Q.quantize_int8(sparse, _calib(2), _calib(1)[0]), tmp_path / "sparse.pt2", _calib(1)[0])
     smaller = fp32["raw"] / sparse_sizes["gzip"]
     sparse_fp32 = _state_dict_file_sizes(sparse)
-    print(f"resnet20 70% sparse: fp32 state_dict {sparse_fp32}, int8 .pt2 {sparse_sizes}: dense fp32 file / "
-          f"int8 gzip = {smaller:.2f}x (sparse fp32 gzip / int8 gzip {sparse_fp32['gzip'] / sparse_sizes['gzip']:.2f}x,"
-          f" dense fp32 file / int8 tensors gzip {fp32['raw'] / sparse_sizes['tensors_gzip']:.2f}x)")
+    print(
+        f"resnet20 70% sparse: fp32 state_dict {sparse_fp32}, int8 .pt2 {sparse_sizes}: dense fp32 file / "
+        f"int8 gzip = {smaller:.2f}x (sparse fp32 gzip / int8 gzip {sparse_fp32['gzip'] / sparse_sizes['gzip']:.2f}x,"
+        f" dense fp32 file / int8 tensors gzip {fp32['raw'] / sparse_sizes['tensors_gzip']:.2f}x)"
+    )
     assert smaller >= 6
 
 
@@ -401,6 +423,7 @@ def test_int8_file_size_googlenet(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Half precision
 # --------------------------------------------------------------------------------------------------
+
 
 def test_fp16_copy_and_state_dict():
     model = build_model("resnet20", NUM_CLASSES)

@@ -24,11 +24,20 @@ from tests.conftest import MEASURE_FAST, REPO, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
-DEADLINE_S = 180          # longest wait for jobs to end
+DEADLINE_S = 180  # longest wait for jobs to end
 ENV = {"PIPELINE_PYTHON": sys.executable, "COLUMNS": "400"}  # plain sbatch scripts' python; wide tables
-TINY = {"model.name": "resnet20", "data.name": "synthetic", "data.val_size": 50, "data.train_size": 150,
-        "train.epochs": 1, "train.batch_size": 50, "train.threads": 1, "output.log_every": 1000,
-        "output.tensorboard": False, **MEASURE_FAST}
+TINY = {
+    "model.name": "resnet20",
+    "data.name": "synthetic",
+    "data.val_size": 50,
+    "data.train_size": 150,
+    "train.epochs": 1,
+    "train.batch_size": 50,
+    "train.threads": 1,
+    "output.log_every": 1000,
+    "output.tensorboard": False,
+    **MEASURE_FAST,
+}
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING")
 
 
@@ -36,8 +45,10 @@ ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURIN
 # helpers
 # --------------------------------------------------------------------------------------------------
 
-def wait_until(what: str, check: Callable[[], tuple[bool, str]], timeout: float = DEADLINE_S,
-               every: float = 1.0) -> str:
+
+def wait_until(
+    what: str, check: Callable[[], tuple[bool, str]], timeout: float = DEADLINE_S, every: float = 1.0
+) -> str:
     """Poll ``check`` (-> (done, what it saw)) until done or the deadline; fail with the last view."""
     deadline = time.monotonic() + timeout
     while True:
@@ -58,16 +69,17 @@ def sacct(*job_ids: str) -> dict[str, str]:
     """JobID -> State (first word) of the jobs and array tasks of these ids, straight from sacct."""
     bases = sorted({j.split("_")[0] for j in job_ids})
     out = _cmd("sacct", "-n", "-P", "-X", "-j", ",".join(bases), "-o", "JobID,State")
-    return {jid: (state.split() or [""])[0] for jid, _, state in
-            (line.strip().partition("|") for line in out.splitlines() if line.strip())}
+    return {
+        jid: (state.split() or [""])[0]
+        for jid, _, state in (line.strip().partition("|") for line in out.splitlines() if line.strip())
+    }
 
 
 def squeue(*job_ids: str) -> dict[str, str]:
     """JobID -> State of the queued or running jobs and array tasks of these ids, straight from squeue."""
     bases = sorted({j.split("_")[0] for j in job_ids})
     out = _cmd("squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i|%T")
-    return {jid: state for jid, _, state in (line.strip().partition("|") for line in out.splitlines()
-                                             if line.strip())}
+    return {jid: state for jid, _, state in (line.strip().partition("|") for line in out.splitlines() if line.strip())}
 
 
 def jobs_ended(job_ids: list[str]) -> tuple[bool, str]:
@@ -77,8 +89,9 @@ def jobs_ended(job_ids: list[str]) -> tuple[bool, str]:
     return ended, f"squeue: {queued}\nsacct: {acct}"
 
 
-def write_sweep(path: Path, name: str, data_root: Path, *, lrs: list[float] | None = None,
-                extra: dict | None = None) -> Path:
+def write_sweep(
+    path: Path, name: str, data_root: Path, *, lrs: list[float] | None = None, extra: dict | None = None
+) -> Path:
     """A sweep file using configs/base.yaml and the cluster profile configs/cluster/local.yaml."""
     settings = {**TINY, "data.root": str(data_root), **(extra or {})}
     lines = [f"name: {name}", f"base: [{REPO / 'configs/base.yaml'}]", "cluster: local", "set:"]
@@ -146,6 +159,7 @@ def cancel_all(job_ids: list[str]) -> None:
 # one finished three-run sweep, shared by the tests that only read it
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Finished:
     spec: Path
@@ -155,8 +169,8 @@ class Finished:
     submit_s: float
     done_at_return: int
     manifest: dict
-    known_at_submit: dict[str, str]   # job id -> state, from squeue or sacct right after submission
-    final_states: dict[str, str]       # job id -> sacct state at the end
+    known_at_submit: dict[str, str]  # job id -> state, from squeue or sacct right after submission
+    final_states: dict[str, str]  # job id -> sacct state at the end
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +192,14 @@ def finished(tmp_path_factory, synthetic_root) -> Finished:
         def known() -> tuple[bool, str]:
             both = {**sacct(*ids), **squeue(*ids)}
             return all(j in both for j in ids), json.dumps(both)
+
         known_at_submit = json.loads(wait_until("squeue/sacct to know the submitted tasks", known, 30, 0.5))
 
         def all_done() -> tuple[bool, str]:
             ended, seen = jobs_ended(ids)
             runs_done = all(train_status(sweep_dir / rid) == "done" for rid in m["runs"])
             return ended and runs_done, seen + "\n" + logs_tail(sweep_dir)
+
         wait_until("the three array tasks to finish", all_done)
     finally:
         cancel_all(ids)
@@ -205,13 +221,12 @@ def test_sweep_submits_one_job_array_and_exits_without_waiting(finished):
         assert match, f"{rid}: job id {entry['job_id']!r} is not <array>_<task>"
         parts[rid] = match.groups()
         assert entry["job_id"] in r.stdout  # printed in the submission table
-    assert len({array for array, _ in parts.values()}) == 1, parts   # one array for the three runs
+    assert len({array for array, _ in parts.values()}) == 1, parts  # one array for the three runs
     assert sorted(int(task) for _, task in parts.values()) == [0, 1, 2]
     assert len(m["history"]) == 1
     # the scheduler knew every task right after submission, and each ended COMPLETED
     assert set(finished.known_at_submit) >= {e["job_id"] for e in m["runs"].values()}
-    assert all(finished.final_states[e["job_id"]] == "COMPLETED" for e in m["runs"].values()), \
-        finished.final_states
+    assert all(finished.final_states[e["job_id"]] == "COMPLETED" for e in m["runs"].values()), finished.final_states
 
 
 def test_finished_sweep_has_results_table_and_submitit_logs(finished):
@@ -236,8 +251,15 @@ def test_finished_sweep_has_results_table_and_submitit_logs(finished):
 
 def test_status_of_a_finished_sweep(finished):
     s = status(finished.sweep_dir)
-    assert summary_counts(s.stdout) == {"runs": 3, "pending": 0, "running": 0, "done": 3, "diverged": 0,
-                                        "failed": 0, "stopped": 0}, s.stdout
+    assert summary_counts(s.stdout) == {
+        "runs": 3,
+        "pending": 0,
+        "running": 0,
+        "done": 3,
+        "diverged": 0,
+        "failed": 0,
+        "stopped": 0,
+    }, s.stdout
     for rid, entry in finished.manifest["runs"].items():
         row = status_row(s.stdout, rid)
         assert " done" in row and entry["job_id"] in row, row
@@ -270,8 +292,7 @@ def test_login_node_commands_do_not_import_torch(finished, module):
         "print('HEAVY', ','.join(heavy))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), **ENV}
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "RC 0" in r.stdout, r.stdout + r.stderr
     assert "3 done" in r.stdout or "| done |" in r.stdout  # it really ran on the Slurm sweep
     heavy = r.stdout.split("HEAVY", 1)[1].strip()
@@ -282,9 +303,11 @@ def test_login_node_commands_do_not_import_torch(finished, module):
 # throttled arrays, queued jobs, skip-active, cancelling
 # --------------------------------------------------------------------------------------------------
 
+
 def test_throttled_array_pending_status_skip_active_and_cancel(tmp_path, synthetic_root):
-    spec = write_sweep(tmp_path / "sweep.yaml", "slurm-throttle", synthetic_root, lrs=[0.1, 0.05, 0.02],
-                       extra={"train.epochs": 2})
+    spec = write_sweep(
+        tmp_path / "sweep.yaml", "slurm-throttle", synthetic_root, lrs=[0.1, 0.05, 0.02], extra={"train.epochs": 2}
+    )
     out = tmp_path / "runs"
     sweep_dir = out / "slurm-throttle"
     args = [str(spec), "--cluster", "slurm", "--out", str(out), "slurm.array_parallelism=1"]
@@ -335,6 +358,7 @@ def test_throttled_array_pending_status_skip_active_and_cancel(tmp_path, synthet
             st = run_cli("pipeline.status", str(sweep_dir), cwd=REPO, env=ENV, timeout=120).stdout
             counts = summary_counts(st)
             return counts["pending"] == 0 and counts["running"] == 0 and not squeue(*ids), st
+
         after = wait_until("the cancelled jobs to leave the queue and status", nothing_live, 90)
         assert summary_counts(after)["runs"] == 3
 
@@ -344,6 +368,7 @@ def test_throttled_array_pending_status_skip_active_and_cancel(tmp_path, synthet
             st = run_cli("pipeline.status", str(sweep_dir), cwd=REPO, env=ENV, timeout=120).stdout
             rows = [status_row(st, rid) for rid in m["runs"]]
             return all(" done" in row or "failed (CANCELLED)" in row for row in rows), st
+
         wait_until("status to show the cancelled tasks", cancelled_shown, 60)
     finally:
         cancel_all(ids)
@@ -352,6 +377,7 @@ def test_throttled_array_pending_status_skip_active_and_cancel(tmp_path, synthet
 # --------------------------------------------------------------------------------------------------
 # a failing job
 # --------------------------------------------------------------------------------------------------
+
 
 def test_failed_job_shows_as_failed_and_is_not_resubmitted(tmp_path):
     missing = tmp_path / "no-data-here"
@@ -364,9 +390,11 @@ def test_failed_job_shows_as_failed_and_is_not_resubmitted(tmp_path):
     jid = entry["job_id"]
     run_log = sweep_dir / rid / "run.log"
     try:
+
         def failed() -> tuple[bool, str]:
             ended, seen = jobs_ended([jid])
             return ended and train_status(sweep_dir / rid) == "failed", seen + "\n" + logs_tail(sweep_dir)
+
         wait_until("the job to fail", failed)
     finally:
         cancel_all([jid])
@@ -393,10 +421,12 @@ def test_failed_job_shows_as_failed_and_is_not_resubmitted(tmp_path):
 # the plain sbatch scripts
 # --------------------------------------------------------------------------------------------------
 
+
 def sbatch(*args: str, cwd: Path, env: dict[str, str]) -> str:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **ENV, **env}
-    r = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -404,8 +434,13 @@ def sbatch(*args: str, cwd: Path, env: dict[str, str]) -> str:
 def test_min_project_script_trains_one_run(tmp_path, synthetic_root):
     out = tmp_path / "out"
     overrides = [f"{k}={v}" for k, v in {**TINY, "data.root": synthetic_root}.items()]
-    jid = sbatch(str(REPO / "sbatch/min_project.sh"), str(REPO / "configs/base.yaml"), *overrides,
-                 cwd=tmp_path, env={"PIPELINE_OUT": str(out)})
+    jid = sbatch(
+        str(REPO / "sbatch/min_project.sh"),
+        str(REPO / "configs/base.yaml"),
+        *overrides,
+        cwd=tmp_path,
+        env={"PIPELINE_OUT": str(out)},
+    )
     try:
         wait_until(f"min_project job {jid} to end", lambda: jobs_ended([jid]))
     finally:
@@ -415,8 +450,13 @@ def test_min_project_script_trains_one_run(tmp_path, synthetic_root):
     assert sacct(jid)[jid] == "COMPLETED", text
     (run_dir,) = [p for p in out.iterdir() if (p / "config.yaml").exists()]
     assert train_status(run_dir) == "done", text
-    for line in (f"job {jid} on ", f"run {run_dir.name}: stage train", "epoch 1/1", "test acc",
-                 f"run {run_dir.name}: done"):
+    for line in (
+        f"job {jid} on ",
+        f"run {run_dir.name}: stage train",
+        "epoch 1/1",
+        "test acc",
+        f"run {run_dir.name}: done",
+    ):
         assert line in text, text
     # the script's own request stood: the rtx8000 partition with one (fake) GPU
     acct = _cmd("sacct", "-n", "-P", "-X", "-j", jid, "-o", "Partition,AllocTRES")
@@ -441,10 +481,13 @@ def test_array_script_runs_every_run_folder(tmp_path, synthetic_root):
     array_id = sbatch("--array=0-2", str(REPO / "sbatch/array.sh"), str(sweep_dir), cwd=tmp_path, env={})
     ids = [f"{array_id}_{i}" for i in range(3)]
     try:
+
         def all_done() -> tuple[bool, str]:
             ended, seen = jobs_ended(ids)
-            return ended and all(train_status(sweep_dir / rid) == "done" for rid in run_ids), \
-                seen + "\n" + "\n".join(p.read_text() for p in sorted(tmp_path.glob("pipeline-array_*.out")))
+            return ended and all(train_status(sweep_dir / rid) == "done" for rid in run_ids), seen + "\n" + "\n".join(
+                p.read_text() for p in sorted(tmp_path.glob("pipeline-array_*.out"))
+            )
+
         wait_until("the plain array's tasks to finish", all_done)
     finally:
         cancel_all(ids)
@@ -461,8 +504,10 @@ def test_job_states_of_array_tasks_that_never_started(tmp_path):
     """squeue lists every task of a queued array; once they leave the queue, sacct keeps tasks that never
     started only inside one record of the whole array ("<id>_[0-2]"): slurm_cli must read both."""
     from pipeline import slurm_cli
-    array_id = sbatch("--hold", "--array=0-2", "--wrap", "true", "-o", str(tmp_path / "t_%A_%a.out"),
-                      cwd=tmp_path, env={})
+
+    array_id = sbatch(
+        "--hold", "--array=0-2", "--wrap", "true", "-o", str(tmp_path / "t_%A_%a.out"), cwd=tmp_path, env={}
+    )
     ids = [f"{array_id}_{i}" for i in range(3)]
     try:
         states = slurm_cli.job_states(ids)
@@ -471,8 +516,10 @@ def test_job_states_of_array_tasks_that_never_started(tmp_path):
 
         def recorded() -> tuple[bool, str]:
             states = slurm_cli.job_states(ids)
-            return not squeue(*ids) and states == {j: "CANCELLED" for j in ids}, \
-                f"{states}\nsacct: {_cmd('sacct', '-n', '-P', '-X', '-j', array_id, '-o', 'JobID,State')}"
+            return not squeue(*ids) and states == {
+                j: "CANCELLED" for j in ids
+            }, f"{states}\nsacct: {_cmd('sacct', '-n', '-P', '-X', '-j', array_id, '-o', 'JobID,State')}"
+
         wait_until("sacct to record the cancelled array", recorded, 60)
     finally:
         cancel_all(ids)

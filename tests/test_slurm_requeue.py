@@ -17,28 +17,52 @@ import torch
 
 from pipeline.rundir import RunDir, list_runs
 from tests.conftest import REPO
-from tests.test_slurm import (ENV, cancel_all, jobs_ended, logs_tail, manifest, sacct, sweep, wait_until,
-                              write_sweep)
+from tests.test_slurm import ENV, cancel_all, jobs_ended, logs_tail, manifest, sacct, sweep, wait_until, write_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 # about a minute of training on one CPU thread: longer than the ~40 s after which a job with a 1-minute
 # limit is signalled, so that run is interrupted at least once; the same config (hence run id) for all
-LONG = {"data.val_size": 100, "data.train_size": 400, "train.epochs": 25, "train.batch_size": 20,
-        "optim.lr": 0.05, "measure.enabled": False}
+LONG = {
+    "data.val_size": 100,
+    "data.train_size": 400,
+    "train.epochs": 25,
+    "train.batch_size": 20,
+    "optim.lr": 0.05,
+    "measure.enabled": False,
+}
 COMPARED = ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc", "test_top5")
 
 
 def reference_run(tmp_path, synthetic_root) -> subprocess.Popen:
     """The same training, uninterrupted, in this machine's foreground (started in parallel)."""
-    settings = {"model.name": "resnet20", "data.name": "synthetic", "data.root": str(synthetic_root),
-                "train.threads": 1, "train.device": "cpu", "output.log_every": 1000, "output.tensorboard": False,
-                **LONG}
+    settings = {
+        "model.name": "resnet20",
+        "data.name": "synthetic",
+        "data.root": str(synthetic_root),
+        "train.threads": 1,
+        "train.device": "cpu",
+        "output.log_every": 1000,
+        "output.tensorboard": False,
+        **LONG,
+    }
     args = [f"{k}={v}" for k, v in settings.items()]
-    return subprocess.Popen([sys.executable, "-m", "pipeline.run", str(REPO / "configs/base.yaml"), *args,
-                             "--out", str(tmp_path / "reference")], cwd=tmp_path,
-                            env={**os.environ, **ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            str(REPO / "configs/base.yaml"),
+            *args,
+            "--out",
+            str(tmp_path / "reference"),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **ENV, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def assert_same_result(run: RunDir, ref: RunDir) -> None:
@@ -63,6 +87,7 @@ def wait_done(run: RunDir, job: str, timeout: float = 420) -> None:
     def check():
         m = run.read_metrics("train")
         return (m is not None and jobs_ended([job])[0]), f"metrics {m}; sacct {sacct(job)}"
+
     try:
         wait_until(f"run {run.id} (job {job}) to finish", check, timeout=timeout, every=2)
     except BaseException:
@@ -76,20 +101,26 @@ def restarts(job: str) -> int:
     for word in out.split():
         if word.startswith("Restarts="):
             return int(word.split("=")[1])
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-D", "-j", job.split("_")[0], "-o", "JobID,State"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-D", "-j", job.split("_")[0], "-o", "JobID,State"], capture_output=True, text=True
+    ).stdout
     return sum(1 for line in out.splitlines() if "REQUEUED" in line or "PREEMPTED" in line)
 
 
 def test_time_limit_signal_requeue_and_scontrol_requeue_end_like_an_unbroken_run(tmp_path, synthetic_root):
     ref_proc = reference_run(tmp_path, synthetic_root)
     # (a) a 1-minute limit: signalled about 40 s in (FACTS.md), long before the training ends
-    timed, timed_job = submit_one(tmp_path, synthetic_root, "timelimit", {"slurm.time_min": 1,
-                                                                          "slurm.max_requeues": 10})
+    timed, timed_job = submit_one(
+        tmp_path, synthetic_root, "timelimit", {"slurm.time_min": 1, "slurm.max_requeues": 10}
+    )
     # (b) a generous limit, requeued by hand once the first epoch is done
     requeued, requeued_job = submit_one(tmp_path, synthetic_root, "requeue", {"slurm.time_min": 30})
-    wait_until("the first epoch of the requeue run", lambda: (requeued.progress.exists(), sacct(requeued_job)),
-               timeout=300, every=0.5)
+    wait_until(
+        "the first epoch of the requeue run",
+        lambda: (requeued.progress.exists(), sacct(requeued_job)),
+        timeout=300,
+        every=0.5,
+    )
     subprocess.run(["scontrol", "requeue", requeued_job], check=True, capture_output=True, timeout=30)
 
     out = ref_proc.communicate(timeout=600)[0]
@@ -111,9 +142,12 @@ def test_time_limit_signal_requeue_and_scontrol_requeue_end_like_an_unbroken_run
 
 
 def test_two_task_gloo_ddp_job_completes(tmp_path, synthetic_root):
-    spec = write_sweep(tmp_path / "ddp.yaml", "ddp", synthetic_root,
-                       extra={"slurm.tasks_per_node": 2, "slurm.cpus_per_task": 1, "train.batch_size": 50,
-                              "model.norm": "group"})
+    spec = write_sweep(
+        tmp_path / "ddp.yaml",
+        "ddp",
+        synthetic_root,
+        extra={"slurm.tasks_per_node": 2, "slurm.cpus_per_task": 1, "train.batch_size": 50, "model.norm": "group"},
+    )
     r = sweep(str(spec), "--cluster", "slurm", "--out", str(tmp_path / "runs"))
     assert r.returncode == 0, r.stdout + r.stderr
     (run,) = list_runs(tmp_path / "runs/ddp")
@@ -129,18 +163,39 @@ def test_two_task_gloo_ddp_job_completes(tmp_path, synthetic_root):
 def test_plain_sbatch_script_checkpoints_and_requeues_on_sigusr2(tmp_path, synthetic_root):
     """sbatch/min_project.sh asks for SIGUSR2 to its batch process before the limit; sending it by hand
     (scancel --signal=USR2 --batch) must save a checkpoint, requeue the job and end in a finished run."""
-    settings = {"model.name": "resnet20", "data.name": "synthetic", "data.root": str(synthetic_root),
-                "train.threads": 1, "train.device": "cpu", "output.log_every": 1000, **LONG}
+    settings = {
+        "model.name": "resnet20",
+        "data.name": "synthetic",
+        "data.root": str(synthetic_root),
+        "train.threads": 1,
+        "train.device": "cpu",
+        "output.log_every": 1000,
+        **LONG,
+    }
     env = {**os.environ, **ENV, "PIPELINE_OUT": str(tmp_path / "runs")}
-    r = subprocess.run(["sbatch", "--parsable",
-                        str(REPO / "sbatch/min_project.sh"), str(REPO / "configs/base.yaml"),
-                        *[f"{k}={v}" for k, v in settings.items()]],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            str(REPO / "sbatch/min_project.sh"),
+            str(REPO / "configs/base.yaml"),
+            *[f"{k}={v}" for k, v in settings.items()],
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
     try:
-        wait_until("the first epoch", lambda: (bool(list((tmp_path / "runs").glob("*/progress.json"))),
-                                               sacct(job)), timeout=300, every=0.5)
+        wait_until(
+            "the first epoch",
+            lambda: (bool(list((tmp_path / "runs").glob("*/progress.json"))), sacct(job)),
+            timeout=300,
+            every=0.5,
+        )
         subprocess.run(["scancel", "--signal=USR2", "--batch", job], check=True, timeout=30)
         (run,) = list_runs(tmp_path / "runs")
         wait_done(run, job, timeout=600)

@@ -24,9 +24,20 @@ BASE = REPO / "configs/base.yaml"
 
 
 def tiny(root: Path, *extra: str) -> list[str]:
-    return [str(BASE), "model.name=resnet20", "data.name=synthetic", f"data.root={root}", "data.val_size=100",
-            "train.threads=1", "train.batch_size=50", "train.epochs=1", "output.log_every=1000",
-            "train.device=cpu", *MEASURE_FAST_ARGS, *extra]
+    return [
+        str(BASE),
+        "model.name=resnet20",
+        "data.name=synthetic",
+        f"data.root={root}",
+        "data.val_size=100",
+        "train.threads=1",
+        "train.batch_size=50",
+        "train.epochs=1",
+        "output.log_every=1000",
+        "train.device=cpu",
+        *MEASURE_FAST_ARGS,
+        *extra,
+    ]
 
 
 def run_job(tmp_path: Path, root: Path, *extra: str, out: str = "runs") -> RunDir:
@@ -61,16 +72,31 @@ print(json.dumps(out))
 
 def fresh_accuracies(run: RunDir, *names: str) -> dict[str, float]:
     """Test accuracy of model files, each loaded in a new process (weights only / exported program)."""
-    r = subprocess.run([sys.executable, "-c", FRESH_ACCURACY, str(run.path), *names], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", FRESH_ACCURACY, str(run.path), *names],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
-    run = run_job(tmp_path, synthetic_root, "prune.method=unstructured", "prune.sparsity=0.5", "prune.epochs=2",
-                  "prune.frequency=2", "prune.end=0.5", "prune.lr=0.01", "quant.method=int8", "quant.calib_batches=2",
-                  "measure.memory=true")
+    run = run_job(
+        tmp_path,
+        synthetic_root,
+        "prune.method=unstructured",
+        "prune.sparsity=0.5",
+        "prune.epochs=2",
+        "prune.frequency=2",
+        "prune.end=0.5",
+        "prune.lr=0.01",
+        "quant.method=int8",
+        "quant.calib_batches=2",
+        "measure.memory=true",
+    )
     assert run.status() == "done"
     train, prune, quant, meas = (run.read_metrics(s) for s in ("train", "prune", "quantize", "measure"))
     assert train["status"] == prune["status"] == quant["status"] == meas["status"] == "done"
@@ -96,6 +122,7 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     assert all(e["peak_memory_b1_bytes"] >= 0 and e["memory_method"] for e in meas["models"])
     # TensorBoard: the fine-tune's epochs and the sparsity of every mask update, read back
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc_tb = EventAccumulator(str(run.tensorboard / "prune" / "sparsity"))
     acc_tb.Reload()
     assert [e.value for e in acc_tb.Scalars("sparsity/target")] == pytest.approx(targets)
@@ -109,8 +136,17 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
 
 
 def test_structured_prune_then_qat(tmp_path, synthetic_root):
-    run = run_job(tmp_path, synthetic_root, "model.shortcut=B", "prune.method=structured", "prune.sparsity=0.5",
-                  "prune.epochs=1", "quant.method=qat", "quant.epochs=1", "measure.enabled=false")
+    run = run_job(
+        tmp_path,
+        synthetic_root,
+        "model.shortcut=B",
+        "prune.method=structured",
+        "prune.sparsity=0.5",
+        "prune.epochs=1",
+        "quant.method=qat",
+        "quant.epochs=1",
+        "measure.enabled=false",
+    )
     prune, quant = run.read_metrics("prune"), run.read_metrics("quantize")
     assert prune["params"] < 0.5 * prune["params_before"] and prune["macs"] < 0.5 * prune["macs_before"]
     assert prune["widths"]["layer3.0.conv1"][1] < prune["widths"]["layer3.0.conv1"][0]
@@ -122,9 +158,19 @@ def test_structured_prune_then_qat(tmp_path, synthetic_root):
 
 
 def test_pruning_inside_training_follows_the_polynomial_schedule(tmp_path, synthetic_root):
-    run = run_job(tmp_path, synthetic_root, "train.epochs=2", "prune.method=unstructured", "prune.during=train",
-                  "prune.schedule=polynomial", "prune.sparsity=0.6", "prune.frequency=2", "prune.begin=0.0",
-                  "prune.end=0.6", "measure.enabled=false")
+    run = run_job(
+        tmp_path,
+        synthetic_root,
+        "train.epochs=2",
+        "prune.method=unstructured",
+        "prune.during=train",
+        "prune.schedule=polynomial",
+        "prune.sparsity=0.6",
+        "prune.frequency=2",
+        "prune.begin=0.0",
+        "prune.end=0.6",
+        "measure.enabled=false",
+    )
     train, prune = run.read_metrics("train"), run.read_metrics("prune")
     assert abs(train["sparsity"] - 0.6) < 1e-3 and prune["during"] == "train"
     assert prune["sparsity"] == pytest.approx(train["sparsity"])
@@ -141,13 +187,23 @@ def _pruned_state(run: RunDir) -> dict[str, torch.Tensor]:
 
 
 def test_kill_9_during_pruning_finetune_resumes_bitwise(tmp_path, synthetic_root):
-    extra = ["prune.method=unstructured", "prune.sparsity=0.5", "prune.epochs=3", "prune.frequency=3",
-             "prune.end=0.7", "measure.enabled=false"]
+    extra = [
+        "prune.method=unstructured",
+        "prune.sparsity=0.5",
+        "prune.epochs=3",
+        "prune.frequency=3",
+        "prune.end=0.7",
+        "measure.enabled=false",
+    ]
     unbroken = run_job(tmp_path, synthetic_root, *extra, out="a")
     out_b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *tiny(synthetic_root, *extra), "--out", str(out_b)],
-                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *tiny(synthetic_root, *extra), "--out", str(out_b)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline, killed = time.monotonic() + 600, False
     while time.monotonic() < deadline and proc.poll() is None:
         progress = list(out_b.glob("*/progress.json"))
@@ -199,28 +255,39 @@ def test_failed_prune_stage_keeps_the_training_and_rerun_failed_redoes_only_it(t
     assert json.loads((archived / "metrics/prune.json").read_text())["status"] == "failed"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("prune.sparsity=1.0", "prune.sparsity"), ("prune.sparsity=-0.1", "prune.sparsity"),
-    ("prune.method=magnitude", "prune.method"), ("prune.importance=taylor", "prune.importance"),
-    ("quant.method=int4", "quant.method"), ("prune.schedule=cubic", "prune.schedule"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("prune.sparsity=1.0", "prune.sparsity"),
+        ("prune.sparsity=-0.1", "prune.sparsity"),
+        ("prune.method=magnitude", "prune.method"),
+        ("prune.importance=taylor", "prune.importance"),
+        ("quant.method=int4", "quant.method"),
+        ("prune.schedule=cubic", "prune.schedule"),
+    ],
+)
 def test_bad_compression_settings_exit_2_before_anything_is_written(tmp_path, override, key):
-    r = run_cli("pipeline.run", str(BASE), "prune.method=unstructured", override, "--out", str(tmp_path / "runs"),
-                cwd=tmp_path)
+    r = run_cli(
+        "pipeline.run", str(BASE), "prune.method=unstructured", override, "--out", str(tmp_path / "runs"), cwd=tmp_path
+    )
     assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("overrides, key, words", [
-    (["quant.method=qat", "quant.epochs=0"], "quant.epochs", "must be >= 1"),
-    (["prune.method=unstructured", "prune.begin=0.8", "prune.end=0.5"], "prune.begin", "must not be after"),
-    (["prune.method=structured", "prune.during=train"], "prune.during", "finetune"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["quant.method=qat", "quant.epochs=0"], "quant.epochs", "must be >= 1"),
+        (["prune.method=unstructured", "prune.begin=0.8", "prune.end=0.5"], "prune.begin", "must not be after"),
+        (["prune.method=structured", "prune.during=train"], "prune.during", "finetune"),
+    ],
+)
 def test_inconsistent_compression_settings_exit_2(tmp_path, overrides, key, words):
     spec = tmp_path / "s.yaml"
     spec.write_text(f"name: s\nbase: [{BASE}]\n")
-    r = run_cli("pipeline.sweep", str(spec), *overrides, "--out", str(tmp_path / "runs"), "--cluster", "local",
-                cwd=tmp_path)
+    r = run_cli(
+        "pipeline.sweep", str(spec), *overrides, "--out", str(tmp_path / "runs"), "--cluster", "local", cwd=tmp_path
+    )
     assert r.returncode == 2 and key in r.stderr and words in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
 

@@ -8,17 +8,37 @@ from pipeline.collect import collect
 from pipeline.rundir import list_runs
 from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
 
-TINY = ["data.name=synthetic", "data.val_size=50", "data.train_size=64", "train.epochs=1", "train.device=cpu",
-        "train.eval_batch_size=256", "output.log_every=1000", *MEASURE_FAST_ARGS]
+TINY = [
+    "data.name=synthetic",
+    "data.val_size=50",
+    "data.train_size=64",
+    "train.epochs=1",
+    "train.device=cpu",
+    "train.eval_batch_size=256",
+    "output.log_every=1000",
+    *MEASURE_FAST_ARGS,
+]
 
 
-@pytest.mark.parametrize("sweep, n_runs, model", [("optimizers", 5, "preact_resnet164"),
-                                                  ("batch_workers", 7, "preact_resnet164"),
-                                                  ("fast", 3, "resnet9")])
+@pytest.mark.parametrize(
+    "sweep, n_runs, model",
+    [("optimizers", 5, "preact_resnet164"), ("batch_workers", 7, "preact_resnet164"), ("fast", 3, "resnet9")],
+)
 def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, model):
     out = tmp_path / "runs"
-    r = run_cli("pipeline.sweep", str(REPO / f"sweeps/{sweep}.yaml"), "--cluster", "local", "--wait", "--out",
-                str(out), f"data.root={synthetic_root}", *TINY, cwd=tmp_path, timeout=900)
+    r = run_cli(
+        "pipeline.sweep",
+        str(REPO / f"sweeps/{sweep}.yaml"),
+        "--cluster",
+        "local",
+        "--wait",
+        "--out",
+        str(out),
+        f"data.root={synthetic_root}",
+        *TINY,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     runs = list_runs(out / sweep)
     assert len(runs) == n_runs
@@ -39,17 +59,39 @@ def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, 
 # The compression studies on tiny data: command-line overrides win over the sweep's own axes, so
 # model.name=resnet20 and data.name=synthetic fold the model and data-set axes (each ResNet and GoogLeNet
 # is pruned, quantized and reloaded in tests/test_prune.py and tests/test_quantize.py).
-COMPRESS_TINY = [*TINY, "model.name=resnet20", "prune.epochs=1", "prune.frequency=1", "quant.calib_batches=1",
-                 "slurm.tasks_per_node=1", "slurm.gpus_per_node=0", "train.batch_size=32",
-                 "schedule.warmup_epochs=0", "prune.warmup_epochs=0"]
+COMPRESS_TINY = [
+    *TINY,
+    "model.name=resnet20",
+    "prune.epochs=1",
+    "prune.frequency=1",
+    "quant.calib_batches=1",
+    "slurm.tasks_per_node=1",
+    "slurm.gpus_per_node=0",
+    "train.batch_size=32",
+    "schedule.warmup_epochs=0",
+    "prune.warmup_epochs=0",
+]
 
 
-@pytest.mark.parametrize("sweep, n_runs, fold", [("sparsity", 2, ["prune.sparsity=0.7"]), ("mixed_precision", 2, []),
-                                                 ("compression", 3, [])])
+@pytest.mark.parametrize(
+    "sweep, n_runs, fold", [("sparsity", 2, ["prune.sparsity=0.7"]), ("mixed_precision", 2, []), ("compression", 3, [])]
+)
 def test_compression_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, fold):
     out = tmp_path / "runs"
-    r = run_cli("pipeline.sweep", str(REPO / f"sweeps/{sweep}.yaml"), "--cluster", "local", "--wait", "--out",
-                str(out), f"data.root={synthetic_root}", *COMPRESS_TINY, *fold, cwd=tmp_path, timeout=1200)
+    r = run_cli(
+        "pipeline.sweep",
+        str(REPO / f"sweeps/{sweep}.yaml"),
+        "--cluster",
+        "local",
+        "--wait",
+        "--out",
+        str(out),
+        f"data.root={synthetic_root}",
+        *COMPRESS_TINY,
+        *fold,
+        cwd=tmp_path,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     runs = list_runs(out / sweep)
     assert len(runs) == n_runs

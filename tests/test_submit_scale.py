@@ -18,8 +18,18 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from pipeline import cli, launch
-from pipeline.config import (COMMAND_LINE, ConfigError, Layer, absolutize_paths, compose, file_layer,
-                             from_run_file, load_config, run_id, to_yaml)
+from pipeline.config import (
+    COMMAND_LINE,
+    ConfigError,
+    Layer,
+    absolutize_paths,
+    compose,
+    file_layer,
+    from_run_file,
+    load_config,
+    run_id,
+    to_yaml,
+)
 from pipeline.sweep import SweepSpec, expand_sweep, plan, read_sweep, write_run
 from tests.conftest import REPO, run_cli, tree_snapshot, write
 
@@ -81,17 +91,19 @@ def reference(spec: SweepSpec, point: tuple[int, dict, dict], overrides: dict, c
     if spec.set:
         layers.append(Layer(f"{spec.path} (set)", spec.set))
     vi, g, z = point
-    extra = [Layer(f"{spec.path} (variants[{vi}])", (spec.variants or [{}])[vi]),
-             Layer(f"{spec.path} (grid)", g), Layer(f"{spec.path} (zip)", z)]
+    extra = [
+        Layer(f"{spec.path} (variants[{vi}])", (spec.variants or [{}])[vi]),
+        Layer(f"{spec.path} (grid)", g),
+        Layer(f"{spec.path} (zip)", z),
+    ]
     last = [Layer(COMMAND_LINE, dict(overrides))] if overrides else []
     return absolutize_paths(compose(layers + [x for x in extra if x.values] + last), cwd)
 
 
-def assert_same_as_reference(spec: SweepSpec, run, point: tuple[int, dict, dict], overrides: dict,
-                             cwd: Path) -> None:
+def assert_same_as_reference(spec: SweepSpec, run, point: tuple[int, dict, dict], overrides: dict, cwd: Path) -> None:
     cfg = reference(spec, point, overrides, cwd)
     assert run.config == OmegaConf.to_container(cfg)
-    assert list(run.config) == list(OmegaConf.to_container(cfg))            # same key order
+    assert list(run.config) == list(OmegaConf.to_container(cfg))  # same key order
     assert run.id == run_id(cfg)
     assert run.yaml == to_yaml(cfg)
     assert OmegaConf.to_container(run.cfg) == OmegaConf.to_container(cfg)  # the lazy DictConfig
@@ -100,10 +112,13 @@ def assert_same_as_reference(spec: SweepSpec, run, point: tuple[int, dict, dict]
 def test_1000_runs_expand_like_per_run_compose(project):
     spec = read_sweep(write(project / "sweeps/big.yaml", BIG))
     runs = expand_sweep(spec, cwd=project)
-    assert len(runs) == AXIS ** 3 and len({r.id for r in runs}) == AXIS ** 3
+    assert len(runs) == AXIS**3 and len({r.id for r in runs}) == AXIS**3
     assert {(r.swept["optim.lr"], r.swept["optim.weight_decay"], r.swept["train.seed"]) for r in runs} == {
-        (a, float(b), c) for a in spec.grid["optim.lr"] for b in spec.grid["optim.weight_decay"]
-        for c in spec.grid["train.seed"]}  # YAML reads 5e-05 as a string: omegaconf makes it a float
+        (a, float(b), c)
+        for a in spec.grid["optim.lr"]
+        for b in spec.grid["optim.weight_decay"]
+        for c in spec.grid["train.seed"]
+    }  # YAML reads 5e-05 as a string: omegaconf makes it a float
     pts = points(spec)
     for i in random.Random(0).sample(range(len(runs)), 20):
         assert_same_as_reference(spec, runs[i], pts[i], {}, project)
@@ -123,14 +138,17 @@ def test_converted_values_and_overrides_match_compose(project):
     for r, pt in list(zip(runs, points(spec)))[::3]:  # every variant, optimizer, betas and zip point
         assert_same_as_reference(spec, r, pt, overrides, project)
     assert {r.config["data"]["root"] for r in runs} == {"~/cifar", str((project / "rel/data").resolve())}
-    assert all(isinstance(r.config["optim"]["lr"], float) and isinstance(r.config["train"]["compile"], bool)
-               for r in runs)
+    assert all(
+        isinstance(r.config["optim"]["lr"], float) and isinstance(r.config["train"]["compile"], bool) for r in runs
+    )
 
 
 def test_interpolations_other_than_env_take_the_compose_path(project, monkeypatch):
     monkeypatch.setenv("PIPELINE_DATA", str(project / "envdata"))
-    text = ("name: i\nbase: [configs/base.yaml]\nset: {train.eval_batch_size: '${train.batch_size}'}\n"
-            "grid: {train.batch_size: [16, 64]}\n")
+    text = (
+        "name: i\nbase: [configs/base.yaml]\nset: {train.eval_batch_size: '${train.batch_size}'}\n"
+        "grid: {train.batch_size: [16, 64]}\n"
+    )
     spec = read_sweep(write(project / "sweeps/i.yaml", text))
     runs = expand_sweep(spec, cwd=project)
     assert [r.config["train"]["eval_batch_size"] for r in runs] == [16, 64]
@@ -139,13 +157,20 @@ def test_interpolations_other_than_env_take_the_compose_path(project, monkeypatc
         assert_same_as_reference(spec, r, pt, {}, project)
 
 
-@pytest.mark.parametrize("section, body, key, fragment", [
-    ("grid", "grid: {optim.lr: [0.1, 0.2, abc]}", "optim.lr", "expected a value of type float"),
-    ("grid", "grid: {optim.name: [sgd, adamm], train.seed: [1, 2]}", "optim.name", "Did you mean 'adam'"),
-    ("zip", "zip: {train.batch_size: [32, 0], train.seed: [1, 2]}", "train.batch_size", "must be >= 1"),
-    ("variants[1]", "variants: [{model.name: resnet20}, {slurm.partition: 'a b'}]", "slurm.partition",
-     "cannot be passed to sbatch"),
-])
+@pytest.mark.parametrize(
+    "section, body, key, fragment",
+    [
+        ("grid", "grid: {optim.lr: [0.1, 0.2, abc]}", "optim.lr", "expected a value of type float"),
+        ("grid", "grid: {optim.name: [sgd, adamm], train.seed: [1, 2]}", "optim.name", "Did you mean 'adam'"),
+        ("zip", "zip: {train.batch_size: [32, 0], train.seed: [1, 2]}", "train.batch_size", "must be >= 1"),
+        (
+            "variants[1]",
+            "variants: [{model.name: resnet20}, {slurm.partition: 'a b'}]",
+            "slurm.partition",
+            "cannot be passed to sbatch",
+        ),
+    ],
+)
 def test_error_in_a_later_run_names_file_section_and_key(project, section, body, key, fragment):
     path = write(project / "sweeps/bad.yaml", f"name: bad\nbase: [configs/base.yaml]\n{body}\n")
     spec = read_sweep(path)
@@ -156,8 +181,10 @@ def test_error_in_a_later_run_names_file_section_and_key(project, section, body,
 
 def test_error_is_the_one_per_run_compose_raises_first(project):
     # the first run has the bad batch size, a later one the bad optimizer: the batch size is reported
-    path = write(project / "sweeps/bad.yaml", "name: bad\nbase: [configs/base.yaml]\n"
-                 "grid: {optim.name: [sgd, adamm]}\nzip: {train.batch_size: [0]}\n")
+    path = write(
+        project / "sweeps/bad.yaml",
+        "name: bad\nbase: [configs/base.yaml]\ngrid: {optim.name: [sgd, adamm]}\nzip: {train.batch_size: [0]}\n",
+    )
     with pytest.raises(ConfigError) as e:
         expand_sweep(read_sweep(path), cwd=project)
     assert e.value.key == "train.batch_size" and e.value.source == f"{path} (zip)"
@@ -167,8 +194,11 @@ def test_error_is_the_one_per_run_compose_raises_first(project):
 # Arrays split by MaxArraySize
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, max_size", [(2500, 1001), (2500, 1000), (1000, 1001), (1001, 1001), (1002, 1001),
-                                         (7, 1), (5, 2), (1, 1000), (0, 10)])
+
+@pytest.mark.parametrize(
+    "n, max_size",
+    [(2500, 1001), (2500, 1000), (1000, 1001), (1001, 1001), (1002, 1001), (7, 1), (5, 2), (1, 1000), (0, 10)],
+)
 def test_split_arrays_covers_every_run_once(n, max_size):
     idx = list(range(100, 100 + n))
     arrays = launch.split_arrays(idx, max_size)
@@ -179,10 +209,24 @@ def test_split_arrays_covers_every_run_once(n, max_size):
 
 def test_arrays_share_the_parallelism_and_keep_groups_apart(monkeypatch):
     def cfg(partition: str) -> dict:
-        slurm = {"partition": partition, "account": "", "qos": "", "constraint": "", "nodes": 1,
-                 "tasks_per_node": 1, "gpus_per_node": 0, "gpu_type": "", "cpus_per_task": 1, "mem_gb": 1.0,
-                 "time_min": 10, "array_parallelism": 64, "max_requeues": 1, "setup": []}
+        slurm = {
+            "partition": partition,
+            "account": "",
+            "qos": "",
+            "constraint": "",
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "gpus_per_node": 0,
+            "gpu_type": "",
+            "cpus_per_task": 1,
+            "mem_gb": 1.0,
+            "time_min": 10,
+            "array_parallelism": 64,
+            "max_requeues": 1,
+            "setup": [],
+        }
         return {"slurm": slurm}
+
     cfgs = [cfg("debug")] * 2500 + [cfg("v100")] * 3
     arrays = launch._arrays(cfgs, "x", 1001)
     assert [len(idx) for _, idx in arrays] == [833, 833, 834, 3]
@@ -216,12 +260,23 @@ def test_max_array_size_is_read_from_scontrol(monkeypatch):
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
 def test_submission_above_max_array_size_makes_several_arrays(project):
-    path = write(project / "sweeps/split.yaml", "name: split\nbase: [configs/base.yaml]\ncluster: local\n"
-                 "set: {model.name: resnet20, data.name: synthetic, train.epochs: 1, slurm.array_parallelism: 1}\n"
-                 "grid: {train.seed: [0, 1, 2, 3, 4]}\n")
+    path = write(
+        project / "sweeps/split.yaml",
+        "name: split\nbase: [configs/base.yaml]\ncluster: local\n"
+        "set: {model.name: resnet20, data.name: synthetic, train.epochs: 1, slurm.array_parallelism: 1}\n"
+        "grid: {train.seed: [0, 1, 2, 3, 4]}\n",
+    )
     out = project / "runs"
-    r = run_cli("pipeline.sweep", str(path), "--cluster", "slurm", "--out", str(out), cwd=project,
-                env={launch.MAX_ARRAY_SIZE_ENV: "2", "PYTHONPROFILEIMPORTTIME": "1"})
+    r = run_cli(
+        "pipeline.sweep",
+        str(path),
+        "--cluster",
+        "slurm",
+        "--out",
+        str(out),
+        cwd=project,
+        env={launch.MAX_ARRAY_SIZE_ENV: "2", "PYTHONPROFILEIMPORTTIME": "1"},
+    )
     mpath = out / "split/manifest.json"
     manifest = json.loads(mpath.read_text()) if mpath.exists() else {}
     job_ids = [e["job_id"] for e in manifest.get("runs", {}).values()]
@@ -232,10 +287,12 @@ def test_submission_above_max_array_size_makes_several_arrays(project):
         assert len(job_ids) == 5 and len(set(job_ids)) == 5 and len(arrays) == 3
         # arrays of 1, 2 and 2 tasks (submitit submits a one-task array as a plain job: no _index)
         assert sorted(sum(j.split("_")[0] == a for j in job_ids) for a in arrays) == [1, 2, 2]
-        seen = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(arrays), "-o", "JobID"],
-                              capture_output=True, text=True).stdout.split()
-        queued = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i"],
-                                capture_output=True, text=True).stdout.split()
+        seen = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", ",".join(arrays), "-o", "JobID"], capture_output=True, text=True
+        ).stdout.split()
+        queued = subprocess.run(
+            ["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i"], capture_output=True, text=True
+        ).stdout.split()
         assert {j.split("_")[0] for j in seen + queued} == set(arrays), (seen, queued)
     finally:
         if arrays:
@@ -246,10 +303,18 @@ def test_submission_above_max_array_size_makes_several_arrays(project):
 # What reaches sbatch
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key, bad", [
-    ("slurm.partition", "gpu;rm -rf ~"), ("slurm.account", "a b"), ("slurm.qos", "$(id)"),
-    ("slurm.gpu_type", "v100:2"), ("slurm.constraint", "a&b`x`"), ("slurm.partition", "v100\n#SBATCH --x"),
-])
+
+@pytest.mark.parametrize(
+    "key, bad",
+    [
+        ("slurm.partition", "gpu;rm -rf ~"),
+        ("slurm.account", "a b"),
+        ("slurm.qos", "$(id)"),
+        ("slurm.gpu_type", "v100:2"),
+        ("slurm.constraint", "a&b`x`"),
+        ("slurm.partition", "v100\n#SBATCH --x"),
+    ],
+)
 def test_sbatch_values_are_checked(key, bad):
     with pytest.raises(ConfigError) as e:
         load_config([], {key: bad})
@@ -258,9 +323,16 @@ def test_sbatch_values_are_checked(key, bad):
 
 
 def test_good_sbatch_values_pass():
-    cfg = load_config([], {"slurm.partition": "gpu-v100_2.x", "slurm.account": "pr_123_general",
-                           "slurm.qos": "", "slurm.gpu_type": "rtx8000",
-                           "slurm.constraint": "[rack1|rack2]&intel,avx2:2*!slow"})
+    cfg = load_config(
+        [],
+        {
+            "slurm.partition": "gpu-v100_2.x",
+            "slurm.account": "pr_123_general",
+            "slurm.qos": "",
+            "slurm.gpu_type": "rtx8000",
+            "slurm.constraint": "[rack1|rack2]&intel,avx2:2*!slow",
+        },
+    )
     assert cfg.slurm.partition == "gpu-v100_2.x"
 
 
@@ -278,9 +350,20 @@ def test_bad_sbatch_value_in_a_sweep_exits_2_and_writes_nothing(project):
 
 def test_dry_run_sbatch_header_and_no_torch(project):
     path = write(project / "sweeps/gpu.yaml", "name: gpu\nbase: [configs/base.yaml]\ngrid: {train.seed: [0, 1]}\n")
-    r = run_cli("pipeline.sweep", str(path), "slurm.partition=v100", "slurm.gpus_per_node=1",
-                "slurm.gpu_type=v100", "--dry-run", "--cluster", "slurm", "--out", str(project / "runs"), cwd=project,
-                env={"PYTHONPROFILEIMPORTTIME": "1"})
+    r = run_cli(
+        "pipeline.sweep",
+        str(path),
+        "slurm.partition=v100",
+        "slurm.gpus_per_node=1",
+        "slurm.gpu_type=v100",
+        "--dry-run",
+        "--cluster",
+        "slurm",
+        "--out",
+        str(project / "runs"),
+        cwd=project,
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --partition=v100" in r.stdout and "#SBATCH --gres=gpu:v100:1" in r.stdout, r.stdout
     assert "#SBATCH --array=0-1%" in r.stdout
@@ -292,6 +375,7 @@ def test_dry_run_sbatch_header_and_no_torch(project):
 # --------------------------------------------------------------------------------------------------
 # The plan table of a big sweep
 # --------------------------------------------------------------------------------------------------
+
 
 def test_big_plan_table_shows_first_and_last_rows_unless_all(project):
     spec = read_sweep(write(project / "sweeps/odd.yaml", ODD))
@@ -305,6 +389,6 @@ def test_big_plan_table_shows_first_and_last_rows_unless_all(project):
 
     short, full = draw(False), draw(True)
     shown = [d.run.id for d in decisions if d.run.id in short]
-    assert shown == [d.run.id for d in decisions[:cli.SHOWN_ROWS - 5] + decisions[-5:]]
+    assert shown == [d.run.id for d in decisions[: cli.SHOWN_ROWS - 5] + decisions[-5:]]
     assert f"... {len(decisions) - cli.SHOWN_ROWS} more" in short and f"{len(decisions)} runs" in short
     assert all(d.run.id in full for d in decisions)

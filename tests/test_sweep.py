@@ -41,11 +41,17 @@ def test_grid_zip_variants_sizes_and_values(project):
     assert len(runs) == 2 * 3 * 2 * 2
     assert len({r.id for r in runs}) == len(runs)
     for r in runs:
-        assert r.cfg.train.batch_size == 32                                # set
+        assert r.cfg.train.batch_size == 32  # set
         assert (r.cfg.optim.lr, r.cfg.train.seed) in [(0.1, 1), (0.01, 2)]  # zip goes together
         assert r.cfg.train.epochs == (3 if r.cfg.model.name == "resnet44" else 2)  # variant over base
-        assert set(r.swept) == {"model.name", "train.epochs", "optim.name", "optim.weight_decay",
-                                "optim.lr", "train.seed"} - ({"train.epochs"} if r.cfg.model.name == "resnet20" else set())
+        assert set(r.swept) == {
+            "model.name",
+            "train.epochs",
+            "optim.name",
+            "optim.weight_decay",
+            "optim.lr",
+            "train.seed",
+        } - ({"train.epochs"} if r.cfg.model.name == "resnet20" else set())
     names = [(r.cfg.model.name, r.cfg.optim.name) for r in runs]
     assert names.count(("resnet44", "adam")) == 4
 
@@ -68,16 +74,19 @@ def test_relative_data_root_is_stored_absolute(project):
     assert run.cfg.data.root == str((project / "mydata").resolve())
 
 
-@pytest.mark.parametrize("text, key, fragment", [
-    ("name: x\nbase: [configs/base.yaml]\ngird: {optim.lr: [1]}\n", "gird", "Did you mean 'grid'"),
-    ("name: x\nbase: [configs/base.yaml]\ngrid: {optim.lr: []}\n", "grid.optim.lr", "non-empty list"),
-    ("name: x\nbase: [configs/base.yaml]\nzip: {optim.lr: [0.1, 0.2], train.seed: [1]}\n", "zip", "equal lengths"),
-    ("name: x\nbase: [configs/nope.yaml]\n", "base", "'configs/nope.yaml' not found"),
-    ("name: ../evil\nbase: [configs/base.yaml]\n", "name", "folder name"),
-    ("name: 'a b'\nbase: [configs/base.yaml]\n", "name", "folder name"),
-    ("name: x\nbase: [configs/base.yaml]\ngrid: {optim.lrr: [0.1]}\n", "optim.lrr", "Did you mean 'optim.lr'"),
-    ("name: x\nbase: [configs/base.yaml]\nvariants: [{}]\n", "variants", "non-empty mappings"),
-])
+@pytest.mark.parametrize(
+    "text, key, fragment",
+    [
+        ("name: x\nbase: [configs/base.yaml]\ngird: {optim.lr: [1]}\n", "gird", "Did you mean 'grid'"),
+        ("name: x\nbase: [configs/base.yaml]\ngrid: {optim.lr: []}\n", "grid.optim.lr", "non-empty list"),
+        ("name: x\nbase: [configs/base.yaml]\nzip: {optim.lr: [0.1, 0.2], train.seed: [1]}\n", "zip", "equal lengths"),
+        ("name: x\nbase: [configs/nope.yaml]\n", "base", "'configs/nope.yaml' not found"),
+        ("name: ../evil\nbase: [configs/base.yaml]\n", "name", "folder name"),
+        ("name: 'a b'\nbase: [configs/base.yaml]\n", "name", "folder name"),
+        ("name: x\nbase: [configs/base.yaml]\ngrid: {optim.lrr: [0.1]}\n", "optim.lrr", "Did you mean 'optim.lr'"),
+        ("name: x\nbase: [configs/base.yaml]\nvariants: [{}]\n", "variants", "non-empty mappings"),
+    ],
+)
 def test_sweep_file_errors(project, text, key, fragment):
     path = write(project / "sweeps/bad.yaml", text)
     with pytest.raises(ConfigError) as e:
@@ -92,11 +101,14 @@ def test_bad_value_in_grid_names_the_sweep_file(project):
     assert e.value.key == "optim.name" and str(path) in e.value.source and "Did you mean 'adam'" in str(e.value)
 
 
-@pytest.mark.parametrize("text", [
-    "name: x\nbase: [configs/base.yaml]\ngrid: {optim.lr: [0.1,\n",        # YAML syntax error
-    "name: x\nbase: [configs/base.yaml]\nzip: {optim.lr: [0.1, 0.2], train.seed: [1]}\n",
-    "name: x\nbase: [configs/base.yaml]\ngrid: {train.batch_size: [0]}\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "name: x\nbase: [configs/base.yaml]\ngrid: {optim.lr: [0.1,\n",  # YAML syntax error
+        "name: x\nbase: [configs/base.yaml]\nzip: {optim.lr: [0.1, 0.2], train.seed: [1]}\n",
+        "name: x\nbase: [configs/base.yaml]\ngrid: {train.batch_size: [0]}\n",
+    ],
+)
 def test_cli_errors_exit_2_and_write_nothing(project, text):
     path = write(project / "sweeps/bad.yaml", text)
     before = tree_snapshot(project)
@@ -117,8 +129,9 @@ def test_cli_bad_choice_flags_exit_2(project):
 def test_dry_run_lists_runs_and_writes_nothing(project):
     path = write(project / "sweeps/full.yaml", FULL)
     before = tree_snapshot(project)
-    r = run_cli("pipeline.sweep", str(path), "--dry-run", "--cluster", "local", "--out", str(project / "runs"),
-                cwd=project)
+    r = run_cli(
+        "pipeline.sweep", str(path), "--dry-run", "--cluster", "local", "--out", str(project / "runs"), cwd=project
+    )
     assert r.returncode == 0, r.stderr
     ids = [run.id for run in expand_sweep(read_sweep(path), cwd=project)]
     assert all(i in r.stdout for i in ids) and "24 runs" in r.stdout
@@ -133,6 +146,7 @@ def test_repo_sweep_files_expand(repo):
 
 def test_auto_cluster_falls_back_to_local_without_a_slurm_controller(monkeypatch, tmp_path):
     from pipeline import launch
+
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, no srun: a laptop
     assert not launch.slurm_controller_answers()
     assert launch.resolve_cluster("auto") == "local"

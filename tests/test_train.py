@@ -24,9 +24,17 @@ from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
 BASE = REPO / "configs/base.yaml"
 
 
-@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("nesterov", torch.optim.SGD),
-                                       ("adagrad", torch.optim.Adagrad), ("adadelta", torch.optim.Adadelta),
-                                       ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("sgd", torch.optim.SGD),
+        ("nesterov", torch.optim.SGD),
+        ("adagrad", torch.optim.Adagrad),
+        ("adadelta", torch.optim.Adadelta),
+        ("adam", torch.optim.Adam),
+        ("adamw", torch.optim.AdamW),
+    ],
+)
 def test_every_optimizer_is_built_with_its_settings_and_steps(name, cls):
     cfg = load_config([], [f"optim.name={name}", "optim.lr=0.05", "optim.weight_decay=0.001"])
     p = torch.nn.Parameter(torch.ones(3))
@@ -44,6 +52,7 @@ def test_every_optimizer_is_built_with_its_settings_and_steps(name, cls):
 def test_schedules():
     def sched(**kw):
         return load_config([], [f"schedule.{k}={v}" for k, v in kw.items()] + ["train.epochs=10"]).schedule
+
     assert lr_factor(sched(name="constant"), 7.3, 10) == 1.0
     step = sched(name="step", milestones="[0.5,0.75]", gamma=0.1)
     assert [round(lr_factor(step, t, 10), 6) for t in (0, 4.9, 5, 7.4, 7.5, 9.9)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
@@ -68,8 +77,18 @@ def test_low_precision_on_cpu_warns_and_trains_in_fp32():
 
 
 def tiny_args(root: Path, *extra: str) -> list[str]:
-    return [str(BASE), "model.name=resnet20", "data.name=synthetic", f"data.root={root}", "data.val_size=100",
-            "train.threads=1", "train.batch_size=25", "output.log_every=1000", *MEASURE_FAST_ARGS, *extra]
+    return [
+        str(BASE),
+        "model.name=resnet20",
+        "data.name=synthetic",
+        f"data.root={root}",
+        "data.val_size=100",
+        "train.threads=1",
+        "train.batch_size=25",
+        "output.log_every=1000",
+        *MEASURE_FAST_ARGS,
+        *extra,
+    ]
 
 
 def test_signal_mid_epoch_saves_step_checkpoint_and_resume_matches_unbroken(tmp_path, synthetic_root):
@@ -77,8 +96,14 @@ def test_signal_mid_epoch_saves_step_checkpoint_and_resume_matches_unbroken(tmp_
     run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args, "--out", str(tmp_path / "b")],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *args, "--out", str(tmp_path / "b")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list((tmp_path / "b").glob("*/progress.json")):
         time.sleep(0.05)
@@ -115,16 +140,30 @@ def _weights(run) -> dict[str, torch.Tensor]:
 def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_path, synthetic_root):
     # GroupNorm: BatchNorm statistics would differ per rank (SyncBatchNorm needs GPUs; on GPUs
     # train.sync_bn converts to it). 8 steps of a global batch of 50 = 2 ranks x 25.
-    args = tiny_args(synthetic_root, "model.norm=group", "train.epochs=1", "train.batch_size=50",
-                     "optim.lr=0.02")[1:]
+    args = tiny_args(synthetic_root, "model.norm=group", "train.epochs=1", "train.batch_size=50", "optim.lr=0.02")[1:]
     single = prepare_single(BASE, args, tmp_path / "single")
     ddp = prepare_single(BASE, args, tmp_path / "ddp")
     other_seed = prepare_single(BASE, args + ["train.seed=1"], tmp_path / "seed1")
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.run", str(ddp.path)], cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": "2",
-                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.run", str(ddp.path)],
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(REPO),
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     run_cli("pipeline.run", str(single.path), cwd=tmp_path, check=True)
@@ -147,8 +186,16 @@ def test_compiled_training_runs_and_learns_like_eager(tmp_path, synthetic_root):
     """train.compile=true (torch.compile with inductor; gcc is on this machine) trains the same model."""
     args = tiny_args(synthetic_root, "train.epochs=1", "data.train_size=100")
     eager = run_cli("pipeline.run", *args, "--out", str(tmp_path / "eager"), cwd=tmp_path, check=True)
-    compiled = run_cli("pipeline.run", *args, "train.compile=true", "--out", str(tmp_path / "compiled"),
-                       cwd=tmp_path, check=True, timeout=900)
+    compiled = run_cli(
+        "pipeline.run",
+        *args,
+        "train.compile=true",
+        "--out",
+        str(tmp_path / "compiled"),
+        cwd=tmp_path,
+        check=True,
+        timeout=900,
+    )
     assert "done" in eager.stdout and "done" in compiled.stdout
     (a,), (b,) = list_runs(tmp_path / "eager"), list_runs(tmp_path / "compiled")
     ma, mb = a.read_metrics("train"), b.read_metrics("train")
@@ -171,7 +218,7 @@ def test_autocast_and_grad_scaler_branch_of_the_training_step(amp_dtype):
     split = Split(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,)))
     loader = DeviceLoader(split, 8, mean=(0.5,) * 3, std=(0.25,) * 3, augment=True, shuffle=True)
     opt = build_optimizer(load_config([], ["optim.lr=0.01"]).optim, model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     res = train_one_epoch(model, loader, opt, scaler=scaler, amp_dtype=amp_dtype, grad_clip=1.0)
     assert isinstance(res, EpochResult) and res.steps == 2 and res.images == 16
     assert torch.isfinite(torch.tensor(res.loss)) and scaler.get_scale() > 0

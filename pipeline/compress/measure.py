@@ -66,13 +66,14 @@ MMAP_THRESHOLD = 4096
 # Model files and loading
 # --------------------------------------------------------------------------------------------------
 
-def save_model_file(path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int,
-                    shortcut: str = "A", norm: str = "batch") -> Path:
+
+def save_model_file(
+    path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int, shortcut: str = "A", norm: str = "batch"
+) -> Path:
     """:func:`pipeline.artifacts.save_model` with the architecture given by its parts."""
     from pipeline.artifacts import save_model
 
-    save_model(Path(path), model, {"name": name, "num_classes": int(num_classes), "shortcut": shortcut,
-                                   "norm": norm})
+    save_model(Path(path), model, {"name": name, "num_classes": int(num_classes), "shortcut": shortcut, "norm": norm})
     return Path(path)
 
 
@@ -101,8 +102,9 @@ def _load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
     return torch.export.load(path)
 
 
-def load_from_spec(spec: dict[str, Any], *, device: str | torch.device = "cpu",
-                   channels_last: bool = False) -> Callable[[Tensor], Tensor]:
+def load_from_spec(
+    spec: dict[str, Any], *, device: str | torch.device = "cpu", channels_last: bool = False
+) -> Callable[[Tensor], Tensor]:
     """The runnable a loader spec describes; the spec is plain JSON so another process can rebuild it.
 
     ``{"kind": "state_dict", "path": P}``: a :data:`MODEL_FORMAT` file (:func:`load_model_file`), moved to
@@ -128,6 +130,7 @@ def load_from_spec(spec: dict[str, Any], *, device: str | torch.device = "cpu",
         # inductor with freezing (int8 weights prepacked into oneDNN kernels), compiled and warmed up
         # here; a graph inductor cannot compile falls back to eager, and says why in compile_info
         from pipeline.compress.quantize import compile_int8
+
         example = torch.zeros(1, 3, 32, 32, device=device)
         if channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
@@ -173,27 +176,58 @@ class Artifact:
             self.load = lambda: load_from_spec(spec, device=device, channels_last=channels_last)
 
     @classmethod
-    def from_model_file(cls, name: str, path: str | os.PathLike, *, device: str = "cpu",
-                        channels_last: bool = False, compile: bool = False,
-                        notes: dict | None = None) -> Artifact:
+    def from_model_file(
+        cls,
+        name: str,
+        path: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        channels_last: bool = False,
+        compile: bool = False,
+        notes: dict | None = None,
+    ) -> Artifact:
         """A :data:`MODEL_FORMAT` file; the input dtype is the file's."""
         dtype = DTYPES[_read_model_file(path, mmap=True).get("dtype", "float32")]
-        return cls(name, path, device=device, dtype=dtype, channels_last=channels_last, notes=dict(notes or {}),
-                   loader_spec={"kind": "state_dict", "path": str(path), "compile": bool(compile)})
+        return cls(
+            name,
+            path,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            notes=dict(notes or {}),
+            loader_spec={"kind": "state_dict", "path": str(path), "compile": bool(compile)},
+        )
 
     @classmethod
-    def from_pt2(cls, name: str, path: str | os.PathLike, *, source: nn.Module | None = None,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 compile: bool = False, notes: dict | None = None) -> Artifact:
+    def from_pt2(
+        cls,
+        name: str,
+        path: str | os.PathLike,
+        *,
+        source: nn.Module | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        compile: bool = False,
+        notes: dict | None = None,
+    ) -> Artifact:
         """An exported program saved with ``torch.export.save`` (e.g. a PT2E int8 graph)."""
-        return cls(name, path, source=source, device=device, dtype=dtype, channels_last=channels_last,
-                   notes=dict(notes or {}),
-                   loader_spec={"kind": "pt2", "path": str(path), "compile": bool(compile)})
+        return cls(
+            name,
+            path,
+            source=source,
+            device=device,
+            dtype=dtype,
+            channels_last=channels_last,
+            notes=dict(notes or {}),
+            loader_spec={"kind": "pt2", "path": str(path), "compile": bool(compile)},
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # Static figures: file size, parameters, MACs
 # --------------------------------------------------------------------------------------------------
+
 
 class _CountingWriter:
     def __init__(self) -> None:
@@ -297,8 +331,13 @@ def _set_training(m: nn.Module, mode: bool) -> None:
         pass
 
 
-def count_flop_macs(model: Any, input_shape: tuple[int, ...], *, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> int:
+def count_flop_macs(
+    model: Any,
+    input_shape: tuple[int, ...],
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> int:
     """MACs per image: ``FlopCounterMode`` FLOPs of one batch-1 eval forward, / 2 (FLOPs = 2 x MACs).
 
     The device and dtype of the input default to those of the model's first parameter (or buffer).
@@ -329,6 +368,7 @@ def count_flop_macs(model: Any, input_shape: tuple[int, ...], *, device: str | t
 # Runtime figures
 # --------------------------------------------------------------------------------------------------
 
+
 def _prepare(x: Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool) -> Tensor:
     x = x.to(device=device, dtype=dtype)
     if channels_last and x.dim() == 4:
@@ -342,8 +382,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _accuracy(fn: Callable, batches: Iterable, device: torch.device, dtype: torch.dtype,
-              channels_last: bool) -> dict[str, Any]:
+def _accuracy(
+    fn: Callable, batches: Iterable, device: torch.device, dtype: torch.dtype, channels_last: bool
+) -> dict[str, Any]:
     """As ``pipeline.train.evaluate``: mean loss, top-1 and top-5 over every batch."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top1 = torch.zeros((), device=device, dtype=torch.int64)
@@ -360,8 +401,12 @@ def _accuracy(fn: Callable, batches: Iterable, device: torch.device, dtype: torc
         seen += int(y.shape[0])
     if seen == 0:
         return {"test_images": 0, "test_loss": None, "test_top1": None, "test_top5": None}
-    return {"test_images": seen, "test_loss": loss_sum.item() / seen, "test_top1": top1.item() / seen,
-            "test_top5": top5.item() / seen}
+    return {
+        "test_images": seen,
+        "test_loss": loss_sum.item() / seen,
+        "test_top1": top1.item() / seen,
+        "test_top5": top5.item() / seen,
+    }
 
 
 def _time_once(fn: Callable, x: Tensor, device: torch.device) -> float:
@@ -393,9 +438,14 @@ def _profile_once(fn: Callable, x: Tensor, device: torch.device) -> tuple[float,
         return cpu_us, None
     # As the footer: kernels are events of device type CUDA (user annotations aside); the legacy profiler
     # kept kernel time on the CPU events instead.
-    cuda_us = float(sum(e.self_device_time_total for e in events
-                        if (e.device_type == DeviceType.CUDA and not e.is_user_annotation)
-                        or (e.device_type == DeviceType.CPU and e.is_legacy)))
+    cuda_us = float(
+        sum(
+            e.self_device_time_total
+            for e in events
+            if (e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+            or (e.device_type == DeviceType.CPU and e.is_legacy)
+        )
+    )
     return cpu_us, cuda_us
 
 
@@ -418,17 +468,35 @@ def _repo_root() -> str:
     return str(Path(pipeline.__file__).resolve().parents[1])
 
 
-def _cpu_memory(art: Artifact, input_shape: tuple[int, ...], batches: list[int], threads: int, warmup: int,
-                timeout_s: float) -> dict[str, Any]:
+def _cpu_memory(
+    art: Artifact, input_shape: tuple[int, ...], batches: list[int], threads: int, warmup: int, timeout_s: float
+) -> dict[str, Any]:
     """Run ``python -m pipeline.compress.measure_memory`` for one artifact; its JSON answer."""
-    spec = {"loader": art.loader_spec, "dtype": _DTYPE_NAMES[art.dtype], "channels_last": art.channels_last,
-            "input_shape": list(input_shape), "batches": batches, "threads": threads, "warmup": warmup}
+    spec = {
+        "loader": art.loader_spec,
+        "dtype": _DTYPE_NAMES[art.dtype],
+        "channels_last": art.channels_last,
+        "input_shape": list(input_shape),
+        "batches": batches,
+        "threads": threads,
+        "warmup": warmup,
+    }
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_repo_root(), env.get("PYTHONPATH", "")) if p)
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
-    r = subprocess.run([sys.executable, "-m", "pipeline.compress.measure_memory", json.dumps(spec)],
-                       capture_output=True, text=True, env=env, timeout=timeout_s)
+    env.update(
+        {
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+        }
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.compress.measure_memory", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+    )
     lines = r.stdout.strip().splitlines()
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"measure_memory exited {r.returncode}: {r.stderr.strip()[-2000:]}")
@@ -477,10 +545,20 @@ def _median_ms(seconds: list[float]) -> float:
 # The measurement
 # --------------------------------------------------------------------------------------------------
 
-def measure_artifacts(artifacts: list[Artifact], test_data: Iterable | Callable[[], Iterable], *,
-                      threads: int, latency_repeats: int = 50, throughput_batch: int = 256,
-                      throughput_repeats: int = 5, warmup: int = 3, profile: bool = True,
-                      memory: bool = True, memory_timeout_s: float = 900.0) -> list[dict[str, Any]]:
+
+def measure_artifacts(
+    artifacts: list[Artifact],
+    test_data: Iterable | Callable[[], Iterable],
+    *,
+    threads: int,
+    latency_repeats: int = 50,
+    throughput_batch: int = 256,
+    throughput_repeats: int = 5,
+    warmup: int = 3,
+    profile: bool = True,
+    memory: bool = True,
+    memory_timeout_s: float = 900.0,
+) -> list[dict[str, Any]]:
     """Measure every artifact under the same conditions; one JSON-serialisable dict per artifact, in order.
 
     ``test_data`` is an iterable of ``(x, y)`` batches that can be iterated once per artifact (a list, a
@@ -513,8 +591,9 @@ def measure_artifacts(artifacts: list[Artifact], test_data: Iterable | Callable[
     0 keeps the current ``torch.get_num_threads()``).
     """
     if threads < 0 or latency_repeats < 1 or throughput_batch < 1 or throughput_repeats < 1 or warmup < 1:
-        raise ValueError("need threads >= 0, latency_repeats >= 1, throughput_batch >= 1, "
-                         "throughput_repeats >= 1 and warmup >= 1")
+        raise ValueError(
+            "need threads >= 0, latency_repeats >= 1, throughput_batch >= 1, throughput_repeats >= 1 and warmup >= 1"
+        )
     names = [a.name for a in artifacts]
     if len(set(names)) != len(names):
         raise ValueError(f"artifact names must be unique, got {names}")
@@ -537,21 +616,43 @@ def measure_artifacts(artifacts: list[Artifact], test_data: Iterable | Callable[
     threads = threads or old_threads
     torch.set_num_threads(threads)
     try:
-        return _measure(artifacts, batches_for, input_shape, threads=threads,
-                        latency_repeats=latency_repeats, throughput_batch=throughput_batch,
-                        throughput_repeats=throughput_repeats, warmup=warmup, profile=profile,
-                        memory=memory, memory_timeout_s=memory_timeout_s)
+        return _measure(
+            artifacts,
+            batches_for,
+            input_shape,
+            threads=threads,
+            latency_repeats=latency_repeats,
+            throughput_batch=throughput_batch,
+            throughput_repeats=throughput_repeats,
+            warmup=warmup,
+            profile=profile,
+            memory=memory,
+            memory_timeout_s=memory_timeout_s,
+        )
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _measure(artifacts: list[Artifact], batches_for: Callable[[], Iterable], input_shape: tuple[int, ...], *,
-             threads: int, latency_repeats: int, throughput_batch: int, throughput_repeats: int, warmup: int,
-             profile: bool, memory: bool, memory_timeout_s: float) -> list[dict[str, Any]]:
+def _measure(
+    artifacts: list[Artifact],
+    batches_for: Callable[[], Iterable],
+    input_shape: tuple[int, ...],
+    *,
+    threads: int,
+    latency_repeats: int,
+    throughput_batch: int,
+    throughput_repeats: int,
+    warmup: int,
+    profile: bool,
+    memory: bool,
+    memory_timeout_s: float,
+) -> list[dict[str, Any]]:
     devices = [torch.device(a.device) for a in artifacts]
     if any(d.type == "cuda" and d.index is None for d in devices):
-        devices = [torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None
-                   else d for d in devices]
+        devices = [
+            torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+            for d in devices
+        ]
 
     # Load everything first.
     runnables: list[Callable[[Tensor], Tensor]] = []
@@ -571,14 +672,22 @@ def _measure(artifacts: list[Artifact], batches_for: Callable[[], Iterable], inp
                 compute = (copy.deepcopy(_unwrap(fn)).float(), torch.float32)
                 skipped += "; accuracy computed in fp32 from the fp16 weights (an exact upcast)"
         computes.append(compute)
-        entries.append({
-            "name": a.name, "device": str(dev), "device_name": _device_name(dev),
-            "dtype": _DTYPE_NAMES[a.dtype], "compute_dtype": _DTYPE_NAMES[compute[1]],
-            "channels_last": bool(a.channels_last), "threads": threads,
-            "file": None if a.path is None else str(a.path), "load_s": load_s, "skipped": skipped,
-            "compile": getattr(fn, "compile_info", None),
-            "loader": a.loader_spec,
-        })
+        entries.append(
+            {
+                "name": a.name,
+                "device": str(dev),
+                "device_name": _device_name(dev),
+                "dtype": _DTYPE_NAMES[a.dtype],
+                "compute_dtype": _DTYPE_NAMES[compute[1]],
+                "channels_last": bool(a.channels_last),
+                "threads": threads,
+                "file": None if a.path is None else str(a.path),
+                "load_s": load_s,
+                "skipped": skipped,
+                "compile": getattr(fn, "compile_info", None),
+                "loader": a.loader_spec,
+            }
+        )
 
     # Static figures and accuracy, one model at a time (nothing timed).
     for a, fn, compute, dev, e in zip(artifacts, runnables, computes, devices, entries):
@@ -603,8 +712,10 @@ def _measure(artifacts: list[Artifact], batches_for: Callable[[], Iterable], inp
     for a, dev in zip(artifacts, devices):
         key = (str(dev), a.dtype, a.channels_last)
         if key not in cache:
-            cache[key] = (_prepare(base[:1].clone(), dev, a.dtype, a.channels_last),
-                          _prepare(base, dev, a.dtype, a.channels_last))
+            cache[key] = (
+                _prepare(base[:1].clone(), dev, a.dtype, a.channels_last),
+                _prepare(base, dev, a.dtype, a.channels_last),
+            )
         inputs.append(cache[key])
     timed = [i for i, e in enumerate(entries) if e["skipped"] is None]
 
@@ -657,8 +768,7 @@ def _measure(artifacts: list[Artifact], batches_for: Callable[[], Iterable], inp
         e["self_cpu_ms_per_batch"] = sum(prof_cpu[i]) / n_prof / 1e3 if n_prof else None
         n_cuda = len(prof_cuda[i]) if on else 0
         e["self_cuda_ms_per_batch"] = sum(prof_cuda[i]) / n_cuda / 1e3 if n_cuda else None
-        e.update(peak_memory_b1_bytes=None, peak_memory_batch_bytes=None, memory_method=None,
-                 memory_error=None)
+        e.update(peak_memory_b1_bytes=None, peak_memory_batch_bytes=None, memory_method=None, memory_error=None)
 
     if memory:
         for i in timed:
@@ -666,14 +776,15 @@ def _measure(artifacts: list[Artifact], batches_for: Callable[[], Iterable], inp
             if dev.type == "cuda":
                 e["peak_memory_b1_bytes"] = _cuda_peak(fn, inputs[i][0], dev)
                 e["peak_memory_batch_bytes"] = _cuda_peak(fn, inputs[i][1], dev)
-                e["memory_method"] = ("cuda, in this process after warm-up: max_memory_allocated after "
-                                      "reset_peak_memory_stats minus memory_allocated before one forward")
+                e["memory_method"] = (
+                    "cuda, in this process after warm-up: max_memory_allocated after "
+                    "reset_peak_memory_stats minus memory_allocated before one forward"
+                )
             elif a.loader_spec is None:
                 e["memory_method"] = "not measured: the artifact has no loader_spec to rebuild it in a subprocess"
             else:
                 try:
-                    got = _cpu_memory(a, input_shape, [1, throughput_batch], threads, max(1, warmup),
-                                      memory_timeout_s)
+                    got = _cpu_memory(a, input_shape, [1, throughput_batch], threads, max(1, warmup), memory_timeout_s)
                 except (RuntimeError, subprocess.TimeoutExpired, ValueError) as err:
                     e["memory_error"] = str(err)[-2000:]
                     e["memory_method"] = "cpu subprocess failed"
@@ -694,25 +805,43 @@ def _measure(artifacts: list[Artifact], batches_for: Callable[[], Iterable], inp
 # Table
 # --------------------------------------------------------------------------------------------------
 
+
 def format_table(entries: list[dict[str, Any]]) -> str:
     """A markdown table of the main figures of :func:`measure_artifacts`' entries."""
+
     def num(v: Any, scale: float = 1.0, digits: int = 2) -> str:
         return "–" if v is None else f"{v / scale:.{digits}f}"
 
     def pct(v: Any) -> str:
         return "–" if v is None else f"{100 * v:.2f}%"
 
-    header = ("| model | device | params | non-zero | MMACs | file MB | gzip MB | top-1 | top-5 | latency b1 ms | "
-              "img/s | self CPU ms/batch | self CUDA ms/batch | mem b1 MiB | mem batch MiB |")
+    header = (
+        "| model | device | params | non-zero | MMACs | file MB | gzip MB | top-1 | top-5 | latency b1 ms | "
+        "img/s | self CPU ms/batch | self CUDA ms/batch | mem b1 MiB | mem batch MiB |"
+    )
     rows = [header, "|---|---|" + "---:|" * 13]
     for e in entries:
-        rows.append("| " + " | ".join([
-            str(e["name"]), str(e["device"]),
-            "–" if e["parameters"] is None else f"{e['parameters']:,}",
-            "–" if e["nonzero_parameters"] is None else f"{e['nonzero_parameters']:,}",
-            num(e["macs_per_image"], 1e6), num(e["file_bytes"], 1e6, 3), num(e["file_gzip_bytes"], 1e6, 3),
-            pct(e["test_top1"]), pct(e["test_top5"]), num(e["latency_b1_ms"]), num(e["throughput_img_s"], 1, 0),
-            num(e["self_cpu_ms_per_batch"]), num(e["self_cuda_ms_per_batch"]),
-            num(e["peak_memory_b1_bytes"], 2**20), num(e["peak_memory_batch_bytes"], 2**20),
-        ]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    str(e["name"]),
+                    str(e["device"]),
+                    "–" if e["parameters"] is None else f"{e['parameters']:,}",
+                    "–" if e["nonzero_parameters"] is None else f"{e['nonzero_parameters']:,}",
+                    num(e["macs_per_image"], 1e6),
+                    num(e["file_bytes"], 1e6, 3),
+                    num(e["file_gzip_bytes"], 1e6, 3),
+                    pct(e["test_top1"]),
+                    pct(e["test_top5"]),
+                    num(e["latency_b1_ms"]),
+                    num(e["throughput_img_s"], 1, 0),
+                    num(e["self_cpu_ms_per_batch"]),
+                    num(e["self_cuda_ms_per_batch"]),
+                    num(e["peak_memory_b1_bytes"], 2**20),
+                    num(e["peak_memory_batch_bytes"], 2**20),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(rows) + "\n"

@@ -78,12 +78,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             peak[str(b)] = max(0, st["VmHWM"] - before)
             before_rss[str(b)], after_rss[str(b)] = before, st["VmRSS"]
     threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    method = (f"cpu, fresh subprocess (python -m pipeline.compress.measure_memory), {threads} threads"
-              + (f", MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "")
-              + f": {warmup} warm-up forwards, echo 5 > /proc/self/clear_refs, one forward, "
-              f"VmHWM - VmRSS before the forward ({os.sysconf('SC_PAGE_SIZE') // 1024} KiB pages)")
-    return {"peak_bytes": peak, "rss_before_bytes": before_rss, "rss_after_bytes": after_rss,
-            "rss_loaded_bytes": loaded_rss, "method": method}
+    method = (
+        f"cpu, fresh subprocess (python -m pipeline.compress.measure_memory), {threads} threads"
+        + (f", MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "")
+        + f": {warmup} warm-up forwards, echo 5 > /proc/self/clear_refs, one forward, "
+        f"VmHWM - VmRSS before the forward ({os.sysconf('SC_PAGE_SIZE') // 1024} KiB pages)"
+    )
+    return {
+        "peak_bytes": peak,
+        "rss_before_bytes": before_rss,
+        "rss_after_bytes": after_rss,
+        "rss_loaded_bytes": loaded_rss,
+        "method": method,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ _MAX_BATCH = 1 << 16
 # Export
 # --------------------------------------------------------------------------------------------------
 
+
 def _export_example(example: torch.Tensor) -> torch.Tensor:
     """A detached example with at least 2 rows: export specialises a dimension traced at size 1."""
     x = example.detach()
@@ -99,6 +100,7 @@ def export_model(model: nn.Module, example: torch.Tensor) -> ExportedProgram:
 # Post-training quantization
 # --------------------------------------------------------------------------------------------------
 
+
 def _residual_maxpools(gm: GraphModule) -> list[str] | None:
     """Module names of the max-pools whose output feeds an add directly (None: one is functional).
 
@@ -119,7 +121,7 @@ def _residual_maxpools(gm: GraphModule) -> list[str] | None:
         if not stack or not str(stack[-1][1]).endswith("MaxPool2d"):
             return None
         path = stack[-1][0]
-        names.append(path[len("L['self']."):] if path.startswith("L['self'].") else path)
+        names.append(path[len("L['self'].") :] if path.startswith("L['self'].") else path)
     return names
 
 
@@ -186,6 +188,7 @@ def quantize_int8(model: nn.Module, calib: Iterable[torch.Tensor], example: torc
 # --------------------------------------------------------------------------------------------------
 # Quantization-aware training
 # --------------------------------------------------------------------------------------------------
+
 
 def prepare_qat(model: nn.Module, example: torch.Tensor) -> GraphModule:
     """A copy of ``model`` exported in training mode with fake-quantize modules in place.
@@ -254,9 +257,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _tensor_bytes(ep: ExportedProgram) -> bytes:
-    chunks = [t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-              for t in list(ep.state_dict.values()) + list(ep.constants.values())
-              if isinstance(t, torch.Tensor)]
+    chunks = [
+        t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        for t in list(ep.state_dict.values()) + list(ep.constants.values())
+        if isinstance(t, torch.Tensor)
+    ]
     return b"".join(chunks)
 
 
@@ -286,8 +291,12 @@ def save_int8(gm: GraphModule, path: Path, example: torch.Tensor) -> dict[str, i
     data = buffer.getvalue()
     _atomic_write_bytes(Path(path), data)
     tensors = _tensor_bytes(ep)
-    return {"raw": len(data), "gzip": len(gzip.compress(data, 9)),
-            "tensors": len(tensors), "tensors_gzip": len(gzip.compress(tensors, 9))}
+    return {
+        "raw": len(data),
+        "gzip": len(gzip.compress(data, 9)),
+        "tensors": len(tensors),
+        "tensors_gzip": len(gzip.compress(tensors, 9)),
+    }
 
 
 def load_int8(path: Path) -> nn.Module:
@@ -306,6 +315,7 @@ def file_sizes(path: Path) -> dict[str, int]:
 # Fast inference
 # --------------------------------------------------------------------------------------------------
 
+
 def _failure_reason(exc: BaseException) -> str:
     """One line: the exception, the one inside it (dynamo wraps compiler errors) and where it was raised."""
     inner = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
@@ -322,8 +332,9 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{head}{where}" + (f": {message}" if message else "")
 
 
-def compile_int8(module: nn.Module, example: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                                   dict[str, Any]]:
+def compile_int8(
+    module: nn.Module, example: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
     """``torch.compile`` (inductor, freezing) of an int8 module, warmed up on ``example``.
 
     Freezing lets inductor constant-fold the int8 weights into prepacked oneDNN kernels and fuse
@@ -353,16 +364,25 @@ def compile_int8(module: nn.Module, example: torch.Tensor) -> tuple[Callable[[to
                 return module(x)
 
         eager._orig_mod = module  # type: ignore[attr-defined]  (what measure counts and unwraps)
-        return eager, {"compiled": False, "backend": "eager", "fallback_reason": reason,
-                       "compile_s": round(time.perf_counter() - start, 2)}
+        return eager, {
+            "compiled": False,
+            "backend": "eager",
+            "fallback_reason": reason,
+            "compile_s": round(time.perf_counter() - start, 2),
+        }
     run._orig_mod = module  # type: ignore[attr-defined]
-    return run, {"compiled": True, "backend": "inductor", "fallback_reason": None,
-                 "compile_s": round(time.perf_counter() - start, 2)}
+    return run, {
+        "compiled": True,
+        "backend": "inductor",
+        "fallback_reason": None,
+        "compile_s": round(time.perf_counter() - start, 2),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # Half precision
 # --------------------------------------------------------------------------------------------------
+
 
 def to_fp16(model: nn.Module) -> nn.Module:
     """A half-precision eval-mode copy for GPU inference (CPUs here have no fast fp16 kernels)."""
@@ -371,5 +391,4 @@ def to_fp16(model: nn.Module) -> nn.Module:
 
 def fp16_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state_dict with floating tensors in fp16 (integer buffers such as BN counters unchanged)."""
-    return {k: v.detach().half() if v.is_floating_point() else v.detach()
-            for k, v in model.state_dict().items()}
+    return {k: v.detach().half() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}

@@ -98,9 +98,16 @@ class _RemovedChannels:
         return out
 
 
-def prune_structured(model: nn.Module, *, ratio: float, importance: str = "l2", round_to: int = 8,
-                     iterative_steps: int = 1, example_input: torch.Tensor,
-                     record_removed: bool = False) -> dict[str, Any]:
+def prune_structured(
+    model: nn.Module,
+    *,
+    ratio: float,
+    importance: str = "l2",
+    round_to: int = 8,
+    iterative_steps: int = 1,
+    example_input: torch.Tensor,
+    record_removed: bool = False,
+) -> dict[str, Any]:
     """Remove ``ratio`` of the channels of every prunable layer group in place, by L1/L2 group magnitude.
 
     The classifier (last Linear) keeps its outputs; option-A ResNets also keep their residual-stream
@@ -144,7 +151,14 @@ def prune_structured(model: nn.Module, *, ratio: float, importance: str = "l2", 
         if ratio > 0:
             imp = tp.importance.GroupMagnitudeImportance(p=1 if importance == "l1" else 2)
             pruner = tp.pruner.BasePruner(
-                model, example_input, importance=imp, pruning_ratio=ratio, iterative_steps=iterative_steps, round_to=round_to, ignored_layers=ignored)
+                model,
+                example_input,
+                importance=imp,
+                pruning_ratio=ratio,
+                iterative_steps=iterative_steps,
+                round_to=round_to,
+                ignored_layers=ignored,
+            )
             for _ in range(iterative_steps):
                 for group in pruner.step(interactive=True):
                     removed.record(group, pruner.DG.is_out_channel_pruning_fn)
@@ -177,8 +191,10 @@ def prune_structured(model: nn.Module, *, ratio: float, importance: str = "l2", 
     }
     if ratio > 0 and report["params_after"] == params_before:
         # E.g. GroupNorm with 16 groups: round_to applies to the per-group count, which rounds to "all".
-        message = (f"structured pruning at ratio {ratio} removed no channel from {type(model).__name__} "
-                   f"(round_to={round_to}); the model is unchanged")
+        message = (
+            f"structured pruning at ratio {ratio} removed no channel from {type(model).__name__} "
+            f"(round_to={round_to}); the model is unchanged"
+        )
         log.warning(message)
         warnings.warn(message)
     if record_removed:
@@ -187,8 +203,7 @@ def prune_structured(model: nn.Module, *, ratio: float, importance: str = "l2", 
 
 
 def _new_param(old: torch.Tensor, shape: torch.Size, fill: float = 0.0) -> nn.Parameter:
-    return nn.Parameter(torch.full(shape, fill, dtype=old.dtype, device=old.device),
-                        requires_grad=old.requires_grad)
+    return nn.Parameter(torch.full(shape, fill, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
 
 
 def _new_buffer(old: torch.Tensor, shape: torch.Size, fill: float) -> torch.Tensor:

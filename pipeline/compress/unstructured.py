@@ -38,6 +38,7 @@ _STATE_VERSION = 1
 # Schedule
 # --------------------------------------------------------------------------------------------------
 
+
 def phase_bounds(total_steps: int, *, begin: float = 0.0, end: float = 1.0) -> tuple[int, int]:
     """(t0, t1): the first and the last mask update of a polynomial schedule, as 0-based step indices.
 
@@ -62,8 +63,17 @@ def _check_schedule(schedule: str, frequency: int = 1) -> None:
         raise ValueError(f"frequency must be an int >= 1, got {frequency!r}")
 
 
-def target_sparsity(step: int, total_steps: int, *, schedule: str, final: float, initial: float = 0.0,
-                    begin: float = 0.0, end: float = 1.0, power: float = 3.0) -> float:
+def target_sparsity(
+    step: int,
+    total_steps: int,
+    *,
+    schedule: str,
+    final: float,
+    initial: float = 0.0,
+    begin: float = 0.0,
+    end: float = 1.0,
+    power: float = 3.0,
+) -> float:
     """The fraction of weights that should be zero after pruning step ``step`` (0-based) of ``total_steps``.
 
     constant: ``final`` from t0 on. polynomial (Zhu & Gupta 2017, "To prune, or not to prune"):
@@ -82,8 +92,9 @@ def target_sparsity(step: int, total_steps: int, *, schedule: str, final: float,
     return float(final + (initial - final) * (1.0 - frac) ** power)
 
 
-def is_update_step(step: int, total_steps: int, *, schedule: str, frequency: int, begin: float = 0.0,
-                   end: float = 1.0) -> bool:
+def is_update_step(
+    step: int, total_steps: int, *, schedule: str, frequency: int, begin: float = 0.0, end: float = 1.0
+) -> bool:
     """Whether masks are recomputed after step ``step``: at t0, t0 + frequency, ... (polynomial: while
     <= t1, and always at t1 itself so the final sparsity is reached exactly; constant: until the last
     step, re-applying the final sparsity to weights that training has moved)."""
@@ -101,16 +112,19 @@ def is_update_step(step: int, total_steps: int, *, schedule: str, frequency: int
     return (step - t0) % frequency == 0
 
 
-def update_steps(total_steps: int, *, schedule: str, frequency: int, begin: float = 0.0,
-                 end: float = 1.0) -> list[int]:
+def update_steps(total_steps: int, *, schedule: str, frequency: int, begin: float = 0.0, end: float = 1.0) -> list[int]:
     """Every step index at which ``is_update_step`` is true, in order (empty when total_steps == 0)."""
-    return [t for t in range(total_steps)
-            if is_update_step(t, total_steps, schedule=schedule, frequency=frequency, begin=begin, end=end)]
+    return [
+        t
+        for t in range(total_steps)
+        if is_update_step(t, total_steps, schedule=schedule, frequency=frequency, begin=begin, end=end)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------------
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module inside DistributedDataParallel / DataParallel and torch.compile wrappers."""
@@ -149,6 +163,7 @@ def weight_sparsity(model: nn.Module) -> dict[str, Any]:
 # Pruner
 # --------------------------------------------------------------------------------------------------
 
+
 class MagnitudePruner:
     """Zeroes the smallest-magnitude weights of a model's Conv2d and Linear layers on a schedule.
 
@@ -158,9 +173,21 @@ class MagnitudePruner:
     classifier) stay dense: they hold few weights and are the most sensitive ones.
     """
 
-    def __init__(self, model: nn.Module, *, final: float, scope: str = "global", dense_first_last: bool = True,
-                 schedule: str = "polynomial", initial: float = 0.0, begin: float = 0.0, end: float = 1.0,
-                 power: float = 3.0, frequency: int = 100, total_steps: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        final: float,
+        scope: str = "global",
+        dense_first_last: bool = True,
+        schedule: str = "polynomial",
+        initial: float = 0.0,
+        begin: float = 0.0,
+        end: float = 1.0,
+        power: float = 3.0,
+        frequency: int = 100,
+        total_steps: int = 0,
+    ) -> None:
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; allowed: {', '.join(SCOPES)}")
         _check_schedule(schedule, frequency)
@@ -186,11 +213,11 @@ class MagnitudePruner:
             raise ValueError("the model has no Conv2d or Linear weight left to prune")
         # Modules, not parameters, are kept: model.to() or load_state_dict may swap a weight's storage.
         self._layers: dict[str, nn.Module] = dict(layers)
-        self._keep: dict[str, torch.Tensor] = {}      # True = weight kept; CPU/GPU next to the weight
-        self._zero: dict[str, torch.Tensor] = {}      # ~keep, in the weight's memory format, for masked_fill_
-        self.target = 0.0                             # sparsity of the last mask update
-        self.updates = 0                              # mask updates done so far
-        self.last_update_step = -1                    # step of the last update (-1: none, or prune_to)
+        self._keep: dict[str, torch.Tensor] = {}  # True = weight kept; CPU/GPU next to the weight
+        self._zero: dict[str, torch.Tensor] = {}  # ~keep, in the weight's memory format, for masked_fill_
+        self.target = 0.0  # sparsity of the last mask update
+        self.updates = 0  # mask updates done so far
+        self.last_update_step = -1  # step of the last update (-1: none, or prune_to)
 
     # -- which tensors ------------------------------------------------------------------------------
 
@@ -211,12 +238,21 @@ class MagnitudePruner:
 
     def target_at(self, step: int) -> float:
         """The schedule's target sparsity at ``step``."""
-        return target_sparsity(step, self.total_steps, schedule=self.schedule, final=self.final,
-                               initial=self.initial, begin=self.begin, end=self.end, power=self.power)
+        return target_sparsity(
+            step,
+            self.total_steps,
+            schedule=self.schedule,
+            final=self.final,
+            initial=self.initial,
+            begin=self.begin,
+            end=self.end,
+            power=self.power,
+        )
 
     def is_update_step(self, step: int) -> bool:
-        return is_update_step(step, self.total_steps, schedule=self.schedule, frequency=self.frequency,
-                              begin=self.begin, end=self.end)
+        return is_update_step(
+            step, self.total_steps, schedule=self.schedule, frequency=self.frequency, begin=self.begin, end=self.end
+        )
 
     def step(self, step: int) -> float | None:
         """After optimizer step ``step``: recompute masks if it is an update step (returning the new
@@ -256,7 +292,7 @@ class MagnitudePruner:
             chosen = self._smallest(flat, round(sparsity * flat.numel()))
             offset = 0
             for name, s in scores.items():
-                pruned[name] = chosen[offset:offset + s.numel()].to(s.device)
+                pruned[name] = chosen[offset : offset + s.numel()].to(s.device)
                 offset += s.numel()
         for name, p in pruned.items():
             w = self._weight(name)
@@ -321,12 +357,15 @@ class MagnitudePruner:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported pruner state version {state.get('version')!r}")
         if list(state["names"]) != self.names:
-            raise ValueError("the pruner state was saved for other layers: "
-                             f"{sorted(set(state['names']) ^ set(self.names))[:5]} differ")
+            raise ValueError(
+                "the pruner state was saved for other layers: "
+                f"{sorted(set(state['names']) ^ set(self.names))[:5]} differ"
+            )
         for name, keep in state["masks"].items():
             if tuple(keep.shape) != tuple(self._weight(name).shape):
-                raise ValueError(f"mask {name} has shape {tuple(keep.shape)}, the weight "
-                                 f"{tuple(self._weight(name).shape)}")
+                raise ValueError(
+                    f"mask {name} has shape {tuple(keep.shape)}, the weight {tuple(self._weight(name).shape)}"
+                )
         self._keep, self._zero = {}, {}
         for name, keep in state["masks"].items():
             self._set_mask(name, keep)
@@ -348,5 +387,4 @@ class MagnitudePruner:
                 z, n = int((w == 0).sum().item()), w.numel()
                 zeros, total = zeros + z, total + n
                 layers[name] = z / n
-        return {"target": self.target, "sparsity": zeros / total, "zeros": zeros, "total": total,
-                "layers": layers}
+        return {"target": self.target, "sparsity": zeros / total, "zeros": zeros, "total": total, "layers": layers}

@@ -1,6 +1,6 @@
 """Print a table of every registered model's size and cost.
 
-    python -m pipeline.models [--classes N] [--batch B] [--exact]
+python -m pipeline.models [--classes N] [--batch B] [--exact]
 """
 
 from __future__ import annotations

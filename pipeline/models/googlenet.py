@@ -58,9 +58,7 @@ class Inception(nn.Module):
             )
         else:
             self.branch3 = nn.Sequential(ConvBNReLU(in_ch, n5x5red, 1), ConvBNReLU(n5x5red, n5x5, 5))
-        self.branch4 = nn.Sequential(
-            nn.MaxPool2d(3, stride=1, padding=1), ConvBNReLU(in_ch, pool_proj, 1)
-        )
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), ConvBNReLU(in_ch, pool_proj, 1))
         self.out_channels = n1x1 + n3x3 + n5x5 + pool_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
