@@ -404,7 +404,8 @@ def training_groups(records: Sequence[Record]) -> list[list[Record]]:
     groups: dict[str, list[Record]] = {}
     for r in records:
         groups.setdefault(r.training_key(), []).append(r)
-    return [sorted(g, key=lambda r: (_stage(r, "prune", "method") is not None, r.id)) for g in groups.values()]
+    # a stable sort: the others keep the records' order (by swept values), not the ids' (hashes)
+    return [sorted(g, key=lambda r: _stage(r, "prune", "method") is not None) for g in groups.values()]
 
 
 def _with_base(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> None:
