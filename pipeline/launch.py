@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.procs import ProcessIdentity
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -179,6 +180,8 @@ def sbatch_headers(
 class Submission:
     cluster: str
     job_ids: dict[str, str] = field(default_factory=dict)  # run id -> job id
+    # job id -> what identifies the job beyond its id, for the manifest (local jobs: see local_job_record)
+    job_records: dict[str, dict[str, Any]] = field(default_factory=dict)
     jobs: list[tuple[list[RunDir], Any]] = field(default_factory=list)  # (runs, submitit job)
 
 
@@ -242,8 +245,21 @@ def submit(
         job = executor.submit(execute_many, [str(r.path) for r in share])
         for r in share:
             sub.job_ids[r.id] = str(job.job_id)
+        if cluster == "local":
+            sub.job_records[str(job.job_id)] = local_job_record(job)
         sub.jobs.append((share, job))
     return sub
+
+
+def local_job_record(job: Any) -> dict[str, Any]:
+    """What names a submitit local job for as long as it exists: its controller's PID (the job id, which
+    forwards SIGINT/SIGTERM to the training and whose death by SIGKILL stops it too), that process's
+    start time, host and boot, and the result file submitit writes when the job's function returns."""
+    ident = ProcessIdentity.of(int(job.job_id))
+    record: dict[str, Any] = {"result": str(job.paths.result_pickle)}
+    if ident is not None:
+        record.update(started=ident.started, host=ident.host, boot_id=ident.boot_id)
+    return record
 
 
 def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -> dict[str, str]:
@@ -296,27 +312,40 @@ def export_distributed_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def active_jobs(jobs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all."""
+def active_jobs(
+    jobs: Sequence[tuple[str, str]], records: Mapping[str, Mapping[str, Any]] | None = None
+) -> set[tuple[str, str]]:
+    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all.
+    ``records``: job id -> its manifest entry (local jobs are recognised by more than their id)."""
     slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
     states: dict[str, str] = {}
     if slurm_ids:
         from pipeline import slurm_cli
 
         states = {j: s for j, s in slurm_cli.job_states(slurm_ids).items() if s in slurm_cli.ACTIVE_STATES}
-    return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j))}
+    records = records or {}
+    return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j, records.get(j)))}
 
 
-def job_is_active(cluster: str, job_id: str) -> bool:
-    """Whether a job recorded in a manifest is still queued or running."""
+def local_job_identity(job_id: str, entry: Mapping[str, Any] | None) -> ProcessIdentity | None:
+    """The identity of a local job's controller from its manifest entry (PID only for entries written
+    before start times were recorded), or None for a malformed id."""
+    return ProcessIdentity.from_record({**(entry or {}), "pid": job_id})
+
+
+def job_is_active(cluster: str, job_id: str, entry: Mapping[str, Any] | None = None) -> bool:
+    """Whether a job recorded in a manifest (``entry``: its manifest entry) is still queued or running.
+
+    A local job is its controller process: active while that very process (same start time) lives and
+    is no zombie, and submitit has not yet written the job's result (the controller outlives the work by
+    a moment). A local job recorded on another host cannot be looked at from here and counts as active."""
     if cluster == "local":
-        try:
-            os.kill(int(job_id), 0)
-        except (ProcessLookupError, ValueError):
+        ident = local_job_identity(job_id, entry)
+        if ident is None:
             return False
-        except PermissionError:
-            return True
-        return True
+        if entry and entry.get("result") and Path(str(entry["result"])).exists():
+            return False
+        return ident.is_alive() if ident.on_this_machine() else True
     if cluster == "slurm":
         from pipeline import slurm_cli
 

@@ -373,25 +373,39 @@ def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
         list(pool.map(sync, paths))
 
 
-def update_manifest(sweep_dir: Path, cluster: str, job_ids: dict[str, str]) -> Path:
-    """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history)."""
+def update_manifest(
+    sweep_dir: Path, cluster: str, job_ids: dict[str, str], job_records: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history), with what
+    else identifies the job (``job_records``, by job id: a local job's process start time)."""
     path = sweep_dir / "manifest.json"
     manifest = read_json(path) or {"runs": {}, "history": []}
     for rid, jid in job_ids.items():
-        manifest["runs"][rid] = {"cluster": cluster, "job_id": jid}
+        manifest["runs"][rid] = {"cluster": cluster, "job_id": jid, **(job_records or {}).get(jid, {})}
     manifest["history"].append({"cluster": cluster, "job_ids": job_ids})
     atomic_write_json(path, manifest)
     return path
 
 
+ENDED_STATUSES = ("done", "diverged", "failed")
+
+
 def active_run_ids(sweep_dir: Path) -> set[str]:
-    """Runs of this sweep whose last job is still queued or running (so they are not submitted twice)."""
-    from pipeline import launch
+    """Runs of this sweep whose last job is still queued or running, or that a live job owns (so they are
+    not submitted twice). A local job that has already ended a run (its folder records done, diverged or
+    failed) no longer holds that run, even while the job goes on or is still exiting."""
+    from pipeline import launch, owner
 
     manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
-    jobs = {rid: (entry["cluster"], str(entry["job_id"])) for rid, entry in manifest["runs"].items()}
-    active = launch.active_jobs(list(jobs.values()))
-    return {rid for rid, job in jobs.items() if job in active}
+    entries = manifest["runs"]
+    jobs = {rid: (entry["cluster"], str(entry["job_id"])) for rid, entry in entries.items()}
+    active = launch.active_jobs(list(jobs.values()), {str(e["job_id"]): e for e in entries.values()})
+    out = set()
+    for rid, job in jobs.items():
+        if job in active and not (job[0] == "local" and RunDir(sweep_dir / rid).status() in ENDED_STATUSES):
+            out.add(rid)
+    owned = (RunDir(p.parent) for p in sweep_dir.glob(f"*/{owner.OWNER_FILE}"))
+    return out | {r.id for r in owned if owner.live_owner(r) is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parallel=args.parallel,
     )
     if submission.job_ids:
-        update_manifest(sweep_dir, cluster, submission.job_ids)
+        update_manifest(sweep_dir, cluster, submission.job_ids, submission.job_records)
     cli.print_plan(console, spec, decisions, job_ids=submission.job_ids, cluster=cluster, show_all=args.all)
     console.print(
         f"[bold]{len(to_submit)}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; results in {sweep_dir}/"
