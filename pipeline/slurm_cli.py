@@ -23,6 +23,10 @@ ACTIVE_STATES = (
 )
 
 
+class SlurmUnreachable(Exception):
+    """squeue did not answer: which jobs are queued cannot be told."""
+
+
 def _run(cmd: list[str], timeout_s: float = 20.0) -> str | None:
     if shutil.which(cmd[0]) is None:
         return None
@@ -33,19 +37,30 @@ def _run(cmd: list[str], timeout_s: float = 20.0) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
+def controller_answers(timeout_s: float = 10.0) -> bool:
+    """``scontrol ping`` reports the controller UP."""
+    out = _run(["scontrol", "ping"], timeout_s)
+    return out is not None and " is UP" in out
+
+
 def _base_id(job_id: str) -> str:
     return job_id.split("_", 1)[0]
 
 
-def job_states(job_ids: Iterable[str]) -> dict[str, str]:
+def job_states(job_ids: Iterable[str], strict: bool = False) -> dict[str, str]:
     """State of each job or array task (``123`` or ``123_4``): squeue for live jobs, then sacct for
-    ended ones. Jobs neither tool knows are left out."""
+    ended ones. Jobs neither tool knows are left out. With ``strict``, an squeue that does not answer
+    raises :class:`SlurmUnreachable` (a submitter must not take "unknown" for "not queued")."""
     wanted = {str(j) for j in job_ids}
     if not wanted:
         return {}
     bases = sorted({_base_id(j) for j in wanted})
     states: dict[str, str] = {}
     out = _run(["squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i|%T"])
+    # squeue also exits non-zero when it knows none of the ids ("Invalid job id specified": all ended
+    # and purged); only a controller that does not answer leaves the queue unknown
+    if out is None and strict and not controller_answers():
+        raise SlurmUnreachable("squeue did not answer (is the Slurm controller up? try: scontrol ping)")
     for line in (out or "").splitlines():
         jid, _, state = line.strip().partition("|")
         if jid in wanted:
