@@ -87,7 +87,9 @@ def slurm_parameters(slurm: dict[str, Any], name: str) -> dict[str, Any]:
 def _slurm_section(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """A config's ``slurm`` section as a plain dict (configs come as DictConfigs or plain nested dicts)."""
     section = cfg["slurm"]
-    return OmegaConf.to_container(section) if isinstance(section, DictConfig) else dict(section)
+    out = OmegaConf.to_container(section) if isinstance(section, DictConfig) else dict(section)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}
 
 
 def _groups(cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str) -> list[tuple[dict[str, Any], list[int]]]:
@@ -151,7 +153,7 @@ def _executor_parameters(params: dict[str, Any]) -> dict[str, Any]:
     from submitit.slurm.slurm import _convert_mem
 
     renamed = submitit.SlurmExecutor._equivalence_dict() or {}
-    out = {renamed.get(k, k): v for k, v in params.items()}
+    out: dict[str, Any] = {str(renamed.get(k, k)): v for k, v in params.items()}
     if "mem" in out:
         out["mem"] = _convert_mem(out["mem"])
     return out
@@ -245,13 +247,13 @@ def submit(
             if unreachable is not None:
                 sub.rejected.append(Rejected(run_ids, f"not tried: {unreachable}", unreachable=True))
                 continue
-            executor = submitit.SlurmExecutor(
+            slurm_executor = submitit.SlurmExecutor(
                 folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
             )
-            executor.update_parameters(**_executor_parameters(params))
+            slurm_executor.update_parameters(**_executor_parameters(params))
             paths = [str(runs[i].path) for i in idx]
             try:
-                jobs = executor.map_array(execute, paths)
+                jobs = slurm_executor.map_array(execute, paths)
             except (FailedJobError, OSError) as e:
                 reason = _sbatch_error(e)
                 # refused, or no answer at all? Asking the controller tells them apart.

@@ -32,13 +32,17 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any]:
     data = read_json(manifest_path(sweep_dir))
     if not isinstance(data, dict):
         return {"runs": {}, "history": []}
-    runs = data.get("runs") if isinstance(data.get("runs"), dict) else {}
+    runs = data.get("runs")
+    if not isinstance(runs, dict):
+        runs = {}
     clean = {
         str(rid): {**e, "cluster": str(e["cluster"]), "job_id": str(e["job_id"])}
         for rid, e in runs.items()
         if isinstance(e, dict) and "cluster" in e and "job_id" in e
     }
-    history = data.get("history") if isinstance(data.get("history"), list) else []
+    history = data.get("history")
+    if not isinstance(history, list):
+        history = []
     return {**data, "runs": clean, "history": history}
 
 
