@@ -16,12 +16,14 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.manifest import comment_of
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -184,6 +186,7 @@ class Rejected:
     run_ids: list[str]
     reason: str
     unreachable: bool = False  # the controller did not answer (rather than refusing the request)
+    token: str | None = None  # the token given to on_submitting, if the array got that far
 
 
 @dataclass
@@ -221,14 +224,17 @@ def submit(
     name: str,
     parallel: int = 1,
     max_size: int | None = None,
-    on_submitted: Callable[[dict[str, str]], None] | None = None,
+    on_submitting: Callable[[str, list[str]], Any] | None = None,
+    on_submitted: Callable[[dict[str, str], str | None], None] | None = None,
 ) -> Submission:
     """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
     cluster's MaxArraySize.
 
-    ``on_submitted(run id -> job id)`` is called as soon as each array (or local job) is queued, before
-    the next one is submitted, so that a kill midway leaves a record of what is queued. An array that
-    sbatch refuses is listed in ``Submission.rejected`` and the others are still submitted; once the
+    ``on_submitting(token, run ids)`` is called before each sbatch, whose array carries the comment
+    ``pipeline.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token)`` as soon as each
+    array (or local job, token None) is queued, before the next one is submitted, so that a kill midway
+    leaves a record of what is queued. An array that sbatch refuses is listed in
+    ``Submission.rejected`` (with its token) and the others are still submitted; once the
     controller stops answering, the remaining arrays are not tried (each would wait for sbatch's own
     timeouts) and are listed as unreachable."""
     import submitit
@@ -250,21 +256,24 @@ def submit(
             slurm_executor = submitit.SlurmExecutor(
                 folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
             )
-            slurm_executor.update_parameters(**_executor_parameters(params))
+            token = uuid.uuid4().hex[:16]
+            slurm_executor.update_parameters(**_executor_parameters(params), comment=comment_of(token))
             paths = [str(runs[i].path) for i in idx]
+            if on_submitting is not None:
+                on_submitting(token, run_ids)
             try:
                 jobs = slurm_executor.map_array(execute, paths)
             except (FailedJobError, OSError) as e:
                 reason = _sbatch_error(e)
                 # refused, or no answer at all? Asking the controller tells them apart.
                 down = not slurm_controller_answers()
-                sub.rejected.append(Rejected(run_ids, reason, unreachable=down))
+                sub.rejected.append(Rejected(run_ids, reason, unreachable=down, token=token))
                 if down:
                     unreachable = "the Slurm controller does not answer (scontrol ping)"
                 continue
             queued = {runs[i].id: job.job_id for i, job in zip(idx, jobs)}
             if on_submitted is not None:
-                on_submitted(queued)
+                on_submitted(queued, token)
             sub.job_ids.update(queued)
             for i, job in zip(idx, jobs):
                 sub.jobs.append(([runs[i]], job))
@@ -285,7 +294,7 @@ def submit(
         job = executor.submit(execute_many, [str(r.path) for r in share])
         queued = {r.id: str(job.job_id) for r in share}
         if on_submitted is not None:
-            on_submitted(queued)
+            on_submitted(queued, None)
         sub.job_ids.update(queued)
         sub.jobs.append((share, job))
     return sub

@@ -126,12 +126,18 @@ def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None)
 def _link_exclusive(content: str, target: Path) -> bool:
     """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did."""
     tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, content.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        e.filename = str(target)  # the lock being made, not its temporary name
+        raise
+    try:
         try:
             os.link(tmp, target)
         except FileExistsError:

@@ -19,6 +19,7 @@ runs on login nodes.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -545,6 +546,9 @@ def _submit(
 
     cluster, impossible = _cluster_for(args, sweep_dir)
     try:
+        if impossible is None:
+            for note in manifest.resolve_submitting(sweep_dir, slurm_cli.queued_comments):
+                console.print(f"[yellow]{note}[/]")
         active = active_run_ids(sweep_dir) if impossible is None else set()
     except slurm_cli.SlurmUnreachable as e:
         impossible = f"{e}; cannot tell which runs are queued, so nothing was submitted: try again later"
@@ -556,9 +560,9 @@ def _submit(
         to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
         write_runs(sweep_dir, spec, to_submit)
 
-    def record(job_ids: dict[str, str]) -> None:
+    def record(job_ids: dict[str, str], token: str | None) -> None:
         try:
-            update_manifest(sweep_dir, cluster, job_ids)
+            manifest.record_submitted(sweep_dir, cluster, job_ids, token)
         except OSError as e:
             # queued but not recorded: say which jobs, since a rerun cannot know them
             cli.console(stderr=True).print(
@@ -576,10 +580,11 @@ def _submit(
             sweep_dir=sweep_dir,
             name=spec.name,
             parallel=args.parallel,
+            on_submitting=functools.partial(manifest.record_submitting, sweep_dir, cluster),
             on_submitted=record,
         )
         for rej in submission.rejected:
-            manifest.record_rejected(sweep_dir, cluster, rej.run_ids, rej.reason)
+            manifest.record_rejected(sweep_dir, cluster, rej.run_ids, rej.reason, rej.token)
     shown = {**submission.job_ids, **{rid: "not submitted" for rej in submission.rejected for rid in rej.run_ids}}
     cli.print_plan(console, spec, decisions, job_ids=shown, cluster=cluster, show_all=args.all)
     n_rejected = sum(len(rej.run_ids) for rej in submission.rejected)
