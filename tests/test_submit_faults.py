@@ -242,3 +242,119 @@ def test_controller_not_answering_exits_3_before_writing_and_auto_does_not_fall_
     assert r.returncode == 3, r.stdout + r.stderr
     assert "manifest names Slurm jobs" in r.stderr, r.stderr
     assert not list(sweep_dir.glob("*/config.yaml"))
+
+
+# --------------------------------------------------------------------------------------------------
+# each ending named (pipeline.endings.classify, shared by status and collect)
+# --------------------------------------------------------------------------------------------------
+
+
+def started_run(tmp_path: Path, name: str = "r1"):
+    """A run folder that started training (config, progress) and has no result."""
+    from pipeline.rundir import RunDir, atomic_write_json
+
+    run = RunDir(tmp_path / name)
+    (run.path).mkdir(parents=True)
+    run.config.write_text("{}\n")
+    atomic_write_json(run.progress, {"epoch": 1, "epochs": 5})
+    return run
+
+
+# sacct -P -X -o State as Slurm 22.05 prints it for these endings (OOM, node failure and preemption
+# cannot be provoked on the local cluster: no cgroup memory enforcement, one node, no preemption)
+RECORDED_SACCT = {
+    "OUT_OF_MEMORY": ("out-of-memory", "slurm.mem_gb"),
+    "NODE_FAIL": ("node-failure", "node failed"),
+    "PREEMPTED": ("preempted", "preempted"),
+    "TIMEOUT": ("time-limit", "time limit"),
+    "CANCELLED by 0": ("cancelled", "cancelled by root (uid 0)"),
+    "CANCELLED": ("cancelled", "cancelled"),
+    "FAILED": ("failed", "before writing a record"),
+    "RUNNING": ("running", ""),
+    "PENDING": ("pending", ""),
+}
+
+
+@pytest.mark.parametrize("sacct_state", sorted(RECORDED_SACCT))
+def test_classify_names_each_scheduler_ending(tmp_path, sacct_state):
+    from pipeline.endings import classify
+
+    state, fragment = RECORDED_SACCT[sacct_state]
+    e = classify(started_run(tmp_path), sacct_state)
+    assert e.state == state and fragment in e.reason, e
+
+
+def test_classify_from_the_run_folder_when_the_scheduler_cannot_tell(tmp_path):
+    from tests.conftest import write_done
+
+    from pipeline.endings import classify, write_ending
+
+    run = started_run(tmp_path)
+    assert classify(run, "").state == "stopped"
+    assert classify(started_run(tmp_path, "never"), "", submitted=True).state == "stopped"
+    write_ending(run, "time-limit", "time limit near and slurm.max_requeues=0 requeues used: not requeued")
+    assert classify(run, "").state == "time-limit"  # sacct gone (or COMPLETED: the job exited itself)
+    assert classify(run, "COMPLETED").state == "time-limit"
+    assert classify(run, "CANCELLED by 0").state == "cancelled"  # the scheduler's word wins
+    run.write_metrics("train", {"status": "failed", "error": "FileNotFoundError: /data"})
+    e = classify(run, "OUT_OF_MEMORY")
+    assert e.state == "out-of-memory" and "FileNotFoundError" in e.reason, e
+    assert classify(run, "").reason == "FileNotFoundError: /data"
+    write_done(run, {"status": "done"})
+    assert classify(run, "CANCELLED by 0").state == "done"  # finished is finished
+    pending = tmp_path / "p"
+    pending.mkdir()
+    (pending / "config.yaml").write_text("{}\n")
+    from pipeline.rundir import RunDir
+
+    assert classify(RunDir(pending), "", submitted=False).state == "pending"
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_scancel_shows_cancelled_and_a_time_limit_without_requeues_shows_time_limit(tmp_path, synthetic_root):
+    from tests.test_slurm import jobs_ended, logs_tail, status, status_row
+
+    # two arrays: a 1-minute limit with no requeue left, and a 30-minute one that is cancelled
+    spec = write_sweep(
+        tmp_path / "sweep.yaml",
+        "endings",
+        synthetic_root,
+        extra={"train.epochs": 2000, "slurm.max_requeues": 0, "data.train_size": 100},
+    )
+    spec.write_text(spec.read_text() + "zip:\n  optim.lr: [0.1, 0.05]\n  slurm.time_min: [1, 30]\n")
+    out = tmp_path / "runs"
+    sweep_dir = out / "endings"
+    r = sweep(str(spec), "--cluster", "slurm", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = manifest(sweep_dir)
+    ids = [e["job_id"] for e in m["runs"].values()]
+    try:
+        limited, cancelled = (
+            next(rid for rid in m["runs"] if (sweep_dir / rid / "config.yaml").read_text().count(f"time_min: {t}\n"))
+            for t in (1, 30)
+        )
+        cjob = m["runs"][cancelled]["job_id"]
+        wait_until("the job to train", lambda: ((sweep_dir / cancelled / "progress.json").exists(), ""), 120)
+        subprocess.run(["scancel", cjob], check=True, timeout=30)
+
+        def ended() -> tuple[bool, str]:
+            done, seen = jobs_ended(ids)
+            return done, seen + "\n" + logs_tail(sweep_dir)
+
+        wait_until("both jobs to end", ended, 240, 2)
+
+        def named() -> tuple[bool, str]:
+            st = status(sweep_dir).stdout
+            return (" cancelled (cancelled by root" in status_row(st, cancelled)) and (
+                " time-limit (" in status_row(st, limited)
+            ), st
+
+        st = wait_until("status to name both endings", named, 60, 2)
+        assert "max_requeues=0" in status_row(st, limited), st
+        c = run_cli("pipeline.collect", str(sweep_dir), env={"COLUMNS": "300"})
+        assert c.returncode == 0, c.stdout + c.stderr
+        text = c.stdout + (sweep_dir / "results.md").read_text()
+        assert "cancelled" in text and "time limit" in text, text
+    finally:
+        cancel_all(ids)
