@@ -55,7 +55,7 @@ def execute(run_dir: str | Path) -> str:
     the log path) and raised again, so the scheduler marks the job failed too. In a multi-task job every
     rank runs this; only rank 0 writes the log file and the metrics.
     """
-    from pipeline import owner, preempt
+    from pipeline import endings, owner, preempt
 
     run = RunDir(Path(run_dir))
     if not run.config.is_file():  # never create a run folder here: sweep or prepare_single writes it
@@ -74,6 +74,7 @@ def execute(run_dir: str | Path) -> str:
                 log.error("run %s: %s", run.id, e)
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 raise
+            endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
         cfg = from_run_file(run.config)
         for stage in STAGES:
             if ownership is not None:
@@ -101,7 +102,10 @@ def execute(run_dir: str | Path) -> str:
                 metrics = _stage_function(stage)(run, cfg)
             except preempt.Preempted as p:
                 if rank == 0:
-                    log.warning("run %s: %s", run.id, preempt.handle(p, int(cfg.slurm.max_requeues)))
+                    ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
+                    log.warning("run %s: %s", run.id, message)
+                    if ending is not None:  # for status and collect when sacct cannot tell
+                        endings.write_ending(run, ending, message, stage=stage, job_id=preempt.slurm_job_id())
                 return "preempted"
             except owner.RunFolderVanished:
                 raise

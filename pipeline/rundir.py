@@ -10,6 +10,7 @@ and collect/status (read them). Torch-free.
         checkpoints/         last.pt (training), prune.pt, qat.pt: written atomically every epoch
         models/              trained.pt, pruned.pt, int8.pt2, fp16.pt: every model the run made
         tb/                  TensorBoard event files (tb/prune, tb/qat: fine-tunes; tb/sparsity: by step)
+        ending.json          how the last job stopped early on a signal (pipeline.endings), if it did
         archive/<time>/      what --rerun moved aside (nothing is deleted; tb/ packed as tb.tar)
 """
 
@@ -256,7 +257,7 @@ class RunDir:
     def read_progress(self) -> dict[str, Any]:
         progress = read_json(self.progress)
         ok = isinstance(progress, dict) and all(k in progress for k in ("epoch", "epochs"))
-        return progress if ok else {}
+        return progress if ok and isinstance(progress, dict) else {}
 
     def status(self) -> str:
         """pending | running | done | diverged | failed, from the files alone.
