@@ -32,6 +32,14 @@ JOB_STATES = {
     "DEADLINE": "timed out",
 }
 LOG_TAIL_BYTES = 64 * 1024
+# pipeline.endings' state words -> this report's words
+NAMED_ENDINGS = {
+    "cancelled": "cancelled",
+    "time-limit": "time limit",
+    "out-of-memory": "out of memory",
+    "node-failure": "node failure",
+    "preempted": "preempted",
+}
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,9 @@ def classify(sweep_dir: Path, records: Sequence[Record]) -> dict[str, Classified
 
         for s in run_states(sweep_dir):
             log = job_log(sweep_dir, s.job_id) if s.job_id else None
-            out[s.run.id] = Classified(s.state, s.job_state, str(log) if log and log.is_file() else "", job_id=s.job_id)
+            out[s.run.id] = Classified(
+                s.state, s.job_state, str(log) if log and log.is_file() else "", reason=s.reason, job_id=s.job_id
+            )
     except Exception as e:  # noqa: BLE001 - a broken manifest or scheduler must not hide the tables
         for r in records:
             out[r.id] = Classified(r.status, reason=f"scheduler state unknown ({type(e).__name__}: {e})")
@@ -151,6 +161,8 @@ def failure(r: Record, c: Classified) -> Failure | None:
             return Failure(r, "running", "started, no epoch finished yet", log)
         queued = f"in the queue as job {c.job_id}" + (f" ({c.job_state})" if c.job_state else "")
         return Failure(r, "pending", queued if c.job_id else "not submitted yet", log)
+    if c.state in NAMED_ENDINGS:  # pipeline.endings named how the job ended (sacct, or the job's record)
+        return Failure(r, NAMED_ENDINGS[c.state], c.reason, log)
     word = (JOB_STATES.get(c.job_state.split()[0], "") if c.job_state else "") or _log_sign(r.run.log, c.job_log)
     if r.status == "failed":
         stage = r.run.failed_stage() or "train"
