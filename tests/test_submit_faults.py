@@ -385,6 +385,7 @@ def test_an_array_queued_but_not_recorded_is_found_by_its_token(tmp_path, synthe
             "--wrap",
             "sleep 120",
         ],
+        cwd=tmp_path,  # its slurm-<id>.out goes there, not into the repository
         capture_output=True,
         text=True,
         timeout=30,
