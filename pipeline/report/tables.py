@@ -333,8 +333,9 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
     (CUDA timing merged from the '<name>-cuda' entry), else from the stage records (fewer columns)."""
     prune = _prune_label(r)
     quant = _stage(r, "quantize", "method")
+    while_training = _stage(r, "prune", "during") == "train"  # the trained model is the pruned one
     labels = {
-        "trained": "base",
+        "trained": f"{prune} while training" if while_training and prune else "base",
         "pruned": prune or "pruned",
         "int8": f"{prune} + {quant}" if prune else str(quant or "int8"),
         "fp16": f"{prune} + fp16" if prune else "fp16",
@@ -429,7 +430,9 @@ def _with_base(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> None:
 def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool = False) -> list[Table]:
     """One block per training (or, ``flat``, one table of every model of the sweep with a training
     column); runs not done are left out (the failures section lists them)."""
-    train_keys = [k for k in keys if _training_key(k)]
+    while_training = any(_stage(r, "prune", "during") == "train" for r in records)
+    # the keys that tell trainings apart (pruning while training is part of the training)
+    train_keys = [k for k in keys if _training_key(k) or (while_training and k.startswith("prune."))]
     tables = []
     flat_rows: list[dict[str, Any]] = []
     for group in training_groups(records):
