@@ -59,6 +59,7 @@ def test_runs_table_marks_the_best_value_of_each_column_and_shows_test_loss(stud
     sweep_dir, _ = study1
     md, _ = collect(sweep_dir, Options(plots=False))
     rows = table_rows(md)
+    assert "Training time (train and fine-tunes): 0:05:30 over 4 run(s), on CPUs." in md
     assert list(rows[0]) == [
         "run",
         "batch_size",
@@ -81,6 +82,12 @@ def test_runs_table_marks_the_best_value_of_each_column_and_shows_test_loss(stud
     assert fastest["train time"] == "**80.0 s**"
     assert sum("**" in r["val best acc"] for r in rows) == 1
     assert all("**" not in r["training loss"] for r in rows)  # equal in every row: nothing marked
+    # a GPU run: GPU time = wall time x GPUs, per run and for the sweep
+    run = next(r for r in study1[1] if swept(r) == {"train.batch_size": 128, "optim.weight_decay": 1e-4})
+    run.write_metrics("train", {**run.read_metrics("train"), "device": "cuda:0", "world_size": 2})
+    md, _ = collect(sweep_dir, Options(plots=False))
+    gpu = next(r for r in table_rows(md) if r["run"] == run.id)
+    assert gpu["GPU time"] == "166.0 s" and "GPU time 0:02:46" in md
 
 
 def test_group_by_sort_and_columns(study1, tmp_path):
