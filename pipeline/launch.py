@@ -203,9 +203,17 @@ def submit(
     name: str,
     parallel: int = 1,
     max_size: int | None = None,
+    after: Mapping[int, int | str] | None = None,
 ) -> Submission:
     """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
-    cluster's MaxArraySize."""
+    cluster's MaxArraySize.
+
+    ``after`` maps the index of a run that must wait for a shared training to the index of the run that
+    trains it in this submission, or to the job id of an earlier submission's owner. On Slurm such runs
+    go out after the others, one array per owner, with ``--dependency=afterok:<job>_<task>`` (so each
+    starts when its own training ends) and ``--kill-on-invalid-dep=yes`` (a failed training cancels its
+    followers instead of leaving them queued forever). Locally they go after the others in every slot
+    and wait for the owner's record when they get there (:func:`pipeline.share.wait_for_owner`)."""
     import submitit
 
     from pipeline.run import execute, execute_many
@@ -213,18 +221,37 @@ def submit(
     sub = Submission(cluster)
     if not runs:
         return sub
+    after = dict(after or {})
     log_folder = sweep_dir / "logs" / "%j"
     if cluster == "slurm":
-        for params, idx in _arrays(cfgs, name, max_size):
-            executor = submitit.SlurmExecutor(
-                folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
-            )
-            executor.update_parameters(**_executor_parameters(params))
-            paths = [str(runs[i].path) for i in idx]
-            jobs = executor.map_array(execute, paths)
-            for i, job in zip(idx, jobs):
-                sub.job_ids[runs[i].id] = job.job_id
-                sub.jobs.append(([runs[i]], job))
+        first = [i for i in range(len(runs)) if i not in after]
+        waves: list[tuple[list[int], int | str | None]] = [(first, None)]
+        by_owner: dict[int | str, list[int]] = {}
+        for i, owner in after.items():
+            by_owner.setdefault(owner, []).append(i)
+        for i_or_job, idx in by_owner.items():
+            waves.append((sorted(idx), i_or_job))
+        for wave, owner in waves:
+            if not wave:
+                continue
+            depend = None
+            if owner is not None:
+                owner_job = sub.job_ids.get(runs[owner].id) if isinstance(owner, int) else owner
+                depend = f"afterok:{owner_job}" if owner_job else None
+            for params, chunk in _arrays([cfgs[i] for i in wave], name, max_size):
+                idx = [wave[j] for j in chunk]
+                executor = submitit.SlurmExecutor(
+                    folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
+                )
+                extra = (
+                    {"additional_parameters": {"dependency": depend, "kill_on_invalid_dep": "yes"}} if depend else {}
+                )
+                executor.update_parameters(**_executor_parameters(params), **extra)
+                paths = [str(runs[i].path) for i in idx]
+                jobs = executor.map_array(execute, paths)
+                for i, job in zip(idx, jobs):
+                    sub.job_ids[runs[i].id] = job.job_id
+                    sub.jobs.append(([runs[i]], job))
         return sub
 
     if cluster == "local":
@@ -237,8 +264,10 @@ def submit(
     else:
         raise ValueError(f"unknown cluster {cluster!r}; allowed: slurm, local, debug")
     slots = min(parallel, len(runs))
+    # every slot runs the runs that train (or need no one) before those that wait for a training
+    order = [i for i in range(len(runs)) if i not in after] + [i for i in range(len(runs)) if i in after]
     for s in range(slots):
-        share = [runs[i] for i in range(s, len(runs), slots)]
+        share = [runs[i] for i in order[s::slots]]
         job = executor.submit(execute_many, [str(r.path) for r in share])
         for r in share:
             sub.job_ids[r.id] = str(job.job_id)

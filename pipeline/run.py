@@ -8,13 +8,16 @@ in the foreground (what the plain sbatch scripts call). Stages run in order; eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from omegaconf import OmegaConf
 
 from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
 from pipeline.rundir import STAGES, RunDir, atomic_write_json, atomic_write_text
@@ -63,20 +66,21 @@ def execute(run_dir: str | Path) -> str:
     preempt.STOP.install()
     try:
         cfg = from_run_file(run.config)
+        store = run.shared_store() if bool(cfg.share.train) else None
         for stage in STAGES:
-            done = run.read_metrics(stage)
+            # the stage's own folder: the shared store for a shared training, else the run's
+            target = RunDir(store) if stage == "train" and store is not None else run
+            if target is not run:
+                shared = _shared_training(run, cfg, target, rank)
+                if shared is not None:
+                    if shared == "done":
+                        continue
+                    return shared
+            done = target.read_metrics(stage)
             if done is not None:
                 if done.get("status") != "done":
                     if done.get("status") == "failed":
-                        log.warning(
-                            "run %s: the %s stage failed before (%s); it is not retried on its own: "
-                            "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
-                            "redoes it once the cause is fixed",
-                            run.id,
-                            stage,
-                            done.get("error", "no reason recorded"),
-                            run.path,
-                        )
+                        return _failed_before(run, stage, done)
                     return str(done.get("status"))
                 continue
             log.info("run %s: stage %s", run.id, stage)
@@ -84,7 +88,8 @@ def execute(run_dir: str | Path) -> str:
             try:
                 if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
                     raise preempt.Preempted(preempt.STOP.signum or 0)
-                metrics = _stage_function(stage)(run, cfg)
+                with _extra_log(target.log if target is not run and rank == 0 else None):
+                    metrics = _stage_function(stage)(target, cfg)
             except preempt.Preempted as p:
                 if rank == 0:
                     log.warning("run %s: %s", run.id, preempt.handle(p, int(cfg.slurm.max_requeues)))
@@ -92,14 +97,14 @@ def execute(run_dir: str | Path) -> str:
             except Exception as e:
                 log.error("stage %s failed:\n%s", stage, traceback.format_exc())
                 if rank == 0:
-                    run.write_metrics(
+                    target.write_metrics(
                         stage,
                         {"status": "failed", "error": f"{type(e).__name__}: {e}", "log": str(run.log), "stage": stage},
                     )
                 raise
             metrics["wall_s"] = time.time() - started
             if rank == 0:
-                run.write_metrics(stage, metrics)
+                target.write_metrics(stage, metrics)
             if metrics["status"] != "done":
                 return str(metrics["status"])
         return "done"
@@ -108,6 +113,86 @@ def execute(run_dir: str | Path) -> str:
         if handler is not None:
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
+
+
+def _shared_training(run: RunDir, cfg: Any, store: RunDir, rank: int) -> str | None:
+    """A shared training (pipeline.share): "done" when it is recorded and this run goes on, a status to
+    end the run with (a failed training of another run blocks this one: "blocked"), or None when this
+    run is to train it now (as its owner, or taking over from an owner whose job ended without a result)."""
+    from pipeline import share
+
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(tree, dict)
+    if rank == 0:
+        share.link_training(run, store.path, tree)  # again after an archive; idempotent
+    record = store.read_metrics("train")
+    if record is None:
+        record = share.wait_for_owner(run, store.path)  # returns at once for the owner
+    if record is None:
+        if rank == 0:
+            if not share.is_owner(run, share.read_owner(store.path)):
+                log.warning("run %s: the owner of the shared training stopped without a result; training here", run.id)
+                share.write_owner(store.path, run, *_this_job())
+            log.info("run %s: shared training %s (log %s)", run.id, store.path, store.log)
+        return None
+    status = str(record.get("status", "failed"))
+    if status == "done":
+        log.info("run %s: reuses the shared training %s", run.id, store.path)
+        return "done"
+    blocked = run.blocked_by()
+    if blocked is not None:
+        log.warning(
+            "run %s: blocked by run %s, whose training this run shares, failed (%s); after fixing the "
+            "cause, submit the sweep again with --rerun failed",
+            run.id,
+            *blocked,
+        )
+        return "blocked"
+    if status == "failed":
+        return _failed_before(run, "train", record)
+    return status
+
+
+def _failed_before(run: RunDir, stage: str, record: dict[str, Any]) -> str:
+    log.warning(
+        "run %s: the %s stage failed before (%s); it is not retried on its own: "
+        "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
+        "redoes it once the cause is fixed",
+        run.id,
+        stage,
+        record.get("error", "no reason recorded"),
+        run.path,
+    )
+    return "failed"
+
+
+def _this_job() -> tuple[str, str]:
+    """(cluster, job id) of the job this process runs in, as a manifest records it."""
+    import os
+
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return "slurm", f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm", os.environ["SLURM_JOB_ID"]
+    return "local", str(os.getpid())
+
+
+@contextlib.contextmanager
+def _extra_log(path: Path | None) -> Iterator[None]:
+    """Also log to ``path`` meanwhile (a shared training keeps its own log in the shared store)."""
+    if path is None:
+        yield
+        return
+    root = logging.getLogger("pipeline")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _distributed_rank() -> int:

@@ -37,7 +37,7 @@ FAILED_JOB_STATES = (
 @dataclass
 class RunState:
     run: RunDir
-    state: str  # pending | running | done | diverged | failed | stopped
+    state: str  # pending | running | done | diverged | failed | blocked | stopped
     job_id: str
     job_state: str  # the scheduler's word, or "" when it has none
     epoch: str
@@ -68,7 +68,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
         else:
             job_state = ""
         files = run.status()
-        if files in ("done", "diverged", "failed"):
+        if files in ("done", "diverged", "failed", "blocked"):
             state = files
         elif job_state in slurm_cli.ACTIVE_STATES:
             state = "running" if job_state in ("RUNNING", "COMPLETING") else "pending"
@@ -87,6 +87,8 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             epoch = f"{stage} {epoch}"
         if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
             epoch = f"{failed} stage failed"
+        if state == "blocked" and (blocked := run.blocked_by()) is not None:
+            epoch = f"blocked by {blocked[0]}: {blocked[1]}"
         out.append(
             RunState(run, state, job_id, job_state, epoch, progress.get("val_acc_best"), progress.get("elapsed_s"))
         )
@@ -106,7 +108,14 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
     table = Table(title=f"{sweep_dir}", title_justify="left")
     for col in ["run", *[titles[k] for k in keys], "state", "job", "epoch", "best val acc", "elapsed", "log"]:
         table.add_column(col, no_wrap=col in ("run", "job"))
-    colours = {"done": "green", "diverged": "yellow", "failed": "red", "running": "cyan", "stopped": "magenta"}
+    colours = {
+        "done": "green",
+        "diverged": "yellow",
+        "failed": "red",
+        "blocked": "red",
+        "running": "cyan",
+        "stopped": "magenta",
+    }
     for s in states:
         swept = s.run.read_meta().get("swept", {})
         state = f"[{colours.get(s.state, 'white')}]{s.state}[/]" + (
@@ -129,7 +138,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
 def summary(states: list[RunState]) -> str:
     counts = {
         k: sum(1 for s in states if s.state == k)
-        for k in ("pending", "running", "done", "diverged", "failed", "stopped")
+        for k in ("pending", "running", "done", "diverged", "failed", "blocked", "stopped")
     }
     return f"{len(states)} runs: " + ", ".join(
         f"{n} {k}" for k, n in counts.items() if n or k in ("pending", "running", "done", "failed")
