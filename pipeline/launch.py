@@ -87,7 +87,9 @@ def slurm_parameters(slurm: dict[str, Any], name: str) -> dict[str, Any]:
 def _slurm_section(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """A config's ``slurm`` section as a plain dict (configs come as DictConfigs or plain nested dicts)."""
     section = cfg["slurm"]
-    return OmegaConf.to_container(section) if isinstance(section, DictConfig) else dict(section)
+    out = OmegaConf.to_container(section) if isinstance(section, DictConfig) else dict(section)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}
 
 
 def _groups(cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str) -> list[tuple[dict[str, Any], list[int]]]:
@@ -151,7 +153,7 @@ def _executor_parameters(params: dict[str, Any]) -> dict[str, Any]:
     from submitit.slurm.slurm import _convert_mem
 
     renamed = submitit.SlurmExecutor._equivalence_dict() or {}
-    out = {renamed.get(k, k): v for k, v in params.items()}
+    out: dict[str, Any] = {str(renamed.get(k, k)): v for k, v in params.items()}
     if "mem" in out:
         out["mem"] = _convert_mem(out["mem"])
     return out
@@ -231,24 +233,24 @@ def submit(
             by_owner.setdefault(owner, []).append(i)
         for i_or_job, idx in by_owner.items():
             waves.append((sorted(idx), i_or_job))
-        for wave, owner in waves:
+        for wave, waits_for in waves:
             if not wave:
                 continue
-            depend = None
-            if owner is not None:
-                owner_job = sub.job_ids.get(runs[owner].id) if isinstance(owner, int) else owner
+            depend: str | None = None
+            if waits_for is not None:
+                owner_job = sub.job_ids.get(runs[waits_for].id) if isinstance(waits_for, int) else waits_for
                 depend = f"afterok:{owner_job}" if owner_job else None
             for params, chunk in _arrays([cfgs[i] for i in wave], name, max_size):
                 idx = [wave[j] for j in chunk]
-                executor = submitit.SlurmExecutor(
+                slurm_executor = submitit.SlurmExecutor(
                     folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
                 )
                 extra = (
                     {"additional_parameters": {"dependency": depend, "kill_on_invalid_dep": "yes"}} if depend else {}
                 )
-                executor.update_parameters(**_executor_parameters(params), **extra)
+                slurm_executor.update_parameters(**_executor_parameters(params), **extra)
                 paths = [str(runs[i].path) for i in idx]
-                jobs = executor.map_array(execute, paths)
+                jobs = slurm_executor.map_array(execute, paths)
                 for i, job in zip(idx, jobs):
                     sub.job_ids[runs[i].id] = job.job_id
                     sub.jobs.append(([runs[i]], job))

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 from omegaconf import OmegaConf
 
@@ -121,8 +121,7 @@ def _shared_training(run: RunDir, cfg: Any, store: RunDir, rank: int) -> str | N
     run is to train it now (as its owner, or taking over from an owner whose job ended without a result)."""
     from pipeline import share
 
-    tree = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(tree, dict)
+    tree = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     if rank == 0:
         share.link_training(run, store.path, tree)  # again after an archive; idempotent
     record = store.read_metrics("train")

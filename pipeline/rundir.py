@@ -224,7 +224,7 @@ class RunDir:
     def read_progress(self) -> dict[str, Any]:
         progress = read_json(self.progress)
         ok = isinstance(progress, dict) and all(k in progress for k in ("epoch", "epochs"))
-        return progress if ok else {}
+        return progress if ok and isinstance(progress, dict) else {}
 
     def shared_store(self) -> Path | None:
         """The shared-store folder of this run's training (``shared.json``), or None: trained here."""

@@ -212,12 +212,22 @@ def assign(
             out[run.id] = Share(key, store, role, owner, first.after_job, first.owner_cluster)
             continue
         record = store_record(store)
-        owner = read_owner(store)
+        earlier = read_owner(store)
         if record is not None and record.get("status") != "failed":
             share = Share(key, store, "reuse")
-        elif record is None and owner is not None and not is_owner(run, owner) and _owner_job_active(owner, cluster):
+        elif (
+            record is None
+            and earlier is not None
+            and not is_owner(run, earlier)
+            and _owner_job_active(earlier, cluster)
+        ):
             share = Share(
-                key, store, "follow", str(owner.get("run_id")), str(owner.get("job_id")), str(owner.get("cluster"))
+                key,
+                store,
+                "follow",
+                str(earlier.get("run_id")),
+                str(earlier.get("job_id")),
+                str(earlier.get("cluster")),
             )
         else:
             share = Share(key, store, "train")

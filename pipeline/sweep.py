@@ -566,9 +566,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if submission.job_ids:
         update_manifest(sweep_dir, cluster, submission.job_ids)
-    for _, d in owners:
+    for d, sh in owners:
         if d.run.id in submission.job_ids:
-            sharing.write_owner(d.share.store, RunDir(sweep_dir / d.run.id), cluster, str(submission.job_ids[d.run.id]))
+            sharing.write_owner(sh.store, RunDir(sweep_dir / d.run.id), cluster, str(submission.job_ids[d.run.id]))
     cli.print_plan(console, spec, decisions, job_ids=submission.job_ids, cluster=cluster, show_all=args.all)
     console.print(
         f"[bold]{len(to_submit)}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/] "
