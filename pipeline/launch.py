@@ -16,12 +16,14 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.manifest import comment_of
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -178,10 +180,27 @@ def sbatch_headers(
 
 
 @dataclass
+class Rejected:
+    """Runs whose array was not submitted, and why (sbatch's own words)."""
+
+    run_ids: list[str]
+    reason: str
+    unreachable: bool = False  # the controller did not answer (rather than refusing the request)
+    token: str | None = None  # the token given to on_submitting, if the array got that far
+
+
+@dataclass
 class Submission:
     cluster: str
     job_ids: dict[str, str] = field(default_factory=dict)  # run id -> job id
     jobs: list[tuple[list[RunDir], Any]] = field(default_factory=list)  # (runs, submitit job)
+    rejected: list[Rejected] = field(default_factory=list)  # arrays sbatch did not take
+
+
+def _sbatch_error(e: BaseException) -> str:
+    """sbatch's message from submitit's error (its stderr), on one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:500]
 
 
 def _visible_gpu_count() -> int:
@@ -206,9 +225,19 @@ def submit(
     parallel: int = 1,
     max_size: int | None = None,
     after: Mapping[int, int | str] | None = None,
+    on_submitting: Callable[[str, list[str]], Any] | None = None,
+    on_submitted: Callable[[dict[str, str], str | None], None] | None = None,
 ) -> Submission:
     """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
     cluster's MaxArraySize.
+
+    ``on_submitting(token, run ids)`` is called before each sbatch, whose array carries the comment
+    ``pipeline.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token)`` as soon as each
+    array (or local job, token None) is queued, before the next one is submitted, so that a kill midway
+    leaves a record of what is queued. An array that sbatch refuses is listed in
+    ``Submission.rejected`` (with its token) and the others are still submitted; once the
+    controller stops answering, the remaining arrays are not tried (each would wait for sbatch's own
+    timeouts) and are listed as unreachable.
 
     ``after`` maps the index of a run that must wait for a shared training to the index of the run that
     trains it in this submission, or to the job id of an earlier submission's owner. On Slurm such runs
@@ -217,6 +246,7 @@ def submit(
     followers instead of leaving them queued forever). Locally they go after the others in every slot
     and wait for the owner's record when they get there (:func:`pipeline.share.wait_for_owner`)."""
     import submitit
+    from submitit.core.utils import FailedJobError
 
     from pipeline.run import execute, execute_many
 
@@ -226,33 +256,64 @@ def submit(
     after = dict(after or {})
     log_folder = sweep_dir / "logs" / "%j"
     if cluster == "slurm":
+        unreachable: str | None = None
         first = [i for i in range(len(runs)) if i not in after]
         waves: list[tuple[list[int], int | str | None]] = [(first, None)]
         by_owner: dict[int | str, list[int]] = {}
         for i, owner in after.items():
             by_owner.setdefault(owner, []).append(i)
-        for i_or_job, idx in by_owner.items():
-            waves.append((sorted(idx), i_or_job))
+        for i_or_job, owner_idx in by_owner.items():
+            waves.append((sorted(owner_idx), i_or_job))
         for wave, waits_for in waves:
             if not wave:
                 continue
             depend: str | None = None
             if waits_for is not None:
                 owner_job = sub.job_ids.get(runs[waits_for].id) if isinstance(waits_for, int) else waits_for
-                depend = f"afterok:{owner_job}" if owner_job else None
+                if owner_job is None:  # its owner was refused: it would start and train on its own
+                    sub.rejected.append(
+                        Rejected(
+                            [runs[i].id for i in wave],
+                            f"not tried: the run whose training they share ({runs[int(waits_for)].id}) was not submitted",
+                            unreachable=unreachable is not None,
+                        )
+                    )
+                    continue
+                depend = f"afterok:{owner_job}"
             for params, chunk in _arrays([cfgs[i] for i in wave], name, max_size):
                 idx = [wave[j] for j in chunk]
+                run_ids = [runs[i].id for i in idx]
+                if unreachable is not None:
+                    sub.rejected.append(Rejected(run_ids, f"not tried: {unreachable}", unreachable=True))
+                    continue
                 slurm_executor = submitit.SlurmExecutor(
                     folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
                 )
+                token = uuid.uuid4().hex[:16]
+                # a follower starts when its own training ends; a failed training cancels it (else it would
+                # stay queued forever, DependencyNeverSatisfied) and the files show it as blocked
                 extra = (
                     {"additional_parameters": {"dependency": depend, "kill_on_invalid_dep": "yes"}} if depend else {}
                 )
-                slurm_executor.update_parameters(**_executor_parameters(params), **extra)
+                slurm_executor.update_parameters(**_executor_parameters(params), comment=comment_of(token), **extra)
                 paths = [str(runs[i].path) for i in idx]
-                jobs = slurm_executor.map_array(execute, paths)
+                if on_submitting is not None:
+                    on_submitting(token, run_ids)
+                try:
+                    jobs = slurm_executor.map_array(execute, paths)
+                except (FailedJobError, OSError) as e:
+                    reason = _sbatch_error(e)
+                    # refused, or no answer at all? Asking the controller tells them apart.
+                    down = not slurm_controller_answers()
+                    sub.rejected.append(Rejected(run_ids, reason, unreachable=down, token=token))
+                    if down:
+                        unreachable = "the Slurm controller does not answer (scontrol ping)"
+                    continue
+                queued = {runs[i].id: job.job_id for i, job in zip(idx, jobs)}
+                if on_submitted is not None:
+                    on_submitted(queued, token)
+                sub.job_ids.update(queued)
                 for i, job in zip(idx, jobs):
-                    sub.job_ids[runs[i].id] = job.job_id
                     sub.jobs.append(([runs[i]], job))
         return sub
 
@@ -271,8 +332,10 @@ def submit(
     for s in range(slots):
         share = [runs[i] for i in order[s::slots]]
         job = executor.submit(execute_many, [str(r.path) for r in share])
-        for r in share:
-            sub.job_ids[r.id] = str(job.job_id)
+        queued = {r.id: str(job.job_id) for r in share}
+        if on_submitted is not None:
+            on_submitted(queued, None)
+        sub.job_ids.update(queued)
         sub.jobs.append((share, job))
     return sub
 
@@ -328,13 +391,14 @@ def export_distributed_env() -> None:
 
 
 def active_jobs(jobs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all."""
+    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all.
+    Raises :class:`pipeline.slurm_cli.SlurmUnreachable` when squeue does not answer."""
     slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
     states: dict[str, str] = {}
     if slurm_ids:
         from pipeline import slurm_cli
 
-        states = {j: s for j, s in slurm_cli.job_states(slurm_ids).items() if s in slurm_cli.ACTIVE_STATES}
+        states = {j: s for j, s in slurm_cli.job_states(slurm_ids, strict=True).items() if s in slurm_cli.ACTIVE_STATES}
     return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j))}
 
 

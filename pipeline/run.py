@@ -58,13 +58,15 @@ def execute(run_dir: str | Path) -> str:
     the log path) and raised again, so the scheduler marks the job failed too. In a multi-task job every
     rank runs this; only rank 0 writes the log file and the metrics.
     """
-    from pipeline import preempt
+    from pipeline import endings, preempt
 
     run = RunDir(Path(run_dir))
     rank = _distributed_rank()
     handler = _attach_log(run, to_file=rank == 0)
     preempt.STOP.install()
     try:
+        if rank == 0:
+            endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
         cfg = from_run_file(run.config)
         store = run.shared_store() if bool(cfg.share.train) else None
         for stage in STAGES:
@@ -92,7 +94,10 @@ def execute(run_dir: str | Path) -> str:
                     metrics = _stage_function(stage)(target, cfg)
             except preempt.Preempted as p:
                 if rank == 0:
-                    log.warning("run %s: %s", run.id, preempt.handle(p, int(cfg.slurm.max_requeues)))
+                    ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
+                    log.warning("run %s: %s", run.id, message)
+                    if ending is not None:  # for status and collect when sacct cannot tell
+                        endings.write_ending(run, ending, message, stage=stage, job_id=preempt.slurm_job_id())
                 return "preempted"
             except Exception as e:
                 log.error("stage %s failed:\n%s", stage, traceback.format_exc())
@@ -275,6 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rerun == "all":
         run.archive()
     elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
+        store = run.shared_store()
+        if stage == "train" and store is not None:  # a failed shared training: nobody can use it; kept aside
+            from pipeline import share
+
+            RunDir(store).archive()
+            share.write_owner(store, run, *_this_job())
         run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included
     status = execute(run.path)
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")

@@ -16,33 +16,26 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import cli, slurm_cli
 from pipeline.config import COMMAND_LINE, ConfigError
-from pipeline.rundir import RunDir, list_runs, read_json
-
-FAILED_JOB_STATES = (
-    "FAILED",
-    "TIMEOUT",
-    "CANCELLED",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "PREEMPTED",
-)
+from pipeline.endings import STATES, classify
+from pipeline.manifest import read_manifest
+from pipeline.rundir import RunDir, list_runs
 
 
 @dataclass
 class RunState:
     run: RunDir
-    state: str  # pending | running | done | diverged | failed | blocked | stopped
+    state: str  # a word of pipeline.endings.STATES
     job_id: str
     job_state: str  # the scheduler's word, or "" when it has none
     epoch: str
     val_acc_best: float | None
     elapsed_s: float | None
+    reason: str = ""  # why it is in that state (pipeline.endings.classify), "" when the word says all
 
 
 def job_log(sweep_dir: Path, job_id: str) -> Path:
@@ -51,10 +44,9 @@ def job_log(sweep_dir: Path, job_id: str) -> Path:
 
 
 def run_states(sweep_dir: Path) -> list[RunState]:
-    manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
-    entries = manifest["runs"]
+    entries = read_manifest(sweep_dir)["runs"]
     slurm_ids = [e["job_id"] for e in entries.values() if e["cluster"] == "slurm"]
-    sched = slurm_cli.job_states(slurm_ids) if slurm_ids else {}
+    sched = slurm_cli.job_states(slurm_ids, full=True) if slurm_ids else {}
     from pipeline.launch import job_is_active
 
     out = []
@@ -67,19 +59,10 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             job_state = "RUNNING" if job_is_active("local", job_id) else ""
         else:
             job_state = ""
-        files = run.status()
-        if files in ("done", "diverged", "failed", "blocked"):
-            state = files
-        elif job_state in slurm_cli.ACTIVE_STATES:
-            state = "running" if job_state in ("RUNNING", "COMPLETING") else "pending"
-            if job_state == "RUNNING" and entry.get("cluster") == "local" and files == "pending":
-                state = "pending"  # a local slot that has not reached this run yet
-        elif job_state and job_state.split()[0] in FAILED_JOB_STATES:
-            state = "failed"
-        elif files == "running" or job_state == "COMPLETED":
-            state = "stopped"  # started, not finished, no job alive: submit the sweep again to resume
-        else:
-            state = "pending" if not job_id else "stopped"
+        ending = classify(run, job_state, submitted=bool(job_id))
+        state, reason = ending.state, ending.reason
+        if state == "running" and entry.get("cluster") == "local" and run.status() == "pending":
+            state = "pending"  # a local slot that has not reached this run yet
         progress = run.read_progress()
         epoch = f"{progress['epoch']}/{progress['epochs']}" if progress else ""
         stage = progress.get("stage", "train") if progress else "train"
@@ -87,10 +70,17 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             epoch = f"{stage} {epoch}"
         if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
             epoch = f"{failed} stage failed"
-        if state == "blocked" and (blocked := run.blocked_by()) is not None:
-            epoch = f"blocked by {blocked[0]}: {blocked[1]}"
         out.append(
-            RunState(run, state, job_id, job_state, epoch, progress.get("val_acc_best"), progress.get("elapsed_s"))
+            RunState(
+                run,
+                state,
+                job_id,
+                job_state,
+                epoch,
+                progress.get("val_acc_best"),
+                progress.get("elapsed_s"),
+                reason,
+            )
         )
     return out
 
@@ -108,19 +98,10 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
     table = Table(title=f"{sweep_dir}", title_justify="left")
     for col in ["run", *[titles[k] for k in keys], "state", "job", "epoch", "best val acc", "elapsed", "log"]:
         table.add_column(col, no_wrap=col in ("run", "job"))
-    colours = {
-        "done": "green",
-        "diverged": "yellow",
-        "failed": "red",
-        "blocked": "red",
-        "running": "cyan",
-        "stopped": "magenta",
-    }
+    colours = {"done": "green", "diverged": "yellow", "running": "cyan", "stopped": "magenta", "pending": "white"}
     for s in states:
         swept = s.run.read_meta().get("swept", {})
-        state = f"[{colours.get(s.state, 'white')}]{s.state}[/]" + (
-            f" ({s.job_state})" if s.job_state and s.job_state.lower() != s.state else ""
-        )
+        state = f"[{colours.get(s.state, 'red')}]{s.state}[/]" + (f" ({escape(s.reason)})" if s.reason else "")
         log = s.run.log if s.run.log.exists() else (job_log(sweep_dir, s.job_id) if s.job_id else "")
         table.add_row(
             s.run.id,
@@ -136,10 +117,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
 
 
 def summary(states: list[RunState]) -> str:
-    counts = {
-        k: sum(1 for s in states if s.state == k)
-        for k in ("pending", "running", "done", "diverged", "failed", "blocked", "stopped")
-    }
+    counts = {k: sum(1 for s in states if s.state == k) for k in STATES}
     return f"{len(states)} runs: " + ", ".join(
         f"{n} {k}" for k, n in counts.items() if n or k in ("pending", "running", "done", "failed")
     )
@@ -171,7 +149,7 @@ def cancel(sweep_dir: Path, con: Console) -> int:
     states = run_states(sweep_dir)
     live = [s for s in states if s.state in ("pending", "running") and s.job_id]
     slurm = sorted({s.job_id for s in live if s.job_state})
-    manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
+    manifest = read_manifest(sweep_dir)
     local = sorted({s.job_id for s in live if manifest["runs"].get(s.run.id, {}).get("cluster") == "local"})
     if slurm:
         slurm_cli.cancel(slurm)
