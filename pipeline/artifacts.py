@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pipeline.rundir import make_parent
+
 FORMAT = "pipeline-model/1"
 
 # file names under <run>/models/, by what made them
@@ -41,7 +43,7 @@ def arch_of(cfg: Any, num_classes: int) -> dict[str, Any]:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside ``path``, fsync, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

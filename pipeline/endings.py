@@ -154,12 +154,14 @@ def clear_ending(run: RunDir) -> None:
 
 def sweep_endings(sweep_dir: Path) -> dict[str, Ending]:
     """run id -> :class:`Ending` for every run folder of a sweep; Slurm is asked once (squeue, then
-    sacct) for the jobs the manifest names; local jobs count as running while their process lives."""
+    sacct) for the jobs the manifest names; local jobs count as running while their very process (PID and
+    start time) lives."""
     from pipeline.launch import job_is_active
-    from pipeline.manifest import run_jobs
+    from pipeline.manifest import read_manifest
     from pipeline.rundir import list_runs
 
-    jobs = run_jobs(sweep_dir)
+    entries = read_manifest(sweep_dir)["runs"]
+    jobs = {rid: (e["cluster"], e["job_id"]) for rid, e in entries.items()}
     slurm_ids = [jid for cluster, jid in jobs.values() if cluster == "slurm"]
     sched = slurm_cli.job_states(slurm_ids, full=True) if slurm_ids else {}
     out = {}
@@ -168,7 +170,7 @@ def sweep_endings(sweep_dir: Path) -> dict[str, Ending]:
         if cluster == "slurm":
             state = sched.get(jid, "")
         elif cluster == "local":
-            state = "RUNNING" if job_is_active("local", jid) else ""
+            state = "RUNNING" if job_is_active("local", jid, entries[run.id]) else ""
         else:
             state = ""
         out[run.id] = classify(run, state, submitted=bool(jid))

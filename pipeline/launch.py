@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.manifest import comment_of
+from pipeline.procs import ProcessIdentity
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -193,6 +194,8 @@ class Rejected:
 class Submission:
     cluster: str
     job_ids: dict[str, str] = field(default_factory=dict)  # run id -> job id
+    # job id -> what identifies the job beyond its id, for the manifest (local jobs: see local_job_record)
+    job_records: dict[str, dict[str, Any]] = field(default_factory=dict)
     jobs: list[tuple[list[RunDir], Any]] = field(default_factory=list)  # (runs, submitit job)
     rejected: list[Rejected] = field(default_factory=list)  # arrays sbatch did not take
 
@@ -226,13 +229,13 @@ def submit(
     max_size: int | None = None,
     after: Mapping[int, int | str] | None = None,
     on_submitting: Callable[[str, list[str]], Any] | None = None,
-    on_submitted: Callable[[dict[str, str], str | None], None] | None = None,
+    on_submitted: Callable[[dict[str, str], str | None, dict[str, dict[str, Any]]], None] | None = None,
 ) -> Submission:
     """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
     cluster's MaxArraySize.
 
     ``on_submitting(token, run ids)`` is called before each sbatch, whose array carries the comment
-    ``pipeline.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token)`` as soon as each
+    ``pipeline.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token, job records)`` as soon as each
     array (or local job, token None) is queued, before the next one is submitted, so that a kill midway
     leaves a record of what is queued. An array that sbatch refuses is listed in
     ``Submission.rejected`` (with its token) and the others are still submitted; once the
@@ -311,7 +314,7 @@ def submit(
                     continue
                 queued = {runs[i].id: job.job_id for i, job in zip(idx, jobs)}
                 if on_submitted is not None:
-                    on_submitted(queued, token)
+                    on_submitted(queued, token, {})
                 sub.job_ids.update(queued)
                 for i, job in zip(idx, jobs):
                     sub.jobs.append(([runs[i]], job))
@@ -333,11 +336,24 @@ def submit(
         share = [runs[i] for i in order[s::slots]]
         job = executor.submit(execute_many, [str(r.path) for r in share])
         queued = {r.id: str(job.job_id) for r in share}
+        if cluster == "local":
+            sub.job_records[str(job.job_id)] = local_job_record(job)
         if on_submitted is not None:
-            on_submitted(queued, None)
+            on_submitted(queued, None, sub.job_records)
         sub.job_ids.update(queued)
         sub.jobs.append((share, job))
     return sub
+
+
+def local_job_record(job: Any) -> dict[str, Any]:
+    """What names a submitit local job for as long as it exists: its controller's PID (the job id, which
+    forwards SIGINT/SIGTERM to the training and whose death by SIGKILL stops it too), that process's
+    start time, host and boot, and the result file submitit writes when the job's function returns."""
+    ident = ProcessIdentity.of(int(job.job_id))
+    record: dict[str, Any] = {"result": str(job.paths.result_pickle)}
+    if ident is not None:
+        record.update(started=ident.started, host=ident.host, boot_id=ident.boot_id)
+    return record
 
 
 def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -> dict[str, str]:
@@ -390,8 +406,11 @@ def export_distributed_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def active_jobs(jobs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+def active_jobs(
+    jobs: Sequence[tuple[str, str]], records: Mapping[str, Mapping[str, Any]] | None = None
+) -> set[tuple[str, str]]:
     """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all.
+    ``records``: job id -> its manifest entry (local jobs are recognised by more than their id).
     Raises :class:`pipeline.slurm_cli.SlurmUnreachable` when squeue does not answer."""
     slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
     states: dict[str, str] = {}
@@ -399,19 +418,29 @@ def active_jobs(jobs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         from pipeline import slurm_cli
 
         states = {j: s for j, s in slurm_cli.job_states(slurm_ids, strict=True).items() if s in slurm_cli.ACTIVE_STATES}
-    return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j))}
+    records = records or {}
+    return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j, records.get(j)))}
 
 
-def job_is_active(cluster: str, job_id: str) -> bool:
-    """Whether a job recorded in a manifest is still queued or running."""
+def local_job_identity(job_id: str, entry: Mapping[str, Any] | None) -> ProcessIdentity | None:
+    """The identity of a local job's controller from its manifest entry (PID only for entries written
+    before start times were recorded), or None for a malformed id."""
+    return ProcessIdentity.from_record({**(entry or {}), "pid": job_id})
+
+
+def job_is_active(cluster: str, job_id: str, entry: Mapping[str, Any] | None = None) -> bool:
+    """Whether a job recorded in a manifest (``entry``: its manifest entry) is still queued or running.
+
+    A local job is its controller process: active while that very process (same start time) lives and
+    is no zombie, and submitit has not yet written the job's result (the controller outlives the work by
+    a moment). A local job recorded on another host cannot be looked at from here and counts as active."""
     if cluster == "local":
-        try:
-            os.kill(int(job_id), 0)
-        except (ProcessLookupError, ValueError):
+        ident = local_job_identity(job_id, entry)
+        if ident is None:
             return False
-        except PermissionError:
-            return True
-        return True
+        if entry and entry.get("result") and Path(str(entry["result"])).exists():
+            return False
+        return ident.is_alive() if ident.on_this_machine() else True
     if cluster == "slurm":
         from pipeline import slurm_cli
 

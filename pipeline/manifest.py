@@ -86,13 +86,19 @@ def record_submitting(sweep_dir: Path, cluster: str, token: str, run_ids: list[s
     return _update(sweep_dir, change)
 
 
-def record_submitted(sweep_dir: Path, cluster: str, job_ids: dict[str, str], token: str | None = None) -> Path:
-    """Record jobs just queued: each run's latest job, plus one history entry (and the array's token
-    removed)."""
+def record_submitted(
+    sweep_dir: Path,
+    cluster: str,
+    job_ids: dict[str, str],
+    token: str | None = None,
+    job_records: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Record jobs just queued: each run's latest job (with ``job_records[job id]``, what else identifies
+    it: a local job's process start time), plus one history entry (and the array's token removed)."""
 
     def change(m: dict[str, Any]) -> None:
         for rid, jid in job_ids.items():
-            m["runs"][rid] = {"cluster": cluster, "job_id": str(jid)}
+            m["runs"][rid] = {"cluster": cluster, "job_id": str(jid), **(job_records or {}).get(str(jid), {})}
         m["history"].append({"cluster": cluster, "job_ids": dict(job_ids), "time": time.time()})
         if token is not None:
             _submitting(m).pop(token, None)

@@ -84,11 +84,57 @@ def process_umask() -> int:
         return _UMASK
 
 
+class RunFolderVanished(FileNotFoundError):
+    """The run folder a job works in was deleted (or replaced by a new one) under it."""
+
+
+# Run folders a job in this process works in -> (st_dev, st_ino) when it started: writes below them
+# must not recreate the folder once it is gone, or a deleted run comes back holding one stray file.
+_GUARDED: dict[Path, tuple[int, int]] = {}
+
+
+def folder_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def guard_folder(path: Path) -> None:
+    """Remember ``path`` (an existing run folder) as it is now; see :func:`check_folder`."""
+    key = folder_key(path)
+    if key is None:
+        raise RunFolderVanished(f"run folder {path} does not exist")
+    _GUARDED[Path(os.path.abspath(path))] = key
+
+
+def unguard_folder(path: Path) -> None:
+    _GUARDED.pop(Path(os.path.abspath(path)), None)
+
+
+def check_folder(path: Path) -> None:
+    """Raise :class:`RunFolderVanished` when ``path`` lies in a guarded run folder that is no longer the
+    folder it was (deleted, moved away, or deleted and created again)."""
+    absolute = Path(os.path.abspath(path))
+    for root, key in _GUARDED.items():
+        if (absolute == root or root in absolute.parents) and folder_key(root) != key:
+            raise RunFolderVanished(
+                f"run folder {root} was deleted or replaced while this job was running; nothing more is written there"
+            )
+
+
+def make_parent(path: Path) -> None:
+    """``path``'s folder, created if missing, unless that would recreate a vanished run folder."""
+    check_folder(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync (unless the caller syncs many files at once
     later), then rename over ``path``. The file gets the mode a plain ``open()`` would (0o666 less the
     umask), not mkstemp's 0o600: lab mates must be able to read results where the umask lets them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:

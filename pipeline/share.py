@@ -134,10 +134,20 @@ def read_owner(store: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) else None
 
 
-def write_owner(store: Path, run: RunDir, cluster: str, job_id: str | None) -> None:
+def write_owner(
+    store: Path, run: RunDir, cluster: str, job_id: str | None, entry: Mapping[str, Any] | None = None
+) -> None:
+    """``entry``: the job's manifest record (a local job's identity beyond its process id)."""
     atomic_write_json(
         store / "owner.json",
-        {"run": str(run.path.absolute()), "run_id": run.id, "cluster": cluster, "job_id": job_id, "since": time.time()},
+        {
+            "run": str(run.path.absolute()),
+            "run_id": run.id,
+            "cluster": cluster,
+            "job_id": job_id,
+            "entry": dict(entry or {}),
+            "since": time.time(),
+        },
     )
 
 
@@ -154,7 +164,10 @@ def owner_active(owner: Mapping[str, Any] | None) -> bool:
         return time.time() - float(owner.get("since", 0)) < OWNER_GRACE_S
     from pipeline.launch import job_is_active
 
-    return job_is_active(str(owner.get("cluster", "")), str(job_id))
+    entry = owner.get("entry")
+    return job_is_active(
+        str(owner.get("cluster", "")), str(job_id), entry if isinstance(entry, dict) and entry else None
+    )
 
 
 def wait_for_owner(run: RunDir, store: Path, poll_s: float = POLL_S) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ folders say, so a job that died without writing a result still shows as failed. 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -22,6 +21,7 @@ from rich.table import Table
 from pipeline import cli, slurm_cli
 from pipeline.config import COMMAND_LINE, ConfigError
 from pipeline.endings import STATES, classify
+from pipeline.launch import local_job_identity
 from pipeline.manifest import read_manifest
 from pipeline.rundir import RunDir, list_runs
 
@@ -56,7 +56,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
         if entry.get("cluster") == "slurm":
             job_state = sched.get(job_id, "")
         elif entry.get("cluster") == "local":
-            job_state = "RUNNING" if job_is_active("local", job_id) else ""
+            job_state = "RUNNING" if job_is_active("local", job_id, entry) else ""
         else:
             job_state = ""
         ending = classify(run, job_state, submitted=bool(job_id))
@@ -148,17 +148,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cancel(sweep_dir: Path, con: Console) -> int:
     states = run_states(sweep_dir)
     live = [s for s in states if s.state in ("pending", "running") and s.job_id]
-    slurm = sorted({s.job_id for s in live if s.job_state})
     manifest = read_manifest(sweep_dir)
-    local = sorted({s.job_id for s in live if manifest["runs"].get(s.run.id, {}).get("cluster") == "local"})
+    # scancel only Slurm jobs: a local job's id is a PID, and the same number may be someone's Slurm job
+    slurm = sorted(
+        {s.job_id for s in live if s.job_state and manifest["runs"].get(s.run.id, {}).get("cluster") == "slurm"}
+    )
+    local = {
+        s.job_id: manifest["runs"][s.run.id]
+        for s in live
+        if manifest["runs"].get(s.run.id, {}).get("cluster") == "local"
+    }
     if slurm:
         slurm_cli.cancel(slurm)
-    for pid in local:
-        try:
-            os.kill(int(pid), signal.SIGINT)  # submitit's local controller forwards it to the job
-        except (ProcessLookupError, ValueError):
-            pass
-    con.print(f"cancelled {len(set(slurm) | set(local))} job(s) of {len(live)} unfinished run(s)")
+    signalled = []
+    for job_id, entry in sorted(local.items()):
+        ident = local_job_identity(job_id, entry)
+        if ident is not None and not ident.on_this_machine():
+            con.print(f"[yellow]local job {job_id} runs on {ident.host}: cancel it there[/]")
+        # Only the recorded process itself (same start time): a reused PID belongs to someone else.
+        # submitit's local controller stops its job on SIGINT (SIGINT, then SIGKILL, to the training).
+        elif ident is not None and ident.send_signal(signal.SIGINT):
+            signalled.append(job_id)
+    con.print(f"cancelled {len(set(slurm) | set(signalled))} job(s) of {len(live)} unfinished run(s)")
     return 0
 
 

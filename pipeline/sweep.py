@@ -448,20 +448,34 @@ def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
         list(pool.map(sync, paths))
 
 
-def update_manifest(sweep_dir: Path, cluster: str, job_ids: dict[str, str]) -> Path:
-    """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history); written
+def update_manifest(
+    sweep_dir: Path, cluster: str, job_ids: dict[str, str], job_records: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history), with what
+    else identifies the job (``job_records``, by job id: a local job's process start time); written
     atomically. Called once per array, as soon as sbatch answers (see :mod:`pipeline.manifest`)."""
-    return manifest.record_submitted(sweep_dir, cluster, job_ids)
+    return manifest.record_submitted(sweep_dir, cluster, job_ids, job_records=job_records)
+
+
+ENDED_STATUSES = ("done", "diverged", "failed")
 
 
 def active_run_ids(sweep_dir: Path) -> set[str]:
-    """Runs of this sweep whose last job is still queued or running (so they are not submitted twice).
-    Raises :class:`pipeline.slurm_cli.SlurmUnreachable` when Slurm cannot say."""
-    from pipeline import launch
+    """Runs of this sweep whose last job is still queued or running, or that a live job owns (so they are
+    not submitted twice). A local job that has already ended a run (its folder records done, diverged or
+    failed) no longer holds that run, even while the job goes on or is still exiting. Raises
+    :class:`pipeline.slurm_cli.SlurmUnreachable` when Slurm cannot say."""
+    from pipeline import launch, owner
 
-    jobs = manifest.run_jobs(sweep_dir)
-    active = launch.active_jobs(list(jobs.values()))
-    return {rid for rid, job in jobs.items() if job in active}
+    entries = manifest.read_manifest(sweep_dir)["runs"]
+    jobs = {rid: (e["cluster"], e["job_id"]) for rid, e in entries.items()}
+    active = launch.active_jobs(list(jobs.values()), {e["job_id"]: e for e in entries.values()})
+    out = set()
+    for rid, job in jobs.items():
+        if job in active and not (job[0] == "local" and RunDir(sweep_dir / rid).status() in ENDED_STATUSES):
+            out.add(rid)
+    owned = (RunDir(p.parent) for p in sweep_dir.glob(f"*/{owner.OWNER_FILE}"))
+    return out | {r.id for r in owned if owner.live_owner(r) is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -632,12 +646,14 @@ def _submit(
             sharing.write_owner(sh.store, RunDir(sweep_dir / d.run.id), cluster, None)
     owner_store = {d.run.id: sh.store for d, sh in owners}
 
-    def record(job_ids: dict[str, str], token: str | None) -> None:
+    def record(job_ids: dict[str, str], token: str | None, job_records: dict[str, dict[str, Any]]) -> None:
         try:
-            manifest.record_submitted(sweep_dir, cluster, job_ids, token)
+            manifest.record_submitted(sweep_dir, cluster, job_ids, token, job_records)
             for rid, jid in job_ids.items():  # the job a later sweep's runs of the same training wait for
                 if rid in owner_store:
-                    sharing.write_owner(owner_store[rid], RunDir(sweep_dir / rid), cluster, str(jid))
+                    sharing.write_owner(
+                        owner_store[rid], RunDir(sweep_dir / rid), cluster, str(jid), job_records.get(rid)
+                    )
         except OSError as e:
             # queued but not recorded: say which jobs, since a rerun cannot know them
             cli.console(stderr=True).print(

@@ -377,7 +377,7 @@ def test_two_sweeps_in_one_table_with_a_sweep_column(tmp_path):
     rows = table_rows(out.read_text())
     assert list(rows[0])[:4] == ["run", "sweep", "lr", "optim"]
     assert sorted(r["sweep"] for r in rows) == ["a", "a", "b", "b"]
-    assert {r["lr"] for r in rows if r["sweep"] == "b"} == {""}
+    assert {r["lr"] for r in rows if r["sweep"] == "b"} == {"0.1"}  # not swept there: its config's value
     assert f"`b/{runs_b[0].id}`" in out.read_text()
     assert (tmp_path / "report/compare.csv").is_file() and (tmp_path / "report/compare.json").is_file()
     assert not (a / "results.md").exists() and not (b / "results.md").exists()

@@ -358,3 +358,45 @@ def test_scancel_shows_cancelled_and_a_time_limit_without_requeues_shows_time_li
         assert "cancelled" in text and "time limit" in text, text
     finally:
         cancel_all(ids)
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_an_array_queued_but_not_recorded_is_found_by_its_token(tmp_path, synthetic_root):
+    """The instant between sbatch's answer and the manifest write, made deterministic: the manifest
+    holds a token for a run and a real job carries that token as its comment (queued by sbatch here,
+    as the killed submitter's sbatch would have); the next submission records it and does not queue
+    the run again."""
+    from pipeline.manifest import comment_of, record_submitting
+
+    spec = write_sweep(tmp_path / "sweep.yaml", "token", synthetic_root, extra=IDLE)
+    out = tmp_path / "runs"
+    sweep_dir = out / "token"
+    assert run_cli("pipeline.sweep", str(spec), "--out", str(out), "--no-submit").returncode == 0
+    (rid,) = [p.name for p in sweep_dir.glob("*/config.yaml") for p in [p.parent]]
+    record_submitting(sweep_dir, "slurm", "feedc0ffee", [rid])
+    job = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-J",
+            "pipeline-token",
+            f"--comment={comment_of('feedc0ffee')}",
+            "--wrap",
+            "sleep 120",
+        ],
+        cwd=tmp_path,  # its slurm-<id>.out goes there, not into the repository
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    try:
+        r = sweep(str(spec), "--cluster", "slurm", "--out", str(out))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"recorded jobs {job} queued by an interrupted submission" in r.stdout, r.stdout
+        assert "0 of 1 runs submitted" in r.stdout and "skip-active" in r.stdout, r.stdout
+        m = manifest(sweep_dir)
+        assert m["runs"][rid]["job_id"] == job and not m["submitting"], m
+    finally:
+        cancel_all(sorted(queued_of("token") | {job}))

@@ -18,6 +18,7 @@ from pipeline.report.tables import model_rows, number
 
 FIGSIZE = (8.0, 5.0)  # inches
 DPI = 100  # -> 800 x 500 pixels, readable on a slide
+MAX_LABELS = 24  # point labels and legend entries beyond this are unreadable (and slow to lay out)
 
 
 @dataclass
@@ -177,13 +178,16 @@ def render_accuracy(points: Sequence[Point], xlabel: str, title: str, path: Path
         label="Pareto front",
         zorder=2,
     )
-    for p in points:
+    # every point labelled while that stays readable; in a large sweep only the front's points
+    labelled = range(len(points)) if len(points) <= MAX_LABELS else front[:MAX_LABELS]
+    for i in labelled:
+        p = points[i]
         ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy, top-1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     path = _save(fig, path)
     plt.close(fig)
@@ -203,6 +207,15 @@ def _colours(curves: Sequence[Curve]) -> list[Any]:
     return [cmap(order.index(repr(v)) % 10) for v in values]
 
 
+def _colourbar(fig: Any, ax: Any, curves: Sequence[Curve], by: str | None) -> None:
+    values = [c.colour_value for c in curves]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and len(set(values)) > 1:
+        plt = _pyplot()
+        lo, hi = min(values), max(values)
+        norm = plt.Normalize(lo, lo + (hi - lo) / 0.9)  # _colours uses 0-0.9 of viridis
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label=by)
+
+
 def render_learning(by: str | None, curves: Sequence[Curve], path: Path) -> Path:
     plt = _pyplot()
     fig, (acc, loss) = plt.subplots(1, 2, figsize=FIGSIZE)
@@ -217,7 +230,10 @@ def render_learning(by: str | None, curves: Sequence[Curve], path: Path) -> Path
     loss.set_ylabel("loss  — val, -- train")
     for ax in (acc, loss):
         ax.grid(alpha=0.3)
-    acc.legend(title=by, fontsize=8)
+    if len(curves) <= MAX_LABELS:
+        acc.legend(title=by, fontsize=8, loc="lower right")
+    else:  # too many runs for a legend: the colour scale tells the swept value
+        _colourbar(fig, acc, curves, by)
     fig.suptitle("learning curves" + (f", coloured by {by}" if by else ""))
     fig.tight_layout()
     path = _save(fig, path)
@@ -231,11 +247,12 @@ def render_sparsity(curves: Sequence[Curve], path: Path) -> Path:
     for c, colour in zip(curves, _colours([Curve(c.label, c.label, [], []) for c in curves])):
         ax.plot(c.x, c.y, color=colour, linestyle="--", label=f"{c.label}: target")
         ax.plot(c.x, c.extra["measured"], color=colour, marker=".", linestyle="none", label=f"{c.label}: measured")
+    if len(curves) <= MAX_LABELS // 2:
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("weights pruned (%)")
     ax.set_title("sparsity over training: schedule against measured")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     path = _save(fig, path)
     plt.close(fig)

@@ -145,6 +145,11 @@ def run_status(r: Record, raw: bool = False) -> str:
     return status
 
 
+def _training_key(key: str) -> bool:
+    """A dotted key that changes the training (not only what is done after it)."""
+    return key.split(".")[0] not in AFTER_TRAINING
+
+
 def _train_value(r: Record, key: str) -> Any:
     finished = r.metrics.get("status") in ("done", "diverged")  # training's figures, once it ended
     return r.metrics.get(key) if finished else None
@@ -182,7 +187,9 @@ def runs_table(
     rows = []
     for r in records:
         row: dict[str, Any] = {"run": r.id, "sweep": r.sweep, "status": run_status(r), "status_word": r.status}
-        row.update({k: r.swept.get(k, "") for k in keys})
+        # a key some runs do not sweep (one variant sets it) shows their config's value, not a blank;
+        # but not a compression setting: a run that does not prune has no sparsity worth showing
+        row.update({k: r.setting(k, "") if _training_key(k) else r.swept.get(k, "") for k in keys})
         row.update({key: _train_value(r, src) for key, _, src, _, _ in train_cols})
         row.update({key: get(r) for key, _, get, _, _ in extra})
         if timed:
@@ -422,7 +429,7 @@ def _with_base(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> None:
 def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool = False) -> list[Table]:
     """One block per training (or, ``flat``, one table of every model of the sweep with a training
     column); runs not done are left out (the failures section lists them)."""
-    train_keys = [k for k in keys if k.split(".")[0] not in AFTER_TRAINING]
+    train_keys = [k for k in keys if _training_key(k)]
     tables = []
     flat_rows: list[dict[str, Any]] = []
     for group in training_groups(records):
