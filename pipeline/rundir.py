@@ -282,9 +282,9 @@ class RunDir:
         return Path(os.path.normpath(self.path / rel)) if isinstance(rel, str) else None
 
     def training_owner(self) -> dict[str, Any] | None:
-        """owner.json of the shared training: the run that does (or did) it, and its job."""
+        """trainer.json of the shared training: the run that does (or did) it, and its job."""
         store = self.shared_store()
-        owner = read_json(store / "owner.json") if store is not None else None
+        owner = read_json(store / "trainer.json") if store is not None else None
         return owner if isinstance(owner, dict) else None
 
     def blocked_by(self) -> tuple[str, str] | None:

@@ -11,7 +11,7 @@ measure is per run. Runs of equal training keys share one training, stored once 
 
     <out>/.shared/train/<key>/
         key.json        the key and the settings it hashes (for people)
-        owner.json      the run that does the training, its cluster and job id (written at submission)
+        trainer.json    the run that does the training, its cluster and job id (written at submission)
         metrics/train.json, models/trained.pt, checkpoints/last.pt, progress.json, tb/, run.log
 
 and reached from every run folder through ``shared.json`` and relative symlinks
@@ -36,7 +36,7 @@ from pipeline.rundir import SHARED_POINTER, SHARED_TRAIN_LINKS, RunDir, atomic_w
 
 STORE = ".shared"
 TRAIN_SECTIONS = ("data", "model", "optim", "schedule", "train")
-OWNER_GRACE_S = 120.0  # an owner.json without a job id yet (the sweep is still submitting) counts as alive
+OWNER_GRACE_S = 120.0  # a trainer.json without a job id yet (the sweep is still submitting) counts as alive
 POLL_S = 2.0
 
 log = logging.getLogger("pipeline.share")
@@ -130,7 +130,7 @@ def unlink_training(run: RunDir) -> None:
 
 
 def read_owner(store: Path) -> dict[str, Any] | None:
-    owner = read_json(store / "owner.json")
+    owner = read_json(store / "trainer.json")
     return owner if isinstance(owner, dict) else None
 
 
@@ -139,7 +139,7 @@ def write_owner(
 ) -> None:
     """``entry``: the job's manifest record (a local job's identity beyond its process id)."""
     atomic_write_json(
-        store / "owner.json",
+        store / "trainer.json",
         {
             "run": str(run.path.absolute()),
             "run_id": run.id,
