@@ -186,6 +186,14 @@ class MeasureConfig:
 
 
 @dataclass
+class ShareConfig:
+    # Runs whose training settings (data, model, optim, schedule, train, and prune when it runs inside
+    # training) are equal train once: the result lives in <out>/.shared/train/<key>/ and each run folder
+    # links to it. false: the run trains in its own folder (a benchmark baseline; a private retraining).
+    train: bool = True
+
+
+@dataclass
 class SlurmConfig:
     partition: str = _sbatch(SBATCH_WORD, _WORD)  # empty = the cluster's default partition
     account: str = _sbatch(SBATCH_WORD, _WORD)
@@ -223,6 +231,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    share: ShareConfig = field(default_factory=ShareConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -230,6 +239,9 @@ class Config:
 # Settings that only say where or how a run is scheduled or logged: they do not change its result, so
 # they are left out of the run id (a longer time limit must resume a run, not start a new one).
 ID_EXCLUDED_SECTIONS = ("slurm", "output", "measure")  # measure: how models are timed, not which are made
+# Sections added later that also change no result: dropped from the hash altogether (an empty entry
+# would change every existing run id). share: where a training is done, not what it gives.
+ID_DROPPED_SECTIONS = ("share",)
 ID_INCLUDED_SLURM_KEYS = ("nodes", "tasks_per_node")  # the number of ranks does change the result
 
 
@@ -687,6 +699,8 @@ def tree_run_id(tree: Mapping[str, Any]) -> str:
     for section in ID_EXCLUDED_SECTIONS:
         kept = {k: tree[section][k] for k in ID_INCLUDED_SLURM_KEYS} if section == "slurm" else {}
         tree[section] = kept
+    for section in ID_DROPPED_SECTIONS:
+        tree.pop(section, None)
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

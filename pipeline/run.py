@@ -8,6 +8,7 @@ in the foreground (what the plain sbatch scripts call). Stages run in order; eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -15,7 +16,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
+
+from omegaconf import OmegaConf
 
 from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
 from pipeline.rundir import STAGES, RunDir, atomic_write_json, atomic_write_text
@@ -76,22 +79,23 @@ def execute(run_dir: str | Path) -> str:
                 raise
             endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
         cfg = from_run_file(run.config)
+        store = run.shared_store() if bool(cfg.share.train) else None
         for stage in STAGES:
             if ownership is not None:
                 ownership.check()
-            done = run.read_metrics(stage)
+            # the stage's own folder: the shared store for a shared training, else the run's
+            target = RunDir(store) if stage == "train" and store is not None else run
+            if target is not run:
+                shared = _shared_training(run, cfg, target, rank)
+                if shared is not None:
+                    if shared == "done":
+                        continue
+                    return shared
+            done = target.read_metrics(stage)
             if done is not None:
                 if done.get("status") != "done":
                     if done.get("status") == "failed":
-                        log.warning(
-                            "run %s: the %s stage failed before (%s); it is not retried on its own: "
-                            "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
-                            "redoes it once the cause is fixed",
-                            run.id,
-                            stage,
-                            done.get("error", "no reason recorded"),
-                            run.path,
-                        )
+                        return _failed_before(run, stage, done)
                     return str(done.get("status"))
                 continue
             log.info("run %s: stage %s", run.id, stage)
@@ -99,7 +103,8 @@ def execute(run_dir: str | Path) -> str:
             try:
                 if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
                     raise preempt.Preempted(preempt.STOP.signum or 0)
-                metrics = _stage_function(stage)(run, cfg)
+                with _extra_log(target.log if target is not run and rank == 0 else None):
+                    metrics = _stage_function(stage)(target, cfg)
             except preempt.Preempted as p:
                 if rank == 0:
                     ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
@@ -114,14 +119,14 @@ def execute(run_dir: str | Path) -> str:
                 if ownership is not None:
                     ownership.check()  # a failure caused by a deleted folder is not written back into it
                 if rank == 0:
-                    run.write_metrics(
+                    target.write_metrics(
                         stage,
                         {"status": "failed", "error": f"{type(e).__name__}: {e}", "log": str(run.log), "stage": stage},
                     )
                 raise
             metrics["wall_s"] = time.time() - started
             if rank == 0:
-                run.write_metrics(stage, metrics)
+                target.write_metrics(stage, metrics)
             if metrics["status"] != "done":
                 return str(metrics["status"])
         return "done"
@@ -137,6 +142,85 @@ def execute(run_dir: str | Path) -> str:
         if handler is not None:
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
+
+
+def _shared_training(run: RunDir, cfg: Any, store: RunDir, rank: int) -> str | None:
+    """A shared training (pipeline.share): "done" when it is recorded and this run goes on, a status to
+    end the run with (a failed training of another run blocks this one: "blocked"), or None when this
+    run is to train it now (as its owner, or taking over from an owner whose job ended without a result)."""
+    from pipeline import share
+
+    tree = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    if rank == 0:
+        share.link_training(run, store.path, tree)  # again after an archive; idempotent
+    record = store.read_metrics("train")
+    if record is None:
+        record = share.wait_for_owner(run, store.path)  # returns at once for the owner
+    if record is None:
+        if rank == 0:
+            if not share.is_owner(run, share.read_owner(store.path)):
+                log.warning("run %s: the owner of the shared training stopped without a result; training here", run.id)
+                share.write_owner(store.path, run, *_this_job())
+            log.info("run %s: shared training %s (log %s)", run.id, store.path, store.log)
+        return None
+    status = str(record.get("status", "failed"))
+    if status == "done":
+        log.info("run %s: reuses the shared training %s", run.id, store.path)
+        return "done"
+    blocked = run.blocked_by()
+    if blocked is not None:
+        log.warning(
+            "run %s: blocked by run %s, whose training this run shares, failed (%s); after fixing the "
+            "cause, submit the sweep again with --rerun failed",
+            run.id,
+            *blocked,
+        )
+        return "blocked"
+    if status == "failed":
+        return _failed_before(run, "train", record)
+    return status
+
+
+def _failed_before(run: RunDir, stage: str, record: dict[str, Any]) -> str:
+    log.warning(
+        "run %s: the %s stage failed before (%s); it is not retried on its own: "
+        "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
+        "redoes it once the cause is fixed",
+        run.id,
+        stage,
+        record.get("error", "no reason recorded"),
+        run.path,
+    )
+    return "failed"
+
+
+def _this_job() -> tuple[str, str]:
+    """(cluster, job id) of the job this process runs in, as a manifest records it."""
+    import os
+
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return "slurm", f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm", os.environ["SLURM_JOB_ID"]
+    return "local", str(os.getpid())
+
+
+@contextlib.contextmanager
+def _extra_log(path: Path | None) -> Iterator[None]:
+    """Also log to ``path`` meanwhile (a shared training keeps its own log in the shared store)."""
+    if path is None:
+        yield
+        return
+    root = logging.getLogger("pipeline")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _distributed_rank() -> int:
@@ -224,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rerun == "all":
         run.archive()
     elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
+        store = run.shared_store()
+        if stage == "train" and store is not None:  # a failed shared training: nobody can use it; kept aside
+            from pipeline import share
+
+            RunDir(store).archive()
+            share.write_owner(store, run, *_this_job())
         run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included
     status = execute(run.path)
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")
