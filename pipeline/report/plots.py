@@ -204,6 +204,7 @@ def render_accuracy(points: Sequence[Point], xlabel: str, title: str, path: Path
         ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=offset, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy, top-1 (%)")
+    ax.ticklabel_format(useOffset=False)  # plain percentages, never "+9.1e1"
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -264,12 +265,13 @@ def render_sparsity(curves: Sequence[Curve], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     for c, colour in zip(curves, _colours([Curve(c.label, c.label, [], []) for c in curves])):
-        ax.plot(c.x, c.y, color=colour, linestyle="--", label=f"{c.label}: target")
+        ax.plot(c.x, c.y, color=colour, linestyle="--", marker="x", label=f"{c.label}: target")
         ax.plot(c.x, c.extra["measured"], color=colour, marker=".", linestyle="none", label=f"{c.label}: measured")
     if len(curves) <= MAX_LABELS // 2:
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("weights pruned (%)")
+    ax.set_ylim(0, 100)  # the whole range: a one-shot schedule is one point, not a zoomed offset axis
     ax.set_title("sparsity over training: schedule against measured")
     ax.grid(alpha=0.3)
     fig.tight_layout()
