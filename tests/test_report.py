@@ -299,8 +299,14 @@ def test_corrupt_metrics_and_config_are_named_and_the_rest_is_shown(tmp_path):
         finish(run, train_record())
     bad_metrics.metrics_path("measure").write_text('{"status": "done", "mod')
     bad_config.config.write_bytes(b"model: {name: [unclosed\n\x00")
-    r = run_cli("pipeline.collect", str(sweep_dir), "--no-plots", cwd=tmp_path)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    # odd values inside a well-formed record: a gap in the learning curve, no crash
+    m = good.read_metrics("train")
+    good.write_metrics(
+        "train", {**m, "history": [{"epoch": 1, "val_acc": "n/a", "train_loss": None}, {"epoch": 2, "val_acc": 0.5}]}
+    )
+    r = run_cli("pipeline.collect", str(sweep_dir), cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "warning" not in r.stderr, r.stderr
+    assert (sweep_dir / "plots/learning_curves.png").is_file()
     md = (sweep_dir / "results.md").read_text()
     assert f"{bad_metrics.metrics_path('measure')} is unreadable" in md
     assert f"**unreadable**: {bad_config.config} is unreadable" in md
@@ -476,3 +482,30 @@ def test_terminal_gets_a_rich_table_and_labels_are_kept_apart(study1, tmp_path):
     assert "| run |" in (sweep_dir / "results.md").read_text()  # the file is markdown either way
     near = [plots.Point("a", 1.0, 90.0, "r"), plots.Point("b", 1.1, 90.01, "r"), plots.Point("c", 5.0, 50.0, "r")]
     assert plots.label_offsets(near) == [(6, 4), (6, -12), (6, 4)]
+
+
+def test_collect_with_plots_never_imports_torch(tmp_path):
+    """The login-node rule with every output on: tables, plots (matplotlib), HParams."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    sweep_dir, runs = compression_sweep(tmp_path)
+    for run in runs:
+        run.write_metrics("train", {**run.read_metrics("train"), "history": history([0.5, 0.6])})
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['pipeline.collect', {str(sweep_dir)!r}]\n"
+        "try:\n"
+        "    runpy.run_module('pipeline.collect', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('MODULES', ','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split("MODULES", 1)[1].strip() == ""
+    assert len(list((sweep_dir / "plots").glob("*.png"))) == 3  # no sparsity log here: three plots
