@@ -21,6 +21,7 @@ from pipeline.artifacts import FP16, INT8, PRUNED, TRAINED, build_from_arch, loa
 from pipeline.rundir import RunDir
 from pipeline.train import (
     Phase,
+    divergence_metrics,
     evaluate,
     evaluate_test,
     fit,
@@ -151,7 +152,7 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     if result.sparsity:
         metrics["sparsity_log"] = result.sparsity
     if result.status == "diverged":
-        metrics["diverged_epoch"] = result.diverged_epoch
+        metrics.update(divergence_metrics(result))
         return metrics
     metrics.update(evaluate_test(model, ctx))
     log.info(
@@ -255,7 +256,7 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path))
         metrics.update({f"qat_{k}": v for k, v in history_metrics(result).items() if k != "status"})
         if result.status == "diverged":
-            return {**metrics, "status": "diverged", "diverged_epoch": result.diverged_epoch}
+            return {**metrics, "status": "diverged", **divergence_metrics(result)}
         gm = qz.convert_qat(prepared.to("cpu"))
     path = run.models / INT8
     sizes = qz.save_int8(gm, path, example)

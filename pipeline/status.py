@@ -87,10 +87,24 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             epoch = f"{stage} {epoch}"
         if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
             epoch = f"{failed} stage failed"
+        if state == "diverged":
+            epoch = diverged_where(run) or epoch
         out.append(
             RunState(run, state, job_id, job_state, epoch, progress.get("val_acc_best"), progress.get("elapsed_s"))
         )
     return out
+
+
+def diverged_where(run: RunDir) -> str:
+    """ "diverged at <stage> epoch E step S/N" from the first diverged stage's record ("" if it says less)."""
+    for stage, status in run.stage_statuses().items():
+        if status == "diverged":
+            m = run.read_metrics(stage) or {}
+            if m.get("diverged_step") is None:
+                return f"diverged at {stage} epoch {m['diverged_epoch']}" if m.get("diverged_epoch") else ""
+            phase = "train" if stage == "train" else ("qat" if stage == "quantize" else stage)
+            return f"diverged at {phase} epoch {m.get('diverged_epoch')} step {m['diverged_step']}/{m.get('steps_per_epoch')}"
+    return ""
 
 
 def _elapsed(seconds: float | None) -> str:
