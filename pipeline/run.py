@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
-from pipeline.rundir import STAGES, RunDir, atomic_write_json, atomic_write_text
+from pipeline.rundir import (
+    STAGES,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    disk_error,
+    release_space,
+    reserve_space,
+)
 
 EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
 
@@ -63,8 +71,27 @@ def execute(run_dir: str | Path) -> str:
     preempt.STOP.install()
     try:
         cfg = from_run_file(run.config)
+        if rank == 0:
+            # room for a failure record on a disk that fills up later (a disk already full fails here,
+            # before any work, naming the folder)
+            try:
+                reserve_space(run.path)
+            except OSError as e:
+                log.error("run %s: cannot write in %s: %s; free space, then submit again", run.id, run.path, e)
+                raise
         for stage in STAGES:
             done = run.read_metrics(stage)
+            if done is not None and done.get("status") == "failed" and done.get("resume") is True:
+                # it failed writing (full disk, quota, read-only) and its last checkpoint is intact
+                log.warning(
+                    "run %s: the %s stage stopped before on a failed write (%s); resuming it from its last checkpoint",
+                    run.id,
+                    stage,
+                    done.get("error"),
+                )
+                if rank == 0:
+                    run.metrics_path(stage).unlink(missing_ok=True)
+                done = None
             if done is not None:
                 if done.get("status") != "done":
                     if done.get("status") == "failed":
@@ -85,29 +112,53 @@ def execute(run_dir: str | Path) -> str:
                 if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
                     raise preempt.Preempted(preempt.STOP.signum or 0)
                 metrics = _stage_function(stage)(run, cfg)
+                metrics["wall_s"] = time.time() - started
+                if rank == 0:
+                    run.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
             except preempt.Preempted as p:
                 if rank == 0:
                     log.warning("run %s: %s", run.id, preempt.handle(p, int(cfg.slurm.max_requeues)))
                 return "preempted"
             except Exception as e:
-                log.error("stage %s failed:\n%s", stage, traceback.format_exc())
                 if rank == 0:
-                    run.write_metrics(
-                        stage,
-                        {"status": "failed", "error": f"{type(e).__name__}: {e}", "log": str(run.log), "stage": stage},
-                    )
+                    _record_failure(run, stage, e)
+                log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
                 raise
-            metrics["wall_s"] = time.time() - started
-            if rank == 0:
-                run.write_metrics(stage, metrics)
             if metrics["status"] != "done":
                 return str(metrics["status"])
         return "done"
     finally:
         preempt.STOP.restore()
+        if rank == 0:
+            release_space(run.path)
         if handler is not None:
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
+
+
+def _record_failure(run: RunDir, stage: str, e: Exception) -> None:
+    """metrics/<stage>.json as failed, with the error. When a write failed because the disk is full,
+    over quota or read-only, the record says ``resume: true``: the previous checkpoint is intact and
+    running the job again once there is space resumes the stage. The space reserved at the start is
+    freed first, so the record fits on a full disk."""
+    disk = disk_error(e)
+    record: dict[str, Any] = {
+        "status": "failed",
+        "error": f"{type(e).__name__}: {e}",
+        "log": str(run.log),
+        "stage": stage,
+    }
+    if disk is not None:
+        record.update(
+            error=f"{disk.filename}: {disk.strerror}" if disk.filename else f"{type(disk).__name__}: {disk}",
+            resume=True,
+            hint="free space (or fix the mount), then submit again: the run resumes from its last checkpoint",
+        )
+    release_space(run.path)
+    try:
+        run.write_metrics(stage, record)
+    except OSError as e2:
+        log.error("could not write the failure record %s either: %s", run.metrics_path(stage), e2)
 
 
 def _distributed_rank() -> int:
@@ -190,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = prepare_single(args.target, args.overrides, args.out)
     if args.rerun == "all":
         run.archive()
+    elif args.rerun == "failed" and run.resumable_failure() is not None:
+        pass  # a failed write (full disk): its checkpoint is intact and execute resumes it
     elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
         run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included
     status = execute(run.path)

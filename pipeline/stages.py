@@ -89,7 +89,7 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     arch = info["arch"]
     before = {**_weights(trained), "macs": count_macs(trained), "widths": _widths(trained)}
     ckpt_path = run.checkpoints / "prune.pt"
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, run if ctx.dist.is_main else None)
     epochs = int(p.epochs)
     torch.manual_seed(int(cfg.train.seed) + 1)  # the fine-tune's own, reproducible random stream
     pruner = None
@@ -253,7 +253,7 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = run.checkpoints / "qat.pt"
         schedule = OmegaConf.merge(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
         phase = Phase("qat", int(q.epochs), float(q.lr), schedule, ckpt_path, run.tensorboard / "qat")
-        result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path))
+        result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path, run if ctx.dist.is_main else None))
         metrics.update({f"qat_{k}": v for k, v in history_metrics(result).items() if k != "status"})
         if result.status == "diverged":
             return {**metrics, "status": "diverged", **divergence_metrics(result)}

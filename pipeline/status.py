@@ -43,6 +43,7 @@ class RunState:
     epoch: str
     val_acc_best: float | None
     elapsed_s: float | None
+    note: str = ""  # what the user should know: a fallback checkpoint, a failed write to resume
 
 
 def job_log(sweep_dir: Path, job_id: str) -> Path:
@@ -89,8 +90,20 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             epoch = f"{failed} stage failed"
         if state == "diverged":
             epoch = diverged_where(run) or epoch
+        notes = run.notes()
+        if state == "failed" and (why := run.resumable_failure()) is not None:
+            notes.append(f"{why.get('error')}: free space, then submit again to resume")
         out.append(
-            RunState(run, state, job_id, job_state, epoch, progress.get("val_acc_best"), progress.get("elapsed_s"))
+            RunState(
+                run,
+                state,
+                job_id,
+                job_state,
+                epoch,
+                progress.get("val_acc_best"),
+                progress.get("elapsed_s"),
+                "; ".join(notes),
+            )
         )
     return out
 
@@ -118,7 +131,9 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
     keys = list(dict.fromkeys(k for s in states for k in s.run.read_meta().get("swept", {})))
     titles = cli.short_keys(keys)
     table = Table(title=f"{sweep_dir}", title_justify="left")
-    for col in ["run", *[titles[k] for k in keys], "state", "job", "epoch", "best val acc", "elapsed", "log"]:
+    notes = any(s.note for s in states)
+    columns = ["run", *[titles[k] for k in keys], "state", "job", "epoch", "best val acc", "elapsed", "log"]
+    for col in columns + (["note"] if notes else []):
         table.add_column(col, no_wrap=col in ("run", "job"))
     colours = {"done": "green", "diverged": "yellow", "failed": "red", "running": "cyan", "stopped": "magenta"}
     for s in states:
@@ -136,6 +151,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
             f"{100 * s.val_acc_best:.2f}%" if s.val_acc_best is not None else "",
             _elapsed(s.elapsed_s),
             str(log),
+            *([s.note] if notes else []),
         )
     return table
 

@@ -298,6 +298,9 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_
             decisions.append(Decision(r, "skip-active", "job still queued or running"))
         elif rerun == "all":
             decisions.append(Decision(r, "rerun", f"was {status}"))
+        elif status == "failed" and (why := rd.resumable_failure()) is not None:
+            # a write failed (full disk, quota, read-only) and its checkpoint is intact: resume it
+            decisions.append(Decision(r, "resume", f"{why.get('stage', 'a')} stage failed writing: {why.get('error')}"))
         elif rerun == "failed" and status == "failed":
             stage = rd.failed_stage()
             decisions.append(

@@ -10,9 +10,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -160,3 +168,183 @@ def test_pruning_finetune_and_qat_that_diverge_stop_early_with_the_same_record(t
     record = qat.read_metrics("quantize")
     _assert_diverged_early(record, 3)
     assert "qat epoch 1 step" in qat.log.read_text() and not (qat.models / "int8.pt2").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. A corrupt latest checkpoint is survivable
+# --------------------------------------------------------------------------------------------------
+
+
+def _state(epoch: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(epoch))}, "optimizer": {}, "epoch": epoch}
+
+
+def test_checkpoint_rotation_keeps_the_previous_one_and_every_kill_point_loads(tmp_path, caplog):
+    from pipeline.train import load_checkpoint, previous_checkpoint, save_checkpoint
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    prev = previous_checkpoint(path)
+    assert prev.name == "last.prev.pt" and load_checkpoint(path) is None
+    for epoch in (1, 2, 3):
+        save_checkpoint(path, _state(epoch))
+    assert torch.load(path, weights_only=True)["epoch"] == 3 and torch.load(prev, weights_only=True)["epoch"] == 2
+    assert os.stat(path).st_ino != os.stat(prev).st_ino
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.prev.pt", "last.pt"]  # no temporaries left
+
+    # a kill after the previous file was renamed away and before the new one was in place (the
+    # rename fallback of file systems without hard links): only .prev is there, and it is used
+    os.replace(path, prev)
+    run = RunDir(tmp_path)
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        ckpt = load_checkpoint(path, run)
+    assert ckpt["epoch"] == 3 and f"checkpoint {path} is missing" in caplog.text
+    assert "resumed from the previous checkpoint last.prev.pt (epoch 3)" in run.notes()[0]
+
+
+def test_unreadable_latest_and_previous_checkpoint_is_an_error_naming_both(tmp_path):
+    from pipeline.train import load_checkpoint, previous_checkpoint
+
+    path = tmp_path / "prune.pt"
+    path.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="no previous checkpoint prune.prev.pt"):
+        load_checkpoint(path, RunDir(tmp_path))
+    previous_checkpoint(path).write_bytes(b"more garbage")
+    with pytest.raises(RuntimeError, match=r"prune\.pt cannot be loaded .*prune\.prev\.pt cannot be loaded either"):
+        load_checkpoint(path, RunDir(tmp_path))
+    assert path.read_bytes() == b"garbage"  # nothing moved when nothing could be loaded
+
+
+def _kill_when(proc: subprocess.Popen, out: Path, stage: str, epoch: int) -> None:
+    """SIGKILL ``proc`` a moment after its progress.json says ``stage`` finished ``epoch`` epochs."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        progress = list(out.glob("*/progress.json"))
+        if progress:
+            p = json.loads(progress[0].read_text() or "{}")
+            if p.get("stage") == stage and p.get("epoch", 0) >= epoch:
+                time.sleep(0.3)  # into the next epoch
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def _garble(path: Path) -> int:
+    """Replace ``path`` by its first half (a new file: the previous checkpoint is not touched); returns
+    the epoch it held."""
+    epoch = int(torch.load(path, weights_only=True)["epoch"])
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[: len(data) // 2])
+    return epoch
+
+
+def test_corrupt_latest_checkpoint_resumes_from_the_previous_one_in_training_and_pruning(tmp_path, synthetic_root):
+    extra = (
+        "train.epochs=4",
+        "prune.method=unstructured",
+        "prune.sparsity=0.5",
+        "prune.epochs=3",
+        "prune.frequency=3",
+        "measure.enabled=false",
+    )
+    unbroken = job(tmp_path, synthetic_root, *extra, out="a")
+    out_b = tmp_path / "b"
+    command = [sys.executable, "-m", "pipeline.run", *tiny(synthetic_root, *extra), "--out", str(out_b)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    for stage, name in (("train", "last"), ("prune", "prune")):
+        popen = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _kill_when(popen, out_b, stage, 2)
+        (run,) = list_runs(out_b)
+        assert run.read_metrics(stage) is None  # killed inside the stage
+        latest = run.checkpoints / f"{name}.pt"
+        epoch = _garble(latest)
+        prev_epoch = int(torch.load(run.checkpoints / f"{name}.prev.pt", weights_only=True)["epoch"])
+        assert prev_epoch == epoch - 1 >= 1
+        before = run.log.read_text()
+
+    # after the second garbling: run to the end (the first resume happened in the second Popen)
+    r = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = run.log.read_text()
+    for name in ("last", "prune"):
+        warning = f"WARNING: checkpoint {run.checkpoints / (name + '.pt')} cannot be loaded ("
+        assert warning in log and f"resumed from the previous checkpoint {name}.prev.pt (epoch " in log
+        assert (run.checkpoints / f"{name}.pt.corrupt").is_file()  # kept, out of the way
+    assert f"prune: resuming from {run.checkpoints / 'prune.pt'} at epoch {prev_epoch + 1}/3" in log[len(before) :]
+    assert log.count("training resnet20") == 1  # the training was never restarted from scratch
+    notes = run.notes()
+    assert len(notes) == 2 and "last.prev.pt" in notes[0] and "prune.prev.pt" in notes[1]
+    status = run_cli("pipeline.status", str(out_b), cwd=tmp_path, env={"COLUMNS": "2000"}, check=True).stdout
+    assert "note" in status and "resumed from the previous checkpoint prune.prev.pt" in status
+
+    # deterministic on a CPU: the same weights as the unbroken run, trained and pruned, bitwise
+    for file in ("trained.pt", "pruned.pt"):
+        sa = torch.load(unbroken.models / file, weights_only=True)["state_dict"]
+        sb = torch.load(run.models / file, weights_only=True)["state_dict"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), file
+    for stage in ("train", "prune"):
+        ma, mb = unbroken.read_metrics(stage), run.read_metrics(stage)
+        for key in ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc"):
+            assert ma[key] == mb[key], (stage, key)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. A full disk loses nothing (a real tmpfs: CI runs as root)
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, size_kb: int):
+    """A real tmpfs of ``size_kb`` KiB mounted at ``where`` (needs root, as in CI), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    where.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_full_disk_during_training_keeps_the_checkpoint_says_why_and_resumes_bitwise(tmp_path, synthetic_root):
+    extra = ("train.epochs=3", "measure.enabled=false")
+    unbroken = job(tmp_path, synthetic_root, *extra, out="a")
+    checkpoint_kb = (unbroken.checkpoints / "last.pt").stat().st_size // 1024
+    # room for everything of the first epoch and one checkpoint, not for the second one beside it
+    size_kb = 512 + checkpoint_kb * 3 // 2
+    with _tmpfs(tmp_path / "disk", size_kb) as disk:
+        out = disk / "runs"
+        r = run_cli("pipeline.run", *tiny(synthetic_root, *extra), "--out", str(out), cwd=tmp_path, timeout=900)
+        assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+        (run,) = list_runs(out)
+        last = run.checkpoints / "last.pt"
+        record = run.read_metrics("train")
+        # the record fits on the full disk and names the file and the reason; the run is failed
+        assert record["status"] == "failed" and record["error"] == f"{last}: No space left on device", record
+        assert record["resume"] is True and run.status() == "failed"
+        # the first message names them too, never torch's stream error
+        first = next(line for line in r.stdout.splitlines() if "failed" in line)
+        assert f"stage train failed: [Errno 28] No space left on device: '{last}'" in first
+        assert "basic_ios" not in r.stdout + r.stderr and "iostream" not in r.stdout + r.stderr
+        # the previous checkpoint is intact: epoch 1, loadable; no temporary left taking the space
+        assert torch.load(last, weights_only=True)["epoch"] == 1
+        assert not [p for p in run.checkpoints.iterdir() if p.name.startswith(".")]
+        status = run_cli("pipeline.status", str(out), cwd=tmp_path, env={"COLUMNS": "2000"}, check=True).stdout
+        assert "No space left on device: free space, then submit again to resume" in status
+
+        subprocess.run(["mount", "-o", "remount,size=65536k", str(disk)], check=True)  # space freed
+        again = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        log = run.log.read_text()
+        assert "resuming it from its last checkpoint" in log and f"resuming from {last} at epoch 2/3" in log
+        assert log.count("training resnet20") == 1
+        sa = torch.load(unbroken.models / "trained.pt", weights_only=True)["state_dict"]
+        sb = torch.load(run.models / "trained.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        ma, mb = unbroken.read_metrics("train"), run.read_metrics("train")
+        for key in ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc"):
+            assert ma[key] == mb[key], key
+        assert run.status() == "done"
