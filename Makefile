@@ -27,6 +27,7 @@ test: venv
 	bash tests/slurm/start.sh || echo "warning: the local Slurm cluster did not start; Slurm tests will fail" >&2
 	$(VENV)/bin/ruff check pipeline tests bench
 	$(VENV)/bin/ruff format --check pipeline tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 slurm-up:

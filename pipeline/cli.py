@@ -124,9 +124,10 @@ def print_table(
     if limit is not None and len(rows) > limit:
         tail = 5
         shown = [*rows[: limit - tail], None, *rows[-tail:]]
+    hidden = len(rows) - len(shown) + 1
     for row in shown:
         if row is None:
-            table.add_row(f"... {len(rows) - limit} more", *[""] * (len(headers) - 1), style="dim")
+            table.add_row(f"... {hidden} more", *[""] * (len(headers) - 1), style="dim")
         else:
             table.add_row(*(Text(c) for c in row))
     con.print(table)

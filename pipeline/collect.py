@@ -1,227 +1,287 @@
-"""``python -m pipeline.collect <out>/<sweep>``: one table row per run, from the run folders alone.
+"""``python -m pipeline.collect <out>/<sweep> [<out>/<other sweep> ...]``: a sweep's results, from the
+run folders alone. Torch-free.
 
-Prints a markdown table and writes ``results.md`` and ``results.csv`` into the sweep folder. Columns:
-the swept values, then training loss, train best acc, val loss, val best acc, test acc, status.
-Unfinished runs show their status in place of numbers. Also writes TensorBoard HParams into each run's
-tb/ folder (pipeline/tb_hparams.py), so ``tensorboard --logdir <out>/<sweep>`` shows the same table. Torch-free.
+Writes into the sweep folder (or next to ``--out FILE.md``):
+
+- ``results.md``: the runs table (one row per run: swept values, losses, accuracies, the compression
+  key figures when the sweep compresses, time, status; best values bold; seeds as mean ± std), then,
+  when some run prunes or quantizes, one block per training with every model it made (parameters,
+  size, top-1/top-5 error with the change from the base, memory, latency, CPU/CUDA time, reduction
+  factors), then every run that is not done with its reason, then the plots
+- ``results.csv`` (one row per run, full keys, raw numbers), ``models.csv`` (one row per model),
+  ``results.json`` (all of it)
+- ``plots/*.png`` (``--no-plots`` skips them) and TensorBoard HParams in each run's tb/ folder
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from pipeline import cli
 from pipeline.config import COMMAND_LINE, ConfigError
-from pipeline.rundir import STAGES, atomic_write_text, list_runs
+from pipeline.report import tables as tb
+from pipeline.report import writers
+from pipeline.report.failures import Failure, failures
+from pipeline.report.records import Record, gather
+from pipeline.rundir import atomic_write_text, list_runs
 
-# (column title, metrics/train.json key, formatter)
-METRIC_COLUMNS: list[tuple[str, str, str]] = [
-    ("training loss", "train_loss", "loss"),
-    ("train best acc", "train_acc_best", "pct"),
-    ("val loss", "val_loss", "loss"),
-    ("val best acc", "val_acc_best", "pct"),
-    ("test acc", "test_acc", "pct"),
-]
+TABLE_SHAPES = ("auto", "runs", "models")
 
 
-def _measured(r: dict[str, Any], model: str, key: str) -> Any:
-    """A figure of one model of a run from metrics/measure.json (None when not measured)."""
-    for entry in r["stages"].get("measure", {}).get("models") or []:
-        if isinstance(entry, dict) and entry.get("name") == model:
-            return entry.get(key)
-    return None
+@dataclass
+class Options:
+    table: str = "auto"  # auto: the models blocks too when some run prunes or quantizes
+    flat: bool = False  # models: one table of every model instead of one block per training
+    group_by: str | None = None
+    sort: str | None = None
+    reverse: bool = False
+    columns: list[str] | None = None
+    target_acc: float | None = None  # 0-1: a "time to N%" column from the per-epoch history
+    seeds: bool = True  # average runs that differ only in train.seed
+    plots: bool = True
+    hparams: bool = True
 
 
-def _stage(r: dict[str, Any], stage: str, key: str) -> Any:
-    m = r["stages"].get(stage) or {}
-    return m.get(key) if m.get("status") == "done" and m.get("method", "none") != "none" else None
+@dataclass
+class Report:
+    keys: list[str]
+    records: list[Record]
+    runs: list[tb.Table]
+    models: list[tb.Table]
+    raw_runs: tb.Table  # one row per run, never averaged or grouped: the CSV
+    not_finished: list[Failure]
+    plots: list[Path] = field(default_factory=list)
+    markdown: str = ""
 
 
-def _quant_acc(r: dict[str, Any]) -> Any:
-    return _stage(r, "quantize", "test_acc") if _stage(r, "quantize", "method") in ("int8", "qat") else None
-
-
-def _quant_size(r: dict[str, Any]) -> Any:
-    return _measured(r, "int8", "file_bytes") or (_stage(r, "quantize", "raw") if _quant_acc(r) is not None else None)
-
-
-# The compression stages' key figures, shown when any run of the sweep prunes or quantizes:
-# (column title, CSV key, value of a record, formatter). The full compression table is collect's own report.
-COMPRESSION_COLUMNS: list[tuple[str, str, Callable[[dict[str, Any]], Any], str]] = [
-    ("removed", "sparsity", lambda r: _stage(r, "prune", "sparsity"), "pct"),  # weights (or parameters) pruned
-    (
-        "pruned acc",
-        "pruned_test_acc",
-        lambda r: _stage(r, "prune", "test_acc") if _stage(r, "prune", "during") == "finetune" else None,
-        "pct",
-    ),
-    ("int8 acc", "int8_test_acc", _quant_acc, "pct"),
-    ("fp32 size", "fp32_bytes", lambda r: _measured(r, "trained", "file_bytes"), "bytes"),
-    ("int8 size", "int8_bytes", _quant_size, "bytes"),
-    (
-        "int8 gzip",
-        "int8_gzip_bytes",
-        lambda r: (
-            _measured(r, "int8", "file_gzip_bytes")
-            or (_stage(r, "quantize", "gzip") if _quant_acc(r) is not None else None)
-        ),
-        "bytes",
-    ),
-    ("fp32 ms/img", "fp32_latency_ms", lambda r: _measured(r, "trained", "latency_b1_ms"), "ms"),
-    ("int8 ms/img", "int8_latency_ms", lambda r: _measured(r, "int8", "latency_b1_ms"), "ms"),
-]
-
-
-def _compresses(records: list[dict[str, Any]]) -> bool:
-    return any(
-        (r["stages"].get(s) or {}).get("method", "none") != "none" for r in records for s in ("prune", "quantize")
-    )
-
-
-def _format(value: Any, kind: str) -> str:
-    if value is None:
-        return ""
-    if kind == "bytes":
-        return f"{float(value) / 1e6:.2f} MB" if value >= 1e5 else f"{float(value) / 1e3:.1f} kB"
-    if kind == "ms":
-        return f"{float(value):.2f}"
-    if kind == "pct":
-        return f"{100 * float(value):.2f}%"
-    if kind == "loss":
-        return f"{float(value):.4f}"
-    return cli.fmt(value)
-
-
-def gather(sweep_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """(swept keys, one record per run with its swept values, metrics and status)."""
-    runs = list_runs(sweep_dir)
-    records = []
-    for run in runs:
-        meta = run.read_meta()
-        stages = {stage: run.read_metrics(stage) or {} for stage in STAGES}
-        records.append(
-            {
-                "id": run.id,
-                "swept": meta.get("swept", {}),
-                "metrics": stages["train"],
-                "stages": stages,
-                "status": run.status(),
-                "progress": run.read_progress(),
-                "log": str(run.log),
-            }
+def _check(options: Options, keys: list[str], runs: tb.Table) -> None:
+    """Bad flags stop before anything is written: the flag, the value and what is allowed."""
+    if options.table not in TABLE_SHAPES:
+        raise ConfigError(
+            COMMAND_LINE, f"'{options.table}' is not allowed. Allowed values: {', '.join(TABLE_SHAPES)}.", key="--table"
         )
-    keys = list(dict.fromkeys(k for r in records for k in r["swept"]))
-    records.sort(key=lambda r: ([str(r["swept"].get(k, "")) for k in keys], r["id"]))
-    return keys, records
+    if options.group_by is not None and options.group_by not in keys:
+        allowed = ", ".join(keys) or "none (this sweep sweeps no key)"
+        raise ConfigError(
+            COMMAND_LINE, f"'{options.group_by}' is not a swept key. Allowed values: {allowed}.", key="--group-by"
+        )
+    names = [c.title for c in runs.columns]
+    for flag, wanted in (("--sort", [options.sort] if options.sort else []), ("--columns", options.columns or [])):
+        for name in wanted:
+            if runs.column(name) is None:
+                raise ConfigError(
+                    COMMAND_LINE, f"'{name}' is not a column. Allowed values: {', '.join(names)}.", key=flag
+                )
+    if options.target_acc is not None and not 0 < options.target_acc <= 1:
+        raise ConfigError(
+            COMMAND_LINE, f"{options.target_acc} is out of range: a fraction in (0, 1], e.g. 0.94.", key="--target-acc"
+        )
 
 
-def rows(keys: list[str], records: list[dict[str, Any]], *, raw: bool = False) -> tuple[list[str], list[list[str]]]:
-    titles = cli.short_keys(keys)
-    extra = COMPRESSION_COLUMNS if _compresses(records) else []
-    header = ["run"] + [titles[k] for k in keys] + [c[0] for c in METRIC_COLUMNS] + [c[0] for c in extra] + ["status"]
-    out = []
+def build(sweep_dirs: Sequence[Path], options: Options) -> Report:
+    """Read every run folder and build the tables (nothing written)."""
+    keys: list[str] = []
+    records: list[Record] = []
+    for d in sweep_dirs:
+        k, r = gather(d)
+        keys += [x for x in k if x not in keys]
+        records += r
+    several = len(sweep_dirs) > 1
+    runs = tb.runs_table(keys, records, sweep_column=several, target_acc=options.target_acc, seeds=options.seeds)
+    _check(options, keys, runs)
+    raw = tb.runs_table(keys, records, sweep_column=several, target_acc=options.target_acc, seeds=False)
+    if options.sort:
+        tb.sort_rows(runs, options.sort, options.reverse)
+    if options.columns:
+        runs = tb.select_columns(runs, options.columns)
+    run_tables = tb.group_tables(runs, options.group_by) if options.group_by else [runs]
+    shape = options.table
+    if shape == "auto":
+        shape = "models" if tb.compresses(records) else "runs"
+    models = (
+        [tb.drop_empty_columns(t) for t in tb.model_tables(keys, records, flat=options.flat)]
+        if shape == "models"
+        else []
+    )
+    not_finished: list[Failure] = []
+    for d in sweep_dirs:
+        not_finished += failures(d, [r for r in records if r.run.path.parent == Path(d)])
+    return Report(keys, records, run_tables, models, raw, not_finished)
+
+
+def _time_line(records: Sequence[Record]) -> str:
+    """The sweep's total wall time of training and fine-tunes, and GPU time (wall time x GPUs)."""
+    wall = gpu = 0.0
+    n = 0
     for r in records:
-        row = [r["id"]] + [cli.fmt(r["swept"].get(k, "")) for k in keys]
-        finished = r["metrics"].get("status") in ("done", "diverged")  # training's figures, once it ended
-        values = [(r["metrics"].get(key) if finished else None, kind) for _, key, kind in METRIC_COLUMNS]
-        values += [(get(r), kind) for _, _, get, kind in extra]
-        for value, kind in values:
-            row.append(("" if value is None else repr(value)) if raw else _format(value, kind))
-        status = r["status"]
-        if status == "running" and r["progress"]:
-            stage = r["progress"].get("stage", "train")
-            status = (
-                f"running ({'' if stage == 'train' else stage + ', '}epoch {r['progress'].get('epoch')}/"
-                f"{r['progress'].get('epochs')})"
-            )
-        elif status == "diverged" and r["metrics"].get("diverged_epoch"):
-            status = f"diverged (epoch {r['metrics']['diverged_epoch']})"
-        elif status == "failed":
-            stage = next((k for k, m in r["stages"].items() if m.get("status") == "failed"), None)
-            where = f"{stage} stage; " if stage and stage != "train" else ""
-            status = f"failed ({where}log {r['log']})" if not raw else "failed"
-        row.append(status)
-        out.append(row)
-    return header, out
+        seconds = sum(
+            v
+            for m in r.stages.values()
+            for key in ("train_time_s", "qat_train_time_s")
+            if (v := tb.number(m.get(key))) is not None
+        )
+        if seconds:
+            n += 1
+            wall += seconds
+            if str(r.metrics.get("device", "")).startswith("cuda"):
+                gpu += seconds * int(r.metrics.get("world_size") or 1)
+    if not n:
+        return ""
+    line = f"Training time (train and fine-tunes): {writers._hms(wall)} over {n} run(s)"
+    return line + (f", GPU time {writers._hms(gpu)}" if gpu else ", on CPUs") + "."
 
 
-def markdown(header: list[str], body: list[list[str]]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    numeric = [all(_looks_numeric(r[i]) for r in body if r[i]) and any(r[i] for r in body) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(esc(h) for h in header) + " |",
-        "|" + "|".join("---:" if n else "---" for n in numeric) + "|",
-    ]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in body]
-    return "\n".join(lines) + "\n"
-
-
-def _looks_numeric(s: str) -> bool:
-    try:
-        float(s.rstrip("%"))
-        return True
-    except ValueError:
-        return False
+def render_markdown(rep: Report, plot_base: Path | None = None) -> str:
+    several = len({r.sweep for r in rep.records}) > 1
+    parts = [writers.markdown(t) for t in rep.runs]
+    time_line = _time_line(rep.records)
+    if time_line:
+        parts.append(time_line + "\n")
+    if rep.models:
+        parts.append("## Models\n\n" + "\n".join(writers.markdown(t) for t in rep.models))
+    if rep.not_finished:
+        parts.append(writers.failures_markdown(rep.not_finished, sweep_column=several))
+    if rep.plots:
+        base = plot_base or Path(".")
+        links = [f"![{p.stem}]({os.path.relpath(p, base)})" for p in rep.plots]
+        parts.append("## Plots\n\n" + "\n".join(links) + "\n")
+    return "\n".join(parts)
 
 
-def to_csv(header: list[str], body: list[list[str]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(body)
-    return buf.getvalue()
+def write(rep: Report, md_path: Path, options: Options) -> dict[str, Path]:
+    """Every output file next to ``md_path`` (plots in a plots/ folder beside it)."""
+    folder = md_path.parent
+    stem = md_path.stem
+    if options.plots:
+        from pipeline.report.plots import plot_sweep
+
+        plot_dir = folder / ("plots" if stem == "results" else f"{stem}_plots")
+        rep.plots = plot_sweep(rep.keys, rep.records, plot_dir)
+    rep.markdown = render_markdown(rep, folder)
+    out = {"md": md_path, "csv": folder / f"{stem}.csv", "json": folder / f"{stem}.json"}
+    atomic_write_text(out["md"], rep.markdown)
+    atomic_write_text(out["csv"], writers.csv_text(rep.raw_runs))
+    if rep.models:
+        out["models_csv"] = folder / f"{'models' if stem == 'results' else stem + '_models'}.csv"
+        flat = tb.model_tables(rep.keys, rep.records, flat=True)
+        atomic_write_text(out["models_csv"], writers.csv_text(flat[0]) if flat else "")
+    extra: dict[str, Any] = {"swept_keys": rep.keys, "plots": [str(p) for p in rep.plots]}
+    atomic_write_text(out["json"], writers.to_json({"runs": rep.runs, "models": rep.models}, rep.not_finished, extra))
+    return out
 
 
-def collect(sweep_dir: Path) -> tuple[str, str]:
-    """Write results.md and results.csv into the sweep folder; returns (markdown, csv) text."""
-    keys, records = gather(sweep_dir)
-    header, body = rows(keys, records)
-    md = markdown(header, body)
-    raw_header, raw_body = rows(keys, records, raw=True)
-    # CSV keeps full dotted keys and unrounded numbers, for plotting and papers
-    extra = [c[1] for c in COMPRESSION_COLUMNS] if _compresses(records) else []
-    raw_header = ["run"] + keys + [c[1] for c in METRIC_COLUMNS] + extra + ["status"]
-    text = to_csv(raw_header, raw_body)
-    atomic_write_text(sweep_dir / "results.md", md)
-    atomic_write_text(sweep_dir / "results.csv", text)
+def _hparams(sweep_dir: Path, rep: Report) -> None:
     from pipeline.tb_hparams import write_hparams
 
+    records = [r for r in rep.records if r.run.path.parent == Path(sweep_dir)]
+    keys = list(dict.fromkeys(k for r in records for k in r.swept))
     try:
         write_hparams(sweep_dir, keys, records)  # after the tables: they never wait on TensorBoard
     except ImportError as e:  # tensorboard missing: only the optional TensorBoard view is lost
         print(f"warning: no TensorBoard HParams written ({e})", file=sys.stderr)
-    return md, text
+
+
+def collect(sweep_dir: Path, options: Options | None = None) -> tuple[str, str]:
+    """Write results.md, results.csv, results.json (and models.csv, plots) into the sweep folder and
+    the HParams into each run; returns (markdown, csv) text."""
+    options = options or Options()
+    rep = build([Path(sweep_dir)], options)
+    files = write(rep, Path(sweep_dir) / "results.md", options)
+    if options.hparams:
+        _hparams(Path(sweep_dir), rep)
+    return rep.markdown, files["csv"].read_text()
+
+
+def _print(con: Any, rep: Report, rich: bool) -> None:
+    if not rich:
+        con.print(rep.markdown, markup=False, highlight=False, soft_wrap=True)
+        return
+    for t in rep.runs:
+        con.print(writers.rich_table(t))
+    if line := _time_line(rep.records):
+        con.print(line, markup=False)
+    for t in rep.models:
+        con.print(writers.rich_table(t))
+    if rep.not_finished:
+        con.print(writers.failures_markdown(rep.not_finished), markup=False, highlight=False, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.collect", description=__doc__.split("\n\n")[0])
-    p.add_argument("sweep_dir", type=Path, help="a sweep's results folder, e.g. runs/optimizers")
+    p.add_argument(
+        "sweep_dirs", type=Path, nargs="+", metavar="SWEEP_DIR", help="results folders, e.g. runs/optimizers"
+    )
+    p.add_argument("--out", type=Path, help="write FILE.md (and FILE.csv, FILE.json, FILE_plots/) here instead")
+    p.add_argument(
+        "--table",
+        default="auto",
+        help="runs, models (one block per training), or auto (models too when the sweep compresses)",
+    )
+    p.add_argument("--flat", action="store_true", help="models: one row per model in one table")
+    p.add_argument("--group-by", metavar="KEY", help="one runs table per value of this swept key")
+    p.add_argument("--sort", metavar="COLUMN", help="sort the runs by a column (title or key), best first")
+    p.add_argument("--reverse", action="store_true", help="with --sort: the other way round")
+    p.add_argument("--columns", metavar="A,B,...", help="only these columns of the runs table (titles or keys)")
+    p.add_argument(
+        "--target-acc", type=float, metavar="FRACTION", help="add the training time until val acc first reached it"
+    )
+    p.add_argument("--per-seed", action="store_true", help="one row per seed (no mean ± std)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--format",
+        choices=("auto", "markdown", "rich"),
+        default="auto",
+        help="terminal output (auto: rich on a terminal)",
+    )
     args = p.parse_args(argv)
+    options = Options(
+        table=args.table,
+        flat=args.flat,
+        group_by=args.group_by,
+        sort=args.sort,
+        reverse=args.reverse,
+        columns=[c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None,
+        target_acc=args.target_acc,
+        seeds=not args.per_seed,
+        plots=not args.no_plots,
+    )
     con = cli.console()
     with cli.exit_on_config_error():
-        if not args.sweep_dir.is_dir():
-            raise ConfigError(COMMAND_LINE, f"'{args.sweep_dir}' is not a folder", key="sweep_dir")
-        if not list_runs(args.sweep_dir):
-            raise ConfigError(args.sweep_dir, "holds no run folders (*/config.yaml)")
+        for d in args.sweep_dirs:
+            if not d.is_dir():
+                raise ConfigError(COMMAND_LINE, f"'{d}' is not a folder", key="sweep_dir")
+            if not list_runs(d):
+                raise ConfigError(d, "holds no run folders (*/config.yaml)")
+        if args.out is not None and args.out.suffix != ".md":
+            raise ConfigError(COMMAND_LINE, f"'{args.out}' must be a markdown file name ending in .md", key="--out")
+        rep = build(args.sweep_dirs, options)
+    md_path = args.out or args.sweep_dirs[0] / "results.md"
+    if len(args.sweep_dirs) > 1 and args.out is None:
+        md_path = Path("comparison.md")
     with cli.exit_on_os_error():  # a read-only or full results folder: the path and the reason, exit 2
-        md, _ = collect(args.sweep_dir)
-    con.print(md, markup=False, highlight=False, soft_wrap=True)
-    con.print(f"wrote {args.sweep_dir / 'results.md'} and {args.sweep_dir / 'results.csv'}")
+        files = write(rep, md_path, options)
+        if options.hparams:
+            for d in args.sweep_dirs:
+                _hparams(d, rep)
+    rich = args.format == "rich" or (args.format == "auto" and con.is_terminal)
+    _print(con, rep, rich)
+    con.print("wrote " + ", ".join(str(f) for f in files.values()), markup=False, highlight=False, soft_wrap=True)
+    if rep.plots:
+        con.print(f"plots: {', '.join(str(p) for p in rep.plots)}", markup=False, highlight=False, soft_wrap=True)
     from pipeline.tb_hparams import HPARAMS_FILE
 
-    runs = list_runs(args.sweep_dir)
+    runs = [r for d in args.sweep_dirs for r in list_runs(d)]
     n = sum((r.tensorboard / HPARAMS_FILE).is_file() for r in runs)
     if n:
+        logdirs = " ".join(str(d) for d in args.sweep_dirs)
         con.print(
             f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard --logdir "
-            f"{args.sweep_dir} (restart a running TensorBoard to see changes)",
+            f"{logdirs} (restart a running TensorBoard to see changes)",
             markup=False,
             highlight=False,
             soft_wrap=True,

@@ -479,12 +479,19 @@ def compose(layers: Sequence[Layer]) -> DictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(
-            provenance.get(key, "config"), f"cannot resolve: {e.msg if hasattr(e, 'msg') else e}", key=key
+            provenance.get(str(key), "config"), f"cannot resolve: {e.msg if hasattr(e, 'msg') else e}", key=key
         ) from None
     cfg = OmegaConf.structured(Config)
     cfg.merge_with(container)
     validate(cfg, provenance)
     return cfg
+
+
+def as_dict(cfg: DictConfig, resolve: bool = False) -> dict[str, Any]:
+    """A config as plain nested dicts (what flatten and the run id read)."""
+    out = OmegaConf.to_container(cfg, resolve=resolve)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}
 
 
 def _apply(cfg: DictConfig, layers: Sequence[Layer], provenance: dict[str, str]) -> None:
@@ -558,7 +565,7 @@ _RULES = _rules()
 
 def validate(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> None:
     """Choices, ranges and cross-field rules; the error names the source that set the bad key."""
-    validate_flat(flatten(OmegaConf.to_container(cfg)), provenance)
+    validate_flat(flatten(as_dict(cfg)), provenance)
 
 
 def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None = None) -> None:
@@ -676,7 +683,7 @@ def from_run_file(path: str | os.PathLike) -> DictConfig:
 
 def run_id(cfg: DictConfig) -> str:
     """A short, stable hash of everything that can change a run's result."""
-    return tree_run_id(OmegaConf.to_container(cfg, resolve=True))
+    return tree_run_id(as_dict(cfg, resolve=True))
 
 
 def tree_run_id(tree: Mapping[str, Any]) -> str:
@@ -756,15 +763,15 @@ class Composer:
         self._provenance: dict[str, str] = {}
         _apply(cfg, self.shared, self._provenance)
         self._flat: dict[str, Any] | None = None
-        raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+        raw = flatten(as_dict(cfg, resolve=False))
         # Interpolations are resolved after the last layer; only environment lookups are known not to
         # depend on what later layers set. Anything else, or a failure, is left to compose() per run.
         if not any(
             _needs_full_compose(_ENV_INTERPOLATION.sub("", v) if isinstance(v, str) else v) for v in raw.values()
         ):
             try:
-                cfg = from_tree(OmegaConf.to_container(cfg, resolve=True))
-                self._flat = flatten(OmegaConf.to_container(cfg))
+                cfg = from_tree(as_dict(cfg, resolve=True))
+                self._flat = flatten(as_dict(cfg))
             except OmegaConfBaseException:
                 self._flat = None
         self._scratch = cfg  # values are converted by setting them here: any schema-typed config will do
@@ -789,7 +796,7 @@ class Composer:
     def compose_flat(self, layers: Sequence[Layer]) -> dict[str, Any]:
         """The validated dotted dict (schema order) of ``compose(shared + layers)``."""
         if self._flat is None or any(_needs_full_compose(v) for layer in layers for v in layer.values.values()):
-            return flatten(OmegaConf.to_container(compose(self.shared + list(layers))))
+            return flatten(as_dict(compose(self.shared + list(layers))))
         flat = dict(self._flat)
         provenance = dict(self._provenance)
         for layer in layers:

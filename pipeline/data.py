@@ -28,7 +28,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ def read_cifar_pickle(path: str | Path) -> dict[str, object]:
             raise ValueError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
-    return {_decode(k) if isinstance(k, bytes) else k: _decode(v) for k, v in obj.items()}
+    return {str(_decode(k) if isinstance(k, bytes) else k): _decode(v) for k, v in obj.items()}
 
 
 @dataclass
@@ -419,7 +419,7 @@ class DeviceLoader:
             else:
                 idx = order[lo:hi]
                 y = self._labels[idx]
-                if offsets is None:
+                if offsets is None or flips is None:
                     x = self._images[idx]
                 else:
                     x = self._windows[idx, offsets[0, lo:hi], offsets[1, lo:hi]]
@@ -524,12 +524,12 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Workers' seeds are drawn from self.generator when the iterator starts.
-        self.generator.manual_seed(_epoch_generator(self.seed, self.epoch, 1).initial_seed())
+        self.generator.manual_seed(int(_epoch_generator(self.seed, self.epoch, 1).initial_seed()))
         if self.num_workers > 0:
             yield from self.loader
             return
         state = torch.randint(0, 2**62, (), generator=self.generator).item()
-        rng = torch.Generator().manual_seed(state).get_state()
+        rng = torch.Generator().manual_seed(int(state)).get_state()
         it = iter(self.loader)
         while True:
             with torch.random.fork_rng(devices=[]):
@@ -605,7 +605,7 @@ def _synthetic_images(num_classes: int, per_class: tuple[int, int], seed: int):
     protos = _upsample(rng.standard_normal((num_classes, 3, 5, 5)), canvas)
     protos += 0.5 * _upsample(rng.standard_normal((num_classes, 3, 10, 10)), canvas)
     protos += 0.8 * rng.standard_normal((num_classes, 3, 1, 1))  # a mean colour per class
-    parts = {0: ([], []), 1: ([], [])}
+    parts: dict[int, tuple[list[Any], list[Any]]] = {0: ([], []), 1: ([], [])}
     for c in range(num_classes):
         for part, n in enumerate(per_class):
             windows = np.lib.stride_tricks.sliding_window_view(protos[c], (32, 32), axis=(1, 2))

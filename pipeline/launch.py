@@ -16,12 +16,15 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.manifest import comment_of
+from pipeline.procs import ProcessIdentity
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -87,7 +90,9 @@ def slurm_parameters(slurm: dict[str, Any], name: str) -> dict[str, Any]:
 def _slurm_section(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """A config's ``slurm`` section as a plain dict (configs come as DictConfigs or plain nested dicts)."""
     section = cfg["slurm"]
-    return OmegaConf.to_container(section) if isinstance(section, DictConfig) else dict(section)
+    out = OmegaConf.to_container(section) if isinstance(section, DictConfig) else dict(section)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}
 
 
 def _groups(cfgs: Sequence[DictConfig | Mapping[str, Any]], name: str) -> list[tuple[dict[str, Any], list[int]]]:
@@ -151,7 +156,7 @@ def _executor_parameters(params: dict[str, Any]) -> dict[str, Any]:
     from submitit.slurm.slurm import _convert_mem
 
     renamed = submitit.SlurmExecutor._equivalence_dict() or {}
-    out = {renamed.get(k, k): v for k, v in params.items()}
+    out: dict[str, Any] = {str(renamed.get(k, k)): v for k, v in params.items()}
     if "mem" in out:
         out["mem"] = _convert_mem(out["mem"])
     return out
@@ -176,10 +181,29 @@ def sbatch_headers(
 
 
 @dataclass
+class Rejected:
+    """Runs whose array was not submitted, and why (sbatch's own words)."""
+
+    run_ids: list[str]
+    reason: str
+    unreachable: bool = False  # the controller did not answer (rather than refusing the request)
+    token: str | None = None  # the token given to on_submitting, if the array got that far
+
+
+@dataclass
 class Submission:
     cluster: str
     job_ids: dict[str, str] = field(default_factory=dict)  # run id -> job id
+    # job id -> what identifies the job beyond its id, for the manifest (local jobs: see local_job_record)
+    job_records: dict[str, dict[str, Any]] = field(default_factory=dict)
     jobs: list[tuple[list[RunDir], Any]] = field(default_factory=list)  # (runs, submitit job)
+    rejected: list[Rejected] = field(default_factory=list)  # arrays sbatch did not take
+
+
+def _sbatch_error(e: BaseException) -> str:
+    """sbatch's message from submitit's error (its stderr), on one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:500]
 
 
 def _visible_gpu_count() -> int:
@@ -203,10 +227,21 @@ def submit(
     name: str,
     parallel: int = 1,
     max_size: int | None = None,
+    on_submitting: Callable[[str, list[str]], Any] | None = None,
+    on_submitted: Callable[[dict[str, str], str | None, dict[str, dict[str, Any]]], None] | None = None,
 ) -> Submission:
     """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
-    cluster's MaxArraySize."""
+    cluster's MaxArraySize.
+
+    ``on_submitting(token, run ids)`` is called before each sbatch, whose array carries the comment
+    ``pipeline.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token, job records)`` as soon as each
+    array (or local job, token None) is queued, before the next one is submitted, so that a kill midway
+    leaves a record of what is queued. An array that sbatch refuses is listed in
+    ``Submission.rejected`` (with its token) and the others are still submitted; once the
+    controller stops answering, the remaining arrays are not tried (each would wait for sbatch's own
+    timeouts) and are listed as unreachable."""
     import submitit
+    from submitit.core.utils import FailedJobError
 
     from pipeline.run import execute, execute_many
 
@@ -215,15 +250,35 @@ def submit(
         return sub
     log_folder = sweep_dir / "logs" / "%j"
     if cluster == "slurm":
+        unreachable: str | None = None
         for params, idx in _arrays(cfgs, name, max_size):
-            executor = submitit.SlurmExecutor(
+            run_ids = [runs[i].id for i in idx]
+            if unreachable is not None:
+                sub.rejected.append(Rejected(run_ids, f"not tried: {unreachable}", unreachable=True))
+                continue
+            slurm_executor = submitit.SlurmExecutor(
                 folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
             )
-            executor.update_parameters(**_executor_parameters(params))
+            token = uuid.uuid4().hex[:16]
+            slurm_executor.update_parameters(**_executor_parameters(params), comment=comment_of(token))
             paths = [str(runs[i].path) for i in idx]
-            jobs = executor.map_array(execute, paths)
+            if on_submitting is not None:
+                on_submitting(token, run_ids)
+            try:
+                jobs = slurm_executor.map_array(execute, paths)
+            except (FailedJobError, OSError) as e:
+                reason = _sbatch_error(e)
+                # refused, or no answer at all? Asking the controller tells them apart.
+                down = not slurm_controller_answers()
+                sub.rejected.append(Rejected(run_ids, reason, unreachable=down, token=token))
+                if down:
+                    unreachable = "the Slurm controller does not answer (scontrol ping)"
+                continue
+            queued = {runs[i].id: job.job_id for i, job in zip(idx, jobs)}
+            if on_submitted is not None:
+                on_submitted(queued, token, {})
+            sub.job_ids.update(queued)
             for i, job in zip(idx, jobs):
-                sub.job_ids[runs[i].id] = job.job_id
                 sub.jobs.append(([runs[i]], job))
         return sub
 
@@ -240,10 +295,25 @@ def submit(
     for s in range(slots):
         share = [runs[i] for i in range(s, len(runs), slots)]
         job = executor.submit(execute_many, [str(r.path) for r in share])
-        for r in share:
-            sub.job_ids[r.id] = str(job.job_id)
+        queued = {r.id: str(job.job_id) for r in share}
+        if cluster == "local":
+            sub.job_records[str(job.job_id)] = local_job_record(job)
+        if on_submitted is not None:
+            on_submitted(queued, None, sub.job_records)
+        sub.job_ids.update(queued)
         sub.jobs.append((share, job))
     return sub
+
+
+def local_job_record(job: Any) -> dict[str, Any]:
+    """What names a submitit local job for as long as it exists: its controller's PID (the job id, which
+    forwards SIGINT/SIGTERM to the training and whose death by SIGKILL stops it too), that process's
+    start time, host and boot, and the result file submitit writes when the job's function returns."""
+    ident = ProcessIdentity.of(int(job.job_id))
+    record: dict[str, Any] = {"result": str(job.paths.result_pickle)}
+    if ident is not None:
+        record.update(started=ident.started, host=ident.host, boot_id=ident.boot_id)
+    return record
 
 
 def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -> dict[str, str]:
@@ -296,27 +366,41 @@ def export_distributed_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def active_jobs(jobs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all."""
+def active_jobs(
+    jobs: Sequence[tuple[str, str]], records: Mapping[str, Mapping[str, Any]] | None = None
+) -> set[tuple[str, str]]:
+    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all.
+    ``records``: job id -> its manifest entry (local jobs are recognised by more than their id).
+    Raises :class:`pipeline.slurm_cli.SlurmUnreachable` when squeue does not answer."""
     slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
     states: dict[str, str] = {}
     if slurm_ids:
         from pipeline import slurm_cli
 
-        states = {j: s for j, s in slurm_cli.job_states(slurm_ids).items() if s in slurm_cli.ACTIVE_STATES}
-    return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j))}
+        states = {j: s for j, s in slurm_cli.job_states(slurm_ids, strict=True).items() if s in slurm_cli.ACTIVE_STATES}
+    records = records or {}
+    return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j, records.get(j)))}
 
 
-def job_is_active(cluster: str, job_id: str) -> bool:
-    """Whether a job recorded in a manifest is still queued or running."""
+def local_job_identity(job_id: str, entry: Mapping[str, Any] | None) -> ProcessIdentity | None:
+    """The identity of a local job's controller from its manifest entry (PID only for entries written
+    before start times were recorded), or None for a malformed id."""
+    return ProcessIdentity.from_record({**(entry or {}), "pid": job_id})
+
+
+def job_is_active(cluster: str, job_id: str, entry: Mapping[str, Any] | None = None) -> bool:
+    """Whether a job recorded in a manifest (``entry``: its manifest entry) is still queued or running.
+
+    A local job is its controller process: active while that very process (same start time) lives and
+    is no zombie, and submitit has not yet written the job's result (the controller outlives the work by
+    a moment). A local job recorded on another host cannot be looked at from here and counts as active."""
     if cluster == "local":
-        try:
-            os.kill(int(job_id), 0)
-        except (ProcessLookupError, ValueError):
+        ident = local_job_identity(job_id, entry)
+        if ident is None:
             return False
-        except PermissionError:
-            return True
-        return True
+        if entry and entry.get("result") and Path(str(entry["result"])).exists():
+            return False
+        return ident.is_alive() if ident.on_this_machine() else True
     if cluster == "slurm":
         from pipeline import slurm_cli
 

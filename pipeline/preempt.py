@@ -66,24 +66,26 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def handle(p: Preempted, max_requeues: int) -> str:
+def handle(p: Preempted, max_requeues: int) -> tuple[str | None, str]:
     """After a stage stopped on a signal: requeue on SIGUSR2 (time limit) within ``max_requeues``.
 
-    Returns what happened, for the log. On SIGTERM Slurm is already requeueing or cancelling the job.
+    Returns (how the run ended as a word of :data:`pipeline.endings.STATES`, or None when it goes on in
+    a requeued job; what happened, for the log). On SIGTERM Slurm is already requeueing or cancelling
+    the job; which of the two, the job cannot tell (sacct can).
     """
     job = slurm_job_id()
     if p.signum != signal.SIGUSR2:
-        return "stopped on SIGTERM (preempted, requeued or cancelled by Slurm)"
+        return "stopped", "stopped on SIGTERM (preempted, requeued or cancelled by Slurm)"
     if job is None:
-        return "stopped on SIGUSR2 outside Slurm: run the same command again to resume"
+        return "stopped", "stopped on SIGUSR2 outside Slurm: run the same command again to resume"
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if restarts >= max_requeues:
-        return (
+        return "time-limit", (
             f"time limit near and slurm.max_requeues={max_requeues} requeues used: not requeued; "
             "submit the sweep again to resume"
         )
     from pipeline import slurm_cli
 
     if slurm_cli.requeue(job):
-        return f"time limit near: job {job} requeued ({restarts + 1}/{max_requeues})"
-    return f"time limit near: requeue of job {job} failed; submit the sweep again to resume"
+        return None, f"time limit near: job {job} requeued ({restarts + 1}/{max_requeues})"
+    return "time-limit", f"time limit near: requeue of job {job} failed; submit the sweep again to resume"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 import traceback
@@ -48,7 +49,6 @@ def _attach_log(run: RunDir, to_file: bool = True) -> logging.Handler | None:
         root.addHandler(stream)
     if not to_file:
         return None
-    run.path.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run.log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root.addHandler(handler)
@@ -63,13 +63,26 @@ def execute(run_dir: str | Path) -> str:
     the log path) and raised again, so the scheduler marks the job failed too. In a multi-task job every
     rank runs this; only rank 0 writes the log file and the metrics.
     """
-    from pipeline import preempt
+    from pipeline import endings, owner, preempt
 
     run = RunDir(Path(run_dir))
+    if not run.config.is_file():  # never create a run folder here: sweep or prepare_single writes it
+        message = f"{run.config} does not exist (was the run folder deleted?); nothing is written"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise owner.RunFolderVanished(message)
     rank = _distributed_rank()
     handler = _attach_log(run, to_file=rank == 0)
     preempt.STOP.install()
+    ownership: owner.Ownership | None = None
     try:
+        if rank == 0:
+            try:
+                ownership = owner.acquire(run)
+            except owner.RunBusy as e:
+                log.error("run %s: %s", run.id, e)
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                raise
+            endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
         cfg = from_run_file(run.config)
         if rank == 0:
             # room for a failure record on a disk that fills up later (a disk already full fails here,
@@ -80,6 +93,8 @@ def execute(run_dir: str | Path) -> str:
                 log.error("run %s: cannot write in %s: %s; free space, then submit again", run.id, run.path, e)
                 raise
         for stage in STAGES:
+            if ownership is not None:
+                ownership.check()
             done = run.read_metrics(stage)
             if done is not None and done.get("status") == "failed" and done.get("resume") is True:
                 # it failed writing (full disk, quota, read-only) and its last checkpoint is intact
@@ -117,9 +132,16 @@ def execute(run_dir: str | Path) -> str:
                     run.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
             except preempt.Preempted as p:
                 if rank == 0:
-                    log.warning("run %s: %s", run.id, preempt.handle(p, int(cfg.slurm.max_requeues)))
+                    ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
+                    log.warning("run %s: %s", run.id, message)
+                    if ending is not None:  # for status and collect when sacct cannot tell
+                        endings.write_ending(run, ending, message, stage=stage, job_id=preempt.slurm_job_id())
                 return "preempted"
+            except owner.RunFolderVanished:
+                raise
             except Exception as e:
+                if ownership is not None:
+                    ownership.check()  # a failure caused by a deleted folder is not written back into it
                 if rank == 0:
                     _record_failure(run, stage, e)
                 log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
@@ -127,7 +149,14 @@ def execute(run_dir: str | Path) -> str:
             if metrics["status"] != "done":
                 return str(metrics["status"])
         return "done"
+    except owner.RunFolderVanished as e:
+        message = f"run {run.id}: {e}; stopped"
+        log.error("%s", message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise
     finally:
+        if ownership is not None:
+            ownership.release()
         preempt.STOP.restore()
         if rank == 0:
             release_space(run.path)
@@ -164,8 +193,6 @@ def _record_failure(run: RunDir, stage: str, e: Exception) -> None:
 def _distributed_rank() -> int:
     """This process's data-parallel rank; in a multi-task Slurm job the torch.distributed variables are
     exported from Slurm's first (through submitit's helper)."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from pipeline.launch import export_distributed_env
 
@@ -176,6 +203,12 @@ def _distributed_rank() -> int:
 def execute_many(run_dirs: Sequence[str | Path]) -> dict[str, str]:
     """Run folders one after another (a local job slot); a failing run does not stop the others, a stop
     signal does."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and os.environ.get("SUBMITIT_LOCAL_JOB_ID", "").isdigit():
+        # submitit's local controller (the job id users see) forwards SIGTERM and SIGINT to this process
+        # but cannot forward SIGKILL: without this a `kill -9` of it would leave the training orphaned.
+        from pipeline.procs import die_with_parent
+
+        die_with_parent(expected_parent=int(os.environ["SUBMITIT_LOCAL_JOB_ID"]))
     out: dict[str, str] = {}
     for d in run_dirs:
         try:

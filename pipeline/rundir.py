@@ -10,6 +10,7 @@ and collect/status (read them). Torch-free.
         checkpoints/         last.pt (training), prune.pt, qat.pt: written atomically every epoch
         models/              trained.pt, pruned.pt, int8.pt2, fp16.pt: every model the run made
         tb/                  TensorBoard event files (tb/prune, tb/qat: fine-tunes; tb/sparsity: by step)
+        ending.json          how the last job stopped early on a signal (pipeline.endings), if it did
         archive/<time>/      what --rerun moved aside (nothing is deleted; tb/ packed as tb.tar)
 """
 
@@ -90,6 +91,52 @@ def process_umask() -> int:
         return _UMASK
 
 
+class RunFolderVanished(FileNotFoundError):
+    """The run folder a job works in was deleted (or replaced by a new one) under it."""
+
+
+# Run folders a job in this process works in -> (st_dev, st_ino) when it started: writes below them
+# must not recreate the folder once it is gone, or a deleted run comes back holding one stray file.
+_GUARDED: dict[Path, tuple[int, int]] = {}
+
+
+def folder_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def guard_folder(path: Path) -> None:
+    """Remember ``path`` (an existing run folder) as it is now; see :func:`check_folder`."""
+    key = folder_key(path)
+    if key is None:
+        raise RunFolderVanished(f"run folder {path} does not exist")
+    _GUARDED[Path(os.path.abspath(path))] = key
+
+
+def unguard_folder(path: Path) -> None:
+    _GUARDED.pop(Path(os.path.abspath(path)), None)
+
+
+def check_folder(path: Path) -> None:
+    """Raise :class:`RunFolderVanished` when ``path`` lies in a guarded run folder that is no longer the
+    folder it was (deleted, moved away, or deleted and created again)."""
+    absolute = Path(os.path.abspath(path))
+    for root, key in _GUARDED.items():
+        if (absolute == root or root in absolute.parents) and folder_key(root) != key:
+            raise RunFolderVanished(
+                f"run folder {root} was deleted or replaced while this job was running; nothing more is written there"
+            )
+
+
+def make_parent(path: Path) -> None:
+    """``path``'s folder, created if missing, unless that would recreate a vanished run folder."""
+    check_folder(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync (unless the caller syncs many files at once
     later), then rename over ``path``. The file gets the mode a plain ``open()`` would (0o666 less the
@@ -100,7 +147,7 @@ def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
 def atomic_write_bytes(path: Path, data: bytes | memoryview, fsync: bool = True) -> None:
     """:func:`atomic_write_text` for bytes. A failed write (a full disk, a quota, a read-only file
     system) leaves ``path`` as it was and raises OSError naming ``path`` with the system's reason."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -269,7 +316,7 @@ class RunDir:
     def read_progress(self) -> dict[str, Any]:
         progress = read_json(self.progress)
         ok = isinstance(progress, dict) and all(k in progress for k in ("epoch", "epochs"))
-        return progress if ok else {}
+        return progress if ok and isinstance(progress, dict) else {}
 
     def notes(self) -> list[str]:
         """What the job wants a user to see in status (e.g. a checkpoint it could not load)."""

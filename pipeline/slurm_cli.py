@@ -19,8 +19,13 @@ ACTIVE_STATES = (
     "SIGNALING",
     "STAGE_OUT",
     "STOPPED",
-    "PREEMPTED",
 )
+# PREEMPTED is not in ACTIVE_STATES: a preempted job that Slurm requeues is PENDING again in squeue
+# (which is asked first); one that sacct alone reports as PREEMPTED has ended.
+
+
+class SlurmUnreachable(Exception):
+    """squeue did not answer: which jobs are queued cannot be told."""
 
 
 def _run(cmd: list[str], timeout_s: float = 20.0) -> str | None:
@@ -33,19 +38,31 @@ def _run(cmd: list[str], timeout_s: float = 20.0) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
+def controller_answers(timeout_s: float = 10.0) -> bool:
+    """``scontrol ping`` reports the controller UP."""
+    out = _run(["scontrol", "ping"], timeout_s)
+    return out is not None and " is UP" in out
+
+
 def _base_id(job_id: str) -> str:
     return job_id.split("_", 1)[0]
 
 
-def job_states(job_ids: Iterable[str]) -> dict[str, str]:
+def job_states(job_ids: Iterable[str], strict: bool = False, full: bool = False) -> dict[str, str]:
     """State of each job or array task (``123`` or ``123_4``): squeue for live jobs, then sacct for
-    ended ones. Jobs neither tool knows are left out."""
+    ended ones. Jobs neither tool knows are left out. With ``strict``, an squeue that does not answer
+    raises :class:`SlurmUnreachable` (a submitter must not take "unknown" for "not queued"). With
+    ``full``, sacct's state is kept whole ("CANCELLED by 1000"), else its first word."""
     wanted = {str(j) for j in job_ids}
     if not wanted:
         return {}
     bases = sorted({_base_id(j) for j in wanted})
     states: dict[str, str] = {}
     out = _run(["squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i|%T"])
+    # squeue also exits non-zero when it knows none of the ids ("Invalid job id specified": all ended
+    # and purged); only a controller that does not answer leaves the queue unknown
+    if out is None and strict and not controller_answers():
+        raise SlurmUnreachable("squeue did not answer (is the Slurm controller up? try: scontrol ping)")
     for line in (out or "").splitlines():
         jid, _, state = line.strip().partition("|")
         if jid in wanted:
@@ -60,7 +77,7 @@ def job_states(job_ids: Iterable[str]) -> dict[str, str]:
         remainder: dict[str, str] = {}
         for line in (out or "").splitlines():
             jid, _, state = line.strip().partition("|")
-            state = state.split()[0] if state else state
+            state = state.strip() if full else (state.split() or [""])[0]
             if jid in missing:
                 states[jid] = state
             elif "_[" in jid:
@@ -73,6 +90,24 @@ def job_states(job_ids: Iterable[str]) -> dict[str, str]:
             if "_" in jid and (ranges.get(jid) or remainder.get(_base_id(jid))):
                 states[jid] = ranges.get(jid) or remainder[_base_id(jid)]
     return states
+
+
+def queued_comments() -> dict[str, list[str]]:
+    """comment -> ids of this user's queued or running jobs and array tasks carrying it (squeue).
+    Raises :class:`SlurmUnreachable` when the controller does not answer."""
+    import getpass
+
+    out = _run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%k"])
+    if out is None:
+        if not controller_answers():
+            raise SlurmUnreachable("squeue did not answer (is the Slurm controller up? try: scontrol ping)")
+        return {}
+    found: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        jid, _, comment = line.strip().partition("|")
+        if jid and comment and comment != "(null)":
+            found.setdefault(comment, []).append(jid)
+    return found
 
 
 def _array_tasks(spec: str) -> list[int]:

@@ -43,6 +43,13 @@ def _to_device(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Mo
     return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
 
 
+def _merged(schedule: DictConfig, changes: dict[str, Any]) -> DictConfig:
+    """The training's schedule section with a phase's own settings over it."""
+    out = OmegaConf.merge(schedule, changes)
+    assert isinstance(out, DictConfig)
+    return out
+
+
 def _weights(model: nn.Module) -> dict[str, int]:
     """Parameters and non-zero parameters."""
     params = list(model.parameters())
@@ -87,7 +94,7 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
 
     ctx = setup(cfg)
     arch = info["arch"]
-    before = {**_weights(trained), "macs": count_macs(trained), "widths": _widths(trained)}
+    before: dict[str, Any] = {**_weights(trained), "macs": count_macs(trained), "widths": _widths(trained)}
     ckpt_path = run.checkpoints / "prune.pt"
     ckpt = load_checkpoint(ckpt_path, run if ctx.dist.is_main else None)
     epochs = int(p.epochs)
@@ -116,7 +123,7 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         if epochs == 0:
             pruner.prune_to(float(p.sparsity))
 
-    schedule = OmegaConf.merge(cfg.schedule, {"name": str(p.lr_schedule), "warmup_epochs": float(p.warmup_epochs)})
+    schedule = _merged(cfg.schedule, {"name": str(p.lr_schedule), "warmup_epochs": float(p.warmup_epochs)})
     phase = Phase(
         "prune",
         epochs,
@@ -129,7 +136,7 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     )
     result = fit(model, ctx, phase, run, ckpt)
     metrics: dict[str, Any] = history_metrics(result)
-    after = {**_weights(model), "macs": count_macs(model), "widths": _widths(model)}
+    after: dict[str, Any] = {**_weights(model), "macs": count_macs(model), "widths": _widths(model)}
     if pruner is not None:  # the pruned tensors' sparsity (the target), per layer, and over all weights
         rep = pruner.report()
         metrics.update(
@@ -249,9 +256,9 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         train_example = next(iter(ctx.test_loader))[0][:2]
         torch.manual_seed(int(cfg.train.seed) + 2)
         prepared = qz.prepare_qat(model, train_example)
-        prepared.pipeline_set_mode = lambda training: qz.set_exported_mode(prepared, training)
+        prepared.pipeline_set_mode = lambda training: qz.set_exported_mode(prepared, training)  # type: ignore[assignment]
         ckpt_path = run.checkpoints / "qat.pt"
-        schedule = OmegaConf.merge(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
+        schedule = _merged(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
         phase = Phase("qat", int(q.epochs), float(q.lr), schedule, ckpt_path, run.tensorboard / "qat")
         result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path, run if ctx.dist.is_main else None))
         metrics.update({f"qat_{k}": v for k, v in history_metrics(result).items() if k != "status"})

@@ -7,7 +7,6 @@ folders say, so a job that died without writing a result still shows as failed. 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -16,33 +15,27 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import cli, slurm_cli
 from pipeline.config import COMMAND_LINE, ConfigError
-from pipeline.rundir import RunDir, list_runs, read_json
-
-FAILED_JOB_STATES = (
-    "FAILED",
-    "TIMEOUT",
-    "CANCELLED",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "PREEMPTED",
-)
+from pipeline.endings import STATES, classify
+from pipeline.launch import local_job_identity
+from pipeline.manifest import read_manifest
+from pipeline.rundir import RunDir, list_runs
 
 
 @dataclass
 class RunState:
     run: RunDir
-    state: str  # pending | running | done | diverged | failed | stopped
+    state: str  # a word of pipeline.endings.STATES
     job_id: str
     job_state: str  # the scheduler's word, or "" when it has none
     epoch: str
     val_acc_best: float | None
     elapsed_s: float | None
+    reason: str = ""  # why it is in that state (pipeline.endings.classify), "" when the word says all
     note: str = ""  # what the user should know: a fallback checkpoint, a failed write to resume
 
 
@@ -52,10 +45,9 @@ def job_log(sweep_dir: Path, job_id: str) -> Path:
 
 
 def run_states(sweep_dir: Path) -> list[RunState]:
-    manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
-    entries = manifest["runs"]
+    entries = read_manifest(sweep_dir)["runs"]
     slurm_ids = [e["job_id"] for e in entries.values() if e["cluster"] == "slurm"]
-    sched = slurm_cli.job_states(slurm_ids) if slurm_ids else {}
+    sched = slurm_cli.job_states(slurm_ids, full=True) if slurm_ids else {}
     from pipeline.launch import job_is_active
 
     out = []
@@ -65,22 +57,13 @@ def run_states(sweep_dir: Path) -> list[RunState]:
         if entry.get("cluster") == "slurm":
             job_state = sched.get(job_id, "")
         elif entry.get("cluster") == "local":
-            job_state = "RUNNING" if job_is_active("local", job_id) else ""
+            job_state = "RUNNING" if job_is_active("local", job_id, entry) else ""
         else:
             job_state = ""
-        files = run.status()
-        if files in ("done", "diverged", "failed"):
-            state = files
-        elif job_state in slurm_cli.ACTIVE_STATES:
-            state = "running" if job_state in ("RUNNING", "COMPLETING") else "pending"
-            if job_state == "RUNNING" and entry.get("cluster") == "local" and files == "pending":
-                state = "pending"  # a local slot that has not reached this run yet
-        elif job_state and job_state.split()[0] in FAILED_JOB_STATES:
-            state = "failed"
-        elif files == "running" or job_state == "COMPLETED":
-            state = "stopped"  # started, not finished, no job alive: submit the sweep again to resume
-        else:
-            state = "pending" if not job_id else "stopped"
+        ending = classify(run, job_state, submitted=bool(job_id))
+        state, reason = ending.state, ending.reason
+        if state == "running" and entry.get("cluster") == "local" and run.status() == "pending":
+            state = "pending"  # a local slot that has not reached this run yet
         progress = run.read_progress()
         epoch = f"{progress['epoch']}/{progress['epochs']}" if progress else ""
         stage = progress.get("stage", "train") if progress else "train"
@@ -102,6 +85,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
                 epoch,
                 progress.get("val_acc_best"),
                 progress.get("elapsed_s"),
+                reason,
                 "; ".join(notes),
             )
         )
@@ -135,12 +119,10 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
     columns = ["run", *[titles[k] for k in keys], "state", "job", "epoch", "best val acc", "elapsed", "log"]
     for col in columns + (["note"] if notes else []):
         table.add_column(col, no_wrap=col in ("run", "job"))
-    colours = {"done": "green", "diverged": "yellow", "failed": "red", "running": "cyan", "stopped": "magenta"}
+    colours = {"done": "green", "diverged": "yellow", "running": "cyan", "stopped": "magenta", "pending": "white"}
     for s in states:
         swept = s.run.read_meta().get("swept", {})
-        state = f"[{colours.get(s.state, 'white')}]{s.state}[/]" + (
-            f" ({s.job_state})" if s.job_state and s.job_state.lower() != s.state else ""
-        )
+        state = f"[{colours.get(s.state, 'red')}]{s.state}[/]" + (f" ({escape(s.reason)})" if s.reason else "")
         log = s.run.log if s.run.log.exists() else (job_log(sweep_dir, s.job_id) if s.job_id else "")
         table.add_row(
             s.run.id,
@@ -157,10 +139,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
 
 
 def summary(states: list[RunState]) -> str:
-    counts = {
-        k: sum(1 for s in states if s.state == k)
-        for k in ("pending", "running", "done", "diverged", "failed", "stopped")
-    }
+    counts = {k: sum(1 for s in states if s.state == k) for k in STATES}
     return f"{len(states)} runs: " + ", ".join(
         f"{n} {k}" for k, n in counts.items() if n or k in ("pending", "running", "done", "failed")
     )
@@ -191,17 +170,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cancel(sweep_dir: Path, con: Console) -> int:
     states = run_states(sweep_dir)
     live = [s for s in states if s.state in ("pending", "running") and s.job_id]
-    slurm = sorted({s.job_id for s in live if s.job_state})
-    manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
-    local = sorted({s.job_id for s in live if manifest["runs"].get(s.run.id, {}).get("cluster") == "local"})
+    manifest = read_manifest(sweep_dir)
+    # scancel only Slurm jobs: a local job's id is a PID, and the same number may be someone's Slurm job
+    slurm = sorted(
+        {s.job_id for s in live if s.job_state and manifest["runs"].get(s.run.id, {}).get("cluster") == "slurm"}
+    )
+    local = {
+        s.job_id: manifest["runs"][s.run.id]
+        for s in live
+        if manifest["runs"].get(s.run.id, {}).get("cluster") == "local"
+    }
     if slurm:
         slurm_cli.cancel(slurm)
-    for pid in local:
-        try:
-            os.kill(int(pid), signal.SIGINT)  # submitit's local controller forwards it to the job
-        except (ProcessLookupError, ValueError):
-            pass
-    con.print(f"cancelled {len(set(slurm) | set(local))} job(s) of {len(live)} unfinished run(s)")
+    signalled = []
+    for job_id, entry in sorted(local.items()):
+        ident = local_job_identity(job_id, entry)
+        if ident is not None and not ident.on_this_machine():
+            con.print(f"[yellow]local job {job_id} runs on {ident.host}: cancel it there[/]")
+        # Only the recorded process itself (same start time): a reused PID belongs to someone else.
+        # submitit's local controller stops its job on SIGINT (SIGINT, then SIGKILL, to the training).
+        elif ident is not None and ident.send_signal(signal.SIGINT):
+            signalled.append(job_id)
+    con.print(f"cancelled {len(set(slurm) | set(signalled))} job(s) of {len(live)} unfinished run(s)")
     return 0
 
 

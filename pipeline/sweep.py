@@ -19,6 +19,7 @@ runs on login nodes.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -28,11 +29,12 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
-from pipeline import cli
+from pipeline import cli, manifest
 from pipeline.config import (
     COMMAND_LINE,
     Composer,
@@ -48,7 +50,12 @@ from pipeline.config import (
     tree_to_yaml,
     unflatten,
 )
-from pipeline.rundir import RunDir, atomic_write_json, atomic_write_text, clean_stale_temporaries, read_json
+from pipeline.rundir import RunDir, atomic_write_text, clean_stale_temporaries, read_json
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pipeline.launch import Submission
 
 SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -57,6 +64,9 @@ RERUN = ("failed", "all")
 # Runs one sweep file may expand to (before identical ones are merged). Checked before expanding: the plan
 # of a 10^8-point grid alone takes gigabytes; a study that big is several sweep files.
 MAX_RUNS = 100_000
+# Exit code when Slurm does not answer (before or during submission): nothing is wrong with the input,
+# try again later. Bad input, a refused sbatch request and a running second submission exit 2.
+EXIT_SLURM_DOWN = 3
 
 
 @dataclass
@@ -376,25 +386,34 @@ def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
         list(pool.map(sync, paths))
 
 
-def update_manifest(sweep_dir: Path, cluster: str, job_ids: dict[str, str]) -> Path:
-    """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history)."""
-    path = sweep_dir / "manifest.json"
-    manifest = read_json(path) or {"runs": {}, "history": []}
-    for rid, jid in job_ids.items():
-        manifest["runs"][rid] = {"cluster": cluster, "job_id": jid}
-    manifest["history"].append({"cluster": cluster, "job_ids": job_ids})
-    atomic_write_json(path, manifest)
-    return path
+def update_manifest(
+    sweep_dir: Path, cluster: str, job_ids: dict[str, str], job_records: dict[str, dict[str, Any]] | None = None
+) -> Path:
+    """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history), with what
+    else identifies the job (``job_records``, by job id: a local job's process start time); written
+    atomically. Called once per array, as soon as sbatch answers (see :mod:`pipeline.manifest`)."""
+    return manifest.record_submitted(sweep_dir, cluster, job_ids, job_records=job_records)
+
+
+ENDED_STATUSES = ("done", "diverged", "failed")
 
 
 def active_run_ids(sweep_dir: Path) -> set[str]:
-    """Runs of this sweep whose last job is still queued or running (so they are not submitted twice)."""
-    from pipeline import launch
+    """Runs of this sweep whose last job is still queued or running, or that a live job owns (so they are
+    not submitted twice). A local job that has already ended a run (its folder records done, diverged or
+    failed) no longer holds that run, even while the job goes on or is still exiting. Raises
+    :class:`pipeline.slurm_cli.SlurmUnreachable` when Slurm cannot say."""
+    from pipeline import launch, owner
 
-    manifest = read_json(sweep_dir / "manifest.json") or {"runs": {}}
-    jobs = {rid: (entry["cluster"], str(entry["job_id"])) for rid, entry in manifest["runs"].items()}
-    active = launch.active_jobs(list(jobs.values()))
-    return {rid for rid, job in jobs.items() if job in active}
+    entries = manifest.read_manifest(sweep_dir)["runs"]
+    jobs = {rid: (e["cluster"], e["job_id"]) for rid, e in entries.items()}
+    active = launch.active_jobs(list(jobs.values()), {e["job_id"]: e for e in entries.values()})
+    out = set()
+    for rid, job in jobs.items():
+        if job in active and not (job[0] == "local" and RunDir(sweep_dir / rid).status() in ENDED_STATUSES):
+            out.add(rid)
+    owned = (RunDir(p.parent) for p in sweep_dir.glob(f"*/{owner.OWNER_FILE}"))
+    return out | {r.id for r in owned if owner.live_owner(r) is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,42 +483,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console.print(header, markup=False, highlight=False)
         return 0
 
-    if args.no_submit:
-        with cli.exit_on_os_error():
-            decisions = plan(runs, sweep_dir, args.rerun, set())
-            write_runs(sweep_dir, spec, decisions)
-            # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
-            atomic_write_text(
-                sweep_dir / "array_runs.txt", "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions)
-            )
-        cli.print_plan(console, spec, decisions, show_all=args.all)
-        console.print(
-            f"{len(decisions)} run folders in {sweep_dir}/ (listed in array_runs.txt); submit them "
-            f"as a plain array with\n  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}"
-        )
-        return 0
+    from pipeline.submitlock import LockHeld, SubmitLock
 
+    # One submitter per sweep at a time: two would both see every run as not queued and both submit it.
+    lock = SubmitLock(sweep_dir, on_recover=lambda message: console.print(f"[yellow]{message}[/]"))
+    try:
+        with cli.exit_on_os_error():
+            lock.acquire()
+    except LockHeld as e:
+        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        return cli.EXIT_USAGE
+    try:
+        if args.no_submit:
+            return _write_only(args, console, spec, runs, sweep_dir)
+        code, submission, cluster = _submit(args, console, spec, runs, sweep_dir)
+    finally:
+        lock.release()
+    if code != 0 or submission is None:
+        return code
     from pipeline import launch
 
-    cluster = launch.resolve_cluster(args.cluster)
-    with cli.exit_on_os_error():  # before anything is submitted
-        decisions = plan(runs, sweep_dir, args.rerun, active_run_ids(sweep_dir))
-        to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
-        write_runs(sweep_dir, spec, to_submit)
-    submission = launch.submit(
-        [RunDir(sweep_dir / d.run.id) for d in to_submit],
-        [d.run.config for d in to_submit],
-        cluster=cluster,
-        sweep_dir=sweep_dir,
-        name=spec.name,
-        parallel=args.parallel,
-    )
-    if submission.job_ids:
-        update_manifest(sweep_dir, cluster, submission.job_ids)
-    cli.print_plan(console, spec, decisions, job_ids=submission.job_ids, cluster=cluster, show_all=args.all)
-    console.print(
-        f"[bold]{len(to_submit)}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; results in {sweep_dir}/"
-    )
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
         console.print("waiting for the runs to finish")
         statuses = launch.wait(submission, console)
@@ -511,6 +514,115 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
     return 0
+
+
+def _write_only(
+    args: argparse.Namespace, console: Console, spec: SweepSpec, runs: list[PlannedRun], sweep_dir: Path
+) -> int:
+    """``--no-submit``: the run folders and array_runs.txt, for sbatch/array.sh."""
+    with cli.exit_on_os_error():
+        decisions = plan(runs, sweep_dir, args.rerun, set())
+        write_runs(sweep_dir, spec, decisions)
+        # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
+        atomic_write_text(
+            sweep_dir / "array_runs.txt", "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions)
+        )
+    cli.print_plan(console, spec, decisions, show_all=args.all)
+    console.print(
+        f"{len(decisions)} run folders in {sweep_dir}/ (listed in array_runs.txt); submit them "
+        f"as a plain array with\n  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}"
+    )
+    return 0
+
+
+def _cluster_for(args: argparse.Namespace, sweep_dir: Path) -> tuple[str, str | None]:
+    """(the cluster to submit to, why submitting now is impossible or None). A sweep whose manifest
+    names Slurm jobs is not silently moved to the local executor by ``auto`` when the controller is down."""
+    from pipeline import slurm_cli
+
+    if args.cluster == "auto":
+        if slurm_cli.controller_answers():
+            return "slurm", None
+        if any(c == "slurm" for c, _ in manifest.run_jobs(sweep_dir).values()):
+            return "slurm", (
+                "the Slurm controller does not answer (scontrol ping) and this sweep's manifest names Slurm "
+                "jobs; nothing was submitted: try again when Slurm answers, or pass --cluster local to train here"
+            )
+        return "local", None
+    if args.cluster == "slurm" and not slurm_cli.controller_answers():
+        return "slurm", "the Slurm controller does not answer (scontrol ping); nothing was submitted: try again later"
+    return args.cluster, None
+
+
+def _submit(
+    args: argparse.Namespace, console: Console, spec: SweepSpec, runs: list[PlannedRun], sweep_dir: Path
+) -> tuple[int, Submission | None, str]:
+    """Plan, write the run folders and submit, recording each array in the manifest as soon as it is
+    queued; returns (exit code, submission, cluster)."""
+    from pipeline import launch, slurm_cli
+
+    cluster, impossible = _cluster_for(args, sweep_dir)
+    try:
+        if impossible is None:
+            for note in manifest.resolve_submitting(sweep_dir, slurm_cli.queued_comments):
+                console.print(f"[yellow]{note}[/]")
+        active = active_run_ids(sweep_dir) if impossible is None else set()
+    except slurm_cli.SlurmUnreachable as e:
+        impossible = f"{e}; cannot tell which runs are queued, so nothing was submitted: try again later"
+    if impossible is not None:
+        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(impossible)}", soft_wrap=True)
+        return EXIT_SLURM_DOWN, None, cluster
+    with cli.exit_on_os_error():  # before anything is submitted
+        decisions = plan(runs, sweep_dir, args.rerun, active)
+        to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
+        write_runs(sweep_dir, spec, to_submit)
+
+    def record(job_ids: dict[str, str], token: str | None, job_records: dict[str, dict[str, Any]]) -> None:
+        try:
+            manifest.record_submitted(sweep_dir, cluster, job_ids, token, job_records)
+        except OSError as e:
+            # queued but not recorded: say which jobs, since a rerun cannot know them
+            cli.console(stderr=True).print(
+                f"[bold red]error:[/] jobs queued but {sweep_dir / 'manifest.json'} could not be written "
+                f"({escape(e.strerror or str(e))}): " + ", ".join(f"{r}={j}" for r, j in job_ids.items()),
+                soft_wrap=True,
+            )
+            raise
+
+    with cli.exit_on_os_error():
+        submission = launch.submit(
+            [RunDir(sweep_dir / d.run.id) for d in to_submit],
+            [d.run.config for d in to_submit],
+            cluster=cluster,
+            sweep_dir=sweep_dir,
+            name=spec.name,
+            parallel=args.parallel,
+            on_submitting=functools.partial(manifest.record_submitting, sweep_dir, cluster),
+            on_submitted=record,
+        )
+        for rej in submission.rejected:
+            manifest.record_rejected(sweep_dir, cluster, rej.run_ids, rej.reason, rej.token)
+    shown = {**submission.job_ids, **{rid: "not submitted" for rej in submission.rejected for rid in rej.run_ids}}
+    cli.print_plan(console, spec, decisions, job_ids=shown, cluster=cluster, show_all=args.all)
+    n_rejected = sum(len(rej.run_ids) for rej in submission.rejected)
+    console.print(
+        f"[bold]{len(to_submit) - n_rejected}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; "
+        f"results in {sweep_dir}/"
+    )
+    if not submission.rejected:
+        return 0, submission, cluster
+    err = cli.console(stderr=True)
+    for rej in submission.rejected:
+        err.print(
+            f"[bold red]not submitted:[/] {len(rej.run_ids)} run(s) ({', '.join(rej.run_ids)}): {escape(rej.reason)}",
+            soft_wrap=True,
+        )
+    err.print(
+        f"{len(submission.job_ids)} run(s) queued and recorded in {sweep_dir / 'manifest.json'}; "
+        "once the cause is fixed, the same command submits only the runs not queued."
+    )
+    unreachable = any(rej.unreachable for rej in submission.rejected)
+    return (EXIT_SLURM_DOWN if unreachable else cli.EXIT_USAGE), submission, cluster
 
 
 if __name__ == "__main__":

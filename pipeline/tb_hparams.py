@@ -7,7 +7,9 @@ the scalars its training wrote (those files are never opened). It holds, all at 
   the same in every run, so any one of them describes the sweep
 - the session start: the run's swept values, the same key set in every run (a key a run lacks, from an
   older version of the sweep file, takes its value from the run's config.yaml, else "")
-- the metrics of metrics/train.json as scalars ``hparams/<name>`` (finished runs only)
+- the metrics of metrics/train.json as scalars ``hparams/<name>`` (finished runs only), and when the
+  sweep prunes or quantizes, the compression figures too (sparsity, int8 accuracy, fp32/int8 file
+  size, fp32/int8 latency): the metric list is the sweep's, the same in every run
 - the session end: the run's status (done → success, diverged/failed → failure, running → running,
   pending → unknown)
 
@@ -27,9 +29,12 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from pipeline.rundir import RunDir
+
+if TYPE_CHECKING:
+    from pipeline.report.records import Record
 
 HPARAMS_FILE = "events.out.tfevents.0.pipeline-hparams"  # sorts before SummaryWriter's files (by time)
 METRICS: tuple[str, ...] = ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc", "test_top5")
@@ -42,6 +47,29 @@ METRIC_HELP = {
     "test_acc": "test accuracy, top-1 (0-1)",
     "test_top5": "test accuracy, top-5 (0-1)",
 }
+# Added to the metrics when some run of the sweep prunes or quantizes (collect's compression columns)
+COMPRESSION_METRICS: tuple[str, ...] = (
+    "sparsity",
+    "pruned_test_acc",
+    "int8_test_acc",
+    "fp32_bytes",
+    "int8_bytes",
+    "int8_gzip_bytes",
+    "fp32_latency_ms",
+    "int8_latency_ms",
+)
+METRIC_HELP.update(
+    {
+        "sparsity": "fraction of weights (unstructured) or parameters (structured) pruned (0-1)",
+        "pruned_test_acc": "test accuracy of the pruned, fine-tuned model (0-1)",
+        "int8_test_acc": "test accuracy of the int8 model (0-1)",
+        "fp32_bytes": "file size of the trained fp32 model (bytes)",
+        "int8_bytes": "file size of the int8 model (bytes)",
+        "int8_gzip_bytes": "gzip-compressed size of the int8 model file (bytes)",
+        "fp32_latency_ms": "fp32 latency per image at batch 1 (ms)",
+        "int8_latency_ms": "int8 latency per image at batch 1 (ms)",
+    }
+)
 MISSING = ""  # a swept key that neither meta.json nor config.yaml of a run holds
 WITH_METRICS = ("done", "diverged")  # statuses whose metrics are shown (as in the results table)
 
@@ -148,7 +176,9 @@ def _hparams_summary(tag: str, plugin_data) -> Any:
     return pb.summary.Summary(value=[pb.summary.Summary.Value(tag=tag, metadata=meta, tensor=null_tensor)])
 
 
-def experiment_proto(keys: Sequence[str], types: dict[str, str], values: Sequence[dict[str, Any]]):
+def experiment_proto(
+    keys: Sequence[str], types: dict[str, str], values: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS
+):
     """api_pb2.Experiment: each key with its discrete domain (sorted values seen), each metric."""
     api_pb2 = _pb().api
     data_type = {
@@ -162,7 +192,7 @@ def experiment_proto(keys: Sequence[str], types: dict[str, str], values: Sequenc
         info = exp.hparam_infos.add(name=k, type=data_type[types[k]], differs=len(seen) > 1)
         for x in seen:
             _set_value(info.domain_discrete.values.add(), x, types[k])
-    for m in METRICS:
+    for m in metrics:
         exp.metric_infos.add(
             name=api_pb2.MetricName(tag=METRIC_TAG.format(m)), display_name=m, description=METRIC_HELP.get(m, "")
         )
@@ -177,7 +207,13 @@ def _mtime(path: Path) -> float:
 
 
 def run_events(
-    run: RunDir, experiment, hparams: dict[str, Any], types: dict[str, str], status: str, metrics: dict[str, Any]
+    run: RunDir,
+    experiment,
+    hparams: dict[str, Any],
+    types: dict[str, str],
+    status: str,
+    metrics: dict[str, Any],
+    names: Sequence[str] = METRICS,
 ) -> list:
     """The Event protos of one run's HParams file, in order; deterministic for the same folder."""
     pb = _pb()
@@ -204,8 +240,8 @@ def run_events(
     # simple_value is float32: TensorBoard's default (Rust) loader reads no float64 scalars anyway
     values = [
         summary_pb2.Summary.Value(tag=METRIC_TAG.format(m), simple_value=float(metrics[m]))
-        for m in METRICS
-        if status in WITH_METRICS and _is_number(metrics.get(m))
+        for m in names
+        if status in WITH_METRICS and _is_number(metrics.get(m)) and math.isfinite(metrics[m])
     ]
     if values:
         events.append(event_pb2.Event(wall_time=end, summary=summary_pb2.Summary(value=values)))
@@ -275,22 +311,25 @@ def _umask() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_hparams(sweep_dir: Path, keys: Sequence[str], records: Sequence[dict[str, Any]]) -> list[Path]:
-    """One HParams file per run of ``collect.gather``'s records; returns the files in place afterwards.
+def write_hparams(sweep_dir: Path, keys: Sequence[str], records: Sequence[Record]) -> list[Path]:
+    """One HParams file per run of ``pipeline.report.records.gather``'s records; returns the files in
+    place afterwards. A run folder that cannot be written is reported on stderr and left out; the
+    others still get theirs."""
+    from pipeline.report.tables import COMPRESSION_COLUMNS, compresses
 
-    A run folder that cannot be written is reported on stderr and left out; the others still get theirs.
-    """
-    sweep_dir = Path(sweep_dir)
-    runs = [RunDir(sweep_dir / r["id"]) for r in records]
+    runs = [r.run for r in records]
     values = []
     for run, r in zip(runs, records):
-        swept = r.get("swept") or {}
-        values.append({k: swept[k] if k in swept else _config_value(run, k) for k in keys})
+        values.append({k: r.swept[k] if k in r.swept else _config_value(run, k) for k in keys})
     types = column_types(keys, values)
-    experiment = experiment_proto(keys, types, values)
+    names = METRICS + (COMPRESSION_METRICS if compresses(records) else ())
+    experiment = experiment_proto(keys, types, values, names)
+    getters = {key: get for key, _, get, _, _ in COMPRESSION_COLUMNS}
     done = []
     for run, r, v in zip(runs, records, values):
-        events = run_events(run, experiment, v, types, r.get("status", ""), r.get("metrics") or {})
+        metrics = dict(r.metrics)
+        metrics.update({m: getters[m](r) for m in names if m in getters})
+        events = run_events(run, experiment, v, types, r.status, metrics, names)
         path = run.tensorboard / HPARAMS_FILE
         try:
             _replace_bytes(path, tfrecords(e.SerializeToString() for e in events))

@@ -360,7 +360,7 @@ def evaluate(
         else:
             loss_sum, top1, top5 = loss_sum + batch[0], top1 + batch[1], top5 + batch[2]
         seen += y.shape[0]
-    if loss_sum is None:
+    if loss_sum is None or top1 is None or top5 is None:
         return {"loss": float("nan"), "acc": 0.0, "top5": 0.0}
     return {"loss": loss_sum.item() / seen, "acc": top1.item() / seen, "top5": top5.item() / seen}
 
@@ -501,12 +501,12 @@ def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
         split_seed=int(cfg.data.split_seed),
         train_size=int(cfg.data.train_size),
     )
-    common = dict(mean=d.mean, std=d.std)
+    common: dict[str, Any] = dict(mean=d.mean, std=d.std)
     bs, ebs = int(cfg.train.batch_size) // dist.world_size, int(cfg.train.eval_batch_size)
     # a last global batch with fewer images than ranks would leave a rank with none: drop it
     n_train = len(d.train.labels)
     drop_last = dist.enabled and 0 < n_train % (bs * dist.world_size) < dist.world_size
-    shard = dict(rank=dist.rank, world_size=dist.world_size, drop_last=drop_last)
+    shard: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, drop_last=drop_last)
     if cfg.data.loader == "dataloader":
         train: Any = _ToDevice(
             data_mod.dataloader_loader(
@@ -674,7 +674,7 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
             start_step,
         )
 
-    train_model: nn.Module = model
+    train_model: Any = model  # the module, wrapped in DDP and/or compiled
     if dist.enabled:
         if device.type == "cuda" and cfg.train.sync_bn:
             train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -810,6 +810,7 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
             "val_acc": val["acc"],
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": images / max(epoch_seconds, 1e-9),
+            "elapsed_s": elapsed,  # training seconds so far: collect's time to a target accuracy
         }
         if pruner is not None:
             row["sparsity"] = float(pruner.report()["sparsity"])
@@ -873,6 +874,9 @@ def history_metrics(result: FitResult) -> dict[str, Any]:
         "test_top5": None,
         "images_per_s": (sum(h["images_per_s"] for h in history) / len(history)) if history else None,
         "train_time_s": result.elapsed_s,
+        # per-epoch rows (losses, accuracies, lr, images/s, seconds so far): collect's learning curves and
+        # time to a target accuracy are read from here, so the login node never opens a checkpoint
+        "history": history,
     }
 
 

@@ -41,11 +41,12 @@ def test_table_shows_numbers_for_finished_runs_and_status_for_the_rest(tmp_path,
     runs["adamw"].write_metrics("train", {"status": "failed", "error": "RuntimeError: boom"})
     atomic_write_json(runs["nesterov"].progress, {"epoch": 1, "epochs": 3, "val_acc_best": 0.5})
     md, text = collect(sweep_dir)
-    lines = md.splitlines()
+    lines = md.split("\n\n")[0].splitlines()  # the runs table comes first
     assert lines[0] == (
         "| run | optim | training loss | train best acc | val loss | val best acc | test acc | status |"
     )
     by_optim = {line.split(" | ")[1]: line for line in lines[2:]}
+    # equal figures in every row that has one: nothing to mark as best
     assert by_optim["sgd"].endswith("| 0.1235 | 95.12% | 0.5000 | 88.12% | 87.31% | done |")
     assert by_optim["adam"].endswith("| 0.1235 | 95.12% | 0.5000 | 88.12% |  | diverged (epoch 2) |")
     assert by_optim["adamw"].endswith(f"|  |  |  |  |  | failed (log {runs['adamw'].log}) |")
@@ -53,7 +54,11 @@ def test_table_shows_numbers_for_finished_runs_and_status_for_the_rest(tmp_path,
     assert by_optim["adagrad"].endswith("|  |  |  |  |  | pending |")
     rows = {r["optim.name"]: r for r in csv.DictReader(text.splitlines())}
     assert float(rows["sgd"]["test_acc"]) == 0.8731 and rows["adagrad"]["status"] == "pending"
+    assert rows["adamw"]["status"] == "failed"  # the CSV holds the state word
     assert (sweep_dir / "results.md").read_text() == md and (sweep_dir / "results.csv").read_text() == text
+    # every run not done is listed below with its reason
+    section = md.split("## Not finished\n\n")[1].split("\n\n")[0].splitlines()
+    assert len(section) == 4 and not any(runs["sgd"].id in line for line in section)
 
 
 def test_collect_cli_errors_exit_2(tmp_path):

@@ -75,10 +75,10 @@ def test_quickstart_end_to_end(tmp_path, synthetic_root):
 
     c = run_cli("pipeline.collect", str(out / "quickstart"), cwd=tmp_path)
     assert c.returncode == 0, c.stderr
-    table = (out / "quickstart/results.md").read_text().splitlines()
+    table = (out / "quickstart/results.md").read_text().split("\n\n")[0].splitlines()  # the runs table
     assert table[0].startswith(
         "| run | prune | sparsity | training loss | train best acc | val loss | "
-        "val best acc | test acc | removed | pruned acc | int8 acc | fp32 size | int8 size |"
+        "val best acc | test loss | test acc | removed | pruned acc | int8 acc | fp32 size | int8 size |"
     )
     assert len(table) == 2 + 3 and all(line.endswith("| done |") for line in table[2:])
     assert table[0] in c.stdout

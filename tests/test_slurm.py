@@ -367,7 +367,7 @@ def test_throttled_array_pending_status_skip_active_and_cancel(tmp_path, synthet
         def cancelled_shown() -> tuple[bool, str]:
             st = run_cli("pipeline.status", str(sweep_dir), cwd=REPO, env=ENV, timeout=120).stdout
             rows = [status_row(st, rid) for rid in m["runs"]]
-            return all(" done" in row or "failed (CANCELLED)" in row for row in rows), st
+            return all(" done" in row or " cancelled (cancelled by root" in row for row in rows), st
 
         wait_until("status to show the cancelled tasks", cancelled_shown, 60)
     finally:
@@ -523,3 +523,51 @@ def test_job_states_of_array_tasks_that_never_started(tmp_path):
         wait_until("sacct to record the cancelled array", recorded, 60)
     finally:
         cancel_all(ids)
+
+
+def _bare_path() -> str:
+    """A PATH with Slurm's tools and the system's, without this project's environment."""
+    import shutil
+
+    dirs = {str(Path(shutil.which(tool)).parent) for tool in ("sbatch", "scontrol", "hostname")}
+    venv_bin = str(Path(sys.executable).parent)
+    return ":".join(d for d in [*sorted(dirs), "/usr/bin", "/bin"] if d != venv_bin)
+
+
+def test_min_project_script_finds_the_environment_without_it_on_path(tmp_path, synthetic_root):
+    """As the README shows it: no PIPELINE_PYTHON, nothing activated; the environment is the submit
+    folder's .venv (here a link to the one running the tests)."""
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    out = tmp_path / "out"
+    overrides = [f"{k}={v}" for k, v in {**TINY, "data.root": synthetic_root, "optim.lr": 0.02}.items()]
+    env = {"PATH": _bare_path(), "PIPELINE_PYTHON": "", "PIPELINE_OUT": str(out), "VIRTUAL_ENV": "", "CONDA_PREFIX": ""}
+    jid = sbatch(
+        str(REPO / "sbatch/min_project.sh"), str(REPO / "configs/base.yaml"), *overrides, cwd=tmp_path, env=env
+    )
+    try:
+        wait_until(f"min_project job {jid} to end", lambda: jobs_ended([jid]))
+    finally:
+        cancel_all([jid])
+    text = (tmp_path / f"min_project_{jid}.out").read_text()
+    assert sacct(jid)[jid] == "COMPLETED", text
+    assert "ModuleNotFoundError" not in text
+    (run_dir,) = [p for p in out.iterdir() if (p / "config.yaml").exists()]
+    assert train_status(run_dir) == "done", text
+
+
+def test_min_project_script_without_an_environment_says_what_to_set(tmp_path):
+    """A copy of the script outside any repository, submitted from a folder without .venv, with a PATH
+    whose python3 lacks the project: one line saying what to set, exit code 2, no traceback."""
+    script = tmp_path / "min_project.sh"
+    script.write_text((REPO / "sbatch/min_project.sh").read_text())
+    env = {"PATH": _bare_path(), "PIPELINE_PYTHON": "", "PYTHONPATH": "", "VIRTUAL_ENV": "", "CONDA_PREFIX": ""}
+    jid = sbatch(str(script), cwd=tmp_path, env=env)
+    try:
+        wait_until(f"min_project job {jid} to end", lambda: jobs_ended([jid]))
+    finally:
+        cancel_all([jid])
+    text = (tmp_path / f"min_project_{jid}.out").read_text()
+    assert sacct(jid)[jid] == "FAILED", text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and "set PIPELINE_PYTHON=" in lines[0], text
+    assert "Traceback" not in text and "ModuleNotFoundError" not in text

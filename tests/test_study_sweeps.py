@@ -22,7 +22,7 @@ TINY = [
 
 @pytest.mark.parametrize(
     "sweep, n_runs, model",
-    [("optimizers", 5, "preact_resnet164"), ("batch_workers", 7, "preact_resnet164"), ("fast", 3, "resnet9")],
+    [("optimizers", 5, "preact_resnet164"), ("batch_workers", 8, "preact_resnet164"), ("fast", 3, "resnet9")],
 )
 def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, model):
     out = tmp_path / "runs"
@@ -47,13 +47,47 @@ def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, 
         assert m["status"] == "done", (run.id, m)
         assert m["params"] > 1_500_000 and f"training {model}" in run.log.read_text()
     md, _ = collect(out / sweep)
-    assert md.count("| done |") == n_runs
+    if sweep == "fast":  # three seeds of one setting: one row, mean ± std over the three
+        assert md.count("| 3 done |") == 1 and " ± " in md
+    else:
+        assert md.count("| done |") == n_runs
     if sweep == "fast":
         assert "fp16 is a GPU setting; training in fp32 on the CPU" in runs[0].log.read_text()
         assert runs[0].read_metrics("train")["precision"] == "fp16"
-    if sweep == "batch_workers":
+    if sweep == "batch_workers":  # train.epochs=1 folds the 100-epoch final run into its 50-epoch twin
         workers = {run.read_meta()["swept"]["train.num_workers"] for run in runs}
-        assert workers == {0, 4, 8}
+        assert workers == {2, 4, 6}
+
+
+def test_batch_workers_sweep_is_the_studys_own_runs(tmp_path):
+    """Nine runs exactly as study 1 lists them: (optimizer, workers, batch, weight decay, epochs)."""
+    from pipeline.sweep import expand_sweep, read_sweep
+
+    runs = expand_sweep(read_sweep(REPO / "sweeps/batch_workers.yaml"), cwd=tmp_path)
+    got = [
+        (
+            r.cfg["optim"]["name"],
+            r.cfg["train"]["num_workers"],
+            r.cfg["train"]["batch_size"],
+            r.cfg["optim"]["weight_decay"],
+            r.cfg["train"]["epochs"],
+        )
+        for r in runs
+    ]
+    assert got == [
+        ("sgd", 2, 64, 5e-4, 50),
+        ("nesterov", 2, 64, 5e-4, 50),
+        ("nesterov", 4, 128, 5e-4, 50),
+        ("nesterov", 2, 256, 5e-4, 50),
+        ("nesterov", 2, 128, 1e-4, 50),
+        ("nesterov", 4, 128, 1e-4, 50),
+        ("nesterov", 4, 256, 1e-4, 50),
+        ("nesterov", 6, 128, 1e-4, 50),
+        ("nesterov", 4, 128, 1e-4, 100),
+    ]
+    for r in runs:
+        assert r.cfg["model"]["name"] == "preact_resnet164" and r.cfg["optim"]["lr"] == 0.1
+        assert r.cfg["optim"]["momentum"] == 0.9 and r.cfg["data"]["loader"] == "dataloader"
 
 
 # The compression studies on tiny data: command-line overrides win over the sweep's own axes, so

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pipeline.data import DeviceLoader, Split
 from pipeline.models import build_model
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, write
 
 BASE = REPO / "configs/base.yaml"
 
@@ -348,3 +348,24 @@ def test_full_disk_during_training_keeps_the_checkpoint_says_why_and_resumes_bit
         for key in ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc"):
             assert ma[key] == mb[key], key
         assert run.status() == "done"
+
+
+def test_a_sweep_submitted_again_resumes_a_run_that_failed_writing(tmp_path):
+    from pipeline.sweep import expand_sweep, plan, read_sweep, write_run
+
+    spec = read_sweep(
+        write(
+            tmp_path / "s.yaml",
+            f"name: s\nbase: [{BASE}]\nset: {{model.name: resnet20}}\ngrid:\n  optim.lr: [0.1, 0.2]\n",
+        )
+    )
+    runs = expand_sweep(spec, cwd=tmp_path)
+    sweep_dir = tmp_path / "runs" / "s"
+    full, broken = (write_run(sweep_dir, spec, r) for r in runs)
+    failed = {"status": "failed", "stage": "train", "error": "/x/last.pt: No space left on device"}
+    full.write_metrics("train", {**failed, "resume": True})
+    broken.write_metrics("train", failed)  # any other failure: not retried on its own
+    for rerun in (None, "failed"):
+        actions = {d.run.id: d.action for d in plan(runs, sweep_dir, rerun, set())}
+        assert actions[full.id] == "resume"  # never "rerun": that would start it afresh
+        assert actions[broken.id] == ("skip-failed" if rerun is None else "rerun")

@@ -345,7 +345,7 @@ def count_flop_macs(
     from torch.utils.flop_counter import FlopCounterMode
 
     m = _unwrap(model)
-    ref = next(iter(m.parameters()), None) if isinstance(m, nn.Module) else None
+    ref: Tensor | None = next(iter(m.parameters()), None) if isinstance(m, nn.Module) else None
     if ref is None and isinstance(m, nn.Module):
         ref = next((b for b in m.buffers() if b.is_floating_point()), None)
     device = torch.device(device) if device is not None else (ref.device if ref is not None else torch.device("cpu"))
@@ -601,7 +601,7 @@ def measure_artifacts(
         if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{a.name}: device {a.device} but CUDA is not available")
     if callable(test_data) and not hasattr(test_data, "__iter__"):
-        batches_for: Callable[[], Iterable] = test_data  # type: ignore[assignment]
+        batches_for: Callable[[], Iterable] = test_data
     else:
         if iter(test_data) is test_data:  # a one-shot iterator: keep its batches
             test_data = list(test_data)
@@ -660,6 +660,7 @@ def _measure(
     entries: list[dict[str, Any]] = []
     for a, dev in zip(artifacts, devices):
         t0 = time.perf_counter()
+        assert a.load is not None  # __post_init__ builds it from loader_spec
         fn = a.load()
         if isinstance(fn, nn.Module):
             _set_training(fn, False)

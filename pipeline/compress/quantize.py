@@ -349,7 +349,8 @@ def compile_int8(
             with torch.no_grad():
                 return module(x)
 
-        eager._orig_mod = module  # type: ignore[attr-defined]  (what measure counts and unwraps)
+        # what measure counts and unwraps
+        eager._orig_mod = module  # type: ignore[attr-defined]
         return eager, {
             "compiled": False,
             "backend": "eager",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any
+from typing import Any, Mapping, cast
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ def _shortcut_a_ignored(model: nn.Module) -> list[nn.Module]:
     if not any(isinstance(m, PadShortcut) for m in model.modules()):
         return []
     stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    return [stem] + [m.conv2 for m in model.modules() if isinstance(m, BasicBlock)]
+    return [stem] + [cast(nn.Module, m.conv2) for m in model.modules() if isinstance(m, BasicBlock)]
 
 
 def _channel_count(module: nn.Module, kind: str) -> int:
@@ -59,7 +59,7 @@ def _channel_count(module: nn.Module, kind: str) -> int:
         return module.out_features if kind == "out" else module.in_features
     if isinstance(module, nn.GroupNorm):
         return module.num_channels
-    return module.num_features  # BatchNorm and the like
+    return int(cast(int, module.num_features))  # BatchNorm and the like
 
 
 class _RemovedChannels:
@@ -210,7 +210,7 @@ def _new_buffer(old: torch.Tensor, shape: torch.Size, fill: float) -> torch.Tens
     return torch.full(shape, fill, dtype=old.dtype, device=old.device)
 
 
-def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Reshape every Conv2d, Linear, BatchNorm2d and GroupNorm of ``model`` in place to the tensor shapes
     in ``state_dict`` (a pruned model's plain state_dict), so ``model.load_state_dict(state_dict)`` works
     without re-running the pruner. Parameters come back filled with placeholders: load the state_dict next.
@@ -254,8 +254,8 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
                 m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
                 m.bias = _new_param(m.bias, torch.Size([n]))
             if m.track_running_stats:
-                m.running_mean = _new_buffer(m.running_mean, torch.Size([n]), 0.0)
-                m.running_var = _new_buffer(m.running_var, torch.Size([n]), 1.0)
+                m.running_mean = _new_buffer(cast(torch.Tensor, m.running_mean), torch.Size([n]), 0.0)
+                m.running_var = _new_buffer(cast(torch.Tensor, m.running_var), torch.Size([n]), 1.0)
         elif isinstance(m, nn.GroupNorm):
             if not m.affine:
                 continue  # nothing in the state_dict tells the width; GroupNorm without affine has no size

@@ -12,7 +12,7 @@ weights) choose the same mask.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import torch
 from torch import nn
@@ -130,9 +130,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module inside DistributedDataParallel / DataParallel and torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -152,7 +152,7 @@ def weight_sparsity(model: nn.Module) -> dict[str, Any]:
     layers: dict[str, float] = {}
     with torch.no_grad():
         for name, m in _weighted_layers(model):
-            w = m.weight
+            w = cast(torch.Tensor, m.weight)
             z, n = int((w == 0).sum().item()), w.numel()
             zeros, total = zeros + z, total + n
             layers[name] = z / n if n else 0.0
@@ -232,7 +232,7 @@ class MagnitudePruner:
         return dict(self._keep)
 
     def _weight(self, name: str) -> torch.Tensor:
-        return self._layers[name].weight
+        return cast(torch.Tensor, self._layers[name].weight)
 
     # -- schedule -----------------------------------------------------------------------------------
 

@@ -1,0 +1,230 @@
+"""One job at a time per run folder, and a job that notices its run folder being deleted. Torch-free.
+
+A job takes ``<run>/owner.json`` (host, boot, PID, process start time, Slurm job) before its first stage
+and gives it back when it ends. A second job finding a live owner refuses the run instead of training
+it a second time in the same folder; an owner that is dead (its process gone or reused, the machine
+rebooted, or, on another host, a record not refreshed for :data:`STALE_S`) is taken over.
+
+The record is created with ``link()``, atomic on NFS too (no reliance on flock), and a dead owner is
+moved aside with one ``rename()`` that only one taker can win.
+
+While it owns the folder, a watcher thread refreshes the record's time (the heartbeat other hosts read)
+and checks the folder is still the one the job started in. If it was deleted or replaced, the job
+stops at once with a message in its log and on stderr, and writes nothing more: see
+:func:`pipeline.rundir.check_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.procs import ProcessIdentity
+from pipeline.rundir import RunDir, RunFolderVanished, check_folder, folder_key, guard_folder, unguard_folder
+
+log = logging.getLogger("pipeline.owner")
+
+OWNER_FILE = "owner.json"
+WATCH_S = float(os.environ.get("PIPELINE_WATCH_S", "2"))  # how often the folder is checked (a stat)
+HEARTBEAT_S = 60.0  # how often the record's mtime is refreshed
+STALE_S = 600.0  # an owner on another host whose record is older than this is dead
+_INTERRUPT = signal.SIGUSR1  # raised in the main thread when the folder vanished (unused by Slurm/submitit)
+
+
+class RunBusy(RuntimeError):
+    """Another live job owns this run folder."""
+
+
+def _job_id() -> str:
+    """The scheduler's id of this job: Slurm's, or submitit's local job (its controller's PID)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
+
+
+def my_record() -> dict[str, Any]:
+    me = ProcessIdentity.of(os.getpid())
+    assert me is not None  # this process exists
+    return {**me.record(), "job": _job_id(), "since": time.time()}
+
+
+def read_owner(run: RunDir) -> tuple[dict[str, Any], float] | None:
+    """(owner record, seconds since it was last refreshed), or None when no job owns the folder. An
+    unreadable record (a foreign tool, a torn copy) reads as an owner with no PID, which is dead."""
+    path = run.path / OWNER_FILE
+    try:
+        data = path.read_bytes()
+        age = time.time() - path.stat().st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return {}, 0.0
+    try:
+        record = json.loads(data)
+    except ValueError:  # binary or torn (UnicodeDecodeError is one too)
+        record = {}
+    return (record if isinstance(record, dict) else {}), age
+
+
+def owner_alive(record: dict[str, Any], age_s: float) -> bool:
+    ident = ProcessIdentity.from_record(record)
+    if ident is None or ident.started is None:
+        return False
+    if ident.on_this_machine():
+        return ident.is_alive()
+    if record.get("job") and record.get("job") == _job_id():
+        return False  # this same Slurm job, requeued: Slurm ran its earlier instance to its end first
+    return age_s < STALE_S
+
+
+def live_owner(run: RunDir) -> dict[str, Any] | None:
+    """The record of a live job owning the folder, or None."""
+    found = read_owner(run)
+    if found is None or not owner_alive(*found):
+        return None
+    return found[0]
+
+
+def describe(record: dict[str, Any]) -> str:
+    job = f"job {record['job']}, " if record.get("job") else ""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("since", 0))))
+    return f"{job}pid {record.get('pid')} on {record.get('host') or '?'}, since {since}"
+
+
+@dataclass
+class Ownership:
+    run: RunDir
+    record: dict[str, Any]
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _previous_handler: Any = None
+    vanished: str = ""  # why the watcher stopped the job ("" while the folder is there)
+
+    @property
+    def path(self) -> Path:
+        return self.run.path / OWNER_FILE
+
+    def check(self) -> None:
+        """Raise :class:`RunFolderVanished` if the run folder is gone or was replaced."""
+        check_folder(self.run.path)
+        if not self.run.config.exists():
+            raise RunFolderVanished(f"{self.run.config} was deleted while this job was running")
+
+    def _watch(self, main_thread: int | None) -> None:
+        beat = time.monotonic()
+        while not self._stop.wait(WATCH_S):
+            try:
+                self.check()
+            except RunFolderVanished as e:
+                self.vanished = str(e)
+                if main_thread is not None:  # the job's main thread reports it as it stops
+                    signal.pthread_kill(main_thread, _INTERRUPT)
+                else:
+                    message = f"run {self.run.id}: {e}; its writes will fail"
+                    log.error("%s", message)
+                    print(f"error: {message}", file=sys.stderr, flush=True)
+                return
+            if time.monotonic() - beat >= HEARTBEAT_S:
+                beat = time.monotonic()
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass  # the heartbeat only matters to other hosts; the next one may succeed
+
+    def _interrupted(self, signum: int, frame: Any) -> None:
+        raise RunFolderVanished(self.vanished or f"run folder {self.run.path} vanished")
+
+    def start_watching(self) -> None:
+        main: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(_INTERRUPT, self._interrupted)
+            main = threading.main_thread().ident
+        self._thread = threading.Thread(target=self._watch, args=(main,), name="run-folder-watch", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stop watching; remove the record if it is still this job's (never a successor's)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._previous_handler is not None:
+            signal.signal(_INTERRUPT, self._previous_handler)
+        unguard_folder(self.run.path)
+        found = read_owner(self.run)
+        if found is not None and _same_owner(found[0], self.record):
+            self.path.unlink(missing_ok=True)
+
+
+def _same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("pid", "started", "host", "boot_id"))
+
+
+def acquire(run: RunDir, watch: bool = True) -> Ownership:
+    """Own ``run``'s folder for this process, taking it over from a dead owner; raises :class:`RunBusy`
+    naming the live owner, or :class:`RunFolderVanished` when the folder does not exist."""
+    if folder_key(run.path) is None or not run.config.exists():
+        raise RunFolderVanished(f"run folder {run.path} (or its config.yaml) does not exist")
+    record = my_record()
+    target = run.path / OWNER_FILE
+    tmp = run.path / f".{OWNER_FILE}.{record['pid']}.new"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        for _ in range(5):
+            try:
+                os.link(tmp, target)
+                break
+            except FileExistsError:
+                pass
+            found = read_owner(run)
+            if found is None:
+                continue  # released meanwhile: try again
+            current, age = found
+            if _same_owner(current, record):
+                break
+            if owner_alive(current, age):
+                raise RunBusy(
+                    f"run folder {run.path} is in use by another job ({describe(current)}); "
+                    f"not training it twice. Remove {target} only if that job is really gone."
+                )
+            # Dead owner: move its record aside. Of several takers only one rename succeeds; if the
+            # file moved aside is not the dead record we read, a taker was faster: put its record back.
+            aside = run.path / f".{OWNER_FILE}.{record['pid']}.dead"
+            try:
+                os.rename(target, aside)
+            except FileNotFoundError:
+                continue
+            moved = read_owner_file(aside)
+            if not _same_owner(moved, current):
+                try:
+                    os.link(aside, target)
+                except FileExistsError:
+                    pass
+                aside.unlink(missing_ok=True)
+                continue
+            aside.unlink(missing_ok=True)
+            log.warning("run %s: taking over from a job that is gone (%s)", run.id, describe(current))
+        else:
+            raise RunBusy(f"run folder {run.path}: could not take {target} (other jobs keep taking it)")
+    finally:
+        tmp.unlink(missing_ok=True)
+    guard_folder(run.path)
+    own = Ownership(run, record)
+    if watch:
+        own.start_watching()
+    return own
+
+
+def read_owner_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,171 @@
+"""Run folders read into records, one per run. Never raises on a bad folder: what could not be read is
+kept as a problem naming the file, and the run still gets a record (its status says what is known)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.rundir import STAGES, RunDir, list_runs
+
+# Sections of config.yaml that only change what happens after training: runs equal in everything
+# else share one training (study 3 trains the same network once per compression variant).
+AFTER_TRAINING = ("prune", "quant", "measure", "slurm", "output")
+# Top-level sections every config.yaml the sweep writes has (a file without them is cut short or foreign)
+REQUIRED_SECTIONS = ("data", "model", "optim", "train")
+
+
+@dataclass
+class Record:
+    run: RunDir
+    sweep: str  # the sweep folder's name (a column when several sweeps are compared)
+    swept: dict[str, Any]
+    config_text: str  # config.yaml as written ("" when unreadable: see problems)
+    stages: dict[str, dict[str, Any]]  # each stage's record, {} when it has none yet
+    status: str  # pending | running | done | diverged | failed (from the files alone)
+    progress: dict[str, Any]
+    problems: list[str] = field(default_factory=list)
+    _config: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.run.id
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """metrics/train.json (the training's figures)."""
+        return self.stages.get("train") or {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """config.yaml as plain data, parsed on first use (YAML is most of the cost of reading a large
+        sweep, and most tables need only the swept values); {} when it cannot be parsed."""
+        if self._config is None:
+            self._config = {}
+            if self.config_text:
+                data, problem = _parse_config(self.run, self.config_text)
+                self._config = data
+                if problem:
+                    self.problems.append(problem)
+        return self._config
+
+    def measured(self) -> list[dict[str, Any]]:
+        """measure.json's entries (one per model the run made), only well-formed ones."""
+        models = self.stages.get("measure", {}).get("models")
+        if not isinstance(models, list):
+            return []
+        return [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
+
+    def setting(self, dotted: str, default: Any = None) -> Any:
+        """A dotted key of the resolved config (swept values win: they are what the sweep varied)."""
+        if dotted in self.swept:
+            return self.swept[dotted]
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def training_key(self) -> str:
+        """Identifies the training: config.yaml without the sections that act after it (compared as
+        text, section by section: the sweep writes every config the same way)."""
+        body = [(k, v) for k, v in _sections(self.config_text).items() if k not in AFTER_TRAINING]
+        return repr(sorted(body)) if body else self.id
+
+    def status_from_stages(self) -> str:
+        """What RunDir.status() says, from the records already read (no second read of every file)."""
+        for i, stage in enumerate(STAGES):
+            m = self.stages.get(stage)
+            if not m:
+                return "running" if i > 0 or self.run.progress.exists() else "pending"
+            if m.get("status") != "done":
+                return str(m.get("status", "failed"))
+        return "done"
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Top-level YAML block sections of a config.yaml: name -> its text."""
+    out: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            current = line.split(":", 1)[0]
+            out[current] = [line]
+        elif current:
+            out[current].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def _read_config_text(run: RunDir) -> tuple[str, str | None]:
+    """The file's text after a cheap check (UTF-8, no NUL byte, the main sections, a final newline);
+    the full YAML parse waits until a value is needed."""
+    try:
+        text = run.config.read_bytes().decode("utf-8")
+    except OSError as e:
+        return "", f"{run.config} is unreadable ({e.strerror or e})"
+    except UnicodeDecodeError:
+        return "", f"{run.config} is unreadable (not UTF-8 text: corrupt)"
+    missing = [s for s in REQUIRED_SECTIONS if s not in _sections(text)]
+    if "\x00" in text or missing or not text.endswith("\n"):
+        why = "binary" if "\x00" in text else (f"no {', '.join(missing)} section" if missing else "cut short")
+        return "", f"{run.config} is unreadable ({why}: corrupt or half-written)"
+    return text, None
+
+
+def _parse_config(run: RunDir, text: str) -> tuple[dict[str, Any], str | None]:
+    import yaml  # omegaconf's dependency (plain YAML: the login node needs no omegaconf resolvers here)
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where it is installed
+    try:
+        data = yaml.load(text, Loader=loader)
+    except yaml.YAMLError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return {}, f"{run.config} is unreadable ({reason})"
+    if not isinstance(data, dict):
+        return {}, f"{run.config} is unreadable (not a mapping)"
+    return data, None
+
+
+def read_record(run: RunDir, sweep: str) -> Record:
+    problems = []
+    text, problem = _read_config_text(run)
+    if problem:
+        problems.append(problem)
+    stages = {}
+    for stage in STAGES:
+        m = run.read_metrics(stage) or {}
+        if m.get("status") == "failed" and "unreadable" in str(m.get("error", "")):
+            problems.append(str(m["error"]).split(";")[0])
+        stages[stage] = m
+    meta = run.read_meta()
+    if run.meta.exists() and not meta:
+        problems.append(f"{run.meta} is unreadable (corrupt or not a mapping); swept values taken as none")
+    record = Record(
+        run=run,
+        sweep=run.path.parent.name,
+        swept=dict(meta.get("swept", {})),
+        config_text=text,
+        stages=stages,
+        status="",
+        progress=run.read_progress(),
+        problems=problems,
+    )
+    record.status = record.status_from_stages()
+    return record
+
+
+def gather(sweep_dir: Path) -> tuple[list[str], list[Record]]:
+    """(swept keys in first-seen order, one record per run sorted by swept values then id)."""
+    records = [read_record(run, Path(sweep_dir).name) for run in list_runs(sweep_dir)]
+    keys = list(dict.fromkeys(k for r in records for k in r.swept))
+    records.sort(key=lambda r: ([sort_key(r.swept.get(k)) for k in keys], r.id))
+    return keys, records
+
+
+def sort_key(value: Any) -> tuple[int, Any]:
+    """Numbers by value, then everything else as text (a column may mix both)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, "" if value is None else str(value))

@@ -1,0 +1,298 @@
+"""Local jobs and run folders under faults, with real processes (no mocks): a local job is recognised by
+more than its PID (zombies, reused PIDs), killing the job id a user sees stops the whole job, one run
+folder never has two jobs training in it, and a run folder deleted under a running job stays deleted.
+
+Each training job is tiny (ResNet-20 on ~150 synthetic images, one thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import launch, owner, sweep
+from pipeline.procs import ProcessIdentity
+from pipeline.rundir import RunDir, list_runs
+from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+
+TINY = [
+    "model.name=resnet20",
+    "data.name=synthetic",
+    "data.val_size=50",
+    "data.train_size=150",
+    "train.batch_size=50",
+    "train.threads=1",
+    "output.log_every=1000",
+    *MEASURE_FAST_ARGS,
+]
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)  train loss")
+
+
+def wait_for(what: str, check, timeout: float = 120.0, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = check()
+        if seen:
+            return seen
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def write_spec(tmp_path: Path, name: str, data_root: Path) -> Path:
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(f"name: {name}\nbase: [{REPO / 'configs/base.yaml'}]\nset: {{data.root: {data_root}}}\n")
+    return spec
+
+
+def submit_local(*args: str, cwd: Path) -> str:
+    """``python -m pipeline.sweep ARGS`` for a local sweep that does not wait; returns its output. Not
+    through pipes: the local jobs it starts inherit its stdout, so reading a pipe to its end would
+    wait for the jobs too."""
+    log = cwd / f"sweep-{time.monotonic_ns()}.out"
+    with open(log, "w") as f:
+        r = subprocess.run(
+            [sys.executable, "-m", "pipeline.sweep", *args],
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    text = log.read_text()
+    assert r.returncode == 0, text
+    return text
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def epoch_lines(run: RunDir) -> list[int]:
+    return [int(m.group(1)) for m in EPOCH_LINE.finditer(run.log.read_text())]
+
+
+# --------------------------------------------------------------------------------------------------
+# identity: zombies, reused PIDs, cancel
+# --------------------------------------------------------------------------------------------------
+
+
+def test_zombie_counts_as_dead():
+    child = subprocess.Popen(["true"])  # never waited for until the end: a zombie once it exits
+    try:
+        wait_for("the child to become a zombie", lambda: Path(f"/proc/{child.pid}/stat").read_text().split()[2] == "Z")
+        os.kill(child.pid, 0)  # what the PID-only check looked at: a zombie still answers it
+        ident = ProcessIdentity.of(child.pid)
+        assert ident is not None and not ident.is_alive()
+        assert not launch.job_is_active("local", str(child.pid))  # an old manifest entry: PID only
+        assert not launch.job_is_active("local", str(child.pid), {**ident.record()})
+    finally:
+        child.wait()
+
+
+def test_a_reused_pid_is_not_the_job_and_cancel_leaves_that_process_alone(tmp_path, synthetic_root):
+    spec = write_spec(tmp_path, "reused", synthetic_root)
+    out = tmp_path / "runs"
+    r = run_cli("pipeline.sweep", str(spec), "--no-submit", "--out", str(out), *TINY, cwd=tmp_path, check=True)
+    sweep_dir = out / "reused"
+    (run,) = list_runs(sweep_dir)
+    unrelated = subprocess.Popen(["sleep", "120"])  # a process that took over the job's old PID
+    try:
+        real = ProcessIdentity.of(unrelated.pid)
+        assert real is not None and real.started is not None
+        entry = {"cluster": "local", "job_id": str(unrelated.pid), **real.record()}
+        entry["started"] = real.started - 1  # the job's own start time: another process
+        del entry["pid"]
+        manifest = {"runs": {run.id: entry}, "history": []}
+        (sweep_dir / "manifest.json").write_text(json.dumps(manifest))
+        assert sweep.active_run_ids(sweep_dir) == set()
+        st = run_cli("pipeline.status", str(sweep_dir), env={"COLUMNS": "300"}, cwd=tmp_path, check=True)
+        row = next(line for line in st.stdout.splitlines() if run.id in line)
+        assert "running" not in row and "RUNNING" not in row, st.stdout
+        c = run_cli("pipeline.status", str(sweep_dir), "--cancel", cwd=tmp_path, check=True)
+        time.sleep(0.5)
+        assert unrelated.poll() is None, c.stdout  # not signalled
+        assert "cancelled 0 job(s)" in c.stdout, c.stdout
+
+        # the same entry with the right start time is that process: active, and --cancel signals it
+        entry["started"] = real.started
+        (sweep_dir / "manifest.json").write_text(json.dumps({"runs": {run.id: entry}, "history": []}))
+        assert sweep.active_run_ids(sweep_dir) == {run.id}
+        run_cli("pipeline.status", str(sweep_dir), "--cancel", cwd=tmp_path, check=True)
+        assert unrelated.wait(timeout=10) == -signal.SIGINT
+    finally:
+        if unrelated.poll() is None:
+            unrelated.kill()
+            unrelated.wait()
+    assert r.returncode == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the run folder's owner record
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_folder(tmp_path: Path) -> RunDir:
+    run = RunDir(tmp_path / "runs" / "s" / "abc")
+    run.path.mkdir(parents=True)
+    run.config.write_text("{}\n")
+    return run
+
+
+def test_a_live_owner_refuses_a_second_job_and_a_dead_one_is_taken_over(tmp_path):
+    run = _run_folder(tmp_path)
+    other = subprocess.Popen(["sleep", "120"])  # a live job on this machine
+    try:
+        ident = ProcessIdentity.of(other.pid)
+        assert ident is not None
+        record = {**ident.record(), "job": "4242", "since": time.time()}
+        (run.path / owner.OWNER_FILE).write_text(json.dumps(record))
+        with pytest.raises(owner.RunBusy, match=f"in use by another job \\(job 4242, pid {other.pid} on "):
+            owner.acquire(run, watch=False)
+        assert json.loads((run.path / owner.OWNER_FILE).read_text()) == record  # left as it was
+    finally:
+        other.kill()
+        other.wait()
+    # now dead (and its PID may be reused by anyone: the start time tells them apart)
+    own = owner.acquire(run, watch=False)
+    try:
+        now = json.loads((run.path / owner.OWNER_FILE).read_text())
+        assert now["pid"] == os.getpid() and now["started"] == ProcessIdentity.of(os.getpid()).started
+        assert owner.live_owner(run) == now
+    finally:
+        own.release()
+    assert not (run.path / owner.OWNER_FILE).exists()
+    assert sorted(p.name for p in run.path.iterdir()) == ["config.yaml"]  # no temporaries left
+
+
+def test_an_unreadable_owner_record_is_taken_over(tmp_path):
+    run = _run_folder(tmp_path)
+    (run.path / owner.OWNER_FILE).write_bytes(b"\x00\xff not json")
+    own = owner.acquire(run, watch=False)
+    own.release()
+
+
+def test_a_second_job_on_a_busy_run_folder_refuses_and_writes_nothing(tmp_path, synthetic_root):
+    out = tmp_path / "runs"
+    args = ["pipeline.run", str(REPO / "configs/base.yaml"), f"data.root={synthetic_root}", *TINY]
+    first = subprocess.Popen(
+        [sys.executable, "-m", *args, "train.epochs=40", "--out", str(out)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        run = wait_for("the first job to start training", lambda: _training_run(out))
+        second = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=300)
+        assert second.returncode != 0
+        assert f"run folder {run.path} is in use by another job" in second.stderr, second.stdout + second.stderr
+        assert f"pid {first.pid} on " in second.stderr
+        assert run.read_metrics("train") is None  # no failed record for the first job's run
+        assert first.poll() is None  # the first job goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+def _training_run(out: Path) -> RunDir | None:
+    for run in list_runs(out):
+        if run.log.exists() and epoch_lines(run) and (run.path / owner.OWNER_FILE).exists():
+            return run
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# local jobs for real: kill the job id, rerun after a crash
+# --------------------------------------------------------------------------------------------------
+
+
+def test_killing_the_shown_job_id_stops_the_whole_job_and_a_rerun_trains_once(tmp_path, synthetic_root):
+    spec = write_spec(tmp_path, "killed", synthetic_root)
+    out = tmp_path / "runs"
+    sweep_args = [str(spec), "--cluster", "local", "--out", str(out), *TINY, "train.epochs=12"]
+    submitted = submit_local(*sweep_args, cwd=tmp_path)
+    sweep_dir = out / "killed"
+    (run,) = list_runs(sweep_dir)
+    entry = json.loads((sweep_dir / "manifest.json").read_text())["runs"][run.id]
+    job = int(entry["job_id"])
+    assert entry["job_id"] in submitted and entry["started"] == ProcessIdentity.of(job).started
+    wait_for("the first epoch", lambda: run.log.exists() and epoch_lines(run))
+    (task,) = [ProcessIdentity.of(pid) for pid in children(job)]  # submitit's controller -> the training
+    os.kill(job, signal.SIGKILL)  # what the controller cannot forward
+    wait_for("the training to stop with its controller", lambda: not task.is_alive(), timeout=60)
+    assert "stopping at the next step" in run.log.read_text()  # stopped cleanly, with a checkpoint
+    done_before = epoch_lines(run)
+    assert done_before and max(done_before) < 12
+
+    again = run_cli("pipeline.sweep", *sweep_args, "--wait", cwd=tmp_path, check=True)
+    assert "skip-active" not in again.stdout and "resume" in again.stdout, again.stdout
+    assert run.read_metrics("train")["status"] == "done"
+    assert epoch_lines(run) == list(range(1, 13))  # each epoch trained and logged once, in order
+    events = sorted(run.tensorboard.rglob("*tfevents*"))
+    assert len(events) == 2, events  # one writer per attempt, never two at once
+
+
+def test_a_rerun_right_after_a_crash_is_not_skip_active(tmp_path, synthetic_root):
+    missing = tmp_path / "not-yet"
+    spec = write_spec(tmp_path, "crash", missing)
+    out = tmp_path / "runs"
+    sweep_args = [str(spec), "--cluster", "local", "--out", str(out), *TINY, "train.epochs=1"]
+    submit_local(*sweep_args, cwd=tmp_path)
+    (run,) = list_runs(out / "crash")
+    wait_for("the run to fail", lambda: (run.read_metrics("train") or {}).get("status") == "failed", every=0.02)
+    assert sweep.active_run_ids(out / "crash") == set()  # at once, while the job may still be exiting
+    missing.symlink_to(synthetic_root)
+    again = run_cli("pipeline.sweep", *sweep_args, "--rerun", "failed", "--wait", cwd=tmp_path, check=True)
+    assert "skip-active" not in again.stdout and "rerun" in again.stdout, again.stdout
+    assert run.read_metrics("train")["status"] == "done"
+
+
+# --------------------------------------------------------------------------------------------------
+# a run folder deleted under a running job
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_run_folder_deleted_under_a_running_job_stays_deleted(tmp_path, synthetic_root):
+    out = tmp_path / "runs"
+    args = ["pipeline.run", str(REPO / "configs/base.yaml"), f"data.root={synthetic_root}", *TINY]
+    job = subprocess.Popen(
+        [sys.executable, "-m", *args, "train.epochs=40", "--out", str(out)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_WATCH_S": "0.5"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run = wait_for("the job to start training", lambda: _training_run(out))
+        shutil.rmtree(run.path)
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode != 0
+    message = f"run folder {run.path} was deleted or replaced while this job was running"
+    assert message in stderr, stdout + stderr
+    assert message in stdout  # the job's log (the scheduler's output file)
+    assert not run.path.exists() and list(out.iterdir()) == []

@@ -1,0 +1,383 @@
+"""collect's table shapes, failures section, plots and comparisons, from hand-built run folders
+(tests/report_runs.py): no training, real files, the real CLI where the flags matter."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+
+import pytest
+
+from pipeline.collect import Options, build, collect
+from pipeline.report import plots
+from pipeline.report.failures import Classified, failure
+from pipeline.report.records import read_record
+from pipeline.report.writers import markdown
+from pipeline.rundir import atomic_write_json
+from tests.conftest import run_cli
+from tests.report_runs import entry, finish, history, make_sweep, swept, train_record
+
+
+def table_rows(md: str, first_cell_title: str = "run") -> list[dict[str, str]]:
+    """The first markdown table of ``md`` whose first column is ``first_cell_title``, as dicts."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_cell_title} |"))
+    header = [c.strip() for c in lines[start].strip("|").split(" | ")]
+    out = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        out.append(dict(zip(header, [c.strip() for c in ln[1:-1].split(" | ")])))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# study 1: runs table, best marking, group-by, sort, columns, seeds, time
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def study1(tmp_path):
+    sweep_dir, runs = make_sweep(
+        tmp_path, "grid: {train.batch_size: [64, 128], optim.weight_decay: [1.0e-4, 5.0e-4]}\n", name="bw"
+    )
+    figures = {  # (batch, wd) -> (val best acc, test loss, test acc)
+        (64, 1e-4): (0.80, 0.60, 0.79),
+        (64, 5e-4): (0.86, 0.50, 0.85),
+        (128, 1e-4): (0.83, 0.55, 0.82),
+        (128, 5e-4): (0.81, 0.58, 0.80),
+    }
+    for run in runs:
+        s = swept(run)
+        val, test_loss, test = figures[s["train.batch_size"], s["optim.weight_decay"]]
+        finish(run, train_record(val_acc_best=val, test_loss=test_loss, test_acc=test, train_time_s=100.0 * val))
+    return sweep_dir, runs
+
+
+def test_runs_table_marks_the_best_value_of_each_column_and_shows_test_loss(study1):
+    sweep_dir, _ = study1
+    md, _ = collect(sweep_dir, Options(plots=False))
+    rows = table_rows(md)
+    assert list(rows[0]) == [
+        "run",
+        "batch_size",
+        "weight_decay",
+        "training loss",
+        "train best acc",
+        "val loss",
+        "val best acc",
+        "test loss",
+        "test acc",
+        "train time",
+        "status",
+    ]
+    best = next(r for r in rows if r["batch_size"] == "64" and r["weight_decay"] == "0.0005")
+    assert (
+        best["val best acc"] == "**86.00%**" and best["test acc"] == "**85.00%**" and best["test loss"] == "**0.5000**"
+    )
+    assert best["train time"] == "86.0 s"  # not bold: the shortest time is the best one
+    fastest = next(r for r in rows if r["batch_size"] == "64" and r["weight_decay"] == "0.0001")
+    assert fastest["train time"] == "**80.0 s**"
+    assert sum("**" in r["val best acc"] for r in rows) == 1
+    assert all("**" not in r["training loss"] for r in rows)  # equal in every row: nothing marked
+
+
+def test_group_by_sort_and_columns(study1, tmp_path):
+    sweep_dir, _ = study1
+    rep = build(
+        [sweep_dir], Options(group_by="optim.weight_decay", sort="test acc", columns=["batch_size", "test acc"])
+    )
+    assert [t.title for t in rep.runs] == ["optim.weight_decay = 0.0001", "optim.weight_decay = 0.0005"]
+    first, second = (markdown(t) for t in rep.runs)
+    assert [r["test acc"] for r in table_rows(first)] == ["**82.00%**", "79.00%"]  # best first
+    assert [r["batch_size"] for r in table_rows(second)] == ["64", "128"]
+    assert list(table_rows(first)[0]) == ["run", "batch_size", "test acc"]
+    # the CLI: sort ascending with --reverse, and bad flags stop before anything is written
+    r = run_cli("pipeline.collect", str(sweep_dir), "--sort", "val_acc_best", "--reverse", "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [x["val best acc"].strip("*") for x in table_rows(r.stdout)] == ["80.00%", "81.00%", "83.00%", "86.00%"]
+    (sweep_dir / "results.md").unlink()
+    for flags, message in [
+        (
+            ["--group-by", "optim.lr"],
+            "--group-by: 'optim.lr' is not a swept key. Allowed values: train.batch_size, optim.weight_decay",
+        ),
+        (["--sort", "accuracy"], "--sort: 'accuracy' is not a column. Allowed values: run, batch_size"),
+        (["--columns", "test acc,nope"], "--columns: 'nope' is not a column"),
+        (["--table", "wide"], "--table: 'wide' is not allowed. Allowed values: auto, runs, models"),
+        (["--target-acc", "94"], "--target-acc: 94.0 is out of range"),
+    ]:
+        bad = run_cli("pipeline.collect", str(sweep_dir), *flags, cwd=tmp_path)
+        assert bad.returncode == 2 and message in bad.stderr, (flags, bad.stderr)
+        assert not (sweep_dir / "results.md").exists()
+
+
+def test_seeds_become_mean_std_and_n(tmp_path):
+    sweep_dir, runs = make_sweep(tmp_path, "grid: {train.seed: [0, 1, 2], optim.lr: [0.1, 0.2]}\n", name="fast")
+    for run in runs:
+        s = swept(run)
+        acc = {0: 0.93, 1: 0.94, 2: 0.95}[s["train.seed"]] - (0.1 if s["optim.lr"] == 0.2 else 0.0)
+        if s == {"train.seed": 2, "optim.lr": 0.2}:
+            run.write_metrics("train", {"status": "failed", "error": "RuntimeError: boom"})
+            continue
+        finish(run, train_record(test_acc=acc, history=history([acc - 0.2, acc], seconds_per_epoch=5.0)))
+    md, text = collect(sweep_dir, Options(plots=False, target_acc=0.9))
+    rows = {r["lr"]: r for r in table_rows(md)}
+    assert rows["0.1"]["test acc"] == "**94.00% ± 1.00**" and rows["0.1"]["n"] == "3"
+    assert rows["0.1"]["seed"] == "0, 1, 2" and rows["0.1"]["run"] == "3 runs" and rows["0.1"]["status"] == "3 done"
+    assert rows["0.2"]["test acc"] == "83.50% ± 0.71" and rows["0.2"]["n"] == "2"
+    assert rows["0.2"]["status"] == "2 done, 1 failed"
+    assert rows["0.1"]["time to 90%"] == "10.0 s ± 0.0 s"  # epoch 2 of every seed: 10 s of training
+    assert rows["0.2"]["time to 90%"] == ""  # never reached
+    assert len(list(csv.DictReader(text.splitlines()))) == 6  # the CSV keeps one row per run
+    per_seed = build([sweep_dir], Options(seeds=False)).runs[0]
+    assert len(per_seed.rows) == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# study 3: one block per training, deltas, reduction factors, --flat
+# --------------------------------------------------------------------------------------------------
+
+
+def compression_sweep(tmp_path, name="c", seeds=(0,)):
+    body = (
+        f"grid: {{train.seed: {list(seeds)}}}\n"
+        "set: {prune.sparsity: 0.2, quant.method: int8}\n"
+        "variants:\n  - {prune.method: none}\n  - {prune.method: unstructured}\n  - {prune.method: structured}\n"
+    )
+    sweep_dir, runs = make_sweep(tmp_path, body, name=name)
+    for run in runs:
+        method = swept(run)["prune.method"]
+        base = entry("trained", 0.7704, 0.95, 6_200_000, 25_000_000, 10.0, memory=400_000_000)
+        int8 = {
+            "none": entry("int8", 0.7650, 0.94, 6_150_000, 7_000_000, 5.0),
+            "unstructured": entry("int8", 0.7500, 0.93, 6_150_000, 7_000_000, 5.0, nonzero=4_900_000),
+            "structured": entry("int8", 0.7300, 0.92, 4_000_000, 4_500_000, 3.0),
+        }[method]
+        models = [base, int8]
+        prune = {"status": "done", "method": "none"}
+        if method != "none":
+            pruned = {
+                "unstructured": entry("pruned", 0.7250, 0.93, 6_200_000, 25_000_000, 10.0, nonzero=4_960_000),
+                "structured": entry("pruned", 0.7150, 0.91, 4_000_000, 14_000_000, 5.5),
+            }[method]
+            models.insert(1, pruned)
+            prune = {
+                "status": "done",
+                "method": method,
+                "during": "finetune",
+                "sparsity": 0.2,
+                "sparsity_target": 0.2,
+                "test_acc": pruned["test_top1"],
+            }
+        cuda = {**base, "name": "trained-cuda", "device": "cuda", "self_cuda_ms_per_batch": 2.5}
+        finish(
+            run,
+            train_record(test_acc=0.7704, test_top5=0.95),
+            prune=prune,
+            quantize={"status": "done", "method": "int8", "test_acc": int8["test_top1"]},
+            measure={"status": "done", "models": [*models, cuda]},
+        )
+    return sweep_dir, runs
+
+
+def test_compression_block_per_training_with_deltas_and_factors(tmp_path):
+    sweep_dir, runs = compression_sweep(tmp_path)
+    md, _ = collect(sweep_dir, Options(plots=False))
+    assert md.index("| run |") < md.index("## Models")  # the runs table first, then the block
+    blocks = md.split("## Models\n\n")[1]
+    assert blocks.count("### training ") == 1  # three runs, one training
+    rows = table_rows(blocks, "model")
+    by_model = {r["model"]: r for r in rows}
+    assert list(by_model) == [
+        "base",
+        "int8",
+        "structured 20%",
+        "structured 20% + int8",
+        "unstructured 20%",
+        "unstructured 20% + int8",
+    ]
+    base, unstructured = by_model["base"], by_model["unstructured 20%"]
+    assert base["top-1 error"] == "22.96%" and base["smaller"] == "" and base["file size"] == "25.00 MB"
+    assert base["CUDA ms/batch"] == "2.50" and base["memory"] == "400.00 MB"  # CUDA time from the trained-cuda entry
+    assert unstructured["top-1 error"] == "27.50% (+4.54)" and unstructured["top-5 error"] == "7.00% (+2.00)"
+    assert unstructured["non-zero"] == "4,960,000" and unstructured["parameters"] == "6,200,000"
+    structured = by_model["structured 20%"]
+    assert structured["smaller"] == "×1.8" and structured["faster"] == "×1.8"  # 25/14 MB, 10/5.5 ms
+    assert (
+        by_model["structured 20% + int8"]["smaller"] == "×5.6" and by_model["structured 20% + int8"]["faster"] == "×3.3"
+    )
+    with open(sweep_dir / "models.csv") as f:
+        raw = {r["model"]: r for r in csv.DictReader(f)}
+    assert float(raw["unstructured 20%"]["top1_error_delta"]) == pytest.approx(0.0454)
+    assert float(raw["structured 20%"]["size_factor"]) == pytest.approx(25 / 14)
+    data = json.loads((sweep_dir / "results.json").read_text())
+    assert len(data["models"]) == 1 and len(data["models"][0]["rows"]) == 6 and data["not_finished"] == []
+
+
+def test_flat_models_and_two_trainings(tmp_path):
+    sweep_dir, _ = compression_sweep(tmp_path, seeds=(0, 1))
+    rep = build([sweep_dir], Options(table="models"))
+    assert [t.title.split(" (")[1] for t in rep.models] == ["train.seed=0)", "train.seed=1)"]
+    flat = build([sweep_dir], Options(table="models", flat=True)).models
+    assert len(flat) == 1 and len(flat[0].rows) == 12
+    assert {r["training"] for r in flat[0].rows} == {t.title.split()[1] for t in rep.models}
+    assert build([sweep_dir], Options(table="runs")).models == []
+
+
+# --------------------------------------------------------------------------------------------------
+# failures and progress
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_kind_of_unfinished_run_with_its_reason(tmp_path):
+    sweep_dir, runs = make_sweep(tmp_path, "grid: {optim.lr: [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09]}\n")
+    by_lr = {swept(r)["optim.lr"]: r for r in runs}
+    done, diverged, failed, timeout, requeued, oom, cancelled, running, pending = (by_lr[x / 100] for x in range(1, 10))
+    finish(done, train_record())
+    hist = history([0.3, 0.4])
+    diverged.write_metrics(
+        "train", train_record("diverged", diverged_epoch=3, history=hist, train_loss=hist[-1]["train_loss"])
+    )
+    finish(
+        failed,
+        train_record(),
+        prune={
+            "status": "failed",
+            "error": "Traceback (most recent call last):\n  ...\nValueError: bad shapes\n",
+            "log": str(failed.log),
+        },
+    )
+    failed.log.write_text("prune failed\n")
+    for run, text in [
+        (timeout, "slurmstepd: error: *** JOB 12 ON node1 CANCELLED AT 2026-12-01T10:00:00 DUE TO TIME LIMIT ***\n"),
+        (requeued, "time limit near and slurm.max_requeues=3 requeues used: not requeued; submit the sweep again\n"),
+        (oom, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"),
+        (cancelled, "slurmstepd: error: *** JOB 13 ON node1 CANCELLED AT 2026-12-01T10:00:00 ***\n"),
+    ]:
+        atomic_write_json(run.progress, {"stage": "train", "epoch": 4, "epochs": 50, "elapsed_s": 40.0})
+        run.log.write_text("epoch 4/50\n" + text)
+    atomic_write_json(running.progress, {"stage": "prune", "epoch": 2, "epochs": 10, "elapsed_s": 60.0})
+
+    md, _ = collect(sweep_dir, Options(plots=False))
+    section = md.split("## Not finished\n\n")[1].split("\n\n")[0].splitlines()
+    line = {
+        lr: next(ln for ln in section if f"optim.lr={lr}" in ln) for lr in (0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.09)
+    }
+    assert len(section) == 8 and not any("optim.lr=0.01)" in ln for ln in section)
+    assert "**diverged**: epoch 3: loss not finite; last finite loss 1.0000 (epoch 2)" in line[0.02]
+    assert f"**failed**: prune stage: ValueError: bad shapes (log {failed.log})" in line[0.03]
+    assert "**timed out**: train epoch 4/50" in line[0.04] and str(timeout.log) in line[0.04]
+    assert "**requeued too often**" in line[0.05]
+    assert "**out of memory**" in line[0.06]
+    assert "**cancelled**" in line[0.07]
+    assert "**pending**: not submitted yet" in line[0.09]
+    # no job alive for the half-done one here: stopped; with a live job (the classifier says running)
+    # it shows where it is and the time left (60 s for 2 of 10 epochs: 240 s to go)
+    rec = read_record(running, "s")
+    assert failure(rec, Classified("running")).reason == "prune epoch 2/10, about 0:04:00 left"
+    assert failure(rec, Classified("pending", "PENDING", job_id="77")).reason == "in the queue as job 77 (PENDING)"
+    # the hook for runs waiting on a failed training (another module decides; collect shows it)
+    blocked = failure(
+        read_record(pending, "s"), Classified("blocked", reason="waits on training 1234abcd, which failed")
+    )
+    assert blocked.state == "blocked" and "1234abcd" in blocked.reason
+
+
+def test_corrupt_metrics_and_config_are_named_and_the_rest_is_shown(tmp_path):
+    sweep_dir, runs = make_sweep(tmp_path, "grid: {optim.lr: [0.1, 0.2, 0.3]}\n")
+    good, bad_metrics, bad_config = runs
+    for run in runs:
+        finish(run, train_record())
+    bad_metrics.metrics_path("measure").write_text('{"status": "done", "mod')
+    bad_config.config.write_bytes(b"model: {name: [unclosed\n\x00")
+    r = run_cli("pipeline.collect", str(sweep_dir), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    md = (sweep_dir / "results.md").read_text()
+    assert f"{bad_metrics.metrics_path('measure')} is unreadable" in md
+    assert f"**unreadable**: {bad_config.config} is unreadable" in md
+    assert sum(r["status"] == "done" for r in table_rows(md)) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------------
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_series_and_png_files(tmp_path):
+    sweep_dir, runs = compression_sweep(tmp_path)
+    for run in runs:  # learning curves and a sparsity schedule
+        m = run.read_metrics("train")
+        run.write_metrics("train", {**m, "history": history([0.5, 0.6, 0.7])})
+    unstructured = next(r for r in runs if swept(r)["prune.method"] == "unstructured")
+    p = unstructured.read_metrics("prune")
+    log = [{"step": 10, "target": 0.1, "overall": 0.099}, {"step": 20, "target": 0.2, "overall": 0.2}]
+    unstructured.write_metrics("prune", {**p, "sparsity_log": log})
+    rep = build([sweep_dir], Options())
+
+    size = plots.accuracy_series(rep.records, "file_bytes")
+    points = {(pt.label, pt.x, round(pt.y, 2)) for pt in size}
+    assert len(size) == 6  # the shared base once, then each run's pruned and int8 models
+    assert ("base", 25.0, 77.04) in points and ("structured 20%", 14.0, 71.5) in points
+    front = [size[i].label for i in plots.pareto_front(size)]
+    assert front == ["structured 20% + int8", "int8", "base"]  # 4.5 MB 73%, 7 MB 76.5%, 25 MB 77.04%
+    latency = plots.accuracy_series(rep.records, "latency_b1_ms")
+    assert sorted(pt.x for pt in latency) == [3.0, 5.0, 5.0, 5.5, 10.0, 10.0]
+
+    by, curves = plots.learning_series(rep.keys, rep.records)
+    assert len(curves) == 1 and curves[0].x == [1.0, 2.0, 3.0] and curves[0].y == pytest.approx([50, 60, 70])
+    spars = plots.sparsity_series(rep.records)
+    assert len(spars) == 1 and spars[0].x == [10.0, 20.0] and spars[0].y == pytest.approx([10, 20])
+    assert spars[0].extra["measured"] == pytest.approx([9.9, 20.0])
+
+    collect(sweep_dir)
+    names = sorted(p.name for p in (sweep_dir / "plots").iterdir())
+    assert names == ["accuracy_vs_latency.png", "accuracy_vs_size.png", "learning_curves.png", "sparsity.png"]
+    for name in names:
+        assert png_size(sweep_dir / "plots" / name) == (800, 500)
+    assert "![accuracy_vs_size](plots/accuracy_vs_size.png)" in (sweep_dir / "results.md").read_text()
+
+
+def test_learning_curves_coloured_by_the_swept_value(study1):
+    sweep_dir, runs = study1
+    for run in runs:
+        m = run.read_metrics("train")
+        run.write_metrics("train", {**m, "history": history([0.2, m["val_acc_best"]])})
+    rep = build([sweep_dir], Options())
+    by, curves = plots.learning_series(rep.keys, rep.records)
+    assert by == "train.batch_size" and sorted(c.colour_value for c in curves) == [64, 64, 128, 128]
+    assert {c.label for c in curves} == {
+        f"batch_size={b}, weight_decay={w}" for b in (64, 128) for w in ("0.0001", "0.0005")
+    }
+    r = run_cli("pipeline.collect", str(sweep_dir), "--no-plots", cwd=sweep_dir)
+    assert r.returncode == 0 and not (sweep_dir / "plots").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# comparing sweeps
+# --------------------------------------------------------------------------------------------------
+
+
+def test_two_sweeps_in_one_table_with_a_sweep_column(tmp_path):
+    a, runs_a = make_sweep(tmp_path, "grid: {optim.lr: [0.1, 0.2]}\n", name="a")
+    b, runs_b = make_sweep(tmp_path, "grid: {optim.name: [sgd, adam]}\n", name="b")
+    for run in runs_a + runs_b:
+        finish(run, train_record())
+    runs_b[0].write_metrics("train", {"status": "failed", "error": "RuntimeError: x"})
+    out = tmp_path / "report" / "compare.md"
+    r = run_cli("pipeline.collect", str(a), str(b), "--out", str(out), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = table_rows(out.read_text())
+    assert list(rows[0])[:4] == ["run", "sweep", "lr", "optim"]
+    assert sorted(r["sweep"] for r in rows) == ["a", "a", "b", "b"]
+    assert {r["lr"] for r in rows if r["sweep"] == "b"} == {"0.1"}  # not swept there: its config's value
+    assert f"`b/{runs_b[0].id}`" in out.read_text()
+    assert (tmp_path / "report/compare.csv").is_file() and (tmp_path / "report/compare.json").is_file()
+    assert not (a / "results.md").exists() and not (b / "results.md").exists()
