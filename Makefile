@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DEMO_DATA ?= data
 DEMO_OUT  ?= runs
 
-.PHONY: venv demo test slurm-up slurm-down bench clean-demo
+.PHONY: venv demo readme-plot test slurm-up slurm-down bench clean-demo
 
 # The stamp is rebuilt whenever the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,11 @@ demo: venv
 	$(PY) -m pipeline.data synthetic --root $(DEMO_DATA) --exist-ok
 	$(PY) -m pipeline.sweep sweeps/quickstart.yaml --cluster local --wait --out $(DEMO_OUT) data.root=$(DEMO_DATA)
 	$(PY) -m pipeline.collect $(DEMO_OUT)/quickstart
+
+# The README's plot: the demo's accuracy against model size (run `make demo` first)
+readme-plot:
+	$(PY) -m pipeline.collect $(DEMO_OUT)/quickstart --format markdown > /dev/null
+	cp $(DEMO_OUT)/quickstart/plots/accuracy_vs_size.png docs/demo_accuracy_vs_size.png
 
 # The Slurm tests need the local cluster; start.sh is a fast no-op when it is already up. If it cannot
 # start (not root, say), the Slurm tests fail and show why: they are never skipped.

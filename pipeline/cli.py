@@ -90,16 +90,34 @@ def print_plan(
     keys = list(dict.fromkeys(k for d in decisions for k in d.run.swept))
     titles = short_keys(keys)
     title = f"sweep [bold]{spec.name}[/] ({spec.path})" + (" — dry run, nothing written" if dry_run else "")
-    headers = ["run id", *(titles[k] for k in keys), "action"] + (["job id"] if job_ids is not None else [])
+    shared = any(d.share is not None for d in decisions)
+    headers = ["run id", *(titles[k] for k in keys), "action"] + (["stages"] if shared else [])
+    headers += ["job id"] if job_ids is not None else []
     rows = []
     for d in decisions:
         row = [d.run.id] + [fmt(d.run.swept.get(k, "")) for k in keys]
         row.append(d.action + (f" ({d.note})" if d.note else ""))
+        if shared:
+            row.append(stages_text(d))
         if job_ids is not None:
             row.append(job_ids.get(d.run.id, ""))
         rows.append(row)
     print_table(con, title, headers, rows, first_style="cyan", limit=None if show_all else SHOWN_ROWS)
     con.print(f"{len(decisions)} runs")
+
+
+def stages_text(d: "Decision") -> str:
+    """Which stages a submitted run does and which it reuses: "train (shared, 3 runs)", "reuses training
+    <key>", "waits for <run> (training <key>)", then the stages it runs itself."""
+    from pipeline.rundir import STAGES
+
+    if d.action.startswith("skip"):
+        return ""
+    later = [s for s in STAGES if s != "train"]
+    if d.from_stage not in (None, "train"):
+        later = later[later.index(d.from_stage) :]
+    head = d.share.describe() if d.share is not None else "train"
+    return f"{head}; runs {', '.join(later)}"
 
 
 def print_table(

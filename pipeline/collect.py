@@ -278,9 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [r for d in args.sweep_dirs for r in list_runs(d)]
     n = sum((r.tensorboard / HPARAMS_FILE).is_file() for r in runs)
     if n:
-        logdirs = " ".join(str(d) for d in args.sweep_dirs)
+        if len(args.sweep_dirs) == 1:
+            logdirs = f"--logdir {args.sweep_dirs[0]}"
+        else:  # one HParams experiment per sweep: TensorBoard's named log folders
+            logdirs = "--logdir_spec " + ",".join(f"{d.name}:{d}" for d in args.sweep_dirs)
         con.print(
-            f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard --logdir "
+            f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard "
             f"{logdirs} (restart a running TensorBoard to see changes)",
             markup=False,
             highlight=False,

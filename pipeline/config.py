@@ -189,6 +189,14 @@ class MeasureConfig:
 
 
 @dataclass
+class ShareConfig:
+    # Runs whose training settings (data, model, optim, schedule, train, and prune when it runs inside
+    # training) are equal train once: the result lives in <out>/.shared/train/<key>/ and each run folder
+    # links to it. false: the run trains in its own folder (a benchmark baseline; a private retraining).
+    train: bool = True
+
+
+@dataclass
 class SlurmConfig:
     partition: str = _sbatch(SBATCH_WORD, _WORD)  # empty = the cluster's default partition
     account: str = _sbatch(SBATCH_WORD, _WORD)
@@ -226,6 +234,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    share: ShareConfig = field(default_factory=ShareConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -233,6 +242,9 @@ class Config:
 # Settings that only say where or how a run is scheduled or logged: they do not change its result, so
 # they are left out of the run id (a longer time limit must resume a run, not start a new one).
 ID_EXCLUDED_SECTIONS = ("slurm", "output", "measure")  # measure: how models are timed, not which are made
+# Sections added later that also change no result: dropped from the hash altogether (an empty entry
+# would change every existing run id). share: where a training is done, not what it gives.
+ID_DROPPED_SECTIONS = ("share",)
 ID_INCLUDED_SLURM_KEYS = ("nodes", "tasks_per_node")  # the number of ranks does change the result
 # Single keys of result sections that change only when a run notices something, not what it computes
 ID_EXCLUDED_KEYS = (("train", "nan_check_steps"),)
@@ -695,6 +707,8 @@ def tree_run_id(tree: Mapping[str, Any]) -> str:
     for section, key in ID_EXCLUDED_KEYS:
         if isinstance(tree.get(section), Mapping) and key in tree[section]:
             tree[section] = {k: v for k, v in tree[section].items() if k != key}
+    for section in ID_DROPPED_SECTIONS:
+        tree.pop(section, None)
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

@@ -8,6 +8,8 @@ The words (:data:`STATES`):
     done           every stage finished
     diverged       training stopped on a NaN or infinite loss
     failed         a stage raised (its record names the error), or the job failed without a record
+    blocked        the shared training it waits for failed in another run (pipeline.share): the reason
+                   names that run; submitting with --rerun failed redoes that training, then this run
     stopped        started, not finished, no job alive and nothing says why: submit again to resume
     cancelled      scancel (sacct: CANCELLED, CANCELLED by <uid>)
     time-limit     the time limit was reached and no requeue was left (sacct TIMEOUT, DEADLINE, or the
@@ -39,6 +41,7 @@ STATES = (
     "done",
     "diverged",
     "failed",
+    "blocked",
     "stopped",
     "cancelled",
     "time-limit",
@@ -47,7 +50,7 @@ STATES = (
     "preempted",
 )
 # The words that mean the run ended without finishing and no job of it is alive.
-ENDED = ("failed", "stopped", "cancelled", "time-limit", "out-of-memory", "node-failure", "preempted")
+ENDED = ("failed", "blocked", "stopped", "cancelled", "time-limit", "out-of-memory", "node-failure", "preempted")
 
 ENDING_FILE = "ending.json"
 
@@ -86,6 +89,9 @@ def classify(run: RunDir, job_state: str = "", submitted: bool = True) -> Ending
     if files == "diverged":
         epoch = (run.read_metrics("train") or {}).get("diverged_epoch")
         return Ending("diverged", f"epoch {epoch}" if epoch else "")
+    if files == "blocked":  # before the scheduler's word: its job was cancelled because of it, or waits
+        owner, why = run.blocked_by() or ("another run", "")
+        return Ending("blocked", f"blocked by {owner}: its training failed ({why})")
     word, _, detail = job_state.strip().partition(" ")
     if word in slurm_cli.ACTIVE_STATES:
         if word in ("RUNNING", "COMPLETING"):

@@ -227,6 +227,7 @@ def submit(
     name: str,
     parallel: int = 1,
     max_size: int | None = None,
+    after: Mapping[int, int | str] | None = None,
     on_submitting: Callable[[str, list[str]], Any] | None = None,
     on_submitted: Callable[[dict[str, str], str | None, dict[str, dict[str, Any]]], None] | None = None,
 ) -> Submission:
@@ -239,7 +240,14 @@ def submit(
     leaves a record of what is queued. An array that sbatch refuses is listed in
     ``Submission.rejected`` (with its token) and the others are still submitted; once the
     controller stops answering, the remaining arrays are not tried (each would wait for sbatch's own
-    timeouts) and are listed as unreachable."""
+    timeouts) and are listed as unreachable.
+
+    ``after`` maps the index of a run that must wait for a shared training to the index of the run that
+    trains it in this submission, or to the job id of an earlier submission's owner. On Slurm such runs
+    go out after the others, one array per owner, with ``--dependency=afterok:<job>_<task>`` (so each
+    starts when its own training ends) and ``--kill-on-invalid-dep=yes`` (a failed training cancels its
+    followers instead of leaving them queued forever). Locally they go after the others in every slot
+    and wait for the owner's record when they get there (:func:`pipeline.share.wait_for_owner`)."""
     import submitit
     from submitit.core.utils import FailedJobError
 
@@ -248,38 +256,68 @@ def submit(
     sub = Submission(cluster)
     if not runs:
         return sub
+    after = dict(after or {})
     log_folder = sweep_dir / "logs" / "%j"
     if cluster == "slurm":
         unreachable: str | None = None
-        for params, idx in _arrays(cfgs, name, max_size):
-            run_ids = [runs[i].id for i in idx]
-            if unreachable is not None:
-                sub.rejected.append(Rejected(run_ids, f"not tried: {unreachable}", unreachable=True))
+        first = [i for i in range(len(runs)) if i not in after]
+        waves: list[tuple[list[int], int | str | None]] = [(first, None)]
+        by_owner: dict[int | str, list[int]] = {}
+        for i, owner in after.items():
+            by_owner.setdefault(owner, []).append(i)
+        for i_or_job, owner_idx in by_owner.items():
+            waves.append((sorted(owner_idx), i_or_job))
+        for wave, waits_for in waves:
+            if not wave:
                 continue
-            slurm_executor = submitit.SlurmExecutor(
-                folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
-            )
-            token = uuid.uuid4().hex[:16]
-            slurm_executor.update_parameters(**_executor_parameters(params), comment=comment_of(token))
-            paths = [str(runs[i].path) for i in idx]
-            if on_submitting is not None:
-                on_submitting(token, run_ids)
-            try:
-                jobs = slurm_executor.map_array(execute, paths)
-            except (FailedJobError, OSError) as e:
-                reason = _sbatch_error(e)
-                # refused, or no answer at all? Asking the controller tells them apart.
-                down = not slurm_controller_answers()
-                sub.rejected.append(Rejected(run_ids, reason, unreachable=down, token=token))
-                if down:
-                    unreachable = "the Slurm controller does not answer (scontrol ping)"
-                continue
-            queued = {runs[i].id: job.job_id for i, job in zip(idx, jobs)}
-            if on_submitted is not None:
-                on_submitted(queued, token, {})
-            sub.job_ids.update(queued)
-            for i, job in zip(idx, jobs):
-                sub.jobs.append(([runs[i]], job))
+            depend: str | None = None
+            if waits_for is not None:
+                owner_job = sub.job_ids.get(runs[waits_for].id) if isinstance(waits_for, int) else waits_for
+                if owner_job is None:  # its owner was refused: it would start and train on its own
+                    sub.rejected.append(
+                        Rejected(
+                            [runs[i].id for i in wave],
+                            f"not tried: the run whose training they share ({runs[int(waits_for)].id}) was not submitted",
+                            unreachable=unreachable is not None,
+                        )
+                    )
+                    continue
+                depend = f"afterok:{owner_job}"
+            for params, chunk in _arrays([cfgs[i] for i in wave], name, max_size):
+                idx = [wave[j] for j in chunk]
+                run_ids = [runs[i].id for i in idx]
+                if unreachable is not None:
+                    sub.rejected.append(Rejected(run_ids, f"not tried: {unreachable}", unreachable=True))
+                    continue
+                slurm_executor = submitit.SlurmExecutor(
+                    folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
+                )
+                token = uuid.uuid4().hex[:16]
+                # a follower starts when its own training ends; a failed training cancels it (else it would
+                # stay queued forever, DependencyNeverSatisfied) and the files show it as blocked
+                extra = (
+                    {"additional_parameters": {"dependency": depend, "kill_on_invalid_dep": "yes"}} if depend else {}
+                )
+                slurm_executor.update_parameters(**_executor_parameters(params), comment=comment_of(token), **extra)
+                paths = [str(runs[i].path) for i in idx]
+                if on_submitting is not None:
+                    on_submitting(token, run_ids)
+                try:
+                    jobs = slurm_executor.map_array(execute, paths)
+                except (FailedJobError, OSError) as e:
+                    reason = _sbatch_error(e)
+                    # refused, or no answer at all? Asking the controller tells them apart.
+                    down = not slurm_controller_answers()
+                    sub.rejected.append(Rejected(run_ids, reason, unreachable=down, token=token))
+                    if down:
+                        unreachable = "the Slurm controller does not answer (scontrol ping)"
+                    continue
+                queued = {runs[i].id: job.job_id for i, job in zip(idx, jobs)}
+                if on_submitted is not None:
+                    on_submitted(queued, token, {})
+                sub.job_ids.update(queued)
+                for i, job in zip(idx, jobs):
+                    sub.jobs.append(([runs[i]], job))
         return sub
 
     if cluster == "local":
@@ -292,8 +330,10 @@ def submit(
     else:
         raise ValueError(f"unknown cluster {cluster!r}; allowed: slurm, local, debug")
     slots = min(parallel, len(runs))
+    # every slot runs the runs that train (or need no one) before those that wait for a training
+    order = [i for i in range(len(runs)) if i not in after] + [i for i in range(len(runs)) if i in after]
     for s in range(slots):
-        share = [runs[i] for i in range(s, len(runs), slots)]
+        share = [runs[i] for i in order[s::slots]]
         job = executor.submit(execute_many, [str(r.path) for r in share])
         queued = {r.id: str(job.job_id) for r in share}
         if cluster == "local":

@@ -8,6 +8,7 @@ in the foreground (what the plain sbatch scripts call). Stages run in order; eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -15,7 +16,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
+
+from omegaconf import OmegaConf
 
 from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
 from pipeline.rundir import (
@@ -74,6 +77,7 @@ def execute(run_dir: str | Path) -> str:
     handler = _attach_log(run, to_file=rank == 0)
     preempt.STOP.install()
     ownership: owner.Ownership | None = None
+    reserved = False  # .space-reserve is this job's to free (not another job's that owns the folder)
     try:
         if rank == 0:
             try:
@@ -89,13 +93,23 @@ def execute(run_dir: str | Path) -> str:
             # before any work, naming the folder)
             try:
                 reserve_space(run.path)
+                reserved = True
             except OSError as e:
                 log.error("run %s: cannot write in %s: %s; free space, then submit again", run.id, run.path, e)
                 raise
+        store = run.shared_store() if bool(cfg.share.train) else None
         for stage in STAGES:
             if ownership is not None:
                 ownership.check()
-            done = run.read_metrics(stage)
+            # the stage's own folder: the shared store for a shared training, else the run's
+            target = RunDir(store) if stage == "train" and store is not None else run
+            if target is not run:
+                shared = _shared_training(run, cfg, target, rank)
+                if shared is not None:
+                    if shared == "done":
+                        continue
+                    return shared
+            done = target.read_metrics(stage)
             if done is not None and done.get("status") == "failed" and done.get("resume") is True:
                 # it failed writing (full disk, quota, read-only) and its last checkpoint is intact
                 log.warning(
@@ -105,20 +119,12 @@ def execute(run_dir: str | Path) -> str:
                     done.get("error"),
                 )
                 if rank == 0:
-                    run.metrics_path(stage).unlink(missing_ok=True)
+                    target.metrics_path(stage).unlink(missing_ok=True)
                 done = None
             if done is not None:
                 if done.get("status") != "done":
                     if done.get("status") == "failed":
-                        log.warning(
-                            "run %s: the %s stage failed before (%s); it is not retried on its own: "
-                            "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
-                            "redoes it once the cause is fixed",
-                            run.id,
-                            stage,
-                            done.get("error", "no reason recorded"),
-                            run.path,
-                        )
+                        return _failed_before(run, stage, done)
                     return str(done.get("status"))
                 continue
             log.info("run %s: stage %s", run.id, stage)
@@ -126,10 +132,11 @@ def execute(run_dir: str | Path) -> str:
             try:
                 if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
                     raise preempt.Preempted(preempt.STOP.signum or 0)
-                metrics = _stage_function(stage)(run, cfg)
+                with _extra_log(target.log if target is not run and rank == 0 else None):
+                    metrics = _stage_function(stage)(target, cfg)
                 metrics["wall_s"] = time.time() - started
                 if rank == 0:
-                    run.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
+                    target.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
             except preempt.Preempted as p:
                 if rank == 0:
                     ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
@@ -143,7 +150,7 @@ def execute(run_dir: str | Path) -> str:
                 if ownership is not None:
                     ownership.check()  # a failure caused by a deleted folder is not written back into it
                 if rank == 0:
-                    _record_failure(run, stage, e)
+                    _record_failure(target, stage, e, run)
                 log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
                 raise
             if metrics["status"] != "done":
@@ -158,18 +165,19 @@ def execute(run_dir: str | Path) -> str:
         if ownership is not None:
             ownership.release()
         preempt.STOP.restore()
-        if rank == 0:
+        if reserved:
             release_space(run.path)
         if handler is not None:
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
 
 
-def _record_failure(run: RunDir, stage: str, e: Exception) -> None:
-    """metrics/<stage>.json as failed, with the error. When a write failed because the disk is full,
-    over quota or read-only, the record says ``resume: true``: the previous checkpoint is intact and
-    running the job again once there is space resumes the stage. The space reserved at the start is
-    freed first, so the record fits on a full disk."""
+def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir) -> None:
+    """``target``'s metrics/<stage>.json (``run`` itself, or a shared training's store) as failed, with
+    the error. When a write failed because the disk is full, over quota or read-only, the record says
+    ``resume: true``: the previous checkpoint is intact and running the job again once there is space
+    resumes the stage. The space reserved at the start is freed first, so the record fits on a full
+    disk."""
     disk = disk_error(e)
     record: dict[str, Any] = {
         "status": "failed",
@@ -185,9 +193,88 @@ def _record_failure(run: RunDir, stage: str, e: Exception) -> None:
         )
     release_space(run.path)
     try:
-        run.write_metrics(stage, record)
+        target.write_metrics(stage, record)
     except OSError as e2:
-        log.error("could not write the failure record %s either: %s", run.metrics_path(stage), e2)
+        log.error("could not write the failure record %s either: %s", target.metrics_path(stage), e2)
+
+
+def _shared_training(run: RunDir, cfg: Any, store: RunDir, rank: int) -> str | None:
+    """A shared training (pipeline.share): "done" when it is recorded and this run goes on, a status to
+    end the run with (a failed training of another run blocks this one: "blocked"), or None when this
+    run is to train it now (as its owner, or taking over from an owner whose job ended without a result)."""
+    from pipeline import share
+
+    tree = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    if rank == 0:
+        share.link_training(run, store.path, tree)  # again after an archive; idempotent
+    record = store.read_metrics("train")
+    if record is None:
+        record = share.wait_for_owner(run, store.path)  # returns at once for the owner
+    if record is None:
+        if rank == 0:
+            if not share.is_owner(run, share.read_owner(store.path)):
+                log.warning("run %s: the owner of the shared training stopped without a result; training here", run.id)
+                share.write_owner(store.path, run, *_this_job())
+            log.info("run %s: shared training %s (log %s)", run.id, store.path, store.log)
+        return None
+    status = str(record.get("status", "failed"))
+    if status == "done":
+        log.info("run %s: reuses the shared training %s", run.id, store.path)
+        return "done"
+    blocked = run.blocked_by()
+    if blocked is not None:
+        log.warning(
+            "run %s: blocked by run %s, whose training this run shares, failed (%s); after fixing the "
+            "cause, submit the sweep again with --rerun failed",
+            run.id,
+            *blocked,
+        )
+        return "blocked"
+    if status == "failed":
+        return _failed_before(run, "train", record)
+    return status
+
+
+def _failed_before(run: RunDir, stage: str, record: dict[str, Any]) -> str:
+    log.warning(
+        "run %s: the %s stage failed before (%s); it is not retried on its own: "
+        "python -m pipeline.run %s --rerun failed (or the sweep with --rerun failed) "
+        "redoes it once the cause is fixed",
+        run.id,
+        stage,
+        record.get("error", "no reason recorded"),
+        run.path,
+    )
+    return "failed"
+
+
+def _this_job() -> tuple[str, str]:
+    """(cluster, job id) of the job this process runs in, as a manifest records it."""
+    import os
+
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return "slurm", f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return "slurm", os.environ["SLURM_JOB_ID"]
+    return "local", str(os.getpid())
+
+
+@contextlib.contextmanager
+def _extra_log(path: Path | None) -> Iterator[None]:
+    """Also log to ``path`` meanwhile (a shared training keeps its own log in the shared store)."""
+    if path is None:
+        yield
+        return
+    root = logging.getLogger("pipeline")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _distributed_rank() -> int:
@@ -277,6 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.rerun == "failed" and run.resumable_failure() is not None:
         pass  # a failed write (full disk): its checkpoint is intact and execute resumes it
     elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
+        store = run.shared_store()
+        if stage == "train" and store is not None:  # a failed shared training: nobody can use it; kept aside
+            from pipeline import share
+
+            RunDir(store).archive()
+            share.write_owner(store, run, *_this_job())
         run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included
     status = execute(run.path)
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")

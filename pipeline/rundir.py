@@ -12,6 +12,9 @@ and collect/status (read them). Torch-free.
         tb/                  TensorBoard event files (tb/prune, tb/qat: fine-tunes; tb/sparsity: by step)
         ending.json          how the last job stopped early on a signal (pipeline.endings), if it did
         archive/<time>/      what --rerun moved aside (nothing is deleted; tb/ packed as tb.tar)
+        shared.json          where a shared training lives (pipeline.share); then metrics/train.json,
+                             models/trained.pt, progress.json, train.log and tb/train are relative
+                             symlinks into <out>/.shared/train/<key>/
 """
 
 from __future__ import annotations
@@ -64,6 +67,17 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
         "tb/qat",
     ),
     "measure": (),
+}
+# A run whose training is shared (pipeline.share) reaches it through these relative symlinks: run-folder
+# path -> path in the shared store. Readers (collect, status, TensorBoard) see them as the run's own files;
+# atomic writes replace a link instead of writing through it, so no run can change the shared result.
+SHARED_POINTER = "shared.json"
+SHARED_TRAIN_LINKS: dict[str, str] = {
+    "metrics/train.json": "metrics/train.json",
+    "models/trained.pt": "models/trained.pt",
+    "progress.json": "progress.json",
+    "train.log": "run.log",
+    "tb/train": "tb",
 }
 FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
 
@@ -337,10 +351,40 @@ class RunDir:
         m = self.read_metrics(stage) if stage else None
         return m if m is not None and m.get("resume") is True else None
 
+    def shared_store(self) -> Path | None:
+        """The shared-store folder of this run's training (``shared.json``), or None: trained here."""
+        pointer = read_json(self.path / SHARED_POINTER)
+        if not isinstance(pointer, dict) or not isinstance(pointer.get("train"), dict):
+            return None
+        rel = pointer["train"].get("store")
+        return Path(os.path.normpath(self.path / rel)) if isinstance(rel, str) else None
+
+    def training_owner(self) -> dict[str, Any] | None:
+        """trainer.json of the shared training: the run that does (or did) it, and its job."""
+        store = self.shared_store()
+        owner = read_json(store / "trainer.json") if store is not None else None
+        return owner if isinstance(owner, dict) else None
+
+    def blocked_by(self) -> tuple[str, str] | None:
+        """(run id of the owner, why) when the shared training this run waits for failed in another run;
+        None otherwise (the owner itself shows as failed)."""
+        store = self.shared_store()
+        if store is None:
+            return None
+        record = RunDir(store).read_metrics("train")
+        if record is None or record.get("status") != "failed":
+            return None
+        owner = self.training_owner() or {}
+        owner_path = Path(str(owner.get("run", "")))
+        if owner_path.name and os.path.normpath(owner_path) == os.path.normpath(self.path.absolute()):
+            return None
+        return owner_path.name or "another run", str(record.get("error", "its training failed"))
+
     def status(self) -> str:
-        """pending | running | done | diverged | failed, from the files alone.
+        """pending | running | done | diverged | failed | blocked, from the files alone.
 
         'running' means started and not finished: the job may be alive, or dead and resumable.
+        'blocked': the shared training it waits for failed in another run (:meth:`blocked_by`).
         """
         started = self.progress.exists()
         for stage in STAGES:
@@ -348,9 +392,18 @@ class RunDir:
             if m is None:
                 return "running" if started else "pending"
             if m.get("status") != "done":
+                if stage == "train" and m.get("status") == "failed" and self.blocked_by() is not None:
+                    return "blocked"
                 return str(m.get("status", "failed"))
             started = True
         return "done"
+
+    def unlink_shared(self) -> None:
+        """Remove the links into a shared training (pointers only: the shared result is not touched)."""
+        for rel in SHARED_TRAIN_LINKS:
+            link = self.path / rel
+            if link.is_symlink():
+                link.unlink()
 
     def stage_statuses(self) -> dict[str, str | None]:
         """Each stage's recorded status (None: not finished yet)."""
@@ -371,7 +424,10 @@ class RunDir:
 
         Without ``from_stage`` everything goes (a fresh start). With it, only that stage's and the later
         stages' records, models, checkpoints and TensorBoard folders: what came before stays and is not
-        redone. Nothing is deleted (tb/ is packed as tb.tar)."""
+        redone. Nothing is deleted (tb/ is packed as tb.tar). Links into a shared training are removed
+        rather than moved (the shared result stays where other runs use it; the next job links it again)."""
+        if from_stage is None or from_stage == "train":
+            self.unlink_shared()
         if from_stage is None:
             movable = [self.metrics_dir, self.checkpoints, self.models, self.tensorboard, self.progress, self.log]
         else:

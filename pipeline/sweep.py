@@ -50,6 +50,7 @@ from pipeline.config import (
     tree_to_yaml,
     unflatten,
 )
+from pipeline import share as sharing
 from pipeline.rundir import RunDir, atomic_write_text, clean_stale_temporaries, read_json
 
 if TYPE_CHECKING:
@@ -291,9 +292,13 @@ def _absolute_root(root: str, base: Path) -> str:
 @dataclass
 class Decision:
     run: PlannedRun
-    action: str  # new | resume | rerun | skip-done | skip-failed | skip-active
+    action: str  # new | resume | rerun | skip-done | skip-failed | skip-blocked | skip-active
     note: str = ""
     from_stage: str | None = None  # rerun: the first stage redone (None: all of them)
+    share: sharing.Share | None = None  # how a submitted run gets a shared training (None: its own)
+
+
+SUBMITTED = ("new", "resume", "rerun")
 
 
 def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_ids: set[str]) -> list[Decision]:
@@ -308,9 +313,13 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_
             decisions.append(Decision(r, "skip-active", "job still queued or running"))
         elif rerun == "all":
             decisions.append(Decision(r, "rerun", f"was {status}"))
-        elif status == "failed" and (why := rd.resumable_failure()) is not None:
+        elif status == "failed" and (failed_write := rd.resumable_failure()) is not None:
             # a write failed (full disk, quota, read-only) and its checkpoint is intact: resume it
-            decisions.append(Decision(r, "resume", f"{why.get('stage', 'a')} stage failed writing: {why.get('error')}"))
+            decisions.append(
+                Decision(
+                    r, "resume", f"{failed_write.get('stage', 'a')} stage failed writing: {failed_write.get('error')}"
+                )
+            )
         elif rerun == "failed" and status == "failed":
             stage = rd.failed_stage()
             decisions.append(
@@ -321,6 +330,11 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_
                     from_stage=None if stage == "train" else stage,
                 )
             )
+        elif rerun == "failed" and status == "blocked":
+            decisions.append(Decision(r, "rerun", "its shared training failed; redo it", from_stage=None))
+        elif status == "blocked":
+            owner, why = rd.blocked_by() or ("?", "")
+            decisions.append(Decision(r, "skip-blocked", f"blocked by {owner}: {why}; use --rerun failed"))
         elif status in ("done", "diverged"):
             decisions.append(Decision(r, "skip-done", status))
         elif status == "failed":
@@ -328,6 +342,54 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_
         else:
             decisions.append(Decision(r, "resume", status))
     return decisions
+
+
+def plan_sharing(decisions: Sequence[Decision], sweep_dir: Path, rerun: str | None, cluster: str | None = None) -> None:
+    """Decide, per submitted run whose training is shared, whether it trains, follows another run's job
+    or reuses a recorded training (``Decision.share``; reads, writes nothing). A run whose shared training
+    failed (in another run or sweep) is not submitted unless ``rerun`` is "failed": it is blocked."""
+    todo = [d for d in decisions if d.action in SUBMITTED]
+    rows = [(RunDir(sweep_dir / d.run.id), d.run.config, d.action == "rerun" and d.from_stage is None) for d in todo]
+    shares = sharing.assign(rows, sweep_dir, cluster)
+    for d in todo:
+        sh = shares.get(d.run.id)
+        if sh is None:
+            continue
+        record = sharing.store_record(sh.store)
+        if record is not None and record.get("status") == "failed" and rerun != "failed":
+            owner = (sharing.read_owner(sh.store) or {}).get("run_id", "another run")
+            d.action, d.note = "skip-blocked", f"blocked by {owner}: its training failed; use --rerun failed"
+            continue
+        d.share = sh
+
+
+def follow_order(to_submit: Sequence[Decision]) -> dict[int, int | str]:
+    """For :func:`pipeline.launch.submit`'s ``after``: index of each run that waits for a shared training
+    -> index of its owner in ``to_submit``, or the job id of an owner submitted earlier."""
+    owner_index = {d.run.id: i for i, d in enumerate(to_submit)}
+    after: dict[int, int | str] = {}
+    for i, d in enumerate(to_submit):
+        if d.share is None or d.share.role != "follow":
+            continue
+        if d.share.owner in owner_index and d.share.after_job is None:
+            after[i] = owner_index[d.share.owner]
+        elif d.share.after_job:
+            after[i] = d.share.after_job
+    return after
+
+
+def trainings(decisions: Sequence[Decision], sweep_dir: Path) -> int:
+    """How many trainings submitting ``decisions`` does: one per shared training key that is trained,
+    plus each submitted run that trains in its own folder and has not finished doing so."""
+    keys = {d.share.key for d in decisions if d.share is not None and d.share.role == "train"}
+    own = 0
+    for d in decisions:
+        if d.action not in SUBMITTED or d.share is not None:
+            continue
+        record = RunDir(sweep_dir / d.run.id).read_metrics("train")
+        redone = d.action == "rerun" and d.from_stage is None
+        own += redone or record is None or record.get("status") != "done"
+    return len(keys) + own
 
 
 def write_run(sweep_dir: Path, spec: SweepSpec, r: PlannedRun, unsynced: list[Path] | None = None) -> RunDir:
@@ -355,6 +417,13 @@ def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) 
         clean_stale_temporaries(rd.path)
         if d.action == "rerun":
             rd.archive(d.from_stage)
+        if d.share is not None:
+            record = sharing.store_record(d.share.store)
+            if d.share.role == "train" and record is not None and record.get("status") == "failed":
+                RunDir(d.share.store).archive()  # --rerun failed: the failed training goes aside, kept
+            sharing.link_training(rd, d.share.store, d.run.config)
+        elif not sharing.sharing_on(d.run.config) and rd.shared_store() is not None:
+            sharing.unlink_training(rd)  # share.train=false: from now on it trains in its own folder
     clean_stale_temporaries(sweep_dir)
     sync_files(unsynced)
 
@@ -472,12 +541,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out(args.out, sweep_dir, write=not args.dry_run)
 
     if args.dry_run:
-        with cli.exit_on_os_error():
-            decisions = plan(runs, sweep_dir, args.rerun, set())
-        cli.print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
         from pipeline import launch
 
         cluster = launch.resolve_cluster(args.cluster)
+        with cli.exit_on_os_error():
+            decisions = plan(runs, sweep_dir, args.rerun, set())
+            plan_sharing(decisions, sweep_dir, args.rerun, cluster)
+        cli.print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
+        console.print(f"{trainings(decisions, sweep_dir)} training(s) in all")
         if cluster == "slurm":
             for header in launch.sbatch_headers(sweep_dir, [d.run.config for d in decisions], spec.name):
                 console.print(header, markup=False, highlight=False)
@@ -506,10 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
         console.print("waiting for the runs to finish")
         statuses = launch.wait(submission, console)
-        failed = [rid for rid, s in statuses.items() if s == "failed"]
+        failed = [rid for rid, s in statuses.items() if s in ("failed", "blocked")]
         if failed:
             console.print(
-                f"[red]{len(failed)} run(s) failed:[/] "
+                f"[red]{len(failed)} run(s) failed or blocked:[/] "
                 + ", ".join(f"{rid} (log {sweep_dir / rid / 'run.log'})" for rid in failed)
             )
             return 1
@@ -574,12 +645,22 @@ def _submit(
         return EXIT_SLURM_DOWN, None, cluster
     with cli.exit_on_os_error():  # before anything is submitted
         decisions = plan(runs, sweep_dir, args.rerun, active)
-        to_submit = [d for d in decisions if d.action in ("new", "resume", "rerun")]
+        plan_sharing(decisions, sweep_dir, args.rerun, cluster)
+        to_submit = [d for d in decisions if d.action in SUBMITTED]
         write_runs(sweep_dir, spec, to_submit)
+        owners = [(d, d.share) for d in to_submit if d.share is not None and d.share.role == "train"]
+        for d, sh in owners:  # before submitting: a follower that starts first waits for this record
+            sharing.write_owner(sh.store, RunDir(sweep_dir / d.run.id), cluster, None)
+    owner_store = {d.run.id: sh.store for d, sh in owners}
 
     def record(job_ids: dict[str, str], token: str | None, job_records: dict[str, dict[str, Any]]) -> None:
         try:
             manifest.record_submitted(sweep_dir, cluster, job_ids, token, job_records)
+            for rid, jid in job_ids.items():  # the job a later sweep's runs of the same training wait for
+                if rid in owner_store:
+                    sharing.write_owner(
+                        owner_store[rid], RunDir(sweep_dir / rid), cluster, str(jid), job_records.get(rid)
+                    )
         except OSError as e:
             # queued but not recorded: say which jobs, since a rerun cannot know them
             cli.console(stderr=True).print(
@@ -597,6 +678,7 @@ def _submit(
             sweep_dir=sweep_dir,
             name=spec.name,
             parallel=args.parallel,
+            after=follow_order(to_submit),
             on_submitting=functools.partial(manifest.record_submitting, sweep_dir, cluster),
             on_submitted=record,
         )
@@ -606,8 +688,8 @@ def _submit(
     cli.print_plan(console, spec, decisions, job_ids=shown, cluster=cluster, show_all=args.all)
     n_rejected = sum(len(rej.run_ids) for rej in submission.rejected)
     console.print(
-        f"[bold]{len(to_submit) - n_rejected}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/]; "
-        f"results in {sweep_dir}/"
+        f"[bold]{len(to_submit) - n_rejected}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/] "
+        f"({trainings(decisions, sweep_dir)} training(s)); results in {sweep_dir}/"
     )
     if not submission.rejected:
         return 0, submission, cluster

@@ -210,3 +210,46 @@ def test_collect_cli_writes_hparams_without_torch(sweep):
     assert f"tensorboard --logdir {sweep_dir}" in r.stdout
     assert r.stdout.split("MODULES", 1)[1].strip() == ""
     assert all((run.tensorboard / HPARAMS_FILE).is_file() for run in list_runs(sweep_dir))
+
+
+def test_hparams_of_a_compressing_sweep_carry_the_compression_metrics(tmp_path):
+    """One metric list for the whole sweep (the train metrics and the compression figures), each run's
+    values where it has them: sparsity, int8 accuracy, sizes and latencies from its records."""
+    from pipeline.tb_hparams import COMPRESSION_METRICS
+    from tests.report_runs import entry, finish, make_sweep, swept, train_record
+
+    sweep_dir, runs = make_sweep(
+        tmp_path, "set: {quant.method: int8}\nvariants: [{prune.method: none}, {prune.method: unstructured}]\n"
+    )
+    for run in runs:
+        pruned = swept(run)["prune.method"] == "unstructured"
+        prune = {"status": "done", "method": "unstructured", "during": "finetune", "sparsity": 0.7, "test_acc": 0.8}
+        finish(
+            run,
+            train_record(),
+            prune=prune if pruned else {"status": "done", "method": "none"},
+            quantize={"status": "done", "method": "int8", "test_acc": 0.83},
+            measure={
+                "status": "done",
+                "models": [
+                    entry("trained", 0.84, 0.99, 1000, 1_120_000, 3.0),
+                    entry("int8", 0.83, 0.99, 1000, 470_000, 2.0),
+                ],
+            },
+        )
+    collect(sweep_dir)
+    names = [METRIC_TAG.format(m) for m in METRICS + COMPRESSION_METRICS]
+    for run in runs:
+        _, _, _, experiment = read_tb(run.tensorboard)
+        assert [m.name.tag for m in experiment.metric_infos] == names
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run.tensorboard))
+        acc.Reload()
+        values = {t.split("/", 1)[1]: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"]}
+        assert values["int8_test_acc"] == pytest.approx(0.83) and values["fp32_bytes"] == 1_120_000
+        assert values["int8_bytes"] == 470_000 and values["int8_latency_ms"] == pytest.approx(2.0)
+        if swept(run)["prune.method"] == "unstructured":
+            assert values["sparsity"] == pytest.approx(0.7) and values["pruned_test_acc"] == pytest.approx(0.8)
+        else:
+            assert "sparsity" not in values and "pruned_test_acc" not in values

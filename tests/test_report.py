@@ -381,3 +381,48 @@ def test_two_sweeps_in_one_table_with_a_sweep_column(tmp_path):
     assert f"`b/{runs_b[0].id}`" in out.read_text()
     assert (tmp_path / "report/compare.csv").is_file() and (tmp_path / "report/compare.json").is_file()
     assert not (a / "results.md").exists() and not (b / "results.md").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the README's demo tables
+# --------------------------------------------------------------------------------------------------
+
+
+def test_readme_demo_tables_have_the_columns_collect_prints(tmp_path):
+    """The demo's runs table and models block in README.md, in shape: collect on the quickstart sweep's
+    run folders (records by hand, with every figure the demo's stages write) prints the same columns."""
+    from pipeline.sweep import expand_sweep, read_sweep, write_run
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text().splitlines()
+    wanted = [ln for ln in readme if ln.startswith(("| run | prune |", "| model | run |"))]
+    assert len(wanted) == 2, wanted
+    spec = read_sweep(REPO / "sweeps/quickstart.yaml")
+    sweep_dir = tmp_path / "runs/quickstart"
+    for r in expand_sweep(spec, {"data.root": str(tmp_path / "data")}, cwd=tmp_path):
+        run = write_run(sweep_dir, spec, r)
+        method = r.swept["prune.method"]
+        models = [entry("trained", 0.917, 0.999, 269_722, 1_122_489, 3.0, memory=None)]
+        prune = {"status": "done", "method": "none"}
+        if method != "none":
+            prune = {
+                "status": "done",
+                "method": method,
+                "during": "finetune",
+                "sparsity": 0.7,
+                "sparsity_target": 0.7,
+                "test_acc": 0.9,
+            }
+            models.append(entry("pruned", 0.9, 0.999, 135_754, 581_271, 2.0, memory=None))
+        models.append(entry("int8", 0.91, 0.999, 135_234, 337_083, 5.0, memory=None))
+        finish(
+            run,
+            train_record(train_time_s=20.0, history=history([0.5, 0.9, 0.9])),
+            prune=prune,
+            quantize={"status": "done", "method": "int8", "test_acc": 0.91, "raw": 337_083},
+            measure={"status": "done", "models": models},
+        )
+    r = run_cli("pipeline.collect", str(sweep_dir), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    printed = [ln for ln in r.stdout.splitlines() if ln.startswith(("| run |", "| model |"))]
+    assert printed == wanted

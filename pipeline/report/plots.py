@@ -163,6 +163,23 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def label_offsets(points: Sequence[Point]) -> list[tuple[int, int]]:
+    """Where each label goes (points from its point): above right, or below right when a label already
+    placed above right sits close to the left at the same height (they would overlap)."""
+    if not points:
+        return []
+    xs, ys = [p.x for p in points], [p.y for p in points]
+    width, height = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float, int]] = []
+    out: list[tuple[int, int]] = [(6, 4)] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: points[i].x):  # left to right
+        p = points[i]
+        clash = any(abs(p.y - y) < 0.04 * height and 0 <= p.x - x < 0.3 * width and dy > 0 for x, y, dy in placed)
+        out[i] = (6, -12) if clash else (6, 4)
+        placed.append((p.x, p.y, out[i][1]))
+    return out
+
+
 def render_accuracy(points: Sequence[Point], xlabel: str, title: str, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -180,9 +197,8 @@ def render_accuracy(points: Sequence[Point], xlabel: str, title: str, path: Path
     )
     # every point labelled while that stays readable; in a large sweep only the front's points
     labelled = range(len(points)) if len(points) <= MAX_LABELS else front[:MAX_LABELS]
-    for i in labelled:
-        p = points[i]
-        ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    for p, offset in zip([points[i] for i in labelled], label_offsets([points[i] for i in labelled])):
+        ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=offset, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy, top-1 (%)")
     ax.set_title(title)

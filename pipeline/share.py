@@ -1,0 +1,261 @@
+"""Train once, compress many: the key of each stage's result, and the shared store of trainings.
+
+A stage's key is a hash of exactly the settings its result depends on:
+
+- train: data, model, optim, schedule, train, the number of ranks (slurm.nodes x tasks_per_node), and
+  prune when pruning runs inside training (``prune.during: train``);
+- prune: the training key and the prune settings (only the method when it is ``none``);
+- quantize: the prune key and the quant settings (only the method when it is ``none``).
+
+measure is per run. Runs of equal training keys share one training, stored once under the output root::
+
+    <out>/.shared/train/<key>/
+        key.json        the key and the settings it hashes (for people)
+        trainer.json    the run that does the training, its cluster and job id (written at submission)
+        metrics/train.json, models/trained.pt, checkpoints/last.pt, progress.json, tb/, run.log
+
+and reached from every run folder through ``shared.json`` and relative symlinks
+(:data:`pipeline.rundir.SHARED_TRAIN_LINKS`), so collect, status and TensorBoard see the training as
+each run's own. A later sweep in the same ``--out`` finds it there. No file locks: on Slurm one owner job
+trains and the other runs wait for it through a job dependency; locally a follower waits for the owner's
+record (:func:`wait_for_owner`). Torch-free: sweep, status and collect import it on login nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipeline.rundir import SHARED_POINTER, SHARED_TRAIN_LINKS, RunDir, atomic_write_json, read_json
+
+STORE = ".shared"
+TRAIN_SECTIONS = ("data", "model", "optim", "schedule", "train")
+OWNER_GRACE_S = 120.0  # a trainer.json without a job id yet (the sweep is still submitting) counts as alive
+POLL_S = 2.0
+
+log = logging.getLogger("pipeline.share")
+
+
+def _hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def training_settings(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run's training result depends on, from its resolved config (a plain nested dict)."""
+    out: dict[str, Any] = {s: tree[s] for s in TRAIN_SECTIONS}
+    slurm = tree.get("slurm") or {}
+    out["ranks"] = {k: slurm.get(k, 1) for k in ("nodes", "tasks_per_node")}  # DDP changes the weights
+    prune = tree.get("prune") or {}
+    if prune.get("method", "none") != "none" and prune.get("during") == "train":
+        out["prune"] = prune  # the sparsity schedule runs inside the training loop
+    return out
+
+
+def _method_only(section: Mapping[str, Any]) -> Mapping[str, Any]:
+    # a stage that does nothing depends on none of its other settings
+    return {"method": "none"} if section.get("method", "none") == "none" else section
+
+
+def stage_keys(tree: Mapping[str, Any]) -> dict[str, str]:
+    """{"train", "prune", "quantize"} -> key of that stage's result."""
+    train = _hash(training_settings(tree))
+    prune = _hash({"train": train, "prune": _method_only(tree.get("prune") or {})})
+    quantize = _hash({"prune": prune, "quant": _method_only(tree.get("quant") or {})})
+    return {"train": train, "prune": prune, "quantize": quantize}
+
+
+def training_key(tree: Mapping[str, Any]) -> str:
+    return stage_keys(tree)["train"]
+
+
+def sharing_on(tree: Mapping[str, Any]) -> bool:
+    return bool((tree.get("share") or {}).get("train", True))
+
+
+def store_root(sweep_dir: Path) -> Path:
+    """The shared store of every sweep under the same output root (``<out>/<sweep>`` -> ``<out>/.shared``)."""
+    return Path(os.path.normpath(Path(sweep_dir).absolute().parent / STORE))
+
+
+def train_store(sweep_dir: Path, key: str) -> Path:
+    return store_root(sweep_dir) / "train" / key
+
+
+def has_own_training(run: RunDir) -> bool:
+    """Whether the run trained (or began training) in its own folder: it keeps that training, nothing of
+    it is replaced by a link."""
+    own = ("metrics/train.json", "models/trained.pt", "checkpoints/last.pt")
+    return any((run.path / rel).exists() and not (run.path / rel).is_symlink() for rel in own)
+
+
+def store_record(store: Path) -> dict[str, Any] | None:
+    """The shared training's record (metrics/train.json), None while there is none."""
+    return RunDir(store).read_metrics("train")
+
+
+def link_training(run: RunDir, store: Path, tree: Mapping[str, Any]) -> None:
+    """Point the run at the shared training in ``store``: shared.json and the relative symlinks (made
+    before the training exists; a link that dangles reads as "not yet"). Idempotent. A file the run
+    wrote itself is never replaced (a fine-tune's progress.json replaces its link, and stays)."""
+    store.mkdir(parents=True, exist_ok=True)
+    if not (store / "key.json").exists():
+        atomic_write_json(store / "key.json", {"key": store.name, "settings": training_settings(tree)})
+    pointer = {"train": {"key": store.name, "store": os.path.relpath(store, run.path.absolute())}}
+    if read_json(run.path / SHARED_POINTER) != pointer:
+        atomic_write_json(run.path / SHARED_POINTER, pointer)
+    for rel, target in SHARED_TRAIN_LINKS.items():
+        link = run.path / rel
+        wanted = os.path.relpath(store / target, link.parent.absolute())
+        if link.is_symlink():
+            if os.readlink(link) == wanted:
+                continue
+            link.unlink()
+        elif link.exists():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(wanted, link)
+
+
+def unlink_training(run: RunDir) -> None:
+    """Undo :func:`link_training` (share.train=false): the run trains in its own folder from now on."""
+    run.unlink_shared()
+    (run.path / SHARED_POINTER).unlink(missing_ok=True)
+
+
+def read_owner(store: Path) -> dict[str, Any] | None:
+    owner = read_json(store / "trainer.json")
+    return owner if isinstance(owner, dict) else None
+
+
+def write_owner(
+    store: Path, run: RunDir, cluster: str, job_id: str | None, entry: Mapping[str, Any] | None = None
+) -> None:
+    """``entry``: the job's manifest record (a local job's identity beyond its process id)."""
+    atomic_write_json(
+        store / "trainer.json",
+        {
+            "run": str(run.path.absolute()),
+            "run_id": run.id,
+            "cluster": cluster,
+            "job_id": job_id,
+            "entry": dict(entry or {}),
+            "since": time.time(),
+        },
+    )
+
+
+def is_owner(run: RunDir, owner: Mapping[str, Any] | None) -> bool:
+    return owner is not None and os.path.normpath(str(owner.get("run", ""))) == os.path.normpath(run.path.absolute())
+
+
+def owner_active(owner: Mapping[str, Any] | None) -> bool:
+    """Whether the owner's job may still do the training (queued or running)."""
+    if owner is None:
+        return False
+    job_id = owner.get("job_id")
+    if not job_id:
+        return time.time() - float(owner.get("since", 0)) < OWNER_GRACE_S
+    from pipeline.launch import job_is_active
+
+    entry = owner.get("entry")
+    return job_is_active(
+        str(owner.get("cluster", "")), str(job_id), entry if isinstance(entry, dict) and entry else None
+    )
+
+
+def wait_for_owner(run: RunDir, store: Path, poll_s: float = POLL_S) -> dict[str, Any] | None:
+    """Wait while another run's job is doing the shared training and has not recorded it; the record
+    then (None when the owner stopped without one: this run may take the training over)."""
+    said = False
+    while True:
+        record = store_record(store)
+        owner = read_owner(store)
+        if record is not None or is_owner(run, owner) or not owner_active(owner):
+            return record
+        if not said:
+            log.info("run %s: waiting for the shared training %s (run %s)", run.id, store, (owner or {}).get("run_id"))
+            said = True
+        time.sleep(poll_s)
+
+
+@dataclass
+class Share:
+    """How one submitted run gets its training."""
+
+    key: str
+    store: Path
+    role: str  # train (the owner) | follow (waits for the owner) | reuse (already trained)
+    owner: str | None = None  # run id of the owner (follow)
+    after_job: str | None = None  # follow an owner submitted earlier: its job id
+    owner_cluster: str | None = None
+
+    def describe(self) -> str:
+        if self.role == "reuse":
+            return f"reuses training {self.key}"
+        if self.role == "train":
+            return f"trains {self.key}"
+        return f"waits for {self.owner} (training {self.key})"
+
+
+def assign(
+    runs: Sequence[tuple[RunDir, Mapping[str, Any], bool]], sweep_dir: Path, cluster: str | None = None
+) -> dict[str, Share]:
+    """For runs to submit, ``(run folder, resolved config, whether its own training is archived first)``
+    in sweep order: run id -> :class:`Share` for those whose training is shared. Per training key the
+    first run trains, unless the training is already recorded (all reuse it) or a job from an earlier
+    submission is doing it (all follow that job). A failed record is the caller's to archive or report."""
+    out: dict[str, Share] = {}
+    owners: dict[str, Share] = {}
+    for run, tree, rerun_all in runs:
+        if not sharing_on(tree) or (has_own_training(run) and not rerun_all):
+            continue
+        key = training_key(tree)
+        store = train_store(sweep_dir, key)
+        if key in owners:
+            first = owners[key]
+            role = "reuse" if first.role == "reuse" else "follow"
+            owner = first.owner if first.role == "follow" else run_owner_id(first, out)
+            out[run.id] = Share(key, store, role, owner, first.after_job, first.owner_cluster)
+            continue
+        record = store_record(store)
+        earlier = read_owner(store)
+        if record is not None and record.get("status") != "failed":
+            share = Share(key, store, "reuse")
+        elif (
+            record is None
+            and earlier is not None
+            and not is_owner(run, earlier)
+            and _owner_job_active(earlier, cluster)
+        ):
+            share = Share(
+                key,
+                store,
+                "follow",
+                str(earlier.get("run_id")),
+                str(earlier.get("job_id")),
+                str(earlier.get("cluster")),
+            )
+        else:
+            share = Share(key, store, "train")
+        owners[key] = share
+        out[run.id] = share
+    return out
+
+
+def run_owner_id(first: Share, out: Mapping[str, Share]) -> str | None:
+    """The run id of the owner share ``first`` (the run it was assigned to)."""
+    return next((rid for rid, s in out.items() if s is first), None)
+
+
+def _owner_job_active(owner: Mapping[str, Any], cluster: str | None) -> bool:
+    # a job id is only worth depending on from the same scheduler
+    if not owner.get("job_id"):
+        return False
+    return (cluster is None or owner.get("cluster") == cluster) and owner_active(owner)

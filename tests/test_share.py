@@ -1,0 +1,166 @@
+"""Train once, compress many (pipeline.share): stage keys, the shared store and its links, who trains.
+
+The end-to-end sweeps (local executor, real processes) are in tests/test_share_sweep.py."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pipeline import share
+from pipeline.config import load_config, run_id, tree_run_id
+from pipeline.rundir import SHARED_TRAIN_LINKS, RunDir, atomic_write_json
+
+
+def tree(*overrides: str) -> dict:
+    return OmegaConf.to_container(load_config([], list(overrides)), resolve=True)
+
+
+def test_training_key_ignores_exactly_the_settings_training_does_not_read():
+    base = tree()
+    k = share.stage_keys(base)
+    for other in (
+        tree("prune.method=unstructured"),
+        tree("prune.method=structured", "prune.sparsity=0.3"),
+        tree("quant.method=int8"),
+        tree("slurm.time_min=5", "slurm.partition=gpu"),
+        tree("measure.compile=false"),
+        tree("output.log_every=3"),
+        tree("share.train=false"),
+    ):
+        assert share.training_key(other) == k["train"]
+    for other in (
+        tree("optim.lr=0.05"),
+        tree("train.seed=1"),
+        tree("model.name=resnet32"),
+        tree("data.val_size=10"),
+        tree("schedule.name=step"),
+        tree("slurm.tasks_per_node=2"),  # more ranks: other weights
+        tree("prune.method=unstructured", "prune.during=train"),  # pruning inside training
+    ):
+        assert share.training_key(other) != k["train"]
+
+
+def test_prune_and_quantize_keys_chain_on_the_earlier_stage():
+    a = share.stage_keys(tree("prune.method=unstructured", "quant.method=int8"))
+    b = share.stage_keys(tree("prune.method=unstructured", "quant.method=fp16"))
+    c = share.stage_keys(tree("prune.method=unstructured", "quant.method=int8", "optim.lr=0.05"))
+    assert a["prune"] == b["prune"] and a["quantize"] != b["quantize"]
+    assert c["prune"] != a["prune"] and c["quantize"] != a["quantize"]
+    # a stage that does nothing does not depend on its other settings
+    none1 = share.stage_keys(tree("prune.sparsity=0.2"))
+    none2 = share.stage_keys(tree("prune.sparsity=0.7"))
+    assert none1["prune"] == none2["prune"]
+
+
+def test_share_section_does_not_change_run_ids():
+    cfg = load_config([], [])
+    off = load_config([], ["share.train=false"])
+    assert run_id(cfg) == run_id(off)
+    legacy = OmegaConf.to_container(cfg, resolve=True)
+    legacy.pop("share")  # a config.yaml written before the section existed keeps its id
+    assert tree_run_id(legacy) == run_id(cfg)
+
+
+def test_links_are_relative_and_survive_moving_the_output_root(tmp_path):
+    t = tree()
+    out = tmp_path / "out"
+    run = RunDir(out / "sweep" / "abc")
+    run.path.mkdir(parents=True)
+    store = share.train_store(out / "sweep", share.training_key(t))
+    share.link_training(run, store, t)
+    assert run.shared_store() == store
+    assert run.read_metrics("train") is None and run.status() == "pending"  # dangling link: not yet
+    for rel in SHARED_TRAIN_LINKS:
+        assert (run.path / rel).is_symlink() and not os.path.isabs(os.readlink(run.path / rel))
+    atomic_write_json(store / "metrics" / "train.json", {"status": "done", "test_acc": 0.5})
+    assert run.read_metrics("train")["test_acc"] == 0.5
+    os.rename(out, tmp_path / "moved")
+    moved = RunDir(tmp_path / "moved" / "sweep" / "abc")
+    assert moved.read_metrics("train")["test_acc"] == 0.5
+    assert moved.shared_store() == tmp_path / "moved" / ".shared" / "train" / store.name
+    # a write by the run replaces its link and leaves the shared record alone
+    moved.write_metrics("train", {"status": "failed"})
+    assert RunDir(moved.shared_store()).read_metrics("train")["status"] == "done"
+
+
+def test_archive_removes_links_and_keeps_the_shared_result(tmp_path):
+    t = tree()
+    run = RunDir(tmp_path / "out" / "sweep" / "abc")
+    run.path.mkdir(parents=True)
+    store = share.train_store(run.path.parent, share.training_key(t))
+    share.link_training(run, store, t)
+    atomic_write_json(store / "metrics" / "train.json", {"status": "done"})
+    (store / "models").mkdir()
+    (store / "models" / "trained.pt").write_bytes(b"weights")
+    run.write_metrics("prune", {"status": "done"})
+    dest = run.archive()
+    assert dest is not None and (dest / "metrics" / "prune.json").is_file()
+    assert not any((dest / rel).is_symlink() for rel in SHARED_TRAIN_LINKS)
+    assert (store / "models" / "trained.pt").read_bytes() == b"weights"
+    assert share.store_record(store)["status"] == "done"
+
+
+def test_blocked_by_names_the_owner_and_the_error(tmp_path):
+    t = tree()
+    sweep = tmp_path / "out" / "sweep"
+    owner, follower = RunDir(sweep / "own"), RunDir(sweep / "fol")
+    store = share.train_store(sweep, share.training_key(t))
+    for r in (owner, follower):
+        r.path.mkdir(parents=True)
+        share.link_training(r, store, t)
+    share.write_owner(store, owner, "local", "1")
+    atomic_write_json(store / "metrics" / "train.json", {"status": "failed", "error": "RuntimeError: boom"})
+    assert owner.status() == "failed" and owner.blocked_by() is None
+    assert follower.status() == "blocked"
+    assert follower.blocked_by() == ("own", "RuntimeError: boom")
+
+
+def test_assign_one_owner_per_training_key(tmp_path):
+    sweep = tmp_path / "out" / "sweep"
+    a = tree("prune.method=none")
+    b = tree("prune.method=unstructured")
+    c = tree("prune.method=structured", "model.shortcut=B")  # another architecture: its own training
+    d = copy.deepcopy(a)
+    d["share"]["train"] = False
+    rows = []
+    for name, t in (("a", a), ("b", b), ("c", c), ("d", d)):
+        (sweep / name).mkdir(parents=True)
+        rows.append((RunDir(sweep / name), t, False))
+    got = share.assign(rows, sweep)
+    assert got["a"].role == "train" and got["c"].role == "train" and "d" not in got
+    assert got["b"].role == "follow" and got["b"].owner == "a" and got["b"].after_job is None
+    # recorded: everyone reuses it
+    atomic_write_json(got["a"].store / "metrics" / "train.json", {"status": "done"})
+    again = share.assign(rows, sweep)
+    assert again["a"].role == again["b"].role == "reuse"
+
+
+def test_assign_follows_an_earlier_owner_job_still_alive(tmp_path):
+    sweep = tmp_path / "out" / "second"
+    t = tree()
+    first = RunDir(tmp_path / "out" / "first" / "x")
+    store = share.train_store(sweep, share.training_key(t))
+    share.write_owner(store, first, "local", str(os.getpid()))  # this process: alive
+    (sweep / "y").mkdir(parents=True)
+    got = share.assign([(RunDir(sweep / "y"), t, False)], sweep, "local")
+    assert got["y"].role == "follow" and got["y"].owner == "x" and got["y"].after_job == str(os.getpid())
+    share.write_owner(store, first, "local", "999999999")  # no such process: the new run trains
+    assert share.assign([(RunDir(sweep / "y"), t, False)], sweep, "local")["y"].role == "train"
+
+
+def test_a_run_that_trained_in_its_own_folder_keeps_its_training(tmp_path):
+    sweep = tmp_path / "out" / "sweep"
+    run = RunDir(sweep / "old")
+    run.write_metrics("train", {"status": "done"})
+    assert share.has_own_training(run)
+    assert share.assign([(run, tree(), False)], sweep) == {}
+    assert share.assign([(run, tree(), True)], sweep)["old"].role == "train"  # --rerun all archives it first
+
+
+def test_store_root_is_beside_the_sweep_folders(tmp_path):
+    assert share.store_root(tmp_path / "runs" / "s") == tmp_path / "runs" / ".shared"
+    assert Path(share.train_store(tmp_path / "runs" / "s", "k")).parts[-3:] == (".shared", "train", "k")
