@@ -82,21 +82,22 @@ def execute(run_dir: str | Path) -> str:
         if rank == 0:
             try:
                 ownership = owner.acquire(run)
+                endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
+                # room for a failure record on a disk that fills up later
+                reserve_space(run.path)
+                reserved = True
             except owner.RunBusy as e:
                 log.error("run %s: %s", run.id, e)
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 raise
-            endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
-        cfg = from_run_file(run.config)
-        if rank == 0:
-            # room for a failure record on a disk that fills up later (a disk already full fails here,
-            # before any work, naming the folder)
-            try:
-                reserve_space(run.path)
-                reserved = True
-            except OSError as e:
-                log.error("run %s: cannot write in %s: %s; free space, then submit again", run.id, run.path, e)
+            except OSError as e:  # a disk already full (or read-only): stop before any work, naming the folder
+                if disk_error(e) is None:
+                    raise
+                message = f"run {run.id}: cannot write in {run.path}: {e}; free space, then submit again"
+                log.error("%s", message)
+                print(f"error: {message}", file=sys.stderr, flush=True)
                 raise
+        cfg = from_run_file(run.config)
         store = run.shared_store() if bool(cfg.share.train) else None
         for stage in STAGES:
             if ownership is not None:

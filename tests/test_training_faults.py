@@ -369,3 +369,29 @@ def test_a_sweep_submitted_again_resumes_a_run_that_failed_writing(tmp_path):
         actions = {d.run.id: d.action for d in plan(runs, sweep_dir, rerun, set())}
         assert actions[full.id] == "resume"  # never "rerun": that would start it afresh
         assert actions[broken.id] == ("skip-failed" if rerun is None else "rerun")
+
+
+def test_a_disk_already_full_stops_the_job_at_once_naming_the_run_folder(tmp_path, synthetic_root):
+    from pipeline.run import prepare_single
+
+    with _tmpfs(tmp_path / "disk", 8192) as disk:  # room for a checkpoint once the filler is gone
+        args = tiny(synthetic_root, "train.epochs=1", "measure.enabled=false")
+        run = prepare_single(Path(args[0]), args[1:], disk / "runs")
+        filler = disk / "filler"
+        with open(filler, "wb") as f:  # fill the disk to the last block
+            try:
+                while True:
+                    f.write(bytes(64 * 1024))
+                    f.flush()
+            except OSError:
+                pass
+        r = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=900)
+        assert r.returncode == 1
+        assert f"cannot write in {run.path}: [Errno 28] No space left on device" in r.stdout, r.stdout + r.stderr
+        assert "training resnet20" not in r.stdout  # nothing was computed only to be lost
+        assert not run.checkpoints.exists() and run.read_metrics("train") is None
+
+        filler.unlink()
+        again = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert run.status() == "done" and not (run.path / ".space-reserve").exists()
