@@ -161,7 +161,12 @@ def write(rep: Report, md_path: Path, options: Options) -> dict[str, Path]:
         from pipeline.report.plots import plot_sweep
 
         plot_dir = folder / ("plots" if stem == "results" else f"{stem}_plots")
-        rep.plots = plot_sweep(rep.keys, rep.records, plot_dir)
+        try:
+            rep.plots = plot_sweep(rep.keys, rep.records, plot_dir)
+        except OSError:
+            raise  # a folder that refuses writes: reported like the tables' (path, reason, exit 2)
+        except Exception as e:  # noqa: BLE001 - odd values in some run's records: the tables still come
+            print(f"warning: plots not written ({type(e).__name__}: {e})", file=sys.stderr)
     rep.markdown = render_markdown(rep, folder)
     out = {"md": md_path, "csv": folder / f"{stem}.csv", "json": folder / f"{stem}.json"}
     atomic_write_text(out["md"], rep.markdown)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -19,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -334,7 +335,11 @@ def submit(
     order = [i for i in range(len(runs)) if i not in after] + [i for i in range(len(runs)) if i in after]
     for s in range(slots):
         share = [runs[i] for i in order[s::slots]]
-        job = executor.submit(execute_many, [str(r.path) for r in share])
+        if cluster == "local":
+            with detached_local_jobs(sweep_dir / "logs" / "local-controllers.err"):
+                job = executor.submit(execute_many, [str(r.path) for r in share])
+        else:
+            job = executor.submit(execute_many, [str(r.path) for r in share])
         queued = {r.id: str(job.job_id) for r in share}
         if cluster == "local":
             sub.job_records[str(job.job_id)] = local_job_record(job)
@@ -343,6 +348,39 @@ def submit(
         sub.job_ids.update(queued)
         sub.jobs.append((share, job))
     return sub
+
+
+class _DetachedPopen:
+    """Stands in for the ``subprocess`` module inside submitit's local executor: the job controller it
+    starts gets its own session and no terminal. Otherwise the controller inherits this command's stdout
+    (``sweep ... | tee`` or a captured pipe would stay open until every job ends) and its process group
+    (Ctrl-C on ``--wait``, or the SIGHUP of a closed login session, would kill the jobs). Its own
+    messages go to ``err``; each training's output goes to submitit's job logs as before."""
+
+    def __init__(self, err: Path) -> None:
+        self._err = err
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    def Popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (subprocess's name)
+        self._err.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._err, "ab") as err:
+            detached: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+            return subprocess.Popen(*args, **{**kwargs, **detached})
+
+
+@contextlib.contextmanager
+def detached_local_jobs(err: Path) -> Iterator[None]:
+    """While active, submitit's local executor starts its job controllers detached (:class:`_DetachedPopen`)."""
+    from submitit.local import local as submitit_local
+
+    saved = submitit_local.subprocess
+    submitit_local.subprocess = _DetachedPopen(err)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        submitit_local.subprocess = saved
 
 
 def local_job_record(job: Any) -> dict[str, Any]:

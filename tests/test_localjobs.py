@@ -296,3 +296,34 @@ def test_a_run_folder_deleted_under_a_running_job_stays_deleted(tmp_path, synthe
     assert message in stderr, stdout + stderr
     assert message in stdout  # the job's log (the scheduler's output file)
     assert not run.path.exists() and list(out.iterdir()) == []
+
+
+def test_a_local_sweep_returns_at_once_and_its_jobs_leave_the_terminal(tmp_path, synthetic_root):
+    """The sweep's stdout is a pipe read to its end (``sweep ... | tee``): it must reach EOF when the sweep
+    exits, not when its jobs end, and the jobs must not share the sweep's session (Ctrl-C, logout)."""
+    spec = write_spec(tmp_path, "detached", synthetic_root)
+    out = tmp_path / "runs"
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.sweep", str(spec), "--cluster", "local", "--out", str(out)]
+        + [*TINY, "train.epochs=200"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=240,  # before the fix: blocked here until the 200 epochs were over
+    )
+    took = time.monotonic() - t0
+    sweep_dir = out / "detached"
+    (run,) = list_runs(sweep_dir)
+    job = int(json.loads((sweep_dir / "manifest.json").read_text())["runs"][run.id]["job_id"])
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        ident = ProcessIdentity.of(job)
+        assert ident is not None and ident.is_alive(), f"the job ended before the sweep returned ({took:.0f} s)"
+        assert os.getsid(job) == job != os.getsid(0)  # a session of its own, no controlling terminal
+        wait_for("the first epoch", lambda: run.log.exists() and epoch_lines(run))
+        assert run.read_metrics("train") is None  # still training after the sweep returned
+    finally:
+        run_cli("pipeline.status", str(sweep_dir), "--cancel", cwd=tmp_path, check=True)
+    wait_for("the job to stop", lambda: (i := ProcessIdentity.of(job)) is None or not i.is_alive(), timeout=60)

@@ -59,6 +59,7 @@ def test_runs_table_marks_the_best_value_of_each_column_and_shows_test_loss(stud
     sweep_dir, _ = study1
     md, _ = collect(sweep_dir, Options(plots=False))
     rows = table_rows(md)
+    assert "Training time (train and fine-tunes): 0:05:30 over 4 run(s), on CPUs." in md
     assert list(rows[0]) == [
         "run",
         "batch_size",
@@ -81,6 +82,12 @@ def test_runs_table_marks_the_best_value_of_each_column_and_shows_test_loss(stud
     assert fastest["train time"] == "**80.0 s**"
     assert sum("**" in r["val best acc"] for r in rows) == 1
     assert all("**" not in r["training loss"] for r in rows)  # equal in every row: nothing marked
+    # a GPU run: GPU time = wall time x GPUs, per run and for the sweep
+    run = next(r for r in study1[1] if swept(r) == {"train.batch_size": 128, "optim.weight_decay": 1e-4})
+    run.write_metrics("train", {**run.read_metrics("train"), "device": "cuda:0", "world_size": 2})
+    md, _ = collect(sweep_dir, Options(plots=False))
+    gpu = next(r for r in table_rows(md) if r["run"] == run.id)
+    assert gpu["GPU time"] == "166.0 s" and "GPU time 0:02:46" in md
 
 
 def test_group_by_sort_and_columns(study1, tmp_path):
@@ -292,8 +299,14 @@ def test_corrupt_metrics_and_config_are_named_and_the_rest_is_shown(tmp_path):
         finish(run, train_record())
     bad_metrics.metrics_path("measure").write_text('{"status": "done", "mod')
     bad_config.config.write_bytes(b"model: {name: [unclosed\n\x00")
-    r = run_cli("pipeline.collect", str(sweep_dir), "--no-plots", cwd=tmp_path)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    # odd values inside a well-formed record: a gap in the learning curve, no crash
+    m = good.read_metrics("train")
+    good.write_metrics(
+        "train", {**m, "history": [{"epoch": 1, "val_acc": "n/a", "train_loss": None}, {"epoch": 2, "val_acc": 0.5}]}
+    )
+    r = run_cli("pipeline.collect", str(sweep_dir), cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "warning" not in r.stderr, r.stderr
+    assert (sweep_dir / "plots/learning_curves.png").is_file()
     md = (sweep_dir / "results.md").read_text()
     assert f"{bad_metrics.metrics_path('measure')} is unreadable" in md
     assert f"**unreadable**: {bad_config.config} is unreadable" in md
@@ -426,3 +439,73 @@ def test_readme_demo_tables_have_the_columns_collect_prints(tmp_path):
     assert r.returncode == 0, r.stderr
     printed = [ln for ln in r.stdout.splitlines() if ln.startswith(("| run |", "| model |"))]
     assert printed == wanted
+
+
+def test_pruned_while_training_is_its_own_training(tmp_path):
+    """Study 2: the sparsity schedule runs inside the training, so each target is a training of its own
+    (one block each), whose trained model is the pruned one."""
+    body = "set: {prune.method: unstructured, prune.during: train, quant.method: int8}\ngrid: {prune.sparsity: [0.6, 0.7]}\n"
+    sweep_dir, runs = make_sweep(tmp_path, body)
+    for run in runs:
+        target = swept(run)["prune.sparsity"]
+        prune = {
+            "status": "done",
+            "method": "unstructured",
+            "during": "train",
+            "sparsity": target,
+            "sparsity_target": target,
+        }
+        finish(
+            run,
+            train_record(),
+            prune=prune,
+            quantize={"status": "done", "method": "int8", "test_acc": 0.8},
+            measure={
+                "status": "done",
+                "models": [
+                    entry("trained", 0.84, 0.99, 1000, 1_120_000, 3.0),
+                    entry("int8", 0.8, 0.99, 1000, 470_000, 2.0),
+                ],
+            },
+        )
+    rep = build([sweep_dir], Options())
+    assert [t.title.split(" (")[1] for t in rep.models] == ["prune.sparsity=0.6)", "prune.sparsity=0.7)"]
+    assert [r["model"] for r in rep.models[1].rows] == ["unstructured 70% while training", "unstructured 70% + int8"]
+    assert rep.models[1].rows[1]["top1_error_delta"] == pytest.approx(0.04)
+
+
+def test_terminal_gets_a_rich_table_and_labels_are_kept_apart(study1, tmp_path):
+    sweep_dir, _ = study1
+    r = run_cli("pipeline.collect", str(sweep_dir), "--format", "rich", "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| run |" not in r.stdout and "┃ run" in r.stdout and "86.00%" in r.stdout
+    assert "| run |" in (sweep_dir / "results.md").read_text()  # the file is markdown either way
+    near = [plots.Point("a", 1.0, 90.0, "r"), plots.Point("b", 1.1, 90.01, "r"), plots.Point("c", 5.0, 50.0, "r")]
+    assert plots.label_offsets(near) == [(6, 4), (6, -12), (6, 4)]
+
+
+def test_collect_with_plots_never_imports_torch(tmp_path):
+    """The login-node rule with every output on: tables, plots (matplotlib), HParams."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    sweep_dir, runs = compression_sweep(tmp_path)
+    for run in runs:
+        run.write_metrics("train", {**run.read_metrics("train"), "history": history([0.5, 0.6])})
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['pipeline.collect', {str(sweep_dir)!r}]\n"
+        "try:\n"
+        "    runpy.run_module('pipeline.collect', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('MODULES', ','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split("MODULES", 1)[1].strip() == ""
+    assert len(list((sweep_dir / "plots").glob("*.png"))) == 3  # no sparsity log here: three plots

@@ -164,3 +164,20 @@ def test_a_run_that_trained_in_its_own_folder_keeps_its_training(tmp_path):
 def test_store_root_is_beside_the_sweep_folders(tmp_path):
     assert share.store_root(tmp_path / "runs" / "s") == tmp_path / "runs" / ".shared"
     assert Path(share.train_store(tmp_path / "runs" / "s", "k")).parts[-3:] == (".shared", "train", "k")
+
+
+def test_study_3_sweep_plans_one_googlenet_training(tmp_path):
+    from tests.conftest import REPO, run_cli
+
+    r = run_cli(
+        "pipeline.sweep",
+        str(REPO / "sweeps/compression.yaml"),
+        "--dry-run",
+        "--cluster",
+        "local",
+        "--out",
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "1 training(s) in all" in r.stdout and r.stdout.count("waits for") == 2
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing

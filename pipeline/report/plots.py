@@ -102,17 +102,20 @@ def learning_series(keys: Sequence[str], records: Sequence[Record]) -> tuple[str
             continue
         trainings.add(r.training_key())
         label = ", ".join(f"{titles[k]}={cli.fmt(r.swept[k])}" for k in keys if k in r.swept) or r.id
-        epochs = [float(h["epoch"]) for h in history]
+        epochs = [_float(h["epoch"]) for h in history]
         extra = {
-            key: [
-                100 * float(h.get(key, float("nan"))) if "acc" in key else float(h.get(key, float("nan")))
-                for h in history
-            ]
+            key: [(100 if "acc" in key else 1) * _float(h.get(key)) for h in history]
             for key in ("train_acc", "train_loss", "val_loss")
         }
-        val = [100 * float(h.get("val_acc", float("nan"))) for h in history]
+        val = [100 * _float(h.get("val_acc")) for h in history]
         curves.append(Curve(label, r.swept.get(by) if by else None, epochs, val, extra))
     return by, curves
+
+
+def _float(value: Any) -> float:
+    """A plotted value: NaN (a gap in the line) for anything that is not a finite number."""
+    n = number(value)
+    return float("nan") if n is None else n
 
 
 def sparsity_series(records: Sequence[Record]) -> list[Curve]:
@@ -133,9 +136,9 @@ def sparsity_series(records: Sequence[Record]) -> list[Curve]:
                 Curve(
                     label,
                     stage,
-                    [float(e["step"]) for e in log],
-                    [100 * float(e.get("target", float("nan"))) for e in log],
-                    {"measured": [100 * float(e.get("overall", float("nan"))) for e in log]},
+                    [_float(e["step"]) for e in log],
+                    [100 * _float(e.get("target")) for e in log],
+                    {"measured": [100 * _float(e.get("overall")) for e in log]},
                 )
             )
     return curves
@@ -201,6 +204,7 @@ def render_accuracy(points: Sequence[Point], xlabel: str, title: str, path: Path
         ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=offset, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy, top-1 (%)")
+    ax.ticklabel_format(useOffset=False)  # plain percentages, never "+9.1e1"
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -261,12 +265,13 @@ def render_sparsity(curves: Sequence[Curve], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     for c, colour in zip(curves, _colours([Curve(c.label, c.label, [], []) for c in curves])):
-        ax.plot(c.x, c.y, color=colour, linestyle="--", label=f"{c.label}: target")
+        ax.plot(c.x, c.y, color=colour, linestyle="--", marker="x", label=f"{c.label}: target")
         ax.plot(c.x, c.extra["measured"], color=colour, marker=".", linestyle="none", label=f"{c.label}: measured")
     if len(curves) <= MAX_LABELS // 2:
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("weights pruned (%)")
+    ax.set_ylim(0, 100)  # the whole range: a one-shot schedule is one point, not a zoomed offset axis
     ax.set_title("sparsity over training: schedule against measured")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -3,6 +3,7 @@ kept as a problem naming the file, and the run still gets a record (its status s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,10 @@ class Record:
     def training_key(self) -> str:
         """Identifies the training: config.yaml without the sections that act after it (compared as
         text, section by section: the sweep writes every config the same way)."""
-        body = [(k, v) for k, v in _sections(self.config_text).items() if k not in AFTER_TRAINING]
+        sections = _sections(self.config_text)
+        # pruning while training (study 2) is part of the training: its schedule shapes the weights
+        during_train = re.search(r"^\s+during:\s*train\s*$", sections.get("prune", ""), re.M) is not None
+        body = [(k, v) for k, v in sections.items() if k not in AFTER_TRAINING or (k == "prune" and during_train)]
         return repr(sorted(body)) if body else self.id
 
     def status_from_stages(self) -> str:

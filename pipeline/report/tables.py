@@ -127,6 +127,14 @@ def time_to_accuracy(r: Record, target: float) -> float | None:
     return None
 
 
+def gpu_seconds(r: Record) -> float | None:
+    """GPU time of the training: its wall time times the GPUs it held (one per rank), None on a CPU."""
+    seconds = number(r.metrics.get("train_time_s"))
+    if seconds is None or not str(r.metrics.get("device", "")).startswith("cuda"):
+        return None
+    return seconds * int(r.metrics.get("world_size") or 1)
+
+
 def run_status(r: Record, raw: bool = False) -> str:
     """The status cell: the state, and where it stands or what went wrong (the failures section has more)."""
     status = r.status
@@ -178,8 +186,11 @@ def runs_table(
     extra = COMPRESSION_COLUMNS if compresses(records) else []
     cols += [Column(key, title, kind, better) for key, title, _, kind, better in extra]
     timed = any(number(r.metrics.get("train_time_s")) is not None for r in records)
+    gpus = any(str(r.metrics.get("device", "")).startswith("cuda") for r in records)
     if timed:
         cols.append(Column("train_time_s", "train time", "s", "min"))
+    if timed and gpus:
+        cols.append(Column("gpu_time_s", "GPU time", "s", "min"))
     if target_acc is not None:
         cols.append(Column("time_to_target_s", f"time to {100 * target_acc:g}%", "s", "min"))
     cols.append(Column("status", "status"))
@@ -194,6 +205,8 @@ def runs_table(
         row.update({key: get(r) for key, _, get, _, _ in extra})
         if timed:
             row["train_time_s"] = number(r.metrics.get("train_time_s"))
+        if timed and gpus:
+            row["gpu_time_s"] = gpu_seconds(r)
         if target_acc is not None:
             row["time_to_target_s"] = time_to_accuracy(r, target_acc)
         rows.append(row)
@@ -333,8 +346,9 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
     (CUDA timing merged from the '<name>-cuda' entry), else from the stage records (fewer columns)."""
     prune = _prune_label(r)
     quant = _stage(r, "quantize", "method")
+    while_training = _stage(r, "prune", "during") == "train"  # the trained model is the pruned one
     labels = {
-        "trained": "base",
+        "trained": f"{prune} while training" if while_training and prune else "base",
         "pruned": prune or "pruned",
         "int8": f"{prune} + {quant}" if prune else str(quant or "int8"),
         "fp16": f"{prune} + fp16" if prune else "fp16",
@@ -429,7 +443,9 @@ def _with_base(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> None:
 def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool = False) -> list[Table]:
     """One block per training (or, ``flat``, one table of every model of the sweep with a training
     column); runs not done are left out (the failures section lists them)."""
-    train_keys = [k for k in keys if _training_key(k)]
+    while_training = any(_stage(r, "prune", "during") == "train" for r in records)
+    # the keys that tell trainings apart (pruning while training is part of the training)
+    train_keys = [k for k in keys if _training_key(k) or (while_training and k.startswith("prune."))]
     tables = []
     flat_rows: list[dict[str, Any]] = []
     for group in training_groups(records):
