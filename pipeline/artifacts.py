@@ -13,14 +13,14 @@ written by :mod:`pipeline.compress.quantize`.
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from pipeline.rundir import make_parent
+from pipeline.rundir import atomic_write_bytes
 
 FORMAT = "pipeline-model/1"
 
@@ -42,17 +42,14 @@ def arch_of(cfg: Any, num_classes: int) -> dict[str, Any]:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename: a kill never leaves half a file."""
-    make_parent(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save to a temporary file beside ``path``, fsync, then rename: a kill never leaves half a file.
+
+    The object is serialised in memory first: on a full disk torch's own stream reports only
+    "basic_ios::clear: iostream error", while a plain write fails with OSError naming ``path`` and the
+    system's reason ("No space left on device", "Disk quota exceeded", "Read-only file system")."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

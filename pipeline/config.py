@@ -123,6 +123,9 @@ class TrainConfig:
     label_smoothing: float = _num(0.0, min=0.0, max=1.0)  # cross-entropy target smoothing
     threads: int = _num(0, min=0)  # torch CPU threads; 0 = SLURM_CPUS_PER_TASK or default
     sync_bn: bool = True  # data-parallel on GPUs: BatchNorm statistics over all ranks
+    # steps between checks for a NaN/inf loss (each check is one host sync on a GPU); a diverged run
+    # stops within this many steps of its first non-finite loss
+    nan_check_steps: int = _num(8, min=1)
 
 
 PRUNE_METHODS = ("none", "unstructured", "structured")
@@ -243,6 +246,8 @@ ID_EXCLUDED_SECTIONS = ("slurm", "output", "measure")  # measure: how models are
 # would change every existing run id). share: where a training is done, not what it gives.
 ID_DROPPED_SECTIONS = ("share",)
 ID_INCLUDED_SLURM_KEYS = ("nodes", "tasks_per_node")  # the number of ranks does change the result
+# Single keys of result sections that change only when a run notices something, not what it computes
+ID_EXCLUDED_KEYS = (("train", "nan_check_steps"),)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -699,6 +704,9 @@ def tree_run_id(tree: Mapping[str, Any]) -> str:
     for section in ID_EXCLUDED_SECTIONS:
         kept = {k: tree[section][k] for k in ID_INCLUDED_SLURM_KEYS} if section == "slurm" else {}
         tree[section] = kept
+    for section, key in ID_EXCLUDED_KEYS:
+        if isinstance(tree.get(section), Mapping) and key in tree[section]:
+            tree[section] = {k: v for k, v in tree[section].items() if k != key}
     for section in ID_DROPPED_SECTIONS:
         tree.pop(section, None)
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))

@@ -21,7 +21,15 @@ from typing import Any, Callable, Iterator, Sequence, cast
 from omegaconf import OmegaConf
 
 from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
-from pipeline.rundir import STAGES, RunDir, atomic_write_json, atomic_write_text
+from pipeline.rundir import (
+    STAGES,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    disk_error,
+    release_space,
+    reserve_space,
+)
 
 EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
 
@@ -69,15 +77,26 @@ def execute(run_dir: str | Path) -> str:
     handler = _attach_log(run, to_file=rank == 0)
     preempt.STOP.install()
     ownership: owner.Ownership | None = None
+    reserved = False  # .space-reserve is this job's to free (not another job's that owns the folder)
     try:
         if rank == 0:
             try:
                 ownership = owner.acquire(run)
+                endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
+                # room for a failure record on a disk that fills up later
+                reserve_space(run.path)
+                reserved = True
             except owner.RunBusy as e:
                 log.error("run %s: %s", run.id, e)
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 raise
-            endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
+            except OSError as e:  # a disk already full (or read-only): stop before any work, naming the folder
+                if disk_error(e) is None:
+                    raise
+                message = f"run {run.id}: cannot write in {run.path}: {e}; free space, then submit again"
+                log.error("%s", message)
+                print(f"error: {message}", file=sys.stderr, flush=True)
+                raise
         cfg = from_run_file(run.config)
         store = run.shared_store() if bool(cfg.share.train) else None
         for stage in STAGES:
@@ -92,6 +111,17 @@ def execute(run_dir: str | Path) -> str:
                         continue
                     return shared
             done = target.read_metrics(stage)
+            if done is not None and done.get("status") == "failed" and done.get("resume") is True:
+                # it failed writing (full disk, quota, read-only) and its last checkpoint is intact
+                log.warning(
+                    "run %s: the %s stage stopped before on a failed write (%s); resuming it from its last checkpoint",
+                    run.id,
+                    stage,
+                    done.get("error"),
+                )
+                if rank == 0:
+                    target.metrics_path(stage).unlink(missing_ok=True)
+                done = None
             if done is not None:
                 if done.get("status") != "done":
                     if done.get("status") == "failed":
@@ -105,6 +135,9 @@ def execute(run_dir: str | Path) -> str:
                     raise preempt.Preempted(preempt.STOP.signum or 0)
                 with _stage_log(handler, target.log if target is not run and rank == 0 else None):
                     metrics = _stage_function(stage)(target, cfg)
+                metrics["wall_s"] = time.time() - started
+                if rank == 0:
+                    target.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
             except preempt.Preempted as p:
                 if rank == 0:
                     ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
@@ -115,18 +148,12 @@ def execute(run_dir: str | Path) -> str:
             except owner.RunFolderVanished:
                 raise
             except Exception as e:
-                log.error("stage %s failed:\n%s", stage, traceback.format_exc())
                 if ownership is not None:
                     ownership.check()  # a failure caused by a deleted folder is not written back into it
                 if rank == 0:
-                    target.write_metrics(
-                        stage,
-                        {"status": "failed", "error": f"{type(e).__name__}: {e}", "log": str(run.log), "stage": stage},
-                    )
+                    _record_failure(target, stage, e, run)
+                log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
                 raise
-            metrics["wall_s"] = time.time() - started
-            if rank == 0:
-                target.write_metrics(stage, metrics)
             if metrics["status"] != "done":
                 return str(metrics["status"])
         return "done"
@@ -139,9 +166,37 @@ def execute(run_dir: str | Path) -> str:
         if ownership is not None:
             ownership.release()
         preempt.STOP.restore()
+        if reserved:
+            release_space(run.path)
         if handler is not None:
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
+
+
+def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir) -> None:
+    """``target``'s metrics/<stage>.json (``run`` itself, or a shared training's store) as failed, with
+    the error. When a write failed because the disk is full, over quota or read-only, the record says
+    ``resume: true``: the previous checkpoint is intact and running the job again once there is space
+    resumes the stage. The space reserved at the start is freed first, so the record fits on a full
+    disk."""
+    disk = disk_error(e)
+    record: dict[str, Any] = {
+        "status": "failed",
+        "error": f"{type(e).__name__}: {e}",
+        "log": str(run.log),
+        "stage": stage,
+    }
+    if disk is not None:
+        record.update(
+            error=f"{disk.filename}: {disk.strerror}" if disk.filename else f"{type(disk).__name__}: {disk}",
+            resume=True,
+            hint="free space (or fix the mount), then submit again: the run resumes from its last checkpoint",
+        )
+    release_space(run.path)
+    try:
+        target.write_metrics(stage, record)
+    except OSError as e2:
+        log.error("could not write the failure record %s either: %s", target.metrics_path(stage), e2)
 
 
 def _shared_training(run: RunDir, cfg: Any, store: RunDir, rank: int) -> str | None:
@@ -313,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = prepare_single(args.target, args.overrides, args.out)
     if args.rerun == "all":
         run.archive()
+    elif args.rerun == "failed" and run.resumable_failure() is not None:
+        pass  # a failed write (full disk): its checkpoint is intact and execute resumes it
     elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
         store = run.shared_store()
         if stage == "train" and store is not None:  # a failed shared training: nobody can use it; kept aside

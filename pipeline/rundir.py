@@ -19,6 +19,7 @@ and collect/status (read them). Torch-free.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -42,9 +43,29 @@ STAGES: dict[str, str] = {
 # What each stage writes besides metrics/<stage>.json (relative to the run folder): ``--rerun failed``
 # moves aside the files of the failed stage and of those after it, and keeps the earlier ones.
 STAGE_FILES: dict[str, tuple[str, ...]] = {
-    "train": ("checkpoints/last.pt", "models/trained.pt", "tb", "progress.json"),
-    "prune": ("checkpoints/prune.pt", "models/pruned.pt", "tb/prune"),
-    "quantize": ("checkpoints/qat.pt", "models/int8.pt2", "models/fp16.pt", "tb/qat"),
+    "train": (
+        "checkpoints/last.pt",
+        "checkpoints/last.prev.pt",
+        "checkpoints/last.pt.corrupt",
+        "models/trained.pt",
+        "tb",
+        "progress.json",
+    ),
+    "prune": (
+        "checkpoints/prune.pt",
+        "checkpoints/prune.prev.pt",
+        "checkpoints/prune.pt.corrupt",
+        "models/pruned.pt",
+        "tb/prune",
+    ),
+    "quantize": (
+        "checkpoints/qat.pt",
+        "checkpoints/qat.prev.pt",
+        "checkpoints/qat.pt.corrupt",
+        "models/int8.pt2",
+        "models/fp16.pt",
+        "tb/qat",
+    ),
     "measure": (),
 }
 # A run whose training is shared (pipeline.share) reaches it through these relative symlinks: run-folder
@@ -134,6 +155,12 @@ def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     """Write to a temporary file in the same folder, fsync (unless the caller syncs many files at once
     later), then rename over ``path``. The file gets the mode a plain ``open()`` would (0o666 less the
     umask), not mkstemp's 0o600: lab mates must be able to read results where the umask lets them."""
+    atomic_write_bytes(path, text.encode(), fsync)
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview, fsync: bool = True) -> None:
+    """:func:`atomic_write_text` for bytes. A failed write (a full disk, a quota, a read-only file
+    system) leaves ``path`` as it was and raises OSError naming ``path`` with the system's reason."""
     make_parent(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -145,8 +172,8 @@ def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
             os.fchmod(fd, 0o666 & ~process_umask())
         except OSError:  # a file system without modes (some FUSE/SMB mounts): the write matters more
             pass
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -156,6 +183,38 @@ def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
         if isinstance(e, OSError) and e.filename is None:  # write() on a full disk names no file
             e.filename = str(path)
         raise
+
+
+# Why a write can fail that freeing space (or remounting) cures: the run is resumable afterwards
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_error(e: BaseException) -> OSError | None:
+    """The OSError in ``e`` or its causes that says the disk is full, over quota or read-only."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+RESERVE = ".space-reserve"  # in every run folder while its job runs
+RESERVE_BYTES = 256 * 1024  # far more than a failure record needs (a few KB, plus a metrics/ folder)
+
+
+def reserve_space(folder: Path) -> None:
+    """Hold ``RESERVE_BYTES`` in ``folder`` (real bytes, not a sparse file), so that on a disk filled
+    later :func:`release_space` frees room to write why the run stopped. Raises OSError naming the
+    file when not even that fits."""
+    path = folder / RESERVE
+    if path.is_file() and path.stat().st_size >= RESERVE_BYTES:
+        return
+    atomic_write_bytes(path, bytes(RESERVE_BYTES))
+
+
+def release_space(folder: Path) -> None:
+    (folder / RESERVE).unlink(missing_ok=True)
 
 
 # A temporary of atomic_write_text: mkstemp's ".<name>." + 8 random characters + ".tmp".
@@ -272,6 +331,25 @@ class RunDir:
         progress = read_json(self.progress)
         ok = isinstance(progress, dict) and all(k in progress for k in ("epoch", "epochs"))
         return progress if ok and isinstance(progress, dict) else {}
+
+    def notes(self) -> list[str]:
+        """What the job wants a user to see in status (e.g. a checkpoint it could not load)."""
+        progress = read_json(self.progress)
+        notes = progress.get("notes") if isinstance(progress, dict) else None
+        return [str(n) for n in notes] if isinstance(notes, list) else []
+
+    def add_note(self, text: str) -> None:
+        """Append ``text`` to progress.json's notes (kept there when the epoch fields are rewritten)."""
+        progress = read_json(self.progress)
+        progress = progress if isinstance(progress, dict) else {}
+        atomic_write_json(self.progress, {**progress, "notes": [*self.notes(), text]})
+
+    def resumable_failure(self) -> dict[str, Any] | None:
+        """The failed stage's record when it failed writing (full disk, quota, read-only): the previous
+        checkpoint is intact, so running the job again resumes it instead of leaving it failed."""
+        stage = self.failed_stage()
+        m = self.read_metrics(stage) if stage else None
+        return m if m is not None and m.get("resume") is True else None
 
     def shared_store(self) -> Path | None:
         """The shared-store folder of this run's training (``shared.json``), or None: trained here."""

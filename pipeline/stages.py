@@ -21,6 +21,7 @@ from pipeline.artifacts import FP16, INT8, PRUNED, TRAINED, build_from_arch, loa
 from pipeline.rundir import RunDir
 from pipeline.train import (
     Phase,
+    divergence_metrics,
     evaluate,
     evaluate_test,
     fit,
@@ -95,7 +96,7 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     arch = info["arch"]
     before: dict[str, Any] = {**_weights(trained), "macs": count_macs(trained), "widths": _widths(trained)}
     ckpt_path = run.checkpoints / "prune.pt"
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, run if ctx.dist.is_main else None)
     epochs = int(p.epochs)
     torch.manual_seed(int(cfg.train.seed) + 1)  # the fine-tune's own, reproducible random stream
     pruner = None
@@ -158,7 +159,7 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     if result.sparsity:
         metrics["sparsity_log"] = result.sparsity
     if result.status == "diverged":
-        metrics["diverged_epoch"] = result.diverged_epoch
+        metrics.update(divergence_metrics(result))
         return metrics
     metrics.update(evaluate_test(model, ctx))
     log.info(
@@ -259,10 +260,10 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = run.checkpoints / "qat.pt"
         schedule = _merged(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
         phase = Phase("qat", int(q.epochs), float(q.lr), schedule, ckpt_path, run.tensorboard / "qat")
-        result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path))
+        result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path, run if ctx.dist.is_main else None))
         metrics.update({f"qat_{k}": v for k, v in history_metrics(result).items() if k != "status"})
         if result.status == "diverged":
-            return {**metrics, "status": "diverged", "diverged_epoch": result.diverged_epoch}
+            return {**metrics, "status": "diverged", **divergence_metrics(result)}
         gm = qz.convert_qat(prepared.to("cpu"))
     path = run.models / INT8
     sizes = qz.save_int8(gm, path, example)

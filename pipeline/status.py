@@ -36,6 +36,7 @@ class RunState:
     val_acc_best: float | None
     elapsed_s: float | None
     reason: str = ""  # why it is in that state (pipeline.endings.classify), "" when the word says all
+    note: str = ""  # what the user should know: a fallback checkpoint, a failed write to resume
 
 
 def job_log(sweep_dir: Path, job_id: str) -> Path:
@@ -70,6 +71,11 @@ def run_states(sweep_dir: Path) -> list[RunState]:
             epoch = f"{stage} {epoch}"
         if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
             epoch = f"{failed} stage failed"
+        if state == "diverged":
+            epoch = diverged_where(run) or epoch
+        notes = run.notes()
+        if state == "failed" and (why := run.resumable_failure()) is not None:
+            notes.append(f"{why.get('error')}: free space, then submit again to resume")
         out.append(
             RunState(
                 run,
@@ -80,9 +86,22 @@ def run_states(sweep_dir: Path) -> list[RunState]:
                 progress.get("val_acc_best"),
                 progress.get("elapsed_s"),
                 reason,
+                "; ".join(notes),
             )
         )
     return out
+
+
+def diverged_where(run: RunDir) -> str:
+    """ "diverged at <stage> epoch E step S/N" from the first diverged stage's record ("" if it says less)."""
+    for stage, status in run.stage_statuses().items():
+        if status == "diverged":
+            m = run.read_metrics(stage) or {}
+            if m.get("diverged_step") is None:
+                return f"diverged at {stage} epoch {m['diverged_epoch']}" if m.get("diverged_epoch") else ""
+            phase = "train" if stage == "train" else ("qat" if stage == "quantize" else stage)
+            return f"diverged at {phase} epoch {m.get('diverged_epoch')} step {m['diverged_step']}/{m.get('steps_per_epoch')}"
+    return ""
 
 
 def _elapsed(seconds: float | None) -> str:
@@ -96,7 +115,9 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
     keys = list(dict.fromkeys(k for s in states for k in s.run.read_meta().get("swept", {})))
     titles = cli.short_keys(keys)
     table = Table(title=f"{sweep_dir}", title_justify="left")
-    for col in ["run", *[titles[k] for k in keys], "state", "job", "epoch", "best val acc", "elapsed", "log"]:
+    notes = any(s.note for s in states)
+    columns = ["run", *[titles[k] for k in keys], "state", "job", "epoch", "best val acc", "elapsed", "log"]
+    for col in columns + (["note"] if notes else []):
         table.add_column(col, no_wrap=col in ("run", "job"))
     colours = {"done": "green", "diverged": "yellow", "running": "cyan", "stopped": "magenta", "pending": "white"}
     for s in states:
@@ -112,6 +133,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
             f"{100 * s.val_acc_best:.2f}%" if s.val_acc_best is not None else "",
             _elapsed(s.elapsed_s),
             str(log),
+            *([s.note] if notes else []),
         )
     return table
 

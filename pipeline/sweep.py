@@ -313,6 +313,13 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_
             decisions.append(Decision(r, "skip-active", "job still queued or running"))
         elif rerun == "all":
             decisions.append(Decision(r, "rerun", f"was {status}"))
+        elif status == "failed" and (failed_write := rd.resumable_failure()) is not None:
+            # a write failed (full disk, quota, read-only) and its checkpoint is intact: resume it
+            decisions.append(
+                Decision(
+                    r, "resume", f"{failed_write.get('stage', 'a')} stage failed writing: {failed_write.get('error')}"
+                )
+            )
         elif rerun == "failed" and status == "failed":
             stage = rd.failed_stage()
             decisions.append(

@@ -8,6 +8,7 @@ any point and restarted ends with the same weights as one that was never interru
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -125,7 +126,13 @@ def lr_factor(schedule: DictConfig, t: float, total: float) -> float:
 
 @dataclass
 class EpochResult:
-    """Sums over the steps of one epoch done so far; ``steps`` < len(loader) when it was stopped early."""
+    """Sums over the steps of one epoch done so far; ``steps`` < len(loader) when it was stopped early.
+
+    ``diverged`` is set when a loss was not finite: ``{"step": 1-based step of the epoch whose loss was
+    first not finite, "loss": that loss ("nan", "inf", "-inf"; None when only another rank saw it),
+    "last_finite_loss": the loss of the step before it (None when unknown)}``; ``last_loss`` is the last
+    finite per-step loss seen (the next epoch's ``last_finite_loss`` when its first step diverges).
+    """
 
     loss_sum: float = 0.0
     correct: int = 0
@@ -133,6 +140,8 @@ class EpochResult:
     seconds: float = 0.0
     steps: int = 0
     stopped: bool = False
+    diverged: dict[str, Any] | None = None
+    last_loss: float | None = None
 
     @property
     def loss(self) -> float:
@@ -202,12 +211,16 @@ def train_one_epoch(
     carry: EpochResult | None = None,
     should_stop: Callable[[], bool] | None = None,
     dist: Dist = Dist(),
+    nan_check_steps: int = 8,
+    last_finite_loss: float | None = None,
 ) -> EpochResult:
     """Train over ``loader`` from batch ``start_step`` (the loader must start there too), adding to
     ``carry`` (the sums of the steps before it). Sums stay on the device: no host sync per step except
-    every ``log_every`` steps, where a non-finite loss ends the epoch early (the caller sees NaN), and
-    the ``should_stop`` poll after each step (agreed over ranks), which ends it with ``stopped=True``.
+    every ``log_every`` steps (the log line), every ``nan_check_steps`` steps (the per-step losses of
+    the window are read; a non-finite one ends the epoch with ``diverged`` set) and the ``should_stop``
+    poll after each step (agreed over ranks), which ends it with ``stopped=True``.
     ``after_step(step)`` runs after every optimizer step (pruning re-applies its masks there).
+    ``last_finite_loss`` is the last per-step loss of the epoch before (reported when step 1 diverges).
 
     With several ranks each rank's loss is its sum over its images times world_size / (images in the
     global batch), so DDP's gradient average equals one process's mean over the whole global batch.
@@ -217,44 +230,89 @@ def train_one_epoch(
     res = EpochResult(**{**vars(carry), "stopped": False}) if carry is not None else EpochResult()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    # Each step's loss goes into this window on the device (one copy, no sync); it is read every
+    # ``nan_check_steps`` steps, so a diverged network (many times slower per step on a CPU) is noticed
+    # within that many steps at the cost of one host sync per window.
+    window_len = max(1, int(nan_check_steps))
+    window = torch.zeros(window_len, device=device, dtype=torch.float32)
+    filled = 0
+    if last_finite_loss is not None:
+        res.last_loss = last_finite_loss
+
+    def check_window(last_step: int) -> bool:
+        """Reads the window ending at ``last_step`` (0-based); True when a loss in it was not finite."""
+        nonlocal filled
+        values = window[:filled].tolist()
+        first = last_step - filled + 2  # 1-based step of values[0]
+        filled = 0
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                res.diverged = {"step": first + i, "loss": str(value), "last_finite_loss": res.last_loss}
+                break
+            res.last_loss = value
+        if _any_rank(res.diverged is not None, dist, device):
+            if res.diverged is None:  # only another rank saw it; DDP's averaged gradients reach us next
+                res.diverged = {"step": last_step + 1, "loss": None, "last_finite_loss": res.last_loss}
+            return True
+        return False
+
+    def diverged_before(step: int, error: RuntimeError) -> bool:
+        """True (``diverged`` set) when the network had diverged before ``step`` raised ``error``."""
+        if not (filled and check_window(step - 1)):
+            if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                return False
+            res.diverged = {"step": step + 1, "loss": None, "last_finite_loss": res.last_loss}
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        res.diverged = {**(res.diverged or {}), "error": f"{type(error).__name__}: {first_line}"}
+        return True
+
     start = time.perf_counter()
     step = start_step
     for step, (x, y) in enumerate(loader, start=start_step):
         if set_lr is not None:
             set_lr(step)
-        with autocast(device, amp_dtype):
-            out = model(x)
-            if dist.enabled:
-                loss = F.cross_entropy(out, y, label_smoothing=label_smoothing, reduction="sum")
-                loss_for_grad = loss * (dist.world_size / loader.global_batch_size(step))
+        try:
+            with autocast(device, amp_dtype):
+                out = model(x)
+                if dist.enabled:
+                    loss = F.cross_entropy(out, y, label_smoothing=label_smoothing, reduction="sum")
+                    loss_for_grad = loss * (dist.world_size / loader.global_batch_size(step))
+                else:
+                    loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+                    loss_for_grad = loss
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss_for_grad).backward()
+                if grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
             else:
-                loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
-                loss_for_grad = loss
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss_for_grad).backward()
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss_for_grad.backward()
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+                loss_for_grad.backward()
+                if grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+        except RuntimeError as e:
+            # QAT's fake-quantize observers refuse NaN activations: the step after the loss went
+            # non-finite raises instead of giving NaN. That is the divergence, not a new fault.
+            if not diverged_before(step, e):
+                raise
+            break
         if after_step is not None:
             after_step(step)
         n = y.shape[0]
         loss_sum += loss.detach().double() * (1 if dist.enabled else n)
         correct += (out.detach().argmax(1) == y).sum()
+        window[filled] = loss.detach() / n if dist.enabled else loss.detach()
+        filled += 1
         res.images += n
         res.steps = step + 1  # batches of this epoch done, including those before start_step
         if log_every and (step + 1) % log_every == 0:
             running = (res.loss_sum + loss_sum.item()) / max(res.images, 1)
             log.info("  step %d/%d  loss %.4f", step + 1, len(loader), running)
-            if _any_rank(not math.isfinite(running), dist, device):
-                break
+        if filled == window_len and check_window(step):
+            break
         # every step alone; with several ranks every 20th (agreeing costs a collective and a host sync)
         if (
             should_stop is not None
@@ -263,6 +321,9 @@ def train_one_epoch(
         ):
             res.stopped = step + 1 < len(loader)
             break
+    # the steps since the last check: a stop must never checkpoint a network that has diverged
+    if res.diverged is None and filled and check_window(res.steps - 1):
+        res.stopped = False
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     res.seconds += time.perf_counter() - start
@@ -309,23 +370,88 @@ def evaluate(
 # --------------------------------------------------------------------------------------------------
 
 
+def previous_checkpoint(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: last.pt -> last.prev.pt."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+# errnos of a file system that has no hard links (some FUSE, SMB and object-store mounts)
+_NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a kill never leaves half a file.
-    ``state`` holds only tensors and plain containers, so it loads with ``weights_only=True``."""
+    """Write ``state`` to ``path`` atomically and keep the checkpoint it replaces as
+    :func:`previous_checkpoint` (a corrupt latest file then costs one epoch, not the run).
+
+    Order: the current file is hard-linked to a temporary name that is renamed over ``<name>.prev.pt``
+    (no copy, no extra space), then the new one is written beside it and renamed over ``path``. A kill
+    at any point leaves ``path`` whole (old or new) and ``.prev`` whole; a write that fails (a full
+    disk) leaves ``path`` as it was. ``state`` holds only tensors and plain containers, so it loads
+    with ``weights_only=True``."""
+    prev = previous_checkpoint(path)
+    if path.exists():
+        for stale in path.parent.glob(f".{prev.name}.*.link"):  # left by a kill between link and rename
+            stale.unlink(missing_ok=True)
+        link = prev.with_name(f".{prev.name}.{os.getpid()}.link")
+        try:
+            os.link(path, link)
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+            # no hard links: rename instead; until the new file is in place only .prev exists, and
+            # load_checkpoint resumes from it
+            os.replace(path, prev)
+        else:
+            os.replace(link, prev)
     atomic_torch_save(state, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint, or None when there is none. A checkpoint that exists but cannot be read is an
-    error, never a silent restart from scratch."""
-    if not path.exists():
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch"} <= ckpt.keys():
+        raise ValueError("not a training checkpoint (no model, optimizer and epoch)")
+    return ckpt
+
+
+def load_checkpoint(path: Path, run: RunDir | None = None) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, or None when there is none (nor a previous one).
+
+    When ``path`` is missing or cannot be read but :func:`previous_checkpoint` can, that one is used,
+    with a warning in the log and a note in ``run``'s progress.json (what ``pipeline.status`` shows); an
+    unreadable ``path`` is first moved aside to ``<name>.corrupt``, so the next save keeps the good
+    previous file. Only rank 0 passes ``run`` (the others only read). Never a silent restart from
+    scratch: when neither file can be read this raises, naming both."""
+    prev = previous_checkpoint(path)
+    if not path.exists() and not prev.exists():
         return None
+    problem = "is missing"
+    if path.exists():
+        try:
+            return _read_checkpoint(path)
+        except Exception as e:
+            problem = f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            if not prev.exists():
+                raise RuntimeError(
+                    f"checkpoint {path} {problem} and there is no previous checkpoint {prev.name}; "
+                    "move it away to start this run again from scratch"
+                ) from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _read_checkpoint(prev)
     except Exception as e:
         raise RuntimeError(
-            f"checkpoint {path} exists but cannot be loaded ({e}); move it away to start this run again from scratch"
+            f"checkpoint {path} {problem}, and the previous checkpoint {prev} cannot be loaded either "
+            f"({type(e).__name__}: {e}); move both away to start this run again from scratch"
         ) from e
+    where = f"epoch {int(ckpt['epoch'])}" + (f" step {int(ckpt['step'])}" if ckpt.get("step") else "")
+    note = f"checkpoint {path} {problem}; resumed from the previous checkpoint {prev.name} ({where})"
+    if run is not None:
+        if path.exists():
+            corrupt = path.with_name(path.name + ".corrupt")
+            os.replace(path, corrupt)  # kept for a post-mortem, out of the way of the next save
+            note += f"; the unreadable file is now {corrupt.name}"
+        run.add_note(note)
+    log.warning("WARNING: %s", note)
+    return ckpt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,6 +630,8 @@ class FitResult:
     elapsed_s: float
     diverged_epoch: int | None = None
     sparsity: list[dict[str, float]] = field(default_factory=list)  # (step, target, overall) per update
+    # diverged: where ({"epoch", "step", "steps", "stopped_at_step", "loss", "last_finite_loss"})
+    divergence: dict[str, Any] | None = None
 
 
 def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[str, Any] | None = None) -> FitResult:
@@ -592,7 +720,8 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
             torch.distributed.barrier()
 
     peak_lr = float(phase.lr)
-    status, diverged_epoch = "done", None
+    status, diverged_epoch, divergence = "done", None, None
+    last_loss = carry.last_loss if carry is not None else None
     for epoch in range(start_epoch, epochs):
         first_step = start_step if epoch == start_epoch else 0
         train_loader.set_epoch(epoch, first_step)
@@ -634,7 +763,29 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
             carry=carry if epoch == start_epoch else None,
             should_stop=lambda: bool(STOP),
             dist=dist,
+            nan_check_steps=int(cfg.train.nan_check_steps),
+            last_finite_loss=last_loss,
         )
+        last_loss = res.last_loss
+        if res.diverged is not None:  # no checkpoint: the last one holds the network before it diverged
+            status, diverged_epoch = "diverged", epoch + 1
+            divergence = {"epoch": epoch + 1, "steps": steps, "stopped_at_step": res.steps, **res.diverged}
+            d = res.diverged
+            what = f"loss is {d['loss']}" if d["loss"] else "the network is not finite"
+            if d.get("error"):
+                what += f" (the step after it raised {d['error']})"
+            last = "unknown" if d["last_finite_loss"] is None else f"{d['last_finite_loss']:.4f}"
+            log.warning(
+                "%s epoch %d step %d/%d: %s; last finite loss %s; stopped after step %d: this run is diverged",
+                phase.name,
+                epoch + 1,
+                d["step"],
+                steps,
+                what,
+                last,
+                res.steps,
+            )
+            break
         if res.stopped:  # the partial epoch's sums (its seconds included) travel in the checkpoint
             checkpoint(epoch, res.steps, res)
             log.warning("%s: stopped at epoch %d step %d/%d; checkpoint saved", phase.name, epoch + 1, res.steps, steps)
@@ -643,8 +794,9 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
         elapsed += epoch_seconds
         loss_sum, correct, images = _all_sum([res.loss_sum, float(res.correct), float(res.images)], dist, device)
         train_loss, train_acc = loss_sum / max(images, 1), correct / max(images, 1)
-        if not math.isfinite(train_loss):
+        if not math.isfinite(train_loss):  # a backstop: the per-step check above sees it first
             status, diverged_epoch = "diverged", epoch + 1
+            divergence = {"epoch": epoch + 1, "steps": steps, "stopped_at_step": res.steps, "loss": str(train_loss)}
             log.warning(
                 "%s epoch %d: training loss is %s; stopping this run as diverged", phase.name, epoch + 1, train_loss
             )
@@ -696,13 +848,14 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
                     "train_loss": train_loss,
                     "elapsed_s": elapsed,
                     "updated": time.time(),
+                    "notes": run.notes(),  # e.g. a checkpoint that could not be loaded
                 },
             )
 
     for w in (writer, sparsity_writer):
         if w is not None:
             w.close()
-    return FitResult(status, history, elapsed, diverged_epoch, sparsity_log)
+    return FitResult(status, history, elapsed, diverged_epoch, sparsity_log, divergence)
 
 
 def history_metrics(result: FitResult) -> dict[str, Any]:
@@ -724,6 +877,22 @@ def history_metrics(result: FitResult) -> dict[str, Any]:
         # per-epoch rows (losses, accuracies, lr, images/s, seconds so far): collect's learning curves and
         # time to a target accuracy are read from here, so the login node never opens a checkpoint
         "history": history,
+    }
+
+
+def divergence_metrics(result: FitResult, prefix: str = "") -> dict[str, Any]:
+    """What a stage record says about a diverged loop: the epoch (``diverged_epoch``, as collect shows
+    it), the 1-based step of that epoch whose loss was first not finite, the step it stopped at, that
+    loss and the last finite one before it."""
+    d = result.divergence or {}
+    return {
+        f"{prefix}diverged_epoch": result.diverged_epoch,
+        f"{prefix}diverged_step": d.get("step"),
+        f"{prefix}diverged_loss": d.get("loss"),
+        f"{prefix}last_finite_loss": d.get("last_finite_loss"),
+        f"{prefix}stopped_at_step": d.get("stopped_at_step"),
+        f"{prefix}steps_per_epoch": d.get("steps"),
+        **({f"{prefix}diverged_error": d["error"]} if d.get("error") else {}),
     }
 
 
@@ -768,7 +937,7 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     if cfg.prune.method == "unstructured" and cfg.prune.during == "train":
         phase.pruner = unstructured_pruner(model, cfg, epochs * len(ctx.train_loader))
         phase.sparsity_tensorboard = run.tensorboard / "sparsity"
-    ckpt = load_checkpoint(phase.checkpoint)
+    ckpt = load_checkpoint(phase.checkpoint, run if ctx.dist.is_main else None)
     if ckpt is None:
         log.info(
             "training %s (%.2fM params) on %s for %d epochs, %d train / %d val / %d test images, device %s, %d rank(s)",
@@ -796,7 +965,7 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
             sparsity_log=result.sparsity,
         )
     if result.status == "diverged":
-        metrics["diverged_epoch"] = result.diverged_epoch
+        metrics.update(divergence_metrics(result))
         return metrics
     metrics.update(evaluate_test(model, ctx))
     log.info("test acc %.4f  top-5 %.4f", metrics["test_acc"], metrics["test_top5"])

@@ -542,3 +542,27 @@ def test_a_shared_training_counts_once_in_the_time_line_and_is_marked_shared_per
     for run in shared_runs:
         assert rows[run.id]["train time"].replace("*", "") == "83.0 s (shared)", rows[run.id]
     assert "shared" not in rows[own.id]["train time"]
+
+
+def test_a_run_whose_shared_training_failed_elsewhere_is_blocked(tmp_path):
+    """pipeline.share: two runs reach one training through links; it failed in its owner's job. The
+    owner is listed as failed, the other as blocked, naming the owner and the error."""
+    from pipeline import share
+    from pipeline.report.records import gather
+
+    sweep_dir, runs = make_sweep(tmp_path, "variants: [{prune.method: none}, {prune.method: unstructured}]\n")
+    owner, follower = runs
+    import yaml
+
+    tree = yaml.safe_load(owner.config.read_text())  # the resolved config, as the sweep shares it
+    store = share.train_store(sweep_dir, share.training_key(tree))
+    for run in runs:
+        share.link_training(run, store, tree)
+    share.write_owner(store, owner, "local", "1")
+    atomic_write_json(store / "metrics" / "train.json", {"status": "failed", "error": "Traceback\nRuntimeError: boom"})
+    _, records = gather(sweep_dir)
+    assert {r.id: r.status for r in records} == {owner.id: "failed", follower.id: "blocked"}
+    md, _ = collect(sweep_dir, Options(plots=False))
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"- `{follower.id}`"))
+    assert "**blocked**" in line and owner.id in line and "boom" in line
+    assert next(r for r in table_rows(md) if r["run"] == follower.id)["status"] == "blocked"

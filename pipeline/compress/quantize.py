@@ -18,8 +18,6 @@ import copy
 import gzip
 import io
 import logging
-import os
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -37,6 +35,8 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer,
     get_default_x86_inductor_quantization_config,
 )
+
+from pipeline.rundir import atomic_write_bytes
 
 log = logging.getLogger("pipeline.compress.quantize")
 
@@ -242,22 +242,6 @@ def _drop_unused_state(gm: GraphModule) -> GraphModule:
     return gm
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from pipeline.rundir import make_parent
-
-    make_parent(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _tensor_bytes(ep: ExportedProgram) -> bytes:
     chunks = [
         t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
@@ -291,7 +275,7 @@ def save_int8(gm: GraphModule, path: Path, example: torch.Tensor) -> dict[str, i
     buffer = io.BytesIO()
     torch.export.save(ep, buffer)
     data = buffer.getvalue()
-    _atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), data)  # a full disk: OSError naming the file, the old file intact
     tensors = _tensor_bytes(ep)
     return {
         "raw": len(data),
