@@ -14,7 +14,7 @@ from pipeline.report import plots
 from pipeline.report.failures import Classified, failure
 from pipeline.report.records import read_record
 from pipeline.report.writers import markdown
-from pipeline.rundir import atomic_write_json
+from pipeline.rundir import RunDir, atomic_write_json
 from tests.conftest import run_cli
 from tests.report_runs import entry, finish, history, make_sweep, swept, train_record
 
@@ -513,6 +513,39 @@ def test_collect_with_plots_never_imports_torch(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split("MODULES", 1)[1].strip() == ""
     assert len(list((sweep_dir / "plots").glob("*.png"))) == 3  # no sparsity log here: three plots
+
+
+def test_a_shared_training_counts_once_in_the_time_line_and_is_marked_shared_per_run(tmp_path):
+    """Three runs share one 83 s training (links into the real store layout); a fourth trains itself."""
+    from pipeline import share
+
+    sweep_dir, runs = make_sweep(
+        tmp_path,
+        "variants:\n  - {prune.method: none}\n  - {prune.method: unstructured}\n"
+        "  - {prune.method: structured}\n  - {train.seed: 7}\n",
+        name="sh",
+    )
+    store = share.train_store(sweep_dir, "k1")
+    shared_runs = [r for r in runs if swept(r).get("train.seed") is None]
+    for run in shared_runs:
+        share.link_training(run, store, {"data": {}, "model": {}, "optim": {}, "schedule": {}, "train": {}})
+    RunDir(store).write_metrics("train", train_record(train_time_s=83.0))
+    prune = {"status": "done", "method": "unstructured", "train_time_s": 10.0}
+    for run in shared_runs:
+        for stage in ("prune", "quantize", "measure"):
+            run.write_metrics(stage, prune if stage == "prune" else {"status": "done", "method": "none"})
+    (own,) = [r for r in runs if r not in shared_runs]
+    finish(own, train_record(train_time_s=50.0))
+    md, _ = collect(sweep_dir, Options(plots=False, table="runs"))
+    # 83 (once) + 3 x 10 (each run's fine-tune) + 50 = 163 s
+    assert (
+        "Training time (train and fine-tunes): 0:02:43 over 4 run(s); 1 training(s) shared by 3 runs, "
+        "each counted once, on CPUs." in md
+    ), md
+    rows = {r["run"]: r for r in table_rows(md)}
+    for run in shared_runs:
+        assert rows[run.id]["train time"].replace("*", "") == "83.0 s (shared)", rows[run.id]
+    assert "shared" not in rows[own.id]["train time"]
 
 
 def test_a_run_whose_shared_training_failed_elsewhere_is_blocked(tmp_path):

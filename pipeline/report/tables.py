@@ -205,6 +205,8 @@ def runs_table(
         row.update({key: get(r) for key, _, get, _, _ in extra})
         if timed:
             row["train_time_s"] = number(r.metrics.get("train_time_s"))
+            if r.run.shared_store() is not None:  # the one shared training's time, counted once in totals
+                row["train_time_s_note"] = "shared"
         if timed and gpus:
             row["gpu_time_s"] = gpu_seconds(r)
         if target_acc is not None:

@@ -56,6 +56,9 @@ def cell(row: dict[str, Any], col: Column) -> str:
     delta = number(row.get(f"{col.key}_delta")) if col.delta else None
     if text and delta is not None:
         text += f" ({100 * delta:+.2f})" if col.kind == "pct" else f" ({delta:+.4g})"
+    note = row.get(f"{col.key}_note")  # e.g. "shared": the figure belongs to a training several runs share
+    if text and note:
+        text += f" ({note})"
     return text
 
 
