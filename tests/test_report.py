@@ -14,7 +14,7 @@ from pipeline.report import plots
 from pipeline.report.failures import Classified, failure
 from pipeline.report.records import read_record
 from pipeline.report.writers import markdown
-from pipeline.rundir import atomic_write_json
+from pipeline.rundir import RunDir, atomic_write_json
 from tests.conftest import run_cli
 from tests.report_runs import entry, finish, history, make_sweep, swept, train_record
 
@@ -156,18 +156,20 @@ def compression_sweep(tmp_path, name="c", seeds=(0,)):
     sweep_dir, runs = make_sweep(tmp_path, body, name=name)
     for run in runs:
         method = swept(run)["prune.method"]
-        base = entry("trained", 0.7704, 0.95, 6_200_000, 25_000_000, 10.0, memory=400_000_000)
+        # the structured run's job ran on a busier machine: each of its timings twice the others'
+        slow = 2.0 if method == "structured" else 1.0
+        base = entry("trained", 0.7704, 0.95, 6_200_000, 25_000_000, 10.0 * slow, memory=400_000_000)
         int8 = {
             "none": entry("int8", 0.7650, 0.94, 6_150_000, 7_000_000, 5.0),
             "unstructured": entry("int8", 0.7500, 0.93, 6_150_000, 7_000_000, 5.0, nonzero=4_900_000),
-            "structured": entry("int8", 0.7300, 0.92, 4_000_000, 4_500_000, 3.0),
+            "structured": entry("int8", 0.7300, 0.92, 4_000_000, 4_500_000, 3.0 * slow),
         }[method]
         models = [base, int8]
         prune = {"status": "done", "method": "none"}
         if method != "none":
             pruned = {
                 "unstructured": entry("pruned", 0.7250, 0.93, 6_200_000, 25_000_000, 10.0, nonzero=4_960_000),
-                "structured": entry("pruned", 0.7150, 0.91, 4_000_000, 14_000_000, 5.5),
+                "structured": entry("pruned", 0.7150, 0.91, 4_000_000, 14_000_000, 5.5 * slow),
             }[method]
             models.insert(1, pruned)
             prune = {
@@ -211,7 +213,9 @@ def test_compression_block_per_training_with_deltas_and_factors(tmp_path):
     assert unstructured["top-1 error"] == "27.50% (+4.54)" and unstructured["top-5 error"] == "7.00% (+2.00)"
     assert unstructured["non-zero"] == "4,960,000" and unstructured["parameters"] == "6,200,000"
     structured = by_model["structured 20%"]
-    assert structured["smaller"] == "×1.8" and structured["faster"] == "×1.8"  # 25/14 MB, 10/5.5 ms
+    # 25/14 MB; 20/11 ms: against the base model timed in the same job, not the block's base row (10 ms)
+    assert structured["smaller"] == "×1.8" and structured["faster"] == "×1.8"
+    assert float(structured["ms/img"]) == 11.0
     assert (
         by_model["structured 20% + int8"]["smaller"] == "×5.6" and by_model["structured 20% + int8"]["faster"] == "×3.3"
     )
@@ -342,7 +346,7 @@ def test_plot_series_and_png_files(tmp_path):
     front = [size[i].label for i in plots.pareto_front(size)]
     assert front == ["structured 20% + int8", "int8", "base"]  # 4.5 MB 73%, 7 MB 76.5%, 25 MB 77.04%
     latency = plots.accuracy_series(rep.records, "latency_b1_ms")
-    assert sorted(pt.x for pt in latency) == [3.0, 5.0, 5.0, 5.5, 10.0, 10.0]
+    assert sorted(pt.x for pt in latency) == [5.0, 5.0, 6.0, 10.0, 10.0, 11.0]  # as timed (structured: slower job)
 
     by, curves = plots.learning_series(rep.keys, rep.records)
     assert len(curves) == 1 and curves[0].x == [1.0, 2.0, 3.0] and curves[0].y == pytest.approx([50, 60, 70])
@@ -509,3 +513,60 @@ def test_collect_with_plots_never_imports_torch(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split("MODULES", 1)[1].strip() == ""
     assert len(list((sweep_dir / "plots").glob("*.png"))) == 3  # no sparsity log here: three plots
+
+
+def test_a_shared_training_counts_once_in_the_time_line_and_is_marked_shared_per_run(tmp_path):
+    """Three runs share one 83 s training (links into the real store layout); a fourth trains itself."""
+    from pipeline import share
+
+    sweep_dir, runs = make_sweep(
+        tmp_path,
+        "variants:\n  - {prune.method: none}\n  - {prune.method: unstructured}\n"
+        "  - {prune.method: structured}\n  - {train.seed: 7}\n",
+        name="sh",
+    )
+    store = share.train_store(sweep_dir, "k1")
+    shared_runs = [r for r in runs if swept(r).get("train.seed") is None]
+    for run in shared_runs:
+        share.link_training(run, store, {"data": {}, "model": {}, "optim": {}, "schedule": {}, "train": {}})
+    RunDir(store).write_metrics("train", train_record(train_time_s=83.0))
+    prune = {"status": "done", "method": "unstructured", "train_time_s": 10.0}
+    for run in shared_runs:
+        for stage in ("prune", "quantize", "measure"):
+            run.write_metrics(stage, prune if stage == "prune" else {"status": "done", "method": "none"})
+    (own,) = [r for r in runs if r not in shared_runs]
+    finish(own, train_record(train_time_s=50.0))
+    md, _ = collect(sweep_dir, Options(plots=False, table="runs"))
+    # 83 (once) + 3 x 10 (each run's fine-tune) + 50 = 163 s
+    assert (
+        "Training time (train and fine-tunes): 0:02:43 over 4 run(s); 1 training(s) shared by 3 runs, "
+        "each counted once, on CPUs." in md
+    ), md
+    rows = {r["run"]: r for r in table_rows(md)}
+    for run in shared_runs:
+        assert rows[run.id]["train time"].replace("*", "") == "83.0 s (shared)", rows[run.id]
+    assert "shared" not in rows[own.id]["train time"]
+
+
+def test_a_run_whose_shared_training_failed_elsewhere_is_blocked(tmp_path):
+    """pipeline.share: two runs reach one training through links; it failed in its owner's job. The
+    owner is listed as failed, the other as blocked, naming the owner and the error."""
+    from pipeline import share
+    from pipeline.report.records import gather
+
+    sweep_dir, runs = make_sweep(tmp_path, "variants: [{prune.method: none}, {prune.method: unstructured}]\n")
+    owner, follower = runs
+    import yaml
+
+    tree = yaml.safe_load(owner.config.read_text())  # the resolved config, as the sweep shares it
+    store = share.train_store(sweep_dir, share.training_key(tree))
+    for run in runs:
+        share.link_training(run, store, tree)
+    share.write_owner(store, owner, "local", "1")
+    atomic_write_json(store / "metrics" / "train.json", {"status": "failed", "error": "Traceback\nRuntimeError: boom"})
+    _, records = gather(sweep_dir)
+    assert {r.id: r.status for r in records} == {owner.id: "failed", follower.id: "blocked"}
+    md, _ = collect(sweep_dir, Options(plots=False))
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"- `{follower.id}`"))
+    assert "**blocked**" in line and owner.id in line and "boom" in line
+    assert next(r for r in table_rows(md) if r["run"] == follower.id)["status"] == "blocked"

@@ -58,10 +58,15 @@ def sweep(path: Path, out: Path, *args: str, timeout: float = 900) -> subprocess
 
 def trainings_started(out: Path) -> int:
     """Training starts from scratch under an output root: from the shared store's logs, and from the
-    logs of runs that train in their own folder (an owner's run.log repeats its shared training's lines)."""
+    logs of runs that train in their own folder."""
     logs = list(out.glob(".shared/train/*/run.log"))
     logs += [p for p in out.glob("*/*/run.log") if RunDir(p.parent).shared_store() is None]
     return sum(p.read_text().count(TRAINING_STARTED) for p in logs)
+
+
+def stores_of(sweep_dir: Path) -> Path:
+    (store,) = {RunDir(p.parent).shared_store() for p in sweep_dir.glob("*/config.yaml")}
+    return store
 
 
 def log_time(run: RunDir, text: str) -> float:
@@ -95,12 +100,15 @@ def test_one_training_three_compressions_identical_to_unshared_runs(swept):
     assert len(runs) == 3 and all(r.status() == "done" for r in runs)
     assert trainings_started(shared.parent) == 1
     assert trainings_started(unshared.parent) == 3
+    assert sum(f"training lines go to {stores_of(shared)}" in r.log.read_text() for r in runs) == 1
     stores = list((shared.parent / ".shared" / "train").iterdir())
     assert len(stores) == 1 and not (unshared.parent / ".shared").exists()
     trained_at = (stores[0] / "metrics" / "train.json").stat().st_mtime
     for run in runs:
         # every compression starts after the one training was recorded (log times: whole seconds)
         assert log_time(run, "stage prune") >= int(trained_at)
+        # the training's lines are in the store's log only; the owner's run.log says where they are
+        assert TRAINING_STARTED not in run.log.read_text()
         assert run.read_metrics("train") == read_json(stores[0] / "metrics" / "train.json")
         assert (run.path / "tb" / "train").resolve() == (stores[0] / "tb").resolve()
         twin = RunDir(unshared / run.id)  # same id: sharing is not part of a run's identity

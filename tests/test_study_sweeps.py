@@ -145,3 +145,9 @@ def test_compression_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, swe
     assert md.count("| done |") == n_runs and "int8 acc" in md
     if sweep == "mixed_precision":
         assert {run.read_metrics("train")["precision"] for run in runs} == {"fp32", "fp16"}
+    if sweep == "compression":  # the three compressions share one training (the folded GoogLeNet's)
+        assert "1 training(s)" in r.stdout, r.stdout[-3000:]
+        (store,) = list((out / ".shared" / "train").iterdir())
+        assert {run.shared_store() for run in runs} == {store}
+        started = [p.read_text().count("INFO training resnet20") for p in [store / "run.log", *(x.log for x in runs)]]
+        assert started == [1, 0, 0, 0], started  # in the store's log only, not repeated in the owner's

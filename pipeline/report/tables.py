@@ -205,6 +205,8 @@ def runs_table(
         row.update({key: get(r) for key, _, get, _, _ in extra})
         if timed:
             row["train_time_s"] = number(r.metrics.get("train_time_s"))
+            if r.run.shared_store() is not None:  # the one shared training's time, counted once in totals
+                row["train_time_s_note"] = "shared"
         if timed and gpus:
             row["gpu_time_s"] = gpu_seconds(r)
         if target_acc is not None:
@@ -435,9 +437,16 @@ def _with_base(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> None:
         for key in ("top1_error", "top5_error"):
             b, v = (number(base.get(key)) if base else None), number(row.get(key))
             row[f"{key}_delta"] = v - b if b is not None and v is not None and row is not base else None
-        for key, factor in (("file_bytes", "size_factor"), ("latency_b1_ms", "speed_factor")):
-            b, v = (number(base.get(key)) if base else None), number(row.get(key))
-            row[factor] = b / v if b and v and row is not base else None
+        b, v = (number(base.get("file_bytes")) if base else None), number(row.get("file_bytes"))
+        row["size_factor"] = b / v if b and v and row is not base else None
+        # a timing only compares with one taken in the same job (measure alternates the models there): each
+        # run times its own copy of the base model, and other jobs may have run on a busier machine
+        timed = row.pop("timing_base", None) or base
+        b, v = (number(timed.get("latency_b1_ms")) if timed else None), number(row.get("latency_b1_ms"))
+        row["speed_factor"] = b / v if b and v and row is not timed else None
+
+
+SPEED_NOTE = "faster: batch-1 latency of the base model timed in the same job over the model's own"
 
 
 def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool = False) -> list[Table]:
@@ -451,7 +460,10 @@ def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool =
     for group in training_groups(records):
         rows: list[dict[str, Any]] = []
         for r in group:
-            for row in model_rows(r):
+            own = model_rows(r)
+            timing_base = next((x for x in own if x["name"] == "trained"), None)
+            for row in own:
+                row["timing_base"] = timing_base
                 if row["name"] == "trained" and any(x["name"] == "trained" for x in rows):
                     continue  # the same training: its base model once
                 rows.append(row)
@@ -467,7 +479,7 @@ def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool =
                 row.update({k: group[0].swept.get(k, "") for k in train_keys})
             flat_rows += rows
         else:
-            tables.append(Table(list(MODEL_COLUMNS), rows, title))
+            tables.append(Table(list(MODEL_COLUMNS), rows, title, [SPEED_NOTE]))
     if flat:
         titles = cli.short_keys(train_keys)
         cols = [
@@ -476,7 +488,7 @@ def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool =
             *[Column(k, titles[k]) for k in train_keys],
             *MODEL_COLUMNS[1:],
         ]
-        return [Table(cols, flat_rows, "")] if flat_rows else []
+        return [Table(cols, flat_rows, "", [SPEED_NOTE])] if flat_rows else []
     return tables
 
 

@@ -56,6 +56,9 @@ def cell(row: dict[str, Any], col: Column) -> str:
     delta = number(row.get(f"{col.key}_delta")) if col.delta else None
     if text and delta is not None:
         text += f" ({100 * delta:+.2f})" if col.kind == "pct" else f" ({delta:+.4g})"
+    note = row.get(f"{col.key}_note")  # e.g. "shared": the figure belongs to a training several runs share
+    if text and note:
+        text += f" ({note})"
     return text
 
 
@@ -148,6 +151,14 @@ def jsonable(table: Table) -> dict[str, Any]:
     }
 
 
+def one_line(text: str) -> str:
+    """A reason on one markdown line: a multi-line one (a traceback inside) as its first and last line."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return f"{lines[0]} … {lines[-1]}"
+
+
 def failures_markdown(items: Sequence[Failure], sweep_column: bool = False) -> str:
     """The 'Not finished' section: one line per run with its state, reason and log."""
     if not items:
@@ -157,7 +168,7 @@ def failures_markdown(items: Sequence[Failure], sweep_column: bool = False) -> s
         swept = ", ".join(f"{k}={cli.fmt(v)}" for k, v in f.record.swept.items())
         who = f"{f.record.sweep}/{f.record.id}" if sweep_column else f.record.id
         lines.append(
-            f"- `{who}`{f' ({swept})' if swept else ''}: **{f.state}**: {f.reason}"
+            f"- `{who}`{f' ({swept})' if swept else ''}: **{f.state}**: {one_line(f.reason)}"
             + (f" (log {f.log})" if f.log else "")
         )
     return "\n".join(lines) + "\n"
