@@ -117,6 +117,10 @@ def stages_text(d: "Decision") -> str:
     if d.from_stage not in (None, "train"):
         later = later[later.index(d.from_stage) :]
     head = d.share.describe() if d.share is not None else "train"
+    if d.share_prune is not None:
+        head += f"; {d.share_prune.describe()}"
+        if d.share_prune.role != "train":
+            later = [s for s in later if s != "prune"]
     return f"{head}; runs {', '.join(later)}"
 
 

@@ -116,23 +116,23 @@ def build(sweep_dirs: Sequence[Path], options: Options) -> Report:
 
 def _time_line(records: Sequence[Record]) -> str:
     """The sweep's total wall time of training and fine-tunes, and GPU time (wall time x GPUs). A training
-    that several runs share (pipeline.share) is counted once, by its store."""
+    or pruning that several runs share (pipeline.share) is counted once, by its store."""
     wall = gpu = 0.0
     runs = 0
-    shared: dict[Path, int] = {}  # store of a shared training -> runs using it
+    shared: dict[str, dict[Path, int]] = {"train": {}, "prune": {}}  # stage -> its store -> runs using it
     for r in records:
-        store = r.run.shared_store()
         timed = False
         for stage, m in r.stages.items():
+            store = r.run.shared_store(stage) if stage in shared else None
+            if store is not None:
+                shared[stage][store] = shared[stage].get(store, 0) + 1
             for key in ("train_time_s", "qat_train_time_s"):
                 seconds = tb.number(m.get(key))
                 if seconds is None:
                     continue
                 timed = True
-                if stage == "train" and store is not None:
-                    shared[store] = shared.get(store, 0) + 1
-                    if shared[store] > 1:
-                        continue  # counted with the first run that shares it
+                if store is not None and shared[stage][store] > 1:
+                    continue  # counted with the first run that shares it
                 wall += seconds
                 if str(r.metrics.get("device", "")).startswith("cuda"):
                     gpu += seconds * int(r.metrics.get("world_size") or 1)
@@ -140,8 +140,11 @@ def _time_line(records: Sequence[Record]) -> str:
     if not runs:
         return ""
     line = f"Training time (train and fine-tunes): {writers._hms(wall)} over {runs} run(s)"
-    if shared:
-        line += f"; {len(shared)} training(s) shared by {sum(shared.values())} runs, each counted once"
+    for stage, what in (("train", "training(s)"), ("prune", "pruning(s)")):
+        if shared[stage]:
+            line += f"; {len(shared[stage])} {what} shared by {sum(shared[stage].values())} runs"
+    if shared["train"] or shared["prune"]:
+        line += ", each counted once"
     return line + (f", GPU time {writers._hms(gpu)}" if gpu else ", on CPUs") + "."
 
 

@@ -194,6 +194,9 @@ class ShareConfig:
     # training) are equal train once: the result lives in <out>/.shared/train/<key>/ and each run folder
     # links to it. false: the run trains in its own folder (a benchmark baseline; a private retraining).
     train: bool = True
+    # Runs of one shared training whose prune settings are equal (a fine-tune, prune.during: finetune)
+    # prune once: <out>/.shared/prune/<key>/. false: the run prunes in its own folder.
+    prune: bool = True
 
 
 @dataclass

@@ -98,14 +98,18 @@ def execute(run_dir: str | Path) -> str:
                 print(f"error: {message}", file=sys.stderr, flush=True)
                 raise
         cfg = from_run_file(run.config)
-        store = run.shared_store() if bool(cfg.share.train) else None
+        stores = {
+            "train": run.shared_store("train") if bool(cfg.share.train) else None,
+            "prune": run.shared_store("prune") if bool(cfg.share.train) and bool(cfg.share.prune) else None,
+        }
         for stage in STAGES:
             if ownership is not None:
                 ownership.check()
-            # the stage's own folder: the shared store for a shared training, else the run's
-            target = RunDir(store) if stage == "train" and store is not None else run
+            # the stage's own folder: the shared store for a shared training or pruning, else the run's
+            store = stores.get(stage)
+            target = RunDir(store) if store is not None else run
             if target is not run:
-                shared = _shared_training(run, cfg, target, rank)
+                shared = _shared_stage(run, cfg, target, rank, stage)
                 if shared is not None:
                     if shared == "done":
                         continue
@@ -199,40 +203,43 @@ def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir) -> No
         log.error("could not write the failure record %s either: %s", target.metrics_path(stage), e2)
 
 
-def _shared_training(run: RunDir, cfg: Any, store: RunDir, rank: int) -> str | None:
-    """A shared training (pipeline.share): "done" when it is recorded and this run goes on, a status to
-    end the run with (a failed training of another run blocks this one: "blocked"), or None when this
-    run is to train it now (as its owner, or taking over from an owner whose job ended without a result)."""
+def _shared_stage(run: RunDir, cfg: Any, store: RunDir, rank: int, stage: str) -> str | None:
+    """A shared training or pruning (pipeline.share): "done" when it is recorded and this run goes on, a
+    status to end the run with (a failed stage of another run blocks this one: "blocked"), or None when
+    this run is to do it now (as its owner, or taking over from an owner whose job ended without a result)."""
     from pipeline import share
 
+    what = "training" if stage == "train" else "pruning"
     tree = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     if rank == 0:
-        share.link_training(run, store.path, tree)  # again after an archive; idempotent
-    record = store.read_metrics("train")
+        share.link_stage(run, stage, store.path, tree)  # again after an archive; idempotent
+    record = store.read_metrics(stage)
     if record is None:
-        record = share.wait_for_owner(run, store.path)  # returns at once for the owner
+        record = share.wait_for_owner(run, store.path, stage=stage)  # returns at once for the owner
     if record is None:
         if rank == 0:
             if not share.is_owner(run, share.read_owner(store.path)):
-                log.warning("run %s: the owner of the shared training stopped without a result; training here", run.id)
+                log.warning("run %s: the owner of the shared %s stopped without a result; doing it here", run.id, what)
                 share.write_owner(store.path, run, *_this_job())
-            log.info("run %s: shared training %s (log %s)", run.id, store.path, store.log)
+            log.info("run %s: shared %s %s (log %s)", run.id, what, store.path, store.log)
         return None
     status = str(record.get("status", "failed"))
     if status == "done":
-        log.info("run %s: reuses the shared training %s", run.id, store.path)
+        log.info("run %s: reuses the shared %s %s", run.id, what, store.path)
         return "done"
     blocked = run.blocked_by()
     if blocked is not None:
         log.warning(
-            "run %s: blocked by run %s, whose training this run shares, failed (%s); after fixing the "
+            "run %s: blocked by run %s, whose %s this run shares, failed (%s); after fixing the "
             "cause, submit the sweep again with --rerun failed",
             run.id,
-            *blocked,
+            blocked[0],
+            what,
+            blocked[1],
         )
         return "blocked"
     if status == "failed":
-        return _failed_before(run, "train", record)
+        return _failed_before(run, stage, record)
     return status
 
 
@@ -371,8 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.rerun == "failed" and run.resumable_failure() is not None:
         pass  # a failed write (full disk): its checkpoint is intact and execute resumes it
     elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
-        store = run.shared_store()
-        if stage == "train" and store is not None:  # a failed shared training: nobody can use it; kept aside
+        store = run.shared_store(stage) if stage in ("train", "prune") else None
+        if store is not None:  # a failed shared training or pruning: nobody can use it; kept aside
             from pipeline import share
 
             RunDir(store).archive()

@@ -14,7 +14,9 @@ and collect/status (read them). Torch-free.
         archive/<time>/      what --rerun moved aside (nothing is deleted; tb/ packed as tb.tar)
         shared.json          where a shared training lives (pipeline.share); then metrics/train.json,
                              models/trained.pt, progress.json, train.log and tb/train are relative
-                             symlinks into <out>/.shared/train/<key>/
+                             symlinks into <out>/.shared/train/<key>/ (and, when the pruning is shared
+                             too, metrics/prune.json, models/pruned.pt, prune.log and tb/prune into
+                             <out>/.shared/prune/<key>/)
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ SHARED_TRAIN_LINKS: dict[str, str] = {
     "train.log": "run.log",
     "tb/train": "tb",
 }
+# A run whose pruning is shared too (prune keys equal: same training, same prune settings) reaches it in
+# <out>/.shared/prune/<key>/ the same way.
+SHARED_PRUNE_LINKS: dict[str, str] = {
+    "metrics/prune.json": "metrics/prune.json",
+    "models/pruned.pt": "models/pruned.pt",
+    "prune.log": "run.log",
+    "tb/prune": "tb/prune",
+}
+SHARED_LINKS: dict[str, dict[str, str]] = {"train": SHARED_TRAIN_LINKS, "prune": SHARED_PRUNE_LINKS}
 FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
 
 
@@ -351,34 +362,37 @@ class RunDir:
         m = self.read_metrics(stage) if stage else None
         return m if m is not None and m.get("resume") is True else None
 
-    def shared_store(self) -> Path | None:
-        """The shared-store folder of this run's training (``shared.json``), or None: trained here."""
+    def shared_store(self, stage: str = "train") -> Path | None:
+        """The shared-store folder of this run's ``stage`` (train or prune, from ``shared.json``), or
+        None: the stage runs in this folder."""
         pointer = read_json(self.path / SHARED_POINTER)
-        if not isinstance(pointer, dict) or not isinstance(pointer.get("train"), dict):
+        if not isinstance(pointer, dict) or not isinstance(pointer.get(stage), dict):
             return None
-        rel = pointer["train"].get("store")
+        rel = pointer[stage].get("store")
         return Path(os.path.normpath(self.path / rel)) if isinstance(rel, str) else None
 
-    def training_owner(self) -> dict[str, Any] | None:
-        """trainer.json of the shared training: the run that does (or did) it, and its job."""
-        store = self.shared_store()
+    def training_owner(self, stage: str = "train") -> dict[str, Any] | None:
+        """trainer.json of the shared stage's store: the run that does (or did) it, and its job."""
+        store = self.shared_store(stage)
         owner = read_json(store / "trainer.json") if store is not None else None
         return owner if isinstance(owner, dict) else None
 
     def blocked_by(self) -> tuple[str, str] | None:
-        """(run id of the owner, why) when the shared training this run waits for failed in another run;
-        None otherwise (the owner itself shows as failed)."""
-        store = self.shared_store()
-        if store is None:
-            return None
-        record = RunDir(store).read_metrics("train")
-        if record is None or record.get("status") != "failed":
-            return None
-        owner = self.training_owner() or {}
-        owner_path = Path(str(owner.get("run", "")))
-        if owner_path.name and os.path.normpath(owner_path) == os.path.normpath(self.path.absolute()):
-            return None
-        return owner_path.name or "another run", str(record.get("error", "its training failed"))
+        """(run id of the owner, why) when a shared stage (training, then pruning) this run waits for
+        failed in another run; None otherwise (the owner itself shows as failed)."""
+        for stage in SHARED_LINKS:
+            store = self.shared_store(stage)
+            if store is None:
+                continue
+            record = RunDir(store).read_metrics(stage)
+            if record is None or record.get("status") != "failed":
+                continue
+            owner = self.training_owner(stage) or {}
+            owner_path = Path(str(owner.get("run", "")))
+            if owner_path.name and os.path.normpath(owner_path) == os.path.normpath(self.path.absolute()):
+                return None
+            return owner_path.name or "another run", str(record.get("error", f"its {stage} stage failed"))
+        return None
 
     def status(self) -> str:
         """pending | running | done | diverged | failed | blocked, from the files alone.
@@ -392,18 +406,19 @@ class RunDir:
             if m is None:
                 return "running" if started else "pending"
             if m.get("status") != "done":
-                if stage == "train" and m.get("status") == "failed" and self.blocked_by() is not None:
+                if stage in SHARED_LINKS and m.get("status") == "failed" and self.blocked_by() is not None:
                     return "blocked"
                 return str(m.get("status", "failed"))
             started = True
         return "done"
 
-    def unlink_shared(self) -> None:
-        """Remove the links into a shared training (pointers only: the shared result is not touched)."""
-        for rel in SHARED_TRAIN_LINKS:
-            link = self.path / rel
-            if link.is_symlink():
-                link.unlink()
+    def unlink_shared(self, stages: tuple[str, ...] = ("train", "prune")) -> None:
+        """Remove the links into shared stages (pointers only: the shared results are not touched)."""
+        for stage in stages:
+            for rel in SHARED_LINKS[stage]:
+                link = self.path / rel
+                if link.is_symlink():
+                    link.unlink()
 
     def stage_statuses(self) -> dict[str, str | None]:
         """Each stage's recorded status (None: not finished yet)."""
@@ -426,8 +441,8 @@ class RunDir:
         stages' records, models, checkpoints and TensorBoard folders: what came before stays and is not
         redone. Nothing is deleted (tb/ is packed as tb.tar). Links into a shared training are removed
         rather than moved (the shared result stays where other runs use it; the next job links it again)."""
-        if from_stage is None or from_stage == "train":
-            self.unlink_shared()
+        if from_stage in (None, "train", "prune"):
+            self.unlink_shared(("train", "prune") if from_stage in (None, "train") else ("prune",))
         if from_stage is None:
             movable = [self.metrics_dir, self.checkpoints, self.models, self.tensorboard, self.progress, self.log]
         else:

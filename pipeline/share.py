@@ -14,6 +14,11 @@ measure is per run. Runs of equal training keys share one training, stored once 
         trainer.json    the run that does the training, its cluster and job id (written at submission)
         metrics/train.json, models/trained.pt, checkpoints/last.pt, progress.json, tb/, run.log
 
+and runs of equal prune keys (a pruning fine-tune, ``prune.during: finetune``, of a shared training)
+share one pruning the same way, in ``<out>/.shared/prune/<key>/`` (metrics/prune.json, models/pruned.pt,
+checkpoints/prune.pt, tb/prune, run.log, key.json, trainer.json: the run that prunes; and
+models/trained.pt, a link to the training it starts from).
+
 and reached from every run folder through ``shared.json`` and relative symlinks
 (:data:`pipeline.rundir.SHARED_TRAIN_LINKS`), so collect, status and TensorBoard see the training as
 each run's own. A later sweep in the same ``--out`` finds it there. No file locks: on Slurm one owner job
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.rundir import SHARED_POINTER, SHARED_TRAIN_LINKS, RunDir, atomic_write_json, read_json
+from pipeline.rundir import SHARED_LINKS, SHARED_POINTER, RunDir, atomic_write_json, read_json
 
 STORE = ".shared"
 TRAIN_SECTIONS = ("data", "model", "optim", "schedule", "train")
@@ -79,6 +84,26 @@ def sharing_on(tree: Mapping[str, Any]) -> bool:
     return bool((tree.get("share") or {}).get("train", True))
 
 
+def prune_sharing_on(tree: Mapping[str, Any]) -> bool:
+    """Whether the run's pruning is shared: its training is, and it prunes the trained model and fine-tunes
+    it (pruning inside training is part of the training's key; method none costs nothing)."""
+    prune = tree.get("prune") or {}
+    return (
+        sharing_on(tree)
+        and bool((tree.get("share") or {}).get("prune", True))
+        and prune.get("method", "none") != "none"
+        and prune.get("during", "finetune") == "finetune"
+    )
+
+
+def stage_key(tree: Mapping[str, Any], stage: str) -> str:
+    return stage_keys(tree)[stage]
+
+
+def stage_sharing_on(tree: Mapping[str, Any], stage: str) -> bool:
+    return sharing_on(tree) if stage == "train" else prune_sharing_on(tree)
+
+
 def store_root(sweep_dir: Path) -> Path:
     """The shared store of every sweep under the same output root (``<out>/<sweep>`` -> ``<out>/.shared``)."""
     return Path(os.path.normpath(Path(sweep_dir).absolute().parent / STORE))
@@ -88,45 +113,88 @@ def train_store(sweep_dir: Path, key: str) -> Path:
     return store_root(sweep_dir) / "train" / key
 
 
+def stage_store(sweep_dir: Path, stage: str, key: str) -> Path:
+    """``<out>/.shared/<stage>/<key>`` (stage train or prune)."""
+    return store_root(sweep_dir) / stage / key
+
+
+OWN_FILES = {
+    "train": ("metrics/train.json", "models/trained.pt", "checkpoints/last.pt"),
+    "prune": ("metrics/prune.json", "models/pruned.pt", "checkpoints/prune.pt"),
+}
+
+
 def has_own_training(run: RunDir) -> bool:
     """Whether the run trained (or began training) in its own folder: it keeps that training, nothing of
     it is replaced by a link."""
-    own = ("metrics/train.json", "models/trained.pt", "checkpoints/last.pt")
-    return any((run.path / rel).exists() and not (run.path / rel).is_symlink() for rel in own)
+    return has_own_stage(run, "train")
 
 
-def store_record(store: Path) -> dict[str, Any] | None:
-    """The shared training's record (metrics/train.json), None while there is none."""
-    return RunDir(store).read_metrics("train")
+def has_own_stage(run: RunDir, stage: str) -> bool:
+    return any((run.path / rel).exists() and not (run.path / rel).is_symlink() for rel in OWN_FILES[stage])
+
+
+def store_record(store: Path, stage: str = "train") -> dict[str, Any] | None:
+    """The shared stage's record (metrics/<stage>.json), None while there is none."""
+    return RunDir(store).read_metrics(stage)
 
 
 def link_training(run: RunDir, store: Path, tree: Mapping[str, Any]) -> None:
     """Point the run at the shared training in ``store``: shared.json and the relative symlinks (made
     before the training exists; a link that dangles reads as "not yet"). Idempotent. A file the run
     wrote itself is never replaced (a fine-tune's progress.json replaces its link, and stays)."""
+    link_stage(run, "train", store, tree)
+
+
+def link_stage(run: RunDir, stage: str, store: Path, tree: Mapping[str, Any]) -> None:
+    """:func:`link_training` for ``stage`` (train or prune). A shared pruning's store also gets
+    models/trained.pt, a link to the shared training it prunes (the run must share that training)."""
     store.mkdir(parents=True, exist_ok=True)
     if not (store / "key.json").exists():
-        atomic_write_json(store / "key.json", {"key": store.name, "settings": training_settings(tree)})
-    pointer = {"train": {"key": store.name, "store": os.path.relpath(store, run.path.absolute())}}
-    if read_json(run.path / SHARED_POINTER) != pointer:
-        atomic_write_json(run.path / SHARED_POINTER, pointer)
-    for rel, target in SHARED_TRAIN_LINKS.items():
-        link = run.path / rel
-        wanted = os.path.relpath(store / target, link.parent.absolute())
-        if link.is_symlink():
-            if os.readlink(link) == wanted:
-                continue
-            link.unlink()
-        elif link.exists():
-            continue
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(wanted, link)
+        settings: Any = training_settings(tree)
+        if stage == "prune":
+            settings = {"train": training_key(tree), "prune": tree.get("prune")}
+        atomic_write_json(store / "key.json", {"key": store.name, "stage": stage, "settings": settings})
+    if stage == "prune":
+        trained = run.shared_store("train")
+        if trained is None:
+            raise ValueError(f"run {run.id}: a shared pruning needs its training shared too")
+        _link(store / "models" / "trained.pt", trained / "models" / "trained.pt")
+    pointer = read_json(run.path / SHARED_POINTER)
+    pointer = dict(pointer) if isinstance(pointer, dict) else {}
+    wanted_pointer = {**pointer, stage: {"key": store.name, "store": os.path.relpath(store, run.path.absolute())}}
+    if pointer != wanted_pointer:
+        atomic_write_json(run.path / SHARED_POINTER, wanted_pointer)
+    for rel, target in SHARED_LINKS[stage].items():
+        _link(run.path / rel, store / target)
+
+
+def _link(link: Path, target: Path) -> None:
+    """A relative symlink ``link`` -> ``target``; a file that is not a link is left as it is."""
+    wanted = os.path.relpath(target, link.parent.absolute())
+    if link.is_symlink():
+        if os.readlink(link) == wanted:
+            return
+        link.unlink()
+    elif link.exists():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(wanted, link)
 
 
 def unlink_training(run: RunDir) -> None:
-    """Undo :func:`link_training` (share.train=false): the run trains in its own folder from now on."""
+    """Undo :func:`link_training` (share.train=false): the run trains in its own folder from now on (and
+    prunes there too)."""
     run.unlink_shared()
     (run.path / SHARED_POINTER).unlink(missing_ok=True)
+
+
+def unlink_pruning(run: RunDir) -> None:
+    """Undo a shared pruning's links only (share.prune=false): the run prunes in its own folder."""
+    run.unlink_shared(("prune",))
+    pointer = read_json(run.path / SHARED_POINTER)
+    if isinstance(pointer, dict) and "prune" in pointer:
+        atomic_write_json(run.path / SHARED_POINTER, {k: v for k, v in pointer.items() if k != "prune"})
 
 
 def read_owner(store: Path) -> dict[str, Any] | None:
@@ -170,17 +238,17 @@ def owner_active(owner: Mapping[str, Any] | None) -> bool:
     )
 
 
-def wait_for_owner(run: RunDir, store: Path, poll_s: float = POLL_S) -> dict[str, Any] | None:
-    """Wait while another run's job is doing the shared training and has not recorded it; the record
-    then (None when the owner stopped without one: this run may take the training over)."""
+def wait_for_owner(run: RunDir, store: Path, poll_s: float = POLL_S, stage: str = "train") -> dict[str, Any] | None:
+    """Wait while another run's job is doing the shared stage and has not recorded it; the record
+    then (None when the owner stopped without one: this run may take the stage over)."""
     said = False
     while True:
-        record = store_record(store)
+        record = store_record(store, stage)
         owner = read_owner(store)
         if record is not None or is_owner(run, owner) or not owner_active(owner):
             return record
         if not said:
-            log.info("run %s: waiting for the shared training %s (run %s)", run.id, store, (owner or {}).get("run_id"))
+            log.info("run %s: waiting for the shared %s %s (run %s)", run.id, stage, store, (owner or {}).get("run_id"))
             said = True
         time.sleep(poll_s)
 
@@ -196,38 +264,45 @@ class Share:
     after_job: str | None = None  # follow an owner submitted earlier: its job id
     owner_cluster: str | None = None
 
+    stage: str = "train"
+
     def describe(self) -> str:
+        what = "training" if self.stage == "train" else "pruning"
         if self.role == "reuse":
-            return f"reuses training {self.key}"
+            return f"reuses {what} {self.key}"
         if self.role == "train":
-            return f"trains {self.key}"
-        return f"waits for {self.owner} (training {self.key})"
+            return f"{'trains' if self.stage == 'train' else 'prunes'} {self.key}"
+        return f"waits for {self.owner} ({what} {self.key})"
 
 
 def assign(
-    runs: Sequence[tuple[RunDir, Mapping[str, Any], bool]], sweep_dir: Path, cluster: str | None = None
+    runs: Sequence[tuple[RunDir, Mapping[str, Any], bool]],
+    sweep_dir: Path,
+    cluster: str | None = None,
+    stage: str = "train",
 ) -> dict[str, Share]:
-    """For runs to submit, ``(run folder, resolved config, whether its own training is archived first)``
-    in sweep order: run id -> :class:`Share` for those whose training is shared. Per training key the
-    first run trains, unless the training is already recorded (all reuse it) or a job from an earlier
-    submission is doing it (all follow that job). A failed record is the caller's to archive or report."""
+    """For runs to submit, ``(run folder, resolved config, whether its own result of ``stage`` is
+    archived first)`` in sweep order: run id -> :class:`Share` for those whose ``stage`` (train or prune)
+    is shared. Per key the first run does it, unless it is already recorded (all reuse it) or a job from
+    an earlier submission is doing it (all follow that job). A failed record is the caller's to archive
+    or report."""
     out: dict[str, Share] = {}
     owners: dict[str, Share] = {}
-    for run, tree, rerun_all in runs:
-        if not sharing_on(tree) or (has_own_training(run) and not rerun_all):
+    for run, tree, redone in runs:
+        if not stage_sharing_on(tree, stage) or (has_own_stage(run, stage) and not redone):
             continue
-        key = training_key(tree)
-        store = train_store(sweep_dir, key)
+        key = stage_key(tree, stage)
+        store = stage_store(sweep_dir, stage, key)
         if key in owners:
             first = owners[key]
             role = "reuse" if first.role == "reuse" else "follow"
             owner = first.owner if first.role == "follow" else run_owner_id(first, out)
-            out[run.id] = Share(key, store, role, owner, first.after_job, first.owner_cluster)
+            out[run.id] = Share(key, store, role, owner, first.after_job, first.owner_cluster, stage)
             continue
-        record = store_record(store)
+        record = store_record(store, stage)
         earlier = read_owner(store)
         if record is not None and record.get("status") != "failed":
-            share = Share(key, store, "reuse")
+            share = Share(key, store, "reuse", stage=stage)
         elif (
             record is None
             and earlier is not None
@@ -241,9 +316,10 @@ def assign(
                 str(earlier.get("run_id")),
                 str(earlier.get("job_id")),
                 str(earlier.get("cluster")),
+                stage,
             )
         else:
-            share = Share(key, store, "train")
+            share = Share(key, store, "train", stage=stage)
         owners[key] = share
         out[run.id] = share
     return out

@@ -296,6 +296,10 @@ class Decision:
     note: str = ""
     from_stage: str | None = None  # rerun: the first stage redone (None: all of them)
     share: sharing.Share | None = None  # how a submitted run gets a shared training (None: its own)
+    share_prune: sharing.Share | None = None  # how it gets a shared pruning (None: prunes itself or not at all)
+
+    def shares(self) -> list[sharing.Share]:
+        return [s for s in (self.share, self.share_prune) if s is not None]
 
 
 SUBMITTED = ("new", "resume", "rerun")
@@ -345,9 +349,10 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_
 
 
 def plan_sharing(decisions: Sequence[Decision], sweep_dir: Path, rerun: str | None, cluster: str | None = None) -> None:
-    """Decide, per submitted run whose training is shared, whether it trains, follows another run's job
-    or reuses a recorded training (``Decision.share``; reads, writes nothing). A run whose shared training
-    failed (in another run or sweep) is not submitted unless ``rerun`` is "failed": it is blocked."""
+    """Decide, per submitted run whose training (and pruning) is shared, whether it does that stage,
+    follows another run's job or reuses a recorded result (``Decision.share``, ``Decision.share_prune``;
+    reads, writes nothing). A run whose shared stage failed (in another run or sweep) is not submitted
+    unless ``rerun`` is "failed": it is blocked."""
     todo = [d for d in decisions if d.action in SUBMITTED]
     rows = [(RunDir(sweep_dir / d.run.id), d.run.config, d.action == "rerun" and d.from_stage is None) for d in todo]
     shares = sharing.assign(rows, sweep_dir, cluster)
@@ -355,26 +360,48 @@ def plan_sharing(decisions: Sequence[Decision], sweep_dir: Path, rerun: str | No
         sh = shares.get(d.run.id)
         if sh is None:
             continue
-        record = sharing.store_record(sh.store)
-        if record is not None and record.get("status") == "failed" and rerun != "failed":
-            owner = (sharing.read_owner(sh.store) or {}).get("run_id", "another run")
-            d.action, d.note = "skip-blocked", f"blocked by {owner}: its training failed; use --rerun failed"
+        if _blocked(d, sh, rerun):
             continue
         d.share = sh
+    # a shared pruning only for runs whose training is shared (its store links the shared trained model)
+    todo = [d for d in todo if d.share is not None and d.action in SUBMITTED]
+    rows = [
+        (RunDir(sweep_dir / d.run.id), d.run.config, d.action == "rerun" and d.from_stage in (None, "prune"))
+        for d in todo
+    ]
+    shares = sharing.assign(rows, sweep_dir, cluster, stage="prune") if rows else {}
+    for d in todo:
+        sh = shares.get(d.run.id)
+        if sh is not None and d.action in SUBMITTED and not _blocked(d, sh, rerun):
+            d.share_prune = sh
+
+
+def _blocked(d: Decision, sh: sharing.Share, rerun: str | None) -> bool:
+    """Mark ``d`` skip-blocked when the shared stage it needs failed and this is no --rerun failed."""
+    record = sharing.store_record(sh.store, sh.stage)
+    if record is not None and record.get("status") == "failed" and rerun != "failed":
+        owner = (sharing.read_owner(sh.store) or {}).get("run_id", "another run")
+        what = "training" if sh.stage == "train" else "pruning"
+        d.action, d.note = "skip-blocked", f"blocked by {owner}: its {what} failed; use --rerun failed"
+        d.share = d.share_prune = None
+        return True
+    return False
 
 
 def follow_order(to_submit: Sequence[Decision]) -> dict[int, int | str]:
-    """For :func:`pipeline.launch.submit`'s ``after``: index of each run that waits for a shared training
-    -> index of its owner in ``to_submit``, or the job id of an owner submitted earlier."""
+    """For :func:`pipeline.launch.submit`'s ``after``: index of each run that waits for a shared stage
+    -> index of its owner in ``to_submit``, or the job id of an owner submitted earlier. A run that
+    waits for a shared pruning waits for that (whose owner in turn waits for, or did, the training)."""
     owner_index = {d.run.id: i for i, d in enumerate(to_submit)}
     after: dict[int, int | str] = {}
     for i, d in enumerate(to_submit):
-        if d.share is None or d.share.role != "follow":
+        sh = d.share_prune if d.share_prune is not None and d.share_prune.role == "follow" else d.share
+        if sh is None or sh.role != "follow":
             continue
-        if d.share.owner in owner_index and d.share.after_job is None:
-            after[i] = owner_index[d.share.owner]
-        elif d.share.after_job:
-            after[i] = d.share.after_job
+        if sh.owner in owner_index and sh.after_job is None:
+            after[i] = owner_index[sh.owner]
+        elif sh.after_job:
+            after[i] = sh.after_job
     return after
 
 
@@ -417,13 +444,19 @@ def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) 
         clean_stale_temporaries(rd.path)
         if d.action == "rerun":
             rd.archive(d.from_stage)
-        if d.share is not None:
-            record = sharing.store_record(d.share.store)
-            if d.share.role == "train" and record is not None and record.get("status") == "failed":
-                RunDir(d.share.store).archive()  # --rerun failed: the failed training goes aside, kept
-            sharing.link_training(rd, d.share.store, d.run.config)
-        elif not sharing.sharing_on(d.run.config) and rd.shared_store() is not None:
+        for sh in d.shares():
+            record = sharing.store_record(sh.store, sh.stage)
+            if sh.role == "train" and record is not None and record.get("status") == "failed":
+                RunDir(sh.store).archive()  # --rerun failed: the failed stage goes aside, kept
+            sharing.link_stage(rd, sh.stage, sh.store, d.run.config)
+        if d.share is None and not sharing.sharing_on(d.run.config) and rd.shared_store() is not None:
             sharing.unlink_training(rd)  # share.train=false: from now on it trains in its own folder
+        elif (
+            d.share_prune is None
+            and rd.shared_store("prune") is not None
+            and not sharing.prune_sharing_on(d.run.config)
+        ):
+            sharing.unlink_pruning(rd)  # share.prune=false: from now on it prunes in its own folder
     clean_stale_temporaries(sweep_dir)
     sync_files(unsynced)
 
@@ -648,19 +681,19 @@ def _submit(
         plan_sharing(decisions, sweep_dir, args.rerun, cluster)
         to_submit = [d for d in decisions if d.action in SUBMITTED]
         write_runs(sweep_dir, spec, to_submit)
-        owners = [(d, d.share) for d in to_submit if d.share is not None and d.share.role == "train"]
+        owners = [(d, sh) for d in to_submit for sh in d.shares() if sh.role == "train"]
         for d, sh in owners:  # before submitting: a follower that starts first waits for this record
             sharing.write_owner(sh.store, RunDir(sweep_dir / d.run.id), cluster, None)
-    owner_store = {d.run.id: sh.store for d, sh in owners}
+    owner_store: dict[str, list[Path]] = {}
+    for d, sh in owners:
+        owner_store.setdefault(d.run.id, []).append(sh.store)
 
     def record(job_ids: dict[str, str], token: str | None, job_records: dict[str, dict[str, Any]]) -> None:
         try:
             manifest.record_submitted(sweep_dir, cluster, job_ids, token, job_records)
             for rid, jid in job_ids.items():  # the job a later sweep's runs of the same training wait for
-                if rid in owner_store:
-                    sharing.write_owner(
-                        owner_store[rid], RunDir(sweep_dir / rid), cluster, str(jid), job_records.get(rid)
-                    )
+                for store in owner_store.get(rid, []):
+                    sharing.write_owner(store, RunDir(sweep_dir / rid), cluster, str(jid), job_records.get(rid))
         except OSError as e:
             # queued but not recorded: say which jobs, since a rerun cannot know them
             cli.console(stderr=True).print(

@@ -177,6 +177,25 @@ FAULTS: tuple[Fault, ...] = (
             "test_share_sweep.py::test_rerun_all_of_a_follower_keeps_the_shared_training",
         ),
     ),
+    Fault(
+        "a shared training fails on Slurm",
+        "Slurm cancels the followers (`--kill-on-invalid-dep`, reason Dependency); status and collect "
+        "show them `blocked by <run>`, not cancelled",
+        "fix it, `--rerun failed`: it trains once, then they run",
+        (
+            "test_share_slurm.py::test_failed_training_blocks_followers_until_rerun_failed",
+            "test_share_slurm.py::test_followers_wait_for_their_owners_task_and_each_training_runs_once",
+        ),
+    ),
+    Fault(
+        "a shared pruning fails",
+        "the runs waiting for it show `blocked by <run>`; the shared training is kept",
+        "fix it, `--rerun failed`: it prunes again (not trains); `share.prune=false` prunes one run alone",
+        (
+            "test_share_sweep.py::test_one_training_one_pruning_two_quantizations_identical_to_unshared_runs_and_blocked",
+            "test_share_sweep.py::test_rerun_all_with_share_prune_false_prunes_in_the_run_folder",
+        ),
+    ),
     # ---- hostile files
     Fault(
         "a crafted checkpoint, model file or CIFAR batch",

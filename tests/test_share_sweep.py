@@ -141,17 +141,36 @@ def test_second_sweep_in_the_same_out_reuses_the_training(swept):
 def test_rerun_all_of_a_follower_keeps_the_shared_training(swept):
     _, _, shared, _, _ = swept
     follower = next(r for r in list_runs(shared) if (r.read_meta()["swept"] or {}).get("prune.method") == "structured")
-    store = follower.shared_store()
-    assert store is not None
-    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file() and p.name != "run.log"}
-    old_prune = follower.read_metrics("prune")
+    store, prune_store = follower.shared_store(), follower.shared_store("prune")
+    assert store is not None and prune_store is not None
+    kept = [*store.rglob("*"), *prune_store.rglob("*")]
+    before = {p: p.stat().st_mtime_ns for p in kept if p.is_file() and p.name != "run.log"}
+    old_prune, old_quantize = follower.read_metrics("prune"), follower.read_metrics("quantize")
     r = run_cli("pipeline.run", str(follower.path), "--rerun", "all", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in before} == before  # the shared training untouched
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the shared training and pruning untouched
     assert follower.status() == "done" and follower.shared_store() == store
+    assert follower.shared_store("prune") == prune_store and follower.read_metrics("prune") == old_prune
     assert trainings_started(shared.parent) == 1
-    archived = sorted((follower.path / "archive").glob("*/metrics/prune.json"))
-    assert archived and read_json(archived[-1]) == old_prune
+    archived = sorted((follower.path / "archive").glob("*/metrics/quantize.json"))  # its own stages redone
+    assert archived and read_json(archived[-1]) == old_quantize
+    assert not list((follower.path / "archive").glob("*/metrics/prune.json"))  # links are not archived
+
+
+def test_rerun_all_with_share_prune_false_prunes_in_the_run_folder(swept):
+    """The way to redo one run's pruning without touching the shared one: share.prune=false."""
+    tmp, path, shared, _, _ = swept
+    follower = next(
+        r for r in list_runs(shared) if (r.read_meta()["swept"] or {}).get("prune.method") == "unstructured"
+    )
+    prune_store = follower.shared_store("prune")
+    assert prune_store is not None
+    r = sweep(path, shared.parent, "--wait", "--rerun", "all", "share.prune=false")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert follower.status() == "done" and follower.shared_store("prune") is None
+    assert not (follower.models / "pruned.pt").is_symlink() and (prune_store / "models" / "pruned.pt").is_file()
+    a, b = state_dict(follower.models / "pruned.pt"), state_dict(prune_store / "models" / "pruned.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # pruned again here, to the same weights
 
 
 def test_failed_training_blocks_its_followers_until_rerun_failed(tmp_path, synthetic_root):
@@ -218,3 +237,96 @@ def test_kill_9_during_a_shared_training_then_resubmit_resumes_it(tmp_path, synt
 def test_sharing_never_imports_torch_on_the_login_node():
     code = "import sys, pipeline.share, pipeline.sweep, pipeline.status; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+PRUNE_SWEEP = """\
+name: {name}
+set:
+  data.name: synthetic
+  data.root: {root}
+  data.val_size: 50
+  data.train_size: 64
+  train.epochs: 1
+  train.device: cpu
+  train.batch_size: 32
+  train.eval_batch_size: 256
+  output.log_every: 1000
+  model.name: resnet20
+  model.shortcut: B
+  prune.epochs: 1
+  prune.frequency: 1
+  prune.sparsity: 0.5
+  quant.calib_batches: 1
+  measure.enabled: false
+variants:
+  - {{prune.method: none, quant.method: int8}}
+  - {{prune.method: unstructured, quant.method: int8}}
+  - {{prune.method: unstructured, quant.method: fp16}}
+"""
+PRUNED = "INFO pruned (unstructured"  # logged once per pruning fine-tune
+
+
+def prunings(out: Path) -> int:
+    logs = list(out.glob(".shared/prune/*/run.log"))
+    logs += [p for p in out.glob("*/*/run.log") if RunDir(p.parent).shared_store("prune") is None]
+    return sum(p.read_text().count(PRUNED) for p in logs)
+
+
+def test_one_training_one_pruning_two_quantizations_identical_to_unshared_runs_and_blocked(tmp_path, synthetic_root):
+    """The unpruned run trains; the int8 one (waiting for that training) prunes; the fp16 one waits for
+    that pruning: one training, one pruning, and every result bitwise that of unshared runs. Then a
+    failed shared pruning blocks the run waiting for it until --rerun failed."""
+    path = tmp_path / "prune.yaml"
+    path.write_text(PRUNE_SWEEP.format(name="pr", root=synthetic_root))
+    dry = sweep(path, tmp_path / "shared", "--dry-run")
+    assert "1 training(s) in all" in dry.stdout and "prunes " in dry.stdout and "(pruning " in dry.stdout, dry.stdout
+    r = sweep(path, tmp_path / "shared", "--parallel", "2", "--wait")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r2 = sweep(path, tmp_path / "unshared", "--parallel", "2", "--wait", "share.train=false")
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    shared, unshared = tmp_path / "shared" / "pr", tmp_path / "unshared" / "pr"
+    runs = list_runs(shared)
+    assert len(runs) == 3 and all(run.status() == "done" for run in runs)
+    assert trainings_started(shared.parent) == 1 and prunings(shared.parent) == 1
+    assert trainings_started(unshared.parent) == 3 and prunings(unshared.parent) == 2
+    (store,) = list((shared.parent / ".shared" / "prune").iterdir())
+    pruned_at = (store / "metrics" / "prune.json").stat().st_mtime
+    for run in runs:
+        twin = RunDir(unshared / run.id)
+        assert twin.status() == "done" and twin.shared_store("prune") is None
+        if run.read_metrics("prune")["method"] == "none":
+            assert run.shared_store("prune") is None
+        else:
+            assert run.shared_store("prune") == store
+            assert (run.models / "pruned.pt").is_symlink() and log_time(run, "stage quantize") >= int(pruned_at)
+            a, b = state_dict(run.models / "pruned.pt"), state_dict(twin.models / "pruned.pt")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            assert run.read_metrics("prune")["test_acc"] == twin.read_metrics("prune")["test_acc"]
+        quant = run.read_metrics("quantize")
+        assert quant["method"] in ("int8", "fp16") and quant.get("test_acc") == twin.read_metrics("quantize").get(
+            "test_acc"
+        )
+        if (twin.models / "fp16.pt").exists():
+            assert (run.models / "fp16.pt").read_bytes() == (twin.models / "fp16.pt").read_bytes()
+    collect = run_cli("pipeline.collect", str(shared), check=True)
+    assert "1 training(s) shared by 3 runs; 1 pruning(s) shared by 2 runs, each counted once" in collect.stdout
+
+    # the shared pruning fails (its record replaced by a failure, as a crashed fine-tune writes it): its
+    # owner is failed, the other run blocked by it, until --rerun failed prunes once more (not trains)
+    owner = read_json(store / "trainer.json")["run_id"]
+    (follower,) = [run for run in runs if run.shared_store("prune") == store and run.id != owner]
+    (store / "metrics" / "prune.json").write_text('{"status": "failed", "error": "RuntimeError: boom"}')
+    assert RunDir(shared / owner).status() == "failed" and follower.status() == "blocked"
+    assert follower.blocked_by() == (owner, "RuntimeError: boom")
+    status = run_cli("pipeline.status", str(shared), check=True)
+    assert f"blocked by {owner}" in status.stdout and "1 blocked" in status.stdout
+    dry = sweep(path, tmp_path / "shared", "--dry-run")
+    assert dry.stdout.count("skip-blocked") == 1 and dry.stdout.count("skip-failed") == 1, dry.stdout
+    r = sweep(path, tmp_path / "shared", "--wait", "--rerun", "failed")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert all(run.status() == "done" for run in runs)
+    assert trainings_started(shared.parent) == 1 and prunings(shared.parent) == 1  # the store's new log
+    (archived,) = list((store / "archive").glob("*"))  # the failure kept aside, with the first attempt's log
+    assert (archived / "metrics" / "prune.json").is_file() and (archived / "run.log").read_text().count(PRUNED) == 1
+    a, b = state_dict(follower.models / "pruned.pt"), state_dict(RunDir(unshared / follower.id).models / "pruned.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # pruned again, to the same weights

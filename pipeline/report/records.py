@@ -85,8 +85,8 @@ class Record:
             if not m:
                 return "running" if i > 0 or self.run.progress.exists() else "pending"
             if m.get("status") != "done":
-                if stage == "train" and m.get("status") == "failed" and self.run.blocked_by() is not None:
-                    return "blocked"  # a shared training (pipeline.share) that failed in another run
+                if stage in ("train", "prune") and m.get("status") == "failed" and self.run.blocked_by() is not None:
+                    return "blocked"  # a shared training or pruning (pipeline.share) that failed in another run
                 return str(m.get("status", "failed"))
         return "done"
 
