@@ -187,8 +187,8 @@ def test_failed_run_is_reported_skipped_and_rerun_on_request(tmp_path, synthetic
     spec.write_text(f"""
 name: fail
 base: [{REPO / "configs/base.yaml"}]
-set: {{model.name: resnet20, data.name: synthetic, data.root: {data}}}
-""")
+set: {{model.name: resnet20, data.name: synthetic, data.root: {data}, share.train: false}}
+""")  # a training of its own, in the run folder (shared trainings: tests/test_share_sweep.py)
     out = tmp_path / "runs"
     r = sweep(str(spec), "--cluster", "local", "--wait", "--out", str(out), *TINY, cwd=tmp_path)
     assert r.returncode == 1 and "failed" in r.stdout

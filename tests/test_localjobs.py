@@ -86,8 +86,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def training_log(run: RunDir) -> Path:
+    """The log holding the training's lines: train.log links to a shared training's (pipeline.share)."""
+    shared = run.path / "train.log"
+    return shared if shared.exists() else run.log
+
+
 def epoch_lines(run: RunDir) -> list[int]:
-    return [int(m.group(1)) for m in EPOCH_LINE.finditer(run.log.read_text())]
+    return [int(m.group(1)) for m in EPOCH_LINE.finditer(training_log(run).read_text())]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,11 +242,11 @@ def test_killing_the_shown_job_id_stops_the_whole_job_and_a_rerun_trains_once(tm
     entry = json.loads((sweep_dir / "manifest.json").read_text())["runs"][run.id]
     job = int(entry["job_id"])
     assert entry["job_id"] in submitted and entry["started"] == ProcessIdentity.of(job).started
-    wait_for("the first epoch", lambda: run.log.exists() and epoch_lines(run))
+    wait_for("the first epoch", lambda: training_log(run).exists() and epoch_lines(run))
     (task,) = [ProcessIdentity.of(pid) for pid in children(job)]  # submitit's controller -> the training
     os.kill(job, signal.SIGKILL)  # what the controller cannot forward
     wait_for("the training to stop with its controller", lambda: not task.is_alive(), timeout=60)
-    assert "stopping at the next step" in run.log.read_text()  # stopped cleanly, with a checkpoint
+    assert "stopping at the next step" in training_log(run).read_text()  # stopped cleanly, with a checkpoint
     done_before = epoch_lines(run)
     assert done_before and max(done_before) < 12
 
@@ -248,7 +254,9 @@ def test_killing_the_shown_job_id_stops_the_whole_job_and_a_rerun_trains_once(tm
     assert "skip-active" not in again.stdout and "resume" in again.stdout, again.stdout
     assert run.read_metrics("train")["status"] == "done"
     assert epoch_lines(run) == list(range(1, 13))  # each epoch trained and logged once, in order
-    events = sorted(run.tensorboard.rglob("*tfevents*"))
+    # (a shared training's event files are in its store, linked from tb/train)
+    folders = [run.tensorboard, *(d.resolve() for d in run.tensorboard.iterdir() if d.is_symlink())]
+    events = sorted(e for d in folders for e in d.rglob("*tfevents*"))
     assert len(events) == 2, events  # one writer per attempt, never two at once
 
 
@@ -322,7 +330,7 @@ def test_a_local_sweep_returns_at_once_and_its_jobs_leave_the_terminal(tmp_path,
         ident = ProcessIdentity.of(job)
         assert ident is not None and ident.is_alive(), f"the job ended before the sweep returned ({took:.0f} s)"
         assert os.getsid(job) == job != os.getsid(0)  # a session of its own, no controlling terminal
-        wait_for("the first epoch", lambda: run.log.exists() and epoch_lines(run))
+        wait_for("the first epoch", lambda: training_log(run).exists() and epoch_lines(run))
         assert run.read_metrics("train") is None  # still training after the sweep returned
     finally:
         run_cli("pipeline.status", str(sweep_dir), "--cancel", cwd=tmp_path, check=True)
