@@ -137,7 +137,7 @@ def execute(run_dir: str | Path) -> str:
             try:
                 if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
                     raise preempt.Preempted(preempt.STOP.signum or 0)
-                with _stage_log(handler, target.log if target is not run and rank == 0 else None):
+                with _stage_log(handler, target.log if target is not run and rank == 0 else None, stage):
                     metrics = _stage_function(stage)(target, cfg)
                 metrics["wall_s"] = time.time() - started
                 if rank == 0:
@@ -268,14 +268,16 @@ def _this_job() -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _stage_log(run_handler: logging.Handler | None, path: Path | None) -> Iterator[None]:
-    """Log to ``path`` instead of the run's own log meanwhile: a shared training keeps its lines in the
-    shared store (the run reaches them as train.log); the run's log says so once instead of repeating them."""
+def _stage_log(run_handler: logging.Handler | None, path: Path | None, stage: str = "train") -> Iterator[None]:
+    """Log to ``path`` instead of the run's own log meanwhile: a shared training or pruning keeps its lines
+    in the shared store (the run reaches them as train.log, prune.log); the run's log says so once instead
+    of repeating them."""
     if path is None:
         yield
         return
     root = logging.getLogger("pipeline")
-    log.info("training lines go to %s (train.log in this folder)", path)
+    what = "training" if stage == "train" else "pruning"
+    log.info("%s lines go to %s (%s.log in this folder)", what, path, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))

@@ -36,7 +36,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 TRAINING_STARTED = "INFO training resnet20"  # logged once when a training starts from scratch
 
 
-def write_sweep(path: Path, name: str, data_root: Path, seeds: int = 1) -> Path:
+COMPRESSIONS = ("{prune.method: none}", "{prune.method: unstructured}", "{prune.method: structured}")
+
+
+def write_sweep(
+    path: Path, name: str, data_root: Path, seeds: int = 1, variants: tuple[str, ...] = COMPRESSIONS
+) -> Path:
     settings = {
         **TINY,
         "data.root": str(data_root),
@@ -45,17 +50,13 @@ def write_sweep(path: Path, name: str, data_root: Path, seeds: int = 1) -> Path:
         "prune.frequency": 1,
         "prune.sparsity": 0.5,
         "measure.enabled": False,
+        "quant.calib_batches": 1,
     }
     lines = [f"name: {name}", f"base: [{REPO / 'configs/base.yaml'}]", "cluster: local", "set:"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in settings.items()]
     if seeds > 1:  # one training per seed: the owners are tasks of one array
         lines += ["grid:", f"  train.seed: {list(range(seeds))}"]
-    lines += [
-        "variants:",
-        "  - {prune.method: none}",
-        "  - {prune.method: unstructured}",
-        "  - {prune.method: structured}",
-    ]
+    lines += ["variants:", *(f"  - {v}" for v in variants)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -224,3 +225,46 @@ def test_failed_training_blocks_followers_until_rerun_failed(tmp_path, synthetic
     assert trainings_started(out) == 1  # the failed attempt stopped loading the data, before training
     (store,) = list((out / ".shared" / "train").iterdir())
     assert list((store / "archive").glob("*/metrics/train.json"))  # the failure kept aside
+
+
+def test_a_shared_pruning_waits_for_its_owner_which_waits_for_the_training(tmp_path, synthetic_root):
+    """unpruned + int8 trains; unstructured + int8 prunes after that training; unstructured + fp16 waits
+    for that pruning: three arrays chained by afterok, one training, one pruning."""
+    quant = (
+        "{prune.method: none, quant.method: int8}",
+        "{prune.method: unstructured, quant.method: int8}",
+        "{prune.method: unstructured, quant.method: fp16}",
+    )
+    spec = write_sweep(tmp_path / "sweep.yaml", "share-prune", synthetic_root, variants=quant)
+    out = tmp_path / "runs"
+    sweep_dir = out / "share-prune"
+    r = sweep(str(spec), "--cluster", "slurm", "--out", str(out))
+    assert r.returncode == 0 and "3 of 3 runs submitted to slurm (1 training(s))" in r.stdout, r.stdout + r.stderr
+    jobs, owner_of = roles(sweep_dir)
+    (trainer,) = set(owner_of.values())
+    (pruner,) = [
+        rid for rid in jobs if rid != trainer and RunDir(sweep_dir / rid).training_owner("prune")["run_id"] == rid
+    ]
+    (last,) = set(jobs) - {trainer, pruner}
+    assert RunDir(sweep_dir / last).training_owner("prune")["run_id"] == pruner
+    try:
+        deps = dependencies([jobs[pruner], jobs[last]])
+        assert deps[jobs[pruner]].startswith(f"afterok:{jobs[trainer]}(unfulfilled)|"), deps
+        assert deps[jobs[last]].startswith(f"afterok:{jobs[pruner]}(unfulfilled)|"), deps
+
+        def all_done() -> tuple[bool, str]:
+            ended, seen = tasks_ended(list(jobs.values()))
+            done = all(RunDir(sweep_dir / rid).status() == "done" for rid in jobs)
+            return ended and done, seen + "\n" + logs_tail(sweep_dir)
+
+        wait_until("the three chained jobs to finish", all_done, timeout=400)
+    finally:
+        cancel_all(list(jobs.values()))
+    assert set(task_states(list(jobs.values())).values()) == {"COMPLETED"}
+    assert trainings_started(out) == 1
+    (store,) = list((out / ".shared" / "prune").iterdir())
+    assert (store / "run.log").read_text().count("INFO pruned (unstructured") == 1
+    for rid in jobs:
+        assert "INFO pruned (" not in (sweep_dir / rid / "run.log").read_text()
+    times = sacct_times(*jobs.values())
+    assert times[jobs[pruner]][0] >= times[jobs[trainer]][1] and times[jobs[last]][0] >= times[jobs[pruner]][1]

@@ -291,6 +291,7 @@ def test_one_training_one_pruning_two_quantizations_identical_to_unshared_runs_a
     assert trainings_started(unshared.parent) == 3 and prunings(unshared.parent) == 2
     (store,) = list((shared.parent / ".shared" / "prune").iterdir())
     pruned_at = (store / "metrics" / "prune.json").stat().st_mtime
+    assert sum(f"pruning lines go to {store}/run.log (prune.log" in run.log.read_text() for run in runs) == 1
     for run in runs:
         twin = RunDir(unshared / run.id)
         assert twin.status() == "done" and twin.shared_store("prune") is None
