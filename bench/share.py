@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,11 +83,21 @@ def run_sweep(path: Path, out: Path, shared: bool) -> float:
         args.append("share.train=false")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.monotonic()
-    r = subprocess.run(args, cwd=path.parent, env=env, capture_output=True, text=True)
+    try:
+        r = subprocess.run(args, cwd=path.parent, env=env, capture_output=True, text=True)
+    except BaseException:
+        # local jobs run in their own session (they outlive a Ctrl-C by design): stop them too
+        cancel = [sys.executable, "-m", "pipeline.status", str(out / "bench-share"), "--cancel"]
+        subprocess.run(cancel, env=env, capture_output=True, timeout=60)
+        raise
     wall = time.monotonic() - t0
     if r.returncode != 0:
         sys.exit(f"sweep failed ({'shared' if shared else 'unshared'}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return wall
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> int:
@@ -96,6 +107,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=1, help="pairs of sweeps; the order alternates")
     p.add_argument("--keep", type=Path, default=None, help="write here instead of a temporary folder")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # kill or timeout(1): stop the sweep's jobs as Ctrl-C does
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background (SIGINT ignored there)
     from pipeline.data import write_synthetic
 
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
@@ -130,4 +143,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:
+        sys.exit(f"interrupted ({e}); the sweep's local jobs were cancelled")
