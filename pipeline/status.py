@@ -64,7 +64,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
         state, reason = ending.state, ending.reason
         if state == "running" and entry.get("cluster") == "local" and run.status() == "pending":
             state = "pending"  # a local slot that has not reached this run yet
-        progress = run.read_progress()
+        progress = _progress(run)
         epoch = f"{progress['epoch']}/{progress['epochs']}" if progress else ""
         stage = progress.get("stage", "train") if progress else "train"
         if epoch and stage != "train":
@@ -102,6 +102,17 @@ def diverged_where(run: RunDir) -> str:
             phase = "train" if stage == "train" else ("qat" if stage == "quantize" else stage)
             return f"diverged at {phase} epoch {m.get('diverged_epoch')} step {m['diverged_step']}/{m.get('steps_per_epoch')}"
     return ""
+
+
+def _progress(run: RunDir) -> dict:
+    """progress.json, or a shared pruning's while it runs (the run's own progress.json links to its
+    training's, and a shared fine-tune writes its epochs into the pruning's store)."""
+    store = run.shared_store("prune")
+    if store is not None and run.read_metrics("prune") is None and run.read_metrics("train") is not None:
+        pruning = RunDir(store).read_progress()
+        if pruning:
+            return pruning
+    return run.read_progress()
 
 
 def _elapsed(seconds: float | None) -> str:

@@ -55,7 +55,11 @@ def test_quickstart_end_to_end(tmp_path, synthetic_root):
         assert m["test_acc"] > 0.3, m  # 10 classes: chance is 0.1
         for key in ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_top5", "images_per_s"):
             assert m[key] is not None, key
-        assert (run.checkpoints / "last.pt").exists() and run.log.read_text().count("epoch 2/2") == 1
+        # the three runs share one training (pipeline.share): its checkpoint, log and event files are in
+        # the store, reached through shared.json, train.log and tb/train
+        trained = RunDir(run.shared_store() or run.path)
+        assert (trained.checkpoints / "last.pt").exists() and trained.log.read_text().count("epoch 2/2") == 1
+        assert (run.path / "train.log").read_text() == trained.log.read_text()
         assert (run.models / "pruned.pt").exists() == (method != "none")
         assert run.read_metrics("quantize")["test_acc"] > 0.3 and (run.models / "int8.pt2").exists()
         names = [e["name"] for e in run.read_metrics("measure")["models"]]
@@ -63,7 +67,7 @@ def test_quickstart_end_to_end(tmp_path, synthetic_root):
         # real TensorBoard event files, read back
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        acc = EventAccumulator(str(run.tensorboard))
+        acc = EventAccumulator(str(run.tensorboard / "train"))
         acc.Reload()
         val = acc.Scalars("val/acc")
         assert [e.step for e in val] == [1, 2]

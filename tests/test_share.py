@@ -181,3 +181,28 @@ def test_study_3_sweep_plans_one_googlenet_training(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "1 training(s) in all" in r.stdout and r.stdout.count("waits for") == 2
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_status_shows_a_shared_prunings_progress_while_it_runs(tmp_path):
+    """The run's progress.json links to its training's; a shared fine-tune's epochs are in the pruning's
+    store, and status shows those (torch-free: hand-written records in the real layout)."""
+    from pipeline import status
+
+    t = tree("prune.method=unstructured")
+    sweep = tmp_path / "out" / "sweep"
+    run = RunDir(sweep / "r1")
+    run.path.mkdir(parents=True)
+    atomic_write_json(run.meta, {"id": "r1", "swept": {}})
+    run.config.write_text("x: 1\n")
+    train = share.train_store(sweep, share.training_key(t))
+    prune = share.stage_store(sweep, "prune", share.stage_key(t, "prune"))
+    share.link_training(run, train, t)
+    share.link_stage(run, "prune", prune, t)
+    atomic_write_json(train / "metrics" / "train.json", {"status": "done"})
+    atomic_write_json(train / "progress.json", {"epoch": 3, "epochs": 3, "stage": "train"})
+    atomic_write_json(prune / "progress.json", {"epoch": 1, "epochs": 2, "stage": "prune"})
+    (state,) = status.run_states(sweep)
+    assert state.epoch == "prune 1/2"
+    atomic_write_json(prune / "metrics" / "prune.json", {"status": "done"})
+    (state,) = status.run_states(sweep)
+    assert state.epoch == "3/3"  # the pruning is over: the run's own progress again
