@@ -159,6 +159,8 @@ def execute(run_dir: str | Path) -> str:
                 log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
                 raise
             if metrics["status"] != "done":
+                if target is not run:  # its lines went to the shared log: say here how it ended
+                    log.warning("run %s: stage %s %s%s", run.id, stage, metrics["status"], _divergence(metrics))
                 return str(metrics["status"])
         return "done"
     except owner.RunFolderVanished as e:
@@ -175,6 +177,16 @@ def execute(run_dir: str | Path) -> str:
         if handler is not None:
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
+
+
+def _divergence(metrics: dict[str, Any]) -> str:
+    """Where a stage's loss turned non-finite, from its record ("" when it did not)."""
+    if metrics.get("diverged_epoch") is None:
+        return ""
+    where = f" at epoch {metrics['diverged_epoch']}"
+    if metrics.get("diverged_step") is not None:
+        where += f" step {metrics['diverged_step']}/{metrics.get('steps_per_epoch', '?')}"
+    return f"{where} (last finite loss {metrics.get('last_finite_loss')})"
 
 
 def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir) -> None:
