@@ -76,6 +76,9 @@ def assert_same_result(run: RunDir, ref: RunDir) -> None:
 
 
 def submit_one(tmp_path, synthetic_root, name: str, extra: dict) -> tuple[RunDir, str]:
+    # each run trains itself: sweeps in one --out otherwise share a training (pipeline.share), and the
+    # second would wait for the first's through a Slurm dependency instead of being signalled/requeued
+    extra = {"share.train": False, **extra}
     spec = write_sweep(tmp_path / f"{name}.yaml", name, synthetic_root, extra={**LONG, **extra})
     r = sweep(str(spec), "--cluster", "slurm", "--out", str(tmp_path / "runs"))
     assert r.returncode == 0, r.stdout + r.stderr

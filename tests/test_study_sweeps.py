@@ -45,14 +45,15 @@ def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, 
     for run in runs:
         m = run.read_metrics("train")
         assert m["status"] == "done", (run.id, m)
-        assert m["params"] > 1_500_000 and f"training {model}" in run.log.read_text()
+        # a training's lines are in its shared store's log, linked from the run as train.log (pipeline.share)
+        assert m["params"] > 1_500_000 and f"training {model}" in (run.path / "train.log").read_text()
     md, _ = collect(out / sweep)
     if sweep == "fast":  # three seeds of one setting: one row, mean ± std over the three
         assert md.count("| 3 done |") == 1 and " ± " in md
     else:
         assert md.count("| done |") == n_runs
     if sweep == "fast":
-        assert "fp16 is a GPU setting; training in fp32 on the CPU" in runs[0].log.read_text()
+        assert "fp16 is a GPU setting; training in fp32 on the CPU" in (runs[0].path / "train.log").read_text()
         assert runs[0].read_metrics("train")["precision"] == "fp16"
     if sweep == "batch_workers":  # train.epochs=1 folds the 100-epoch final run into its 50-epoch twin
         workers = {run.read_meta()["swept"]["train.num_workers"] for run in runs}
