@@ -115,9 +115,9 @@ def build(sweep_dirs: Sequence[Path], options: Options) -> Report:
 
 
 def _time_line(records: Sequence[Record]) -> str:
-    """The sweep's total wall time of training and fine-tunes, and GPU time (wall time x GPUs). A training
-    or pruning that several runs share (pipeline.share) is counted once, by its store."""
-    wall = gpu = 0.0
+    """The sweep's total wall time of training and fine-tunes, GPU time (wall time x GPUs) and CPU time
+    of all stages. A training or pruning that several runs share (pipeline.share) is counted once."""
+    wall = gpu = cpu = 0.0
     runs = 0
     shared: dict[str, dict[Path, int]] = {"train": {}, "prune": {}}  # stage -> its store -> runs using it
     for r in records:
@@ -126,6 +126,8 @@ def _time_line(records: Sequence[Record]) -> str:
             store = r.run.shared_store(stage) if stage in shared else None
             if store is not None:
                 shared[stage][store] = shared[stage].get(store, 0) + 1
+            if (store is None or shared[stage][store] == 1) and (seconds := tb.number(m.get("cpu_s"))) is not None:
+                cpu += seconds
             for key in ("train_time_s", "qat_train_time_s"):
                 seconds = tb.number(m.get(key))
                 if seconds is None:
@@ -145,7 +147,8 @@ def _time_line(records: Sequence[Record]) -> str:
             line += f"; {len(shared[stage])} {what} shared by {sum(shared[stage].values())} runs"
     if shared["train"] or shared["prune"]:
         line += ", each counted once"
-    return line + (f", GPU time {writers._hms(gpu)}" if gpu else ", on CPUs") + "."
+    line += f", GPU time {writers._hms(gpu)}" if gpu else ", on CPUs"
+    return line + (f"; CPU time of every stage {writers._hms(cpu)}" if cpu else "") + "."
 
 
 def render_markdown(rep: Report, plot_base: Path | None = None) -> str:

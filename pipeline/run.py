@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import logging
 import os
+import resource
 import sys
 import time
 import traceback
@@ -133,13 +134,14 @@ def execute(run_dir: str | Path) -> str:
                     return str(done.get("status"))
                 continue
             log.info("run %s: stage %s", run.id, stage)
-            started = time.time()
+            started, cpu_started = time.time(), _cpu_seconds()
             try:
                 if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
                     raise preempt.Preempted(preempt.STOP.signum or 0)
                 with _stage_log(handler, target.log if target is not run and rank == 0 else None, stage):
                     metrics = _stage_function(stage)(target, cfg)
                 metrics["wall_s"] = time.time() - started
+                metrics["cpu_s"] = _cpu_seconds() - cpu_started
                 if rank == 0:
                     target.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
             except preempt.Preempted as p:
@@ -177,6 +179,13 @@ def execute(run_dir: str | Path) -> str:
         if handler is not None:
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process's threads and of its children that have exited (data
+    loader workers once their loader is gone): what the stage cost the node's CPUs, on this rank."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _divergence(metrics: dict[str, Any]) -> str:

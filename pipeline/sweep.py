@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -515,7 +516,27 @@ def active_run_ids(sweep_dir: Path) -> set[str]:
         if job in active and not (job[0] == "local" and RunDir(sweep_dir / rid).status() in ENDED_STATUSES):
             out.add(rid)
     owned = (RunDir(p.parent) for p in sweep_dir.glob(f"*/{owner.OWNER_FILE}"))
-    return out | {r.id for r in owned if owner.live_owner(r) is not None}
+    return out | {r.id for r in owned if owner.live_owner(r) is not None and r.status() not in ENDED_STATUSES}
+
+
+def wait_for_exiting_jobs(sweep_dir: Path, run_ids: Sequence[str], timeout_s: float = 60.0) -> list[str]:
+    """Wait until no live job owns the folders of ``run_ids`` (jobs that recorded their run's end and are
+    exiting: :func:`active_run_ids` no longer counts them), so a resubmitted job does not find its folder
+    still held. Returns the runs still held after ``timeout_s``."""
+    from pipeline import owner
+    from pipeline.procs import ProcessIdentity
+
+    def held_here(rid: str) -> bool:  # a job on another host is Slurm's to end before the new one starts
+        record = owner.live_owner(RunDir(sweep_dir / rid))
+        ident = ProcessIdentity.from_record(record) if record is not None else None
+        return ident is not None and ident.on_this_machine()
+
+    held = [rid for rid in run_ids if held_here(rid)]
+    deadline = time.monotonic() + timeout_s
+    while held and time.monotonic() < deadline:
+        time.sleep(0.05)
+        held = [rid for rid in held if held_here(rid)]
+    return held
 
 
 # --------------------------------------------------------------------------------------------------
@@ -680,6 +701,14 @@ def _submit(
         decisions = plan(runs, sweep_dir, args.rerun, active)
         plan_sharing(decisions, sweep_dir, args.rerun, cluster)
         to_submit = [d for d in decisions if d.action in SUBMITTED]
+        still_held = wait_for_exiting_jobs(sweep_dir, [d.run.id for d in to_submit])
+        if still_held:
+            cli.console(stderr=True).print(
+                f"[bold red]error:[/] runs {', '.join(still_held)} are still held by jobs that recorded their "
+                "end but have not exited (see <run>/owner.json); nothing was submitted: try again shortly",
+                soft_wrap=True,
+            )
+            return cli.EXIT_USAGE, None, cluster
         write_runs(sweep_dir, spec, to_submit)
         owners = [(d, sh) for d in to_submit for sh in d.shares() if sh.role == "train"]
         for d, sh in owners:  # before submitting: a follower that starts first waits for this record

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -187,6 +188,29 @@ def test_a_live_owner_refuses_a_second_job_and_a_dead_one_is_taken_over(tmp_path
         own.release()
     assert not (run.path / owner.OWNER_FILE).exists()
     assert sorted(p.name for p in run.path.iterdir()) == ["config.yaml"]  # no temporaries left
+
+
+def test_a_job_that_recorded_its_end_does_not_hold_its_run_and_a_resubmission_waits_for_it_to_exit(tmp_path):
+    """The window between a job writing "failed" and giving its folder back: not skip-active, and the
+    sweep waits for the folder to be given back before submitting into it (else the new job finds it
+    busy)."""
+    run = _run_folder(tmp_path)
+    other = subprocess.Popen(["sleep", "120"])  # the exiting job, on this machine
+    try:
+        ident = ProcessIdentity.of(other.pid)
+        assert ident is not None
+        (run.path / owner.OWNER_FILE).write_text(json.dumps({**ident.record(), "job": "", "since": time.time()}))
+        assert sweep.active_run_ids(run.path.parent) == {run.id}  # running, nothing recorded: held
+        run.write_metrics("train", {"status": "failed", "error": "boom"})
+        assert sweep.active_run_ids(run.path.parent) == set()
+        assert sweep.wait_for_exiting_jobs(run.path.parent, [run.id], timeout_s=0.3) == [run.id]
+        threading.Timer(0.5, other.kill).start()
+        started = time.monotonic()
+        assert sweep.wait_for_exiting_jobs(run.path.parent, [run.id], timeout_s=30) == []
+        assert 0.4 < time.monotonic() - started < 29
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_an_unreadable_owner_record_is_taken_over(tmp_path):

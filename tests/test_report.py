@@ -529,23 +529,24 @@ def test_a_shared_training_counts_once_in_the_time_line_and_is_marked_shared_per
     shared_runs = [r for r in runs if swept(r).get("train.seed") is None]
     for run in shared_runs:
         share.link_training(run, store, {"data": {}, "model": {}, "optim": {}, "schedule": {}, "train": {}})
-    RunDir(store).write_metrics("train", train_record(train_time_s=83.0))
-    prune = {"status": "done", "method": "unstructured", "train_time_s": 10.0}
+    RunDir(store).write_metrics("train", train_record(train_time_s=83.0, cpu_s=160.0))
+    prune = {"status": "done", "method": "unstructured", "train_time_s": 10.0, "cpu_s": 20.0}
     for run in shared_runs:
         for stage in ("prune", "quantize", "measure"):
             run.write_metrics(stage, prune if stage == "prune" else {"status": "done", "method": "none"})
     (own,) = [r for r in runs if r not in shared_runs]
-    finish(own, train_record(train_time_s=50.0))
+    finish(own, train_record(train_time_s=50.0, cpu_s=90.0))
     md, _ = collect(sweep_dir, Options(plots=False, table="runs"))
-    # 83 (once) + 3 x 10 (each run's fine-tune) + 50 = 163 s
+    # 83 (once) + 3 x 10 (each run's fine-tune) + 50 = 163 s; CPU: 160 (once) + 3 x 20 + 90 = 310 s
     assert (
         "Training time (train and fine-tunes): 0:02:43 over 4 run(s); 1 training(s) shared by 3 runs, "
-        "each counted once, on CPUs." in md
+        "each counted once, on CPUs; CPU time of every stage 0:05:10." in md
     ), md
     rows = {r["run"]: r for r in table_rows(md)}
     for run in shared_runs:
         assert rows[run.id]["train time"].replace("*", "") == "83.0 s (shared)", rows[run.id]
-    assert "shared" not in rows[own.id]["train time"]
+        assert rows[run.id]["CPU time"].replace("*", "") == "180.0 s (shared)", rows[run.id]
+    assert "shared" not in rows[own.id]["train time"] and rows[own.id]["CPU time"] == "**90.0 s**"
 
 
 def test_a_run_whose_shared_training_failed_elsewhere_is_blocked(tmp_path):

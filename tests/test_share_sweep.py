@@ -159,9 +159,11 @@ def test_rerun_all_of_a_follower_keeps_the_shared_training(swept):
 
 def test_rerun_all_with_share_prune_false_prunes_in_the_run_folder(swept):
     """The way to redo one run's pruning without touching the shared one: share.prune=false."""
-    tmp, path, shared, _, _ = swept
-    follower = next(
-        r for r in list_runs(shared) if (r.read_meta()["swept"] or {}).get("prune.method") == "unstructured"
+    tmp, path, shared, _, first_stdout = swept
+    follower = next(  # one of this sweep file's runs (not of the prune.sparsity=0.7 sweep beside them)
+        r
+        for r in list_runs(shared)
+        if (r.read_meta()["swept"] or {}).get("prune.method") == "unstructured" and r.id in first_stdout
     )
     prune_store = follower.shared_store("prune")
     assert prune_store is not None

@@ -100,6 +100,8 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     assert run.status() == "done"
     train, prune, quant, meas = (run.read_metrics(s) for s in ("train", "prune", "quantize", "measure"))
     assert train["status"] == prune["status"] == quant["status"] == meas["status"] == "done"
+    for record in (train, prune, quant, meas):  # each stage's wall and CPU time (user + system)
+        assert 0 < record["cpu_s"] <= record["wall_s"] * ((os.cpu_count() or 1) + 1), record
     # the final sparsity is the target over the pruned tensors, to one weight per tensor
     n_tensors = len(prune["sparsity_layers"])
     assert abs(prune["sparsity"] - 0.5) < n_tensors / prune["params"]
@@ -132,7 +134,8 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     assert [e.step for e in ft.Scalars("val/acc")] == [1, 2]
     # collect's table and CSV carry the compressed models' figures
     c = run_cli("pipeline.collect", str(run.path.parent), cwd=tmp_path, check=True)
-    assert "int8 acc" in c.stdout and "| done |" in c.stdout
+    assert "int8 acc" in c.stdout and "| done |" in c.stdout and "CPU time" in c.stdout
+    assert "CPU time of every stage" in (run.path.parent / "results.md").read_text()
 
 
 def test_structured_prune_then_qat(tmp_path, synthetic_root):

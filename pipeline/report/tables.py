@@ -135,6 +135,13 @@ def gpu_seconds(r: Record) -> float | None:
     return seconds * int(r.metrics.get("world_size") or 1)
 
 
+def cpu_seconds(r: Record) -> float | None:
+    """CPU time (user + system, the job's main process and its finished data workers) of every stage
+    the run recorded it for; None when none did (records older than this field)."""
+    values = [v for m in r.stages.values() if (v := number(m.get("cpu_s"))) is not None]
+    return sum(values) if values else None
+
+
 def run_status(r: Record, raw: bool = False) -> str:
     """The status cell: the state, and where it stands or what went wrong (the failures section has more)."""
     status = r.status
@@ -191,6 +198,9 @@ def runs_table(
         cols.append(Column("train_time_s", "train time", "s", "min"))
     if timed and gpus:
         cols.append(Column("gpu_time_s", "GPU time", "s", "min"))
+    cpu_timed = any(cpu_seconds(r) is not None for r in records)
+    if cpu_timed:
+        cols.append(Column("cpu_time_s", "CPU time", "s", "min"))
     if target_acc is not None:
         cols.append(Column("time_to_target_s", f"time to {100 * target_acc:g}%", "s", "min"))
     cols.append(Column("status", "status"))
@@ -209,6 +219,10 @@ def runs_table(
                 row["train_time_s_note"] = "shared"
         if timed and gpus:
             row["gpu_time_s"] = gpu_seconds(r)
+        if cpu_timed:
+            row["cpu_time_s"] = cpu_seconds(r)
+            if r.run.shared_store() is not None:  # includes the shared training's, counted once in totals
+                row["cpu_time_s_note"] = "shared"
         if target_acc is not None:
             row["time_to_target_s"] = time_to_accuracy(r, target_acc)
         rows.append(row)
