@@ -160,7 +160,10 @@ class Ownership:
         unguard_folder(self.run.path)
         found = read_owner(self.run)
         if found is not None and _same_owner(found[0], self.record):
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as e:  # a read-only filesystem: the record stays, and is dead once this exits
+                log.warning("could not remove %s: %s (it is stale once this job has exited)", self.path, e)
 
 
 def _same_owner(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -42,6 +43,57 @@ def _stage_function(stage: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), fn)
 
 
+class RunLogHandler(logging.FileHandler):
+    """A run's log file. When the file cannot be written (a full, over-quota or read-only filesystem), it
+    says so once on stderr and stops writing, instead of Python's traceback for every later line; the
+    same lines still reach the job's output through the stdout handler. Closing it never raises."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self._give_up(e)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._give_up(error)
+        else:
+            super().handleError(record)
+
+    def _give_up(self, error: OSError) -> None:
+        if not self.failed:
+            self.failed = True
+            print(
+                f"error: cannot write the log {self.baseFilename}: {error.strerror or error}; "
+                "its lines go only to this output from now on",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:
+            self._give_up(e)
+            with contextlib.suppress(OSError):
+                if self.stream is not None:
+                    self.stream.close()
+            self.stream = None
+
+
+def _file_handler(path: Path) -> logging.Handler:
+    handler = RunLogHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    return handler
+
+
 def _attach_log(run: RunDir, to_file: bool = True) -> logging.Handler | None:
     """Log to stdout (the scheduler's log) and, unless ``to_file`` is False (ranks other than 0), to
     <run>/run.log, appended across restarts."""
@@ -53,8 +105,7 @@ def _attach_log(run: RunDir, to_file: bool = True) -> logging.Handler | None:
         root.addHandler(stream)
     if not to_file:
         return None
-    handler = logging.FileHandler(run.log)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler = _file_handler(run.log)
     root.addHandler(handler)
     return handler
 
@@ -77,6 +128,8 @@ def execute(run_dir: str | Path) -> str:
     rank = _distributed_rank()
     handler = _attach_log(run, to_file=rank == 0)
     preempt.STOP.install()
+    previous_hook = threading.excepthook
+    threading.excepthook = _quiet_disk_errors
     ownership: owner.Ownership | None = None
     reserved = False  # .space-reserve is this job's to free (not another job's that owns the folder)
     try:
@@ -158,7 +211,10 @@ def execute(run_dir: str | Path) -> str:
                     ownership.check()  # a failure caused by a deleted folder is not written back into it
                 if rank == 0:
                     _record_failure(target, stage, e, run)
-                log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
+                if disk_error(e) is not None:  # where and why is all there is to say
+                    log.error("stage %s failed: %s", stage, _disk_message(e))
+                else:
+                    log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
                 raise
             if metrics["status"] != "done":
                 if target is not run:  # its lines went to the shared log: say here how it ended
@@ -174,11 +230,34 @@ def execute(run_dir: str | Path) -> str:
         if ownership is not None:
             ownership.release()
         preempt.STOP.restore()
+        threading.excepthook = previous_hook
         if reserved:
             release_space(run.path)
         if handler is not None:
             logging.getLogger("pipeline").removeHandler(handler)
             handler.close()
+
+
+def _disk_message(e: BaseException) -> str:
+    disk = disk_error(e)
+    assert disk is not None
+    name = os.fsdecode(disk.filename) if disk.filename else ""
+    return (
+        f"[Errno {disk.errno}] {disk.strerror}"
+        + (f": '{name}'" if name else "")
+        + "; free space (or fix the mount), then submit again: the run resumes from its last checkpoint"
+    )
+
+
+def _quiet_disk_errors(args: threading.ExceptHookArgs) -> None:
+    """A background writer (TensorBoard's event thread) stopped by a full, over-quota or read-only disk:
+    one line, not a traceback; the stage itself fails on its next write and says where."""
+    error = args.exc_value
+    if isinstance(error, OSError) and disk_error(error) is not None:
+        name = args.thread.name if args.thread is not None else "a thread"
+        print(f"error: background writer {name} stopped: {error}", file=sys.stderr, flush=True)
+        return
+    threading.__excepthook__(args)
 
 
 def _cpu_seconds() -> float:
@@ -213,11 +292,12 @@ def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir) -> No
     }
     if disk is not None:
         record.update(
-            error=f"{disk.filename}: {disk.strerror}" if disk.filename else f"{type(disk).__name__}: {disk}",
+            # a write without a file name (TensorBoard's writer thread, say) is named by its folder
+            error=f"{os.fsdecode(disk.filename) if disk.filename else target.path}: {disk.strerror or disk}",
             resume=True,
             hint="free space (or fix the mount), then submit again: the run resumes from its last checkpoint",
         )
-    release_space(run.path)
+    release_space(run.path, settle=disk is not None)
     try:
         target.write_metrics(stage, record)
     except OSError as e2:
@@ -300,8 +380,7 @@ def _stage_log(run_handler: logging.Handler | None, path: Path | None, stage: st
     what = "training" if stage == "train" else "pruning"
     log.info("%s lines go to %s (%s.log in this folder)", what, path, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler = _file_handler(path)
     if run_handler is not None:
         root.removeHandler(run_handler)
     root.addHandler(handler)
@@ -337,7 +416,8 @@ def execute_many(run_dirs: Sequence[str | Path]) -> dict[str, str]:
     for d in run_dirs:
         try:
             out[Path(d).name] = execute(d)
-        except Exception:
+        except Exception as e:  # the next run of the slot still runs; this one's error is said here
+            log.error("run %s stopped: %s: %s", Path(d).name, type(e).__name__, e)
             out[Path(d).name] = "failed"
         if out[Path(d).name] == "preempted":
             break
@@ -408,7 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             RunDir(store).archive()
             share.write_owner(store, run, *_this_job())
         run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included
-    status = execute(run.path)
+    try:
+        status = execute(run.path)
+    except OSError as e:
+        if disk_error(e) is None:
+            raise
+        return 1  # said above, in one line, with the file: a traceback would add nothing
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")
     return {"done": 0, "diverged": 0, "preempted": EXIT_PREEMPTED}.get(status, 1)
 

@@ -224,8 +224,33 @@ def reserve_space(folder: Path) -> None:
     atomic_write_bytes(path, bytes(RESERVE_BYTES))
 
 
-def release_space(folder: Path) -> None:
-    (folder / RESERVE).unlink(missing_ok=True)
+def release_space(folder: Path, settle: bool = False) -> None:
+    """Free the reserve. With ``settle`` (about to write on a full or over-quota disk), also commit the
+    filesystem holding ``folder`` (syncfs): a quota that counts space at commit time (btrfs qgroups, some
+    network filesystems) only gives the freed bytes back then."""
+    try:
+        (folder / RESERVE).unlink(missing_ok=True)
+    except OSError:  # a read-only filesystem: nothing can be written there anyway
+        return
+    if settle:
+        _syncfs(folder)
+
+
+def _syncfs(folder: Path) -> None:
+    import ctypes
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # A temporary of atomic_write_text: mkstemp's ".<name>." + 8 random characters + ".tmp".

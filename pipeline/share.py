@@ -238,6 +238,17 @@ def owner_active(owner: Mapping[str, Any] | None) -> bool:
     )
 
 
+def _owner_ran_before_me(run: RunDir, owner: Mapping[str, Any] | None) -> bool:
+    """The owner is another run of this very job (a local job slot runs its runs one after another): it
+    has had its turn and ended without a record, so waiting for its job would wait for this one."""
+    if owner is None or owner.get("run_id") == run.id or not owner.get("job_id"):
+        return False
+    mine = {str(os.getpid()), os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""), os.environ.get("SLURM_JOB_ID", "")}
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        mine.add(f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
+    return str(owner["job_id"]) in mine - {""}
+
+
 def wait_for_owner(run: RunDir, store: Path, poll_s: float = POLL_S, stage: str = "train") -> dict[str, Any] | None:
     """Wait while another run's job is doing the shared stage and has not recorded it; the record
     then (None when the owner stopped without one: this run may take the stage over)."""
@@ -245,7 +256,7 @@ def wait_for_owner(run: RunDir, store: Path, poll_s: float = POLL_S, stage: str 
     while True:
         record = store_record(store, stage)
         owner = read_owner(store)
-        if record is not None or is_owner(run, owner) or not owner_active(owner):
+        if record is not None or is_owner(run, owner) or not owner_active(owner) or _owner_ran_before_me(run, owner):
             return record
         if not said:
             log.info("run %s: waiting for the shared %s %s (run %s)", run.id, stage, store, (owner or {}).get("run_id"))

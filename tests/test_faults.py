@@ -102,6 +102,7 @@ FAULTS: tuple[Fault, ...] = (
             "test_localjobs.py::test_a_reused_pid_is_not_the_job_and_cancel_leaves_that_process_alone",
             "test_localjobs.py::test_zombie_counts_as_dead",
             "test_localjobs.py::test_a_rerun_right_after_a_crash_is_not_skip_active",
+            "test_localjobs.py::test_a_job_that_recorded_its_end_does_not_hold_its_run_and_a_resubmission_waits_for_it_to_exit",
         ),
     ),
     Fault(
@@ -138,7 +139,7 @@ FAULTS: tuple[Fault, ...] = (
         ),
     ),
     Fault(
-        "disk full, quota, read-only file system",
+        "disk full during training",
         "the previous checkpoint is intact; the run fails naming the file and `No space left on device`",
         "free space, submit again: resumes bitwise",
         (
@@ -147,6 +148,18 @@ FAULTS: tuple[Fault, ...] = (
             "test_training_faults.py::test_a_disk_already_full_stops_the_job_at_once_naming_the_run_folder",
             "test_hostile_input.py::test_disk_full_while_writing_run_folders_is_reported_with_the_path",
         ),
+    ),
+    Fault(
+        "quota exceeded during training (a real btrfs quota)",
+        "the previous checkpoint is intact; the run fails naming the folder and `Disk quota exceeded`",
+        "raise or free the quota, submit again: resumes",
+        ("test_training_faults.py::test_quota_exceeded_during_training_says_so_and_resumes_once_raised",),
+    ),
+    Fault(
+        "file system turns read-only under a training (a real ext4 error)",
+        "the job stops saying `Read-only file system` in one line per writer, no traceback; the checkpoint is intact",
+        "repair the mount, submit again: resumes from the last checkpoint",
+        ("test_training_faults.py::test_a_filesystem_gone_read_only_under_a_training_stops_it_and_a_rerun_resumes",),
     ),
     Fault(
         "latest checkpoint truncated or garbled",

@@ -206,3 +206,46 @@ def test_status_shows_a_shared_prunings_progress_while_it_runs(tmp_path):
     atomic_write_json(prune / "metrics" / "prune.json", {"status": "done"})
     (state,) = status.run_states(sweep)
     assert state.epoch == "3/3"  # the pruning is over: the run's own progress again
+
+
+def test_a_follower_in_its_owners_job_slot_does_not_wait_for_its_own_job(tmp_path, monkeypatch):
+    """A local job slot runs several runs one after another. If the owner's turn ended without a record
+    (it crashed before training), the next run of the same job must take the training over: waiting for
+    the owner's job, which is this very job, would never end."""
+    import subprocess
+    import threading
+
+    t = tree()
+    sweep = tmp_path / "out" / "sweep"
+    owner, follower = RunDir(sweep / "own"), RunDir(sweep / "fol")
+    store = share.train_store(sweep, share.training_key(t))
+    for r in (owner, follower):
+        r.path.mkdir(parents=True)
+        share.link_training(r, store, t)
+    job = subprocess.Popen(["sleep", "60"])  # the owner's job (a local job's id is its controller's PID)
+    try:
+        share.write_owner(store, owner, "local", str(job.pid))
+        assert share.owner_active(share.read_owner(store))
+        monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "1")  # the follower runs in another job: it waits
+        result: list = []
+        waiter = threading.Thread(
+            target=lambda: result.append(share.wait_for_owner(follower, store, poll_s=0.01)), daemon=True
+        )
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not result
+        atomic_write_json(store / "metrics" / "train.json", {"status": "done"})  # its owner's training ends
+        waiter.join(10)
+        assert not waiter.is_alive() and result == [{"status": "done"}]
+        (store / "metrics" / "train.json").unlink()
+        monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", str(job.pid))  # the follower is in the owner's job slot
+        result.clear()
+        waiter = threading.Thread(
+            target=lambda: result.append(share.wait_for_owner(follower, store, poll_s=0.01)), daemon=True
+        )
+        waiter.start()
+        waiter.join(5)
+        assert not waiter.is_alive() and result == [None]  # at once: it takes the training over
+    finally:
+        job.kill()
+        job.wait()

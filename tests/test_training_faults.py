@@ -4,6 +4,8 @@
   loss, in training and in the pruning and QAT fine-tunes, and its record says where;
 - a full disk during training: the previous checkpoint is intact, the run is failed with the path and
   "No space left on device", and running it again after space is freed resumes it bitwise;
+- a quota exceeded (a real btrfs qgroup limit) and a filesystem forced read-only under the job (a real
+  ext4 error): one line saying so, no traceback, the checkpoint intact, and a resubmission resumes;
 - a corrupt latest checkpoint: the run resumes from the previous one with a warning naming the file,
   status shows it, and the final model equals an unbroken run's.
 """
@@ -14,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -347,6 +350,121 @@ def test_full_disk_during_training_keeps_the_checkpoint_says_why_and_resumes_bit
         ma, mb = unbroken.read_metrics("train"), run.read_metrics("train")
         for key in ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_acc"):
             assert ma[key] == mb[key], key
+        assert run.status() == "done"
+
+
+@contextlib.contextmanager
+def _loop_fs(where: Path, mkfs: list[str], size_mb: int, options: str = ""):
+    """A real filesystem in a sparse image file, loop-mounted at ``where`` (needs root, as in CI)."""
+    if os.geteuid() != 0 or shutil.which(mkfs[0]) is None:
+        pytest.skip(f"needs root and {mkfs[0]} (CI has both: .ci/run installs it)")
+    image = where.with_suffix(".img")
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
+    where.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-o", f"loop{',' + options if options else ''}", str(image), str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount here (a container without loop devices?): {mounted.stderr.strip()}")
+    try:
+        yield where, image
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+        image.unlink(missing_ok=True)
+
+
+def _training_job(tmp_path: Path, root: Path, out: Path, epochs: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *tiny(root, f"train.epochs={epochs}", "measure.enabled=false")]
+        + ["--out", str(out)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _first_checkpoint(job: subprocess.Popen, out: Path) -> Path:
+    """last.pt of the job's run once its first epoch is saved (and loadable)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and job.poll() is None:
+        found = list(out.glob("*/checkpoints/last.pt"))
+        if found:
+            with contextlib.suppress(Exception):
+                torch.load(found[0], weights_only=True)
+                return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint under {out}: {job.communicate()[0][-3000:]}")
+
+
+def test_quota_exceeded_during_training_says_so_and_resumes_once_raised(tmp_path, synthetic_root):
+    """A real quota: a btrfs qgroup limit on the subvolume holding the runs, lowered under the job after
+    its first checkpoint, as when a shared group quota fills up. Write fails with EDQUOT."""
+    with _loop_fs(tmp_path / "quota", ["mkfs.btrfs", "-q"], 160) as (mnt, _):
+        subprocess.run(["btrfs", "quota", "enable", str(mnt)], check=True, capture_output=True)
+        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "home")], check=True, capture_output=True)
+        out = mnt / "home" / "runs"
+        job = _training_job(tmp_path, synthetic_root, out, epochs=3)
+        last = _first_checkpoint(job, out)
+        limit_kb = 256 + (last.stat().st_size >> 10) // 2  # what is used now + less than one more checkpoint
+        os.sync()  # qgroup show counts what is committed
+        shown = subprocess.run(["btrfs", "qgroup", "show", "--raw", str(mnt)], capture_output=True, text=True)
+        referenced = max(int(line.split()[1]) for line in shown.stdout.splitlines() if line.startswith("0/"))
+        limit_kb += referenced >> 10
+        subprocess.run(["btrfs", "qgroup", "limit", f"{limit_kb}k", str(mnt / "home")], check=True)
+        stdout = job.communicate(timeout=600)[0]
+        assert job.returncode == 1, stdout[-3000:]
+        (run,) = list_runs(out)
+        record = run.read_metrics("train")
+        assert record is not None, stdout[:6000]
+        assert record["status"] == "failed" and record["resume"] is True, record
+        assert record["error"].endswith("Disk quota exceeded") and str(run.path) in record["error"], record
+        assert "Disk quota exceeded" in next(line for line in stdout.splitlines() if "failed" in line)
+        assert torch.load(last, weights_only=True)["epoch"] >= 1  # the last good checkpoint is intact
+        status = run_cli("pipeline.status", str(out), cwd=tmp_path, env={"COLUMNS": "2000"}, check=True).stdout
+        assert "Disk quota exceeded: free space, then submit again to resume" in status
+
+        subprocess.run(["btrfs", "qgroup", "limit", "none", str(mnt / "home")], check=True)  # quota raised
+        saved = torch.load(last, weights_only=True)["epoch"]
+        again = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "resuming it from its last checkpoint" in run.log.read_text() and run.status() == "done"
+        assert saved >= 1
+
+
+def test_a_filesystem_gone_read_only_under_a_training_stops_it_and_a_rerun_resumes(tmp_path, synthetic_root):
+    """A real read-only filesystem: ext4 forced read-only by an error (``errors=remount-ro``, the kernel's
+    trigger_fs_error), with the job's files open, as a storage fault does on a cluster. Nothing can be
+    written, not even a failure record: the job says why on its output and exits 1, the last checkpoint is
+    intact, and once the filesystem is repaired a rerun resumes from it."""
+    with _loop_fs(tmp_path / "ro", ["mkfs.ext4", "-q"], 64, "errors=remount-ro") as (mnt, image):
+        out = mnt / "runs"
+        job = _training_job(tmp_path, synthetic_root, out, epochs=3)
+        last = _first_checkpoint(job, out)
+        device = Path(
+            subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True, text=True).stdout.strip()
+        )
+        Path(f"/sys/fs/ext4/{device.name}/trigger_fs_error").write_text("test: storage fault")
+        stdout = job.communicate(timeout=600)[0]
+        assert job.returncode == 1, stdout[-3000:]
+        assert "Read-only file system" in stdout and "Traceback" not in stdout.split("failed", 1)[0], stdout[-3000:]
+        assert "--- Logging error ---" not in stdout, stdout[-3000:]  # one line about the log, not one per record
+        (run,) = list_runs(out)
+        saved = torch.load(last, weights_only=True)["epoch"]
+        assert saved >= 1
+        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True)  # the repair
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+        status = run_cli("pipeline.status", str(out), cwd=tmp_path, env={"COLUMNS": "2000"}, check=True).stdout
+        assert run.id in status
+        again = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=900)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"resuming from {last} at epoch {saved + 1}/3" in run.log.read_text()
         assert run.status() == "done"
 
 
