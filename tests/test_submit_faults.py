@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tests.test_slurm import cancel_all, manifest, sweep, wait_until, write_sweep
+from tests.test_slurm import cancel_all, manifest, sacct, sweep, wait_until, write_sweep
 
 IDLE = {"slurm.setup": ["sleep 120"]}  # queued jobs hold a slot and use no CPU until cancelled
 
@@ -147,6 +147,20 @@ def test_submitter_killed_between_arrays_leaves_an_exact_manifest_and_the_rerun_
         runs = submitted_runs(m2)
         assert sorted(runs) == sorted(set(runs)) and len(runs) == n, m2  # every run submitted exactly once
         assert not m2.get("submitting"), m2
+        # The kill can fall after sbatch queued an array (and the manifest recorded it) but before
+        # submitit moved the job's pickle into logs/<job>/: that job fails at its start (sacct FAILED, no
+        # log folder), its runs never started, and the next submission gives them a new job.
+        lost = {e["job_id"] for e in m2["runs"].values()} - queued_of("killed-submit")
+        if lost:
+            assert not any((sweep_dir / "logs" / j).exists() for j in lost), lost
+            wait_until("sacct to record the lost jobs", lambda: (set(sacct(*lost).values()) == {"FAILED"}, lost))
+            before = {rid: e["job_id"] for rid, e in m2["runs"].items()}
+            again = sweep(str(spec), "--cluster", "slurm", "--out", str(out))
+            assert again.returncode == 0, again.stdout + again.stderr
+            m2 = manifest(sweep_dir)
+            after = {rid: e["job_id"] for rid, e in m2["runs"].items()}
+            for rid, job in before.items():  # only the lost jobs' runs got a new job
+                assert (after[rid] != job) == (job in lost), (rid, job, after[rid], lost)
         assert {e["job_id"] for e in m2["runs"].values()} == queued_of("killed-submit"), m2
     finally:
         if p.poll() is None:
