@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO_DATA ?= data
 DEMO_OUT  ?= runs
+# Test processes at once (pytest-xdist, one test file per process). Most tests wait on jobs and
+# subprocesses, so two keep a 2-core machine busy; more than the cores only adds contention.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo readme-plot test slurm-up slurm-down bench clean-demo
 
@@ -33,7 +36,7 @@ test: venv
 	$(VENV)/bin/ruff check pipeline tests bench
 	$(VENV)/bin/ruff format --check pipeline tests bench
 	$(VENV)/bin/mypy
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --timeout 1200 $(PYTEST_ARGS)
 
 slurm-up:
 	bash tests/slurm/start.sh

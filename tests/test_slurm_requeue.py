@@ -174,6 +174,7 @@ def test_plain_sbatch_script_checkpoints_and_requeues_on_sigusr2(tmp_path, synth
         "train.device": "cpu",
         "output.log_every": 1000,
         **LONG,
+        "train.epochs": 6,  # signalled by hand after the first epoch: no need to outlast a time limit
     }
     env = {**os.environ, **ENV, "PIPELINE_OUT": str(tmp_path / "runs")}
     r = subprocess.run(

@@ -21,10 +21,15 @@ TINY = [
 
 
 @pytest.mark.parametrize(
-    "sweep, n_runs, model",
-    [("optimizers", 5, "preact_resnet164"), ("batch_workers", 8, "preact_resnet164"), ("fast", 3, "resnet9")],
+    "sweep, n_runs, model, params, extra",
+    [
+        ("optimizers", 5, "preact_resnet164", 1_500_000, ()),
+        # the study's model runs above; here what this sweep adds: batch sizes, 2 to 6 DataLoader workers
+        ("batch_workers", 8, "resnet20", 250_000, ("model.name=resnet20",)),
+        ("fast", 3, "resnet9", 1_500_000, ()),
+    ],
 )
-def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, model):
+def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, model, params, extra):
     out = tmp_path / "runs"
     r = run_cli(
         "pipeline.sweep",
@@ -36,6 +41,7 @@ def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, 
         str(out),
         f"data.root={synthetic_root}",
         *TINY,
+        *extra,
         cwd=tmp_path,
         timeout=900,
     )
@@ -46,7 +52,7 @@ def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, 
         m = run.read_metrics("train")
         assert m["status"] == "done", (run.id, m)
         # a training's lines are in its shared store's log, linked from the run as train.log (pipeline.share)
-        assert m["params"] > 1_500_000 and f"training {model}" in (run.path / "train.log").read_text()
+        assert m["params"] > params and f"training {model}" in (run.path / "train.log").read_text()
     md, _ = collect(out / sweep)
     if sweep == "fast":  # three seeds of one setting: one row, mean ± std over the three
         assert md.count("| 3 done |") == 1 and " ± " in md
