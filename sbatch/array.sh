@@ -22,7 +22,33 @@
 
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
-python_bin="${PIPELINE_PYTHON:-python}"
+
+# Cluster environment: edit for your site (kept as comments so the script runs anywhere as is).
+# module purge; module load anaconda3/2024.02; conda activate pipeline
+
+# The project's Python, found as sbatch/min_project.sh finds it (each script stands alone: Slurm runs a
+# copy from its spool folder): PIPELINE_PYTHON, else the submit folder's .venv, the .venv of the
+# repository this script was submitted from (scontrol's Command=), an activated conda environment,
+# python3 on PATH, the first that can import the project.
+usable() {
+  [ -x "$1" ] && "$1" -c 'import importlib.util as u, omegaconf, pipeline.run; assert u.find_spec("torch")' \
+    >/dev/null 2>&1
+}
+find_python() {
+  if [ -n "${PIPELINE_PYTHON:-}" ]; then echo "${PIPELINE_PYTHON}"; return; fi
+  local script repo="" c
+  script=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' || true)
+  [ -n "${script}" ] && repo=$(cd "$(dirname "${script}")/.." 2>/dev/null && pwd)
+  for c in "${SLURM_SUBMIT_DIR:-.}/.venv/bin/python" "${repo:+${repo}/.venv/bin/python}" \
+           "${CONDA_PREFIX:+${CONDA_PREFIX}/bin/python}" "$(command -v python3 || true)"; do
+    if [ -n "${c}" ] && usable "${c}"; then echo "${c}"; return; fi
+  done
+}
+python_bin=$(find_python)
+if [ -z "${python_bin}" ]; then
+  echo "array.sh: no Python with this project installed (tried ${SLURM_SUBMIT_DIR:-.}/.venv, the repository's .venv, \$CONDA_PREFIX, python3 on PATH): set PIPELINE_PYTHON=/path/to/env/bin/python or activate the environment before sbatch" >&2
+  exit 2
+fi
 sweep_dir="${1:?usage: sbatch --array=0-N sbatch/array.sh <out>/<sweep>}"
 index="${SLURM_ARRAY_TASK_ID:?submit with --array}"
 if [ -f "${sweep_dir}/array_runs.txt" ]; then

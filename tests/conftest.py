@@ -24,6 +24,36 @@ MEASURE_FAST = {
 MEASURE_FAST_ARGS = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MEASURE_FAST.items()]
 
 
+# Files whose tests take longest, handed out first when the suite runs in several processes (make test:
+# pytest-xdist, one file per process), so that no long file starts last and runs alone at the end.
+SLOW_FILES_FIRST = (
+    "test_study_sweeps.py",
+    "test_end_to_end.py",
+    "test_share_sweep.py",
+    "test_slurm_requeue.py",
+    "test_training_faults.py",
+    "test_stages.py",
+    "test_quantize.py",
+    "test_share_slurm.py",
+    "test_train.py",
+    "test_submit_faults.py",
+    "test_localjobs.py",
+    "test_measure.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # one of several test processes on the machine's cores
+        # one thread per torch process (here and in the jobs it starts): two test processes with as
+        # many threads as cores each would oversubscribe the cores, and OpenMP's spinning makes that slow
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

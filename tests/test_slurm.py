@@ -478,7 +478,10 @@ def test_array_script_runs_every_run_folder(tmp_path, synthetic_root):
     run_ids = [Path(line).name for line in (sweep_dir / "array_runs.txt").read_text().split()]
     assert len(run_ids) == 3 and stale.name not in run_ids
 
-    array_id = sbatch("--array=0-2", str(REPO / "sbatch/array.sh"), str(sweep_dir), cwd=tmp_path, env={})
+    # as a user submits it: no PIPELINE_PYTHON, nothing activated; the submit folder's .venv is found
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    bare = {"PATH": _bare_path(), "PIPELINE_PYTHON": "", "VIRTUAL_ENV": "", "CONDA_PREFIX": ""}
+    array_id = sbatch("--array=0-2", str(REPO / "sbatch/array.sh"), str(sweep_dir), cwd=tmp_path, env=bare)
     ids = [f"{array_id}_{i}" for i in range(3)]
     try:
 
