@@ -315,9 +315,21 @@ def _shared_stage(run: RunDir, cfg: Any, store: RunDir, rank: int, stage: str) -
     if rank == 0:
         share.link_stage(run, stage, store.path, tree)  # again after an archive; idempotent
     record = store.read_metrics(stage)
-    if record is None:
+    if record is None or share.resumable(record):
         record = share.wait_for_owner(run, store.path, stage=stage)  # returns at once for the owner
-    if record is None:
+    if share.resumable(record) and _failed_in_owners_job(run, store, stage):
+        # its owner's job just failed writing it: the disk is likely still full. Not retried by every run
+        # sharing it (an epoch lost each time); the next submission's owner resumes it.
+        log.warning(
+            "run %s: the shared %s %s failed writing in its owner's job (%s); submit again once there is "
+            "space: it resumes from its last checkpoint",
+            run.id,
+            what,
+            store.path,
+            (record or {}).get("error"),
+        )
+        return "failed"
+    if record is None or share.resumable(record):  # to do, or to resume (the stage loop resumes it)
         if rank == 0:
             if not share.is_owner(run, share.read_owner(store.path)):
                 log.warning("run %s: the owner of the shared %s stopped without a result; doing it here", run.id, what)
@@ -342,6 +354,21 @@ def _shared_stage(run: RunDir, cfg: Any, store: RunDir, rank: int, stage: str) -
     if status == "failed":
         return _failed_before(run, stage, record)
     return status
+
+
+def _failed_in_owners_job(run: RunDir, store: RunDir, stage: str) -> bool:
+    """The shared stage's failure was recorded by its current owner's job (after it was made owner), and
+    ``run`` is not that owner."""
+    from pipeline import share
+
+    owner = share.read_owner(store.path)
+    if owner is None or share.is_owner(run, owner):
+        return False
+    try:
+        recorded = store.metrics_path(stage).stat().st_mtime
+    except OSError:
+        return False
+    return recorded >= float(owner.get("since") or 0)
 
 
 def _failed_before(run: RunDir, stage: str, record: dict[str, Any]) -> str:

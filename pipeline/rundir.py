@@ -410,8 +410,8 @@ class RunDir:
             if store is None:
                 continue
             record = RunDir(store).read_metrics(stage)
-            if record is None or record.get("status") != "failed":
-                continue
+            if record is None or record.get("status") != "failed" or record.get("resume") is True:
+                continue  # (one that failed writing blocks nothing: the next submission resumes it)
             owner = self.training_owner(stage) or {}
             owner_path = Path(str(owner.get("run", "")))
             if owner_path.name and os.path.normpath(owner_path) == os.path.normpath(self.path.absolute()):

@@ -139,6 +139,13 @@ def store_record(store: Path, stage: str = "train") -> dict[str, Any] | None:
     return RunDir(store).read_metrics(stage)
 
 
+def resumable(record: Mapping[str, Any] | None) -> bool:
+    """A record of a stage that failed writing (full disk, quota, read-only) with its checkpoint intact:
+    not a result, and not a failure that blocks the runs sharing it. The next job that does the stage
+    resumes it."""
+    return record is not None and record.get("status") == "failed" and record.get("resume") is True
+
+
 def link_training(run: RunDir, store: Path, tree: Mapping[str, Any]) -> None:
     """Point the run at the shared training in ``store``: shared.json and the relative symlinks (made
     before the training exists; a link that dangles reads as "not yet"). Idempotent. A file the run
@@ -250,13 +257,15 @@ def _owner_ran_before_me(run: RunDir, owner: Mapping[str, Any] | None) -> bool:
 
 
 def wait_for_owner(run: RunDir, store: Path, poll_s: float = POLL_S, stage: str = "train") -> dict[str, Any] | None:
-    """Wait while another run's job is doing the shared stage and has not recorded it; the record
-    then (None when the owner stopped without one: this run may take the stage over)."""
+    """Wait while another run's job is doing the shared stage and has not recorded it (or is resuming it
+    after a failed write); the record then (None, or the resumable failure, when the owner stopped
+    without a result: this run may take the stage over)."""
     said = False
     while True:
         record = store_record(store, stage)
         owner = read_owner(store)
-        if record is not None or is_owner(run, owner) or not owner_active(owner) or _owner_ran_before_me(run, owner):
+        pending = record is None or resumable(record)  # a stage that failed writing is resumed by its owner
+        if not pending or is_owner(run, owner) or not owner_active(owner) or _owner_ran_before_me(run, owner):
             return record
         if not said:
             log.info("run %s: waiting for the shared %s %s (run %s)", run.id, stage, store, (owner or {}).get("run_id"))

@@ -380,6 +380,8 @@ def plan_sharing(decisions: Sequence[Decision], sweep_dir: Path, rerun: str | No
 def _blocked(d: Decision, sh: sharing.Share, rerun: str | None) -> bool:
     """Mark ``d`` skip-blocked when the shared stage it needs failed and this is no --rerun failed."""
     record = sharing.store_record(sh.store, sh.stage)
+    if sharing.resumable(record):
+        return False  # it failed writing: its owner resumes it from the checkpoint, the others wait again
     if record is not None and record.get("status") == "failed" and rerun != "failed":
         owner = (sharing.read_owner(sh.store) or {}).get("run_id", "another run")
         what = "training" if sh.stage == "train" else "pruning"
@@ -448,7 +450,8 @@ def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) 
         for sh in d.shares():
             record = sharing.store_record(sh.store, sh.stage)
             if sh.role == "train" and record is not None and record.get("status") == "failed":
-                RunDir(sh.store).archive()  # --rerun failed: the failed stage goes aside, kept
+                if not sharing.resumable(record):  # (one that failed writing is resumed, not redone)
+                    RunDir(sh.store).archive()  # --rerun failed: the failed stage goes aside, kept
             sharing.link_stage(rd, sh.stage, sh.store, d.run.config)
         if d.share is None and not sharing.sharing_on(d.run.config) and rd.shared_store() is not None:
             sharing.unlink_training(rd)  # share.train=false: from now on it trains in its own folder

@@ -333,3 +333,56 @@ def test_one_training_one_pruning_two_quantizations_identical_to_unshared_runs_a
     assert (archived / "metrics" / "prune.json").is_file() and (archived / "run.log").read_text().count(PRUNED) == 1
     a, b = state_dict(follower.models / "pruned.pt"), state_dict(RunDir(unshared / follower.id).models / "pruned.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # pruned again, to the same weights
+
+
+def test_a_shared_training_that_failed_writing_resumes_when_the_sweep_is_submitted_again(tmp_path, synthetic_root):
+    """A scratch disk (or a group quota) fills up during a shared training: its owner fails writing with
+    the checkpoint intact, and the runs sharing it are not blocked. Submitting the sweep again, without
+    --rerun, resumes that one training from its checkpoint (nothing archived, never started afresh) and
+    every run finishes. A real tmpfs, shrunk under the running job (CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], check=True)
+    try:
+        path = sweep_file(tmp_path, synthetic_root, name="full", epochs=3, train_size=300)
+        out = disk / "runs"
+        cmd = [sys.executable, "-m", "pipeline.sweep", str(path), "--cluster", "local", "--out", str(out), "--wait"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        first = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline, last = time.monotonic() + 600, None
+        while last is None and time.monotonic() < deadline and first.poll() is None:
+            for candidate in out.glob(".shared/train/*/checkpoints/last.pt"):
+                try:
+                    torch.load(candidate, weights_only=True)
+                    last = candidate
+                except Exception:
+                    pass
+            time.sleep(0.05)
+        assert last is not None, first.communicate()[0][-3000:]
+        room_kb = (shutil.disk_usage(disk).used + last.stat().st_size // 2) // 1024  # not one more checkpoint
+        subprocess.run(["mount", "-o", f"remount,size={room_kb}k", str(disk)], check=True)
+        stdout = first.communicate(timeout=900)[0]
+        assert first.returncode == 1, stdout[-3000:]
+        store = last.parent.parent
+        record = RunDir(store).read_metrics("train")
+        assert record["status"] == "failed" and record["resume"] is True, record
+        runs = list_runs(out / "full")
+        assert sorted(r.status() for r in runs) == ["failed"] * 3  # failed writing, none blocked
+        assert "resuming from" not in (store / "run.log").read_text()  # not retried on the full disk by each run
+        dry = sweep(path, out, "--dry-run")
+        assert dry.stdout.count("resume") >= 3 and "skip-blocked" not in dry.stdout, dry.stdout
+
+        subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)  # space freed
+        again = sweep(path, out, "--wait")
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert all(r.status() == "done" for r in runs)
+        log = (store / "run.log").read_text()
+        assert log.count(f"resuming from {last}") == 1, log[-3000:]
+        assert trainings_started(out) == 1 and not (store / "archive").exists()
+        assert RunDir(store).read_metrics("train")["status"] == "done"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
