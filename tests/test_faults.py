@@ -150,6 +150,12 @@ FAULTS: tuple[Fault, ...] = (
         ),
     ),
     Fault(
+        "disk full during a training several runs share",
+        "its owner fails writing, checkpoint intact; the runs sharing it are not blocked and do not retry it on the full disk",
+        "free space, submit the sweep again (no `--rerun`): the one training resumes, every run finishes",
+        ("test_share_sweep.py::test_a_shared_training_that_failed_writing_resumes_when_the_sweep_is_submitted_again",),
+    ),
+    Fault(
         "quota exceeded during training (a real btrfs quota)",
         "the previous checkpoint is intact; the run fails naming the folder and `Disk quota exceeded`",
         "raise or free the quota, submit again: resumes",
