@@ -15,6 +15,7 @@ import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -366,8 +367,22 @@ class _DetachedPopen:
     def Popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 (subprocess's name)
         self._err.parent.mkdir(parents=True, exist_ok=True)
         with open(self._err, "ab") as err:
-            detached: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+            detached: dict[str, Any] = dict(
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_default_interrupt,
+            )
             return subprocess.Popen(*args, **{**kwargs, **detached})
+
+
+def _default_interrupt() -> None:
+    """In a job controller about to start: SIGINT and SIGQUIT back to their defaults. A sweep started in
+    the background by a script, or under nohup, has them ignored, and the controller would inherit that:
+    ``status --cancel`` (SIGINT, which submitit's controller turns into stopping its job) would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -106,8 +106,8 @@ FAULTS: tuple[Fault, ...] = (
         ),
     ),
     Fault(
-        "logout or Ctrl-C after a local sweep",
-        "local jobs run in their own session, not attached to the terminal",
+        "logout or Ctrl-C after a local sweep; a sweep run under `nohup` or in a script's background",
+        "local jobs run in their own session, not attached to the terminal, with SIGINT at its default",
         "nothing; `pipeline.status DIR --cancel` stops them",
         ("test_localjobs.py::test_a_local_sweep_returns_at_once_and_its_jobs_leave_the_terminal",),
     ),
@@ -175,6 +175,7 @@ FAULTS: tuple[Fault, ...] = (
             "test_training_faults.py::test_corrupt_latest_checkpoint_resumes_from_the_previous_one_in_training_and_pruning",
             "test_training_faults.py::test_checkpoint_rotation_keeps_the_previous_one_and_every_kill_point_loads",
             "test_training_faults.py::test_unreadable_latest_and_previous_checkpoint_is_an_error_naming_both",
+            "test_training_faults.py::test_corrupt_latest_qat_checkpoint_resumes_from_the_previous_one",
         ),
     ),
     Fault(

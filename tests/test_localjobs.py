@@ -121,7 +121,9 @@ def test_a_reused_pid_is_not_the_job_and_cancel_leaves_that_process_alone(tmp_pa
     r = run_cli("pipeline.sweep", str(spec), "--no-submit", "--out", str(out), *TINY, cwd=tmp_path, check=True)
     sweep_dir = out / "reused"
     (run,) = list_runs(sweep_dir)
-    unrelated = subprocess.Popen(["sleep", "120"])  # a process that took over the job's old PID
+    # a process that took over the job's old PID (SIGINT at its default: a background test runner may
+    # have it ignored, and this stands for a job controller, which stops on it)
+    unrelated = subprocess.Popen(["sleep", "120"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         real = ProcessIdentity.of(unrelated.pid)
         assert real is not None and real.started is not None
@@ -344,6 +346,9 @@ def test_a_local_sweep_returns_at_once_and_its_jobs_leave_the_terminal(tmp_path,
         capture_output=True,
         text=True,
         timeout=240,  # before the fix: blocked here until the 200 epochs were over
+        # started as `nohup ... &` or a script's background job starts it: SIGINT ignored, which its job
+        # controller must not inherit (status --cancel below sends it SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     took = time.monotonic() - t0
     sweep_dir = out / "detached"

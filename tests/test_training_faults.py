@@ -294,6 +294,35 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one_in_training_and
             assert ma[key] == mb[key], (stage, key)
 
 
+def test_corrupt_latest_qat_checkpoint_resumes_from_the_previous_one(tmp_path, synthetic_root):
+    """The QAT fine-tune's checkpoint (a prepared, fake-quantized graph's state) rotates and recovers like
+    training's: killed in its last epoch, qat.pt garbled, the rerun resumes from qat.prev.pt and ends
+    with its int8 model; nothing before QAT is redone."""
+    extra = ("train.epochs=1", "data.train_size=150", "quant.method=qat", "quant.epochs=3", "measure.enabled=false")
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "pipeline.run", *tiny(synthetic_root, *extra), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    popen = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_when(popen, out, "qat", 2)
+    (run,) = list_runs(out)
+    assert run.read_metrics("quantize") is None and run.read_metrics("train")["status"] == "done"
+    latest = run.checkpoints / "qat.pt"
+    epoch = _garble(latest)
+    prev_epoch = int(torch.load(run.checkpoints / "qat.prev.pt", weights_only=True)["epoch"])
+    assert prev_epoch == epoch - 1 >= 1
+    r = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = run.log.read_text()
+    assert f"WARNING: checkpoint {latest} cannot be loaded (" in log
+    assert "resumed from the previous checkpoint qat.prev.pt (epoch " in log
+    assert f"qat: resuming from {latest} at epoch {prev_epoch + 1}/3" in log
+    assert (run.checkpoints / "qat.pt.corrupt").is_file() and log.count("training resnet20") == 1
+    quant = run.read_metrics("quantize")
+    assert quant["status"] == "done" and quant["qat_epochs"] == 3
+    assert (run.models / "int8.pt2").is_file() and quant["model"] == "models/int8.pt2"  # (scored as loaded)
+    assert any("qat.prev.pt" in note for note in run.notes())
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. A full disk loses nothing (a real tmpfs: CI runs as root)
 # --------------------------------------------------------------------------------------------------
