@@ -187,15 +187,8 @@ def test_failed_training_blocks_followers_until_rerun_failed(tmp_path, synthetic
     for f in followers:  # Slurm cancels them: the dependency can never be satisfied
         assert states[jobs[f]] == "CANCELLED", states
         assert not (sweep_dir / f / "run.log").exists()  # never started
-    reasons = subprocess.run(
-        ["sacct", "-n", "-P", "-X", "-j", jobs[followers[0]].split("_")[0], "-o", "JobID,Reason"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    ).stdout
-    # Slurm 22.05's sacct keeps the reason "Dependency" for such a task (squeue showed it as
-    # DependencyNeverSatisfied for the moment before it was cancelled)
-    assert reasons.strip().endswith("|Dependency") or "DependencyNeverSatisfied" in reasons, reasons
+    # (sacct's Reason for those tasks is "Dependency" or, depending on when the controller evaluated the
+    # dependency before cancelling, "None": not asserted; CANCELLED without a run.log says it)
 
     s = status(sweep_dir)
     assert "2 blocked" in s.stdout and "1 failed" in s.stdout, s.stdout
