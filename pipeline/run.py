@@ -211,8 +211,8 @@ def execute(run_dir: str | Path) -> str:
                     ownership.check()  # a failure caused by a deleted folder is not written back into it
                 if rank == 0:
                     _record_failure(target, stage, e, run)
-                if disk_error(e) is not None:  # where and why is all there is to say
-                    log.error("stage %s failed: %s", stage, _disk_message(e))
+                if (disk := disk_error(e)) is not None:  # where and why is all there is to say
+                    log.error("stage %s failed: %s", stage, _disk_message(disk))
                 else:
                     log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
                 raise
@@ -238,15 +238,12 @@ def execute(run_dir: str | Path) -> str:
             handler.close()
 
 
-def _disk_message(e: BaseException) -> str:
-    disk = disk_error(e)
-    assert disk is not None
+DISK_HINT = "free space (or fix the mount), then submit again: the run resumes from its last checkpoint"
+
+
+def _disk_message(disk: OSError) -> str:
     name = os.fsdecode(disk.filename) if disk.filename else ""
-    return (
-        f"[Errno {disk.errno}] {disk.strerror}"
-        + (f": '{name}'" if name else "")
-        + "; free space (or fix the mount), then submit again: the run resumes from its last checkpoint"
-    )
+    return f"[Errno {disk.errno}] {disk.strerror}" + (f": '{name}'" if name else "") + f"; {DISK_HINT}"
 
 
 def _quiet_disk_errors(args: threading.ExceptHookArgs) -> None:
@@ -295,7 +292,7 @@ def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir) -> No
             # a write without a file name (TensorBoard's writer thread, say) is named by its folder
             error=f"{os.fsdecode(disk.filename) if disk.filename else target.path}: {disk.strerror or disk}",
             resume=True,
-            hint="free space (or fix the mount), then submit again: the run resumes from its last checkpoint",
+            hint=DISK_HINT,
         )
     release_space(run.path, settle=disk is not None)
     try:

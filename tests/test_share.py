@@ -104,7 +104,8 @@ def test_archive_removes_links_and_keeps_the_shared_result(tmp_path):
     assert share.store_record(store)["status"] == "done"
 
 
-def test_blocked_by_names_the_owner_and_the_error(tmp_path):
+def _owner_and_follower(tmp_path: Path) -> tuple[RunDir, RunDir, Path]:
+    """Two run folders linked to one shared training store (not trained)."""
     t = tree()
     sweep = tmp_path / "out" / "sweep"
     owner, follower = RunDir(sweep / "own"), RunDir(sweep / "fol")
@@ -112,6 +113,11 @@ def test_blocked_by_names_the_owner_and_the_error(tmp_path):
     for r in (owner, follower):
         r.path.mkdir(parents=True)
         share.link_training(r, store, t)
+    return owner, follower, store
+
+
+def test_blocked_by_names_the_owner_and_the_error(tmp_path):
+    owner, follower, store = _owner_and_follower(tmp_path)
     share.write_owner(store, owner, "local", "1")
     atomic_write_json(store / "metrics" / "train.json", {"status": "failed", "error": "RuntimeError: boom"})
     assert owner.status() == "failed" and owner.blocked_by() is None
@@ -215,13 +221,7 @@ def test_a_follower_in_its_owners_job_slot_does_not_wait_for_its_own_job(tmp_pat
     import subprocess
     import threading
 
-    t = tree()
-    sweep = tmp_path / "out" / "sweep"
-    owner, follower = RunDir(sweep / "own"), RunDir(sweep / "fol")
-    store = share.train_store(sweep, share.training_key(t))
-    for r in (owner, follower):
-        r.path.mkdir(parents=True)
-        share.link_training(r, store, t)
+    owner, follower, store = _owner_and_follower(tmp_path)
     job = subprocess.Popen(["sleep", "60"])  # the owner's job (a local job's id is its controller's PID)
     try:
         share.write_owner(store, owner, "local", str(job.pid))
