@@ -81,6 +81,7 @@ def write_sweep(root: Path, n: int) -> Path:
                 "test_acc": acc,
                 "test_top5": 0.99,
                 "train_time_s": 1500.0,
+                "cpu_s": 2900.0,  # as every stage records (collect adds the CPU time column)
                 "history": hist,
             },
         )
