@@ -27,7 +27,7 @@ from pipeline.config import COMMAND_LINE, ConfigError
 from pipeline.report import tables as tb
 from pipeline.report import writers
 from pipeline.report.failures import Failure, failures
-from pipeline.report.records import Record, gather
+from pipeline.report.records import Record, gather, sweep_labels
 from pipeline.rundir import atomic_write_text, list_runs
 
 TABLE_SHAPES = ("auto", "runs", "models")
@@ -87,8 +87,8 @@ def build(sweep_dirs: Sequence[Path], options: Options) -> Report:
     """Read every run folder and build the tables (nothing written)."""
     keys: list[str] = []
     records: list[Record] = []
-    for d in sweep_dirs:
-        k, r = gather(d)
+    for d, label in zip(sweep_dirs, sweep_labels(sweep_dirs)):
+        k, r = gather(d, label)
         keys += [x for x in k if x not in keys]
         records += r
     several = len(sweep_dirs) > 1
@@ -277,6 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(COMMAND_LINE, f"'{d}' is not a folder", key="sweep_dir")
             if not list_runs(d):
                 raise ConfigError(d, "holds no run folders (*/config.yaml)")
+        seen: dict[Path, Path] = {}
+        for d in args.sweep_dirs:
+            if (first := seen.setdefault(d.resolve(), d)) is not d:
+                raise ConfigError(
+                    COMMAND_LINE, f"'{d}' is the same folder as '{first}': name each sweep once", key="sweep_dir"
+                )
         if args.out is not None and args.out.suffix != ".md":
             raise ConfigError(COMMAND_LINE, f"'{args.out}' must be a markdown file name ending in .md", key="--out")
         rep = build(args.sweep_dirs, options)
@@ -301,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(args.sweep_dirs) == 1:
             logdirs = f"--logdir {args.sweep_dirs[0]}"
         else:  # one HParams experiment per sweep: TensorBoard's named log folders
-            logdirs = "--logdir_spec " + ",".join(f"{d.name}:{d}" for d in args.sweep_dirs)
+            labels = sweep_labels(args.sweep_dirs)
+            logdirs = "--logdir_spec " + ",".join(f"{n}:{d}" for n, d in zip(labels, args.sweep_dirs))
         con.print(
             f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard "
             f"{logdirs} (restart a running TensorBoard to see changes)",

@@ -400,6 +400,25 @@ def test_two_sweeps_in_one_table_with_a_sweep_column(tmp_path):
     assert not (a / "results.md").exists() and not (b / "results.md").exists()
 
 
+def test_sweeps_of_one_name_are_told_apart_and_one_folder_twice_is_refused(tmp_path):
+    (tmp_path / "june").mkdir()
+    (tmp_path / "july").mkdir()
+    a, runs_a = make_sweep(tmp_path / "june", "grid: {optim.lr: [0.1, 0.2]}\n", name="opt")
+    b, runs_b = make_sweep(tmp_path / "july", "grid: {optim.lr: [0.1, 0.2]}\n", name="opt")
+    for run in runs_a + runs_b:
+        finish(run, train_record())
+    out = tmp_path / "compare.md"
+    r = run_cli("pipeline.collect", str(a), str(b), "--out", str(out), "--no-plots", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = table_rows(out.read_text())
+    assert sorted(r["sweep"] for r in rows) == ["july/runs/opt"] * 2 + ["june/runs/opt"] * 2
+    assert f"--logdir_spec june/runs/opt:{a},july/runs/opt:{b}" in r.stdout  # TensorBoard's names differ too
+
+    again = run_cli("pipeline.collect", str(a), str(tmp_path / "june/runs/../runs/opt"), "--no-plots", cwd=tmp_path)
+    assert again.returncode == 2 and "same folder" in again.stderr and "sweep_dir" in again.stderr
+    assert not (tmp_path / "comparison.md").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # the README's demo tables
 # --------------------------------------------------------------------------------------------------

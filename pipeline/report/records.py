@@ -4,6 +4,7 @@ kept as a problem naming the file, and the run still gets a record (its status s
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ def read_record(run: RunDir, sweep: str) -> Record:
         problems.append(f"{run.meta} is unreadable (corrupt or not a mapping); swept values taken as none")
     record = Record(
         run=run,
-        sweep=run.path.parent.name,
+        sweep=sweep,
         swept=dict(meta.get("swept", {})),
         config_text=text,
         stages=stages,
@@ -162,12 +163,26 @@ def read_record(run: RunDir, sweep: str) -> Record:
     return record
 
 
-def gather(sweep_dir: Path) -> tuple[list[str], list[Record]]:
-    """(swept keys in first-seen order, one record per run sorted by swept values then id)."""
-    records = [read_record(run, Path(sweep_dir).name) for run in list_runs(sweep_dir)]
+def gather(sweep_dir: Path, label: str | None = None) -> tuple[list[str], list[Record]]:
+    """(swept keys in first-seen order, one record per run sorted by swept values then id). ``label``
+    names the sweep in a comparison (default: the folder's name)."""
+    records = [read_record(run, label or Path(sweep_dir).name) for run in list_runs(sweep_dir)]
     keys = list(dict.fromkeys(k for r in records for k in r.swept))
     records.sort(key=lambda r: ([sort_key(r.swept.get(k)) for k in keys], r.id))
     return keys, records
+
+
+def sweep_labels(sweep_dirs: Sequence[Path]) -> list[str]:
+    """A name per results folder for a comparison: its folder name, or as many of its last path parts as
+    tell it apart from the others (runs_a/optimizers and runs_b/optimizers, not optimizers twice)."""
+    parts = [Path(d).resolve().parts for d in sweep_dirs]
+    labels = []
+    for i, p in enumerate(parts):
+        n = 1
+        while n < len(p) and any(q[-n:] == p[-n:] for j, q in enumerate(parts) if j != i):
+            n += 1
+        labels.append("/".join(p[-n:]))
+    return labels
 
 
 def sort_key(value: Any) -> tuple[int, Any]:
