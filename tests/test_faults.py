@@ -130,11 +130,14 @@ FAULTS: tuple[Fault, ...] = (
     # ---- training
     Fault(
         "loss turns NaN or infinite",
-        "stopped within `train.nan_check_steps` steps as `diverged` (epoch, step, last finite loss); other runs go on",
+        "stopped within `train.nan_check_steps` steps as `diverged` (epoch, step, last finite loss), every rank"
+        " at the same step; other runs go on",
         "lower the learning rate",
         (
             "test_training_faults.py::test_huge_lr_stops_training_within_k_steps_and_the_record_and_status_say_where",
             "test_training_faults.py::test_pruning_finetune_and_qat_that_diverge_stop_early_with_the_same_record",
+            "test_training_faults.py::test_a_nan_on_one_rank_stops_both_ranks_at_the_same_step",
+            "test_training_faults.py::test_a_diverging_two_rank_job_ends_on_both_ranks_with_rank_0_s_record",
             "test_end_to_end.py::test_diverging_run_stops_cleanly_beside_a_healthy_one",
         ),
     ),
