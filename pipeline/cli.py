@@ -116,12 +116,18 @@ def stages_text(d: "Decision") -> str:
     later = [s for s in STAGES if s != "train"]
     if d.from_stage not in (None, "train"):
         later = later[later.index(d.from_stage) :]
+    cfg = d.run.config
+    idle = {  # stages whose method is none: they record that and do nothing
+        "prune": (cfg.get("prune") or {}).get("method") == "none",
+        "quantize": (cfg.get("quant") or {}).get("method") == "none",
+        "measure": not (cfg.get("measure") or {}).get("enabled", True),
+    }
+    later = [s for s in later if not idle.get(s)]
     head = d.share.describe() if d.share is not None else "train"
-    if d.share_prune is not None:
+    if d.share_prune is not None:  # "prunes <key>" or "waits for <run> (pruning <key>)" says it all
         head += f"; {d.share_prune.describe()}"
-        if d.share_prune.role != "train":
-            later = [s for s in later if s != "prune"]
-    return f"{head}; runs {', '.join(later)}"
+        later = [s for s in later if s != "prune"]
+    return f"{head}; runs {', '.join(later)}" if later else head
 
 
 def print_table(

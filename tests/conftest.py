@@ -4,6 +4,7 @@ CIFAR-format data set written by the project's own generator (no downloads)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,41 @@ def run_cli(
     if check and r.returncode != 0:
         raise AssertionError(f"{args} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
     return r
+
+
+def run_ranks(
+    argv: list[str], cwd: Path, world_size: int = 2, timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
+    """``python argv`` as every rank of a gloo job on this machine (RANK, WORLD_SIZE, MASTER_* set the
+    way torchrun and srun do), output and exit code per rank. A rank left waiting in a collective the
+    others never join shows as a timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=cwd,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(REPO),
+                "RANK": str(r),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    try:
+        return [subprocess.CompletedProcess(p.args, p.returncode, p.communicate(timeout=timeout)[0]) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
 
 
 @pytest.fixture(scope="session")

@@ -186,6 +186,10 @@ def test_study_3_sweep_plans_one_googlenet_training(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "1 training(s) in all" in r.stdout and r.stdout.count("waits for") == 2
+    # each run's stages: the unpruned one has no prune stage to run, the pruned ones prune in the store
+    stages = [line for line in r.stdout.splitlines() if "trains" in line or "waits for" in line]
+    assert len(stages) == 3 and all(line.rstrip(" │").endswith("runs quantize, measure") for line in stages), stages
+    assert sum("prunes " in line for line in stages) == 2
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pipeline.config import load_config
 from pipeline.rundir import list_runs
 from pipeline.run import EXIT_PREEMPTED, prepare_single
 from pipeline.train import autocast_dtype, build_optimizer, lr_factor
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks
 
 BASE = REPO / "configs/base.yaml"
 
@@ -127,12 +126,6 @@ def test_signal_mid_epoch_saves_step_checkpoint_and_resume_matches_unbroken(tmp_
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _weights(run) -> dict[str, torch.Tensor]:
     return torch.load(run.checkpoints / "last.pt", weights_only=False)["model"]
 
@@ -144,28 +137,9 @@ def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_pat
     single = prepare_single(BASE, args, tmp_path / "single")
     ddp = prepare_single(BASE, args, tmp_path / "ddp")
     other_seed = prepare_single(BASE, args + ["train.seed=1"], tmp_path / "seed1")
-    port = str(_free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pipeline.run", str(ddp.path)],
-            cwd=tmp_path,
-            env={
-                **os.environ,
-                "PYTHONPATH": str(REPO),
-                "RANK": str(r),
-                "WORLD_SIZE": "2",
-                "LOCAL_RANK": str(r),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    results = run_ranks(["-m", "pipeline.run", str(ddp.path)], tmp_path)
+    outs = [r.stdout for r in results]
+    assert [r.returncode for r in results] == [0, 0], outs
     run_cli("pipeline.run", str(single.path), cwd=tmp_path, check=True)
     run_cli("pipeline.run", str(other_seed.path), cwd=tmp_path, check=True)
 

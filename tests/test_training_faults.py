@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from pipeline.data import DeviceLoader, Split
 from pipeline.models import build_model
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, write
+from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks, write
 
 BASE = REPO / "configs/base.yaml"
 
@@ -159,47 +158,6 @@ def test_huge_lr_stops_training_within_k_steps_and_the_record_and_status_say_whe
     assert f"diverged at train epoch 1 step {record['diverged_step']}/20" in status
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_ranks(argv: list[str], cwd: Path, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Run ``python argv`` as ranks 0 and 1 of a gloo job on this machine; a rank left waiting in an
-    all-reduce the other never joins shows as a timeout."""
-    port = str(_free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, *argv],
-            cwd=cwd,
-            env={
-                **os.environ,
-                "PYTHONPATH": str(REPO),
-                "RANK": str(r),
-                "WORLD_SIZE": "2",
-                "LOCAL_RANK": str(r),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "OMP_NUM_THREADS": "1",
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    done = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out))
-    finally:
-        for p in procs:
-            p.kill()
-    return done
-
-
 @pytest.mark.parametrize(
     ("bad", "rank0_step", "rank0_loss"),
     [
@@ -210,7 +168,7 @@ def _two_ranks(argv: list[str], cwd: Path, timeout: float = 600) -> list[subproc
 def test_a_nan_on_one_rank_stops_both_ranks_at_the_same_step(tmp_path, bad, rank0_step, rank0_loss):
     """Data-parallel (gloo, two processes): only rank 1 sees a NaN loss, both ranks end the epoch after
     the same window (4 steps: 9-12) instead of one rank raising or leaving the other in an all-reduce."""
-    results = _two_ranks(["-m", "tests.ddp_nan_rank", str(bad), "4"], tmp_path)
+    results = run_ranks(["-m", "tests.ddp_nan_rank", str(bad), "4"], tmp_path)
     assert [r.returncode for r in results] == [0, 0], [r.stdout[-3000:] for r in results]
     rank0, rank1 = (json.loads(r.stdout.strip().splitlines()[-1]) for r in results)
     assert rank0["batches"] == 20 and rank0["steps"] == rank1["steps"] == 12  # not 20: stopped early
@@ -226,7 +184,7 @@ def test_a_diverging_two_rank_job_ends_on_both_ranks_with_rank_0_s_record(tmp_pa
 
     args = tiny(synthetic_root, "optim.lr=1e6", "train.epochs=2", "train.nan_check_steps=2", "model.norm=group")
     run = prepare_single(BASE, args[1:], tmp_path / "ddp")
-    results = _two_ranks(["-m", "pipeline.run", str(run.path)], tmp_path)
+    results = run_ranks(["-m", "pipeline.run", str(run.path)], tmp_path)
     assert [r.returncode for r in results] == [0, 0], [r.stdout[-3000:] for r in results]
     record = run.read_metrics("train")
     assert record["world_size"] == 2
