@@ -126,6 +126,9 @@ class TrainConfig:
     # steps between checks for a NaN/inf loss (each check is one host sync on a GPU); a diverged run
     # stops within this many steps of its first non-finite loss
     nan_check_steps: int = _num(8, min=1)
+    # also evaluate the test split after every training epoch (history's test_acc): collect's time to a
+    # target accuracy then reads the test accuracy, as the fast study reports it; costs one test pass an epoch
+    test_every_epoch: bool = False
 
 
 PRUNE_METHODS = ("none", "unstructured", "structured")
@@ -250,7 +253,7 @@ ID_EXCLUDED_SECTIONS = ("slurm", "output", "measure")  # measure: how models are
 ID_DROPPED_SECTIONS = ("share",)
 ID_INCLUDED_SLURM_KEYS = ("nodes", "tasks_per_node")  # the number of ranks does change the result
 # Single keys of result sections that change only when a run notices something, not what it computes
-ID_EXCLUDED_KEYS = (("train", "nan_check_steps"),)
+ID_EXCLUDED_KEYS = (("train", "nan_check_steps"), ("train", "test_every_epoch"))
 
 
 # --------------------------------------------------------------------------------------------------

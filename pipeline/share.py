@@ -55,6 +55,9 @@ def _hash(obj: Any) -> str:
 def training_settings(tree: Mapping[str, Any]) -> dict[str, Any]:
     """What a run's training result depends on, from its resolved config (a plain nested dict)."""
     out: dict[str, Any] = {s: tree[s] for s in TRAIN_SECTIONS}
+    # what is evaluated after each epoch does not change the weights (nan_check_steps stays in: keys
+    # of trainings already stored must not change)
+    out["train"] = {k: v for k, v in (out["train"] or {}).items() if k != "test_every_epoch"}
     slurm = tree.get("slurm") or {}
     out["ranks"] = {k: slurm.get(k, 1) for k in ("nodes", "tasks_per_node")}  # DDP changes the weights
     prune = tree.get("prune") or {}

@@ -814,6 +814,9 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
         }
         if pruner is not None:
             row["sparsity"] = float(pruner.report()["sparsity"])
+        if phase.name == "train" and cfg.train.get("test_every_epoch", False):
+            test = evaluate(model, ctx.test_loader, amp_dtype=amp_dtype)
+            row["test_loss"], row["test_acc"] = test["loss"], test["acc"]
         history.append(row)
         log.info(
             "%sepoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s%s",

@@ -102,7 +102,8 @@ def run_ranks(
         for r in range(world_size)
     ]
     try:
-        return [subprocess.CompletedProcess(p.args, p.returncode, p.communicate(timeout=timeout)[0]) for p in procs]
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outs)]
     finally:
         for p in procs:
             p.kill()

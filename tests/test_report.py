@@ -135,11 +135,27 @@ def test_seeds_become_mean_std_and_n(tmp_path):
     assert rows["0.1"]["seed"] == "0, 1, 2" and rows["0.1"]["run"] == "3 runs" and rows["0.1"]["status"] == "3 done"
     assert rows["0.2"]["test acc"] == "83.50% ± 0.71" and rows["0.2"]["n"] == "2"
     assert rows["0.2"]["status"] == "2 done, 1 failed"
-    assert rows["0.1"]["time to 90%"] == "10.0 s ± 0.0 s"  # epoch 2 of every seed: 10 s of training
-    assert rows["0.2"]["time to 90%"] == ""  # never reached
+    assert rows["0.1"]["time to 90% val"] == "10.0 s ± 0.0 s"  # epoch 2 of every seed: 10 s of training
+    assert rows["0.2"]["time to 90% val"] == ""  # never reached
     assert len(list(csv.DictReader(text.splitlines()))) == 6  # the CSV keeps one row per run
     per_seed = build([sweep_dir], Options(seeds=False)).runs[0]
     assert len(per_seed.rows) == 6
+
+
+def test_time_to_target_reads_the_test_accuracy_when_every_epoch_logged_it(tmp_path):
+    sweep_dir, runs = make_sweep(tmp_path, "grid: {train.seed: [0, 1]}\n", name="fast")
+    for run in runs:
+        rows = history([0.91, 0.95, 0.96], seconds_per_epoch=4.0)  # val reaches 90% at epoch 1
+        for row, test_acc in zip(rows, [0.85, 0.89, 0.93]):  # test only at epoch 3
+            row["test_acc"] = test_acc
+        finish(run, train_record(test_acc=0.93, history=rows))
+    md, _ = collect(sweep_dir, Options(plots=False, target_acc=0.9, seeds=False))
+    assert [r["time to 90% test"] for r in table_rows(md)] == ["12.0 s", "12.0 s"]
+
+    rows = history([0.91, 0.95], seconds_per_epoch=4.0)  # one run without test accuracies: its val is read
+    finish(runs[1], train_record(test_acc=0.93, history=rows))
+    md, _ = collect(sweep_dir, Options(plots=False, target_acc=0.9, seeds=False))
+    assert sorted(r["time to 90% val or test"].strip("*") for r in table_rows(md)) == ["12.0 s", "4.0 s"]
 
 
 # --------------------------------------------------------------------------------------------------

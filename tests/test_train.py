@@ -197,3 +197,27 @@ def test_autocast_and_grad_scaler_branch_of_the_training_step(amp_dtype):
     assert isinstance(res, EpochResult) and res.steps == 2 and res.images == 16
     assert torch.isfinite(torch.tensor(res.loss)) and scaler.get_scale() > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
+
+
+def test_test_every_epoch_logs_the_test_accuracy_and_changes_no_id(tmp_path, synthetic_root):
+    """train.test_every_epoch: every epoch's history row has the test split's accuracy (the last equals
+    the final test evaluation of the same model), collect's time to a target reads it, and neither the
+    run id nor the shared training's key changes (it changes no weight)."""
+    from pipeline import share
+    from pipeline.config import as_dict, load_config, run_id
+
+    args = tiny_args(synthetic_root, "train.epochs=2", "measure.enabled=false")
+    plain, flagged = load_config([BASE], args[1:]), load_config([BASE], [*args[1:], "train.test_every_epoch=true"])
+    assert run_id(plain) == run_id(flagged)
+    assert share.training_key(as_dict(plain, resolve=True)) == share.training_key(as_dict(flagged, resolve=True))
+
+    run_cli(
+        "pipeline.run", *args, "train.test_every_epoch=true", "--out", str(tmp_path / "r"), cwd=tmp_path, check=True
+    )
+    (run,) = list_runs(tmp_path / "r")
+    m = run.read_metrics("train")
+    assert [sorted(set(row) & {"test_acc", "test_loss"}) for row in m["history"]] == [["test_acc", "test_loss"]] * 2
+    assert m["history"][-1]["test_acc"] == m["test_acc"]
+    target = f"{max(m['history'][0]['test_acc'] - 1e-6, 1e-6):.6f}"  # reached at epoch 1
+    c = run_cli("pipeline.collect", str(tmp_path / "r"), "--no-plots", "--target-acc", target, cwd=tmp_path, check=True)
+    assert "time to" in c.stdout and "% test" in c.stdout

@@ -118,11 +118,20 @@ def compresses(records: Sequence[Record]) -> bool:
     return any((r.stages.get(s) or {}).get("method", "none") != "none" for r in records for s in ("prune", "quantize"))
 
 
+def accuracy_split(r: Record) -> str:
+    """Which accuracy time to a target reads for this run: "test" when its history has the test
+    accuracy of every epoch (``train.test_every_epoch``), else "val"."""
+    rows = [row for row in r.metrics.get("history") or [] if isinstance(row, dict)]
+    return "test" if rows and all(number(row.get("test_acc")) is not None for row in rows) else "val"
+
+
 def time_to_accuracy(r: Record, target: float) -> float | None:
-    """Training seconds until the validation accuracy first reached ``target`` (0-1), from the
-    per-epoch history in metrics/train.json; None when never reached or not logged."""
+    """Training seconds until the run's accuracy (:func:`accuracy_split`: test when logged every epoch,
+    else validation) first reached ``target`` (0-1), from the per-epoch history in metrics/train.json;
+    None when never reached or not logged."""
+    key = f"{accuracy_split(r)}_acc"
     for row in r.metrics.get("history") or []:
-        if isinstance(row, dict) and (number(row.get("val_acc")) or 0.0) >= target:
+        if isinstance(row, dict) and (number(row.get(key)) or 0.0) >= target:
             return number(row.get("elapsed_s"))
     return None
 
@@ -202,7 +211,9 @@ def runs_table(
     if cpu_timed:
         cols.append(Column("cpu_time_s", "CPU time", "s", "min"))
     if target_acc is not None:
-        cols.append(Column("time_to_target_s", f"time to {100 * target_acc:g}%", "s", "min"))
+        splits = sorted({accuracy_split(r) for r in records if r.metrics.get("history")}, reverse=True)
+        which = {("test",): "test", ("val",): "val", ("val", "test"): "val or test"}.get(tuple(splits), "val")
+        cols.append(Column("time_to_target_s", f"time to {100 * target_acc:g}% {which}", "s", "min"))
     cols.append(Column("status", "status"))
 
     rows = []
