@@ -61,6 +61,10 @@ def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, 
     if sweep == "fast":
         assert "fp16 is a GPU setting; training in fp32 on the CPU" in (runs[0].path / "train.log").read_text()
         assert runs[0].read_metrics("train")["precision"] == "fp16"
+        # the study's time to 94% is on the test split, evaluated after every epoch
+        assert all("test_acc" in row for run in runs for row in run.read_metrics("train")["history"])
+        c = run_cli("pipeline.collect", str(out / sweep), "--no-plots", "--target-acc", "0.1", cwd=tmp_path, check=True)
+        assert "time to 10% test" in c.stdout
     if sweep == "batch_workers":  # train.epochs=1 folds the 100-epoch final run into its 50-epoch twin
         workers = {run.read_meta()["swept"]["train.num_workers"] for run in runs}
         assert workers == {2, 4, 6}
