@@ -142,6 +142,17 @@ def test_seeds_become_mean_std_and_n(tmp_path):
     assert len(per_seed.rows) == 6
 
 
+def test_a_mean_over_fewer_seeds_than_finished_says_how_many(tmp_path):
+    """Time to a target that one seed of three never reached: the mean of the two, marked "2 of 3"."""
+    sweep_dir, runs = make_sweep(tmp_path, "grid: {train.seed: [0, 1, 2]}\n", name="fast")
+    for run, accs in zip(runs, ([0.5, 0.95], [0.92, 0.96], [0.5, 0.6])):
+        finish(run, train_record(test_acc=accs[-1], history=history(accs, seconds_per_epoch=5.0)))
+    md, _ = collect(sweep_dir, Options(plots=False, target_acc=0.9))
+    (row,) = table_rows(md)
+    assert row["time to 90% val"].strip("*") == "7.5 s ± 3.5 s (2 of 3)" and row["n"] == "3"
+    assert "(" not in row["test acc"]  # every seed has a test accuracy
+
+
 def test_time_to_target_reads_the_test_accuracy_when_every_epoch_logged_it(tmp_path):
     sweep_dir, runs = make_sweep(tmp_path, "grid: {train.seed: [0, 1]}\n", name="fast")
     for run in runs:

@@ -22,11 +22,13 @@ from pipeline.report.records import AFTER_TRAINING, Record, sort_key
 
 @dataclass(frozen=True)
 class Stat:
-    """Mean ± sample standard deviation of ``n`` runs (seeds)."""
+    """Mean ± sample standard deviation of ``n`` runs (seeds), of the ``of`` that finished (fewer where
+    some have no value: a target accuracy some seeds never reached)."""
 
     mean: float
     std: float
     n: int
+    of: int = 0
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,12 @@ def average_seeds(table: Table, other_keys: Sequence[str], by_sweep: bool) -> Ta
         for key in numeric:
             values = [v for row in done if (v := number(row.get(key))) is not None]
             merged[key] = (
-                Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+                Stat(
+                    statistics.fmean(values),
+                    statistics.stdev(values) if len(values) > 1 else 0.0,
+                    len(values),
+                    len(done),
+                )
                 if values
                 else None
             )

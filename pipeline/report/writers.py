@@ -18,7 +18,8 @@ def format_value(value: Any, kind: str) -> str:
     if value is None or value == "":
         return ""
     if isinstance(value, Stat):
-        return f"{format_value(value.mean, kind)} ± {_spread(value.std, kind)}"
+        part = f" ({value.n} of {value.of})" if value.n < value.of else ""  # the others have no value
+        return f"{format_value(value.mean, kind)} ± {_spread(value.std, kind)}{part}"
     n = number(value)
     if n is None:
         if isinstance(value, float) and not math.isfinite(value):
