@@ -31,6 +31,7 @@ from pipeline.rundir import (
     disk_error,
     release_space,
     reserve_space,
+    resumable,
 )
 
 EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
@@ -169,7 +170,7 @@ def execute(run_dir: str | Path) -> str:
                         continue
                     return shared
             done = target.read_metrics(stage)
-            if done is not None and done.get("status") == "failed" and done.get("resume") is True:
+            if resumable(done):
                 # it failed writing (full disk, quota, read-only) and its last checkpoint is intact
                 log.warning(
                     "run %s: the %s stage stopped before on a failed write (%s); resuming it from its last checkpoint",

@@ -30,9 +30,10 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 # The stages of every run, in order: name -> "module:function", each ``stage(run, cfg) -> metrics``
 # (a dict with a "status" key), imported only inside the job.
@@ -293,6 +294,13 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def resumable(record: Mapping[str, Any] | None) -> TypeGuard[dict[str, Any]]:
+    """A stage's record that says it failed writing (full disk, quota, read-only) with its checkpoint
+    intact: not a result, and not a failure that blocks the runs sharing it. The next job that does the
+    stage resumes it."""
+    return record is not None and record.get("status") == "failed" and record.get("resume") is True
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path
@@ -385,7 +393,7 @@ class RunDir:
         checkpoint is intact, so running the job again resumes it instead of leaving it failed."""
         stage = self.failed_stage()
         m = self.read_metrics(stage) if stage else None
-        return m if m is not None and m.get("resume") is True else None
+        return m if resumable(m) else None
 
     def shared_store(self, stage: str = "train") -> Path | None:
         """The shared-store folder of this run's ``stage`` (train or prune, from ``shared.json``), or
@@ -410,7 +418,7 @@ class RunDir:
             if store is None:
                 continue
             record = RunDir(store).read_metrics(stage)
-            if record is None or record.get("status") != "failed" or record.get("resume") is True:
+            if record is None or record.get("status") != "failed" or resumable(record):
                 continue  # (one that failed writing blocks nothing: the next submission resumes it)
             owner = self.training_owner(stage) or {}
             owner_path = Path(str(owner.get("run", "")))

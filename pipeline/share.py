@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.rundir import SHARED_LINKS, SHARED_POINTER, RunDir, atomic_write_json, read_json
+from pipeline.rundir import SHARED_LINKS, SHARED_POINTER, RunDir, atomic_write_json, read_json, resumable
 
 STORE = ".shared"
 TRAIN_SECTIONS = ("data", "model", "optim", "schedule", "train")
@@ -140,13 +140,6 @@ def has_own_stage(run: RunDir, stage: str) -> bool:
 def store_record(store: Path, stage: str = "train") -> dict[str, Any] | None:
     """The shared stage's record (metrics/<stage>.json), None while there is none."""
     return RunDir(store).read_metrics(stage)
-
-
-def resumable(record: Mapping[str, Any] | None) -> bool:
-    """A record of a stage that failed writing (full disk, quota, read-only) with its checkpoint intact:
-    not a result, and not a failure that blocks the runs sharing it. The next job that does the stage
-    resumes it."""
-    return record is not None and record.get("status") == "failed" and record.get("resume") is True
 
 
 def link_training(run: RunDir, store: Path, tree: Mapping[str, Any]) -> None:
