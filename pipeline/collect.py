@@ -28,7 +28,7 @@ from pipeline.report import tables as tb
 from pipeline.report import writers
 from pipeline.report.failures import Failure, failures
 from pipeline.report.records import Record, gather, sweep_labels
-from pipeline.rundir import atomic_write_text, list_runs
+from pipeline.rundir import atomic_write_text, survey
 
 TABLE_SHAPES = ("auto", "runs", "models")
 
@@ -55,6 +55,7 @@ class Report:
     models: list[tb.Table]
     raw_runs: tb.Table  # one row per run, never averaged or grouped: the CSV
     not_finished: list[Failure]
+    problems: list[str] = field(default_factory=list)  # unreadable files of the sweeps themselves (not of one run)
     plots: list[Path] = field(default_factory=list)
     markdown: str = ""
 
@@ -109,9 +110,12 @@ def build(sweep_dirs: Sequence[Path], options: Options) -> Report:
         else []
     )
     not_finished: list[Failure] = []
+    problems: list[str] = []
     for d in sweep_dirs:
-        not_finished += failures(d, [r for r in records if r.run.path.parent == Path(d)])
-    return Report(keys, records, run_tables, models, raw, not_finished)
+        items, found = failures(d, [r for r in records if r.run.path.parent == Path(d)])
+        not_finished += items
+        problems += found
+    return Report(keys, records, run_tables, models, raw, not_finished, problems)
 
 
 def _time_line(records: Sequence[Record]) -> str:
@@ -161,6 +165,8 @@ def render_markdown(rep: Report, plot_base: Path | None = None) -> str:
         parts.append("## Models\n\n" + "\n".join(writers.markdown(t) for t in rep.models))
     if rep.not_finished:
         parts.append(writers.failures_markdown(rep.not_finished, sweep_column=several))
+    if rep.problems:
+        parts.append(writers.problems_markdown(rep.problems))
     if rep.plots:
         base = plot_base or Path(".")
         links = [f"![{p.stem}]({os.path.relpath(p, base)})" for p in rep.plots]
@@ -190,7 +196,7 @@ def write(rep: Report, md_path: Path, options: Options) -> dict[str, Path]:
         out["models_csv"] = folder / f"{'models' if stem == 'results' else stem + '_models'}.csv"
         flat = tb.model_tables(rep.keys, rep.records, flat=True)
         atomic_write_text(out["models_csv"], writers.csv_text(flat[0]) if flat else "")
-    extra: dict[str, Any] = {"swept_keys": rep.keys, "plots": [str(p) for p in rep.plots]}
+    extra: dict[str, Any] = {"swept_keys": rep.keys, "plots": [str(p) for p in rep.plots], "problems": rep.problems}
     atomic_write_text(out["json"], writers.to_json({"runs": rep.runs, "models": rep.models}, rep.not_finished, extra))
     return out
 
@@ -229,6 +235,8 @@ def _print(con: Any, rep: Report, rich: bool) -> None:
         con.print(writers.rich_table(t))
     if rep.not_finished:
         con.print(writers.failures_markdown(rep.not_finished), markup=False, highlight=False, soft_wrap=True)
+    if rep.problems:
+        con.print(writers.problems_markdown(rep.problems), markup=False, highlight=False, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for d in args.sweep_dirs:
             if not d.is_dir():
                 raise ConfigError(COMMAND_LINE, f"'{d}' is not a folder", key="sweep_dir")
-            if not list_runs(d):
-                raise ConfigError(d, "holds no run folders (*/config.yaml)")
+            runs, strays = survey(d)
+            if not runs:
+                raise ConfigError(d, "holds no run folders (*/config.yaml)" + "".join(f"; {x}" for x in strays[:3]))
         seen: dict[Path, Path] = {}
         for d in args.sweep_dirs:
             if (first := seen.setdefault(d.resolve(), d)) is not d:
@@ -301,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         con.print(f"plots: {', '.join(str(p) for p in rep.plots)}", markup=False, highlight=False, soft_wrap=True)
     from pipeline.tb_hparams import HPARAMS_FILE
 
-    runs = [r for d in args.sweep_dirs for r in list_runs(d)]
+    runs = [r for d in args.sweep_dirs for r in survey(d)[0]]
     n = sum((r.tensorboard / HPARAMS_FILE).is_file() for r in runs)
     if n:
         if len(args.sweep_dirs) == 1:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.rundir import atomic_write_json, read_json
+from pipeline.rundir import atomic_write_json, read_mapping
 
 MANIFEST = "manifest.json"
 
@@ -34,27 +34,25 @@ def manifest_path(sweep_dir: Path) -> Path:
 def read_manifest(sweep_dir: Path) -> dict[str, Any]:
     """The manifest, with ``runs`` holding only well-formed entries (cluster and job id as strings);
     an empty one when there is none or it cannot be read."""
-    data = read_json(manifest_path(sweep_dir))
-    if not isinstance(data, dict):
-        return {"runs": {}, "history": []}
-    runs = data.get("runs")
-    if not isinstance(runs, dict):
-        runs = {}
+    return checked_manifest(sweep_dir)[0]
+
+
+def checked_manifest(sweep_dir: Path) -> tuple[dict[str, Any], str]:
+    """(:func:`read_manifest`, "" or what is wrong with the file, naming it)."""
+    data, problem = read_mapping(manifest_path(sweep_dir))
+    data = data or {}
     clean = {
         str(rid): {**e, "cluster": str(e["cluster"]), "job_id": str(e["job_id"])}
-        for rid, e in runs.items()
+        for rid, e in (data.get("runs") or {}).items()
         if isinstance(e, dict) and "cluster" in e and "job_id" in e
     }
-    history = data.get("history")
-    if not isinstance(history, list):
-        history = []
-    return {**data, "runs": clean, "history": history}
+    return {**data, "runs": clean, "history": data.get("history") or []}, problem
 
 
 def _aside_if_unreadable(path: Path) -> Path | None:
-    """A manifest.json that exists but is no manifest (binary, truncated, a list) is renamed to
-    manifest.json.unreadable-<time> so that writing a new one loses nothing."""
-    if not path.exists() or isinstance(read_json(path), dict):
+    """A manifest.json that exists but is no manifest (binary, truncated, a list, a field of the wrong
+    type) is renamed to manifest.json.unreadable-<time> so that writing a new one loses nothing."""
+    if not path.exists() or not checked_manifest(path.parent)[1]:
         return None
     dest = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     os.replace(path, dest)

@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.procs import ProcessIdentity
-from pipeline.rundir import RunDir, RunFolderVanished, check_folder, folder_key, guard_folder, unguard_folder
+from pipeline.rundir import (
+    FIELDS,
+    RunDir,
+    RunFolderVanished,
+    check_folder,
+    folder_key,
+    guard_folder,
+    read_mapping,
+    unguard_folder,
+)
 
 log = logging.getLogger("pipeline.owner")
 
@@ -50,28 +59,32 @@ def _job_id() -> str:
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
 
 
+def _cluster() -> str:
+    """Which scheduler ``job`` belongs to: slurm, local (submitit's local executor), or "" (a process
+    started by hand: its PID is all there is), so that status asks Slurm only about Slurm's jobs."""
+    if os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return "slurm"
+    return "local" if os.environ.get("SUBMITIT_LOCAL_JOB_ID") else ""
+
+
 def my_record() -> dict[str, Any]:
     me = ProcessIdentity.of(os.getpid())
     assert me is not None  # this process exists
-    return {**me.record(), "job": _job_id(), "since": time.time()}
+    return {**me.record(), "job": _job_id(), "cluster": _cluster(), "since": time.time()}
 
 
 def read_owner(run: RunDir) -> tuple[dict[str, Any], float] | None:
     """(owner record, seconds since it was last refreshed), or None when no job owns the folder. An
     unreadable record (a foreign tool, a torn copy) reads as an owner with no PID, which is dead."""
     path = run.path / OWNER_FILE
+    record = read_mapping(path)[0]
     try:
-        data = path.read_bytes()
         age = time.time() - path.stat().st_mtime
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError:
-        return {}, 0.0
-    try:
-        record = json.loads(data)
-    except ValueError:  # binary or torn (UnicodeDecodeError is one too)
-        record = {}
-    return (record if isinstance(record, dict) else {}), age
+        age = 0.0
+    return record or {}, age
 
 
 def owner_alive(record: dict[str, Any], age_s: float) -> bool:
@@ -226,8 +239,4 @@ def acquire(run: RunDir, watch: bool = True) -> Ownership:
 
 
 def read_owner_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_mapping(path, FIELDS[OWNER_FILE])[0] or {}

@@ -21,6 +21,7 @@ and collect/status (read them). Torch-free.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import json
 import os
@@ -92,6 +93,8 @@ SHARED_PRUNE_LINKS: dict[str, str] = {
 }
 SHARED_LINKS: dict[str, dict[str, str]] = {"train": SHARED_TRAIN_LINKS, "prune": SHARED_PRUNE_LINKS}
 FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
+# Top-level sections every config.yaml the sweep writes has (a file without them is cut short or foreign)
+REQUIRED_SECTIONS = ("data", "model", "optim", "train")
 
 
 _UMASK: int | None = None
@@ -286,12 +289,144 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: Path) -> Any | None:
-    """The parsed file, or None when it is missing or half-written by a foreign tool."""
+# --------------------------------------------------------------------------------------------------
+# Reading the files of run folders: every reader (status, collect's tables, plots and HParams, the job)
+# goes through read_text / read_mapping, which never raise on what a file holds. A file that is
+# binary, cut short, empty, not UTF-8, or of the wrong shape reads as nothing, with a problem that
+# names it; a field of the wrong type is left out, and named the same way.
+# --------------------------------------------------------------------------------------------------
+
+# The fields readers use in each file, and the type each must have (None is always allowed: unknown)
+FIELDS: dict[str, dict[str, str]] = {
+    "metrics": {
+        **dict.fromkeys(("status", "error", "method", "during", "device", "stage", "log", "diverged_loss"), "text"),
+        **dict.fromkeys(("history", "models", "sparsity_log"), "list"),
+        **dict.fromkeys(
+            (
+                "epochs",
+                "train_loss",
+                "train_acc_best",
+                "val_loss",
+                "val_acc_best",
+                "test_loss",
+                "test_acc",
+                "test_top5",
+                "images_per_s",
+                "train_time_s",
+                "qat_train_time_s",
+                "wall_s",
+                "cpu_s",
+                "world_size",
+                "diverged_epoch",
+                "diverged_step",
+                "steps_per_epoch",
+                "stopped_at_step",
+                "last_finite_loss",
+                "sparsity",
+                "sparsity_target",
+                "raw",
+                "gzip",
+            ),
+            "number",
+        ),
+    },  # fmt: skip
+    "meta.json": {"id": "text", "sweep": "text", "swept": "mapping"},
+    "progress.json": {
+        **dict.fromkeys(("epoch", "epochs", "val_acc_best", "train_loss", "elapsed_s", "updated"), "number"),
+        "stage": "text",
+        "notes": "list",
+    },
+    "shared.json": {"train": "mapping", "prune": "mapping"},
+    "key.json": {"key": "text", "stage": "text", "settings": "mapping"},
+    "trainer.json": {"run": "text", "run_id": "text", "cluster": "text", "job_id": "text", "since": "number"},
+    "owner.json": {
+        **dict.fromkeys(("host", "boot_id", "job", "cluster"), "text"),
+        **{"pid": "int", "started": "int", "since": "number"},
+    },
+    "ending.json": {"state": "text", "reason": "text", "time": "number", "stage": "text", "job_id": "text"},
+    "manifest.json": {"runs": "mapping", "history": "list", "submitting": "mapping"},
+}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "text": (str,),
+    "number": (int, float),
+    "int": (int,),
+    "list": (list,),
+    "mapping": (dict,),
+}
+_TYPE_WORDS = {"text": "text", "number": "a number", "int": "a whole number", "list": "a list", "mapping": "a mapping"}
+
+
+def _unreadable(path: Path, why: str) -> str:
+    return f"{path} is unreadable ({why})"
+
+
+def read_text(path: Path) -> tuple[str | None, str]:
+    """(the file's text, "") ; (None, "") when it does not exist; (None, problem naming the file) when
+    it cannot be read or is not text: binary (a NUL byte), not UTF-8 (latin-1, UTF-16), or empty."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, ValueError):  # binary or truncated
-        return None
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None, ""
+    except OSError as e:
+        return None, _unreadable(path, e.strerror or str(e))
+    if not data:
+        return None, _unreadable(path, "empty")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return None, _unreadable(path, "UTF-16 text, not UTF-8")
+    if b"\x00" in data:
+        return None, _unreadable(path, "binary")
+    try:
+        return data.decode("utf-8-sig"), ""  # (a byte-order mark some editors write is fine)
+    except UnicodeDecodeError as e:
+        return None, _unreadable(path, f"not UTF-8 text: byte {data[e.start]:#04x} at {e.start}")
+
+
+def _parse_json(path: Path) -> tuple[Any, str]:
+    text, problem = read_text(path)
+    if text is None:
+        return None, problem
+    try:
+        return json.loads(text), ""
+    except json.JSONDecodeError as e:
+        return None, _unreadable(path, f"cut short or not JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    except ValueError as e:  # a number too long to convert
+        return None, _unreadable(path, f"not JSON: {e}")
+
+
+def read_json(path: Path) -> Any | None:
+    """The parsed file, or None when it is missing or not JSON text (see :func:`read_text`)."""
+    return _parse_json(path)[0]
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    return value is None or (isinstance(value, _TYPES[kind]) and not isinstance(value, bool))
+
+
+def read_mapping(path: Path, fields: Mapping[str, str] | None = None) -> tuple[dict[str, Any] | None, str]:
+    """(the JSON mapping in ``path``, "" or a problem naming the file): None when it is missing or not a
+    mapping. Each of ``fields`` (name -> "text", "number", "int", "list", "mapping"; default: the
+    entry of :data:`FIELDS` for the file's name) whose value has another type is left out and named."""
+    data, problem = _parse_json(path)
+    if data is None:
+        return None, problem
+    if not isinstance(data, dict):
+        return None, _unreadable(path, f"{_json_kind(data)} where a mapping is expected")
+    fields = FIELDS.get(path.name, {}) if fields is None else fields
+    wrong = [k for k, kind in fields.items() if k in data and not _has_type(data[k], kind)]
+    if not wrong:
+        return data, ""
+    said = ", ".join(f"{k} is {_json_kind(data[k])}, not {_TYPE_WORDS[fields[k]]}" for k in wrong)
+    return {k: v for k, v in data.items() if k not in wrong}, f"{path}: {said} (left out)"
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return f"text {value[:20]!r}"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return "a list" if isinstance(value, list) else "a mapping"
 
 
 def resumable(record: Mapping[str, Any] | None) -> TypeGuard[dict[str, Any]]:
@@ -349,43 +484,69 @@ class RunDir:
 
     def read_metrics(self, stage: str) -> dict[str, Any] | None:
         """The stage's record; None when there is none. A record that exists but cannot be read (binary,
-        truncated, not a mapping) counts as a failed stage naming the file, never as one not yet run."""
+        truncated, not a mapping, no status) counts as a failed stage naming the file, never as one not
+        yet run; a figure of the wrong type is left out (:func:`read_mapping`)."""
         path = self.metrics_path(stage)
-        m = read_json(path)
-        if m is None and not path.exists():
+        m, problem = read_mapping(path, FIELDS["metrics"])
+        if m is None and not problem:
             return None
-        if not isinstance(m, dict) or not isinstance(m.get("status", "failed"), str):
-            return {
-                "status": "failed",
-                "stage": stage,
-                "error": f"{path} is unreadable (corrupt or half-written); --rerun failed redoes the stage",
-            }
+        if m is None or not isinstance(m.get("status"), str):
+            why = problem if m is None else _unreadable(path, "no status")
+            return {"status": "failed", "stage": stage, "error": f"{why}; --rerun failed redoes the stage"}
         return m
+
+    def read_config_text(self) -> tuple[str, str]:
+        """(config.yaml's text, "") after a cheap check, or ("", a problem naming the file): UTF-8 text,
+        the main sections each a mapping of settings, a final newline. The full YAML parse waits until
+        a value is needed (it is most of the cost of reading a large sweep)."""
+        text, problem = read_text(self.config)
+        if text is None:
+            return "", problem or _unreadable(self.config, "missing")
+        sections = config_sections(text)
+        missing = [s for s in REQUIRED_SECTIONS if s not in sections]
+        flat = [s for s in REQUIRED_SECTIONS if s in sections and sections[s].split("\n", 1)[0].rstrip() != f"{s}:"]
+        if missing:
+            return "", _unreadable(self.config, f"no {', '.join(missing)} section: corrupt or not a run's config")
+        if flat:
+            return "", _unreadable(self.config, f"{', '.join(flat)} not a mapping of settings")
+        if not text.endswith("\n"):
+            return "", _unreadable(self.config, "cut short")
+        return text, ""
+
+    def problems(self, config: bool = True) -> list[str]:
+        """What is wrong with the files status and collect read here and in the shared stores this run
+        uses, each naming its file (config.yaml, unless ``config`` is False: :meth:`read_config_text`)."""
+        paths = [
+            self.path / name for name in ("meta.json", "progress.json", SHARED_POINTER, "owner.json", "ending.json")
+        ]
+        paths += [self.metrics_path(stage) for stage in STAGES]
+        for stage in SHARED_LINKS:
+            store = self.shared_store(stage)
+            paths += [store / "key.json", store / "trainer.json"] if store is not None else []
+        found = [read_mapping(p, FIELDS["metrics"] if p.parent.name == "metrics" else None)[1] for p in paths]
+        return [p for p in (self.read_config_text()[1] if config else "", *found) if p]
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
         atomic_write_json(self.metrics_path(stage), metrics)
 
     def read_meta(self) -> dict[str, Any]:
-        meta = read_json(self.meta)
-        if not isinstance(meta, dict):
-            return {}
-        return meta if isinstance(meta.get("swept", {}), dict) else {**meta, "swept": {}}
+        """meta.json ({} when missing or unreadable; ``swept`` always a mapping)."""
+        meta = read_mapping(self.meta)[0] or {}
+        return {**meta, "swept": meta.get("swept") or {}}
 
     def read_progress(self) -> dict[str, Any]:
-        progress = read_json(self.progress)
-        ok = isinstance(progress, dict) and all(k in progress for k in ("epoch", "epochs"))
-        return progress if ok and isinstance(progress, dict) else {}
+        """progress.json when it says which epoch of how many ({} otherwise)."""
+        progress = read_mapping(self.progress)[0] or {}
+        return progress if all(progress.get(k) is not None for k in ("epoch", "epochs")) else {}
 
     def notes(self) -> list[str]:
         """What the job wants a user to see in status (e.g. a checkpoint it could not load)."""
-        progress = read_json(self.progress)
-        notes = progress.get("notes") if isinstance(progress, dict) else None
-        return [str(n) for n in notes] if isinstance(notes, list) else []
+        progress = read_mapping(self.progress)[0] or {}
+        return [str(n) for n in progress.get("notes") or []]
 
     def add_note(self, text: str) -> None:
         """Append ``text`` to progress.json's notes (kept there when the epoch fields are rewritten)."""
-        progress = read_json(self.progress)
-        progress = progress if isinstance(progress, dict) else {}
+        progress = read_mapping(self.progress)[0] or {}
         atomic_write_json(self.progress, {**progress, "notes": [*self.notes(), text]})
 
     def resumable_failure(self) -> dict[str, Any] | None:
@@ -398,17 +559,14 @@ class RunDir:
     def shared_store(self, stage: str = "train") -> Path | None:
         """The shared-store folder of this run's ``stage`` (train or prune, from ``shared.json``), or
         None: the stage runs in this folder."""
-        pointer = read_json(self.path / SHARED_POINTER)
-        if not isinstance(pointer, dict) or not isinstance(pointer.get(stage), dict):
-            return None
-        rel = pointer[stage].get("store")
+        pointer = read_mapping(self.path / SHARED_POINTER)[0] or {}
+        rel = (pointer.get(stage) or {}).get("store")
         return Path(os.path.normpath(self.path / rel)) if isinstance(rel, str) else None
 
     def training_owner(self, stage: str = "train") -> dict[str, Any] | None:
         """trainer.json of the shared stage's store: the run that does (or did) it, and its job."""
         store = self.shared_store(stage)
-        owner = read_json(store / "trainer.json") if store is not None else None
-        return owner if isinstance(owner, dict) else None
+        return read_mapping(store / "trainer.json")[0] if store is not None else None
 
     def blocked_by(self) -> tuple[str, str] | None:
         """(run id of the owner, why) when a shared stage (training, then pruning) this run waits for
@@ -509,3 +667,36 @@ class RunDir:
 def list_runs(sweep_dir: Path) -> list[RunDir]:
     """Run folders of a sweep (those holding a config.yaml), sorted by id."""
     return [RunDir(p.parent) for p in sorted(Path(sweep_dir).glob("*/config.yaml"))]
+
+
+# What makes a folder a run even when its config.yaml is unreadable: the sweep wrote meta.json beside it,
+# or a job has run there
+RUN_TRACES = ("meta.json", "metrics", "progress.json", "run.log", SHARED_POINTER)
+
+
+def survey(sweep_dir: Path) -> tuple[list[RunDir], list[str]]:
+    """(the runs of a sweep, one line per folder that holds a config.yaml but is no run): an unreadable
+    config.yaml (not a mapping, binary, ...) in a folder with no trace of a run. Readers show the runs
+    and name the others; nothing is written into them."""
+    runs, strays = [], []
+    for run in list_runs(sweep_dir):
+        if any((run.path / name).exists() for name in RUN_TRACES):
+            runs.append(run)
+        elif problem := run.read_config_text()[1]:
+            strays.append(f"{problem}; {run.path} holds nothing else of a run, so it is no run (left as it is)")
+        else:
+            runs.append(run)
+    return runs, strays
+
+
+def config_sections(text: str) -> dict[str, str]:
+    """Top-level YAML block sections of a config.yaml: name -> its text."""
+    out: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            current = line.split(":", 1)[0]
+            out[current] = [line]
+        elif current:
+            out[current].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}

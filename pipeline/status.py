@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,10 +20,10 @@ from rich.table import Table
 
 from pipeline import cli, slurm_cli
 from pipeline.config import COMMAND_LINE, ConfigError
-from pipeline.endings import STATES, classify
+from pipeline.endings import STATES, RunJob, classify, run_jobs
 from pipeline.launch import local_job_identity
 from pipeline.manifest import read_manifest
-from pipeline.rundir import RunDir, list_runs
+from pipeline.rundir import RunDir, survey
 
 
 @dataclass
@@ -37,6 +37,8 @@ class RunState:
     elapsed_s: float | None
     reason: str = ""  # why it is in that state (pipeline.endings.classify), "" when the word says all
     note: str = ""  # what the user should know: a fallback checkpoint, a failed write to resume
+    problems: list[str] = field(default_factory=list)  # unreadable files, each naming its file
+    cluster: str = ""  # the job's scheduler: slurm | local | "" (started by hand, or none)
 
 
 def job_log(sweep_dir: Path, job_id: str) -> Path:
@@ -45,51 +47,57 @@ def job_log(sweep_dir: Path, job_id: str) -> Path:
 
 
 def run_states(sweep_dir: Path) -> list[RunState]:
-    entries = read_manifest(sweep_dir)["runs"]
-    slurm_ids = [e["job_id"] for e in entries.values() if e["cluster"] == "slurm"]
-    sched = slurm_cli.job_states(slurm_ids, full=True) if slurm_ids else {}
-    from pipeline.launch import job_is_active
+    return sweep_states(sweep_dir)[0]
 
-    out = []
-    for run in list_runs(sweep_dir):
-        entry = entries.get(run.id, {})
-        job_id = str(entry.get("job_id", ""))
-        if entry.get("cluster") == "slurm":
-            job_state = sched.get(job_id, "")
-        elif entry.get("cluster") == "local":
-            job_state = "RUNNING" if job_is_active("local", job_id, entry) else ""
-        else:
-            job_state = ""
-        ending = classify(run, job_state, submitted=bool(job_id))
-        state, reason = ending.state, ending.reason
-        if state == "running" and entry.get("cluster") == "local" and run.status() == "pending":
-            state = "pending"  # a local slot that has not reached this run yet
-        progress = _progress(run)
-        epoch = f"{progress['epoch']}/{progress['epochs']}" if progress else ""
-        stage = progress.get("stage", "train") if progress else "train"
-        if epoch and stage != "train":
-            epoch = f"{stage} {epoch}"
-        if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
-            epoch = f"{failed} stage failed"
-        if state == "diverged":
-            epoch = diverged_where(run) or epoch
-        notes = run.notes()
-        if state == "failed" and (why := run.resumable_failure()) is not None:
-            notes.append(f"{why.get('error')}: free space, then submit again to resume")
-        out.append(
-            RunState(
-                run,
-                state,
-                job_id,
-                job_state,
-                epoch,
-                progress.get("val_acc_best"),
-                progress.get("elapsed_s"),
-                reason,
-                "; ".join(notes),
-            )
-        )
-    return out
+
+def sweep_states(sweep_dir: Path) -> tuple[list[RunState], list[str]]:
+    """(each run's state, what is wrong with the sweep's own files: folders that are no runs, an
+    unreadable manifest.json), from the run folders and the jobs they name (pipeline.endings.run_jobs)."""
+    runs, strays = survey(sweep_dir)
+    jobs, manifest_problem = run_jobs(sweep_dir, runs)
+    return [_run_state(run, jobs[run.id]) for run in runs], sweep_problems(strays, manifest_problem)
+
+
+def sweep_problems(strays: list[str], manifest_problem: str) -> list[str]:
+    """The lines that name a sweep's unreadable files of its own (not of one run)."""
+    if manifest_problem:
+        return [*strays, f"{manifest_problem}: jobs are told from the run folders alone (owner.json, ending.json)"]
+    return strays
+
+
+def _run_state(run: RunDir, job: RunJob) -> RunState:
+    ending = classify(run, job.state, submitted=bool(job.job_id))
+    state, reason = ending.state, ending.reason
+    if state == "running" and job.cluster == "local" and job.source == "manifest.json" and run.status() == "pending":
+        state = "pending"  # a local slot that has not reached this run yet
+    progress = _progress(run)
+    epoch = f"{progress['epoch']}/{progress['epochs']}" if progress else ""
+    stage = progress.get("stage", "train") if progress else "train"
+    if epoch and stage != "train":
+        epoch = f"{stage} {epoch}"
+    if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
+        epoch = f"{failed} stage failed"
+    if state == "diverged":
+        epoch = diverged_where(run) or epoch
+    notes = run.notes()
+    if state == "failed" and (why := run.resumable_failure()) is not None:
+        notes.append(f"{why.get('error')}: free space, then submit again to resume")
+    problems = run.problems()
+    if problems:
+        notes.append(f"{len(problems)} unreadable file(s), named below")
+    return RunState(
+        run,
+        state,
+        job.job_id,
+        job.state,
+        epoch,
+        progress.get("val_acc_best"),
+        progress.get("elapsed_s"),
+        reason,
+        "; ".join(notes),
+        problems,
+        job.cluster,
+    )
 
 
 def diverged_where(run: RunDir) -> str:
@@ -169,13 +177,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(COMMAND_LINE, f"'{args.sweep_dir}' is not a folder", key="sweep_dir")
     if args.cancel:
         return cancel(args.sweep_dir, con)
-    while True:
-        states = run_states(args.sweep_dir)
-        con.print(render(args.sweep_dir, states))
-        con.print(summary(states))
-        if not args.watch or not any(s.state in ("pending", "running") for s in states):
-            return 0
-        time.sleep(args.interval)
+    try:
+        while True:
+            states, problems = sweep_states(args.sweep_dir)
+            con.print(render(args.sweep_dir, states))
+            con.print(summary(states))
+            show_problems(con, states, problems)
+            if not args.watch or not any(s.state in ("pending", "running") for s in states):
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:  # Ctrl-C is how --watch is stopped: no traceback
+        return 130
+
+
+def show_problems(con: Console, states: list[RunState], problems: list[str]) -> None:
+    """Unreadable files, one line each, below the table (whole paths: a table cell would wrap them)."""
+    lines = [*problems, *(f"{s.run.id}: {p}" for s in states for p in s.problems)]
+    if lines:
+        con.print("Unreadable files (the runs are shown from what could be read):", markup=False)
+    for line in lines:
+        con.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def cancel(sweep_dir: Path, con: Console) -> int:
@@ -183,13 +204,11 @@ def cancel(sweep_dir: Path, con: Console) -> int:
     live = [s for s in states if s.state in ("pending", "running") and s.job_id]
     manifest = read_manifest(sweep_dir)
     # scancel only Slurm jobs: a local job's id is a PID, and the same number may be someone's Slurm job
-    slurm = sorted(
-        {s.job_id for s in live if s.job_state and manifest["runs"].get(s.run.id, {}).get("cluster") == "slurm"}
-    )
+    slurm = sorted({s.job_id for s in live if s.job_state and s.cluster == "slurm"})
     local = {
         s.job_id: manifest["runs"][s.run.id]
         for s in live
-        if manifest["runs"].get(s.run.id, {}).get("cluster") == "local"
+        if s.cluster == "local" and manifest["runs"].get(s.run.id, {}).get("job_id") == s.job_id
     }
     if slurm:
         slurm_cli.cancel(slurm)

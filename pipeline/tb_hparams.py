@@ -97,21 +97,6 @@ def _as_string(v: Any) -> str:
     return str(v)
 
 
-def _config_value(run: RunDir, key: str) -> Any:
-    """``key`` (dotted) from the run's config.yaml, or MISSING."""
-    import yaml  # omegaconf's dependency; only needed for runs lacking a swept key
-
-    try:
-        node: Any = yaml.safe_load(run.config.read_text())
-    except (OSError, yaml.YAMLError):
-        return MISSING
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return MISSING
-        node = node[part]
-    return node
-
-
 def column_types(keys: Sequence[str], values: Sequence[dict[str, Any]]) -> dict[str, str]:
     """'bool', 'number' or 'string' per key: a key is a number (or bool) only if every run's value is."""
     types = {}
@@ -318,9 +303,7 @@ def write_hparams(sweep_dir: Path, keys: Sequence[str], records: Sequence[Record
     from pipeline.report.tables import COMPRESSION_COLUMNS, compresses
 
     runs = [r.run for r in records]
-    values = []
-    for run, r in zip(runs, records):
-        values.append({k: r.swept[k] if k in r.swept else _config_value(run, k) for k in keys})
+    values = [{k: r.setting(k, MISSING) for k in keys} for r in records]  # (swept values first, then config.yaml)
     types = column_types(keys, values)
     names = METRICS + (COMPRESSION_METRICS if compresses(records) else ())
     experiment = experiment_proto(keys, types, values, names)

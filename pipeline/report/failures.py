@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.report.records import Record
+from pipeline.rundir import survey
 
 # What a log says when the job ended for a reason the run folder cannot record itself (the tail of
 # run.log or submitit's job log is searched, last match wins)
@@ -62,17 +63,20 @@ class Classified:
     job_id: str = ""
 
 
-def classify(sweep_dir: Path, records: Sequence[Record]) -> dict[str, Classified]:
-    """Each run's state by id, from ``pipeline.status.run_states`` (squeue/sacct and the local
-    executor's processes); runs it does not know keep the state their files give. A scheduler that
-    cannot be asked is no reason to fail: the files' word stands."""
+def classify(sweep_dir: Path, records: Sequence[Record]) -> tuple[dict[str, Classified], list[str]]:
+    """(each run's state by id, what is wrong with the sweep's own files), from
+    ``pipeline.status.sweep_states`` (squeue/sacct, the local executor's processes, the jobs the run
+    folders name); runs it does not know keep the state their files give. A scheduler that cannot be
+    asked is no reason to fail: the files' word stands."""
+    from pipeline.manifest import checked_manifest
+    from pipeline.status import job_log, sweep_problems, sweep_states
+
     out = {r.id: Classified(r.status) for r in records}
     if all(r.status == "done" for r in records):  # final from the files: no scheduler to ask
-        return out
+        return out, sweep_problems(survey(sweep_dir)[1], checked_manifest(sweep_dir)[1])
     try:
-        from pipeline.status import job_log, run_states
-
-        for s in run_states(sweep_dir):
+        states, problems = sweep_states(sweep_dir)
+        for s in states:
             log = job_log(sweep_dir, s.job_id) if s.job_id else None
             out[s.run.id] = Classified(
                 s.state, s.job_state, str(log) if log and log.is_file() else "", reason=s.reason, job_id=s.job_id
@@ -80,7 +84,8 @@ def classify(sweep_dir: Path, records: Sequence[Record]) -> dict[str, Classified
     except Exception as e:  # noqa: BLE001 - a broken manifest or scheduler must not hide the tables
         for r in records:
             out[r.id] = Classified(r.status, reason=f"scheduler state unknown ({type(e).__name__}: {e})")
-    return out
+        problems = []
+    return out, problems
 
 
 def _tail(path: Path | str) -> str:
@@ -189,11 +194,18 @@ def failure(r: Record, c: Classified) -> Failure | None:
     return Failure(r, c.state, c.reason or r.status, log)
 
 
-def failures(sweep_dir: Path, records: Sequence[Record]) -> list[Failure]:
-    states = classify(sweep_dir, records)
-    out = [f for r in records if (f := failure(r, states.get(r.id, Classified(r.status)))) is not None]
-    for r in records:  # unreadable config/meta files of runs that are otherwise fine: still reported
-        extra = [p for p in r.problems if not p.startswith(str(r.run.metrics_dir))]
-        if extra and not any(f.record is r for f in out):
-            out.append(Failure(r, "unreadable", "; ".join(extra), str(r.run.log) if r.run.log.exists() else ""))
-    return out
+def failures(sweep_dir: Path, records: Sequence[Record]) -> tuple[list[Failure], list[str]]:
+    """(every run not done, and every run with an unreadable file, with its reason; what is wrong with
+    the sweep's own files)."""
+    states, problems = classify(sweep_dir, records)
+    out = []
+    for r in records:
+        f = failure(r, states.get(r.id, Classified(r.status)))
+        unsaid = [p for p in r.problems if f is None or p not in f.reason]
+        if f is None and unsaid:
+            f = Failure(r, "unreadable", "; ".join(unsaid), str(r.run.log) if r.run.log.exists() else "")
+        elif f is not None and unsaid:
+            f = Failure(r, f.state, "; ".join([f.reason, *unsaid]), f.log)
+        if f is not None:
+            out.append(f)
+    return out, problems

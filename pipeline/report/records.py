@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import STAGES, RunDir, list_runs
+from pipeline.rundir import STAGES, RunDir, config_sections, survey
 
 # Sections of config.yaml that only change what happens after training: runs equal in everything
 # else share one training (study 3 trains the same network once per compression variant).
 AFTER_TRAINING = ("prune", "quant", "measure", "slurm", "output")
-# Top-level sections every config.yaml the sweep writes has (a file without them is cut short or foreign)
-REQUIRED_SECTIONS = ("data", "model", "optim", "train")
 
 
 @dataclass
@@ -73,7 +71,7 @@ class Record:
     def training_key(self) -> str:
         """Identifies the training: config.yaml without the sections that act after it (compared as
         text, section by section: the sweep writes every config the same way)."""
-        sections = _sections(self.config_text)
+        sections = config_sections(self.config_text)
         # pruning while training (study 2) is part of the training: its schedule shapes the weights
         during_train = re.search(r"^\s+during:\s*train\s*$", sections.get("prune", ""), re.M) is not None
         body = [(k, v) for k, v in sections.items() if k not in AFTER_TRAINING or (k == "prune" and during_train)]
@@ -92,35 +90,6 @@ class Record:
         return "done"
 
 
-def _sections(text: str) -> dict[str, str]:
-    """Top-level YAML block sections of a config.yaml: name -> its text."""
-    out: dict[str, list[str]] = {}
-    current = ""
-    for line in text.splitlines():
-        if line and not line[0].isspace() and not line.startswith("#"):
-            current = line.split(":", 1)[0]
-            out[current] = [line]
-        elif current:
-            out[current].append(line)
-    return {k: "\n".join(v) for k, v in out.items()}
-
-
-def _read_config_text(run: RunDir) -> tuple[str, str | None]:
-    """The file's text after a cheap check (UTF-8, no NUL byte, the main sections, a final newline);
-    the full YAML parse waits until a value is needed."""
-    try:
-        text = run.config.read_bytes().decode("utf-8")
-    except OSError as e:
-        return "", f"{run.config} is unreadable ({e.strerror or e})"
-    except UnicodeDecodeError:
-        return "", f"{run.config} is unreadable (not UTF-8 text: corrupt)"
-    missing = [s for s in REQUIRED_SECTIONS if s not in _sections(text)]
-    if "\x00" in text or missing or not text.endswith("\n"):
-        why = "binary" if "\x00" in text else (f"no {', '.join(missing)} section" if missing else "cut short")
-        return "", f"{run.config} is unreadable ({why}: corrupt or half-written)"
-    return text, None
-
-
 def _parse_config(run: RunDir, text: str) -> tuple[dict[str, Any], str | None]:
     import yaml  # omegaconf's dependency (plain YAML: the login node needs no omegaconf resolvers here)
 
@@ -136,28 +105,16 @@ def _parse_config(run: RunDir, text: str) -> tuple[dict[str, Any], str | None]:
 
 
 def read_record(run: RunDir, sweep: str) -> Record:
-    problems = []
-    text, problem = _read_config_text(run)
-    if problem:
-        problems.append(problem)
-    stages = {}
-    for stage in STAGES:
-        m = run.read_metrics(stage) or {}
-        if m.get("status") == "failed" and "unreadable" in str(m.get("error", "")):
-            problems.append(str(m["error"]).split(";")[0])
-        stages[stage] = m
-    meta = run.read_meta()
-    if run.meta.exists() and not meta:
-        problems.append(f"{run.meta} is unreadable (corrupt or not a mapping); swept values taken as none")
+    text, problem = run.read_config_text()
     record = Record(
         run=run,
         sweep=sweep,
-        swept=dict(meta.get("swept", {})),
+        swept=dict(run.read_meta()["swept"]),
         config_text=text,
-        stages=stages,
+        stages={stage: run.read_metrics(stage) or {} for stage in STAGES},
         status="",
         progress=run.read_progress(),
-        problems=problems,
+        problems=[p for p in (problem, *run.problems(config=False)) if p],
     )
     record.status = record.status_from_stages()
     return record
@@ -165,8 +122,9 @@ def read_record(run: RunDir, sweep: str) -> Record:
 
 def gather(sweep_dir: Path, label: str | None = None) -> tuple[list[str], list[Record]]:
     """(swept keys in first-seen order, one record per run sorted by swept values then id). ``label``
-    names the sweep in a comparison (default: the folder's name)."""
-    records = [read_record(run, label or Path(sweep_dir).name) for run in list_runs(sweep_dir)]
+    names the sweep in a comparison (default: the folder's name). Folders that are no runs
+    (:func:`pipeline.rundir.survey`) are left out."""
+    records = [read_record(run, label or Path(sweep_dir).name) for run in survey(sweep_dir)[0]]
     keys = list(dict.fromkeys(k for r in records for k in r.swept))
     records.sort(key=lambda r: ([sort_key(r.swept.get(k)) for k in keys], r.id))
     return keys, records

@@ -175,6 +175,11 @@ def failures_markdown(items: Sequence[Failure], sweep_column: bool = False) -> s
     return "\n".join(lines) + "\n"
 
 
+def problems_markdown(problems: Sequence[str]) -> str:
+    """The sweep's own unreadable files (a manifest, folders that are no runs), one line each."""
+    return "\n".join(["## Unreadable files", "", *(f"- {one_line(p)}" for p in problems)]) + "\n"
+
+
 def failures_json(items: Sequence[Failure]) -> list[dict[str, Any]]:
     return [
         {
