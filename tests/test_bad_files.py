@@ -201,3 +201,50 @@ def test_a_bad_manifest_is_named_and_every_run_shown(tmp_path, kind):
         assert str(sweep_dir / "manifest.json") in r.stdout, f"{tool}:\n{r.stdout}"
         assert all(run.id in r.stdout for run in runs), r.stdout
     assert (sweep_dir / "manifest.json").read_bytes() == before  # readers never move or rewrite it
+
+
+# --------------------------------------------------------------------------------------------------
+# folders that hold a config.yaml but are no runs
+# --------------------------------------------------------------------------------------------------
+
+JUNK = {
+    "list": b"- a\n- b\n",
+    "word": b"hello\n",
+    "number": b"42\n",
+    "binary": b"\x00\x01\x02\xff",
+    "foreign": b"name: not a run\nsteps: 3\n",
+}
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path below ``folder`` with its bytes (None for folders)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_folders_whose_config_is_no_run_config_are_named_and_left_untouched(tmp_path):
+    sweep_dir, runs = make_sweep(tmp_path, "grid: {optim.lr: [0.1, 0.2]}\n")
+    finish_all(runs[0])  # the other stays pending
+    for name, content in JUNK.items():
+        (sweep_dir / f"junk-{name}").mkdir()
+        (sweep_dir / f"junk-{name}" / "config.yaml").write_bytes(content)
+    before = {name: tree(sweep_dir / f"junk-{name}") for name in JUNK}
+    status = run_cli("pipeline.status", str(sweep_dir), cwd=tmp_path)
+    collect = run_cli("pipeline.collect", str(sweep_dir), "--format", "markdown", cwd=tmp_path)
+    for tool, r in (("status", status), ("collect", collect)):
+        assert r.returncode == 0 and "Traceback" not in r.stderr, f"{tool}:\n{r.stderr}"
+        for name in JUNK:
+            assert f"{sweep_dir / f'junk-{name}'} holds nothing else of a run" in r.stdout, f"{tool}:\n{r.stdout}"
+        assert all(run.id in r.stdout for run in runs)
+    assert "2 runs: 1 pending, 0 running, 1 done" in status.stdout  # the junk is no pending run
+    md = (sweep_dir / "results.md").read_text()
+    assert not any(line.startswith("| junk-") for line in md.splitlines())
+    assert "**pending**: not submitted yet" in md and md.count("**pending**") == 1
+    assert {name: tree(sweep_dir / f"junk-{name}") for name in JUNK} == before  # nothing written into them
+    assert (runs[0].tensorboard / "events.out.tfevents.0.pipeline-hparams").is_file()
+
+    only_junk = tmp_path / "runs" / "junk"
+    (only_junk / "a").mkdir(parents=True)
+    (only_junk / "a" / "config.yaml").write_bytes(JUNK["list"])
+    r = run_cli("pipeline.collect", str(only_junk), cwd=tmp_path)
+    assert r.returncode == 2 and "holds no run folders" in r.stderr and "holds nothing else of a run" in r.stderr
+    assert tree(only_junk) == {"a": None, "a/config.yaml": JUNK["list"]}
