@@ -305,6 +305,13 @@ def test_every_kind_of_unfinished_run_with_its_reason(tmp_path):
     }
     assert len(section) == 8 and not any("optim.lr=0.01)" in ln for ln in section)
     assert "**diverged**: epoch 3: loss not finite; last finite loss 1.0000 (epoch 2)" in line[0.02]
+    # the record's own last finite loss (the step before), as the training writes it: also when the
+    # first epoch diverged and no epoch finished
+    for epoch, step, history_rows, said in [(1, 5, [], "step 4 of epoch 1"), (3, 1, hist, "the step before")]:
+        record = train_record("diverged", diverged_epoch=epoch, diverged_step=step, last_finite_loss=2.3026)
+        diverged.write_metrics("train", {**record, "train_loss": None, "history": history_rows})
+        said_now = failure(read_record(diverged, "s"), Classified("diverged")).reason
+        assert said_now == f"epoch {epoch}: loss not finite; last finite loss 2.3026 ({said})", said_now
     assert f"**failed**: prune stage: ValueError: bad shapes (log {failed.log})" in line[0.03]
     assert "**timed out**: train epoch 4/50" in line[0.04] and str(timeout.log) in line[0.04]
     assert "**requeued too often**" in line[0.05]

@@ -134,18 +134,32 @@ def hms(seconds: float) -> str:
 def _diverged(r: Record) -> str:
     stage = next((s for s, m in r.stages.items() if m.get("status") == "diverged"), "train")
     m = r.stages.get(stage, {})
-    history = m.get("history") or []
-    finite = [h for h in history if isinstance(h, dict) and isinstance(h.get("train_loss"), (int, float))]
-    last = finite[-1] if finite else None
-    # history_metrics' train_loss is the last finished (finite) epoch's; progress.json has it too
-    loss = last["train_loss"] if last else m.get("train_loss", r.progress.get("train_loss") if r.progress else None)
     where = "" if stage == "train" else f"{stage} "
     text = f"{where}epoch {m.get('diverged_epoch', '?')}: loss not finite"
-    if isinstance(loss, (int, float)) and math.isfinite(loss):
-        text += f"; last finite loss {loss:.4f}" + (f" (epoch {last['epoch']})" if last and "epoch" in last else "")
-    else:
-        text += "; no finite loss logged before it"
-    return text
+    loss, when = _last_finite_loss(r, m)
+    if loss is None:
+        return text + "; no finite loss logged before it"
+    return text + f"; last finite loss {loss:.4f}" + (f" ({when})" if when else "")
+
+
+def _last_finite_loss(r: Record, m: dict[str, Any]) -> tuple[float | None, str]:
+    """(the last finite loss before a stage diverged, when it was logged): the record's own (the step
+    before), else the last finished epoch's (history, progress.json)."""
+    step = m.get("diverged_step")
+    if _finite(m.get("last_finite_loss")):
+        before = f"step {step - 1} of epoch {m.get('diverged_epoch')}" if _finite(step) and step > 1 else ""
+        return float(m["last_finite_loss"]), before or "the step before"
+    history = m.get("history") or []
+    rows = [h for h in history if isinstance(h, dict) and _finite(h.get("train_loss"))]
+    if rows:
+        return float(rows[-1]["train_loss"]), f"epoch {rows[-1]['epoch']}" if "epoch" in rows[-1] else ""
+    # history_metrics' train_loss is the last finished (finite) epoch's; progress.json has it too
+    loss = m.get("train_loss", r.progress.get("train_loss") if r.progress else None)
+    return (float(loss), "") if _finite(loss) else (None, "")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def failure(r: Record, c: Classified) -> Failure | None:
