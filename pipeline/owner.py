@@ -120,16 +120,40 @@ class Ownership:
     _thread: threading.Thread | None = None
     _previous_handler: Any = None
     vanished: str = ""  # why the watcher stopped the job ("" while the folder is there)
+    also: list[Path] = field(default_factory=list)  # shared stores this job works in, watched as well
 
     @property
     def path(self) -> Path:
         return self.run.path / OWNER_FILE
 
     def check(self) -> None:
-        """Raise :class:`RunFolderVanished` if the run folder is gone or was replaced."""
+        """Raise :class:`RunFolderVanished` if the run folder, or a shared store this job works in, is
+        gone or was replaced."""
         check_folder(self.run.path)
         if not self.run.config.exists():
             raise RunFolderVanished(f"{self.run.config} was deleted while this job was running")
+        for store in self.also:
+            check_folder(store)
+
+    def watch_also(self, store: Path) -> None:
+        """Watch ``store`` (a shared training or pruning this job does) like the run folder: deleted
+        under the job, it stops the job and nothing is written back into it."""
+        guard_folder(store, "shared store")
+        self.also.append(store)
+
+    def record_vanished(self, error: RunFolderVanished) -> None:
+        """After a shared store vanished under the job: the run folder, still there, says the run failed
+        (ending.json), so that status and collect show it failed rather than waiting on itself."""
+        try:
+            check_folder(self.run.path)
+        except RunFolderVanished:
+            return
+        if not self.also or not self.run.config.exists():
+            return
+        from pipeline import endings, preempt
+
+        reason = f"{error}; submit the sweep again to redo it"
+        endings.write_ending(self.run, "failed", reason, job_id=preempt.slurm_job_id())
 
     def _watch(self, main_thread: int | None) -> None:
         beat = time.monotonic()
@@ -170,7 +194,8 @@ class Ownership:
             self._thread.join()
         if self._previous_handler is not None:
             signal.signal(_INTERRUPT, self._previous_handler)
-        unguard_folder(self.run.path)
+        for folder in (self.run.path, *self.also):
+            unguard_folder(folder)
         found = read_owner(self.run)
         if found is not None and _same_owner(found[0], self.record):
             try:

@@ -169,6 +169,8 @@ def execute(run_dir: str | Path) -> str:
                     if shared == "done":
                         continue
                     return shared
+                if ownership is not None:  # this job does it: a store deleted meanwhile stops it
+                    ownership.watch_also(target.path)
             done = target.read_metrics(stage)
             if resumable(done):
                 # it failed writing (full disk, quota, read-only) and its last checkpoint is intact
@@ -226,6 +228,8 @@ def execute(run_dir: str | Path) -> str:
         message = f"run {run.id}: {e}; stopped"
         log.error("%s", message)
         print(f"error: {message}", file=sys.stderr, flush=True)
+        if ownership is not None:
+            ownership.record_vanished(e)
         raise
     finally:
         if ownership is not None:

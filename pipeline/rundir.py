@@ -124,9 +124,10 @@ class RunFolderVanished(FileNotFoundError):
     """The run folder a job works in was deleted (or replaced by a new one) under it."""
 
 
-# Run folders a job in this process works in -> (st_dev, st_ino) when it started: writes below them
-# must not recreate the folder once it is gone, or a deleted run comes back holding one stray file.
-_GUARDED: dict[Path, tuple[int, int]] = {}
+# Folders a job in this process works in (its run folder, a shared store it trains in) -> ((st_dev,
+# st_ino) when it started, what the folder is): writes below them must not recreate the folder once it
+# is gone, or a deleted run comes back holding one stray file.
+_GUARDED: dict[Path, tuple[tuple[int, int], str]] = {}
 
 
 def folder_key(path: Path) -> tuple[int, int] | None:
@@ -137,12 +138,12 @@ def folder_key(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def guard_folder(path: Path) -> None:
-    """Remember ``path`` (an existing run folder) as it is now; see :func:`check_folder`."""
+def guard_folder(path: Path, what: str = "run folder") -> None:
+    """Remember ``path`` (an existing run folder, or ``what`` it is) as it is now; see :func:`check_folder`."""
     key = folder_key(path)
     if key is None:
-        raise RunFolderVanished(f"run folder {path} does not exist")
-    _GUARDED[Path(os.path.abspath(path))] = key
+        raise RunFolderVanished(f"{what} {path} does not exist")
+    _GUARDED[Path(os.path.abspath(path))] = (key, what)
 
 
 def unguard_folder(path: Path) -> None:
@@ -153,10 +154,10 @@ def check_folder(path: Path) -> None:
     """Raise :class:`RunFolderVanished` when ``path`` lies in a guarded run folder that is no longer the
     folder it was (deleted, moved away, or deleted and created again)."""
     absolute = Path(os.path.abspath(path))
-    for root, key in _GUARDED.items():
+    for root, (key, what) in list(_GUARDED.items()):
         if (absolute == root or root in absolute.parents) and folder_key(root) != key:
             raise RunFolderVanished(
-                f"run folder {root} was deleted or replaced while this job was running; nothing more is written there"
+                f"{what} {root} was deleted or replaced while this job was running; nothing more is written there"
             )
 
 

@@ -196,8 +196,8 @@ def failure(r: Record, c: Classified) -> Failure | None:
             else "before its first epoch"
         )
         return Failure(r, word, f"{where}; job {c.job_state or 'log'} says so; submit the sweep again to resume", log)
-    if c.state == "failed":
-        return Failure(r, "failed", f"job ended {c.job_state or 'without a result'}; see the log", log)
+    if c.state == "failed":  # (the reason the job recorded, e.g. its shared store deleted under it)
+        return Failure(r, "failed", c.reason or f"job ended {c.job_state or 'without a result'}; see the log", log)
     if c.state == "stopped" or r.status == "running":
         where = (
             f"{r.progress.get('stage', 'train')} epoch {r.progress.get('epoch')}/{r.progress.get('epochs')}"
