@@ -122,10 +122,20 @@ FAULTS: tuple[Fault, ...] = (
         ),
     ),
     Fault(
-        "run folder deleted under a running job",
-        "the job stops within seconds, says so, recreates nothing",
-        "submit again to start that run afresh",
-        ("test_localjobs.py::test_a_run_folder_deleted_under_a_running_job_stays_deleted",),
+        "run folder deleted under a running job; `<out>/.shared` deleted under the job training it",
+        "the job stops within seconds, says so in one line, recreates nothing; a deleted store shows its run failed",
+        "submit again to start that run (or training) afresh",
+        (
+            "test_localjobs.py::test_a_run_folder_deleted_under_a_running_job_stays_deleted",
+            "test_vanished_store.py::test_shared_store_deleted_under_its_training_stops_the_job_and_shows_the_run_failed",
+        ),
+    ),
+    Fault(
+        "runs started without the launcher: `sbatch sbatch/array.sh`, `python -m pipeline.run` by hand",
+        "status and collect take the job from `owner.json` (running) and `ending.json` (sacct: `cancelled (by <user>)`)"
+        ", not only from the manifest",
+        "nothing",
+        ("test_plain_jobs.py::test_plain_array_tasks_and_a_hand_run_are_shown_running_then_cancelled",),
     ),
     # ---- training
     Fault(
@@ -231,13 +241,23 @@ FAULTS: tuple[Fault, ...] = (
         ),
     ),
     Fault(
-        "a binary, truncated or odd metrics/config/meta/progress file",
-        "collect and status name the file and show every other run",
+        "a binary, truncated, empty, wrong-type or not UTF-8 (latin-1, UTF-16) file a reader opens: config, meta,"
+        " metrics, progress, shared/key/trainer/owner/ending.json, manifest",
+        "status and collect (tables, plots, HParams) name the file, leave out what cannot be read and show every"
+        " other run",
         "rerun that run",
         (
+            "test_bad_files.py::test_a_bad_file_is_named_and_every_other_run_shown",
+            "test_bad_files.py::test_a_bad_manifest_is_named_and_every_run_shown",
             "test_collect.py::test_bad_files_in_one_run_do_not_hide_the_sweep",
             "test_report.py::test_corrupt_metrics_and_config_are_named_and_the_rest_is_shown",
         ),
+    ),
+    Fault(
+        "folders with a `config.yaml` that is no run config (a list, a word, binary) and nothing else of a run",
+        "status and collect name each as no run, never as a pending run, and write nothing into it",
+        "remove them",
+        ("test_bad_files.py::test_folders_whose_config_is_no_run_config_are_named_and_left_untouched",),
     ),
     Fault(
         "a bad sweep or config file (binary, duplicate keys, NaN, `???`, huge grid)",
