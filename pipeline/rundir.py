@@ -22,6 +22,7 @@ and collect/status (read them). Torch-free.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import json
 import os
@@ -31,7 +32,8 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -382,7 +384,32 @@ def read_text(path: Path) -> tuple[str | None, str]:
         return None, _unreadable(path, f"not UTF-8 text: byte {data[e.start]:#04x} at {e.start}")
 
 
+# While set (:func:`reading_once`): path -> what _parse_json gave, so that one record's readers, which
+# open some files twice (the record, then the check of every file), read and parse each once
+_ONCE: ContextVar[dict[Path, tuple[Any, str]] | None] = ContextVar("_ONCE", default=None)
+
+
+@contextlib.contextmanager
+def reading_once() -> Iterator[None]:
+    """Inside, each JSON file is read and parsed once, and every reader gets the same parsed object:
+    for readers of results that do not change them (collect), never for a job that writes them."""
+    token = _ONCE.set({})
+    try:
+        yield
+    finally:
+        _ONCE.reset(token)
+
+
 def _parse_json(path: Path) -> tuple[Any, str]:
+    memo = _ONCE.get()
+    if memo is None:
+        return _parse_json_file(path)
+    if path not in memo:
+        memo[path] = _parse_json_file(path)
+    return memo[path]
+
+
+def _parse_json_file(path: Path) -> tuple[Any, str]:
     text, problem = read_text(path)
     if text is None:
         return None, problem

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import STAGES, RunDir, config_sections, survey
+from pipeline.rundir import STAGES, RunDir, config_sections, reading_once, survey
 
 # Sections of config.yaml that only change what happens after training: runs equal in everything
 # else share one training (study 3 trains the same network once per compression variant).
@@ -105,6 +105,11 @@ def _parse_config(run: RunDir, text: str) -> tuple[dict[str, Any], str | None]:
 
 
 def read_record(run: RunDir, sweep: str) -> Record:
+    with reading_once():  # (the records, then the check of every file: each read once)
+        return _read_record(run, sweep)
+
+
+def _read_record(run: RunDir, sweep: str) -> Record:
     text, problem = run.read_config_text()
     record = Record(
         run=run,
