@@ -145,21 +145,22 @@ def _diverged(r: Record) -> str:
 def _last_finite_loss(r: Record, m: dict[str, Any]) -> tuple[float | None, str]:
     """(the last finite loss before a stage diverged, when it was logged): the record's own (the step
     before), else the last finished epoch's (history, progress.json)."""
-    step = m.get("diverged_step")
-    if _finite(m.get("last_finite_loss")):
-        before = f"step {step - 1} of epoch {m.get('diverged_epoch')}" if _finite(step) and step > 1 else ""
-        return float(m["last_finite_loss"]), before or "the step before"
+    step = _number(m.get("diverged_step"))
+    if (loss := _number(m.get("last_finite_loss"))) is not None:
+        before = f"step {step - 1:g} of epoch {m.get('diverged_epoch')}" if step is not None and step > 1 else ""
+        return loss, before or "the step before"
     history = m.get("history") or []
-    rows = [h for h in history if isinstance(h, dict) and _finite(h.get("train_loss"))]
+    rows = [h for h in history if isinstance(h, dict) and _number(h.get("train_loss")) is not None]
     if rows:
         return float(rows[-1]["train_loss"]), f"epoch {rows[-1]['epoch']}" if "epoch" in rows[-1] else ""
     # history_metrics' train_loss is the last finished (finite) epoch's; progress.json has it too
-    loss = m.get("train_loss", r.progress.get("train_loss") if r.progress else None)
-    return (float(loss), "") if _finite(loss) else (None, "")
+    return _number(m.get("train_loss", r.progress.get("train_loss") if r.progress else None)), ""
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _number(value: Any) -> float | None:
+    """A finite number as a float, else None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def failure(r: Record, c: Classified) -> Failure | None:
