@@ -137,6 +137,8 @@ def prepare(run: RunDir, name: str) -> Path:
         store = share_training(run, {"status": "failed", "error": "RuntimeError: boom"}, owner="0wner")
         return store / name
     finish_all(run)
+    if name == "config.yaml":  # written by an older sweep file: the swept value is read from config.yaml
+        atomic_write_json(run.meta, {**run.read_meta(), "swept": {}})
     if name in ("shared.json", "key.json"):
         store = share_training(run, run.read_metrics("train") or {}, owner=run.id)
         return (store if name == "key.json" else run.path) / name
