@@ -247,7 +247,11 @@ class Config:
 
 # Settings that only say where or how a run is scheduled or logged: they do not change its result, so
 # they are left out of the run id (a longer time limit must resume a run, not start a new one).
-ID_EXCLUDED_SECTIONS = ("slurm", "output", "measure")  # measure: how models are timed, not which are made
+ID_EXCLUDED_SECTIONS = ("slurm", "output")
+# Sections that change a run's results but were once left out of the id: only their settings that differ
+# from the default are hashed, so runs made before (with every such setting at its default) keep their ids.
+# measure: its settings change the figures measured (measure.json), though not the models.
+ID_NON_DEFAULT_SECTIONS = ("measure",)
 # Sections added later that also change no result: dropped from the hash altogether (an empty entry
 # would change every existing run id). share: where a training is done, not what it gives.
 ID_DROPPED_SECTIONS = ("share",)
@@ -705,8 +709,12 @@ def run_id(cfg: DictConfig) -> str:
 
 
 def tree_run_id(tree: Mapping[str, Any]) -> str:
-    """:func:`run_id` of a resolved config given as a plain nested dict (``tree`` is not changed)."""
-    tree = dict(tree)
+    """:func:`run_id` of a resolved config given as a plain nested dict (``tree`` is not changed).
+    Settings that do nothing in this run (:func:`inert_settings`) count at their default value."""
+    tree = settled(tree)
+    for section in ID_NON_DEFAULT_SECTIONS:
+        if isinstance(tree.get(section), Mapping):
+            tree[section] = {k: v for k, v in tree[section].items() if v != _DEFAULTS.get(f"{section}.{k}")}
     for section in ID_EXCLUDED_SECTIONS:
         kept = {k: tree[section][k] for k in ID_INCLUDED_SLURM_KEYS} if section == "slurm" else {}
         tree[section] = kept
@@ -717,6 +725,66 @@ def tree_run_id(tree: Mapping[str, Any]) -> str:
         tree.pop(section, None)
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings that do nothing in a run (given its other settings)
+# --------------------------------------------------------------------------------------------------
+
+_DEFAULTS: dict[str, Any] = {
+    k: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default for k, f in _FIELDS.items()
+}
+_PRUNE_UNSTRUCTURED_ONLY = ("initial_sparsity", "schedule", "power", "begin", "end", "frequency", "scope")
+_PRUNE_UNSTRUCTURED_ONLY += ("dense_first_last",)
+_PRUNE_STRUCTURED_ONLY = ("importance", "round_to", "iterative_steps")
+_PRUNE_FINETUNE_ONLY = ("epochs", "lr", "lr_schedule", "warmup_epochs")
+
+
+def inert_settings(tree: Mapping[str, Any]) -> dict[str, str]:
+    """The settings that change nothing in a run with these values, dotted key -> why (a phrase that
+    follows the key: "prune.sparsity does nothing with prune.method=none"). They are left out of
+    the run id and of the stage keys: a grid over one of them gives one run, not several equal ones."""
+    out = {"train.eval_batch_size": "does not change results (each image's output is the same in any batch)"}
+    if tree["data"]["loader"] == "device":
+        out["train.num_workers"] = "does nothing with data.loader=device (no worker processes)"
+    out.update(_inert_prune(tree["prune"]))
+    quant = tree["quant"]["method"]
+    unused = {"none": ("calib_batches", "epochs", "lr"), "int8": ("epochs", "lr"), "qat": ("calib_batches",)}
+    for leaf in unused.get(quant, ("calib_batches", "epochs", "lr")):
+        out[f"quant.{leaf}"] = f"does nothing with quant.method={quant}"
+    if not tree["measure"]["enabled"]:
+        for key in _FIELDS:
+            if key.startswith("measure.") and key != "measure.enabled":
+                out[key] = "does nothing with measure.enabled=false"
+    return out
+
+
+def _inert_prune(prune: Mapping[str, Any]) -> dict[str, str]:
+    method = prune["method"]
+    if method == "none":
+        return {f"prune.{k}": "does nothing with prune.method=none" for k in prune if k != "method"}
+    out = {}
+    for leaf in _PRUNE_STRUCTURED_ONLY if method == "unstructured" else _PRUNE_UNSTRUCTURED_ONLY:
+        out[f"prune.{leaf}"] = f"does nothing with prune.method={method}"
+    if method == "unstructured" and prune["schedule"] == "constant":
+        for leaf in ("initial_sparsity", "power"):
+            out[f"prune.{leaf}"] = "does nothing with prune.schedule=constant"
+    if prune["during"] == "train":
+        for leaf in _PRUNE_FINETUNE_ONLY:
+            out[f"prune.{leaf}"] = "does nothing with prune.during=train (no fine-tune)"
+    return out
+
+
+def settled(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a resolved config (a plain nested dict) with every :func:`inert_settings` key at its
+    default value: what run ids and stage keys hash. At the default, nothing changes: the ids and keys
+    of runs made before, whose inert settings had their default values, stay the same."""
+    out = {section: dict(v) if isinstance(v, Mapping) else v for section, v in tree.items()}
+    for key in inert_settings(tree):
+        section, leaf = key.split(".")
+        if leaf in out[section]:
+            out[section][leaf] = _DEFAULTS[key]
+    return out
 
 
 def from_tree(tree: Mapping[str, Any]) -> DictConfig:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline.config import settled
 from pipeline.rundir import SHARED_LINKS, SHARED_POINTER, RunDir, atomic_write_json, read_json, resumable
 
 STORE = ".shared"
@@ -53,7 +54,14 @@ def _hash(obj: Any) -> str:
 
 
 def training_settings(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """What a run's training result depends on, from its resolved config (a plain nested dict)."""
+    """What a run's training result depends on, from its resolved config (a plain nested dict).
+
+    Settings that change nothing (:func:`pipeline.config.inert_settings`: ``train.eval_batch_size``,
+    ``train.num_workers`` with the device loader, the fine-tune's settings of a pruning inside training)
+    count at their default value rather than being left out: the keys of trainings stored before, made
+    with those settings at their defaults, stay the same; a training made with other values is done
+    once more under the new key."""
+    tree = settled(tree)
     out: dict[str, Any] = {s: tree[s] for s in TRAIN_SECTIONS}
     # what is evaluated after each epoch does not change the weights (nan_check_steps stays in: keys
     # of trainings already stored must not change)
@@ -74,6 +82,7 @@ def _method_only(section: Mapping[str, Any]) -> Mapping[str, Any]:
 def stage_keys(tree: Mapping[str, Any]) -> dict[str, str]:
     """{"train", "prune", "quantize"} -> key of that stage's result."""
     train = _hash(training_settings(tree))
+    tree = settled(tree)  # a stage's settings that do nothing at its method: at their defaults
     prune = _hash({"train": train, "prune": _method_only(tree.get("prune") or {})})
     quantize = _hash({"prune": prune, "quant": _method_only(tree.get("quant") or {})})
     return {"train": train, "prune": prune, "quantize": quantize}

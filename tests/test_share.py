@@ -56,6 +56,25 @@ def test_prune_and_quantize_keys_chain_on_the_earlier_stage():
     assert none1["prune"] == none2["prune"]
 
 
+def test_training_key_ignores_evaluation_batch_and_unused_workers_and_keeps_stored_keys():
+    base = share.stage_keys(tree())
+    assert base == {"train": "996293938cc0", "prune": "b581e6a7290a", "quantize": "c48702943dce"}  # as stored before
+    assert share.training_key(tree("train.eval_batch_size=64")) == base["train"]
+    assert share.training_key(tree("data.loader=device", "train.num_workers=0")) == base["train"]
+    workers = tree("data.loader=dataloader", "train.num_workers=2")  # worker seeding draws the augmentations
+    assert share.training_key(workers) != share.training_key(tree("data.loader=dataloader", "train.num_workers=4"))
+    during = ("prune.method=unstructured", "prune.during=train")  # the fine-tune settings of a pruning in training
+    assert share.training_key(tree(*during, "prune.epochs=3", "prune.importance=l1")) == share.training_key(
+        tree(*during)
+    )
+    assert share.training_key(tree(*during, "prune.sparsity=0.7")) != share.training_key(tree(*during))
+    structured = share.stage_keys(tree("prune.method=structured", "quant.method=int8"))
+    assert structured == {"train": "996293938cc0", "prune": "b7319bda10e5", "quantize": "e1c35b5f8d5c"}
+    # a stage's settings that do nothing at its method do not split its key
+    assert share.stage_keys(tree("prune.method=structured", "quant.method=int8", "prune.scope=layer")) == structured
+    assert share.stage_keys(tree("prune.method=structured", "quant.method=int8", "quant.lr=0.5")) == structured
+
+
 def test_share_section_does_not_change_run_ids():
     cfg = load_config([], [])
     off = load_config([], ["share.train=false"])
