@@ -45,6 +45,7 @@ from pipeline.config import (
     file_layer,
     flatten,
     from_tree,
+    inert_settings,
     parse_overrides,
     read_yaml,
     tree_run_id,
@@ -93,6 +94,8 @@ class PlannedRun:
     swept: dict[str, Any]
     config: dict[str, Any]
     _cfg: DictConfig | None = field(default=None, repr=False, compare=False)
+    # other points of the sweep that gave this same run (same id), each with why (:func:`merge_reason`)
+    merged: list[tuple[dict[str, Any], str]] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.config, DictConfig):
@@ -232,7 +235,7 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None, cwd: 
     variants = spec.variants or [{}]
 
     runs: list[PlannedRun] = []
-    seen: set[str] = set()
+    seen: dict[str, PlannedRun] = {}
     for vi, variant in enumerate(variants):
         for g in grid_points:
             for z in zip_points:
@@ -248,11 +251,55 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None, cwd: 
                 flat["data.root"] = roots[root]
                 tree = unflatten(flat)
                 rid = tree_run_id(tree)
-                if rid in seen:
+                swept = {k: flat[k] for k in {**variant, **g, **z}}
+                if rid in seen:  # the same run as an earlier point: kept once, and said why
+                    seen[rid].merged.append((swept, merge_reason(seen[rid].config, tree)))
                     continue
-                seen.add(rid)
-                runs.append(PlannedRun(rid, {k: flat[k] for k in {**variant, **g, **z}}, tree))
+                seen[rid] = PlannedRun(rid, swept, tree)
+                runs.append(seen[rid])
     return runs
+
+
+def merge_reason(kept: dict[str, Any], other: dict[str, Any]) -> str:
+    """Why the resolved config ``other`` gives the same run as ``kept``: the settings they differ in,
+    each with why it is not part of the run id."""
+    a, b = flatten(kept), flatten(other)
+    differ = [k for k in a if a[k] != b.get(k)]
+    if not differ:
+        return "the same settings (a value given twice, or set again by a later layer or the command line)"
+    inert = inert_settings(kept)
+    why = []
+    for key in differ:
+        if key in inert:
+            why.append(f"{key} {inert[key]}")
+        else:
+            why.append(
+                f"{key} is not part of the run id (how a run is scheduled or logged, not its result): "
+                f"the run has {key}={cli.fmt(a[key])}"
+            )
+    return "; ".join(why)
+
+
+MERGES_SHOWN = 10  # merge notes printed before "... more" (--all prints every one)
+
+
+def merge_notes(runs: Sequence[PlannedRun], show_all: bool = False) -> list[str]:
+    """One line per sweep point that gave the same run as an earlier one: which, and why."""
+    notes = [
+        f"{_point_text(point)} is the same run as {_point_text(r.swept)} ({r.id}): {why}; it runs once"
+        for r in runs
+        for point, why in r.merged
+    ]
+    if show_all or len(notes) <= MERGES_SHOWN:
+        return notes
+    return [
+        *notes[:MERGES_SHOWN],
+        f"... {len(notes) - MERGES_SHOWN} more points merged the same way (--all lists every one)",
+    ]
+
+
+def _point_text(swept: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {cli.fmt(v)}" for k, v in swept.items()) + "}" if swept else "the sweep's one point"
 
 
 def check_out(out: Path, sweep_dir: Path, write: bool) -> None:
@@ -596,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = expand_sweep(spec, parse_overrides(args.overrides))
         sweep_dir = args.out / spec.name
         check_out(args.out, sweep_dir, write=not args.dry_run)
+    for note in merge_notes(runs, show_all=args.all):
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
     if args.dry_run:
         from pipeline import launch
