@@ -123,6 +123,9 @@ def _find(ref: str, sweep_path: Path, key: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    folder = next((c for c in candidates if c.is_dir()), None)
+    if folder is not None:
+        raise ConfigError(sweep_path, f"'{ref}' is a folder ({folder}), not a config file: name a YAML file.", key=key)
     tried = ", ".join(str(c) for c in candidates)
     raise ConfigError(sweep_path, f"file '{ref}' not found (looked at {tried}).", key=key)
 
