@@ -734,8 +734,16 @@ def tree_run_id(tree: Mapping[str, Any]) -> str:
 _DEFAULTS: dict[str, Any] = {
     k: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default for k, f in _FIELDS.items()
 }
-_PRUNE_UNSTRUCTURED_ONLY = ("initial_sparsity", "schedule", "power", "begin", "end", "frequency", "scope")
-_PRUNE_UNSTRUCTURED_ONLY += ("dense_first_last",)
+_PRUNE_UNSTRUCTURED_ONLY = (
+    "initial_sparsity",
+    "schedule",
+    "power",
+    "begin",
+    "end",
+    "frequency",
+    "scope",
+    "dense_first_last",
+)
 _PRUNE_STRUCTURED_ONLY = ("importance", "round_to", "iterative_steps")
 _PRUNE_FINETUNE_ONLY = ("epochs", "lr", "lr_schedule", "warmup_epochs")
 

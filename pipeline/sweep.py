@@ -305,6 +305,36 @@ def _point_text(swept: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{k}: {cli.fmt(v)}" for k, v in swept.items()) + "}" if swept else "the sweep's one point"
 
 
+def check_gpus(spec: SweepSpec, runs: Sequence[PlannedRun], cluster: str) -> None:
+    """Refuse ``train.device=cuda`` in runs that would get no GPU, before anything is written: on Slurm
+    runs whose ``slurm.gpus_per_node`` is 0 (the job would fail at its start), on the local and debug
+    executors a machine where no GPU is visible (read from CUDA_VISIBLE_DEVICES and nvidia-smi, as the
+    local executor does; torch is not imported here)."""
+    wants = [r for r in runs if r.config["train"]["device"] == "cuda"]
+    if cluster == "slurm":
+        wants = [r for r in wants if not r.config["slurm"]["gpus_per_node"]]
+        where = "slurm.gpus_per_node is 0"
+        fix = "set slurm.gpus_per_node (and slurm.gpu_type where the cluster names GPU types)"
+        fix += (
+            f" in the cluster profile ({spec.cluster})" if spec.cluster else " in the sweep's set: or a cluster profile"
+        )
+    elif wants:
+        from pipeline.launch import _visible_gpu_count
+
+        if _visible_gpu_count():
+            return
+        where = f"the {cluster} executor runs jobs on this machine, where no GPU is visible"
+        fix = "submit to Slurm (--cluster slurm) with slurm.gpus_per_node set"
+    if wants:
+        ids = ", ".join(r.id for r in wants[:5]) + (f" and {len(wants) - 5} more" if len(wants) > 5 else "")
+        raise ConfigError(
+            spec.path,
+            f"'cuda' needs a GPU, but {len(wants)} run(s) ({ids}) would get none: {where}. "
+            f"Allowed: {fix}; or train.device=auto (cuda when there is a GPU) or cpu.",
+            key="train.device",
+        )
+
+
 def check_out(out: Path, sweep_dir: Path, write: bool) -> None:
     """``--out`` must be a folder or not exist yet, with a path that job scripts and array_runs.txt (one
     path a line) can hold, and, when run folders are to be written, in a place that takes them: checked
@@ -653,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import launch
 
         cluster = launch.resolve_cluster(args.cluster)
+        with cli.exit_on_config_error():
+            check_gpus(spec, runs, cluster)
         with cli.exit_on_os_error():
             decisions = plan(runs, sweep_dir, args.rerun, set())
             plan_sharing(decisions, sweep_dir, args.rerun, cluster)
@@ -662,6 +694,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for header in launch.sbatch_headers(sweep_dir, [d.run.config for d in decisions], spec.name):
                 console.print(header, markup=False, highlight=False)
         return 0
+
+    if not args.no_submit:  # (plain sbatch/array.sh arrays ask for their resources in their own header)
+        with cli.exit_on_config_error():
+            check_gpus(spec, runs, _cluster_for(args, sweep_dir)[0])
 
     from pipeline.submitlock import LockHeld, SubmitLock
 

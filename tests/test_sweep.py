@@ -106,6 +106,46 @@ def test_dry_run_prints_each_merge(project):
     assert "prune.sparsity does nothing with prune.method=none; it runs once" in r.stdout and "1 runs" in r.stdout
 
 
+@pytest.mark.parametrize("dry", [True, False])
+def test_cuda_without_a_gpu_in_the_slurm_settings_exits_2_before_writing(project, dry):
+    path = write(project / "sweeps/g.yaml", "name: g\nbase: [configs/base.yaml]\nset: {train.device: cuda}\n")
+    args = ["--cluster", "slurm", "--out", str(project / "runs")] + (["--dry-run"] if dry else [])
+    before = tree_snapshot(project)
+    r = run_cli("pipeline.sweep", str(path), *args, cwd=project)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    err = " ".join(r.stderr.split())
+    assert f"{path}: train.device: 'cuda' needs a GPU" in err and "slurm.gpus_per_node is 0" in err
+    assert "set slurm.gpus_per_node" in err and "train.device=auto" in err
+    assert tree_snapshot(project) == before and not (project / "runs").exists()
+    ok = run_cli("pipeline.sweep", str(path), "slurm.gpus_per_node=1", "--cluster", "slurm", "--dry-run", cwd=project)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_cuda_in_a_cluster_profile_without_gpus_names_the_profile(project, repo):
+    text = f"name: g\nbase: [configs/base.yaml]\ncluster: {repo / 'configs/cluster/v100.yaml'}\n"
+    path = write(project / "sweeps/g.yaml", text)
+    r = run_cli("pipeline.sweep", str(path), "slurm.gpus_per_node=0", "--cluster", "slurm", "--dry-run", cwd=project)
+    assert r.returncode == 2 and "in the cluster profile" in r.stderr and "v100.yaml" in r.stderr, r.stderr
+
+
+def test_cuda_on_the_local_executor_without_a_visible_gpu_exits_2(project):
+    path = write(project / "sweeps/g.yaml", "name: g\nbase: [configs/base.yaml]\nset: {train.device: cuda}\n")
+    for cluster in ("local", "debug"):
+        r = run_cli(
+            "pipeline.sweep",
+            str(path),
+            "--cluster",
+            cluster,
+            "--out",
+            str(project / "runs"),
+            cwd=project,
+            env={"CUDA_VISIBLE_DEVICES": ""},  # no GPU for this machine's jobs, whatever the machine has
+        )
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "train.device: 'cuda' needs a GPU" in r.stderr and "no GPU is visible" in r.stderr
+        assert not (project / "runs").exists()
+
+
 def test_relative_data_root_is_stored_absolute(project):
     path = write(project / "sweeps/s.yaml", "name: s\nbase: [configs/base.yaml]\nset: {data.root: mydata}\n")
     (run,) = expand_sweep(read_sweep(path), cwd=project)
