@@ -753,31 +753,39 @@ def inert_settings(tree: Mapping[str, Any]) -> dict[str, str]:
     follows the key: "prune.sparsity does nothing with prune.method=none"). They are left out of
     the run id and of the stage keys: a grid over one of them gives one run, not several equal ones."""
     out = {"train.eval_batch_size": "does not change results (each image's output is the same in any batch)"}
-    if tree["data"]["loader"] == "device":
+    if _value(tree, "data.loader") == "device":
         out["train.num_workers"] = "does nothing with data.loader=device (no worker processes)"
-    out.update(_inert_prune(tree["prune"]))
-    quant = tree["quant"]["method"]
+    out.update(_inert_prune(tree))
+    quant = _value(tree, "quant.method")
     unused = {"none": ("calib_batches", "epochs", "lr"), "int8": ("epochs", "lr"), "qat": ("calib_batches",)}
     for leaf in unused.get(quant, ("calib_batches", "epochs", "lr")):
         out[f"quant.{leaf}"] = f"does nothing with quant.method={quant}"
-    if not tree["measure"]["enabled"]:
+    if not _value(tree, "measure.enabled"):
         for key in _FIELDS:
             if key.startswith("measure.") and key != "measure.enabled":
                 out[key] = "does nothing with measure.enabled=false"
     return out
 
 
-def _inert_prune(prune: Mapping[str, Any]) -> dict[str, str]:
-    method = prune["method"]
+def _value(tree: Mapping[str, Any], key: str) -> Any:
+    """A dotted key of a nested config; its default where the tree lacks it (a config written before
+    the key existed)."""
+    section, leaf = key.split(".")
+    return (tree.get(section) or {}).get(leaf, _DEFAULTS[key])
+
+
+def _inert_prune(tree: Mapping[str, Any]) -> dict[str, str]:
+    method = _value(tree, "prune.method")
     if method == "none":
-        return {f"prune.{k}": "does nothing with prune.method=none" for k in prune if k != "method"}
+        keys = [k for k in _FIELDS if k.startswith("prune.") and k != "prune.method"]
+        return dict.fromkeys(keys, "does nothing with prune.method=none")
     out = {}
     for leaf in _PRUNE_STRUCTURED_ONLY if method == "unstructured" else _PRUNE_UNSTRUCTURED_ONLY:
         out[f"prune.{leaf}"] = f"does nothing with prune.method={method}"
-    if method == "unstructured" and prune["schedule"] == "constant":
+    if method == "unstructured" and _value(tree, "prune.schedule") == "constant":
         for leaf in ("initial_sparsity", "power"):
             out[f"prune.{leaf}"] = "does nothing with prune.schedule=constant"
-    if prune["during"] == "train":
+    if _value(tree, "prune.during") == "train":
         for leaf in _PRUNE_FINETUNE_ONLY:
             out[f"prune.{leaf}"] = "does nothing with prune.during=train (no fine-tune)"
     return out
@@ -790,7 +798,7 @@ def settled(tree: Mapping[str, Any]) -> dict[str, Any]:
     out = {section: dict(v) if isinstance(v, Mapping) else v for section, v in tree.items()}
     for key in inert_settings(tree):
         section, leaf = key.split(".")
-        if leaf in out[section]:
+        if isinstance(out.get(section), dict) and leaf in out[section]:
             out[section][leaf] = _DEFAULTS[key]
     return out
 

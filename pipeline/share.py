@@ -38,7 +38,16 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import settled
-from pipeline.rundir import SHARED_LINKS, SHARED_POINTER, RunDir, atomic_write_json, read_json, resumable
+from pipeline.rundir import (
+    SHARED_LINKS,
+    SHARED_POINTER,
+    UNREADABLE_OUTPUT,
+    RunDir,
+    atomic_write_json,
+    model_file_problem,
+    read_json,
+    resumable,
+)
 
 STORE = ".shared"
 TRAIN_SECTIONS = ("data", "model", "optim", "schedule", "train")
@@ -147,8 +156,19 @@ def has_own_stage(run: RunDir, stage: str) -> bool:
 
 
 def store_record(store: Path, stage: str = "train") -> dict[str, Any] | None:
-    """The shared stage's record (metrics/<stage>.json), None while there is none."""
-    return RunDir(store).read_metrics(stage)
+    """The shared stage's record (metrics/<stage>.json), None while there is none. A done record whose
+    model file is there but visibly broken (empty, truncated: a cheap look at the file, no torch) reads
+    as failed, naming the file: no run reuses it, and ``--rerun failed`` makes it again. (A missing file
+    is left to the job that needs it, which marks the stage failed the same way.)"""
+    record = RunDir(store).read_metrics(stage)
+    if record is None or record.get("status") != "done":
+        return record
+    model = OWN_FILES[stage][1]
+    problem = model_file_problem(store / model) if (store / model).exists() else None
+    if problem is None:
+        return record
+    error = f"{store / model} is unreadable ({problem}); --rerun failed makes it again"
+    return {**record, "status": "failed", "error": error, UNREADABLE_OUTPUT: model}
 
 
 def link_training(run: RunDir, store: Path, tree: Mapping[str, Any]) -> None:

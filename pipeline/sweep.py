@@ -683,8 +683,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline import launch
 
         cluster = launch.resolve_cluster(args.cluster)
-        with cli.exit_on_config_error():
+        try:
             check_gpus(spec, runs, cluster)
+        except ConfigError as e:  # the plan is still worth seeing; a submission would stop here
+            console.print(
+                f"[yellow]warning:[/] {escape(str(e))} (a submission would stop here, exit 2)", soft_wrap=True
+            )
         with cli.exit_on_os_error():
             decisions = plan(runs, sweep_dir, args.rerun, set())
             plan_sharing(decisions, sweep_dir, args.rerun, cluster)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import zipfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -114,12 +115,14 @@ def test_archive_removes_links_and_keeps_the_shared_result(tmp_path):
     share.link_training(run, store, t)
     atomic_write_json(store / "metrics" / "train.json", {"status": "done"})
     (store / "models").mkdir()
-    (store / "models" / "trained.pt").write_bytes(b"weights")
+    with zipfile.ZipFile(store / "models" / "trained.pt", "w") as weights:  # a model file is a zip archive
+        weights.writestr("data.pkl", b"weights")
+    kept = (store / "models" / "trained.pt").read_bytes()
     run.write_metrics("prune", {"status": "done"})
     dest = run.archive()
     assert dest is not None and (dest / "metrics" / "prune.json").is_file()
     assert not any((dest / rel).is_symlink() for rel in SHARED_TRAIN_LINKS)
-    assert (store / "models" / "trained.pt").read_bytes() == b"weights"
+    assert (store / "models" / "trained.pt").read_bytes() == kept
     assert share.store_record(store)["status"] == "done"
 
 
