@@ -182,6 +182,16 @@ FAULTS: tuple[Fault, ...] = (
         ),
     ),
     Fault(
+        "a model file a finished stage made is truncated, garbled or gone (`trained.pt`, `int8.pt2`, ...)",
+        "the stage that needs it fails naming the file and marks the stage that made it failed; runs already "
+        "finished stay done; a truncated shared model is never reused",
+        "`--rerun failed`: makes the file again (a shared training is moved aside and trained once)",
+        (
+            "test_unreadable_models.py::test_unreadable_shared_training_is_trained_again_once_by_rerun_failed",
+            "test_unreadable_models.py::test_unreadable_int8_program_fails_quantize_and_rerun_failed_makes_it_again",
+        ),
+    ),
+    Fault(
         "a stage fails (prune, quantize, measure)",
         "the training and its metrics are kept; status names the failed stage",
         "fix it, `--rerun failed`: redoes that stage and the ones after",
