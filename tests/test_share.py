@@ -138,6 +138,27 @@ def _owner_and_follower(tmp_path: Path) -> tuple[RunDir, RunDir, Path]:
     return owner, follower, store
 
 
+def test_a_shared_model_file_that_is_visibly_broken_is_not_reused(tmp_path):
+    """The login node's look at a done shared training's trained.pt (torch-free): a truncated or empty
+    file reads as a failed training naming it, so no run reuses it; a whole one (or none: the job that
+    needs it decides) leaves the record as it is."""
+    t = tree()
+    sweep = tmp_path / "out" / "sweep"
+    store = share.train_store(sweep, share.training_key(t))
+    atomic_write_json(store / "metrics" / "train.json", {"status": "done", "test_acc": 0.5})
+    assert share.store_record(store)["status"] == "done"  # no model file: left to the job
+    model = store / "models" / "trained.pt"
+    model.parent.mkdir()
+    with zipfile.ZipFile(model, "w") as weights:
+        weights.writestr("data.pkl", b"weights" * 100)
+    assert share.store_record(store)["status"] == "done"
+    model.write_bytes(model.read_bytes()[:300])
+    record = share.store_record(store)
+    assert record["status"] == "failed" and f"{model} is unreadable" in record["error"] and record["test_acc"] == 0.5
+    assert share.assign([(RunDir(sweep / "x"), t, False)], sweep)["x"].role == "train"  # not "reuse"
+    assert RunDir(store).read_metrics("train")["status"] == "done"  # the look writes nothing
+
+
 def test_blocked_by_names_the_owner_and_the_error(tmp_path):
     owner, follower, store = _owner_and_follower(tmp_path)
     share.write_owner(store, owner, "local", "1")
