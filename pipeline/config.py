@@ -748,19 +748,32 @@ _PRUNE_STRUCTURED_ONLY = ("importance", "round_to", "iterative_steps")
 _PRUNE_FINETUNE_ONLY = ("epochs", "lr", "lr_schedule", "warmup_epochs")
 
 
+# the settings that decide which others do nothing (inert_settings depends on these alone)
+_DECIDING = ("data.loader", "prune.method", "prune.schedule", "prune.during", "quant.method", "measure.enabled")
+_INERT: dict[tuple[Any, ...], dict[str, str]] = {}
+
+
 def inert_settings(tree: Mapping[str, Any]) -> dict[str, str]:
     """The settings that change nothing in a run with these values, dotted key -> why (a phrase that
     follows the key: "prune.sparsity does nothing with prune.method=none"). They are left out of
-    the run id and of the stage keys: a grid over one of them gives one run, not several equal ones."""
+    the run id and of the stage keys: a grid over one of them gives one run, not several equal ones.
+    (The dict returned is shared: do not change it.)"""
+    deciding = tuple(_value(tree, key) for key in _DECIDING)
+    if deciding not in _INERT:
+        _INERT[deciding] = _inert_settings(dict(zip(_DECIDING, deciding)))
+    return _INERT[deciding]
+
+
+def _inert_settings(flat: Mapping[str, Any]) -> dict[str, str]:
     out = {"train.eval_batch_size": "does not change results (each image's output is the same in any batch)"}
-    if _value(tree, "data.loader") == "device":
+    if flat["data.loader"] == "device":
         out["train.num_workers"] = "does nothing with data.loader=device (no worker processes)"
-    out.update(_inert_prune(tree))
-    quant = _value(tree, "quant.method")
+    out.update(_inert_prune(flat))
+    quant = flat["quant.method"]
     unused = {"none": ("calib_batches", "epochs", "lr"), "int8": ("epochs", "lr"), "qat": ("calib_batches",)}
     for leaf in unused.get(quant, ("calib_batches", "epochs", "lr")):
         out[f"quant.{leaf}"] = f"does nothing with quant.method={quant}"
-    if not _value(tree, "measure.enabled"):
+    if not flat["measure.enabled"]:
         for key in _FIELDS:
             if key.startswith("measure.") and key != "measure.enabled":
                 out[key] = "does nothing with measure.enabled=false"
@@ -774,18 +787,18 @@ def _value(tree: Mapping[str, Any], key: str) -> Any:
     return (tree.get(section) or {}).get(leaf, _DEFAULTS[key])
 
 
-def _inert_prune(tree: Mapping[str, Any]) -> dict[str, str]:
-    method = _value(tree, "prune.method")
+def _inert_prune(flat: Mapping[str, Any]) -> dict[str, str]:
+    method = flat["prune.method"]
     if method == "none":
         keys = [k for k in _FIELDS if k.startswith("prune.") and k != "prune.method"]
         return dict.fromkeys(keys, "does nothing with prune.method=none")
     out = {}
     for leaf in _PRUNE_STRUCTURED_ONLY if method == "unstructured" else _PRUNE_UNSTRUCTURED_ONLY:
         out[f"prune.{leaf}"] = f"does nothing with prune.method={method}"
-    if method == "unstructured" and _value(tree, "prune.schedule") == "constant":
+    if method == "unstructured" and flat["prune.schedule"] == "constant":
         for leaf in ("initial_sparsity", "power"):
             out[f"prune.{leaf}"] = "does nothing with prune.schedule=constant"
-    if _value(tree, "prune.during") == "train":
+    if flat["prune.during"] == "train":
         for leaf in _PRUNE_FINETUNE_ONLY:
             out[f"prune.{leaf}"] = "does nothing with prune.during=train (no fine-tune)"
     return out
@@ -795,11 +808,15 @@ def settled(tree: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a resolved config (a plain nested dict) with every :func:`inert_settings` key at its
     default value: what run ids and stage keys hash. At the default, nothing changes: the ids and keys
     of runs made before, whose inert settings had their default values, stay the same."""
-    out = {section: dict(v) if isinstance(v, Mapping) else v for section, v in tree.items()}
+    out = dict(tree)
     for key in inert_settings(tree):
         section, leaf = key.split(".")
-        if isinstance(out.get(section), dict) and leaf in out[section]:
-            out[section][leaf] = _DEFAULTS[key]
+        node = out.get(section)
+        if not isinstance(node, Mapping) or leaf not in node or node[leaf] == _DEFAULTS[key]:
+            continue
+        copied = node is not tree.get(section)  # copied before its first change: ``tree`` stays as it is
+        out[section] = {**node, leaf: _DEFAULTS[key]} if not copied else node
+        out[section][leaf] = _DEFAULTS[key]
     return out
 
 

@@ -349,7 +349,7 @@ def test_crafted_checkpoint_and_model_file_are_refused_without_running_code(tmp_
     model_file = tmp_path / "models" / "trained.pt"
     model_file.parent.mkdir()
     torch.save({"format": artifacts.FORMAT, "state_dict": RunsCode()}, model_file)
-    with pytest.raises(RuntimeError, match=re.escape(str(model_file))):
+    with pytest.raises(artifacts.UnreadableModel, match=re.escape(str(model_file))):
         artifacts.load_model(model_file)
     assert not marker.exists()
     # the payload is real: plain unpickling runs it
