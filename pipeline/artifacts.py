@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from pipeline.rundir import atomic_write_bytes
+from pipeline.rundir import atomic_write_bytes, model_file_problem
 
 FORMAT = "pipeline-model/1"
 
@@ -29,6 +29,16 @@ TRAINED = "trained.pt"
 PRUNED = "pruned.pt"
 INT8 = "int8.pt2"
 FP16 = "fp16.pt"
+
+
+class UnreadableModel(ValueError):
+    """A model file that cannot be loaded (missing, truncated, garbled, not a model): ``path`` names it,
+    ``reason`` says what is wrong. The job marks the stage that wrote it failed (:mod:`pipeline.run`)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"model file {path} is unreadable: {reason}")
 
 
 def arch_of(cfg: Any, num_classes: int) -> dict[str, Any]:
@@ -87,15 +97,22 @@ def build_from_arch(arch: Mapping[str, Any], state_dict: Mapping[str, torch.Tens
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, the file's dict without the weights). Refuses anything but weights and
-    plain containers (``weights_only=True``)."""
+    plain containers (``weights_only=True``). A file that cannot give the model (missing, truncated,
+    garbled, another format, tensors that fit no model) raises :class:`UnreadableModel` naming it."""
+    problem = model_file_problem(Path(path), whole=True)  # (torch.load does not check tensors' checksums)
+    if problem is not None:
+        raise UnreadableModel(path, problem)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"model file {path} cannot be loaded ({type(e).__name__}: {e})") from e
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise RuntimeError(f"model file {path} is not a {FORMAT} file")
+        raise UnreadableModel(path, f"torch.load failed ({type(e).__name__}: {e})") from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT or not isinstance(blob.get("state_dict"), dict):
+        raise UnreadableModel(path, f"not a {FORMAT} file")
     sd = blob["state_dict"]
-    model = build_from_arch(blob["arch"], sd)
+    try:
+        model = build_from_arch(blob["arch"], sd)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UnreadableModel(path, f"its tensors fit no {blob.get('arch')} model ({type(e).__name__}: {e})") from e
     if blob.get("dtype") == "float16":
         model = model.half()
     info = {k: v for k, v in blob.items() if k != "state_dict"}

@@ -247,7 +247,11 @@ class Config:
 
 # Settings that only say where or how a run is scheduled or logged: they do not change its result, so
 # they are left out of the run id (a longer time limit must resume a run, not start a new one).
-ID_EXCLUDED_SECTIONS = ("slurm", "output", "measure")  # measure: how models are timed, not which are made
+ID_EXCLUDED_SECTIONS = ("slurm", "output")
+# Sections that change a run's results but were once left out of the id: only their settings that differ
+# from the default are hashed, so runs made before (with every such setting at its default) keep their ids.
+# measure: its settings change the figures measured (measure.json), though not the models.
+ID_NON_DEFAULT_SECTIONS = ("measure",)
 # Sections added later that also change no result: dropped from the hash altogether (an empty entry
 # would change every existing run id). share: where a training is done, not what it gives.
 ID_DROPPED_SECTIONS = ("share",)
@@ -705,8 +709,12 @@ def run_id(cfg: DictConfig) -> str:
 
 
 def tree_run_id(tree: Mapping[str, Any]) -> str:
-    """:func:`run_id` of a resolved config given as a plain nested dict (``tree`` is not changed)."""
-    tree = dict(tree)
+    """:func:`run_id` of a resolved config given as a plain nested dict (``tree`` is not changed).
+    Settings that do nothing in this run (:func:`inert_settings`) count at their default value."""
+    tree = settled(tree)
+    for section in ID_NON_DEFAULT_SECTIONS:
+        if isinstance(tree.get(section), Mapping):
+            tree[section] = {k: v for k, v in tree[section].items() if v != _DEFAULTS.get(f"{section}.{k}")}
     for section in ID_EXCLUDED_SECTIONS:
         kept = {k: tree[section][k] for k in ID_INCLUDED_SLURM_KEYS} if section == "slurm" else {}
         tree[section] = kept
@@ -717,6 +725,99 @@ def tree_run_id(tree: Mapping[str, Any]) -> str:
         tree.pop(section, None)
     blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings that do nothing in a run (given its other settings)
+# --------------------------------------------------------------------------------------------------
+
+_DEFAULTS: dict[str, Any] = {
+    k: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default for k, f in _FIELDS.items()
+}
+_PRUNE_UNSTRUCTURED_ONLY = (
+    "initial_sparsity",
+    "schedule",
+    "power",
+    "begin",
+    "end",
+    "frequency",
+    "scope",
+    "dense_first_last",
+)
+_PRUNE_STRUCTURED_ONLY = ("importance", "round_to", "iterative_steps")
+_PRUNE_FINETUNE_ONLY = ("epochs", "lr", "lr_schedule", "warmup_epochs")
+
+
+# the settings that decide which others do nothing (inert_settings depends on these alone)
+_DECIDING = ("data.loader", "prune.method", "prune.schedule", "prune.during", "quant.method", "measure.enabled")
+_INERT: dict[tuple[Any, ...], dict[str, str]] = {}
+
+
+def inert_settings(tree: Mapping[str, Any]) -> dict[str, str]:
+    """The settings that change nothing in a run with these values, dotted key -> why (a phrase that
+    follows the key: "prune.sparsity does nothing with prune.method=none"). They are left out of
+    the run id and of the stage keys: a grid over one of them gives one run, not several equal ones.
+    (The dict returned is shared: do not change it.)"""
+    deciding = tuple(_value(tree, key) for key in _DECIDING)
+    if deciding not in _INERT:
+        _INERT[deciding] = _inert_settings(dict(zip(_DECIDING, deciding)))
+    return _INERT[deciding]
+
+
+def _inert_settings(flat: Mapping[str, Any]) -> dict[str, str]:
+    out = {"train.eval_batch_size": "does not change results (each image's output is the same in any batch)"}
+    if flat["data.loader"] == "device":
+        out["train.num_workers"] = "does nothing with data.loader=device (no worker processes)"
+    out.update(_inert_prune(flat))
+    quant = flat["quant.method"]
+    unused = {"none": ("calib_batches", "epochs", "lr"), "int8": ("epochs", "lr"), "qat": ("calib_batches",)}
+    for leaf in unused.get(quant, ("calib_batches", "epochs", "lr")):
+        out[f"quant.{leaf}"] = f"does nothing with quant.method={quant}"
+    if not flat["measure.enabled"]:
+        for key in _FIELDS:
+            if key.startswith("measure.") and key != "measure.enabled":
+                out[key] = "does nothing with measure.enabled=false"
+    return out
+
+
+def _value(tree: Mapping[str, Any], key: str) -> Any:
+    """A dotted key of a nested config; its default where the tree lacks it (a config written before
+    the key existed)."""
+    section, leaf = key.split(".")
+    return (tree.get(section) or {}).get(leaf, _DEFAULTS[key])
+
+
+def _inert_prune(flat: Mapping[str, Any]) -> dict[str, str]:
+    method = flat["prune.method"]
+    if method == "none":
+        keys = [k for k in _FIELDS if k.startswith("prune.") and k != "prune.method"]
+        return dict.fromkeys(keys, "does nothing with prune.method=none")
+    out = {}
+    for leaf in _PRUNE_STRUCTURED_ONLY if method == "unstructured" else _PRUNE_UNSTRUCTURED_ONLY:
+        out[f"prune.{leaf}"] = f"does nothing with prune.method={method}"
+    if method == "unstructured" and flat["prune.schedule"] == "constant":
+        for leaf in ("initial_sparsity", "power"):
+            out[f"prune.{leaf}"] = "does nothing with prune.schedule=constant"
+    if flat["prune.during"] == "train":
+        for leaf in _PRUNE_FINETUNE_ONLY:
+            out[f"prune.{leaf}"] = "does nothing with prune.during=train (no fine-tune)"
+    return out
+
+
+def settled(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a resolved config (a plain nested dict) with every :func:`inert_settings` key at its
+    default value: what run ids and stage keys hash. At the default, nothing changes: the ids and keys
+    of runs made before, whose inert settings had their default values, stay the same."""
+    out = dict(tree)
+    for key in inert_settings(tree):
+        section, leaf = key.split(".")
+        node = out.get(section)
+        if not isinstance(node, Mapping) or leaf not in node or node[leaf] == _DEFAULTS[key]:
+            continue
+        copied = node is not tree.get(section)  # copied before its first change: ``tree`` stays as it is
+        out[section] = {**node, leaf: _DEFAULTS[key]} if not copied else node
+        out[section][leaf] = _DEFAULTS[key]
+    return out
 
 
 def from_tree(tree: Mapping[str, Any]) -> DictConfig:

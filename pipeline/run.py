@@ -25,10 +25,12 @@ from omegaconf import OmegaConf
 from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
 from pipeline.rundir import (
     STAGES,
+    UNREADABLE_OUTPUT,
     RunDir,
     atomic_write_json,
     atomic_write_text,
     disk_error,
+    producing_stage,
     release_space,
     reserve_space,
     resumable,
@@ -212,10 +214,13 @@ def execute(run_dir: str | Path) -> str:
             except Exception as e:
                 if ownership is not None:
                     ownership.check()  # a failure caused by a deleted folder is not written back into it
+                extra = _mark_maker_failed(run, stores, stage, e) if rank == 0 else {}
                 if rank == 0:
-                    _record_failure(target, stage, e, run)
+                    _record_failure(target, stage, e, run, extra)
                 if (disk := disk_error(e)) is not None:  # where and why is all there is to say
                     log.error("stage %s failed: %s", stage, _disk_message(disk))
+                elif _unreadable_model(e):  # the file and what is wrong with it: a traceback adds nothing
+                    log.error("stage %s failed: %s%s", stage, e, f"; {extra['hint']}" if extra else "")
                 else:
                     log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
                 raise
@@ -279,18 +284,19 @@ def _divergence(metrics: dict[str, Any]) -> str:
     return f"{where} (last finite loss {metrics.get('last_finite_loss')})"
 
 
-def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir) -> None:
+def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir, extra: dict[str, Any] | None = None) -> None:
     """``target``'s metrics/<stage>.json (``run`` itself, or a shared training's store) as failed, with
-    the error. When a write failed because the disk is full, over quota or read-only, the record says
-    ``resume: true``: the previous checkpoint is intact and running the job again once there is space
-    resumes the stage. The space reserved at the start is freed first, so the record fits on a full
-    disk."""
+    the error (and ``extra`` fields). When a write failed because the disk is full, over quota or
+    read-only, the record says ``resume: true``: the previous checkpoint is intact and running the job
+    again once there is space resumes the stage. The space reserved at the start is freed first, so the
+    record fits on a full disk."""
     disk = disk_error(e)
     record: dict[str, Any] = {
         "status": "failed",
         "error": f"{type(e).__name__}: {e}",
         "log": str(run.log),
         "stage": stage,
+        **(extra or {}),
     }
     if disk is not None:
         record.update(
@@ -304,6 +310,49 @@ def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir) -> No
         target.write_metrics(stage, record)
     except OSError as e2:
         log.error("could not write the failure record %s either: %s", target.metrics_path(stage), e2)
+
+
+def _unreadable_model(e: BaseException) -> bool:
+    from pipeline.artifacts import UnreadableModel  # (torch: a stage has run, it is loaded already)
+
+    return isinstance(e, UnreadableModel)
+
+
+def _mark_maker_failed(run: RunDir, stores: dict[str, Path | None], stage: str, e: Exception) -> dict[str, Any]:
+    """When ``e`` says that a model file an earlier stage made is unreadable (truncated, garbled, gone),
+    that stage's record, in the run or in the shared store the stage was done in, becomes failed with
+    an error naming the file (its figures kept), so that ``--rerun failed`` makes the file again instead
+    of redoing only ``stage``, which would fail the same way (a shared store is moved aside then, as for
+    any failed shared stage). Returns the fields that say so in ``stage``'s own failure record."""
+    from pipeline.artifacts import UnreadableModel
+
+    if not isinstance(e, UnreadableModel):
+        return {}
+    maker = producing_stage(e.path.name)
+    if maker is None or list(STAGES).index(maker) >= list(STAGES).index(stage):
+        return {}
+    store = stores.get(maker)
+    owner = RunDir(store) if store is not None else run
+    made = owner.models / e.path.name
+    record = owner.read_metrics(maker)
+    if os.path.realpath(made) != os.path.realpath(e.path) or record is None or record.get("status") != "done":
+        return {}
+    owner.write_metrics(
+        maker,
+        {
+            **record,
+            "status": "failed",
+            "stage": maker,
+            "error": f"{made} is unreadable ({e.reason}), found by the {stage} stage of run {run.id}; "
+            f"--rerun failed makes it again",
+            UNREADABLE_OUTPUT: f"models/{e.path.name}",
+        },
+    )
+    log.error("run %s: %s, made by the %s stage, is unreadable: that stage is marked failed", run.id, made, maker)
+    return {
+        "hint": f"its input {made} is unreadable: the {maker} stage that made it is marked failed, and "
+        "--rerun failed redoes it"
+    }
 
 
 def _shared_stage(run: RunDir, cfg: Any, store: RunDir, rank: int, stage: str) -> str | None:
@@ -519,8 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included
     try:
         status = execute(run.path)
-    except OSError as e:
-        if disk_error(e) is None:
+    except (OSError, ValueError) as e:
+        if disk_error(e) is None and not _unreadable_model(e):
             raise
         return 1  # said above, in one line, with the file: a traceback would add nothing
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")

@@ -32,6 +32,8 @@ import tarfile
 import tempfile
 import threading
 import time
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -97,6 +99,9 @@ SHARED_LINKS: dict[str, dict[str, str]] = {"train": SHARED_TRAIN_LINKS, "prune":
 FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
 # Top-level sections every config.yaml the sweep writes has (a file without them is cut short or foreign)
 REQUIRED_SECTIONS = ("data", "model", "optim", "train")
+# In a stage's failure record: the model file it made that a later stage found unreadable (the record
+# was "done" until then, and keeps its figures). A run whose every stage had finished stays done.
+UNREADABLE_OUTPUT = "unreadable_output"
 
 
 _UMASK: int | None = None
@@ -624,12 +629,18 @@ class RunDir:
             m = self.read_metrics(stage)
             if m is None:
                 return "running" if started else "pending"
+            if m.get(UNREADABLE_OUTPUT) and self._finished():
+                continue  # its results stand; the stage is made again when another run needs the file
             if m.get("status") != "done":
                 if stage in SHARED_LINKS and m.get("status") == "failed" and self.blocked_by() is not None:
                     return "blocked"
                 return str(m.get("status", "failed"))
             started = True
         return "done"
+
+    def _finished(self) -> bool:
+        final = self.read_metrics(list(STAGES)[-1])
+        return final is not None and final.get("status") == "done"
 
     def unlink_shared(self, stages: tuple[str, ...] = ("train", "prune")) -> None:
         """Remove the links into shared stages (pointers only: the shared results are not touched)."""
@@ -690,6 +701,33 @@ class RunDir:
             else:
                 os.replace(p, target)
         return dest
+
+
+def model_file_problem(path: Path, whole: bool = False) -> str | None:
+    """Why a model file of a run (a zip archive: ``torch.save``'s ``.pt``, ``torch.export``'s ``.pt2``)
+    cannot be the file its stage wrote, or None when it looks whole: missing, empty, not a whole zip
+    archive (truncated, overwritten); with ``whole``, also a member whose bytes fail their checksum
+    (garbled; this reads the whole file). Torch-free: the login node calls it (without ``whole``)."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty (0 bytes)"
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip() if whole else None
+    except zipfile.BadZipFile as e:
+        return f"not a whole zip archive ({e}): truncated or overwritten"
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        return f"cannot be read ({type(e).__name__}: {e})"
+    return None if bad is None else f"its member {bad} fails its checksum (garbled)"
+
+
+def producing_stage(name: str) -> str | None:
+    """The stage that writes ``models/<name>`` (:data:`STAGE_FILES`), None for another file."""
+    return next((stage for stage, files in STAGE_FILES.items() if f"models/{name}" in files), None)
 
 
 def list_runs(sweep_dir: Path) -> list[RunDir]:

@@ -37,7 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.rundir import SHARED_LINKS, SHARED_POINTER, RunDir, atomic_write_json, read_json, resumable
+from pipeline.config import settled
+from pipeline.rundir import (
+    SHARED_LINKS,
+    SHARED_POINTER,
+    UNREADABLE_OUTPUT,
+    RunDir,
+    atomic_write_json,
+    model_file_problem,
+    read_json,
+    resumable,
+)
 
 STORE = ".shared"
 TRAIN_SECTIONS = ("data", "model", "optim", "schedule", "train")
@@ -53,7 +63,14 @@ def _hash(obj: Any) -> str:
 
 
 def training_settings(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """What a run's training result depends on, from its resolved config (a plain nested dict)."""
+    """What a run's training result depends on, from its resolved config (a plain nested dict).
+
+    Settings that change nothing (:func:`pipeline.config.inert_settings`: ``train.eval_batch_size``,
+    ``train.num_workers`` with the device loader, the fine-tune's settings of a pruning inside training)
+    count at their default value rather than being left out: the keys of trainings stored before, made
+    with those settings at their defaults, stay the same; a training made with other values is done
+    once more under the new key."""
+    tree = settled(tree)
     out: dict[str, Any] = {s: tree[s] for s in TRAIN_SECTIONS}
     # what is evaluated after each epoch does not change the weights (nan_check_steps stays in: keys
     # of trainings already stored must not change)
@@ -74,6 +91,7 @@ def _method_only(section: Mapping[str, Any]) -> Mapping[str, Any]:
 def stage_keys(tree: Mapping[str, Any]) -> dict[str, str]:
     """{"train", "prune", "quantize"} -> key of that stage's result."""
     train = _hash(training_settings(tree))
+    tree = settled(tree)  # a stage's settings that do nothing at its method: at their defaults
     prune = _hash({"train": train, "prune": _method_only(tree.get("prune") or {})})
     quantize = _hash({"prune": prune, "quant": _method_only(tree.get("quant") or {})})
     return {"train": train, "prune": prune, "quantize": quantize}
@@ -138,8 +156,19 @@ def has_own_stage(run: RunDir, stage: str) -> bool:
 
 
 def store_record(store: Path, stage: str = "train") -> dict[str, Any] | None:
-    """The shared stage's record (metrics/<stage>.json), None while there is none."""
-    return RunDir(store).read_metrics(stage)
+    """The shared stage's record (metrics/<stage>.json), None while there is none. A done record whose
+    model file is there but visibly broken (empty, truncated: a cheap look at the file, no torch) reads
+    as failed, naming the file: no run reuses it, and ``--rerun failed`` makes it again. (A missing file
+    is left to the job that needs it, which marks the stage failed the same way.)"""
+    record = RunDir(store).read_metrics(stage)
+    if record is None or record.get("status") != "done":
+        return record
+    model = OWN_FILES[stage][1]
+    problem = model_file_problem(store / model) if (store / model).exists() else None
+    if problem is None:
+        return record
+    error = f"{store / model} is unreadable ({problem}); --rerun failed makes it again"
+    return {**record, "status": "failed", "error": error, UNREADABLE_OUTPUT: model}
 
 
 def link_training(run: RunDir, store: Path, tree: Mapping[str, Any]) -> None:

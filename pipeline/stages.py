@@ -17,8 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline.artifacts import FP16, INT8, PRUNED, TRAINED, build_from_arch, load_model, save_model
-from pipeline.rundir import RunDir
+from pipeline.artifacts import (
+    FP16,
+    INT8,
+    PRUNED,
+    TRAINED,
+    UnreadableModel,
+    build_from_arch,
+    load_model,
+    save_model,
+)
+from pipeline.rundir import RunDir, model_file_problem
 from pipeline.train import (
     Phase,
     divergence_metrics,
@@ -303,6 +312,7 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     from pipeline.compress.measure import Artifact, measure_artifacts
     from pipeline.train import _set_threads
 
+    _check_models(run, cfg)
     _set_threads(cfg)
     threads = int(m.threads) or torch.get_num_threads()
     channels_last = bool(cfg.train.channels_last)
@@ -348,6 +358,20 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
             int(m.throughput_batch),
         )
     return {"status": "done", "threads": threads, "compiled": compiled, "cpu": _cpu_name(), "models": entries}
+
+
+def _check_models(run: RunDir, cfg: DictConfig) -> None:
+    """Every model file the earlier stages made, checked whole before anything is measured: one that is
+    missing, truncated or garbled raises :class:`UnreadableModel` naming it (the job then marks the stage
+    that wrote it failed, so ``--rerun failed`` makes it again), not an error from inside a measurement."""
+    names = [TRAINED, source_model_file(run, cfg)]
+    names += {"int8": [INT8], "qat": [INT8], "fp16": [FP16]}.get(str(cfg.quant.method), [])
+    for name in dict.fromkeys(names):
+        path = run.models / name
+        if name.endswith(".pt"):
+            load_model(path)
+        elif (problem := model_file_problem(path, whole=True)) is not None:
+            raise UnreadableModel(path, problem)
 
 
 def _cpu_name() -> str:

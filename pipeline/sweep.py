@@ -45,6 +45,7 @@ from pipeline.config import (
     file_layer,
     flatten,
     from_tree,
+    inert_settings,
     parse_overrides,
     read_yaml,
     tree_run_id,
@@ -93,6 +94,8 @@ class PlannedRun:
     swept: dict[str, Any]
     config: dict[str, Any]
     _cfg: DictConfig | None = field(default=None, repr=False, compare=False)
+    # other points of the sweep that gave this same run (same id), each with why (:func:`merge_reason`)
+    merged: list[tuple[dict[str, Any], str]] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.config, DictConfig):
@@ -120,6 +123,9 @@ def _find(ref: str, sweep_path: Path, key: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c
+    folder = next((c for c in candidates if c.is_dir()), None)
+    if folder is not None:
+        raise ConfigError(sweep_path, f"'{ref}' is a folder ({folder}), not a config file: name a YAML file.", key=key)
     tried = ", ".join(str(c) for c in candidates)
     raise ConfigError(sweep_path, f"file '{ref}' not found (looked at {tried}).", key=key)
 
@@ -232,7 +238,7 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None, cwd: 
     variants = spec.variants or [{}]
 
     runs: list[PlannedRun] = []
-    seen: set[str] = set()
+    seen: dict[str, PlannedRun] = {}
     for vi, variant in enumerate(variants):
         for g in grid_points:
             for z in zip_points:
@@ -248,11 +254,85 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None, cwd: 
                 flat["data.root"] = roots[root]
                 tree = unflatten(flat)
                 rid = tree_run_id(tree)
-                if rid in seen:
+                swept = {k: flat[k] for k in {**variant, **g, **z}}
+                if rid in seen:  # the same run as an earlier point: kept once, and said why
+                    seen[rid].merged.append((swept, merge_reason(seen[rid].config, tree)))
                     continue
-                seen.add(rid)
-                runs.append(PlannedRun(rid, {k: flat[k] for k in {**variant, **g, **z}}, tree))
+                seen[rid] = PlannedRun(rid, swept, tree)
+                runs.append(seen[rid])
     return runs
+
+
+def merge_reason(kept: dict[str, Any], other: dict[str, Any]) -> str:
+    """Why the resolved config ``other`` gives the same run as ``kept``: the settings they differ in,
+    each with why it is not part of the run id."""
+    a, b = flatten(kept), flatten(other)
+    differ = [k for k in a if a[k] != b.get(k)]
+    if not differ:
+        return "the same settings (a value given twice, or set again by a later layer or the command line)"
+    inert = inert_settings(kept)
+    why = []
+    for key in differ:
+        if key in inert:
+            why.append(f"{key} {inert[key]}")
+        else:
+            why.append(
+                f"{key} is not part of the run id (how a run is scheduled or logged, not its result): "
+                f"the run has {key}={cli.fmt(a[key])}"
+            )
+    return "; ".join(why)
+
+
+MERGES_SHOWN = 10  # merge notes printed before "... more" (--all prints every one)
+
+
+def merge_notes(runs: Sequence[PlannedRun], show_all: bool = False) -> list[str]:
+    """One line per sweep point that gave the same run as an earlier one: which, and why."""
+    notes = [
+        f"{_point_text(point)} is the same run as {_point_text(r.swept)} ({r.id}): {why}; it runs once"
+        for r in runs
+        for point, why in r.merged
+    ]
+    if show_all or len(notes) <= MERGES_SHOWN:
+        return notes
+    return [
+        *notes[:MERGES_SHOWN],
+        f"... {len(notes) - MERGES_SHOWN} more points merged the same way (--all lists every one)",
+    ]
+
+
+def _point_text(swept: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {cli.fmt(v)}" for k, v in swept.items()) + "}" if swept else "the sweep's one point"
+
+
+def check_gpus(spec: SweepSpec, runs: Sequence[PlannedRun], cluster: str) -> None:
+    """Refuse ``train.device=cuda`` in runs that would get no GPU, before anything is written: on Slurm
+    runs whose ``slurm.gpus_per_node`` is 0 (the job would fail at its start), on the local and debug
+    executors a machine where no GPU is visible (read from CUDA_VISIBLE_DEVICES and nvidia-smi, as the
+    local executor does; torch is not imported here)."""
+    wants = [r for r in runs if r.config["train"]["device"] == "cuda"]
+    if cluster == "slurm":
+        wants = [r for r in wants if not r.config["slurm"]["gpus_per_node"]]
+        where = "slurm.gpus_per_node is 0"
+        fix = "set slurm.gpus_per_node (and slurm.gpu_type where the cluster names GPU types)"
+        fix += (
+            f" in the cluster profile ({spec.cluster})" if spec.cluster else " in the sweep's set: or a cluster profile"
+        )
+    elif wants:
+        from pipeline.launch import _visible_gpu_count
+
+        if _visible_gpu_count():
+            return
+        where = f"the {cluster} executor runs jobs on this machine, where no GPU is visible"
+        fix = "submit to Slurm (--cluster slurm) with slurm.gpus_per_node set"
+    if wants:
+        ids = ", ".join(r.id for r in wants[:5]) + (f" and {len(wants) - 5} more" if len(wants) > 5 else "")
+        raise ConfigError(
+            spec.path,
+            f"'cuda' needs a GPU, but {len(wants)} run(s) ({ids}) would get none: {where}. "
+            f"Allowed: {fix}; or train.device=auto (cuda when there is a GPU) or cpu.",
+            key="train.device",
+        )
 
 
 def check_out(out: Path, sweep_dir: Path, write: bool) -> None:
@@ -596,11 +676,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = expand_sweep(spec, parse_overrides(args.overrides))
         sweep_dir = args.out / spec.name
         check_out(args.out, sweep_dir, write=not args.dry_run)
+    for note in merge_notes(runs, show_all=args.all):
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
     if args.dry_run:
         from pipeline import launch
 
         cluster = launch.resolve_cluster(args.cluster)
+        try:
+            check_gpus(spec, runs, cluster)
+        except ConfigError as e:  # the plan is still worth seeing; a submission would stop here
+            console.print(
+                f"[yellow]warning:[/] {escape(str(e))} (a submission would stop here, exit 2)", soft_wrap=True
+            )
         with cli.exit_on_os_error():
             decisions = plan(runs, sweep_dir, args.rerun, set())
             plan_sharing(decisions, sweep_dir, args.rerun, cluster)
@@ -610,6 +698,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for header in launch.sbatch_headers(sweep_dir, [d.run.config for d in decisions], spec.name):
                 console.print(header, markup=False, highlight=False)
         return 0
+
+    if not args.no_submit:  # (plain sbatch/array.sh arrays ask for their resources in their own header)
+        with cli.exit_on_config_error():
+            check_gpus(spec, runs, _cluster_for(args, sweep_dir)[0])
 
     from pipeline.submitlock import LockHeld, SubmitLock
 

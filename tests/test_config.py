@@ -106,6 +106,57 @@ def test_run_id_is_stable_and_ignores_scheduling_only_settings():
     assert run_id(a) != run_id(load_config([], ["train.epochs=3", "slurm.tasks_per_node=2"]))
 
 
+# (the run's own settings, a setting that does nothing in such a run): same run id either way
+INERT = [
+    (["prune.method=none"], "prune.sparsity=0.7"),
+    (["prune.method=none"], "prune.during=train"),
+    (["prune.method=unstructured"], "prune.importance=l1"),
+    (["prune.method=unstructured"], "prune.round_to=4"),
+    (["prune.method=unstructured", "prune.schedule=constant"], "prune.power=2"),
+    (["prune.method=unstructured", "prune.during=train"], "prune.epochs=3"),
+    (["prune.method=unstructured", "prune.during=train"], "prune.lr=0.5"),
+    (["prune.method=structured"], "prune.scope=layer"),
+    (["prune.method=structured"], "prune.schedule=constant"),
+    (["quant.method=none"], "quant.calib_batches=3"),
+    (["quant.method=int8"], "quant.epochs=5"),
+    (["quant.method=qat"], "quant.calib_batches=3"),
+    (["measure.enabled=false"], "measure.latency_repeats=7"),
+    ([], "train.eval_batch_size=64"),  # each image's output is the same in any batch
+    (["data.loader=device"], "train.num_workers=1"),  # no worker processes
+]
+# ... and settings that do change the run: another run id
+ACTIVE = [
+    (["prune.method=unstructured"], "prune.sparsity=0.7"),
+    (["prune.method=unstructured", "prune.schedule=polynomial"], "prune.power=2"),
+    (["prune.method=unstructured"], "prune.epochs=3"),
+    (["prune.method=structured"], "prune.importance=l1"),
+    (["quant.method=int8"], "quant.calib_batches=3"),
+    (["quant.method=qat"], "quant.epochs=5"),
+    (["data.loader=dataloader"], "train.num_workers=1"),  # other workers, other augmentation draws
+    ([], "measure.latency_repeats=5"),  # other figures measured
+    ([], "measure.compile=false"),
+]
+
+
+@pytest.mark.parametrize("run, setting", INERT)
+def test_a_setting_that_does_nothing_in_a_run_does_not_change_its_id(run, setting):
+    assert run_id(load_config([], run)) == run_id(load_config([], [*run, setting]))
+
+
+@pytest.mark.parametrize("run, setting", ACTIVE)
+def test_a_setting_that_changes_a_run_changes_its_id(run, setting):
+    assert run_id(load_config([], run)) != run_id(load_config([], [*run, setting]))
+
+
+def test_run_ids_made_before_inert_settings_were_left_out_stay_the_same():
+    """Ids computed before this change, of runs whose inert and measure settings had their defaults."""
+    assert run_id(load_config([], [])) == "3606df9c1a"
+    assert run_id(load_config([], ["prune.method=unstructured"])) == "83b8db9b26"
+    assert run_id(load_config([], ["prune.method=structured", "quant.method=int8"])) == "2b7d42cb2c"
+    during_train = ["prune.method=unstructured", "prune.during=train", "data.loader=dataloader", "train.num_workers=2"]
+    assert run_id(load_config([], during_train)) == "7d9f51fcdf"
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [

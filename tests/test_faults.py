@@ -192,6 +192,16 @@ FAULTS: tuple[Fault, ...] = (
         ),
     ),
     Fault(
+        "a model file a finished stage made is truncated, garbled or gone (`trained.pt`, `int8.pt2`, ...)",
+        "the stage that needs it fails naming the file and marks the stage that made it failed; runs already "
+        "finished stay done; a truncated shared model is never reused",
+        "`--rerun failed`: makes the file again (a shared training is moved aside and trained once)",
+        (
+            "test_unreadable_models.py::test_unreadable_shared_training_is_trained_again_once_by_rerun_failed",
+            "test_unreadable_models.py::test_unreadable_int8_program_fails_quantize_and_rerun_failed_makes_it_again",
+        ),
+    ),
+    Fault(
         "a stage fails (prune, quantize, measure)",
         "the training and its metrics are kept; status names the failed stage",
         "fix it, `--rerun failed`: redoes that stage and the ones after",
@@ -359,7 +369,7 @@ def test_crafted_checkpoint_and_model_file_are_refused_without_running_code(tmp_
     model_file = tmp_path / "models" / "trained.pt"
     model_file.parent.mkdir()
     torch.save({"format": artifacts.FORMAT, "state_dict": RunsCode()}, model_file)
-    with pytest.raises(RuntimeError, match=re.escape(str(model_file))):
+    with pytest.raises(artifacts.UnreadableModel, match=re.escape(str(model_file))):
         artifacts.load_model(model_file)
     assert not marker.exists()
     # the payload is real: plain unpickling runs it

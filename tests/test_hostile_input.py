@@ -179,6 +179,15 @@ def test_folder_given_as_the_sweep_file(project):
     _assert_usage_error(r, f"{project / 'sweeps/s.yaml'}: is a folder, not a YAML file")
 
 
+@pytest.mark.parametrize("key, ref", [("base", "configs"), ("cluster", "configs/cluster.yaml")])
+def test_folder_given_as_a_base_or_cluster_file(project, key, ref):
+    (project / "configs/cluster.yaml").mkdir(parents=True)
+    sweep = write(project / "sweeps/s.yaml", f"name: s\n{key}: {ref}\n")
+    r = run_cli("pipeline.sweep", str(sweep), "--dry-run", "--cluster", "local", cwd=project)
+    _assert_usage_error(r, f"{sweep}: {key}: '{ref}' is a folder ({project / ref}), not a config file")
+    assert "not found" not in r.stderr
+
+
 def test_base_file_that_cannot_be_read(project):
     # /proc/self/mem is a regular file that fails to read (EIO at offset 0), even for root
     sweep = write(project / "sweeps/s.yaml", SWEEP.format(base="/proc/self/mem"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import zipfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -56,6 +57,25 @@ def test_prune_and_quantize_keys_chain_on_the_earlier_stage():
     assert none1["prune"] == none2["prune"]
 
 
+def test_training_key_ignores_evaluation_batch_and_unused_workers_and_keeps_stored_keys():
+    base = share.stage_keys(tree())
+    assert base == {"train": "996293938cc0", "prune": "b581e6a7290a", "quantize": "c48702943dce"}  # as stored before
+    assert share.training_key(tree("train.eval_batch_size=64")) == base["train"]
+    assert share.training_key(tree("data.loader=device", "train.num_workers=0")) == base["train"]
+    workers = tree("data.loader=dataloader", "train.num_workers=2")  # worker seeding draws the augmentations
+    assert share.training_key(workers) != share.training_key(tree("data.loader=dataloader", "train.num_workers=4"))
+    during = ("prune.method=unstructured", "prune.during=train")  # the fine-tune settings of a pruning in training
+    assert share.training_key(tree(*during, "prune.epochs=3", "prune.importance=l1")) == share.training_key(
+        tree(*during)
+    )
+    assert share.training_key(tree(*during, "prune.sparsity=0.7")) != share.training_key(tree(*during))
+    structured = share.stage_keys(tree("prune.method=structured", "quant.method=int8"))
+    assert structured == {"train": "996293938cc0", "prune": "b7319bda10e5", "quantize": "e1c35b5f8d5c"}
+    # a stage's settings that do nothing at its method do not split its key
+    assert share.stage_keys(tree("prune.method=structured", "quant.method=int8", "prune.scope=layer")) == structured
+    assert share.stage_keys(tree("prune.method=structured", "quant.method=int8", "quant.lr=0.5")) == structured
+
+
 def test_share_section_does_not_change_run_ids():
     cfg = load_config([], [])
     off = load_config([], ["share.train=false"])
@@ -95,12 +115,14 @@ def test_archive_removes_links_and_keeps_the_shared_result(tmp_path):
     share.link_training(run, store, t)
     atomic_write_json(store / "metrics" / "train.json", {"status": "done"})
     (store / "models").mkdir()
-    (store / "models" / "trained.pt").write_bytes(b"weights")
+    with zipfile.ZipFile(store / "models" / "trained.pt", "w") as weights:  # a model file is a zip archive
+        weights.writestr("data.pkl", b"weights")
+    kept = (store / "models" / "trained.pt").read_bytes()
     run.write_metrics("prune", {"status": "done"})
     dest = run.archive()
     assert dest is not None and (dest / "metrics" / "prune.json").is_file()
     assert not any((dest / rel).is_symlink() for rel in SHARED_TRAIN_LINKS)
-    assert (store / "models" / "trained.pt").read_bytes() == b"weights"
+    assert (store / "models" / "trained.pt").read_bytes() == kept
     assert share.store_record(store)["status"] == "done"
 
 
@@ -114,6 +136,27 @@ def _owner_and_follower(tmp_path: Path) -> tuple[RunDir, RunDir, Path]:
         r.path.mkdir(parents=True)
         share.link_training(r, store, t)
     return owner, follower, store
+
+
+def test_a_shared_model_file_that_is_visibly_broken_is_not_reused(tmp_path):
+    """The login node's look at a done shared training's trained.pt (torch-free): a truncated or empty
+    file reads as a failed training naming it, so no run reuses it; a whole one (or none: the job that
+    needs it decides) leaves the record as it is."""
+    t = tree()
+    sweep = tmp_path / "out" / "sweep"
+    store = share.train_store(sweep, share.training_key(t))
+    atomic_write_json(store / "metrics" / "train.json", {"status": "done", "test_acc": 0.5})
+    assert share.store_record(store)["status"] == "done"  # no model file: left to the job
+    model = store / "models" / "trained.pt"
+    model.parent.mkdir()
+    with zipfile.ZipFile(model, "w") as weights:
+        weights.writestr("data.pkl", b"weights" * 100)
+    assert share.store_record(store)["status"] == "done"
+    model.write_bytes(model.read_bytes()[:300])
+    record = share.store_record(store)
+    assert record["status"] == "failed" and f"{model} is unreadable" in record["error"] and record["test_acc"] == 0.5
+    assert share.assign([(RunDir(sweep / "x"), t, False)], sweep)["x"].role == "train"  # not "reuse"
+    assert RunDir(store).read_metrics("train")["status"] == "done"  # the look writes nothing
 
 
 def test_blocked_by_names_the_owner_and_the_error(tmp_path):

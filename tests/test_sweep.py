@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.sweep import expand_sweep, read_sweep
+from pipeline.sweep import expand_sweep, merge_notes, read_sweep
 from tests.conftest import run_cli, tree_snapshot, write
 
 
@@ -66,6 +66,85 @@ def test_ids_are_stable_and_overrides_apply_to_every_run(project):
     # an override of a swept key wins, and runs it makes identical are kept once
     same = expand_sweep(read_sweep(path), {"optim.name": "sgd"}, cwd=project)
     assert len(same) == 2 * 2 * 2 and all(r.cfg.optim.name == "sgd" for r in same)
+
+
+def test_grid_points_that_give_one_run_are_named_with_the_reason(project):
+    """The trial's case: prune.method [none, none] x measure.latency_repeats [3, 5] gave "1 runs" and
+    never measured 5. Measure settings are part of the run id now; the repeated value is said to merge."""
+    text = "name: m\nbase: [configs/base.yaml]\ngrid: {prune.method: [none, none], measure.latency_repeats: [3, 5]}\n"
+    runs = expand_sweep(read_sweep(write(project / "sweeps/m.yaml", text)), cwd=project)
+    assert sorted(r.cfg.measure.latency_repeats for r in runs) == [3, 5]
+    notes = merge_notes(runs)
+    assert len(notes) == 2 and all("the same settings" in n for n in notes)
+    assert "{prune.method: none, measure.latency_repeats: 5} is the same run as" in notes[1]
+
+
+def test_a_setting_that_does_nothing_merges_with_its_reason(project):
+    text = (
+        "name: m\nbase: [configs/base.yaml]\n"
+        "grid: {prune.method: [none, unstructured], prune.sparsity: [0.5, 0.7], slurm.time_min: [10, 20]}\n"
+    )
+    runs = expand_sweep(read_sweep(write(project / "sweeps/m.yaml", text)), cwd=project)
+    assert len(runs) == 3  # none once (sparsity does nothing there), unstructured at 0.5 and 0.7
+    (unpruned,) = [r for r in runs if r.cfg.prune.method == "none"]
+    assert len(unpruned.merged) == 3
+    notes = merge_notes(runs)
+    assert len(notes) == 5
+    assert sum("prune.sparsity does nothing with prune.method=none" in n for n in notes) == 2
+    assert sum("slurm.time_min is not part of the run id" in n and "slurm.time_min=10" in n for n in notes) == 4
+    assert len(merge_notes(runs * 3)) == 11 and "--all" in merge_notes(runs * 3)[-1]  # long lists are cut
+
+
+def test_dry_run_prints_each_merge(project):
+    text = "name: m\nbase: [configs/base.yaml]\ngrid: {prune.method: [none], prune.sparsity: [0.5, 0.7]}\n"
+    path = write(project / "sweeps/m.yaml", text)
+    r = run_cli(
+        "pipeline.sweep", str(path), "--dry-run", "--cluster", "local", "--out", str(project / "runs"), cwd=project
+    )
+    assert r.returncode == 0, r.stderr
+    assert "note: {prune.method: none, prune.sparsity: 0.7} is the same run as" in r.stdout
+    assert "prune.sparsity does nothing with prune.method=none; it runs once" in r.stdout and "1 runs" in r.stdout
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_cuda_without_a_gpu_in_the_slurm_settings_exits_2_before_writing(project, dry):
+    path = write(project / "sweeps/g.yaml", "name: g\nbase: [configs/base.yaml]\nset: {train.device: cuda}\n")
+    args = ["--cluster", "slurm", "--out", str(project / "runs")] + (["--dry-run"] if dry else [])
+    before = tree_snapshot(project)
+    r = run_cli("pipeline.sweep", str(path), *args, cwd=project)
+    assert r.returncode == (0 if dry else 2) and "Traceback" not in r.stderr, r.stdout + r.stderr
+    err = " ".join((r.stdout if dry else r.stderr).split())  # a dry run shows the plan, with a warning
+    assert ("warning:" in err and "a submission would stop here" in err) if dry else "error:" in err
+    assert f"{path}: train.device: 'cuda' needs a GPU" in err and "slurm.gpus_per_node is 0" in err
+    assert "set slurm.gpus_per_node" in err and "train.device=auto" in err
+    assert tree_snapshot(project) == before and not (project / "runs").exists()
+    ok = run_cli("pipeline.sweep", str(path), "slurm.gpus_per_node=1", "--cluster", "slurm", "--dry-run", cwd=project)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_cuda_in_a_cluster_profile_without_gpus_names_the_profile(project, repo):
+    text = f"name: g\nbase: [configs/base.yaml]\ncluster: {repo / 'configs/cluster/v100.yaml'}\n"
+    path = write(project / "sweeps/g.yaml", text)
+    r = run_cli("pipeline.sweep", str(path), "slurm.gpus_per_node=0", "--cluster", "slurm", "--dry-run", cwd=project)
+    assert "in the cluster profile" in r.stdout and "v100.yaml" in r.stdout and "warning:" in r.stdout, r.stdout
+
+
+def test_cuda_on_the_local_executor_without_a_visible_gpu_exits_2(project):
+    path = write(project / "sweeps/g.yaml", "name: g\nbase: [configs/base.yaml]\nset: {train.device: cuda}\n")
+    for cluster in ("local", "debug"):
+        r = run_cli(
+            "pipeline.sweep",
+            str(path),
+            "--cluster",
+            cluster,
+            "--out",
+            str(project / "runs"),
+            cwd=project,
+            env={"CUDA_VISIBLE_DEVICES": ""},  # no GPU for this machine's jobs, whatever the machine has
+        )
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "train.device: 'cuda' needs a GPU" in r.stderr and "no GPU is visible" in r.stderr
+        assert not (project / "runs").exists()
 
 
 def test_relative_data_root_is_stored_absolute(project):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.rundir import STAGES, RunDir, config_sections, reading_once, survey
+from pipeline.rundir import STAGES, UNREADABLE_OUTPUT, RunDir, config_sections, reading_once, survey
 
 # Sections of config.yaml that only change what happens after training: runs equal in everything
 # else share one training (study 3 trains the same network once per compression variant).
@@ -79,10 +79,13 @@ class Record:
 
     def status_from_stages(self) -> str:
         """What RunDir.status() says, from the records already read (no second read of every file)."""
+        final = self.stages.get(list(STAGES)[-1]) or {}
         for i, stage in enumerate(STAGES):
             m = self.stages.get(stage)
             if not m:
                 return "running" if i > 0 or self.run.progress.exists() else "pending"
+            if m.get(UNREADABLE_OUTPUT) and final.get("status") == "done":
+                continue  # a model file it made went bad after the run had finished: the run stays done
             if m.get("status") != "done":
                 if stage in ("train", "prune") and m.get("status") == "failed" and self.run.blocked_by() is not None:
                     return "blocked"  # a shared training or pruning (pipeline.share) that failed in another run

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from pipeline import cli
 from pipeline.report.records import AFTER_TRAINING, Record, sort_key
+from pipeline.rundir import UNREADABLE_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ def _training_key(key: str) -> bool:
 
 
 def _train_value(r: Record, key: str) -> Any:
-    finished = r.metrics.get("status") in ("done", "diverged")  # training's figures, once it ended
+    # training's figures, once it ended (also when its model file went bad later: the figures stand)
+    finished = r.metrics.get("status") in ("done", "diverged") or bool(r.metrics.get(UNREADABLE_OUTPUT))
     return r.metrics.get(key) if finished else None
 
 
