@@ -520,6 +520,8 @@ def path_airbench(check: Check, fast: Result | None) -> Result:
 
 def _run_overrides(check: Check, quant: str) -> list[str]:
     s = check.sizes
+    # the int8 run measures eagerly: int8's compiled CPU speed is bench/compress.py's, not a CUDA path
+    eager = ["measure.compile=false", "measure.memory=false"] if quant == "int8" else []
     return [
         f"data.root={check.data_root}",
         "data.val_size=100",
@@ -535,6 +537,7 @@ def _run_overrides(check: Check, quant: str) -> list[str]:
         f"quant.method={quant}",
         "quant.calib_batches=2",
         *s.run_measure,
+        *eager,
     ]
 
 
@@ -544,9 +547,11 @@ def _run_pipeline(check: Check, out: Path, quant: str) -> Any:
     from pipeline.run import main as run_main
 
     code = run_main([str(REPO / "configs" / "base.yaml"), *_run_overrides(check, quant), "--out", str(out)])
+    (run,) = list_runs(out)
     if code != 0:
-        raise RuntimeError(f"pipeline.run (quant.method={quant}) exited {code}")
-    (run,) = [r for r in list_runs(out) if metrics(r, "quantize").get("method") == quant]
+        failed = run.failed_stage()
+        why = (metrics(run, failed).get("error") or "") if failed else ""
+        raise RuntimeError(f"pipeline.run (quant.method={quant}) exited {code}; stage {failed}: {why}"[:400])
     return run
 
 
@@ -566,49 +571,72 @@ def _measure_figures(run) -> dict[str, dict[str, Any]]:
     return {e["name"]: {k: e.get(k) for k in keys} for e in metrics(run, "measure").get("models", [])}
 
 
-def path_pipeline(check: Check) -> Result:
-    out = check.work / "pipeline"
-    int8 = _run_pipeline(check, out, "int8")
-    fp16 = _run_pipeline(check, out, "fp16")
+def _cuda_text(measured: dict[str, dict[str, Any]]) -> str:
+    return "".join(
+        f", {k} {v['self_cuda_ms_per_batch'] or 0:.2f} CUDA ms/batch {(v['peak_memory_batch_bytes'] or 0) / 2**20:.1f} MiB"
+        for k, v in sorted(measured.items())
+        if k.endswith("-cuda")
+    )
+
+
+def path_pipeline_fp16(check: Check) -> Result:
+    """train -> structured prune -> fp16 -> measure on the GPU: the CUDA rows, then collect's tables."""
+    out = check.work / "pipeline-fp16"
+    run = _run_pipeline(check, out, "fp16")
     table = _collect(out)
-    measured = {**_measure_figures(int8), **_measure_figures(fp16)}
-    r = Result("pipeline")
-    train, q16, q8 = metrics(fp16, "train"), metrics(fp16, "quantize"), metrics(int8, "quantize")
+    train, q16, measured = metrics(run, "train"), metrics(run, "quantize"), _measure_figures(run)
+    r = Result("pipeline-fp16")
     r.figures = {
         "train_device": train.get("device"),
         "train_images_per_s": train.get("images_per_s"),
-        "int8_test_acc": q8.get("test_acc"),
         "fp16_test_acc": q16.get("test_acc"),
         "fp16_device": q16.get("device"),
         "measure": measured,
     }
-    cuda_rows = {k: v for k, v in measured.items() if k.endswith("-cuda")}
-    r.figure = f"train on {train.get('device')}, int8 acc {q8.get('test_acc', 0):.3f}" + "".join(
-        f", {k} {v['self_cuda_ms_per_batch'] or 0:.2f} CUDA ms/batch {(v['peak_memory_batch_bytes'] or 0) / 2**20:.0f} MiB"
-        for k, v in sorted(cuda_rows.items())
-    )
-    return _pipeline_verdict(check, r, table, cuda_rows, q16)
-
-
-def _pipeline_verdict(check: Check, r: Result, table: str, cuda_rows: dict, q16: dict) -> Result:
-    if r.figures["int8_test_acc"] is None:
-        return r.fail("int8 was not evaluated")
-    if "base" not in table or "int8" not in table:
-        return r.fail("collect's models table lacks the base or int8 row")
+    acc = q16.get("test_acc")
+    r.figure = f"train on {train.get('device')}, fp16 acc {'-' if acc is None else f'{acc:.3f}'}" + _cuda_text(measured)
+    if "| base |" not in table or "| structured 50% |" not in table:
+        return r.fail("collect's models table lacks the base or the pruned row")
     if check.device.type != "cuda":
-        r.figure += " (dry run: no CUDA rows, fp16 not evaluated on a CPU)"
+        r.figure += " (dry run: no CUDA rows; fp16 is neither evaluated nor timed on a CPU)"
         return r
-    if set(cuda_rows) != {"trained-cuda", "pruned-cuda", "fp16-cuda"}:
-        return r.fail(f"CUDA rows measured: {sorted(cuda_rows)}")
-    for name, e in cuda_rows.items():
+    return _cuda_verdict(r, table, measured, q16)
+
+
+def _cuda_verdict(r: Result, table: str, measured: dict, q16: dict) -> Result:
+    rows = {k: v for k, v in measured.items() if k.endswith("-cuda")}
+    if set(rows) != {"trained-cuda", "pruned-cuda", "fp16-cuda"}:
+        return r.fail(f"CUDA rows measured: {sorted(rows)}")
+    for name, e in rows.items():
         if not (e["self_cuda_ms_per_batch"] and e["peak_memory_batch_bytes"]):
             return r.fail(f"{name}: no CUDA time or max_memory_allocated")
         if e["compile"] and not e["compile"].get("compiled"):
             return r.fail(f"{name}: compile fell back to eager: {e['compile'].get('fallback_reason')}")
     if q16.get("test_acc") is None or not str(q16.get("device", "")).startswith("cuda"):
         return r.fail("the fp16 model was not evaluated on the GPU")
-    if "CUDA ms/batch" not in table or "fp16" not in table or "GPU time" not in table:
+    if "CUDA ms/batch" not in table or "+ fp16 |" not in table or "GPU time" not in table:
         return r.fail("collect's tables lack the CUDA ms/batch column, the GPU time column or the fp16 row")
+    return r
+
+
+def path_pipeline_int8(check: Check) -> Result:
+    """The same run with int8: built, calibrated and evaluated on the CPU inside a GPU job."""
+    out = check.work / "pipeline-int8"
+    run = _run_pipeline(check, out, "int8")
+    table = _collect(out)
+    q8, measured = metrics(run, "quantize"), _measure_figures(run)
+    r = Result("pipeline-int8")
+    r.figures = {"int8_test_acc": q8.get("test_acc"), "source_test_acc": q8.get("source_test_acc"), "measure": measured}
+    r.figure = (
+        f"int8 acc {q8.get('test_acc') or 0:.3f} (pruned source {q8.get('source_test_acc') or 0:.3f}), "
+        f"{q8.get('raw', 0):,} bytes; int8 measured on {measured.get('int8', {}).get('device')}" + _cuda_text(measured)
+    )
+    if q8.get("test_acc") is None or measured.get("int8", {}).get("device") != "cpu":
+        return r.fail("int8 was not evaluated and measured on the CPU")
+    if "+ int8 |" not in table:
+        return r.fail("collect's models table lacks the int8 row")
+    if check.device.type == "cuda" and not {"trained-cuda", "pruned-cuda"} <= set(measured):
+        return r.fail(f"CUDA rows measured beside int8: {sorted(k for k in measured if k.endswith('-cuda'))}")
     return r
 
 
@@ -765,7 +793,8 @@ def run_paths(check: Check, selected: set[int], report: Callable[[Result], None]
         (3, "loader", lambda: path_loader(check)),
         (4, "fast-recipe", lambda: path_fast(check)),
         (4, "airbench94", lambda: path_airbench(check, done.get("fast-recipe"))),
-        (5, "pipeline", lambda: path_pipeline(check)),
+        (5, "pipeline-fp16", lambda: path_pipeline_fp16(check)),
+        (5, "pipeline-int8", lambda: path_pipeline_int8(check)),
         (6, "ddp", lambda: path_ddp(check)),
     ]
     for number, name, fn in plan:

@@ -30,7 +30,8 @@ PATHS = [
     "loader",
     "fast-recipe",
     "airbench94",
-    "pipeline",
+    "pipeline-fp16",
+    "pipeline-int8",
     "ddp",
 ]
 
@@ -64,7 +65,7 @@ def test_cpu_dry_run_runs_every_path_and_writes_the_figures(tmp_path):
     assert figures["train-fp32"]["figures"]["loss_later_steps"] < figures["train-fp32"]["figures"]["loss_first_steps"]
     assert figures["channels_last+compile"]["figures"]["grad_rel_diff"] < 2e-2
     assert figures["loader"]["figures"]["images"] > 0 and "speed not judged in a dry run" in lines["loader"]
-    assert figures["pipeline"]["figures"]["int8_test_acc"] is not None
+    assert figures["pipeline-int8"]["figures"]["int8_test_acc"] is not None
     assert figures["ddp"]["figures"]["world_size"] == 2 and figures["ddp"]["figures"]["weight_update_rel_gap"] < 0.05
     # the BENCHMARKS.md rows, one per path
     table = r.stdout[r.stdout.index("| path | figure | result |") :]
