@@ -466,7 +466,7 @@ def _airbench_data(check: Check) -> Path:
     """airbench's own format (NHWC uint8 train.pt / test.pt in ./cifar10) of the same synthetic files."""
     from pipeline.data import load_cifar
 
-    d = load_cifar("cifar10", check.data_root, val_size=1, train_size=0)  # all 50,000 but one
+    d = load_cifar("cifar10", check.data_root, val_size=0)  # all 50,000: airbench trains on every image
     folder = check.work / "airbench" / "cifar10"
     folder.mkdir(parents=True, exist_ok=True)
     classes = list(d.class_names)
@@ -492,8 +492,8 @@ def path_airbench(check: Check, fast: Result | None) -> Result:
 
         os.chdir(folder.parent)  # its train() reads the test split from ./cifar10/test.pt
         hyp = airbench.lib_airbench94.hyp
-        loader = airbench.CifarLoader(str(folder), train=True, batch_size=hyp["opt"]["batch_size"], aug=hyp["aug"])
-        loader.altflip = True
+        batch = hyp["opt"]["batch_size"]
+        loader = airbench.CifarLoader(str(folder), train=True, batch_size=batch, aug=hyp["aug"], altflip=True)
         airbench.train94(loader, epochs=0.1, verbose=False)  # warm-up (cudnn's autotuning)
         sync(check.device)
         t = time.perf_counter()

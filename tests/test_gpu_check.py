@@ -115,6 +115,23 @@ def test_a_failing_path_is_one_fail_line_and_the_exit_code_is_1(gpu_check, tmp_p
 # --------------------------------------------------------------------------------------------------
 
 
+def test_cuda_settings_without_a_gpu_stop_with_a_clear_error(tmp_path):
+    """train.device=cuda on a machine without CUDA names CUDA_VISIBLE_DEVICES; a CUDA measurement refuses."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    from pipeline.compress.measure import Artifact, measure_artifacts
+    from pipeline.train import resolve_device
+
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(RuntimeError, match="train.device=cuda but no CUDA device is visible .CUDA_VISIBLE_DEVICES="):
+        resolve_device("cuda")
+    path = tmp_path / "m.pt"
+    save_model(path, build_model("resnet20", 10), {"name": "resnet20", "num_classes": 10, "shortcut": "A"})
+    art = Artifact.from_model_file("trained-cuda", path, device="cuda")
+    with pytest.raises(ValueError, match="trained-cuda: device cuda but CUDA is not available"):
+        measure_artifacts([art], [(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))], threads=1)
+
+
 def test_fp16_quantize_stage_evaluates_the_half_model_with_half_inputs(tmp_path, synthetic_root, monkeypatch):
     """quant.method=fp16 evaluates the half model only when CUDA is available. The loaders give fp32
     batches, which half weights refuse ("Input type ... and weight type ... should be the same") unless
