@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -173,12 +174,9 @@ def precision_note(precision: str, device: torch.device) -> str:
     """What the project does with train.precision on this device (its own rule, pipeline.train)."""
     from pipeline.train import autocast_dtype
 
-    with contextlib.redirect_stderr(io.StringIO()):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dtype = autocast_dtype(precision, device)
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said once already, by the path that trains
+        dtype = autocast_dtype(precision, device)
     if precision != "fp32" and dtype is None:
         return f"{precision} fell back to fp32 on {device.type}"
     return ""
@@ -212,14 +210,13 @@ def train_steps(model, loader, optimizer, n: int, *, epoch: int = 0, amp_dtype=N
     )
 
 
-def device_loader(check: Check, batch: int, *, channels_last: bool = True, n: int = 0):
-    """The project's DeviceLoader over the training split (its first ``n`` images when n > 0)."""
-    from pipeline.data import DeviceLoader, Split
+def device_loader(check: Check, batch: int, *, channels_last: bool = True):
+    """The project's DeviceLoader over the training split, augmented and shuffled as in training."""
+    from pipeline.data import DeviceLoader
 
     d = check.data
-    split = d.train if n <= 0 else Split(d.train.images[:n], d.train.labels[:n])
     return DeviceLoader(
-        split,
+        d.train,
         batch,
         device=check.device,
         mean=d.mean,

@@ -197,3 +197,21 @@ def test_collect_shows_a_gpu_only_fp16_model_with_its_cuda_time(tmp_path):
     fp16 = dict(zip(header, cells))
     assert fp16["CUDA ms/batch"] == "1.25" and fp16["top-1 error"].startswith("21.00%")
     assert fp16["ms/img"] == "" and fp16["CPU ms/batch"] == "" and fp16["smaller"] == "×2.0"
+
+
+def test_the_device_wrapper_runs_the_check_and_writes_to_out(tmp_path):
+    """bench/gpu_check.sh (what the lent GPU machine runs): without wheels in .whl/ it uses this Python's
+    packages, says so, and leaves the figures in $OUT/gpu.json."""
+    if any((REPO / ".whl").glob("*.whl")):
+        pytest.skip("wheels in .whl/ would be installed into GPU_SITE")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_SITE": str(tmp_path / "site")}
+    r = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-dry-run", "--paths", "3"],
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "no wheels in .whl/ (make gpu-wheels)" in r.stderr and "gpu loader: DeviceLoader" in r.stdout
+    assert json.loads((tmp_path / "gpu.json").read_text())["paths"]["loader"]["status"] == "PASS"
