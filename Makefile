@@ -8,7 +8,7 @@ DEMO_OUT  ?= runs
 # subprocesses, so two keep a 2-core machine busy; more than the cores only adds contention.
 TEST_WORKERS ?= 2
 
-.PHONY: venv demo readme-plot test slurm-up slurm-down bench clean-demo
+.PHONY: venv demo readme-plot test slurm-up slurm-down bench clean-demo gpu-check gpu-wheels
 
 # The stamp is rebuilt whenever the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -43,3 +43,23 @@ slurm-up:
 
 slurm-down:
 	bash tests/slurm/stop.sh
+
+# Every CUDA path in one command (README "GPUs"): on a GPU node `make gpu-check` (a cluster:
+# `srun --gres=gpu:1 --time=10 make gpu-check`); without a GPU, GPU_CHECK_ARGS=--cpu-dry-run.
+GPU_CHECK_ARGS ?= --json runs/gpu_check.json
+gpu-check: venv
+	mkdir -p runs
+	PYTHONPATH=$(CURDIR) $(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The wheels a machine with torch but without the project's other packages needs for gpu-check (the
+# lent GPU machine: Python 3.12, torch 2.11, no registry), into .whl/ (ignored by git); bench/gpu_check.sh
+# installs them there. torchao 0.18.0 needs torch >= 2.11; omegaconf 2.4 carries its own antlr4;
+# airbench is published as source only, so its wheel is built here (pure Python).
+WHEELS ?= .whl
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+gpu-wheels: venv
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d $(WHEELS) omegaconf==2.4.0 torchao==0.18.0 torch-pruning==1.6.1 submitit==1.5.4
+	$(PY) -m pip wheel --quiet --no-deps -w $(WHEELS) airbench==0.1.8
+	du -ch $(WHEELS)/*.whl | tail -1

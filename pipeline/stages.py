@@ -249,7 +249,10 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         metrics.update(model=f"models/{FP16}", **qz.file_sizes(run.models / FP16))
         if torch.cuda.is_available():
             ctx = setup(cfg)
-            metrics.update(evaluate_test(_to_device(half, cfg, ctx.device), ctx), device=str(ctx.device))
+            on_device = _to_device(half, cfg, ctx.device).eval()
+            # fp16 inputs: the loaders give fp32 batches, which half weights refuse without autocast
+            test = evaluate(lambda x: on_device(x.half()), ctx.test_loader)
+            metrics.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"], device=str(ctx.device))
         return metrics
 
     d, calib, test = _cpu_loaders(cfg)

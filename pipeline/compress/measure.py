@@ -131,7 +131,9 @@ def load_from_spec(
         # here; a graph inductor cannot compile falls back to eager, and says why in compile_info
         from pipeline.compress.quantize import compile_int8
 
-        example = torch.zeros(1, 3, 32, 32, device=device)
+        # in the weights' dtype: an fp16 model refuses fp32 inputs, and compile_int8 would fall back to eager
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        example = torch.zeros(1, 3, 32, 32, device=device, dtype=dtype)
         if channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
         fn, info = compile_int8(model, example)

@@ -396,7 +396,12 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
         for e in entries:
             name = e["name"]
             if name.endswith("-cuda"):
-                continue
+                if name.removesuffix("-cuda") in by_name:
+                    continue  # its CUDA time goes on its CPU twin's row
+                # a GPU-only model (fp16): its own row, CPU columns empty (its GPU latency and memory are
+                # not comparable with the CPU figures of the other rows)
+                name, e = name.removesuffix("-cuda"), {**e, "latency_b1_ms": None, "self_cpu_ms_per_batch": None}
+                e.update(peak_memory_batch_bytes=None, peak_memory_b1_bytes=None)
             cuda = by_name.get(f"{name}-cuda", {})
             rows.append(
                 {
