@@ -1,0 +1,211 @@
+"""The study of a search: its storage, sampler and pruner, and the configs a dry run shows.
+
+Storage: by default Optuna's journal file ``<sweep>/search/journal.log`` (JournalFileBackend), made for
+NFS where ``fcntl`` locks fail. Its lock is :class:`JournalFileSymlinkLock` (Optuna's default, chosen
+explicitly): ``symlink()`` is atomic on every NFS version, where the ``O_EXCL`` create of
+:class:`JournalFileOpenLock` is atomic only from NFSv3 on. A holder that dies is broken after its grace
+period (30 s without a write). ``search.storage`` may name a database URL instead (RDBStorage); one
+that does not answer raises :class:`StorageUnreachable` (the commands exit 3: try again later).
+
+Sampling and seeds: a sampler is made afresh before each ``ask``, seeded from the search's seed, the
+worker's index and the number of trials the study has then. With one worker that sequence is fixed, so
+the same seed gives the same configs (random, and TPE given the same results). With several workers,
+which worker asks when depends on timing, and TPE sees whichever trials have ended by then: the configs
+differ from run to run, though no two workers draw from the same random stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
+from optuna.storages import BaseStorage
+from optuna.study import StudyDirection
+
+from pipeline.config import ConfigError
+from pipeline.search.journal import JournalCorrupt, check_journal
+from pipeline.search.spec import Choice, EarlyStop, Range, SearchSpec
+
+SEARCH_DIR = "search"
+JOURNAL = "journal.log"
+DEFAULT_STUDY = "search"
+CONNECT_TIMEOUT_S = 10  # a database that does not answer within this is unreachable
+PREVIEW_TRIALS = 5  # configs a dry run shows
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # no INFO line per trial in job logs
+
+
+class StorageUnreachable(Exception):
+    """The storage URL's server did not answer: nothing is wrong with the input, try again later."""
+
+
+def journal_path(sweep_dir: Path) -> Path:
+    return Path(sweep_dir) / SEARCH_DIR / JOURNAL
+
+
+def directions(spec: SearchSpec) -> list[StudyDirection]:
+    return [StudyDirection.MAXIMIZE if d == "max" else StudyDirection.MINIMIZE for d in spec.objective.values()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------------
+
+
+def open_storage(spec: SearchSpec, sweep_dir: Path, *, write: bool = True) -> BaseStorage:
+    """The journal file (created with its folder when ``write``) or the database of ``spec.storage``.
+    A writer moves a cut last journal record aside first (:mod:`pipeline.search.journal`)."""
+    if spec.storage is not None:
+        return _database(spec.storage, spec.source)
+    path = journal_path(sweep_dir)
+    check_journal(path, repair=write)
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path)))
+    try:
+        return optuna.storages.JournalStorage(backend)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:  # a record check_journal let through
+        raise JournalCorrupt(path, f"Optuna cannot replay it ({type(e).__name__}: {e})") from None
+
+
+def masked(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def _database(url: str, source: str) -> BaseStorage:
+    import sqlalchemy.exc
+
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith(("mysql", "mariadb", "postgresql")):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError) as e:
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise StorageUnreachable(
+            f"the search storage {masked(url)} does not answer ({reason}): try again later"
+        ) from None
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as e:
+        hint = " (mysql+pymysql:// needs PyMySQL: pip install 'pipeline[mysql]')" if isinstance(e, ImportError) else ""
+        raise ConfigError(source, f"cannot use {masked(url)}: {e}{hint}", key="search.storage") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler, pruner, search space
+# --------------------------------------------------------------------------------------------------
+
+
+def derived_seed(seed: int, worker: int, n_trials: int) -> int:
+    """A 32-bit seed for the sampler a worker makes before asking, when the study has ``n_trials``."""
+    digest = hashlib.sha256(f"{seed}/{worker}/{n_trials}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def make_sampler(spec: SearchSpec, seed: int) -> BaseSampler:
+    if spec.method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.method == "tpe":
+        # constant_liar: a running trial counts as a poor result, so parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    # NSGA-II's first generation is random: a population of a quarter of the trials (4..50) leaves
+    # generations to evolve in a small study
+    population = max(4, min(50, spec.trials // 4))
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+
+
+def make_pruner(early: EarlyStop, max_epochs: int | None = None) -> BasePruner:
+    """The pruner of ``early_stop``; ``max_epochs`` (train.epochs) bounds Hyperband's brackets."""
+    if early.method == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=early.startup_trials, n_warmup_steps=early.min_epochs)
+    if early.method == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=early.min_epochs, reduction_factor=early.reduction)
+    if early.method == "hyperband":
+        top = early.max_epochs or max_epochs
+        return optuna.pruners.HyperbandPruner(
+            min_resource=early.min_epochs, max_resource=top if top else "auto", reduction_factor=early.reduction
+        )
+    return optuna.pruners.NopPruner()
+
+
+def distributions(spec: SearchSpec) -> dict[str, BaseDistribution]:
+    out: dict[str, BaseDistribution] = {}
+    for key, p in spec.params.items():
+        if isinstance(p, Choice):
+            out[key] = CategoricalDistribution(p.values)
+        elif isinstance(p, Range) and p.integer:
+            out[key] = IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            out[key] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------------------
+
+
+def open_study(
+    spec: SearchSpec,
+    sweep_dir: Path,
+    name: str = DEFAULT_STUDY,
+    *,
+    max_epochs: int | None = None,
+    create: bool = True,
+    storage: BaseStorage | None = None,
+) -> optuna.Study:
+    """The study ``name`` of the sweep, created on first use (``create``), else loaded (KeyError when
+    absent). Raises StorageUnreachable, JournalCorrupt or ConfigError (a bad storage URL)."""
+    storage = storage or open_storage(spec, sweep_dir, write=create)
+    sampler = make_sampler(spec, derived_seed(spec.seed, 0, 0))
+    pruner = make_pruner(spec.early_stop, max_epochs)
+    if not create:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    return optuna.create_study(
+        study_name=name,
+        storage=storage,
+        directions=directions(spec),
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+
+
+def ask(study: optuna.Study, spec: SearchSpec, worker: int) -> optuna.Trial:
+    """A new trial with every parameter sampled, by a sampler seeded for this worker and this moment."""
+    study.sampler = make_sampler(spec, derived_seed(spec.seed, worker, len(study.get_trials(deepcopy=False))))
+    return study.ask(fixed_distributions=distributions(spec))
+
+
+def preview_limit(spec: SearchSpec) -> int:
+    """How many first configs a dry run can know without results: all for random; TPE's random
+    start-up trials (10); NSGA-II's first generation."""
+    if spec.method == "random":
+        return PREVIEW_TRIALS
+    startup = 10 if spec.method == "tpe" else max(4, min(50, spec.trials // 4))
+    return min(PREVIEW_TRIALS, startup)
+
+
+def preview(spec: SearchSpec, n: int | None = None) -> list[dict[str, Any]]:
+    """The first configs a single worker would sample (``--dry-run``), from a study in memory: nothing
+    is written. Exact for the first :func:`preview_limit` trials, which need no results."""
+    n = min(spec.trials, preview_limit(spec) if n is None else n)
+    study = optuna.create_study(directions=directions(spec), sampler=make_sampler(spec, 0))
+    return [dict(ask(study, spec, 0).params) for _ in range(n)]
+
+
+def finite_values(values: tuple[float, ...] | None) -> bool:
+    return values is not None and all(math.isfinite(v) for v in values)
