@@ -194,13 +194,21 @@ def parse_params(doc: Any, src: str) -> dict[str, Param]:
     out: dict[str, Param] = {}
     for key, value in doc.items():
         key = str(key)
-        check_keys({key: value}, f"{src} (search.params)")
+        check_param_key(key, src)
         check_searchable(key, src)
         kind = str(fields[key].type)
         out[key] = (
             parse_choice(key, value, kind, src) if isinstance(value, list) else parse_range(key, value, kind, src)
         )
     return out
+
+
+def check_param_key(key: str, src: str) -> None:
+    """The schema's own check of a dotted key ("did you mean"), named as a key under search.params."""
+    try:
+        check_keys({key: None}, src)
+    except ConfigError as e:
+        raise _fail(src, f"params.{key}", str(e).removeprefix(f"{src}: {e.key}: ")) from None
 
 
 def check_searchable(key: str, src: str) -> None:
