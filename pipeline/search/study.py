@@ -141,6 +141,21 @@ def make_pruner(early: EarlyStop, max_epochs: int | None = None) -> BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def judged(early: EarlyStop, epoch: int) -> bool:
+    """Whether the pruner looks at ``epoch`` (1-based): the reporter writes a value to the storage only
+    then (every write is a locked, fsynced journal append; the run folder keeps every epoch anyway).
+    Median: every epoch from min_epochs on. ASHA and Hyperband: the rungs, min_epochs x reduction^k
+    (Hyperband's brackets start at successive rungs of the same ladder)."""
+    if early.method == "median":
+        return epoch >= early.min_epochs
+    if early.method in ("asha", "hyperband"):
+        rung = early.min_epochs
+        while rung < epoch:
+            rung *= early.reduction
+        return rung == epoch
+    return False
+
+
 def distributions(spec: SearchSpec) -> dict[str, BaseDistribution]:
     out: dict[str, BaseDistribution] = {}
     for key, p in spec.params.items():

@@ -12,7 +12,8 @@ Claiming happens under a lock in ``<sweep>/search/`` (Optuna's symlink lock, saf
 3. Ask: when finished + stopped + running trials are fewer than ``trials``, a new trial is asked and
    every parameter sampled. Failed trials do not count, so each one is replaced; but a failed trial is
    final (never retried by the workers: ``--rerun failed`` does that), and once ``max_failed`` trials
-   (default: ``trials``) have failed no more are asked, so a config that always fails cannot loop.
+   (default: ``trials``) have failed no more are asked (trials running then still end), so a config
+   that always fails cannot loop.
 
 The run id is resolved inside the lock too, so two trials that sample the same config see each other:
 the later one waits for the earlier one and is told its result, read from the run folder, without
@@ -39,16 +40,16 @@ from pipeline import owner
 from pipeline.config import ConfigError
 from pipeline.rundir import atomic_write_json, read_json
 from pipeline.search.figures import Outcome, outcome_from_run
-from pipeline.search.spec import SearchSpec
-from pipeline.search.study import DEFAULT_STUDY, SEARCH_DIR, ask, open_study
+from pipeline.search.spec import EarlyStop, SearchSpec
+from pipeline.search.study import DEFAULT_STUDY, SEARCH_DIR, ask, judged, open_study
 
 log = logging.getLogger("pipeline.search")
 
 WORKERS_DIR = "workers"
 CLAIMS = "claims"  # <sweep>/search/claims(.lock): the lock every claim is made under
 POLL_S = 5.0  # how often a trial waiting for its twin (same run) looks again
-# user attributes of a trial
-ATTR_WORKER, ATTR_RUN, ATTR_FAILURE, ATTR_SAME_AS = "worker", "run_id", "failure", "same_as"
+# user attributes of a trial: its run folder, why it failed, the earlier trial of the same run
+ATTR_RUN, ATTR_FAILURE, ATTR_SAME_AS = "run_id", "failure", "same_as"
 
 
 class WorkerBusy(RuntimeError):
@@ -62,16 +63,18 @@ class WorkerBusy(RuntimeError):
 
 class Reporter:
     """The training loop's handle on early stopping: ``report(epoch, value)`` after every epoch returns
-    whether to stop now. Backed by ``trial.report`` / ``trial.should_prune`` (shared through the storage);
-    with several objectives nothing is reported and it never stops."""
+    whether to stop now. Backed by ``trial.report`` / ``trial.should_prune`` (shared through the storage),
+    on the epochs the pruner judges (:func:`pipeline.search.study.judged`); with several objectives or
+    no early stopping nothing is reported and it never stops."""
 
-    def __init__(self, trial: optuna.Trial | None, reported: set[int] | None = None):
+    def __init__(self, trial: optuna.Trial | None, early: EarlyStop, reported: set[int] | None = None):
         self.trial = trial
+        self.early = early
         self.reported = set(reported or ())  # epochs already in the study (a resumed trial's)
         self.stopped_at: int | None = None
 
     def report(self, epoch: int, value: float) -> bool:
-        if self.trial is None or not math.isfinite(value):
+        if self.trial is None or not judged(self.early, epoch) or not math.isfinite(value):
             return False
         if epoch not in self.reported:  # an epoch redone after a resume is not reported twice
             self.trial.report(value, epoch)
@@ -287,8 +290,7 @@ def claim_next(study: optuna.Study, spec: SearchSpec, sweep_dir: Path, slot: Slo
                 return None
             trial = ask(study, spec, slot.worker)
             claim = Claim(study._storage.get_trial(_trial_id(trial)), "asked")
-        slot.hold(claim.trial.number)
-        study._storage.set_trial_user_attr(_trial_id(claim.trial), ATTR_WORKER, slot.worker)
+        slot.hold(claim.trial.number)  # which worker holds which trial: the worker files, not the study
         return _resolve(study, runner, claim)
 
 
@@ -300,7 +302,9 @@ def _twin(study: optuna.Study, claim: Claim, held: dict[int, dict[str, Any]]) ->
     return None
 
 
-def settle(study: optuna.Study, claim: Claim, runner: TrialRunner, slot: Slot, poll_s: float = POLL_S) -> Outcome:
+def settle(
+    study: optuna.Study, spec: SearchSpec, claim: Claim, runner: TrialRunner, slot: Slot, poll_s: float = POLL_S
+) -> Outcome:
     """The claimed trial's outcome: refused config, a result already in the run folder, the result of an
     earlier trial of the same run (waited for), or the runner's."""
     if claim.invalid:
@@ -317,7 +321,8 @@ def settle(study: optuna.Study, claim: Claim, runner: TrialRunner, slot: Slot, p
         )
         time.sleep(poll_s)
     trial = optuna.Trial(study, _trial_id(claim.trial))
-    reporter = Reporter(trial if len(study.directions) == 1 else None, set(claim.trial.intermediate_values))
+    single = len(study.directions) == 1
+    reporter = Reporter(trial if single else None, spec.early_stop, set(claim.trial.intermediate_values))
     params = dict(claim.trial.params)
     return runner.run(Assignment(claim.trial.number, params, claim.run_id, reporter, claim.how != "asked"))
 
@@ -388,7 +393,7 @@ def run_worker(
     with heartbeat(slot.path):
         while (claim := claim_next(study, spec, Path(sweep_dir), slot, runner)) is not None:
             log.info("worker %d: trial %d (%s) %s", worker, claim.trial.number, claim.how, dict(claim.trial.params))
-            outcome = settle(study, claim, runner, slot, poll_s)
+            outcome = settle(study, spec, claim, runner, slot, poll_s)
             state = tell(study, claim, outcome)
             summary.trials.append((claim.trial.number, claim.how, state))
             log.info(
