@@ -24,6 +24,7 @@ running in other workers).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -38,8 +39,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import owner
 from pipeline.config import ConfigError
-from pipeline.rundir import atomic_write_json, read_json
+from pipeline.rundir import atomic_write_text, read_json
 from pipeline.search.figures import Outcome, outcome_from_run
+from pipeline.search.locks import SymlinkLock
 from pipeline.search.spec import EarlyStop, SearchSpec
 from pipeline.search.study import DEFAULT_STUDY, SEARCH_DIR, ask, judged, open_study
 
@@ -141,7 +143,9 @@ class Slot:
     record: dict[str, Any] = field(default_factory=owner.my_record)
 
     def hold(self, trial: int | None) -> None:
-        atomic_write_json(self.path, {**self.record, "worker": self.worker, "trial": trial})
+        # no fsync: after a machine crash a lost file only makes its trial an orphan, adopted by anyone
+        text = json.dumps({**self.record, "worker": self.worker, "trial": trial}, indent=2) + "\n"
+        atomic_write_text(self.path, text, fsync=False)
 
     def check_free(self) -> int | None:
         """The trial this index held before (None: none); WorkerBusy when a live process holds it."""
@@ -200,12 +204,10 @@ def heartbeat(path: Path, every_s: float = owner.HEARTBEAT_S) -> Iterator[None]:
 
 @contextlib.contextmanager
 def claim_lock(sweep_dir: Path) -> Iterator[None]:
-    from optuna.storages.journal import JournalFileSymlinkLock
-
     target = Path(sweep_dir) / SEARCH_DIR / CLAIMS
     target.parent.mkdir(parents=True, exist_ok=True)
     target.touch(exist_ok=True)  # the symlink's target must exist: the lock's grace period stats it
-    lock = JournalFileSymlinkLock(str(target))
+    lock = SymlinkLock(target)
     lock.acquire()
     try:
         yield
