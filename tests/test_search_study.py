@@ -309,19 +309,3 @@ def test_the_url_path_on_mariadb(tmp_path, mariadb_url):
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 6
     assert len(study.trials) == 6 and not journal_path(sweep).exists()
     assert all(math.isfinite(t.value) for t in study.trials if t.state == TrialState.COMPLETE)
-
-
-def test_a_lock_left_by_a_dead_holder_is_broken_after_its_grace_period(tmp_path, caplog):
-    from pipeline.search.locks import SymlinkLock
-
-    target = tmp_path / "journal.log"
-    target.write_text("")
-    os.symlink(target, str(target) + ".lock")  # what a holder killed inside append_logs leaves
-    lock = SymlinkLock(target, grace_s=0.3)
-    with caplog.at_level("WARNING", logger="pipeline.search"):
-        assert lock.acquire()
-    assert "wrote nothing: broken" in caplog.text
-    lock.release()
-    assert not os.path.lexists(str(target) + ".lock")
-    with pytest.raises(RuntimeError, match="did not hold it"):
-        lock.release()

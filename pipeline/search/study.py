@@ -1,10 +1,10 @@
 """The study of a search: its storage, sampler and pruner, and the configs a dry run shows.
 
 Storage: by default Optuna's journal file ``<sweep>/search/journal.log`` (JournalFileBackend), made for
-NFS where ``fcntl`` locks fail. Its lock follows Optuna's :class:`JournalFileSymlinkLock` (its default):
-``symlink()`` is atomic on every NFS version, where the ``O_EXCL`` create of :class:`JournalFileOpenLock`
-is atomic only from NFSv3 on; :class:`pipeline.search.journal.SymlinkLock` only caps its waits. A holder
-that dies is broken after 30 s without a write. ``search.storage`` may name a database URL instead
+NFS where ``fcntl`` locks fail. Its lock is :class:`JournalFileSymlinkLock` (Optuna's default, named
+explicitly): ``symlink()`` is atomic on every NFS version, where the ``O_EXCL`` create of
+:class:`JournalFileOpenLock` is atomic only from NFSv3 on. A holder that dies is broken after its grace
+period (30 s in which the journal did not change). ``search.storage`` may name a database URL instead
 (RDBStorage); one that does not answer raises :class:`StorageUnreachable` (the commands exit 3: try
 again later).
 
@@ -31,7 +31,6 @@ from optuna.study import StudyDirection
 
 from pipeline.config import ConfigError
 from pipeline.search.journal import JournalCorrupt, check_journal
-from pipeline.search.locks import SymlinkLock
 from pipeline.search.spec import Choice, EarlyStop, Range, SearchSpec
 
 SEARCH_DIR = "search"
@@ -69,9 +68,9 @@ def open_storage(spec: SearchSpec, sweep_dir: Path, *, write: bool = True) -> Ba
     check_journal(path, repair=write)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
-    backend = JournalFileBackend(str(path), lock_obj=SymlinkLock(path))
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path)))
     try:
         return optuna.storages.JournalStorage(backend)
     except (ValueError, KeyError, TypeError, AssertionError) as e:  # a record check_journal let through

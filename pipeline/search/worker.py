@@ -41,7 +41,6 @@ from pipeline import owner
 from pipeline.config import ConfigError
 from pipeline.rundir import atomic_write_text, read_json
 from pipeline.search.figures import Outcome, outcome_from_run
-from pipeline.search.locks import SymlinkLock
 from pipeline.search.spec import EarlyStop, SearchSpec
 from pipeline.search.study import DEFAULT_STUDY, SEARCH_DIR, ask, judged, open_study
 
@@ -204,10 +203,14 @@ def heartbeat(path: Path, every_s: float = owner.HEARTBEAT_S) -> Iterator[None]:
 
 @contextlib.contextmanager
 def claim_lock(sweep_dir: Path) -> Iterator[None]:
+    from optuna.storages.journal import JournalFileSymlinkLock
+
     target = Path(sweep_dir) / SEARCH_DIR / CLAIMS
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.touch(exist_ok=True)  # the symlink's target must exist: the lock's grace period stats it
-    lock = SymlinkLock(target)
+    # the link's target must exist: Optuna's lock stats it (through the link) for its grace period, and
+    # retries at once, without sleeping, while that stat fails
+    target.touch(exist_ok=True)
+    lock = JournalFileSymlinkLock(str(target))
     lock.acquire()
     try:
         yield
