@@ -309,3 +309,42 @@ def test_the_url_path_on_mariadb(tmp_path, mariadb_url):
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 6
     assert len(study.trials) == 6 and not journal_path(sweep).exists()
     assert all(math.isfinite(t.value) for t in study.trials if t.state == TrialState.COMPLETE)
+
+
+def test_a_started_search_keeps_its_objectives_and_space(tmp_path):
+    spec = spec_of(trials=2)
+    run_one_worker(spec, tmp_path)
+    assert len(open_study(spec_of(trials=4, seed=1, workers=3), tmp_path).trials) == 2  # more trials: fine
+    other_space = spec_of(params={"optim.lr": {"low": 1e-3, "high": 1.0, "log": True}})
+    with pytest.raises(ConfigError, match=r"sweep.yaml: search.params: differs from the params of the study"):
+        open_study(other_space, tmp_path)
+    with pytest.raises(ConfigError, match=r"search.objective: differs .*journal.log"):
+        open_study(spec_of(objective={"val_loss": "min"}), tmp_path, create=False)
+
+
+def test_readers_create_nothing_before_the_search_starts(tmp_path):
+    from pipeline.search.study import NoStudy
+
+    with pytest.raises(NoStudy, match="the search has not started"):
+        open_study(spec_of(), tmp_path, create=False)
+    assert list(tmp_path.iterdir()) == []
+    open_study(spec_of(), tmp_path, "one")
+    with pytest.raises(NoStudy, match="no study 'other'"):
+        open_study(spec_of(), tmp_path, "other", create=False)
+
+
+def test_progress_says_where_the_study_stands(tmp_path):
+    from pipeline.search.study import progress
+
+    spec = spec_of(trials=4, early_stop={"method": "asha", "min_epochs": 1, "reduction": 3})
+    run_one_worker(spec, tmp_path)
+    study = open_study(spec_of(trials=6), tmp_path, create=False)
+    trial = ask(study, spec, 1)  # one running
+    now = progress(study, spec_of(trials=6))
+    assert now.counts.ended == 4 and now.counts.running == 1 and now.to_go == 1
+    assert now.counts.done == len(study.get_trials(states=(TrialState.COMPLETE,)))
+    (best,) = now.best
+    assert best.value == max(t.value for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    assert (tmp_path / best.user_attrs["run_id"] / "metrics/train.json").exists()
+    study.tell(trial, state=TrialState.FAIL)
+    assert progress(study, spec_of(trials=6)).to_go == 2

@@ -17,8 +17,10 @@ differ from run to run, though no two workers draw from the same random stream.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import ConfigError
 from pipeline.search.journal import JournalCorrupt, check_journal
@@ -44,6 +47,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # no INFO line per trial i
 
 class StorageUnreachable(Exception):
     """The storage URL's server did not answer: nothing is wrong with the input, try again later."""
+
+
+class NoStudy(LookupError):
+    """The search has not started: no journal file, or no study of that name in the storage."""
 
 
 def journal_path(sweep_dir: Path) -> Path:
@@ -65,6 +72,8 @@ def open_storage(spec: SearchSpec, sweep_dir: Path, *, write: bool = True) -> Ba
     if spec.storage is not None:
         return _database(spec.storage, spec.source)
     path = journal_path(sweep_dir)
+    if not write and not path.exists():  # a reader creates nothing (Optuna's backend would: an empty file)
+        raise NoStudy(f"{path} does not exist: the search has not started")
     check_journal(path, repair=write)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,21 +192,62 @@ def open_study(
     create: bool = True,
     storage: BaseStorage | None = None,
 ) -> optuna.Study:
-    """The study ``name`` of the sweep, created on first use (``create``), else loaded (KeyError when
-    absent). Raises StorageUnreachable, JournalCorrupt or ConfigError (a bad storage URL)."""
+    """The study ``name`` of the sweep, created on first use (``create``), else loaded (NoStudy when
+    absent). Raises StorageUnreachable, JournalCorrupt, or ConfigError for a bad storage URL and for a
+    sweep file whose objectives or search space differ from the study's (``trials``, ``workers``,
+    ``early_stop`` and ``seed`` may change between submissions: more trials extend the search)."""
     storage = storage or open_storage(spec, sweep_dir, write=create)
     sampler = make_sampler(spec, derived_seed(spec.seed, 0, 0))
     pruner = make_pruner(spec.early_stop, max_epochs)
     if not create:
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    return optuna.create_study(
-        study_name=name,
-        storage=storage,
-        directions=directions(spec),
-        sampler=sampler,
-        pruner=pruner,
-        load_if_exists=True,
-    )
+        try:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        except KeyError:
+            raise NoStudy(f"no study {name!r} in {_where(spec, sweep_dir)}: the search has not started") from None
+    else:
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            directions=directions(spec),
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
+    _check_same_search(study, spec, sweep_dir, write=create)
+    return study
+
+
+SPACE_ATTR = "pipeline.search"  # the study's user attribute: its objectives and search space
+
+
+def space_record(spec: SearchSpec) -> dict[str, Any]:
+    """What a study is fixed to: its objectives and its parameters (JSON)."""
+    params = {k: dataclasses.asdict(p) if isinstance(p, Range) else list(p.values) for k, p in spec.params.items()}
+    return {"objective": dict(spec.objective), "params": params}
+
+
+def _where(spec: SearchSpec, sweep_dir: Path) -> str:
+    return masked(spec.storage) if spec.storage else str(journal_path(sweep_dir))
+
+
+def _check_same_search(study: optuna.Study, spec: SearchSpec, sweep_dir: Path, write: bool) -> None:
+    """A started study keeps its objectives and space: trials told under others would be compared with
+    them (and Optuna refuses a parameter whose range changed only when a trial sets it)."""
+    mine = space_record(spec)
+    theirs = study.user_attrs.get(SPACE_ATTR)
+    if theirs is None:
+        if write:
+            study.set_user_attr(SPACE_ATTR, mine)
+        return
+    for key in ("objective", "params"):
+        if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(mine[key], sort_keys=True):
+            raise ConfigError(
+                spec.source,
+                f"differs from the {key} of the study this search started with in {_where(spec, sweep_dir)} "
+                f"({json.dumps(theirs.get(key))}): a started search keeps its objectives and space. Undo the "
+                "change, or give the sweep a new name to start another search.",
+                key=f"search.{key}",
+            )
 
 
 def ask(study: optuna.Study, spec: SearchSpec, worker: int) -> optuna.Trial:
@@ -223,5 +273,41 @@ def preview(spec: SearchSpec, n: int | None = None) -> list[dict[str, Any]]:
     return [dict(ask(study, spec, 0).params) for _ in range(n)]
 
 
-def finite_values(values: tuple[float, ...] | None) -> bool:
-    return values is not None and all(math.isfinite(v) for v in values)
+@dataclass(frozen=True)
+class Counts:
+    done: int = 0
+    stopped: int = 0
+    running: int = 0
+    failed: int = 0
+
+    @property
+    def ended(self) -> int:
+        """Trials that count toward ``trials``: finished or stopped early."""
+        return self.done + self.stopped
+
+
+def count(trials: list[FrozenTrial]) -> Counts:
+    states = [t.state for t in trials]
+    return Counts(
+        done=states.count(TrialState.COMPLETE),
+        stopped=states.count(TrialState.PRUNED),
+        running=states.count(TrialState.RUNNING) + states.count(TrialState.WAITING),
+        failed=states.count(TrialState.FAIL),
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a study stands, for ``status``: its counts, the trials not yet started, and the best trial
+    so far (the Pareto front with several objectives), each naming its run in ``user_attrs["run_id"]``."""
+
+    counts: Counts
+    to_go: int
+    best: list[FrozenTrial]
+
+
+def progress(study: optuna.Study, spec: SearchSpec) -> Progress:
+    trials = study.get_trials(deepcopy=False)
+    counts = count(trials)
+    best = study.best_trials if counts.done else []
+    return Progress(counts, max(0, spec.trials - counts.ended - counts.running), best)

@@ -42,7 +42,7 @@ from pipeline.config import ConfigError
 from pipeline.rundir import atomic_write_text, read_json
 from pipeline.search.figures import Outcome, outcome_from_run
 from pipeline.search.spec import EarlyStop, SearchSpec
-from pipeline.search.study import DEFAULT_STUDY, SEARCH_DIR, ask, judged, open_study
+from pipeline.search.study import DEFAULT_STUDY, SEARCH_DIR, Counts, ask, count, judged, open_study
 
 log = logging.getLogger("pipeline.search")
 
@@ -221,29 +221,6 @@ def claim_lock(sweep_dir: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 # Counting, claiming, settling, telling
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Counts:
-    done: int = 0
-    stopped: int = 0
-    running: int = 0
-    failed: int = 0
-
-    @property
-    def ended(self) -> int:
-        """Trials that count toward ``trials``: finished or stopped early."""
-        return self.done + self.stopped
-
-
-def count(trials: list[FrozenTrial]) -> Counts:
-    states = [t.state for t in trials]
-    return Counts(
-        done=states.count(TrialState.COMPLETE),
-        stopped=states.count(TrialState.PRUNED),
-        running=states.count(TrialState.RUNNING) + states.count(TrialState.WAITING),
-        failed=states.count(TrialState.FAIL),
-    )
 
 
 @dataclass
