@@ -348,3 +348,16 @@ def test_progress_says_where_the_study_stands(tmp_path):
     assert (tmp_path / best.user_attrs["run_id"] / "metrics/train.json").exists()
     study.tell(trial, state=TrialState.FAIL)
     assert progress(study, spec_of(trials=6)).to_go == 2
+
+
+def test_an_enqueued_trial_is_served_beyond_the_budget(tmp_path):
+    """What --rerun failed will do: the failed trial's values, enqueued, run once more."""
+    spec = spec_of(trials=2)
+    run_one_worker(spec, tmp_path)
+    study = open_study(spec, tmp_path, create=False)
+    again = {"optim.lr": 0.01, "optim.name": "adam"}
+    study.enqueue_trial(again, user_attrs={"rerun_of": 1})
+    summary = run_one_worker(spec, tmp_path)
+    assert [(n, how, state) for n, how, state in summary.trials] == [(2, "asked", "COMPLETE")]
+    trial = open_study(spec, tmp_path, create=False).trials[2]
+    assert trial.params == again and trial.user_attrs["rerun_of"] == 1

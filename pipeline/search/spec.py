@@ -212,13 +212,18 @@ def check_param_key(key: str, src: str) -> None:
 
 
 def check_searchable(key: str, src: str) -> None:
-    """Refuse settings left out of the run id: every value would give the same run folder."""
+    """Refuse settings left out of the run id (every value would give the same run folder) and the
+    slurm section (the workers' resources are fixed when their array is submitted)."""
     section, _, leaf = key.partition(".")
+    if section == "slurm" and leaf in ID_INCLUDED_SLURM_KEYS:
+        raise _fail(
+            src,
+            f"params.{key}",
+            "cannot be searched: every trial runs in a worker whose nodes and tasks were fixed when the "
+            "array was submitted; set it in set:, or make it a grid axis (one study per value).",
+        )
     excluded = section in ID_DROPPED_SECTIONS or (section, leaf) in ID_EXCLUDED_KEYS
-    excluded = excluded or (
-        section in ID_EXCLUDED_SECTIONS and not (section == "slurm" and leaf in ID_INCLUDED_SLURM_KEYS)
-    )
-    if excluded:
+    if excluded or section in ID_EXCLUDED_SECTIONS:
         raise _fail(
             src,
             f"params.{key}",

@@ -279,6 +279,7 @@ class Counts:
     stopped: int = 0
     running: int = 0
     failed: int = 0
+    waiting: int = 0  # enqueued (``--rerun failed``): served by the next asks, beyond ``trials``
 
     @property
     def ended(self) -> int:
@@ -291,8 +292,9 @@ def count(trials: list[FrozenTrial]) -> Counts:
     return Counts(
         done=states.count(TrialState.COMPLETE),
         stopped=states.count(TrialState.PRUNED),
-        running=states.count(TrialState.RUNNING) + states.count(TrialState.WAITING),
+        running=states.count(TrialState.RUNNING),
         failed=states.count(TrialState.FAIL),
+        waiting=states.count(TrialState.WAITING),
     )
 
 

@@ -10,7 +10,8 @@ Claiming happens under a lock in ``<sweep>/search/`` (Optuna's symlink lock, saf
    ``scancel`` and its index is not coming back) is taken over, under the same trial number. A worker
    is live while its process runs (same host) or its file's heartbeat is fresh (another host).
 3. Ask: when finished + stopped + running trials are fewer than ``trials``, a new trial is asked and
-   every parameter sampled. Failed trials do not count, so each one is replaced; but a failed trial is
+   every parameter sampled. Enqueued trials (``study.enqueue_trial``: what ``--rerun failed`` will do
+   with a failed trial's values) are served first, even beyond ``trials``. Failed trials do not count, so each one is replaced; but a failed trial is
    final (never retried by the workers: ``--rerun failed`` does that), and once ``max_failed`` trials
    (default: ``trials``) have failed no more are asked (trials running then still end), so a config
    that always fails cannot loop.
@@ -267,10 +268,11 @@ def claim_next(study: optuna.Study, spec: SearchSpec, sweep_dir: Path, slot: Slo
                 claim = Claim(orphans[0], "adopted")
         if claim is None:
             counts = count(trials)
-            if counts.ended + counts.running >= spec.trials or counts.failed >= spec.failure_limit:
+            full = counts.ended + counts.running >= spec.trials or counts.failed >= spec.failure_limit
+            if full and not counts.waiting:
                 slot.hold(None)
                 return None
-            trial = ask(study, spec, slot.worker)
+            trial = ask(study, spec, slot.worker)  # an enqueued trial first (Optuna pops it), else sampled
             claim = Claim(study._storage.get_trial(_trial_id(trial)), "asked")
         slot.hold(claim.trial.number)  # which worker holds which trial: the worker files, not the study
         return _resolve(study, runner, claim)
