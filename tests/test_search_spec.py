@@ -231,3 +231,33 @@ def test_login_node_modules_import_no_torch(repo):
     env = {**os.environ, "PYTHONPATH": str(repo)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_run_folders_outcome(tmp_path):
+    from conftest import write_done
+
+    from pipeline.rundir import RunDir
+    from pipeline.search.figures import Outcome, outcome_from_run
+
+    def run(name: str, train: dict | None) -> RunDir:
+        rd = RunDir(tmp_path / name)
+        rd.path.mkdir()
+        rd.config.write_text("data: {}\nmodel: {}\noptim: {}\ntrain: {}\n")
+        if train is not None:
+            rd.write_metrics("train", train)
+        return rd
+
+    write_done(run("done", None), {"status": "done", "val_acc_best": 0.75, "train_time_s": 12.0})
+    assert outcome_from_run(tmp_path / "done", ["val_acc_best", "train_time_s"]) == Outcome.done([0.75, 12.0])
+    missing = outcome_from_run(tmp_path / "done", ["int8_latency_ms"])
+    assert missing is not None and missing.status == "failed" and "models[int8].latency_b1_ms" in missing.reason
+    run("stopped", {"status": "stopped", "epochs": 3})
+    assert outcome_from_run(tmp_path / "stopped", ["val_acc_best"]) == Outcome.stopped(3)
+    run("diverged", {"status": "diverged", "error": "loss nan"})
+    failed = outcome_from_run(tmp_path / "diverged", ["val_acc_best"])
+    assert failed is not None and failed.status == "failed" and "diverged in its train stage (loss nan" in failed.reason
+    run("disk-full", {"status": "failed", "resume": True, "error": "No space left on device"})
+    assert outcome_from_run(tmp_path / "disk-full", ["val_acc_best"]) is None  # resumed, not an end
+    run("running", None)
+    assert outcome_from_run(tmp_path / "running", ["val_acc_best"]) is None
+    assert outcome_from_run(tmp_path / "absent", ["val_acc_best"]) is None

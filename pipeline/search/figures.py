@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from pipeline.report.records import Record, read_record
 from pipeline.report.tables import COMPRESSION_COLUMNS, TRAIN_COLUMNS
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, resumable
 
 # metrics/train.json's status of a training the search stopped early (phase 2 writes it): the run is
 # finished, keeps its checkpoint and metrics, and its later stages do not run.
@@ -179,6 +179,8 @@ def outcome_from_run(run_path: Path, objectives: Sequence[str]) -> Outcome | Non
     if not (run_path / "config.yaml").exists():
         return None
     record = read_record(RunDir(run_path), run_path.parent.name)
+    if any(resumable(m) for m in record.stages.values()):
+        return None  # a stage that failed writing (disk full) with its checkpoint intact: not an end
     train = record.stages.get("train") or {}
     if train.get("status") == STOPPED:
         epoch = train.get("epochs")
