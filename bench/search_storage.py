@@ -88,15 +88,43 @@ class SleepRunner:
         return Outcome.done([best])
 
 
+class LockTimer:
+    """Time spent waiting for journal and claim locks in this process (Optuna's symlink lock)."""
+
+    waited = 0.0
+
+    @classmethod
+    def install(cls) -> None:
+        from optuna.storages.journal import JournalFileSymlinkLock
+
+        acquire = JournalFileSymlinkLock.acquire
+
+        def timed(self: Any) -> bool:
+            start = time.perf_counter()
+            try:
+                return acquire(self)
+            finally:
+                cls.waited += time.perf_counter() - start
+
+        JournalFileSymlinkLock.acquire = timed  # type: ignore[method-assign]
+
+
 def child_protocol(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.search.worker import run_worker
+
+    LockTimer.install()
 
     spec = spec_for(args.trials, args.workers, args.early)
     runner = SleepRunner(args.epochs, args.epoch_ms / 1000)
     start, cpu = time.perf_counter(), time.process_time()
     summary = run_worker(spec, Path(args.dir), args.worker, runner)  # type: ignore[arg-type]
     wall = time.perf_counter() - start
-    return {"trials": len(summary.trials), "overhead_s": wall - runner.slept, "cpu_s": time.process_time() - cpu}
+    return {
+        "trials": len(summary.trials),
+        "overhead_s": wall - runner.slept,
+        "cpu_s": time.process_time() - cpu,
+        "lock_s": LockTimer.waited,
+    }
 
 
 def child_bare(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +134,7 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
 
     from pipeline.search.study import distributions, make_pruner, make_sampler, open_storage
 
+    LockTimer.install()
     spec = spec_for(args.trials, args.workers, args.early)
     storage = open_storage(spec, Path(args.dir))
     study = optuna.create_study(
@@ -132,7 +161,12 @@ def child_bare(args: argparse.Namespace) -> dict[str, Any]:
                 break
         study.tell(trial, None if state else best, state=state)
         done += 1
-    return {"trials": done, "overhead_s": time.perf_counter() - start - slept, "cpu_s": time.process_time() - cpu}
+    return {
+        "trials": done,
+        "overhead_s": time.perf_counter() - start - slept,
+        "cpu_s": time.process_time() - cpu,
+        "lock_s": LockTimer.waited,
+    }
 
 
 def fsync_ms(folder: Path, n: int = 50) -> float:
@@ -177,6 +211,7 @@ def run_workers(mode: str, args: argparse.Namespace, folder: Path) -> dict[str, 
         "mean_ms": statistics.mean(per_trial),
         "max_ms": max(per_trial),
         "cpu_ms": sum(r["cpu_s"] for r in results) / trials * 1000,
+        "lock_ms": sum(r["lock_s"] for r in results) / trials * 1000,
         "appends": len(journal.read_bytes().splitlines()) / trials,
     }
 
@@ -215,7 +250,8 @@ def main() -> None:
         f = figures[mode]
         print(
             f"{mode:>8}: {f['trials']} trials; per trial: wall overhead {f['mean_ms']:.1f} ms (worst worker "
-            f"{f['max_ms']:.1f}), CPU {f['cpu_ms']:.1f} ms, {f['appends']:.1f} journal appends"
+            f"{f['max_ms']:.1f}), CPU {f['cpu_ms']:.1f} ms, waiting for locks {f['lock_ms']:.1f} ms, "
+            f"{f['appends']:.1f} journal appends"
         )
     f = figures["protocol"]
     floor = f["cpu_ms"] + f["appends"] * figures["fsync_ms"]

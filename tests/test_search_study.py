@@ -24,6 +24,7 @@ from pipeline.search.spec import parse_search
 from pipeline.search.study import (
     StorageUnreachable,
     ask,
+    exit_on_storage_down,
     journal_path,
     judged,
     make_pruner,
@@ -224,7 +225,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_storage_url_that_does_not_answer_is_its_own_error(tmp_path):
+def test_a_storage_url_that_does_not_answer_is_its_own_error(tmp_path, capsys):
     port = closed_port()
     spec = spec_of(storage=f"mysql+pymysql://searcher:s3cret@127.0.0.1:{port}/study")
     with pytest.raises(StorageUnreachable) as info:
@@ -234,6 +235,11 @@ def test_a_storage_url_that_does_not_answer_is_its_own_error(tmp_path):
     assert "s3cret" not in message
     assert not isinstance(info.value, ConfigError)  # not bad input: the commands exit 3, not 2
     assert list(tmp_path.iterdir()) == []  # nothing written
+    with pytest.raises(SystemExit) as code, exit_on_storage_down():
+        open_study(spec, tmp_path)
+    assert code.value.code == 3
+    err = capsys.readouterr().err
+    assert "error:" in err and "does not answer" in err and "s3cret" not in err
 
 
 def test_a_storage_url_naming_no_driver_is_bad_input(tmp_path):

@@ -17,12 +17,14 @@ differ from run to run, though no two workers draw from the same random stream.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -47,6 +49,23 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # no INFO line per trial i
 
 class StorageUnreachable(Exception):
     """The storage URL's server did not answer: nothing is wrong with the input, try again later."""
+
+
+EXIT_STORAGE_DOWN = 3  # as pipeline.sweep.EXIT_SLURM_DOWN: nothing is wrong with the input, try again later
+
+
+@contextlib.contextmanager
+def exit_on_storage_down() -> Iterator[None]:
+    """For the commands: StorageUnreachable printed in red on stderr, exit code 3 (nothing submitted)."""
+    try:
+        yield
+    except StorageUnreachable as e:
+        from rich.markup import escape
+
+        from pipeline import cli
+
+        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        sys.exit(EXIT_STORAGE_DOWN)
 
 
 class NoStudy(LookupError):
@@ -105,7 +124,8 @@ def _database(url: str, source: str) -> BaseStorage:
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError) as e:
-        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        orig = getattr(e, "orig", None)  # the driver's error: (code, message) for MySQL
+        reason = str(orig.args[-1] if orig is not None and orig.args else e).splitlines()[0]
         raise StorageUnreachable(
             f"the search storage {masked(url)} does not answer ({reason}): try again later"
         ) from None
