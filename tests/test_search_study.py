@@ -290,6 +290,19 @@ def mariadb_url(slurm_cluster):
 
 
 @pytest.mark.slurm
+def test_a_database_that_refuses_is_bad_input_not_try_again(tmp_path, mariadb_url):
+    wrong = mariadb_url.replace("@localhost", "x@localhost", 1)  # the password with one more letter
+    with pytest.raises(
+        ConfigError, match=r"search.storage: mysql\+pymysql://search_\w+:\*\*\*@.*refused: Access denied"
+    ):
+        open_study(spec_of(storage=wrong), tmp_path)
+    password = mariadb_url.split(":")[2].split("@")[0]
+    with pytest.raises(ConfigError) as info:
+        open_study(spec_of(storage=wrong), tmp_path)
+    assert password not in str(info.value)
+
+
+@pytest.mark.slurm
 def test_the_url_path_on_mariadb(tmp_path, mariadb_url):
     """Two worker processes on a MariaDB study: exactly the trials, and no journal file written."""
     search = tmp_path / "sweep.yaml"

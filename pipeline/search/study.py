@@ -115,6 +115,19 @@ def masked(url: str) -> str:
         return url.split("@")[-1]
 
 
+_REFUSALS = ("password authentication failed", "does not exist", "access denied", "permission denied")
+
+
+def _refused_by_server(orig: Any, reason: str) -> bool:
+    """A server that answered and said no (wrong password, unknown database): bad input, exit 2, not
+    "try again later". MySQL/MariaDB codes below 2000 come from the server, 2000-2999 from the client
+    (cannot connect, lost connection); other drivers are judged by their message."""
+    code = orig.args[0] if orig is not None and orig.args and isinstance(orig.args[0], int) else None
+    if code is not None:
+        return code < 2000
+    return any(word in reason.lower() for word in _REFUSALS)
+
+
 def _database(url: str, source: str) -> BaseStorage:
     import sqlalchemy.exc
 
@@ -126,6 +139,8 @@ def _database(url: str, source: str) -> BaseStorage:
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError) as e:
         orig = getattr(e, "orig", None)  # the driver's error: (code, message) for MySQL
         reason = str(orig.args[-1] if orig is not None and orig.args else e).splitlines()[0]
+        if _refused_by_server(orig, reason):
+            raise ConfigError(source, f"{masked(url)} answered but refused: {reason}", key="search.storage") from None
         raise StorageUnreachable(
             f"the search storage {masked(url)} does not answer ({reason}): try again later"
         ) from None
