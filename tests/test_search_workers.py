@@ -193,6 +193,30 @@ def test_two_trials_of_one_config_train_once(tmp_path):
         assert t.values == study.trials[first].values
 
 
+def test_a_twin_waiting_for_a_killed_worker_trains_the_run_itself(tmp_path):
+    """Worker 0 trains the only config and is killed mid-run while worker 1's trial of the same config
+    waits for it: worker 1 takes the run folder over (resuming it), then adopts trial 0, told the result."""
+    sweep, search = tmp_path / "sweep", tmp_path / "sweep.yaml"
+    search.write_text("search: {trials: 3, workers: 2, objective: {val_acc_best: max}, params: {optim.name: [sgd]}}\n")
+    first = start(sweep, search, 0, "--hang-at", "3")
+    _, run_id = wait_for((sweep, "hang.*")).read_text().split()
+    second = start(sweep, search, 1)
+    deadline = time.monotonic() + 120
+    while ATTR_RUN not in (study := load(sweep, search)).trials[-1].user_attrs or len(study.trials) < 2:
+        assert time.monotonic() < deadline, "worker 1 never claimed a trial"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    (summary,) = finish([second])
+    study = load(sweep, search)
+    assert states(study) == {"COMPLETE": 3}
+    assert [how for _, how, _ in summary["trials"]] == ["asked", "adopted", "asked"]
+    epochs = [line.split() for line in (sweep / run_id / "epochs.log").read_text().splitlines()]
+    assert [int(e) for _, _, e in epochs] == [1, 2, 3, 4, 5, 6]  # trained once, resumed after epoch 2
+    assert [n for _, n, _ in epochs] == ["0", "0", "1", "1", "1", "1"]
+    assert study.trials[0].user_attrs[ATTR_SAME_AS] == 1 and study.trials[2].user_attrs[ATTR_SAME_AS] == 1
+
+
 def test_pareto_front_with_two_objectives(tmp_path):
     """NSGA-II on accuracy (max) against training time (min), in this process."""
     sys.path.insert(0, str(REPO / "tests"))

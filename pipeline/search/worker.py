@@ -16,8 +16,9 @@ Claiming happens under a lock in ``<sweep>/search/`` (Optuna's symlink lock, saf
    (default: ``trials``) have failed no more are asked (trials running then still end), so a config
    that always fails cannot loop.
 
-The run id is resolved inside the lock too, so two trials that sample the same config see each other:
-the later one waits for the earlier one and is told its result, read from the run folder, without
+The run id is resolved inside the lock too, and the worker that goes on to train a run folder says so
+in its file there, so two trials that sample the same config see each other: the later one waits (or
+takes the folder over if that worker dies) and is told the result, read from the run folder, without
 training. A worker stops when there is nothing to resume, adopt or ask (the last trials may still be
 running in other workers).
 """
@@ -142,9 +143,10 @@ class Slot:
     worker: int
     record: dict[str, Any] = field(default_factory=owner.my_record)
 
-    def hold(self, trial: int | None) -> None:
+    def hold(self, trial: int | None, run: str | None = None) -> None:
+        """Say which trial this worker holds, and the run folder it is training (None: not yet)."""
         # no fsync: after a machine crash a lost file only makes its trial an orphan, adopted by anyone
-        text = json.dumps({**self.record, "worker": self.worker, "trial": trial}, indent=2) + "\n"
+        text = json.dumps({**self.record, "worker": self.worker, "trial": trial, "run": run}, indent=2) + "\n"
         atomic_write_text(self.path, text, fsync=False)
 
     def check_free(self) -> int | None:
@@ -173,13 +175,13 @@ def read_slot(path: Path) -> tuple[dict[str, Any], float]:
     return (data if isinstance(data, dict) else {}), age
 
 
-def live_holders(folder: Path) -> dict[int, dict[str, Any]]:
-    """Trial number -> the record of the live worker holding it."""
-    out: dict[int, dict[str, Any]] = {}
+def live_slots(folder: Path) -> list[dict[str, Any]]:
+    """The records of the live workers that hold a trial."""
+    out = []
     for path in sorted(folder.glob("*.json")):
         data, age = read_slot(path)
         if isinstance(data.get("trial"), int) and owner.owner_alive(data, age):
-            out[data["trial"]] = data
+            out.append(data)
     return out
 
 
@@ -230,6 +232,7 @@ class Claim:
     how: str  # asked | resumed | adopted
     run_id: str = ""
     invalid: str = ""  # the ConfigError of a sampled combination the schema refuses
+    may_run: bool = False  # no live worker trains its run folder now: this one does
 
 
 def _trial_id(trial: FrozenTrial | optuna.Trial) -> int:
@@ -262,7 +265,7 @@ def claim_next(study: optuna.Study, spec: SearchSpec, sweep_dir: Path, slot: Slo
         if mine is not None and mine in by_number and by_number[mine].state == TrialState.RUNNING:
             claim = Claim(by_number[mine], "resumed")
         if claim is None:
-            held = live_holders(slot.path.parent)
+            held = {data["trial"] for data in live_slots(slot.path.parent)}
             orphans = [t for t in trials if t.state == TrialState.RUNNING and t.number not in held]
             if orphans:
                 claim = Claim(orphans[0], "adopted")
@@ -275,19 +278,29 @@ def claim_next(study: optuna.Study, spec: SearchSpec, sweep_dir: Path, slot: Slo
             trial = ask(study, spec, slot.worker)  # an enqueued trial first (Optuna pops it), else sampled
             claim = Claim(study._storage.get_trial(_trial_id(trial)), "asked")
         slot.hold(claim.trial.number)  # which worker holds which trial: the worker files, not the study
-        return _resolve(study, runner, claim)
+        claim = _resolve(study, runner, claim)
+        claim.may_run = not claim.invalid and _take_run(slot, claim)
+        return claim
 
 
-def _twin(study: optuna.Study, claim: Claim, held: dict[int, dict[str, Any]]) -> FrozenTrial | None:
-    """An earlier trial of the same run that a live worker is running now."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.number < claim.trial.number and t.user_attrs.get(ATTR_RUN) == claim.run_id and t.number in held:
-            return t
-    return None
+def _take_run(slot: Slot, claim: Claim) -> bool:
+    """Under the claim lock: unless another live worker trains the claim's run folder now (a twin: a
+    trial that sampled the same config), note in this worker's file that this one does."""
+    for data in live_slots(slot.path.parent):
+        if data.get("run") == claim.run_id and data.get("worker") != slot.worker:
+            return False
+    slot.hold(claim.trial.number, claim.run_id)
+    return True
 
 
 def settle(
-    study: optuna.Study, spec: SearchSpec, claim: Claim, runner: TrialRunner, slot: Slot, poll_s: float = POLL_S
+    study: optuna.Study,
+    spec: SearchSpec,
+    sweep_dir: Path,
+    claim: Claim,
+    runner: TrialRunner,
+    slot: Slot,
+    poll_s: float = POLL_S,
 ) -> Outcome:
     """The claimed trial's outcome: refused config, a result already in the run folder, the result of an
     earlier trial of the same run (waited for), or the runner's."""
@@ -297,13 +310,12 @@ def settle(
         found = runner.existing(claim.run_id)
         if found is not None:
             return _copy(study, claim, found)
-        twin = _twin(study, claim, live_holders(slot.path.parent))
-        if twin is None:
+        if claim.may_run:
             break
-        log.info(
-            "trial %d: same run %s as running trial %d; waiting for it", claim.trial.number, claim.run_id, twin.number
-        )
+        log.info("trial %d: run %s is being trained by another trial; waiting for it", claim.trial.number, claim.run_id)
         time.sleep(poll_s)
+        with claim_lock(sweep_dir):
+            claim.may_run = _take_run(slot, claim)  # its worker died: train it here
     trial = optuna.Trial(study, _trial_id(claim.trial))
     single = len(study.directions) == 1
     reporter = Reporter(trial if single else None, spec.early_stop, set(claim.trial.intermediate_values))
@@ -312,17 +324,20 @@ def settle(
 
 
 def _copy(study: optuna.Study, claim: Claim, found: Outcome) -> Outcome:
-    """A result read from the run folder, for a trial that did not train it: note the earlier trial of
-    that run, and give a stopped trial that trial's epoch values (Optuna ranks stopped trials by them)."""
+    """A result read from the run folder, for a trial that did not train it: note the trial that did,
+    and give a stopped trial that trial's epoch values (Optuna ranks stopped trials by them)."""
     first = next(
         (
             t
             for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get(ATTR_RUN) == claim.run_id and t.number != claim.trial.number and t.state.is_finished()
+            if t.user_attrs.get(ATTR_RUN) == claim.run_id
+            and t.number != claim.trial.number
+            and t.state.is_finished()
+            and ATTR_SAME_AS not in t.user_attrs
         ),
         None,
     )
-    if first is not None and first.number < claim.trial.number:
+    if first is not None:
         study._storage.set_trial_user_attr(_trial_id(claim.trial), ATTR_SAME_AS, first.number)
         if found.status == "stopped" and len(study.directions) == 1:
             trial = optuna.Trial(study, _trial_id(claim.trial))
@@ -377,7 +392,7 @@ def run_worker(
     with heartbeat(slot.path):
         while (claim := claim_next(study, spec, Path(sweep_dir), slot, runner)) is not None:
             log.info("worker %d: trial %d (%s) %s", worker, claim.trial.number, claim.how, dict(claim.trial.params))
-            outcome = settle(study, spec, claim, runner, slot, poll_s)
+            outcome = settle(study, spec, Path(sweep_dir), claim, runner, slot, poll_s)
             state = tell(study, claim, outcome)
             summary.trials.append((claim.trial.number, claim.how, state))
             log.info(
