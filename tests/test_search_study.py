@@ -380,3 +380,13 @@ def test_an_enqueued_trial_is_served_beyond_the_budget(tmp_path):
     assert [(n, how, state) for n, how, state in summary.trials] == [(2, "asked", "COMPLETE")]
     trial = open_study(spec, tmp_path, create=False).trials[2]
     assert trial.params == again and trial.user_attrs["rerun_of"] == 1
+
+
+@pytest.mark.parametrize("early", ["median", "hyperband"])
+def test_every_pruner_runs_with_ask_and_tell(tmp_path, early):
+    spec = spec_of(trials=6, early_stop={"method": early, "min_epochs": 1})
+    summary = run_one_worker(spec, tmp_path)
+    assert len(summary.trials) == 6 and summary.counts.ended == 6
+    study = open_study(spec, tmp_path, create=False)
+    assert type(study.pruner).__name__ == {"median": "MedianPruner", "hyperband": "HyperbandPruner"}[early]
+    assert all(t.intermediate_values for t in study.trials)  # epochs reached the study
