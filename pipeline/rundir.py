@@ -238,18 +238,27 @@ def release_space(folder: Path, settle: bool = False) -> None:
 
 
 def _syncfs(folder: Path) -> None:
+    if not syncfs(folder):
+        try:
+            os.sync()
+        except OSError:
+            pass
+
+
+def syncfs(folder: Path) -> bool:
+    """Write back and commit every file of the file system holding ``folder`` (Linux ``syncfs``: one
+    call for thousands of files); False where that is not available or failed (the caller falls back)."""
     import ctypes
 
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return
+        return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
-            os.sync()
+        return getattr(libc, "syncfs", None) is not None and libc.syncfs(fd) == 0
     except OSError:
-        pass
+        return False
     finally:
         os.close(fd)
 
@@ -353,7 +362,14 @@ class RunDir:
         path = self.metrics_path(stage)
         m = read_json(path)
         if m is None and not path.exists():
-            return None
+            # a shared stage whose links the run's job has not made yet: its record, through shared.json
+            store = self.shared_store(stage) if stage in SHARED_LINKS and not path.is_symlink() else None
+            if store is None:
+                return None
+            path = RunDir(store).metrics_path(stage)
+            m = read_json(path)
+            if m is None and not path.exists():
+                return None
         if not isinstance(m, dict) or not isinstance(m.get("status", "failed"), str):
             return {
                 "status": "failed",

@@ -57,7 +57,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
         if entry.get("cluster") == "slurm":
             job_state = sched.get(job_id, "")
         elif entry.get("cluster") == "local":
-            job_state = "RUNNING" if job_is_active("local", job_id, entry) else ""
+            job_state = "RUNNING" if job_is_active("local", job_id, entry, sweep_dir) else ""
         else:
             job_state = ""
         ending = classify(run, job_state, submitted=bool(job_id))
@@ -195,7 +195,7 @@ def cancel(sweep_dir: Path, con: Console) -> int:
         slurm_cli.cancel(slurm)
     signalled = []
     for job_id, entry in sorted(local.items()):
-        ident = local_job_identity(job_id, entry)
+        ident = local_job_identity(job_id, entry, sweep_dir)
         if ident is not None and not ident.on_this_machine():
             con.print(f"[yellow]local job {job_id} runs on {ident.host}: cancel it there[/]")
         # Only the recorded process itself (same start time): a reused PID belongs to someone else.

@@ -123,14 +123,17 @@ def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None)
     return None
 
 
-def _link_exclusive(content: str, target: Path) -> bool:
-    """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did."""
+def link_exclusive(content: str, target: Path, fsync: bool = True) -> bool:
+    """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did.
+    Never half-written: readers see no file or the whole of it. ``fsync=False`` when the caller syncs
+    the file system once for many files (:func:`pipeline.sweep.sync_files`)."""
     tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, content.encode())
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
@@ -164,7 +167,7 @@ class SubmitLock:
         me = _me()
         content = json.dumps(me.to_dict()) + "\n"
         for _ in range(5):  # a takeover race lost to another submitter is retried a few times
-            if _link_exclusive(content, self.path):
+            if link_exclusive(content, self.path):
                 self.holder = me
                 self._thread = threading.Thread(target=self._heartbeat, name="submit-lock-heartbeat", daemon=True)
                 self._thread.start()
@@ -189,7 +192,7 @@ class SubmitLock:
                 marker.unlink(missing_ok=True)
         except FileNotFoundError:
             pass
-        if not _link_exclusive(f"{os.getpid()}\n", marker):
+        if not link_exclusive(f"{os.getpid()}\n", marker):
             time.sleep(0.2)
             return
         try:
