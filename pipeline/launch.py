@@ -201,6 +201,9 @@ class Submission:
     job_records: dict[str, dict[str, Any]] = field(default_factory=dict)
     jobs: list[tuple[list[RunDir], Any]] = field(default_factory=list)  # (runs, submitit job)
     rejected: list[Rejected] = field(default_factory=list)  # arrays sbatch did not take
+    # runs of the sweep that jobs of an earlier submission still run (not submitted again): wait() waits
+    # for them too
+    elsewhere: list[RunDir] = field(default_factory=list)
 
 
 def _sbatch_error(e: BaseException) -> str:
@@ -412,10 +415,16 @@ def local_job_record(job: Any) -> dict[str, Any]:
     return record
 
 
-def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -> dict[str, str]:
-    """Block until every job of the submission has ended, printing each run as it finishes; returns
-    run id -> run status (from its folder)."""
-    runs = [r for rs, _ in sub.jobs for r in rs]
+def wait(
+    sub: Submission,
+    console: Console | None = None,
+    poll_s: float = 2.0,
+    still_active: Callable[[list[str]], set[str]] | None = None,
+) -> dict[str, str]:
+    """Block until every job of the submission has ended, and every run of ``sub.elsewhere`` while
+    ``still_active(run ids)`` names it (those a job of an earlier submission runs); print each run as it
+    finishes; returns run id -> run status (from its folder)."""
+    runs = [r for rs, _ in sub.jobs for r in rs] + list(sub.elsewhere)
     reported: set[str] = set()
 
     def report() -> None:
@@ -429,6 +438,16 @@ def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -
                 acc = f"  test acc {100 * m['test_acc']:.2f}%" if m.get("test_acc") is not None else ""
                 console.print(f"  {r.id}: {status}{acc}")
 
+    def elsewhere_running() -> bool:
+        if not sub.elsewhere or still_active is None:
+            return False
+        from pipeline.slurm_cli import SlurmUnreachable
+
+        try:
+            return bool(still_active([r.id for r in sub.elsewhere]))
+        except SlurmUnreachable:
+            return True  # cannot tell now: ask again at the next poll
+
     if sub.cluster == "debug":  # the debug executor runs each job inside result()
         for _, job in sub.jobs:
             _result(job, console)
@@ -439,6 +458,9 @@ def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -
             time.sleep(poll_s)
         for _, job in sub.jobs:
             _result(job, console)
+    while elsewhere_running():
+        report()
+        time.sleep(poll_s)
     report()
     return {r.id: r.status() for r in runs}
 

@@ -661,21 +661,26 @@ def update_manifest(
 ENDED_STATUSES = ("done", "diverged", "failed")
 
 
-def active_run_ids(sweep_dir: Path) -> set[str]:
-    """Runs of this sweep whose last job is still queued or running, or that a live job owns (so they are
-    not submitted twice). A local job that has already ended a run (its folder records done, diverged or
-    failed) no longer holds that run, even while the job goes on or is still exiting. Raises
-    :class:`pipeline.slurm_cli.SlurmUnreachable` when Slurm cannot say."""
+def active_run_ids(sweep_dir: Path, only: Sequence[str] | None = None) -> set[str]:
+    """Runs of this sweep (of ``only``, when given) whose last job is still queued or running, or that a
+    live job owns (so they are not submitted twice). A local job that has already ended a run (its
+    folder records done, diverged or failed) no longer holds that run, even while the job goes on or is
+    still exiting. Raises :class:`pipeline.slurm_cli.SlurmUnreachable` when Slurm cannot say."""
     from pipeline import launch, owner
 
     entries = manifest.read_manifest(sweep_dir)["runs"]
+    if only is not None:
+        entries = {rid: e for rid, e in entries.items() if rid in set(only)}
     jobs = {rid: (e["cluster"], e["job_id"]) for rid, e in entries.items()}
     active = launch.active_jobs(list(jobs.values()), {e["job_id"]: e for e in entries.values()}, sweep_dir)
     out = set()
     for rid, job in jobs.items():
         if job in active and not (job[0] == "local" and RunDir(sweep_dir / rid).status() in ENDED_STATUSES):
             out.add(rid)
-    owned = (RunDir(p.parent) for p in sweep_dir.glob(f"*/{owner.OWNER_FILE}"))
+    if only is None:
+        owned = [RunDir(p.parent) for p in sweep_dir.glob(f"*/{owner.OWNER_FILE}")]
+    else:
+        owned = [RunDir(sweep_dir / rid) for rid in only if (sweep_dir / rid / owner.OWNER_FILE).exists()]
     return out | {r.id for r in owned if owner.live_owner(r) is not None and r.status() not in ENDED_STATUSES}
 
 
@@ -790,7 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
         console.print("waiting for the runs to finish")
-        statuses = launch.wait(submission, console)
+        # also for those an earlier submission's jobs still run (skip-active): --wait waits for every run
+        statuses = launch.wait(submission, console, still_active=functools.partial(active_run_ids, sweep_dir))
         failed = [rid for rid, s in statuses.items() if s in ("failed", "blocked")]
         if failed:
             console.print(
@@ -910,6 +916,7 @@ def _submit(
             _submit_later(submission, [d for d in to_submit if d.run.id in later], launch_runs)
         for rej in submission.rejected:
             manifest.record_rejected(sweep_dir, cluster, rej.run_ids, rej.reason, rej.token)
+    submission.elsewhere = [RunDir(sweep_dir / d.run.id) for d in decisions if d.action == "skip-active"]
     shown = {**submission.job_ids, **{rid: "not submitted" for rej in submission.rejected for rid in rej.run_ids}}
     cli.print_plan(console, spec, decisions, job_ids=shown, cluster=cluster, show_all=args.all)
     n_rejected = sum(len(rej.run_ids) for rej in submission.rejected)
