@@ -457,6 +457,7 @@ def assign(
     failed record is the caller's to archive or report."""
     out: dict[str, Share] = {}
     owners: dict[str, Share] = {}
+    stages = store_root(sweep_dir) / stage  # (once: thousands of runs)
     for run, tree, redone in runs:
         if not stage_sharing_on(tree, stage) or (not redone and has_own_stage(run, stage)):
             continue
@@ -468,7 +469,7 @@ def assign(
             foreign = first.foreign and role == "follow"
             out[run.id] = Share(key, first.store, role, owner, first.after_job, foreign, stage, record=first.record)
             continue
-        share = _first_share(run, stage_store(sweep_dir, stage, key), key, cluster, stage)
+        share = _first_share(run, stages / key, key, cluster, stage)
         owners[key] = share
         out[run.id] = share
     return out
