@@ -733,7 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-submit", action="store_true", help="write the run folders, submit nothing (for sbatch/array.sh)"
     )
-    p.add_argument("--wait", action="store_true", help="local executor: return when the runs have finished")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="return when the runs have finished, also those an earlier submission's jobs still run",
+    )
     p.add_argument("--parallel", type=int, default=1, help="local executor: runs at a time (default 1)")
     return p
 
