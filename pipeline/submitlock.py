@@ -9,7 +9,8 @@ link exists), not by the call's return value.
 The lock holds the host, the pid, that process's start time (``/proc/<pid>/stat`` field 22, with the
 boot id: a recycled pid or a reboot does not look alive) and when it was taken. While held, a thread
 touches the file every :data:`HEARTBEAT_S` seconds. A lock is stale, and is taken over with a message,
-when its holder is on this host and no longer runs (pid gone, or another process with that pid), or
+when its holder is on this host and no longer runs (pid gone, or another process with that pid, or a
+pid recorded without its start time, which cannot be shown to be the holder), or
 when it is on another host (whose processes cannot be seen from here) and its file has not been
 touched for :data:`STALE_AFTER_S` seconds.
 """
@@ -113,7 +114,9 @@ def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None)
         alive = process_start(holder["pid"])
         if alive is None:
             return f"its holder, pid {holder['pid']} on this host, no longer runs"
-        if holder.get("start") is not None and alive != holder["start"]:
+        if holder.get("start") is None:  # a PID alone may be anyone's by now (a lock not written by us)
+            return f"it names pid {holder['pid']} on this host without its start time: not shown to be held"
+        if alive != holder["start"]:
             return f"pid {holder['pid']} on this host is now another process"
         return None
     age = now - mtime

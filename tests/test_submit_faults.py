@@ -88,6 +88,9 @@ def test_lock_of_a_live_process_with_a_recycled_pid_or_another_host(tmp_path):
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
     assert stale_reason(me, time.time()) is None
     assert "now another process" in (stale_reason({**me, "start": "x:1"}, time.time()) or "")
+    # a PID alone (a lock not written by this version), the PID a live process: not shown to be held
+    assert "without its start time" in (stale_reason({**me, "start": None}, time.time()) or "")
+    assert "without its start time" in (stale_reason({"host": me["host"], "pid": os.getpid()}, time.time()) or "")
     other = {"host": "elsewhere", "pid": 1, "start": "y:1"}
     assert stale_reason(other, time.time() - 10) is None
     assert "no heartbeat" in (stale_reason(other, time.time() - STALE_AFTER_S - 1) or "")
