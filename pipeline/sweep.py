@@ -551,15 +551,19 @@ def write_new_run(sweep_dir: Path, spec: SweepSpec, d: Decision, unsynced: list[
         pointer = sharing.pointer_entries(rd.path, {sh.stage: sh.store for sh in d.shares()})
         files[SHARED_POINTER] = json.dumps(pointer, indent=2) + "\n"
     os.mkdir(tmp)
+    name = ""
     try:
         for name, text in files.items():
-            with open(tmp / name, "x") as f:
+            with os.fdopen(os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
                 f.write(text)
+        name = ""
         os.rename(tmp, rd.path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (FileExistsError, IsADirectoryError)) or e.errno == errno.ENOTEMPTY:
+        if not name and (isinstance(e, (FileExistsError, IsADirectoryError)) or e.errno == errno.ENOTEMPTY):
             return None  # made meanwhile
+        if name:  # a full disk, say: name the file (write() names none), not its temporary folder
+            e.filename = str(rd.path / name)
         raise
     unsynced += [rd.path / name for name in files]
     return rd
