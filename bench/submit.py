@@ -1,14 +1,18 @@
-"""Seconds to submit a 1,000-run sweep to Slurm: ``python -m pipeline.sweep`` vs plain submitit ``map_array``.
+"""Seconds to submit sweeps of 1,000 and 10,000 runs to Slurm: ``python -m pipeline.sweep`` vs plain submitit ``map_array``.
 
-    .venv/bin/python bench/submit.py [--repeats 3] [--before DIR] [--keep]
+    .venv/bin/python bench/submit.py [--repeats 3] [--sizes 1000 10000] [--before DIR] [--before-sizes 1000]
 
-Both are timed from outside, as subprocesses, from process start to exit. The pipeline expands a
-10 x 10 x 10 grid (optim.lr x optim.weight_decay x train.seed) of tiny ResNet-20 runs, writes 1,000 run
-folders and the manifest and submits them as job arrays (``--cluster slurm --out <tmp>``); the floor is
-submitit's ``map_array`` of 1,000 trivial calls (``abs``) to the same partition. Every job is cancelled
-with ``scancel`` right after each measurement, so the cluster is busy for seconds only. ``--before DIR``
-also times a checkout of the code from before an optimisation (e.g. ``git archive <rev> | tar -x -C DIR``),
-from the same sweep, in the same run. Needs the local Slurm cluster (``tests/slurm/start.sh``).
+All are timed from outside, as subprocesses, from process start to exit. The pipeline expands a
+10 x 10 x (n / 100) grid (optim.lr x optim.weight_decay x train.seed) of tiny ResNet-20 runs, with
+sharing on (the default): each run is the first of its training key, so it claims a shared store and
+links it, the most work sharing asks of a submission. It writes the run folders and the manifest and
+submits them as job arrays (``--cluster slurm --out <tmp>``); the floor is submitit's ``map_array`` of
+n trivial calls (``abs``) to the same partition, in arrays of at most MaxArraySize tasks as the pipeline
+cuts them. Sizes and commands alternate in each repeat, so load from other users hits them alike. Every
+job is cancelled with ``scancel`` right after each measurement, so the cluster is busy for seconds
+only. ``--before DIR`` also times a checkout of the code from before an optimisation (e.g. ``git
+archive <rev> | tar -x -C DIR``), from the same sweep, in the same run. Needs the local Slurm cluster
+(``tests/slurm/start.sh``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,14 +33,14 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline import slurm_cli  # noqa: E402
+from pipeline import launch, slurm_cli  # noqa: E402
 
-GOAL_S = 3.0
-N_AXIS = 10  # 10 x 10 x 10 = 1,000 runs
+GOALS_S = {1_000: 3.0, 10_000: 10.0}  # runs -> seconds, from process start to exit
+N_AXIS = 10  # optim.lr x optim.weight_decay: 10 x 10; train.seed: n / 100 values
 PARTITION = "debug"
 
 SWEEP = """\
-name: bench1000
+name: bench{n}
 base: [{root}/configs/base.yaml]
 cluster: {root}/configs/cluster/local.yaml
 set:
@@ -55,16 +60,18 @@ FLOOR = """\
 import sys, submitit
 ex = submitit.SlurmExecutor(folder=sys.argv[1])
 ex.update_parameters(partition=sys.argv[2], time=30, cpus_per_task=1, mem="1GB", array_parallelism=8)
-jobs = ex.map_array(abs, range(int(sys.argv[3])))
-print(jobs[0].job_id.split("_")[0])
+n, size = int(sys.argv[3]), int(sys.argv[4])
+arrays = [ex.map_array(abs, range(min(size, n - i))) for i in range(0, n, size)]
+print(" ".join(jobs[0].job_id.split("_")[0] for jobs in arrays))
 """
 
 
-def write_sweep(folder: Path, root: Path) -> Path:
-    path = folder / f"sweep-{abs(hash(str(root)))}.yaml"
+def write_sweep(folder: Path, root: Path, n: int) -> Path:
+    path = folder / f"sweep-{n}-{abs(hash(str(root)))}.yaml"
     lrs = [round(0.01 * (i + 1), 4) for i in range(N_AXIS)]
     wds = [round(1e-5 * i, 8) for i in range(N_AXIS)]
-    path.write_text(SWEEP.format(root=root, lrs=lrs, wds=wds, seeds=list(range(N_AXIS))))
+    seeds = list(range(n // N_AXIS**2))
+    path.write_text(SWEEP.format(n=n, root=root, lrs=lrs, wds=wds, seeds=seeds))
     return path
 
 
@@ -92,90 +99,140 @@ def cancel_and_drain(job_ids: set[str], timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-def run_pipeline(root: Path, sweep: Path, tmp: Path, extra: list[str]) -> tuple[float, int, set[str]]:
-    """(seconds, run folders written, array job ids) of one ``python -m pipeline.sweep``."""
+def run_pipeline(root: Path, sweep: Path, n: int, tmp: Path, extra: list[str]) -> tuple[float, int, set[str]]:
+    """(seconds, run folders written, array job ids) of one ``python -m pipeline.sweep``. Its arrays are
+    cancelled, then its output folder is removed (10,000 runs are 30,000 files)."""
     out = Path(tempfile.mkdtemp(dir=tmp, prefix="out-"))
     env = {**os.environ, "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "pipeline.sweep", str(sweep), "--cluster", "slurm", "--out", str(out), *extra]
-    seconds, _ = timed(cmd, root, env)
-    sweep_dir = out / "bench1000"
+    ids: set[str] = set()
+    try:
+        seconds, _ = timed(cmd, root, env)
+        folders, ids = _written(out / f"bench{n}", extra)
+        return seconds, folders, ids
+    finally:
+        cancel_and_drain(ids or _queued(out / f"bench{n}"))
+        remove(out)
+
+
+def _queued(sweep_dir: Path) -> set[str]:
+    """The arrays a failed or miscounted submission recorded, to cancel them all the same."""
+    try:
+        runs = json.loads((sweep_dir / "manifest.json").read_text()).get("runs", {})
+    except (OSError, ValueError):
+        return set()
+    return {str(e.get("job_id", "")).split("_")[0] for e in runs.values() if isinstance(e, dict)} - {""}
+
+
+def _written(sweep_dir: Path, extra: list[str]) -> tuple[int, set[str]]:
     folders = sum(1 for p in sweep_dir.glob("*/config.yaml"))
     path = sweep_dir / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {}
     arrays = {str(e["job_id"]).split("_")[0] for e in manifest.get("runs", {}).values()}
     if "--no-submit" not in extra and len(manifest.get("runs", {})) != folders:
         raise SystemExit(f"manifest lists {len(manifest.get('runs', {}))} runs, {folders} folders were written")
-    return seconds, folders, arrays
+    return folders, arrays
 
 
 def run_floor(tmp: Path, n: int) -> tuple[float, set[str]]:
     folder = Path(tempfile.mkdtemp(dir=tmp, prefix="floor-"))
-    cmd = [sys.executable, "-c", FLOOR, str(folder / "%j"), PARTITION, str(n)]
-    seconds, r = timed(cmd, tmp, dict(os.environ))
-    return seconds, {r.stdout.strip()}
+    cmd = [sys.executable, "-c", FLOOR, str(folder / "%j"), PARTITION, str(n), str(launch.max_array_size())]
+    try:
+        seconds, r = timed(cmd, tmp, dict(os.environ))
+        cancel_and_drain(set(r.stdout.split()))
+    finally:
+        remove(folder)
+    return seconds, set(r.stdout.split())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3, help="timings of each command (median reported)")
-    p.add_argument("--before", type=Path, default=None, help="a checkout of the code before the optimisation")
-    p.add_argument("--before-repeats", type=int, default=1, help="timings of the --before code")
-    args = p.parse_args(argv)
-    console = Console() if sys.stdout.isatty() else Console(width=120)  # logs: keep the table's rows whole
-    if subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0:
-        raise SystemExit("the local Slurm cluster is not up: bash tests/slurm/start.sh")
-    n = N_AXIS**3
-    times: dict[str, list[float]] = {"floor": [], "pipeline": [], "no-submit": [], "before": []}
-    notes: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-submit-") as td:
-        tmp = Path(td)
-        sweep = write_sweep(tmp, REPO)
-        for rep in range(args.repeats):  # interleaved, so load from other users hits both alike
-            s, ids = run_floor(tmp, n)
-            cancel_and_drain(ids)
-            times["floor"].append(s)
-            notes["floor"] = f"{len(ids)} array"
-            s, folders, ids = run_pipeline(REPO, sweep, tmp, [])
-            cancel_and_drain(ids)
-            if folders != n:
-                raise SystemExit(f"expected {n} run folders, found {folders}")
-            times["pipeline"].append(s)
-            notes["pipeline"] = f"{folders} folders, {len(ids)} array(s)"
-            s, folders, _ = run_pipeline(REPO, sweep, tmp, ["--no-submit"])
-            times["no-submit"].append(s)
-            notes["no-submit"] = f"{folders} folders"
-            console.print(
-                f"repeat {rep + 1}/{args.repeats}: floor {times['floor'][-1]:.2f}s, pipeline "
-                f"{times['pipeline'][-1]:.2f}s, --no-submit {times['no-submit'][-1]:.2f}s"
-            )
-        if args.before is not None:
-            before = args.before.resolve()
-            bsweep = write_sweep(tmp, before)
-            for _ in range(args.before_repeats):
-                s, folders, ids = run_pipeline(before, bsweep, tmp, [])
-                cancel_and_drain(ids)
-                times["before"].append(s)
-                notes["before"] = f"{folders} folders, {len(ids)} array(s)"
-                console.print(f"before ({before}): {s:.2f}s")
+def remove(folder: Path) -> None:
+    """Remove a measurement's files and write the removal back (os.sync) before the next timing starts,
+    so that the next one does not pay for this one's 30,000 deletions."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.sync()
 
-    labels = {
-        "floor": ("submitit map_array (floor)", f"{n:,} x abs()"),
-        "pipeline": ("pipeline.sweep", f"{n:,} runs: expand, write, submit"),
-        "no-submit": ("pipeline.sweep --no-submit", "expand + write only"),
-        "before": ("pipeline.sweep, before", str(args.before)),
-    }
+
+LABELS = {
+    "floor": ("submitit map_array (floor)", "{n:,} x abs()"),
+    "pipeline": ("pipeline.sweep", "{n:,} runs: expand, write, submit"),
+    "no-submit": ("pipeline.sweep --no-submit", "expand + write only"),
+    "before": ("pipeline.sweep, before", "{before}"),
+}
+
+
+def measure_size(n: int, tmp: Path, sweep: Path, times: dict[str, list[float]], notes: dict[str, str]) -> None:
+    """One repeat at ``n`` runs: the floor, the pipeline, then --no-submit."""
+    s, ids = run_floor(tmp, n)
+    times["floor"].append(s)
+    notes["floor"] = f"{len(ids)} array(s)"
+    s, folders, ids = run_pipeline(REPO, sweep, n, tmp, [])
+    if folders != n:
+        raise SystemExit(f"expected {n} run folders, found {folders}")
+    times["pipeline"].append(s)
+    notes["pipeline"] = f"{folders} folders, {len(ids)} array(s)"
+    s, folders, _ = run_pipeline(REPO, sweep, n, tmp, ["--no-submit"])
+    times["no-submit"].append(s)
+    notes["no-submit"] = f"{folders} folders"
+
+
+def table(n: int, times: dict[str, list[float]], notes: dict[str, str], before: Path | None) -> Table:
     floor = statistics.median(times["floor"])
     t = Table(title=f"Submitting {n:,} runs to local Slurm: seconds from process start to exit")
     for col in ("command", "what", "n", "median s", "min s", "vs floor", "result"):
         t.add_column(col, justify="right" if col in ("n", "median s", "min s", "vs floor") else "left")
     for key, ts in times.items():
-        if not ts:
-            continue
-        med = statistics.median(ts)
-        t.add_row(*labels[key], str(len(ts)), f"{med:.2f}", f"{min(ts):.2f}", f"{med / floor:.1f}x", notes[key])
-    console.print(t)
-    med = statistics.median(times["pipeline"])
-    print(f"target submit_1000_runs: {med:.2f}s (goal <={GOAL_S:g}s) {'PASS' if med <= GOAL_S else 'FAIL'}")
+        if ts:
+            med = statistics.median(ts)
+            command, what = LABELS[key]
+            row = (command, what.format(n=n, before=before), str(len(ts)), f"{med:.2f}", f"{min(ts):.2f}")
+            t.add_row(*row, f"{med / floor:.1f}x", notes[key])
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3, help="timings of each command and size (median reported)")
+    p.add_argument("--sizes", type=int, nargs="+", default=sorted(GOALS_S), help="runs per sweep (multiples of 100)")
+    p.add_argument("--before", type=Path, default=None, help="a checkout of the code before the optimisation")
+    p.add_argument("--before-repeats", type=int, default=1, help="timings of the --before code")
+    p.add_argument("--before-sizes", type=int, nargs="+", default=[1_000], help="sizes timed with --before")
+    args = p.parse_args(argv)
+    console = Console() if sys.stdout.isatty() else Console(width=120)  # logs: keep the table's rows whole
+    if subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0:
+        raise SystemExit("the local Slurm cluster is not up: bash tests/slurm/start.sh")
+    if any(n % N_AXIS**2 or n <= 0 for n in args.sizes):
+        raise SystemExit(f"--sizes must be positive multiples of {N_AXIS**2}")
+    times = {n: {k: [] for k in LABELS} for n in args.sizes}
+    notes: dict[int, dict[str, str]] = {n: {} for n in args.sizes}
+    with tempfile.TemporaryDirectory(prefix="bench-submit-") as td:
+        tmp = Path(td)
+        sweeps = {n: write_sweep(tmp, REPO, n) for n in args.sizes}
+        for rep in range(args.repeats):  # interleaved, so load from other users hits all alike
+            for n in args.sizes:
+                measure_size(n, tmp, sweeps[n], times[n], notes[n])
+                tn = times[n]
+                console.print(
+                    f"repeat {rep + 1}/{args.repeats}, {n:,} runs: floor {tn['floor'][-1]:.2f}s, pipeline "
+                    f"{tn['pipeline'][-1]:.2f}s, --no-submit {tn['no-submit'][-1]:.2f}s"
+                )
+        if args.before is not None:
+            before = args.before.resolve()
+            for n in args.before_sizes:
+                bsweep = write_sweep(tmp, before, n)
+                for _ in range(args.before_repeats):
+                    s, folders, ids = run_pipeline(before, bsweep, n, tmp, [])
+                    times.setdefault(n, {k: [] for k in LABELS})["before"].append(s)
+                    notes.setdefault(n, {})["before"] = f"{folders} folders, {len(ids)} array(s)"
+                    console.print(f"before ({before}), {n:,} runs: {s:.2f}s")
+    for n in sorted(times):
+        if times[n]["floor"]:
+            console.print(table(n, times[n], notes[n], args.before))
+    for n in sorted(times):
+        if times[n]["pipeline"] and n in GOALS_S:
+            med, goal = statistics.median(times[n]["pipeline"]), GOALS_S[n]
+            floor = statistics.median(times[n]["floor"])
+            verdict = "PASS" if med <= goal else "FAIL"
+            print(f"target submit_{n}_runs: {med:.2f}s (goal <={goal:g}s; floor {floor:.2f}s) {verdict}")
     return 0
 
 

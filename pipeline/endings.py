@@ -196,7 +196,7 @@ def run_jobs(sweep_dir: Path, runs: Sequence[RunDir]) -> tuple[dict[str, RunJob]
         ended = None
         if entry is not None:
             cluster, job = entry["cluster"], entry["job_id"]
-            active = job_is_active("local", job, entry) if cluster == "local" else False
+            active = job_is_active("local", job, entry, sweep_dir) if cluster == "local" else False
             state = "RUNNING" if active else sched.get(job, "") if cluster == "slurm" else ""
             ended = RunJob(cluster, job, state, "manifest.json")
             if _active(state):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -200,6 +201,9 @@ class Submission:
     job_records: dict[str, dict[str, Any]] = field(default_factory=dict)
     jobs: list[tuple[list[RunDir], Any]] = field(default_factory=list)  # (runs, submitit job)
     rejected: list[Rejected] = field(default_factory=list)  # arrays sbatch did not take
+    # runs of the sweep that jobs of an earlier submission still run (not submitted again): wait() waits
+    # for them too
+    elsewhere: list[RunDir] = field(default_factory=list)
 
 
 def _sbatch_error(e: BaseException) -> str:
@@ -245,7 +249,8 @@ def submit(
     timeouts) and are listed as unreachable.
 
     ``after`` maps the index of a run that must wait for a shared training to the index of the run that
-    trains it in this submission, or to the job id of an earlier submission's owner. On Slurm such runs
+    trains it in this submission, or to the job id of an earlier submission's owner ("" when not known
+    yet: on Slurm such runs are not submitted). On Slurm such runs
     go out after the others, one array per owner, with ``--dependency=afterok:<job>_<task>`` (so each
     starts when its own training ends) and ``--kill-on-invalid-dep=yes`` (a failed training cancels its
     followers instead of leaving them queued forever). Locally they go after the others in every slot
@@ -275,11 +280,12 @@ def submit(
             depend: str | None = None
             if waits_for is not None:
                 owner_job = sub.job_ids.get(runs[waits_for].id) if isinstance(waits_for, int) else waits_for
-                if owner_job is None:  # its owner was refused: it would start and train on its own
+                if not owner_job:  # its owner was refused (or not queued yet): it would start and train on its own
+                    owner = runs[waits_for].id if isinstance(waits_for, int) else "of another submission"
                     sub.rejected.append(
                         Rejected(
                             [runs[i].id for i in wave],
-                            f"not tried: the run whose training they share ({runs[int(waits_for)].id}) was not submitted",
+                            f"not tried: the run whose training they share ({owner}) was not submitted",
                             unreachable=unreachable is not None,
                         )
                     )
@@ -409,10 +415,16 @@ def local_job_record(job: Any) -> dict[str, Any]:
     return record
 
 
-def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -> dict[str, str]:
-    """Block until every job of the submission has ended, printing each run as it finishes; returns
-    run id -> run status (from its folder)."""
-    runs = [r for rs, _ in sub.jobs for r in rs]
+def wait(
+    sub: Submission,
+    console: Console | None = None,
+    poll_s: float = 2.0,
+    still_active: Callable[[list[str]], set[str]] | None = None,
+) -> dict[str, str]:
+    """Block until every job of the submission has ended, and every run of ``sub.elsewhere`` while
+    ``still_active(run ids)`` names it (those a job of an earlier submission runs); print each run as it
+    finishes; returns run id -> run status (from its folder)."""
+    runs = [r for rs, _ in sub.jobs for r in rs] + list(sub.elsewhere)
     reported: set[str] = set()
 
     def report() -> None:
@@ -426,6 +438,16 @@ def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -
                 acc = f"  test acc {100 * m['test_acc']:.2f}%" if m.get("test_acc") is not None else ""
                 console.print(f"  {r.id}: {status}{acc}")
 
+    def elsewhere_running() -> bool:
+        if not sub.elsewhere or still_active is None:
+            return False
+        from pipeline.slurm_cli import SlurmUnreachable
+
+        try:
+            return bool(still_active([r.id for r in sub.elsewhere]))
+        except SlurmUnreachable:
+            return True  # cannot tell now: ask again at the next poll
+
     if sub.cluster == "debug":  # the debug executor runs each job inside result()
         for _, job in sub.jobs:
             _result(job, console)
@@ -436,6 +458,9 @@ def wait(sub: Submission, console: Console | None = None, poll_s: float = 2.0) -
             time.sleep(poll_s)
         for _, job in sub.jobs:
             _result(job, console)
+    while elsewhere_running():
+        report()
+        time.sleep(poll_s)
     report()
     return {r.id: r.status() for r in runs}
 
@@ -460,11 +485,14 @@ def export_distributed_env() -> None:
 
 
 def active_jobs(
-    jobs: Sequence[tuple[str, str]], records: Mapping[str, Mapping[str, Any]] | None = None
+    jobs: Sequence[tuple[str, str]],
+    records: Mapping[str, Mapping[str, Any]] | None = None,
+    sweep_dir: Path | None = None,
 ) -> set[tuple[str, str]]:
     """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all.
-    ``records``: job id -> its manifest entry (local jobs are recognised by more than their id).
-    Raises :class:`pipeline.slurm_cli.SlurmUnreachable` when squeue does not answer."""
+    ``records``: job id -> its manifest entry (local jobs are recognised by more than their id);
+    ``sweep_dir``: the manifest's sweep (see :func:`local_job_identity`). Raises
+    :class:`pipeline.slurm_cli.SlurmUnreachable` when squeue does not answer."""
     slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
     states: dict[str, str] = {}
     if slurm_ids:
@@ -472,23 +500,44 @@ def active_jobs(
 
         states = {j: s for j, s in slurm_cli.job_states(slurm_ids, strict=True).items() if s in slurm_cli.ACTIVE_STATES}
     records = records or {}
-    return {(c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j, records.get(j)))}
+    return {
+        (c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j, records.get(j), sweep_dir))
+    }
 
 
-def local_job_identity(job_id: str, entry: Mapping[str, Any] | None) -> ProcessIdentity | None:
-    """The identity of a local job's controller from its manifest entry (PID only for entries written
-    before start times were recorded), or None for a malformed id."""
-    return ProcessIdentity.from_record({**(entry or {}), "pid": job_id})
+def local_job_identity(
+    job_id: str, entry: Mapping[str, Any] | None, sweep_dir: Path | None = None
+) -> ProcessIdentity | None:
+    """The identity of a local job's controller from its manifest entry, or None for a malformed id. An
+    entry with a PID only (written before start times were recorded) names the process only while its
+    command line is that of a job controller of ``sweep_dir`` (none without it): the PID may be
+    anyone's by now."""
+    ident = ProcessIdentity.from_record({**(entry or {}), "pid": job_id})
+    if ident is None or ident.started is not None or sweep_dir is None:
+        return ident
+    return dataclasses.replace(ident, commands=controller_commands(sweep_dir))
 
 
-def job_is_active(cluster: str, job_id: str, entry: Mapping[str, Any] | None = None) -> bool:
-    """Whether a job recorded in a manifest (``entry``: its manifest entry) is still queued or running.
+def controller_commands(sweep_dir: Path) -> tuple[str, ...]:
+    """What the command line of a local job controller of ``sweep_dir`` holds: submitit's controller
+    module and the jobs' folder (absolute, as submitit passes it; also with links resolved)."""
+    folder = Path(sweep_dir) / "logs" / "%j"
+    paths = dict.fromkeys((str(folder.absolute()), str(folder.resolve())))
+    return tuple(f"submitit.local._local {p}" for p in paths)
 
-    A local job is its controller process: active while that very process (same start time) lives and
-    is no zombie, and submitit has not yet written the job's result (the controller outlives the work by
-    a moment). A local job recorded on another host cannot be looked at from here and counts as active."""
+
+def job_is_active(
+    cluster: str, job_id: str, entry: Mapping[str, Any] | None = None, sweep_dir: Path | None = None
+) -> bool:
+    """Whether a job recorded in a manifest (``entry``: its manifest entry; ``sweep_dir``: the sweep it
+    belongs to) is still queued or running.
+
+    A local job is its controller process: active while that very process (same start time, or for an
+    entry without one, a controller of this sweep: :func:`local_job_identity`) lives and is no zombie,
+    and submitit has not yet written the job's result (the controller outlives the work by a moment).
+    A local job recorded on another host cannot be looked at from here and counts as active."""
     if cluster == "local":
-        ident = local_job_identity(job_id, entry)
+        ident = local_job_identity(job_id, entry, sweep_dir)
         if ident is None:
             return False
         if entry and entry.get("result") and Path(str(entry["result"])).exists():

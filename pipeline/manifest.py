@@ -1,6 +1,7 @@
 """``<sweep>/manifest.json``: which job runs which run folder. Torch-free.
 
-    {"runs": {"<run id>": {"cluster": "slurm", "job_id": "123_4"}, ...},    the latest job of each run
+    {"runs": {"<run id>": {"cluster": "slurm", "job_id": "123_4", "submission": "<token>"}, ...},
+                                                                             the latest job of each run
      "history": [{"cluster": "slurm", "job_ids": {"<run id>": "123_4", ...}, "time": 1700000000.0}, ...
                  {"cluster": "slurm", "rejected": ["<run id>", ...], "reason": "...", "time": ...}],
      "submitting": {"<token>": {"cluster": "slurm", "runs": ["<run id>", ...], "time": ...}}}
@@ -11,18 +12,21 @@ carries as its Slurm comment; after: its job ids (or its refusal), the token rem
 between sbatch's answer and the second write leaves the token, and the next submission finds the array
 in squeue by its comment (:func:`resolve_submitting`), so the manifest names exactly what was queued.
 Older manifests (no "time", no "submitting", one history entry per submission) read the same; a
-manifest that cannot be read is moved aside, never overwritten.
+manifest that cannot be read is moved aside, never overwritten. A run's "submission" is the token of the
+submission that queued its job: a shared stage's owner record made at submission names it
+(:func:`pipeline.share.owner_job`), so the job needs no second write there.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.rundir import atomic_write_json, read_mapping
+from pipeline.rundir import atomic_write_text, read_mapping
 
 MANIFEST = "manifest.json"
 
@@ -59,13 +63,48 @@ def _aside_if_unreadable(path: Path) -> Path | None:
     return dest
 
 
+# path -> (the file as this process last wrote it: inode, mtime, size; its content). A submission writes
+# the manifest twice per array: reading back and parsing 10,000 runs each time would cost more than the rest.
+_WRITTEN: dict[Path, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _update(sweep_dir: Path, change: Callable[[dict[str, Any]], None]) -> Path:
     path = manifest_path(sweep_dir)
-    _aside_if_unreadable(path)
-    manifest = read_manifest(sweep_dir)
+    written = _WRITTEN.pop(path, None)  # (dropped while changing: a failed write must not leave it changed)
+    if written is not None and written[0] == _stamp(path):
+        manifest = written[1]
+    else:
+        _aside_if_unreadable(path)
+        manifest = read_manifest(sweep_dir)
     change(manifest)
-    atomic_write_json(path, manifest)
+    atomic_write_text(path, _dumps(manifest))
+    stamp = _stamp(path)
+    if stamp is not None:
+        _WRITTEN[path] = (stamp, manifest)
     return path
+
+
+def _dumps(manifest: dict[str, Any]) -> str:
+    """The manifest as JSON, one run (or history entry) a line. Through json's C encoder: with an indent,
+    json falls back to its Python one, five times slower on a 10,000-run manifest written 20 times."""
+
+    def block(value: Any) -> str:
+        if isinstance(value, dict) and value:
+            lines = (f"  {json.dumps(str(k))}: {json.dumps(v, default=str)}" for k, v in value.items())
+            return "{\n" + ",\n".join(lines) + "\n}"
+        if isinstance(value, list) and value:
+            return "[\n" + ",\n".join("  " + json.dumps(v, default=str) for v in value) + "\n]"
+        return json.dumps(value, default=str)
+
+    return "{\n" + ",\n".join(f"{json.dumps(str(k))}: {block(v)}" for k, v in manifest.items()) + "\n}\n"
 
 
 def _submitting(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -75,11 +114,15 @@ def _submitting(manifest: dict[str, Any]) -> dict[str, Any]:
     return pending
 
 
-def record_submitting(sweep_dir: Path, cluster: str, token: str, run_ids: list[str]) -> Path:
-    """Before an sbatch: the runs of the array about to be submitted with comment ``token``."""
+def record_submitting(
+    sweep_dir: Path, cluster: str, token: str, run_ids: list[str], submission: str | None = None
+) -> Path:
+    """Before an sbatch: the runs of the array about to be submitted with comment ``token`` (by the
+    submission ``submission``)."""
 
     def change(m: dict[str, Any]) -> None:
-        _submitting(m)[token] = {"cluster": cluster, "runs": list(run_ids), "time": time.time()}
+        entry = {"cluster": cluster, "runs": list(run_ids), "time": time.time()}
+        _submitting(m)[token] = {**entry, "submission": submission} if submission else entry
 
     return _update(sweep_dir, change)
 
@@ -90,13 +133,16 @@ def record_submitted(
     job_ids: dict[str, str],
     token: str | None = None,
     job_records: dict[str, dict[str, Any]] | None = None,
+    submission: str | None = None,
 ) -> Path:
     """Record jobs just queued: each run's latest job (with ``job_records[job id]``, what else identifies
-    it: a local job's process start time), plus one history entry (and the array's token removed)."""
+    it: a local job's process start time, and the token of the ``submission`` that queued it), plus
+    one history entry (and the array's token removed)."""
+    extra = {"submission": submission} if submission else {}
 
     def change(m: dict[str, Any]) -> None:
         for rid, jid in job_ids.items():
-            m["runs"][rid] = {"cluster": cluster, "job_id": str(jid), **(job_records or {}).get(str(jid), {})}
+            m["runs"][rid] = {"cluster": cluster, "job_id": str(jid), **(job_records or {}).get(str(jid), {}), **extra}
         m["history"].append({"cluster": cluster, "job_ids": dict(job_ids), "time": time.time()})
         if token is not None:
             _submitting(m).pop(token, None)
@@ -131,7 +177,8 @@ def resolve_submitting(sweep_dir: Path, queued_by_comment: Callable[[], dict[str
         jobs = found.get(comment_of(token), [])
         if jobs and runs:
             job_ids = _task_ids(jobs, len(runs))
-            record_submitted(sweep_dir, cluster, dict(zip(runs, job_ids)), token)
+            submission = entry.get("submission") if isinstance(entry.get("submission"), str) else None
+            record_submitted(sweep_dir, cluster, dict(zip(runs, job_ids)), token, submission=submission)
             notes.append(f"recorded jobs {', '.join(job_ids)} queued by an interrupted submission")
         else:
             _update(sweep_dir, functools.partial(_drop, token=token))

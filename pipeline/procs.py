@@ -3,7 +3,10 @@
 A PID alone names a process only while it lives: the kernel hands the number to the next process once
 the old one is reaped, and a dead process whose parent has not reaped it (a zombie) still answers
 ``kill(pid, 0)``. A process is identified here by host, boot, PID and its start time (field 22 of
-/proc/<pid>/stat, clock ticks after boot), which together never repeat.
+/proc/<pid>/stat, clock ticks after boot), which together never repeat. A record without a start time
+(written by an earlier version, or by hand) names a process only when its command line can be checked
+against what the job runs (:attr:`ProcessIdentity.commands`); otherwise it names none: such a PID is
+never signalled or waited on.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import ctypes
 import os
 import signal
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -44,12 +47,24 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rfind(")") + 2 :].split()
 
 
+def command_line(pid: int) -> str:
+    """The process's arguments joined by spaces ("" when it is gone or cannot be read)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+
+
 @dataclass(frozen=True)
 class ProcessIdentity:
     pid: int
     started: int | None  # clock ticks after boot; None: recorded by an older version, PID only
     host: str = ""
     boot_id: str = ""
+    # Without a start time: texts of which the process's command line must hold one (the job's own
+    # folder, say) for the PID to still be the job's. Never recorded; empty: a PID alone names nothing.
+    commands: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, pid: int) -> ProcessIdentity | None:
@@ -75,7 +90,7 @@ class ProcessIdentity:
         )
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"pid": self.pid, "started": self.started, "host": self.host, "boot_id": self.boot_id}
 
     def on_this_machine(self) -> bool:
         """False when recorded on another host; an empty host (old records) counts as this one."""
@@ -91,7 +106,10 @@ class ProcessIdentity:
         fields = _stat_fields(self.pid)
         if fields is None or fields[0] in ("Z", "X", "x"):
             return False
-        return self.started is None or int(fields[19]) == self.started
+        if self.started is None:  # a PID alone may be anyone's by now: only the job's command line tells
+            line = command_line(self.pid)
+            return any(c in line for c in self.commands)
+        return int(fields[19]) == self.started
 
     def send_signal(self, signum: int) -> bool:
         """Signal this process only if it is still the one recorded; True when the signal was sent.

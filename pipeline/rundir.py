@@ -249,18 +249,27 @@ def release_space(folder: Path, settle: bool = False) -> None:
 
 
 def _syncfs(folder: Path) -> None:
+    if not syncfs(folder):
+        try:
+            os.sync()
+        except OSError:
+            pass
+
+
+def syncfs(folder: Path) -> bool:
+    """Write back and commit every file of the file system holding ``folder`` (Linux ``syncfs``: one
+    call for thousands of files); False where that is not available or failed (the caller falls back)."""
     import ctypes
 
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return
+        return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
-            os.sync()
+        return getattr(libc, "syncfs", None) is not None and libc.syncfs(fd) == 0
     except OSError:
-        pass
+        return False
     finally:
         os.close(fd)
 
@@ -521,6 +530,13 @@ class RunDir:
         yet run; a figure of the wrong type is left out (:func:`read_mapping`)."""
         path = self.metrics_path(stage)
         m, problem = read_mapping(path, FIELDS["metrics"])
+        if m is None and not problem and not path.exists() and not path.is_symlink():
+            # a shared stage whose links the run's job has not made yet: its record, through shared.json
+            store = self.shared_store(stage) if stage in SHARED_LINKS else None
+            if store is None:
+                return None
+            path = RunDir(store).metrics_path(stage)
+            m, problem = read_mapping(path, FIELDS["metrics"])
         if m is None and not problem:
             return None
         if m is None or not isinstance(m.get("status"), str):

@@ -19,11 +19,14 @@ share one pruning the same way, in ``<out>/.shared/prune/<key>/`` (metrics/prune
 checkpoints/prune.pt, tb/prune, run.log, key.json, trainer.json: the run that prunes; and
 models/trained.pt, a link to the training it starts from).
 
-and reached from every run folder through ``shared.json`` and relative symlinks
-(:data:`pipeline.rundir.SHARED_TRAIN_LINKS`), so collect, status and TensorBoard see the training as
-each run's own. A later sweep in the same ``--out`` finds it there. No file locks: on Slurm one owner job
-trains and the other runs wait for it through a job dependency; locally a follower waits for the owner's
-record (:func:`wait_for_owner`). Torch-free: sweep, status and collect import it on login nodes.
+and reached from every run folder through ``shared.json`` (written at submission) and relative symlinks
+(:data:`pipeline.rundir.SHARED_TRAIN_LINKS`, made by the run's job when it starts: thousands of runs
+submit in seconds; until then readers find the record through ``shared.json``), so collect, status and
+TensorBoard see the training as each run's own. A later sweep in the same ``--out`` finds it there.
+Who trains is claimed at submission by creating trainer.json with ``link()`` (:func:`claim`): of two
+sweeps submitted at the same moment, one trains and the other waits. No file locks: on Slurm one owner
+job trains and the other runs wait for it through a job dependency; locally a follower waits for the
+owner's record (:func:`wait_for_owner`). Torch-free: sweep, status and collect import it on login nodes.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import settled
+from pipeline.procs import ProcessIdentity
 from pipeline.rundir import (
     SHARED_LINKS,
     SHARED_POINTER,
     UNREADABLE_OUTPUT,
     RunDir,
     atomic_write_json,
+    atomic_write_text,
     model_file_problem,
     read_json,
     resumable,
@@ -152,6 +157,8 @@ def has_own_training(run: RunDir) -> bool:
 
 
 def has_own_stage(run: RunDir, stage: str) -> bool:
+    if not run.path.is_dir():  # (a new run: most of a large new sweep)
+        return False
     return any((run.path / rel).exists() and not (run.path / rel).is_symlink() for rel in OWN_FILES[stage])
 
 
@@ -179,8 +186,9 @@ def link_training(run: RunDir, store: Path, tree: Mapping[str, Any]) -> None:
 
 
 def link_stage(run: RunDir, stage: str, store: Path, tree: Mapping[str, Any]) -> None:
-    """:func:`link_training` for ``stage`` (train or prune). A shared pruning's store also gets
-    models/trained.pt, a link to the shared training it prunes (the run must share that training)."""
+    """:func:`link_training` for ``stage`` (train or prune), as the run's job does when it starts. A
+    shared pruning's store also gets models/trained.pt, a link to the shared training it prunes (the
+    run must share that training)."""
     store.mkdir(parents=True, exist_ok=True)
     if not (store / "key.json").exists():
         settings: Any = training_settings(tree)
@@ -192,13 +200,34 @@ def link_stage(run: RunDir, stage: str, store: Path, tree: Mapping[str, Any]) ->
         if trained is None:
             raise ValueError(f"run {run.id}: a shared pruning needs its training shared too")
         _link(store / "models" / "trained.pt", trained / "models" / "trained.pt")
-    pointer = read_json(run.path / SHARED_POINTER)
-    pointer = dict(pointer) if isinstance(pointer, dict) else {}
-    wanted_pointer = {**pointer, stage: {"key": store.name, "store": os.path.relpath(store, run.path.absolute())}}
-    if pointer != wanted_pointer:
-        atomic_write_json(run.path / SHARED_POINTER, wanted_pointer)
+    point_to_stores(run, {stage: store})
     for rel, target in SHARED_LINKS[stage].items():
         _link(run.path / rel, store / target)
+
+
+def point_to_stores(run: RunDir, stores: Mapping[str, Path], fsync: bool = True) -> Path | None:
+    """``shared.json``: where each shared stage (train, prune) of the run lives; what submission writes.
+    The links are the job's to make (:func:`link_stage`); links left from a store the run no longer
+    uses are removed, so that readers go through the pointer. Returns the file when it was written
+    (``fsync=False``: the caller syncs it with others), None when it already said so."""
+    pointer = read_json(run.path / SHARED_POINTER)
+    pointer = dict(pointer) if isinstance(pointer, dict) else {}
+    wanted = {**pointer, **pointer_entries(run.path, stores)}
+    if pointer == wanted:
+        return None
+    moved = [s for s in stores if isinstance(pointer.get(s), dict) and pointer[s].get("store") != wanted[s]["store"]]
+    if moved:
+        run.unlink_shared(tuple(moved))
+    path = run.path / SHARED_POINTER
+    atomic_write_text(path, json.dumps(wanted, indent=2) + "\n", fsync=fsync)
+    return path
+
+
+def pointer_entries(run_path: Path, stores: Mapping[str, Path]) -> dict[str, dict[str, str]]:
+    """shared.json's entries for ``stores`` (stage -> store) of the run folder ``run_path``: relative
+    paths, so that moving the whole output folder keeps them valid."""
+    here = Path(run_path).absolute()
+    return {stage: {"key": store.name, "store": os.path.relpath(store, here)} for stage, store in stores.items()}
 
 
 def _link(link: Path, target: Path) -> None:
@@ -229,26 +258,98 @@ def unlink_pruning(run: RunDir) -> None:
         atomic_write_json(run.path / SHARED_POINTER, {k: v for k, v in pointer.items() if k != "prune"})
 
 
+OWNER_RECORD = "trainer.json"
+
+
 def read_owner(store: Path) -> dict[str, Any] | None:
-    owner = read_json(store / "trainer.json")
+    owner = read_json(store / OWNER_RECORD)
     return owner if isinstance(owner, dict) else None
 
 
+def owner_record(
+    run: RunDir,
+    cluster: str,
+    job_id: str | None,
+    entry: Mapping[str, Any] | None = None,
+    submission: str | None = None,
+) -> dict[str, Any]:
+    """trainer.json's content. ``entry``: the job's manifest record (a local job's identity beyond its
+    process id). A local job that records itself (its job id is this process) gets this process's
+    identity: a PID alone would name whatever process has that number later. A claim made at
+    submission has no job id but the submission's token, which the owner's sweep manifest gives the
+    job it queued (:func:`owner_job`)."""
+    entry = dict(entry or {})
+    if cluster == "local" and job_id == str(os.getpid()) and "started" not in entry:
+        me = ProcessIdentity.of(os.getpid())
+        if me is not None:
+            entry.update(started=me.started, host=me.host, boot_id=me.boot_id)
+    record = {
+        "run": str(run.path.absolute()),
+        "run_id": run.id,
+        "cluster": cluster,
+        "job_id": job_id,
+        "entry": entry,
+        "since": time.time(),
+    }
+    return {**record, "submission": submission} if submission else record
+
+
 def write_owner(
-    store: Path, run: RunDir, cluster: str, job_id: str | None, entry: Mapping[str, Any] | None = None
+    store: Path,
+    run: RunDir,
+    cluster: str,
+    job_id: str | None,
+    entry: Mapping[str, Any] | None = None,
+    fsync: bool = True,
 ) -> None:
-    """``entry``: the job's manifest record (a local job's identity beyond its process id)."""
-    atomic_write_json(
-        store / "trainer.json",
-        {
-            "run": str(run.path.absolute()),
-            "run_id": run.id,
-            "cluster": cluster,
-            "job_id": job_id,
-            "entry": dict(entry or {}),
-            "since": time.time(),
-        },
-    )
+    """Record ``run`` (and its job) as the one doing the shared stage in ``store`` (see :func:`owner_record`)."""
+    text = json.dumps(owner_record(run, cluster, job_id, entry), indent=2, default=str) + "\n"
+    atomic_write_text(store / OWNER_RECORD, text, fsync=fsync)
+
+
+def claim(
+    store: Path, run: RunDir, cluster: str, submission: str, seen: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Make ``run`` the owner of the shared stage in ``store`` before its job is submitted, atomically:
+    trainer.json is created with ``link()`` (NFS-safe, as the submission lock), so of several sweeps
+    submitted at the same moment exactly one gets it. A record already there is replaced when it is
+    this run's, unchanged since planning found it dead (``seen``), or dead now; it is moved aside with
+    one ``rename()`` that only one claimant wins. Returns None when ``run`` owns the stage now, else
+    the record of the live owner that does it (the caller follows it). ``submission``: a token of this
+    submission, which the manifest gives the run's job once it is queued (:func:`owner_job`).
+
+    Not fsynced: the caller syncs the file system once before submitting (:func:`pipeline.sweep.sync_files`)."""
+    from pipeline.submitlock import link_exclusive
+
+    store.mkdir(parents=True, exist_ok=True)
+    path = store / OWNER_RECORD
+    text = json.dumps(owner_record(run, cluster, None, submission=submission), indent=2) + "\n"
+    for _ in range(10):
+        if link_exclusive(text, path, fsync=False):
+            return None
+        current = read_owner(store)
+        if current is None and not path.exists():
+            continue  # moved aside by another claimant meanwhile: try again
+        if current is not None and not is_owner(run, current) and current != seen and owner_active(current):
+            return current
+        _move_aside(path, current)
+    raise OSError(f"{path}: could not claim it (other submissions keep replacing it)")
+
+
+def _move_aside(path: Path, judged: Mapping[str, Any] | None) -> None:
+    """Remove the owner record ``judged`` replaceable, unless another claimant replaced it meanwhile."""
+    aside = path.with_name(f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.aside")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    moved = read_json(aside)
+    if (moved if isinstance(moved, dict) else None) != judged:
+        try:  # a fresh claim, not the record judged: put it back
+            os.link(aside, path)
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
 
 
 def is_owner(run: RunDir, owner: Mapping[str, Any] | None) -> bool:
@@ -256,29 +357,73 @@ def is_owner(run: RunDir, owner: Mapping[str, Any] | None) -> bool:
 
 
 def owner_active(owner: Mapping[str, Any] | None) -> bool:
-    """Whether the owner's job may still do the training (queued or running)."""
+    """Whether the owner's job may still do the training (queued or running). A claim whose job is not
+    queued yet is a submission still under way (:data:`OWNER_GRACE_S`)."""
     if owner is None:
         return False
-    job_id = owner.get("job_id")
-    if not job_id:
-        return time.time() - float(owner.get("since", 0)) < OWNER_GRACE_S
+    job = owner_job(owner)
+    if job is None:
+        return time.time() - _number(owner.get("since")) < OWNER_GRACE_S
     from pipeline.launch import job_is_active
 
-    entry = owner.get("entry")
-    return job_is_active(
-        str(owner.get("cluster", "")), str(job_id), entry if isinstance(entry, dict) and entry else None
-    )
+    run = owner.get("run")
+    return job_is_active(*job, Path(run).parent if isinstance(run, str) and run else None)
+
+
+def owner_job(owner: Mapping[str, Any]) -> tuple[str, str, dict[str, Any] | None] | None:
+    """(cluster, job id, its manifest entry) of the owner's job: from the record (a job records itself),
+    or for a claim made at submission, the job that submission queued for the run, from the owner's
+    sweep manifest (found by the claim's token; read once per change of that file). None while
+    there is none."""
+    job_id = owner.get("job_id")
+    if job_id:
+        entry = owner.get("entry")
+        return str(owner.get("cluster", "")), str(job_id), entry if isinstance(entry, dict) and entry else None
+    run, token = owner.get("run"), owner.get("submission")
+    if not isinstance(run, str) or not run or not token:
+        return None
+    found = _manifest_runs(Path(run).parent).get(str(owner.get("run_id")))
+    if found is None or found.get("submission") != token:
+        return None
+    return found["cluster"], found["job_id"], found
+
+
+_MANIFESTS: dict[Path, tuple[tuple[int, int], dict[str, dict[str, Any]]]] = {}
+
+
+def _manifest_runs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """The ``runs`` of a sweep's manifest, parsed again only when the file changed (thousands of owner
+    records may name one sweep)."""
+    from pipeline.manifest import manifest_path, read_manifest
+
+    try:
+        st = manifest_path(sweep_dir).stat()
+    except OSError:
+        return {}
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _MANIFESTS.get(sweep_dir)
+    if cached is None or cached[0] != stamp:
+        cached = _MANIFESTS[sweep_dir] = (stamp, read_manifest(sweep_dir)["runs"])
+    return cached[1]
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _owner_ran_before_me(run: RunDir, owner: Mapping[str, Any] | None) -> bool:
     """The owner is another run of this very job (a local job slot runs its runs one after another): it
     has had its turn and ended without a record, so waiting for its job would wait for this one."""
-    if owner is None or owner.get("run_id") == run.id or not owner.get("job_id"):
+    job = owner_job(owner) if owner is not None else None
+    if owner is None or owner.get("run_id") == run.id or job is None:
         return False
     mine = {str(os.getpid()), os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""), os.environ.get("SLURM_JOB_ID", "")}
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         mine.add(f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
-    return str(owner["job_id"]) in mine - {""}
+    return job[1] in mine - {""}
 
 
 def wait_for_owner(run: RunDir, store: Path, poll_s: float = POLL_S, stage: str = "train") -> dict[str, Any] | None:
@@ -306,10 +451,11 @@ class Share:
     store: Path
     role: str  # train (the owner) | follow (waits for the owner) | reuse (already trained)
     owner: str | None = None  # run id of the owner (follow)
-    after_job: str | None = None  # follow an owner submitted earlier: its job id
-    owner_cluster: str | None = None
-
+    after_job: str | None = None  # follow an owner of another submission: its job id (None: not queued yet)
+    foreign: bool = False  # follow: the owner is a run of another submission (this or another sweep)
     stage: str = "train"
+    seen: dict[str, Any] | None = None  # train: the owner record planning found (and judged replaceable)
+    record: dict[str, Any] | None = None  # the stage's record in the store when planned
 
     def describe(self) -> str:
         what = "training" if self.stage == "train" else "pruning"
@@ -329,45 +475,40 @@ def assign(
     """For runs to submit, ``(run folder, resolved config, whether its own result of ``stage`` is
     archived first)`` in sweep order: run id -> :class:`Share` for those whose ``stage`` (train or prune)
     is shared. Per key the first run does it, unless it is already recorded (all reuse it) or a job from
-    an earlier submission is doing it (all follow that job). A failed record is the caller's to archive
-    or report."""
+    an earlier submission is doing it, or a submission under way claimed it (all follow that run). A
+    failed record is the caller's to archive or report."""
     out: dict[str, Share] = {}
     owners: dict[str, Share] = {}
+    stages = store_root(sweep_dir) / stage  # (once: thousands of runs)
     for run, tree, redone in runs:
-        if not stage_sharing_on(tree, stage) or (has_own_stage(run, stage) and not redone):
+        if not stage_sharing_on(tree, stage) or (not redone and has_own_stage(run, stage)):
             continue
         key = stage_key(tree, stage)
-        store = stage_store(sweep_dir, stage, key)
         if key in owners:
             first = owners[key]
             role = "reuse" if first.role == "reuse" else "follow"
             owner = first.owner if first.role == "follow" else run_owner_id(first, out)
-            out[run.id] = Share(key, store, role, owner, first.after_job, first.owner_cluster, stage)
+            foreign = first.foreign and role == "follow"
+            out[run.id] = Share(key, first.store, role, owner, first.after_job, foreign, stage, record=first.record)
             continue
-        record = store_record(store, stage)
-        earlier = read_owner(store)
-        if record is not None and record.get("status") != "failed":
-            share = Share(key, store, "reuse", stage=stage)
-        elif (
-            record is None
-            and earlier is not None
-            and not is_owner(run, earlier)
-            and _owner_job_active(earlier, cluster)
-        ):
-            share = Share(
-                key,
-                store,
-                "follow",
-                str(earlier.get("run_id")),
-                str(earlier.get("job_id")),
-                str(earlier.get("cluster")),
-                stage,
-            )
-        else:
-            share = Share(key, store, "train", stage=stage)
+        share = _first_share(run, stages / key, key, cluster, stage)
         owners[key] = share
         out[run.id] = share
     return out
+
+
+def _first_share(run: RunDir, store: Path, key: str, cluster: str | None, stage: str) -> Share:
+    """The share of the first run of ``key`` in a submission, from what the store records."""
+    if not store.is_dir():  # (a new key: most of a large new sweep)
+        return Share(key, store, "train", stage=stage)
+    record = store_record(store, stage)
+    earlier = read_owner(store)
+    if record is not None and record.get("status") != "failed":
+        return Share(key, store, "reuse", stage=stage, record=record)
+    if record is None and earlier is not None and not is_owner(run, earlier) and _owner_job_active(earlier, cluster):
+        job = owner_job(earlier)
+        return Share(key, store, "follow", str(earlier.get("run_id")), job[1] if job else None, True, stage)
+    return Share(key, store, "train", stage=stage, seen=earlier, record=record)
 
 
 def run_owner_id(first: Share, out: Mapping[str, Share]) -> str | None:
@@ -376,7 +517,13 @@ def run_owner_id(first: Share, out: Mapping[str, Share]) -> str | None:
 
 
 def _owner_job_active(owner: Mapping[str, Any], cluster: str | None) -> bool:
-    # a job id is only worth depending on from the same scheduler
-    if not owner.get("job_id"):
-        return False
+    # a job id is only worth depending on from the same scheduler; a claim without one yet is a
+    # submission under way (its job id follows in seconds)
     return (cluster is None or owner.get("cluster") == cluster) and owner_active(owner)
+
+
+def owner_job_id(store: Path) -> str | None:
+    """The job id of the owner of ``store`` (None while its submission has not queued it)."""
+    owner = read_owner(store)
+    job = owner_job(owner) if owner is not None else None
+    return job[1] if job else None

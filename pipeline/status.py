@@ -214,7 +214,7 @@ def cancel(sweep_dir: Path, con: Console) -> int:
         slurm_cli.cancel(slurm)
     signalled = []
     for job_id, entry in sorted(local.items()):
-        ident = local_job_identity(job_id, entry)
+        ident = local_job_identity(job_id, entry, sweep_dir)
         if ident is not None and not ident.on_this_machine():
             con.print(f"[yellow]local job {job_id} runs on {ident.host}: cancel it there[/]")
         # Only the recorded process itself (same start time): a reused PID belongs to someone else.

@@ -9,7 +9,8 @@ link exists), not by the call's return value.
 The lock holds the host, the pid, that process's start time (``/proc/<pid>/stat`` field 22, with the
 boot id: a recycled pid or a reboot does not look alive) and when it was taken. While held, a thread
 touches the file every :data:`HEARTBEAT_S` seconds. A lock is stale, and is taken over with a message,
-when its holder is on this host and no longer runs (pid gone, or another process with that pid), or
+when its holder is on this host and no longer runs (pid gone, or another process with that pid, or a
+pid recorded without its start time, which cannot be shown to be the holder), or
 when it is on another host (whose processes cannot be seen from here) and its file has not been
 touched for :data:`STALE_AFTER_S` seconds.
 """
@@ -113,7 +114,9 @@ def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None)
         alive = process_start(holder["pid"])
         if alive is None:
             return f"its holder, pid {holder['pid']} on this host, no longer runs"
-        if holder.get("start") is not None and alive != holder["start"]:
+        if holder.get("start") is None:  # a PID alone may be anyone's by now (a lock not written by us)
+            return f"it names pid {holder['pid']} on this host without its start time: not shown to be held"
+        if alive != holder["start"]:
             return f"pid {holder['pid']} on this host is now another process"
         return None
     age = now - mtime
@@ -123,14 +126,17 @@ def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None)
     return None
 
 
-def _link_exclusive(content: str, target: Path) -> bool:
-    """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did."""
+def link_exclusive(content: str, target: Path, fsync: bool = True) -> bool:
+    """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did.
+    Never half-written: readers see no file or the whole of it. ``fsync=False`` when the caller syncs
+    the file system once for many files (:func:`pipeline.sweep.sync_files`)."""
     tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, content.encode())
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
@@ -164,7 +170,7 @@ class SubmitLock:
         me = _me()
         content = json.dumps(me.to_dict()) + "\n"
         for _ in range(5):  # a takeover race lost to another submitter is retried a few times
-            if _link_exclusive(content, self.path):
+            if link_exclusive(content, self.path):
                 self.holder = me
                 self._thread = threading.Thread(target=self._heartbeat, name="submit-lock-heartbeat", daemon=True)
                 self._thread.start()
@@ -189,7 +195,7 @@ class SubmitLock:
                 marker.unlink(missing_ok=True)
         except FileNotFoundError:
             pass
-        if not _link_exclusive(f"{os.getpid()}\n", marker):
+        if not link_exclusive(f"{os.getpid()}\n", marker):
             time.sleep(0.2)
             return
         try:

@@ -19,18 +19,21 @@ runs on login nodes.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
@@ -53,7 +56,15 @@ from pipeline.config import (
     unflatten,
 )
 from pipeline import share as sharing
-from pipeline.rundir import RunDir, atomic_write_text, clean_stale_temporaries, read_json
+from pipeline.rundir import (
+    SHARED_POINTER,
+    STALE_TEMPORARY_S,
+    RunDir,
+    atomic_write_text,
+    clean_stale_temporaries,
+    read_json,
+    syncfs,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -459,7 +470,7 @@ def plan_sharing(decisions: Sequence[Decision], sweep_dir: Path, rerun: str | No
 
 def _blocked(d: Decision, sh: sharing.Share, rerun: str | None) -> bool:
     """Mark ``d`` skip-blocked when the shared stage it needs failed and this is no --rerun failed."""
-    record = sharing.store_record(sh.store, sh.stage)
+    record = sh.record
     if sharing.resumable(record):
         return False  # it failed writing: its owner resumes it from the checkpoint, the others wait again
     if record is not None and record.get("status") == "failed" and rerun != "failed":
@@ -473,7 +484,8 @@ def _blocked(d: Decision, sh: sharing.Share, rerun: str | None) -> bool:
 
 def follow_order(to_submit: Sequence[Decision]) -> dict[int, int | str]:
     """For :func:`pipeline.launch.submit`'s ``after``: index of each run that waits for a shared stage
-    -> index of its owner in ``to_submit``, or the job id of an owner submitted earlier. A run that
+    -> index of its owner in ``to_submit``, or the job id of an owner of another submission ("" while
+    that submission has not queued it: locally the run waits for the record in its job). A run that
     waits for a shared pruning waits for that (whose owner in turn waits for, or did, the training)."""
     owner_index = {d.run.id: i for i, d in enumerate(to_submit)}
     after: dict[int, int | str] = {}
@@ -481,11 +493,92 @@ def follow_order(to_submit: Sequence[Decision]) -> dict[int, int | str]:
         sh = d.share_prune if d.share_prune is not None and d.share_prune.role == "follow" else d.share
         if sh is None or sh.role != "follow":
             continue
-        if sh.owner in owner_index and sh.after_job is None:
+        if sh.foreign:
+            after[i] = sh.after_job or ""
+        elif sh.owner in owner_index:
             after[i] = owner_index[sh.owner]
-        elif sh.after_job:
-            after[i] = sh.after_job
     return after
+
+
+def _record_submitting(sweep_dir: Path, cluster: str, submission: str, token: str, run_ids: list[str]) -> None:
+    manifest.record_submitting(sweep_dir, cluster, token, run_ids, submission)
+
+
+def claim_shared(
+    decisions: Sequence[Decision], sweep_dir: Path, rerun: str | None, cluster: str, submission: str
+) -> list[Path]:
+    """Claim every shared stage this submission does (:func:`pipeline.share.claim`), before any job is
+    submitted. A stage that another submission claimed at the same moment is followed instead: the
+    sharing is planned again (those runs now wait for that submission's owner). Returns the owner
+    records written (not yet synced)."""
+    claimed: set[tuple[str, Path]] = set()
+    for _ in range(5):
+        lost = False
+        for d in decisions:
+            for sh in d.shares() if d.action in SUBMITTED else ():
+                if sh.role != "train" or (d.run.id, sh.store) in claimed:
+                    continue
+                if sharing.claim(sh.store, RunDir(sweep_dir / d.run.id), cluster, submission, sh.seen) is None:
+                    claimed.add((d.run.id, sh.store))
+                else:
+                    lost = True
+        if not lost:
+            return [store / sharing.OWNER_RECORD for _, store in claimed]
+        for d in decisions:
+            d.share = d.share_prune = None
+        plan_sharing(decisions, sweep_dir, rerun, cluster)
+    raise OSError(f"{sweep_dir}: the shared stores keep being claimed by other submissions; submit again")
+
+
+def waiting_for_unqueued(to_submit: Sequence[Decision]) -> set[str]:
+    """Run ids that follow another submission's owner not queued yet (its claim has no job id), and
+    those that follow them in this submission."""
+    out = {
+        d.run.id for d in to_submit if any(sh.role == "follow" and sh.foreign and not sh.after_job for sh in d.shares())
+    }
+    grew = bool(out)
+    while grew:
+        grew = False
+        for d in to_submit:
+            if d.run.id not in out and any(sh.role == "follow" and sh.owner in out for sh in d.shares()):
+                out.add(d.run.id)
+                grew = True
+    return out
+
+
+OWNER_QUEUED_WAIT_S = 60.0  # how long a follower waits for another submission to queue the owner's job
+
+
+def _submit_later(
+    submission: Submission, later: Sequence[Decision], launch_runs: Callable[[Sequence[Decision]], Submission]
+) -> None:
+    """Submit the runs that follow an owner another submission is queueing, once its job id is in the
+    owner record (a submission under way records it within seconds); those whose owner was not queued
+    within :data:`OWNER_QUEUED_WAIT_S` are listed as not submitted."""
+    from pipeline.launch import Rejected
+
+    pending = [sh for d in later for sh in d.shares() if sh.role == "follow" and sh.foreign and not sh.after_job]
+    deadline = time.monotonic() + OWNER_QUEUED_WAIT_S
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.2)
+        for sh in pending:
+            sh.after_job = sharing.owner_job_id(sh.store)
+        pending = [sh for sh in pending if not sh.after_job]
+    unqueued = waiting_for_unqueued(later)
+    ready = [d for d in later if d.run.id not in unqueued]
+    if ready:
+        more = launch_runs(ready)
+        submission.job_ids.update(more.job_ids)
+        submission.job_records.update(more.job_records)
+        submission.jobs.extend(more.jobs)
+        submission.rejected.extend(more.rejected)
+    if unqueued:
+        owners = sorted({str(sh.owner) for sh in pending})
+        reason = (
+            f"not tried: the run(s) doing the shared stage they wait for ({', '.join(owners)}) belong to another "
+            f"submission that did not queue them within {OWNER_QUEUED_WAIT_S:.0f} s"
+        )
+        submission.rejected.append(Rejected(sorted(unqueued), reason))
 
 
 def trainings(decisions: Sequence[Decision], sweep_dir: Path) -> int:
@@ -512,27 +605,87 @@ def write_run(sweep_dir: Path, spec: SweepSpec, r: PlannedRun, unsynced: list[Pa
     if not rd.config.exists() or rd.config.read_text() != text:
         # Same id means the same result-relevant settings: only slurm.* / output.* can differ here.
         _write(rd.config, text, unsynced)
-    meta = {"id": r.id, "sweep": spec.name, "sweep_file": str(spec.path), "swept": r.swept}
+    meta = _meta(spec, r)
     if read_json(rd.meta) != meta:
         _write(rd.meta, json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n", unsynced)
     return rd
 
 
-def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) -> None:
-    """The run folders of ``decisions`` (results of reruns archived), on disk before anything is submitted.
-    Temporaries that killed earlier writes left in them (and in the sweep folder) are removed."""
+def _meta(spec: SweepSpec, r: PlannedRun) -> dict[str, Any]:
+    return {"id": r.id, "sweep": spec.name, "sweep_file": str(spec.path), "swept": r.swept}
+
+
+NEW_RUN_SUFFIX = ".new"  # a run folder being made: .<run id>.<8 hex>.new in the sweep folder
+
+
+def write_new_run(sweep_dir: Path, spec: SweepSpec, d: Decision, unsynced: list[Path]) -> RunDir | None:
+    """A run folder that does not exist yet, made whole: config.yaml, meta.json and shared.json are
+    written into a hidden folder that is then renamed into place (one rename instead of one per file:
+    submitting thousands of runs is mostly file creation). Readers never see it half-made, and a kill
+    leaves only the hidden folder, removed by a later submission. None when the folder exists after
+    all (the caller writes its files one by one)."""
+    rd = RunDir(sweep_dir / d.run.id)
+    tmp = sweep_dir / f".{d.run.id}.{uuid.uuid4().hex[:8]}{NEW_RUN_SUFFIX}"
+    files = {"config.yaml": d.run.yaml, "meta.json": json.dumps(_meta(spec, d.run), indent=2, default=str) + "\n"}
+    if d.shares():
+        pointer = sharing.pointer_entries(rd.path, {sh.stage: sh.store for sh in d.shares()})
+        files[SHARED_POINTER] = json.dumps(pointer, indent=2) + "\n"
+    os.mkdir(tmp)
+    name = ""
+    try:
+        for name, text in files.items():
+            with os.fdopen(os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+                f.write(text)
+        name = ""
+        os.rename(tmp, rd.path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not name and (isinstance(e, (FileExistsError, IsADirectoryError)) or e.errno == errno.ENOTEMPTY):
+            return None  # made meanwhile
+        if name:  # a full disk, say: name the file (write() names none), not its temporary folder
+            e.filename = str(rd.path / name)
+        raise
+    unsynced += [rd.path / name for name in files]
+    return rd
+
+
+def clean_stale_new_runs(sweep_dir: Path, older_than_s: float = STALE_TEMPORARY_S) -> None:
+    """Remove the hidden folders of :func:`write_new_run` that a killed submission left."""
+    try:
+        entries = list(os.scandir(sweep_dir))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(NEW_RUN_SUFFIX) and entry.is_dir(follow_symlinks=False):
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                    shutil.rmtree(entry.path)
+            except OSError:
+                continue
+
+
+def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) -> list[Path]:
+    """The run folders of ``decisions`` (results of reruns archived, ``shared.json`` of those sharing a
+    stage), on disk before anything is submitted; returns the files written, not yet synced (one
+    :func:`sync_files` for them all). Temporaries that killed earlier writes left in them (and in the
+    sweep folder) are removed. A shared stage's links are made by the run's job when it starts."""
     unsynced: list[Path] = []
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     for d in decisions:
+        for sh in d.shares():
+            if sh.role == "train" and sh.record is not None and sh.record.get("status") == "failed":
+                if not sharing.resumable(sh.record):  # (one that failed writing is resumed, not redone)
+                    RunDir(sh.store).archive()  # --rerun failed: the failed stage goes aside, kept
+        new = d.action == "new" and not (sweep_dir / d.run.id).exists()
+        if new and write_new_run(sweep_dir, spec, d, unsynced) is not None:
+            continue
         rd = write_run(sweep_dir, spec, d.run, unsynced)
         clean_stale_temporaries(rd.path)
         if d.action == "rerun":
             rd.archive(d.from_stage)
-        for sh in d.shares():
-            record = sharing.store_record(sh.store, sh.stage)
-            if sh.role == "train" and record is not None and record.get("status") == "failed":
-                if not sharing.resumable(record):  # (one that failed writing is resumed, not redone)
-                    RunDir(sh.store).archive()  # --rerun failed: the failed stage goes aside, kept
-            sharing.link_stage(rd, sh.stage, sh.store, d.run.config)
+        if d.shares() and (pointer := sharing.point_to_stores(rd, {sh.stage: sh.store for sh in d.shares()}, False)):
+            unsynced.append(pointer)
         if d.share is None and not sharing.sharing_on(d.run.config) and rd.shared_store() is not None:
             sharing.unlink_training(rd)  # share.train=false: from now on it trains in its own folder
         elif (
@@ -542,7 +695,8 @@ def write_runs(sweep_dir: Path, spec: SweepSpec, decisions: Sequence[Decision]) 
         ):
             sharing.unlink_pruning(rd)  # share.prune=false: from now on it prunes in its own folder
     clean_stale_temporaries(sweep_dir)
-    sync_files(unsynced)
+    clean_stale_new_runs(sweep_dir)
+    return unsynced
 
 
 def _write(path: Path, text: str, unsynced: list[Path] | None) -> None:
@@ -552,8 +706,15 @@ def _write(path: Path, text: str, unsynced: list[Path] | None) -> None:
 
 
 def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
-    """fsync files written by :func:`write_run` before their jobs are submitted. In parallel: each fsync
-    waits for a journal commit (or a file server), and concurrent ones share it."""
+    """Make files written without fsync durable before their jobs are submitted: one ``syncfs`` per file
+    system holding them (one journal commit, or on NFS the client's writes committed to the server),
+    else one fsync per file, in parallel (each waits for a commit, and concurrent ones share it)."""
+    folders: dict[Path, None] = dict.fromkeys(p.parent for p in paths)
+    devices: dict[int, Path] = {}
+    for folder in folders:
+        devices.setdefault(os.stat(folder).st_dev, folder)
+    if all(syncfs(folder) for folder in devices.values()):
+        return
 
     def sync(path: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -584,21 +745,26 @@ def update_manifest(
 ENDED_STATUSES = ("done", "diverged", "failed")
 
 
-def active_run_ids(sweep_dir: Path) -> set[str]:
-    """Runs of this sweep whose last job is still queued or running, or that a live job owns (so they are
-    not submitted twice). A local job that has already ended a run (its folder records done, diverged or
-    failed) no longer holds that run, even while the job goes on or is still exiting. Raises
-    :class:`pipeline.slurm_cli.SlurmUnreachable` when Slurm cannot say."""
+def active_run_ids(sweep_dir: Path, only: Sequence[str] | None = None) -> set[str]:
+    """Runs of this sweep (of ``only``, when given) whose last job is still queued or running, or that a
+    live job owns (so they are not submitted twice). A local job that has already ended a run (its
+    folder records done, diverged or failed) no longer holds that run, even while the job goes on or is
+    still exiting. Raises :class:`pipeline.slurm_cli.SlurmUnreachable` when Slurm cannot say."""
     from pipeline import launch, owner
 
     entries = manifest.read_manifest(sweep_dir)["runs"]
+    if only is not None:
+        entries = {rid: e for rid, e in entries.items() if rid in set(only)}
     jobs = {rid: (e["cluster"], e["job_id"]) for rid, e in entries.items()}
-    active = launch.active_jobs(list(jobs.values()), {e["job_id"]: e for e in entries.values()})
+    active = launch.active_jobs(list(jobs.values()), {e["job_id"]: e for e in entries.values()}, sweep_dir)
     out = set()
     for rid, job in jobs.items():
         if job in active and not (job[0] == "local" and RunDir(sweep_dir / rid).status() in ENDED_STATUSES):
             out.add(rid)
-    owned = (RunDir(p.parent) for p in sweep_dir.glob(f"*/{owner.OWNER_FILE}"))
+    if only is None:
+        owned = [RunDir(p.parent) for p in sweep_dir.glob(f"*/{owner.OWNER_FILE}")]
+    else:
+        owned = [RunDir(sweep_dir / rid) for rid in only if (sweep_dir / rid / owner.OWNER_FILE).exists()]
     return out | {r.id for r in owned if owner.live_owner(r) is not None and r.status() not in ENDED_STATUSES}
 
 
@@ -651,7 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-submit", action="store_true", help="write the run folders, submit nothing (for sbatch/array.sh)"
     )
-    p.add_argument("--wait", action="store_true", help="local executor: return when the runs have finished")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="return when the runs have finished, also those an earlier submission's jobs still run",
+    )
     p.add_argument("--parallel", type=int, default=1, help="local executor: runs at a time (default 1)")
     return p
 
@@ -725,7 +895,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
         console.print("waiting for the runs to finish")
-        statuses = launch.wait(submission, console)
+        # also for those an earlier submission's jobs still run (skip-active): --wait waits for every run
+        statuses = launch.wait(submission, console, still_active=functools.partial(active_run_ids, sweep_dir))
         failed = [rid for rid, s in statuses.items() if s in ("failed", "blocked")]
         if failed:
             console.print(
@@ -742,7 +913,7 @@ def _write_only(
     """``--no-submit``: the run folders and array_runs.txt, for sbatch/array.sh."""
     with cli.exit_on_os_error():
         decisions = plan(runs, sweep_dir, args.rerun, set())
-        write_runs(sweep_dir, spec, decisions)
+        sync_files(write_runs(sweep_dir, spec, decisions))
         # array task i of sbatch/array.sh runs line i+1: exactly this sweep file's runs, in its order
         atomic_write_text(
             sweep_dir / "array_runs.txt", "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions)
@@ -804,20 +975,17 @@ def _submit(
                 soft_wrap=True,
             )
             return cli.EXIT_USAGE, None, cluster
-        write_runs(sweep_dir, spec, to_submit)
-        owners = [(d, sh) for d in to_submit for sh in d.shares() if sh.role == "train"]
-        for d, sh in owners:  # before submitting: a follower that starts first waits for this record
-            sharing.write_owner(sh.store, RunDir(sweep_dir / d.run.id), cluster, None)
-    owner_store: dict[str, list[Path]] = {}
-    for d, sh in owners:
-        owner_store.setdefault(d.run.id, []).append(sh.store)
+        unsynced = write_runs(sweep_dir, spec, to_submit)
+        # before submitting (a follower that starts first waits for the owner); the owner's job is
+        # found later through the manifest entry that carries this submission's token
+        submission_token = uuid.uuid4().hex[:16]
+        unsynced += claim_shared(decisions, sweep_dir, args.rerun, cluster, submission_token)
+        to_submit = [d for d in decisions if d.action in SUBMITTED]
+        sync_files(unsynced)
 
     def record(job_ids: dict[str, str], token: str | None, job_records: dict[str, dict[str, Any]]) -> None:
         try:
-            manifest.record_submitted(sweep_dir, cluster, job_ids, token, job_records)
-            for rid, jid in job_ids.items():  # the job a later sweep's runs of the same training wait for
-                for store in owner_store.get(rid, []):
-                    sharing.write_owner(store, RunDir(sweep_dir / rid), cluster, str(jid), job_records.get(rid))
+            manifest.record_submitted(sweep_dir, cluster, job_ids, token, job_records, submission_token)
         except OSError as e:
             # queued but not recorded: say which jobs, since a rerun cannot know them
             cli.console(stderr=True).print(
@@ -827,20 +995,28 @@ def _submit(
             )
             raise
 
-    with cli.exit_on_os_error():
-        submission = launch.submit(
-            [RunDir(sweep_dir / d.run.id) for d in to_submit],
-            [d.run.config for d in to_submit],
+    def launch_runs(ds: Sequence[Decision]) -> Submission:
+        return launch.submit(
+            [RunDir(sweep_dir / d.run.id) for d in ds],
+            [d.run.config for d in ds],
             cluster=cluster,
             sweep_dir=sweep_dir,
             name=spec.name,
             parallel=args.parallel,
-            after=follow_order(to_submit),
-            on_submitting=functools.partial(manifest.record_submitting, sweep_dir, cluster),
+            after=follow_order(ds),
+            on_submitting=functools.partial(_record_submitting, sweep_dir, cluster, submission_token),
             on_submitted=record,
         )
+
+    # On Slurm a run that follows another submission's owner needs its job id: those go out last
+    later = waiting_for_unqueued(to_submit) if cluster == "slurm" else set()
+    with cli.exit_on_os_error():
+        submission = launch_runs([d for d in to_submit if d.run.id not in later])
+        if later:
+            _submit_later(submission, [d for d in to_submit if d.run.id in later], launch_runs)
         for rej in submission.rejected:
             manifest.record_rejected(sweep_dir, cluster, rej.run_ids, rej.reason, rej.token)
+    submission.elsewhere = [RunDir(sweep_dir / d.run.id) for d in decisions if d.action == "skip-active"]
     shown = {**submission.job_ids, **{rid: "not submitted" for rej in submission.rejected for rid in rej.run_ids}}
     cli.print_plan(console, spec, decisions, job_ids=shown, cluster=cluster, show_all=args.all)
     n_rejected = sum(len(rej.run_ids) for rej in submission.rejected)

@@ -366,3 +366,109 @@ def test_a_local_sweep_returns_at_once_and_its_jobs_leave_the_terminal(tmp_path,
     finally:
         run_cli("pipeline.status", str(sweep_dir), "--cancel", cwd=tmp_path, check=True)
     wait_for("the job to stop", lambda: (i := ProcessIdentity.of(job)) is None or not i.is_alive(), timeout=60)
+
+
+# --------------------------------------------------------------------------------------------------
+# records with a PID only (an earlier version's, or written by hand)
+# --------------------------------------------------------------------------------------------------
+
+
+def stranger() -> subprocess.Popen:
+    """A process that is nobody's job, with SIGINT at its default (a background test runner may have it
+    ignored): signalled, it would die."""
+    return subprocess.Popen(["sleep", "120"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_a_pid_only_job_record_is_not_signalled_nor_skipped(tmp_path, synthetic_root):
+    """A manifest entry with a PID only, and that PID a live stranger now: status --cancel leaves it alone,
+    status does not show the run running and a resubmission submits the run (not skip-active)."""
+    spec = write_spec(tmp_path, "pidonly", synthetic_root)
+    out = tmp_path / "runs"
+    sweep_args = [str(spec), "--out", str(out), *TINY, "train.epochs=1"]
+    run_cli("pipeline.sweep", *sweep_args, "--no-submit", cwd=tmp_path, check=True)
+    sweep_dir = out / "pidonly"
+    (run,) = list_runs(sweep_dir)
+    other = stranger()
+    try:
+        entry = {"cluster": "local", "job_id": str(other.pid)}
+        (sweep_dir / "manifest.json").write_text(json.dumps({"runs": {run.id: entry}, "history": []}))
+        st = run_cli("pipeline.status", str(sweep_dir), env={"COLUMNS": "300"}, cwd=tmp_path, check=True)
+        row = next(line for line in st.stdout.splitlines() if run.id in line)
+        assert "running" not in row and "RUNNING" not in row, st.stdout
+        c = run_cli("pipeline.status", str(sweep_dir), "--cancel", cwd=tmp_path, check=True)
+        time.sleep(0.5)
+        assert other.poll() is None, c.stdout  # not signalled
+        assert "cancelled 0 job(s)" in c.stdout, c.stdout
+        assert sweep.active_run_ids(sweep_dir) == set()
+        again = run_cli("pipeline.sweep", *sweep_args, "--cluster", "local", "--wait", cwd=tmp_path, check=True)
+        assert "skip-active" not in again.stdout and "resume" in again.stdout, again.stdout
+        assert run.read_metrics("train")["status"] == "done"
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_pid_only_record_of_this_sweeps_job_controller_still_counts(tmp_path):
+    """An entry an earlier version wrote for a job that still runs: its process's command line is a
+    submitit controller of this very sweep, so the run is active (and would be cancelled); the same PID
+    record under another sweep is not."""
+    sweep_dir = tmp_path / "runs" / "old"
+    folder = sweep_dir / "logs" / "%j"
+    code = "import time; time.sleep(120)"
+    controller = subprocess.Popen([sys.executable, "-c", code, "-m", "submitit.local._local", str(folder.absolute())])
+    try:
+        entry = {"cluster": "local", "job_id": str(controller.pid)}
+        wait_for(
+            "the command line", lambda: "submitit.local._local" in Path(f"/proc/{controller.pid}/cmdline").read_text()
+        )
+        assert launch.job_is_active("local", str(controller.pid), entry, sweep_dir)
+        assert not launch.job_is_active("local", str(controller.pid), entry, tmp_path / "runs" / "other")
+        assert not launch.job_is_active("local", str(controller.pid), entry)  # no sweep to check it against
+    finally:
+        controller.kill()
+        controller.wait()
+
+
+def test_pid_only_owner_records_name_no_process(tmp_path):
+    """owner.json and a shared stage's trainer.json holding only a PID, now a stranger's: the run folder is
+    free and the shared training has no live owner."""
+    from pipeline import share
+
+    run = _run_folder(tmp_path)
+    other = stranger()
+    try:
+        (run.path / owner.OWNER_FILE).write_text(json.dumps({"pid": other.pid, "job": "", "since": time.time()}))
+        assert owner.live_owner(run) is None
+        store = tmp_path / "runs" / ".shared" / "train" / "k"
+        store.mkdir(parents=True)
+        record = {"run": str(run.path), "run_id": run.id, "cluster": "local", "job_id": str(other.pid), "entry": {}}
+        (store / "trainer.json").write_text(json.dumps({**record, "since": time.time()}))
+        assert not share.owner_active(share.read_owner(store))
+        # what a job writes about itself now carries its identity
+        share.write_owner(store, run, "local", str(os.getpid()))
+        assert share.read_owner(store)["entry"]["started"] == ProcessIdentity.of(os.getpid()).started
+        assert share.owner_active(share.read_owner(store))
+    finally:
+        other.kill()
+        other.wait()
+    assert other.returncode == -signal.SIGKILL  # killed here, by nothing else
+
+
+# --------------------------------------------------------------------------------------------------
+# --wait and runs an earlier submission runs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_wait_waits_for_runs_an_earlier_submission_still_runs(tmp_path, synthetic_root):
+    spec = write_spec(tmp_path, "waitall", synthetic_root)
+    out = tmp_path / "runs"
+    sweep_args = [str(spec), "--cluster", "local", "--out", str(out), *TINY, "train.epochs=4"]
+    submit_local(*sweep_args, cwd=tmp_path)
+    (run,) = list_runs(out / "waitall")
+    assert sweep.active_run_ids(out / "waitall") == {run.id}  # its job is starting (a few seconds: imports)
+    again = submit_local(*sweep_args, "--wait", cwd=tmp_path)
+    assert "skip-active" in again and "waiting for the runs to finish" in again, again
+    # returned once the run had finished, not at once
+    assert run.status() == "done" and sweep.active_run_ids(out / "waitall") == set(), again
+    assert f"{run.id}: done" in again, again

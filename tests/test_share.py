@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline import share
 from pipeline.config import load_config, run_id, tree_run_id
+from pipeline.procs import ProcessIdentity
 from pipeline.rundir import SHARED_TRAIN_LINKS, RunDir, atomic_write_json
 
 
@@ -271,7 +272,8 @@ def test_a_follower_in_its_owners_job_slot_does_not_wait_for_its_own_job(tmp_pat
     owner, follower, store = _owner_and_follower(tmp_path)
     job = subprocess.Popen(["sleep", "60"])  # the owner's job (a local job's id is its controller's PID)
     try:
-        share.write_owner(store, owner, "local", str(job.pid))
+        # with the job's identity, as a submission records it (a PID alone names no process: see procs.py)
+        share.write_owner(store, owner, "local", str(job.pid), ProcessIdentity.of(job.pid).record())
         assert share.owner_active(share.read_owner(store))
         monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "1")  # the follower runs in another job: it waits
         result: list = []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.rundir import list_runs
 from tests.conftest import REPO, run_cli
 from tests.test_slurm import cancel_all, manifest, sacct, sweep, wait_until, write_sweep
 
@@ -88,6 +89,9 @@ def test_lock_of_a_live_process_with_a_recycled_pid_or_another_host(tmp_path):
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
     assert stale_reason(me, time.time()) is None
     assert "now another process" in (stale_reason({**me, "start": "x:1"}, time.time()) or "")
+    # a PID alone (a lock not written by this version), the PID a live process: not shown to be held
+    assert "without its start time" in (stale_reason({**me, "start": None}, time.time()) or "")
+    assert "without its start time" in (stale_reason({"host": me["host"], "pid": os.getpid()}, time.time()) or "")
     other = {"host": "elsewhere", "pid": 1, "start": "y:1"}
     assert stale_reason(other, time.time() - 10) is None
     assert "no heartbeat" in (stale_reason(other, time.time() - STALE_AFTER_S - 1) or "")
@@ -414,3 +418,25 @@ def test_an_array_queued_but_not_recorded_is_found_by_its_token(tmp_path, synthe
         assert m["runs"][rid]["job_id"] == job and not m["submitting"], m
     finally:
         cancel_all(sorted(queued_of("token") | {job}))
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_wait_also_waits_for_a_run_an_earlier_submission_queued(tmp_path, synthetic_root):
+    """``--wait`` on a resubmission whose run is still queued or running from the first submission
+    (skip-active) returns once that job has ended, with the run done."""
+    spec = write_sweep(tmp_path / "sweep.yaml", "waitslurm", synthetic_root)
+    out = tmp_path / "runs"
+    sweep_dir = out / "waitslurm"
+    try:
+        first = sweep(str(spec), "--cluster", "slurm", "--out", str(out))
+        assert first.returncode == 0, first.stdout + first.stderr
+        again = sweep(str(spec), "--cluster", "slurm", "--out", str(out), "--wait", timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "skip-active" in again.stdout and "waiting for the runs to finish" in again.stdout, again.stdout
+        (run,) = list_runs(sweep_dir)
+        assert run.status() == "done", again.stdout  # returned when the job had ended, not at once
+        assert f"{run.id}: done" in again.stdout, again.stdout
+    finally:
+        if (sweep_dir / "manifest.json").exists():
+            cancel_all([e["job_id"] for e in manifest(sweep_dir)["runs"].values()])

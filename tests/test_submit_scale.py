@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
 import re
 import subprocess
@@ -30,6 +31,7 @@ from pipeline.config import (
     run_id,
     to_yaml,
 )
+from pipeline.rundir import list_runs
 from pipeline.sweep import SweepSpec, expand_sweep, plan, read_sweep, write_run
 from tests.conftest import REPO, run_cli, tree_snapshot, write
 
@@ -392,3 +394,65 @@ def test_big_plan_table_shows_first_and_last_rows_unless_all(project):
     assert shown == [d.run.id for d in decisions[: cli.SHOWN_ROWS - 5] + decisions[-5:]]
     assert f"... {len(decisions) - cli.SHOWN_ROWS} more" in short and f"{len(decisions)} runs" in short
     assert all(d.run.id in full for d in decisions)
+
+
+# --------------------------------------------------------------------------------------------------
+# What submitting with sharing on costs, in system calls (bench/submit.py times it)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slurm
+@pytest.mark.usefixtures("slurm_cluster")
+def test_submitting_shared_runs_syncs_once_and_leaves_the_links_to_the_jobs(project, monkeypatch):
+    """200 runs, each the owner of its training key (sharing on): the files go to disk with one sync of
+    the file system, not one fsync each, and no link is made (each job makes its own when it starts);
+    status and collect of the pending sweep read it whole."""
+    from pipeline import sweep
+
+    path = write(
+        project / "sweeps/many.yaml",
+        "name: many\nbase: [configs/base.yaml]\ncluster: local\n"
+        "set: {model.name: resnet20, data.name: synthetic, train.epochs: 1, slurm.setup: ['sleep 120']}\n"
+        f"grid: {{train.seed: {list(range(200))}}}\n",
+    )
+    out = project / "runs"
+    calls = {"fsync": 0, "symlink": 0, "syncfs": 0}
+    links: list[str] = []
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            if name == "symlink":
+                links.append(str(args[1]))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "fsync", counted("fsync", os.fsync))
+    monkeypatch.setattr(os, "symlink", counted("symlink", os.symlink))
+    monkeypatch.setattr(sweep, "syncfs", counted("syncfs", getattr(sweep, "syncfs", None)), raising=False)
+    monkeypatch.chdir(project)
+    try:
+        assert sweep.main([str(path), "--cluster", "slurm", "--out", str(out)]) == 0
+        monkeypatch.undo()
+        # the manifest (before and after the one sbatch) and the lock: not one per run
+        assert calls["fsync"] <= 4 and calls["syncfs"] == 1, calls
+        # (submitit links its sbatch script into the job's log folder)
+        assert all(Path(link).parent == out / "many" / "logs" for link in links), links
+        runs = list_runs(out / "many")
+        assert len(runs) == 200
+        for run in runs:
+            store = run.shared_store()
+            assert store is not None and (store / "trainer.json").is_file(), run.path
+            assert not any(p.is_symlink() for p in run.path.rglob("*")), run.path
+            assert run.status() == "pending" and run.read_metrics("train") is None
+        st = run_cli("pipeline.status", str(out / "many"), cwd=project, check=True)
+        assert "200 runs:" in st.stdout, st.stdout
+        c = run_cli("pipeline.collect", str(out / "many"), cwd=project)
+        assert c.returncode == 0 and "Traceback" not in c.stderr, c.stdout + c.stderr
+    finally:
+        mpath = out / "many/manifest.json"
+        runs_ = json.loads(mpath.read_text())["runs"] if mpath.exists() else {}
+        arrays = sorted({e["job_id"].split("_")[0] for e in runs_.values()})
+        if arrays:
+            subprocess.run(["scancel", *arrays], capture_output=True)
