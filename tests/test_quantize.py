@@ -44,28 +44,51 @@ def _batch(n: int, seed: int, noise: float = 0.5) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-def _train(model: nn.Module, steps: int, batch: int = 16, lr: float = 0.05) -> nn.Module:
-    """A few SGD steps, then BatchNorm statistics re-estimated (after so few steps the running
-    averages still remember their initial values and the eval-mode model is much worse)."""
-    torch.manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for step in range(steps):
-        x, y = _batch(batch, seed=1000 + step)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+def _reestimate_norms(model: nn.Module) -> None:
+    """BatchNorm statistics re-estimated on fresh batches (after a few dozen steps the running averages
+    still remember their initial values and the eval-mode model is much worse)."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the passes below
+    model.train()
     with torch.no_grad():
         for i in range(4):
             model(_batch(32, seed=3000 + i)[0])
     for m in norms:
         m.momentum = 0.1
-    return model.eval()
+    model.eval()
+
+
+def _accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+    x, y = data
+    return (_logits(model, x).argmax(1) == y).float().mean().item()
+
+
+def _train(
+    model: nn.Module, target: float = 0.97, max_steps: int = 400, check_every: int = 10, batch: int = 16
+) -> nn.Module:
+    """SGD until the eval-mode model reaches ``target`` accuracy on held-out batches (checked every
+    ``check_every`` steps, BatchNorm statistics re-estimated first), at most ``max_steps``.
+
+    A fixed number of steps does not do: float results differ between CPUs (AVX2, AVX-512, AMX kernels)
+    and thread counts, and after 30 steps the same model scored 0.50, 0.78 and 1.00 on three of them."""
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    held_out = _batch(256, seed=8)
+    for step in range(max_steps):
+        model.train()
+        x, y = _batch(batch, seed=1000 + step)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % check_every == 0:
+            _reestimate_norms(model)
+            if _accuracy(model, held_out) >= target:
+                break
+    _reestimate_norms(model)
+    return model
 
 
 def _calib(batches: int = 4, batch: int = 16) -> list[torch.Tensor]:
@@ -88,11 +111,13 @@ def task_eval() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def resnet20(task_eval) -> nn.Module:
-    """ResNet-20 (option A) trained for 30 steps on the task."""
-    model = _train(build_model("resnet20", NUM_CLASSES, shortcut="A"), steps=30)
-    x, y = task_eval
-    accuracy = (_logits(model, x).argmax(1) == y).float().mean().item()
-    assert accuracy >= 0.8, f"the fixture did not learn the task (accuracy {accuracy:.3f})"
+    """ResNet-20 (option A) trained until it has learnt the task (0.97 on held-out batches)."""
+    torch.manual_seed(0)  # the initial weights too: not whatever the tests before left in the generator
+    model = _train(build_model("resnet20", NUM_CLASSES, shortcut="A"))
+    # the tests need a model that has learnt the task (top-1 agreement with int8 means something only
+    # then); the training target above leaves margin over this
+    accuracy = _accuracy(model, task_eval)
+    assert accuracy >= 0.85, f"the fixture did not learn the task (accuracy {accuracy:.3f})"
     return model
 
 
