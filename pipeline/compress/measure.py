@@ -95,11 +95,11 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
 
 
 def _load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """``torch.export.load`` with the quantization ops a saved int8 graph calls registered first (torchao's,
-    through :mod:`pipeline.compress.quantize`; never the deprecated ``torch.ao.quantization``)."""
-    from pipeline.compress.quantize import load_int8  # noqa: F401  (imports torchao: registers the ops)
+    """:func:`pipeline.artifacts.load_pt2`: the archive checked first (nothing pickled, no code), torchao's
+    quantization ops registered, any failure one ``UnreadableModel`` naming the file."""
+    from pipeline.artifacts import load_pt2
 
-    return torch.export.load(path)
+    return load_pt2(Path(path))
 
 
 def load_from_spec(
