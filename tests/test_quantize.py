@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gzip
 import io
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.artifacts import sha256_of
 from pipeline.compress import quantize as Q
+from pipeline.compress.measure import count_parameters
 from pipeline.models import build_model
 from tests.conftest import REPO
 
@@ -261,7 +264,8 @@ def test_quantize_save_load_emits_no_torch_ao_quantization_warning(tmp_path):
         import warnings
         warnings.simplefilter("always")
         import torch
-        from pipeline.compress import quantize as Q
+        from pipeline.artifacts import sha256_of
+from pipeline.compress import quantize as Q
         from pipeline.models import build_model
         model, x = build_model("resnet20", 10).eval(), torch.randn(4, 3, 32, 32)
         gm = Q.quantize_int8(model, [x], x)
@@ -360,11 +364,16 @@ def test_qat_resnet9_trains_resumes_converts_and_loads(tmp_path):
 
 @pytest.mark.slow
 def test_compile_int8_resnet20(resnet20_int8, task_eval):
+    from torch._inductor.utils import run_and_get_code
+
     x = task_eval[0][:16]
     freezing = torch._inductor.config.freezing
     start = time.perf_counter()
-    run, info = Q.compile_int8(resnet20_int8, x)
+    (run, info), code = run_and_get_code(Q.compile_int8, resnet20_int8, x)
     print(f"\nresnet20 int8 compile + warm-up {time.perf_counter() - start:.1f} s: {info}")
+    # the generated code calls oneDNN's int8 kernels: every conv, and the classifier (not fp32 kernels)
+    calls = "\n".join(code)
+    assert calls.count("torch.ops.onednn.qconv") == 19 and calls.count("torch.ops.onednn.qlinear") == 1
     assert info["compiled"] is True and info["backend"] == "inductor" and info["fallback_reason"] is None
     assert 0 < info["compile_s"] <= time.perf_counter() - start + 0.01  # compile_s is rounded to 0.01 s
     assert torch._inductor.config.freezing == freezing  # the global setting is left as it was
@@ -372,6 +381,65 @@ def test_compile_int8_resnet20(resnet20_int8, task_eval):
     compiled = torch.cat([run(part) for part in task_eval[0].split(16)])
     assert _agreement(compiled, eager) >= 0.9
     assert (compiled - eager).abs().max().item() <= 0.2 * eager.abs().max().item()
+
+
+_PACKAGE_RUNNER = textwrap.dedent("""
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    from pipeline.compress.measure import Artifact, measure_artifacts
+    package, sha256, program, inputs = sys.argv[1:]
+    x = torch.load(inputs, weights_only=True)
+    art = Artifact.from_package("int8", package, sha256=sha256, program=program)
+    (e,) = measure_artifacts([art], [(x, torch.zeros(len(x), dtype=torch.long))], threads=1, latency_repeats=2,
+                             throughput_batch=8, throughput_repeats=1, warmup=1, profile=False, memory=False)
+    torch.save(art.load()(x), inputs + ".out")
+    print(json.dumps({"entry": e, "inductor": dict(counters["inductor"]), "graphs": counters["stats"]["unique_graphs"]}))
+""")
+
+
+@pytest.mark.slow
+def test_int8_package_calls_int8_kernels_and_runs_in_a_new_process_without_compiling(
+    resnet20_int8, task_eval, tmp_path
+):
+    """The deployable int8 form (quantize stage, measure.compile): compiled once, then loaded and measured in
+    a fresh process, which compiles nothing: no inductor pass runs and dynamo traces no graph."""
+    x = task_eval[0][:16]
+    program, package = tmp_path / "int8.pt2", tmp_path / "int8.so.pt2"
+    Q.save_int8(resnet20_int8, program, x[:4])
+    info = Q.package_int8(program, package, x[:2])
+    print(f"\nresnet20 int8 package: {info}")
+    assert info["file"] == "int8.so.pt2" and info["sha256"] == sha256_of(package) and info["bytes"] > 0
+    assert info["kernels"] == {"qconv": 19, "qlinear": 1}  # every conv and the classifier in int8 kernels
+    torch.save(x, tmp_path / "x.pt")
+    r = subprocess.run(
+        [sys.executable, "-c", _PACKAGE_RUNNER, str(package), info["sha256"], str(program), str(tmp_path / "x.pt")],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["inductor"] == {} and got["graphs"] == 0, got  # nothing compiled in the new process
+    e = got["entry"]
+    assert e["runtime"] == "aoti" and e["compile"]["backend"] == "aoti" and e["latency_b1_ms"] > 0
+    assert e["parameters"] == count_parameters(Q.load_int8(program))[0] and e["file_bytes"] == program.stat().st_size
+    eager = _logits(resnet20_int8, x)
+    out = torch.load(str(tmp_path / "x.pt") + ".out", weights_only=True)
+    assert _agreement(out, eager) >= 0.9 and (out - eager).abs().max().item() <= 0.2 * eager.abs().max().item()
+
+
+@pytest.mark.slow
+def test_the_kernel_check_sees_a_package_left_in_fp32_kernels(tmp_path):
+    """Without freezing inductor keeps a PT2E graph in fp32 kernels and says nothing: the check reads 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(4, 3, 8, 8)
+    ep = Q.export_model(Q.quantize_int8(model.eval(), [x], x), x)
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "fp32.pt2"))
+    assert Q.int8_kernel_calls(tmp_path / "fp32.pt2") == {"qconv": 0, "qlinear": 0}
 
 
 @pytest.mark.slow
