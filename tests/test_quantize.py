@@ -392,7 +392,10 @@ _PACKAGE_RUNNER = textwrap.dedent("""
     art = Artifact.from_package("int8", package, sha256=sha256, program=program)
     (e,) = measure_artifacts([art], [(x, torch.zeros(len(x), dtype=torch.long))], threads=1, latency_repeats=2,
                              throughput_batch=8, throughput_repeats=1, warmup=1, profile=False, memory=False)
-    torch.save(art.load()(x), inputs + ".out")
+    run = art.load()
+    out = run(x)
+    assert torch.equal(run(x.contiguous(memory_format=torch.channels_last)), out)  # NCHW given to the package
+    torch.save(out, inputs + ".out")
     print(json.dumps({"entry": e, "inductor": dict(counters["inductor"]), "graphs": counters["stats"]["unique_graphs"]}))
 """)
 
@@ -406,7 +409,7 @@ def test_int8_package_calls_int8_kernels_and_runs_in_a_new_process_without_compi
     x = task_eval[0][:16]
     program, package = tmp_path / "int8.pt2", tmp_path / "int8.so.pt2"
     Q.save_int8(resnet20_int8, program, x[:4])
-    info = Q.package_int8(program, package, x[:2])
+    info = Q.package_int8(program, package, x[:2].contiguous(memory_format=torch.channels_last))
     print(f"\nresnet20 int8 package: {info}")
     assert info["file"] == "int8.so.pt2" and info["sha256"] == sha256_of(package) and info["bytes"] > 0
     assert info["kernels"] == {"qconv": 19, "qlinear": 1}  # every conv and the classifier in int8 kernels

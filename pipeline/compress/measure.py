@@ -162,8 +162,8 @@ class _PackageRunner:
         self.compile_info = {"compiled": True, "backend": "aoti", "package": path.name, "fallback_reason": None}
 
     def __call__(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self._run(x)
+        with torch.no_grad():  # compiled for NCHW-contiguous input, and it does not check strides
+            return self._run(x.contiguous())
 
     @property
     def _orig_mod(self) -> nn.Module | None:

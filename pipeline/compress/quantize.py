@@ -406,7 +406,8 @@ def package_int8(program: Path, package: Path, example: torch.Tensor) -> dict[st
     """Compile the int8 program saved at ``program`` (read back through the safe loader) once with
     AOTInductor, freezing on and gradients off (otherwise the int8 weights are not prepacked and the
     kernels stay fp32), into ``package``: a shared library with the weights, for the dynamic batch size
-    the program was exported with; ``torch._inductor.aoti_load_package`` runs it without compiling.
+    the program was exported with, taking NCHW-contiguous input (call it on ``x.contiguous()``: it does
+    not check strides); ``torch._inductor.aoti_load_package`` runs it without compiling.
 
     It is native code for this CPU type (the vector instructions of the machine that compiled it).
     Written atomically. Returns what the quantize stage records: ``file`` (name), ``sha256`` (what the
@@ -414,7 +415,9 @@ def package_int8(program: Path, package: Path, example: torch.Tensor) -> dict[st
     (:func:`int8_kernel_calls`); or, when the compile fails, ``error`` (one line) and no file.
     """
     ep = load_pt2(program)
-    ep.example_inputs = ((_export_example(example.cpu()),), {})
+    # the package is specialised to its example's strides and does not check them: compiled for a
+    # channels_last example, a contiguous input gave wrong outputs. It takes plain NCHW-contiguous input.
+    ep.example_inputs = ((_export_example(example.cpu()).contiguous(),), {})
     buffer = io.BytesIO()
     start = time.perf_counter()
     try:
