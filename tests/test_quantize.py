@@ -264,8 +264,7 @@ def test_quantize_save_load_emits_no_torch_ao_quantization_warning(tmp_path):
         import warnings
         warnings.simplefilter("always")
         import torch
-        from pipeline.artifacts import sha256_of
-from pipeline.compress import quantize as Q
+        from pipeline.compress import quantize as Q
         from pipeline.models import build_model
         model, x = build_model("resnet20", 10).eval(), torch.randn(4, 3, 32, 32)
         gm = Q.quantize_int8(model, [x], x)
