@@ -407,8 +407,11 @@ def test_int8_package_calls_int8_kernels_and_runs_in_a_new_process_without_compi
     a fresh process, which compiles nothing: no inductor pass runs and dynamo traces no graph."""
     x = task_eval[0][:16]
     program, package = tmp_path / "int8.pt2", tmp_path / "int8.so.pt2"
-    Q.save_int8(resnet20_int8, program, x[:4])
-    info = Q.package_int8(program, package, x[:2].contiguous(memory_format=torch.channels_last))
+    # exported on channels_last batches (what a run with train.channels_last saves): the package must
+    # still take contiguous input, the layout users pass
+    cl = x.contiguous(memory_format=torch.channels_last)
+    Q.save_int8(resnet20_int8, program, cl[:4])
+    info = Q.package_int8(program, package, cl[:2])
     print(f"\nresnet20 int8 package: {info}")
     assert info["file"] == "int8.so.pt2" and info["sha256"] == sha256_of(package) and info["bytes"] > 0
     assert info["kernels"] == {"qconv": 19, "qlinear": 1}  # every conv and the classifier in int8 kernels
