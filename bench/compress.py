@@ -1,10 +1,10 @@
 """Compression targets on the CPU, every figure against fp32 eager measured in the same run.
 
-    .venv/bin/python bench/compress.py [--quick] [--threads 2] [--only 1,2,3,4] [--out results.json]
+    .venv/bin/python bench/compress.py [--quick] [--threads 2] [--only 1,2,3,4,5] [--out results.json]
 
 Trains ResNet-20 (option A and option B shortcuts) briefly on the project's synthetic CIFAR-shaped data
 (``write_synthetic`` into a temporary folder; SGD, cosine, batch 128, channels_last, through
-``train_one_epoch``) so that accuracies mean something, then measures four targets:
+``train_one_epoch``) so that accuracies mean something, then measures five targets:
 
 1. int8 ResNet-20-A, batch 256: ``quantize_int8`` (16 un-augmented training batches of calibration) then
    ``compile_int8``; throughput against fp32 eager (the faster of NCHW and channels_last) and against fp32
@@ -17,6 +17,11 @@ Trains ResNet-20 (option A and option B shortcuts) briefly on the project's synt
 4. pruning while training: per-step time of ResNet-20 training (batch 128, channels_last) with a
    ``MagnitudePruner(frequency=100)`` stepping after every optimizer step against the same training
    without, in interleaved blocks of steps.
+5. int8's two compiled forms as the pipeline's jobs get them, each in fresh processes (``--form-child``):
+   inductor in the job (``compile_int8`` at batch 1 and 256: every process compiles; run twice, cold and
+   warm inductor cache) against the AOTInductor package the quantize stage builds once (``package_int8``,
+   cold and warm cache), then loaded with no compile. Each process times its int8 form against the fp32
+   model run eagerly (NCHW), alternating; compile, load and first-call seconds are reported.
 
 Timings alternate between the compared models (A, B, C, A, B, C, ...) and are reported as medians; ratios
 are medians of the per-round ratios (each round's models ran back to back). The machine may be shared: for
@@ -58,6 +63,7 @@ from pipeline.compress.quantize import (
     compile_int8,
     file_sizes,
     load_int8,
+    package_int8,
     quantize_int8,
     save_int8,
 )
@@ -827,11 +833,119 @@ def bench_prune_training(b: Bench) -> None:
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# 5. int8 compiled in the job, or packaged once
+# --------------------------------------------------------------------------------------------------
+
+FORMS = (  # (label, child mode, cache folder): run in this order, so the second of a pair finds a warm cache
+    ("compiled in the job, cold cache", "jit", "cache-jit"),
+    ("compiled in the job, warm cache", "jit", "cache-jit"),
+    ("package built, cold cache", "build", "cache-package"),
+    ("package built, warm cache", "build", "cache-package"),
+    ("package loaded (no compile)", "package", "cache-load"),
+)
+
+
+def form_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One fresh process of target 5: build or load the int8 form, then time it against fp32 eager."""
+    import torch._inductor  # imported before any clock starts, in every mode alike
+    from torch._dynamo.utils import counters
+
+    from pipeline.artifacts import load_int8_package, load_model
+
+    torch.set_num_threads(spec["threads"])
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["cache"]
+    x1, xb = torch.randn(1, 3, 32, 32), torch.randn(INFER_BATCH, 3, 32, 32)
+    fp32 = load_model(Path(spec["fp32"]))[0]
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if spec["mode"] == "build":
+        out["package"] = package_int8(Path(spec["program"]), Path(spec["package"]), x1)
+        out["build_s"] = time.perf_counter() - t0
+        return out
+    if spec["mode"] == "jit":
+        fn, info = compile_int8(load_int8(Path(spec["program"])), x1)
+        out["compile_b1_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        fn(xb)
+        out["compile_batch_s"] = time.perf_counter() - t1
+        out["compiled"] = info["compiled"]
+    else:
+        run = load_int8_package(Path(spec["package"]), spec["sha256"])
+        out["load_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        run(x1)
+        out["first_b1_s"] = time.perf_counter() - t1
+        fn = run
+    out["ready_s"] = time.perf_counter() - t0
+    out["inductor_counters"] = sum(counters["inductor"].values())
+    r = interleaved(
+        {
+            "fp32 b1": eager(fp32, x1),
+            "int8 b1": lambda: fn(x1),
+            "fp32 b256": eager(fp32, xb),
+            "int8 b256": lambda: fn(xb),
+        },
+        spec["cfg"],
+    )
+    idx, out["used"] = r.used(spec["cfg"]["min_quiet"])
+    out["ms"] = {k: median(r.pick(k, idx)) * 1e3 for k in r.times}
+    out["int8_vs_fp32_b1"] = paired_ratio(r.pick("fp32 b1", idx), r.pick("int8 b1", idx))
+    out["int8_vs_fp32_b256"] = paired_ratio(r.pick("fp32 b256", idx), r.pick("int8 b256", idx))
+    return out
+
+
+def run_form_child(spec: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, __file__, "--form-child", json.dumps(spec)], capture_output=True, text=True, timeout=1800
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"--form-child {spec['mode']} exited {r.returncode}: {r.stderr[-2000:]}")
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    got["process_s"] = time.perf_counter() - started
+    return got
+
+
+def bench_int8_forms(b: Bench) -> None:
+    print(f"\n== 5. int8 ResNet-20-A compiled in the job or packaged once, fresh processes (load {loadavg()})")
+    folder = b.tmp / "forms"
+    folder.mkdir()
+    program, fp32 = folder / "int8.pt2", folder / "fp32.pt"
+    save_int8(b.int8_a(), program, b.example)
+    arch = {"name": "resnet20", "num_classes": b.data.num_classes, "shortcut": "A", "norm": "batch"}
+    save_model(fp32, nchw(b.model("A")), arch)
+    spec = {"program": str(program), "fp32": str(fp32), "threads": torch.get_num_threads(), "cfg": b.cfg}
+    results: dict[str, Any] = {}
+    package = folder / "int8.so.pt2"
+    for label, mode, cache in FORMS:
+        child = {**spec, "mode": mode, "cache": str(folder / cache), "package": str(package)}
+        if mode == "package":  # the last build's: AOTInductor packages are not byte-for-byte reproducible
+            child["sha256"] = results["package built, warm cache"]["package"]["sha256"]
+        results[label] = got = run_form_child(child)
+        shown = {k: v for k, v in got.items() if k not in ("package", "used")}
+        print(f"  {label}: " + json.dumps(shown, default=lambda v: round(v, 3) if isinstance(v, float) else v))
+    jit, pkg = results["compiled in the job, warm cache"], results["package loaded (no compile)"]
+    b.target(
+        "int8_package_compiles_nothing_when_loaded", pkg["inductor_counters"], "0", pkg["inductor_counters"] == 0, ""
+    )
+    ratio = pkg["int8_vs_fp32_b256"]
+    b.target("int8_package_vs_fp32_eager_b256", ratio, ">=3x", ratio >= 3, "x", pkg["used"])
+    print(
+        f"  ready to run: {jit['ready_s']:.1f} s compiled in the job (warm cache) against {pkg['ready_s']:.2f} s "
+        f"for the package; int8 vs fp32 eager at batch 1 / {INFER_BATCH}: in the job "
+        f"{jit['int8_vs_fp32_b1']:.2f}x / {jit['int8_vs_fp32_b256']:.2f}x, package "
+        f"{pkg['int8_vs_fp32_b1']:.2f}x / {pkg['int8_vs_fp32_b256']:.2f}x"
+    )
+    b.results["int8_forms"] = results
+
+
 TARGETS = {
     "1": ("1_int8_resnet20", bench_int8, 3),
     "2": ("2_structured50", bench_structured, 3),
     "3": ("3_int8_sparse70_size", bench_size, 1),
     "4": ("4_prune_while_training", bench_prune_training, 1),
+    "5": ("5_int8_compiled_forms", bench_int8_forms, 2),
 }
 
 
@@ -839,12 +953,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short smoke version (fewer images, epochs, repeats)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="1,2,3,4", help="comma-separated targets to run (default: all four)")
+    ap.add_argument("--only", default="1,2,3,4,5", help="comma-separated targets to run (default: all five)")
     ap.add_argument("--rounds", type=int, default=None, help="minimum timing rounds per comparison")
     ap.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs after structured pruning")
     ap.add_argument("--out", type=Path, default=None, help="write every figure to this JSON file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--form-child", default=None, help=argparse.SUPPRESS)  # target 5's fresh processes
     args = ap.parse_args()
+    if args.form_child:
+        print(json.dumps(form_child(json.loads(args.form_child))))
+        return 0
     only = [t.strip() for t in args.only.split(",") if t.strip()]
     if not only or any(t not in TARGETS for t in only):
         ap.error(f"--only takes targets among {', '.join(TARGETS)}")

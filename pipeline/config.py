@@ -185,8 +185,8 @@ class MeasureConfig:
     throughput_batch: int = _num(256, min=1)  # images per forward for throughput
     throughput_repeats: int = _num(5, min=1)  # large-batch forwards timed per model (median)
     warmup: int = _num(3, min=1)  # untimed forwards first, per model and batch size
-    compile: bool = True  # int8: inductor-compiled (the fast path); fp32 also
-    # measured compiled for a fair baseline
+    compile: bool = True  # int8 timed as users run it: compiled once by the quantize stage into
+    # models/int8.so.pt2 (AOTInductor, ~15-60 s); false: no package, int8 not timed. fp32 is timed eager
     memory: bool = True  # peak inference memory, each model in a fresh process
     threads: int = _num(0, min=0)  # CPU threads; 0 = as for training
 

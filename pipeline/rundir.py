@@ -71,6 +71,7 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
         "checkpoints/qat.prev.pt",
         "checkpoints/qat.pt.corrupt",
         "models/int8.pt2",
+        "models/int8.so.pt2",
         "models/fp16.pt",
         "tb/qat",
     ),

@@ -20,6 +20,7 @@ from torch import nn
 from pipeline.artifacts import (
     FP16,
     INT8,
+    INT8_PACKAGE,
     PRUNED,
     TRAINED,
     UnreadableModel,
@@ -288,6 +289,9 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         test_top5=test_scores["top5"],
         **sizes,
     )
+    if cfg.measure.compile:  # the deployable, fast form of int8, compiled once; measure times it
+        qz.use_inductor_cache(run.path.parent.parent)
+        metrics["package"] = qz.package_int8(path, run.models / INT8_PACKAGE, example)
     log.info(
         "%s: test acc %.4f (source %s), file %d bytes",
         q.method,
@@ -312,7 +316,7 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     m = cfg.measure
     if not m.enabled:
         return _skipped("none")
-    from pipeline.compress.measure import Artifact, measure_artifacts
+    from pipeline.compress.measure import INT8_FLAGS, Artifact, cpu_flags, measure_artifacts
     from pipeline.train import _set_threads
 
     _check_models(run, cfg)
@@ -324,20 +328,17 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     artifacts: list[Artifact] = []
     for name, path in files:
         if path.is_file():
-            artifacts.append(Artifact.from_model_file(name, path, channels_last=channels_last, compile=compiled))
+            # fp32 as a user runs it: eager (the 'faster' factors compare with this)
+            artifacts.append(Artifact.from_model_file(name, path, channels_last=channels_last))
     int8_path = run.models / INT8
     if int8_path.is_file():
         source, _ = load_model(run.models / source_model_file(run, cfg))
-        artifacts.append(
-            Artifact.from_pt2("int8", int8_path, source=source, channels_last=channels_last, compile=compiled)
-        )
+        artifacts.append(_int8_artifact(run, int8_path, source, channels_last))
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         for name, path in [*files, ("fp16", run.models / FP16)]:
             if path.is_file():
                 artifacts.append(
-                    Artifact.from_model_file(
-                        f"{name}-cuda", path, device="cuda", channels_last=channels_last, compile=compiled
-                    )
+                    Artifact.from_model_file(f"{name}-cuda", path, device="cuda", channels_last=channels_last)
                 )
     _, _, test = _cpu_loaders(cfg)
     entries = measure_artifacts(
@@ -360,7 +361,37 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
             f"{e['throughput_img_s']:.0f}" if e.get("throughput_img_s") else "-",
             int(m.throughput_batch),
         )
-    return {"status": "done", "threads": threads, "compiled": compiled, "cpu": _cpu_name(), "models": entries}
+    flags = cpu_flags()
+    return {
+        "status": "done",
+        "threads": threads,
+        "compiled": compiled,
+        "cpu": _cpu_name(),
+        "cpu_flags": flags,
+        "cpu_int8": any(flags[f] for f in INT8_FLAGS),  # VNNI or AMX: int8 kernels faster than fp32
+        "models": entries,
+    }
+
+
+def _int8_artifact(run: RunDir, program: Any, source: nn.Module, channels_last: bool) -> Any:
+    """The int8 model as users run it: the AOTInductor package the quantize stage compiled and recorded
+    (loaded only if its sha256 is the recorded one). Without one, its accuracy and size but no timing: the
+    program run eagerly dequantizes, runs fp32 kernels and quantizes again (slower than fp32)."""
+    from pipeline.compress.measure import Artifact
+
+    package = (run.read_metrics("quantize") or {}).get("package") or {}
+    if package.get("file") == INT8_PACKAGE and package.get("sha256"):
+        return Artifact.from_package(
+            "int8",
+            run.models / INT8_PACKAGE,
+            sha256=str(package["sha256"]),
+            program=program,
+            source=source,
+            channels_last=channels_last,
+        )
+    why = f"its compile failed ({package['error']})" if package.get("error") else "measure.compile is false"
+    untimed = f"int8 not timed: no compiled package ({why}); run eagerly it says nothing about int8 speed"
+    return Artifact.from_pt2("int8", program, source=source, channels_last=channels_last, untimed=untimed)
 
 
 def _check_models(run: RunDir, cfg: DictConfig) -> None:

@@ -80,5 +80,6 @@ def entry(
         "self_cpu_ms_per_batch": more.pop("cpu_ms", 10 * latency_ms),
         "self_cuda_ms_per_batch": None,
         "peak_memory_batch_bytes": more.pop("memory", 100_000_000),
+        "runtime": more.pop("runtime", "aoti" if name == "int8" else "eager"),  # int8 as measure times it
         **more,
     }

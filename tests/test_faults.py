@@ -241,11 +241,15 @@ FAULTS: tuple[Fault, ...] = (
     ),
     # ---- hostile files
     Fault(
-        "a crafted checkpoint, model file or CIFAR batch",
-        "refused without running code (`weights_only=True`, an allow-list unpickler), naming the file",
-        "use files you trust",
+        "a crafted checkpoint, model file, `.pt2` or CIFAR batch",
+        "refused without running code (`weights_only=True`, an allow-list unpickler, a `.pt2` checked entry by "
+        "entry before loading), naming the file; an int8 package loads only with the sha256 its stage recorded",
+        "use files you trust (a `.so.pt2` package is native code)",
         (
             "test_faults.py::test_crafted_checkpoint_and_model_file_are_refused_without_running_code",
+            "test_model_files.py::test_crafted_pt2_is_refused_without_running_code",
+            "test_model_files.py::test_anything_but_a_plain_program_is_refused_naming_the_file",
+            "test_int8_speed.py::test_quantize_packages_int8_once_and_measure_times_the_package",
             "test_hostile_input.py::test_crafted_batch_is_refused_without_running_code",
             "test_hostile_input.py::test_read_cifar_pickle_refuses_every_other_global",
         ),

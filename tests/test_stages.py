@@ -121,7 +121,10 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     assert by_name["pruned"]["nonzero_parameters"] < 0.6 * by_name["trained"]["nonzero_parameters"]
     assert by_name["int8"]["file_bytes"] == (run.models / "int8.pt2").stat().st_size
     assert by_name["trained"]["test_top1"] == pytest.approx(train["test_acc"])
-    assert all(e["peak_memory_b1_bytes"] >= 0 and e["memory_method"] for e in meas["models"])
+    # int8 without its compiled package (measure.compile=false here) is not timed: no speed, no memory
+    assert by_name["int8"]["runtime"] == "eager" and "not timed" in by_name["int8"]["skipped"]
+    timed = [e for e in meas["models"] if e["name"] != "int8"]
+    assert all(e["peak_memory_b1_bytes"] >= 0 and e["memory_method"] for e in timed)
     # TensorBoard: the fine-tune's epochs and the sparsity of every mask update, read back
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -125,7 +125,7 @@ def test_unreadable_int8_program_fails_quantize_and_rerun_failed_makes_it_again(
     r = run_cli("pipeline.run", str(run.path), cwd=tmp_path, timeout=900)
     assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     measure, quantize = run.read_metrics("measure"), run.read_metrics("quantize")
-    assert measure["status"] == "failed" and f"model file {int8} is unreadable" in measure["error"]
+    assert measure["status"] == "failed" and f"model file {int8} cannot be loaded" in measure["error"]
     assert "the quantize stage that made it is marked failed" in measure["hint"]
     assert (
         quantize["status"] == "failed"

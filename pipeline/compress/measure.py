@@ -44,6 +44,7 @@ __all__ = [
     "Artifact",
     "count_flop_macs",
     "count_parameters",
+    "cpu_flags",
     "file_sizes",
     "format_table",
     "load_from_spec",
@@ -55,7 +56,10 @@ __all__ = [
 MODEL_FORMAT = "pipeline-model/1"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-LOADER_KINDS = ("state_dict", "pt2")
+LOADER_KINDS = ("state_dict", "pt2", "package")
+# /proc/cpuinfo flags that decide whether int8 is fast: VNNI (AVX-512 or AVX) or AMX int8 instructions
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+RECORDED_FLAGS = ("avx2", "avx512f", *INT8_FLAGS)
 
 # glibc serves allocations at or above this size with their own mmap and unmaps them on free, so resident
 # memory follows live tensors instead of what the allocator keeps cached from the warm-up call.
@@ -95,11 +99,11 @@ def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cp
 
 
 def _load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """``torch.export.load`` with the quantization ops a saved int8 graph calls registered first (torchao's,
-    through :mod:`pipeline.compress.quantize`; never the deprecated ``torch.ao.quantization``)."""
-    from pipeline.compress.quantize import load_int8  # noqa: F401  (imports torchao: registers the ops)
+    """:func:`pipeline.artifacts.load_pt2`: the archive checked first (nothing pickled, no code), torchao's
+    quantization ops registered, any failure one ``UnreadableModel`` naming the file."""
+    from pipeline.artifacts import load_pt2
 
-    return torch.export.load(path)
+    return load_pt2(Path(path))
 
 
 def load_from_spec(
@@ -108,7 +112,10 @@ def load_from_spec(
     """The runnable a loader spec describes; the spec is plain JSON so another process can rebuild it.
 
     ``{"kind": "state_dict", "path": P}``: a :data:`MODEL_FORMAT` file (:func:`load_model_file`), moved to
-    channels_last if asked. ``{"kind": "pt2", "path": P}``: ``torch.export.load(P).module()``.
+    channels_last if asked. ``{"kind": "pt2", "path": P}``: ``torch.export.load(P).module()`` (through
+    :func:`pipeline.artifacts.load_pt2`). ``{"kind": "package", "path": P, "sha256": H, "program": Q}``: the
+    AOTInductor package P (:func:`pipeline.artifacts.load_int8_package`: only when its sha256 is H),
+    compiled already; the exported program Q it was compiled from gives its parameter count.
     ``"compile": true`` wraps either in ``torch.compile`` with inductor freezing
     (:func:`pipeline.compress.quantize.compile_int8`;
     compiled at the first call of each shape, which :func:`measure_artifacts` makes before timing).
@@ -118,6 +125,8 @@ def load_from_spec(
     if kind not in LOADER_KINDS or not path:
         raise ValueError(f"loader spec needs kind in {LOADER_KINDS} and a path, got {spec!r}")
     device = torch.device(device)
+    if kind == "package":
+        return _PackageRunner(Path(path), str(spec.get("sha256", "")), spec.get("program"))
     if kind == "state_dict":
         model: nn.Module = load_model_file(path, device=device)
         if channels_last:
@@ -142,6 +151,29 @@ def load_from_spec(
     return model
 
 
+class _PackageRunner:
+    """An AOTInductor package as a runnable: no compile (``compile_info`` says so); ``_orig_mod``, the
+    exported int8 program it was compiled from, is loaded only when something counts its parameters."""
+
+    def __init__(self, path: Path, sha256: str, program: str | None) -> None:
+        from pipeline.artifacts import load_int8_package
+
+        self._run = load_int8_package(path, sha256)
+        self._program = program
+        self._module: nn.Module | None = None
+        self.compile_info = {"compiled": True, "backend": "aoti", "package": path.name, "fallback_reason": None}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with torch.no_grad():  # compiled for NCHW-contiguous input, and it does not check strides
+            return self._run(x.contiguous())
+
+    @property
+    def _orig_mod(self) -> nn.Module | None:
+        if self._module is None and self._program:
+            self._module = _load_pt2(self._program).module()
+        return self._module
+
+
 @dataclass
 class Artifact:
     """One model to measure.
@@ -151,7 +183,9 @@ class Artifact:
     runnable is not an ``nn.Module``. ``dtype`` and ``channels_last`` describe the inputs the runnable takes.
     ``loader_spec`` (see :func:`load_from_spec`) lets another process rebuild the runnable: without it the
     CPU memory figures are not measured; without ``load`` the runnable is built from it. ``notes`` are copied
-    to the output.
+    to the output. ``untimed``: the reason the artifact gets static figures and accuracy but no timing,
+    profile or memory (an int8 program with no compiled form: run eagerly it dequantizes, runs fp32 kernels
+    and quantizes again, which says nothing about int8 speed).
     """
 
     name: str
@@ -163,6 +197,7 @@ class Artifact:
     channels_last: bool = False
     notes: dict = field(default_factory=dict)
     loader_spec: dict | None = None
+    untimed: str | None = None
 
     def __post_init__(self) -> None:
         if torch.device(self.device).type not in ("cpu", "cuda"):
@@ -212,6 +247,7 @@ class Artifact:
         channels_last: bool = False,
         compile: bool = False,
         notes: dict | None = None,
+        untimed: str | None = None,
     ) -> Artifact:
         """An exported program saved with ``torch.export.save`` (e.g. a PT2E int8 graph)."""
         return cls(
@@ -223,6 +259,31 @@ class Artifact:
             channels_last=channels_last,
             notes=dict(notes or {}),
             loader_spec={"kind": "pt2", "path": str(path), "compile": bool(compile)},
+            untimed=untimed,
+        )
+
+    @classmethod
+    def from_package(
+        cls,
+        name: str,
+        package: str | os.PathLike,
+        *,
+        sha256: str,
+        program: str | os.PathLike,
+        source: nn.Module | None = None,
+        channels_last: bool = False,
+        notes: dict | None = None,
+    ) -> Artifact:
+        """An AOTInductor package (``models/int8.so.pt2``), run as compiled, loaded only if its sha256 is
+        ``sha256``. ``program`` is the exported program it was compiled from: its file size is the model's
+        size, and its graph gives the parameter count."""
+        return cls(
+            name,
+            program,
+            source=source,
+            channels_last=channels_last,
+            notes=dict(notes or {}),
+            loader_spec={"kind": "package", "path": str(package), "sha256": sha256, "program": str(program)},
         )
 
 
@@ -539,6 +600,27 @@ def _plain(v: Any) -> Any:
     return str(v)
 
 
+def _runtime(fn: Any) -> str:
+    """How the runnable runs: "aoti" (a package), "inductor" (compiled here) or "eager"."""
+    info = getattr(fn, "compile_info", None) or {}
+    return str(info.get("backend")) if info.get("compiled") else "eager"
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The int8-relevant flags of this CPU (:data:`RECORDED_FLAGS`, from /proc/cpuinfo; all False where it
+    cannot be read). int8 kernels beat fp32 only with one of :data:`INT8_FLAGS`."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {flag: flag in flags for flag in RECORDED_FLAGS}
+
+
 def _median_ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1e3
 
@@ -668,7 +750,7 @@ def _measure(
             _set_training(fn, False)
         load_s = time.perf_counter() - t0
         runnables.append(fn)
-        skipped, compute = None, (fn, a.dtype)
+        skipped, compute = a.untimed, (fn, a.dtype)
         if dev.type == "cpu" and a.dtype == torch.float16:
             skipped = "fp16 on the CPU (no fast fp16 kernels): timing, profile and memory not measured"
             if isinstance(_unwrap(fn), nn.Module):
@@ -688,6 +770,7 @@ def _measure(
                 "load_s": load_s,
                 "skipped": skipped,
                 "compile": getattr(fn, "compile_info", None),
+                "runtime": _runtime(fn),
                 "loader": a.loader_spec,
             }
         )
@@ -744,7 +827,8 @@ def _measure(
             gc.enable()
             if profile:
                 for _ in range(throughput_repeats):
-                    for i in timed:
+                    # a package's kernels run outside the profiler's sight: no figure rather than a wrong one
+                    for i in (i for i in timed if entries[i]["runtime"] != "aoti"):
                         cpu_us, cuda_us = _profile_once(runnables[i], inputs[i][1], devices[i])
                         prof_cpu[i].append(cpu_us)
                         if cuda_us is not None:

@@ -38,29 +38,44 @@ class Curve:
     extra: dict[str, list[float]] = field(default_factory=dict)
 
 
-def pareto_front(points: Sequence[Point]) -> list[int]:
-    """Indices of the points no other point beats (smaller x and higher y, at least as good in both),
-    sorted by x."""
+def pareto_front(points: Sequence[Point], x_better: str = "min") -> list[int]:
+    """Indices of the points no other point beats (smaller x, or larger with ``x_better="max"``, and
+    higher y; at least as good in both), sorted by x."""
+    sign = -1.0 if x_better == "max" else 1.0
     front = []
     for i, p in enumerate(points):
         dominated = any(
-            (q.x <= p.x and q.y >= p.y) and (q.x < p.x or q.y > p.y) for j, q in enumerate(points) if j != i
+            (sign * q.x <= sign * p.x and q.y >= p.y) and (q.x != p.x or q.y > p.y)
+            for j, q in enumerate(points)
+            if j != i
         )
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i].x, -points[i].y))
 
 
+def _speed_ups(rows: list[dict[str, Any]]) -> None:
+    """``speed_factor`` of each row of one run: the batch-1 latency of the run's base model over the
+    row's own (both timed in the run's own job; the base is 1)."""
+    base = next((number(row.get("latency_b1_ms")) for row in rows if row["name"] == "trained"), None)
+    for row in rows:
+        latency = number(row.get("latency_b1_ms"))
+        row["speed_factor"] = base / latency if base and latency else None
+
+
 def accuracy_series(records: Sequence[Record], x_key: str) -> list[Point]:
     """Every measured model of the sweep's finished runs: test top-1 accuracy (%) against ``x_key``
-    ('file_bytes' in MB or 'latency_b1_ms' in ms). A training shared by several runs is one point."""
+    ('file_bytes' in MB, 'latency_b1_ms' in ms, or 'speed_factor': the speed-up over the base model timed
+    in the same job, which is what compares across jobs). A training shared by several runs is one point."""
     points: list[Point] = []
     bases: set[str] = set()
     for r in records:
         if r.status != "done":
             continue
         described = ", ".join(cli.fmt(v) for k, v in r.swept.items() if k != "train.seed" and _training(k))
-        for row in model_rows(r):
+        rows = model_rows(r)
+        _speed_ups(rows)
+        for row in rows:
             x, top1 = number(row.get(x_key)), number(row.get("top1"))
             if x is None or top1 is None:
                 continue
@@ -183,10 +198,10 @@ def label_offsets(points: Sequence[Point]) -> list[tuple[int, int]]:
     return out
 
 
-def render_accuracy(points: Sequence[Point], xlabel: str, title: str, path: Path) -> Path:
+def render_accuracy(points: Sequence[Point], xlabel: str, title: str, path: Path, x_better: str = "min") -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
-    front = pareto_front(points)
+    front = pareto_front(points, x_better)
     ax.scatter([p.x for p in points], [p.y for p in points], s=36, color="tab:blue", label="models", zorder=3)
     ax.plot(
         [points[i].x for i in front],
@@ -288,14 +303,17 @@ def plot_sweep(keys: Sequence[str], records: Sequence[Record], out_dir: Path) ->
         written.append(
             render_accuracy(size, "model file size (MB)", "accuracy against size", out_dir / "accuracy_vs_size.png")
         )
-    latency = accuracy_series(records, "latency_b1_ms")
-    if latency:
+    # speed as a ratio to the base model timed in the same job: raw latencies of different jobs (a busier
+    # node, another CPU) do not compare
+    speed = accuracy_series(records, "speed_factor")
+    if speed:
         written.append(
             render_accuracy(
-                latency,
-                "latency per image, batch 1 (ms)",
-                "accuracy against latency",
+                speed,
+                "speed-up over the base model (fp32 eager) timed in the same job, batch-1 latency (×)",
+                "accuracy against speed, each model against the base timed in its own job",
                 out_dir / "accuracy_vs_latency.png",
+                x_better="max",
             )
         )
     by, curves = learning_series(keys, records)

@@ -85,6 +85,35 @@ def _entry(r: Record, name: str, key: str) -> Any:
     return next((e.get(key) for e in r.measured() if e["name"] == name), None)
 
 
+def runtime(entry: dict[str, Any]) -> str:
+    """How a measured model ran: "aoti" (a compiled package), "inductor" (compiled in the job) or "eager";
+    records older than this field say it through their compile info."""
+    if isinstance(entry.get("runtime"), str):
+        return entry["runtime"]
+    info = entry.get("compile")
+    if not isinstance(info, dict):
+        return "eager"
+    return str(info.get("backend") or "inductor") if info.get("compiled") else "eager"
+
+
+def speed_counts(entry: dict[str, Any]) -> bool:
+    """Whether the entry's timing is the model's speed: not for an int8 program run eagerly (it
+    dequantizes, runs fp32 kernels and quantizes again: slower than fp32, and not what anyone deploys)."""
+    return entry.get("name") != "int8" or runtime(entry) != "eager"
+
+
+def int8_fast_cpu(r: Record) -> bool | None:
+    """Whether the CPU the run was measured on has int8 dot-product instructions (VNNI or AMX), as
+    measure.json records it (``cpu_int8``); None in records older than that."""
+    value = (r.stages.get("measure") or {}).get("cpu_int8")
+    return value if isinstance(value, bool) else None
+
+
+def _int8_latency(r: Record) -> Any:
+    e = next((e for e in r.measured() if e["name"] == "int8"), None)
+    return e.get("latency_b1_ms") if e is not None and speed_counts(e) else None
+
+
 def _quant_acc(r: Record) -> Any:
     return _stage(r, "quantize", "test_acc") if _stage(r, "quantize", "method") in ("int8", "qat") else None
 
@@ -112,7 +141,7 @@ COMPRESSION_COLUMNS: list[tuple[str, str, Callable[[Record], Any], str, str | No
     ("int8_bytes", "int8 size", _quant_size, "bytes", "min"),
     ("int8_gzip_bytes", "int8 gzip", _quant_gzip, "bytes", "min"),
     ("fp32_latency_ms", "fp32 ms/img", lambda r: _entry(r, "trained", "latency_b1_ms"), "ms", "min"),
-    ("int8_latency_ms", "int8 ms/img", lambda r: _entry(r, "int8", "latency_b1_ms"), "ms", "min"),
+    ("int8_latency_ms", "int8 ms/img", _int8_latency, "ms", "min"),
 ]
 
 
@@ -403,6 +432,7 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
                 name, e = name.removesuffix("-cuda"), {**e, "latency_b1_ms": None, "self_cpu_ms_per_batch": None}
                 e.update(peak_memory_batch_bytes=None, peak_memory_b1_bytes=None)
             cuda = by_name.get(f"{name}-cuda", {})
+            timed = speed_counts(e)
             rows.append(
                 {
                     "name": name,
@@ -413,8 +443,9 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
                     "file_bytes": e.get("file_bytes"),
                     "file_gzip_bytes": e.get("file_gzip_bytes"),
                     "peak_memory_bytes": e.get("peak_memory_batch_bytes") or e.get("peak_memory_b1_bytes"),
-                    "latency_b1_ms": number(e.get("latency_b1_ms")),
-                    "self_cpu_ms_per_batch": number(e.get("self_cpu_ms_per_batch")),
+                    "latency_b1_ms": number(e.get("latency_b1_ms")) if timed else None,
+                    "self_cpu_ms_per_batch": number(e.get("self_cpu_ms_per_batch")) if timed else None,
+                    "runtime": runtime(e),
                     "self_cuda_ms_per_batch": number(
                         cuda.get("self_cuda_ms_per_batch") or e.get("self_cuda_ms_per_batch")
                     ),
@@ -452,9 +483,11 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
                     "file_gzip_bytes": q.get("gzip"),
                 }
             )
+    fast_cpu = int8_fast_cpu(r)
     for row in rows:
         row["model"] = labels.get(row["name"], row["name"])
         row["run"] = r.id
+        row["int8_fast_cpu"] = fast_cpu if row["name"] == "int8" else None
         row["top1_error"] = None if row["top1"] is None else 1 - row["top1"]
         row["top5_error"] = None if row["top5"] is None else 1 - row["top5"]
     return rows
@@ -483,9 +516,34 @@ def _with_base(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> None:
         timed = row.pop("timing_base", None) or base
         b, v = (number(timed.get("latency_b1_ms")) if timed else None), number(row.get("latency_b1_ms"))
         row["speed_factor"] = b / v if b and v and row is not timed else None
+        if row["speed_factor"] is not None and row.get("int8_fast_cpu") is False:
+            row["speed_factor_note"] = "no VNNI"
 
 
-SPEED_NOTE = "faster: batch-1 latency of the base model timed in the same job over the model's own"
+SPEED_NOTE = (
+    "faster: batch-1 latency of the base model over the model's own, both timed in the same job; the base "
+    "is fp32 run eagerly (as a user runs it), int8 runs compiled (its AOTInductor package)"
+)
+
+
+def speed_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The line under a models table: what 'faster' compares, why an int8 row has no speed, and where
+    int8 ran on a CPU without int8 instructions."""
+    notes = [SPEED_NOTE]
+    int8 = [row for row in rows if row.get("name") == "int8"]
+    if any(row.get("runtime") == "eager" for row in int8):
+        notes.append(
+            "int8 without ms/img: not timed, having no compiled form (measure.compile=false, or its compile "
+            "failed: metrics/quantize.json says why); run eagerly a PT2E int8 graph dequantizes, runs fp32 "
+            "kernels and quantizes again, slower than fp32"
+        )
+    if any(row.get("int8_fast_cpu") is False for row in int8):
+        notes.append(
+            "no VNNI: measured on a CPU without int8 dot-product instructions (avx512_vnni, avx_vnni and "
+            "amx_int8 absent from /proc/cpuinfo): its int8 kernels are no faster than fp32 there; on VNNI "
+            "or AMX processors compiled int8 is 2-5x faster than fp32 eager (BENCHMARKS.md)"
+        )
+    return notes
 
 
 def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool = False) -> list[Table]:
@@ -518,7 +576,7 @@ def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool =
                 row.update({k: group[0].swept.get(k, "") for k in train_keys})
             flat_rows += rows
         else:
-            tables.append(Table(list(MODEL_COLUMNS), rows, title, [SPEED_NOTE]))
+            tables.append(Table(list(MODEL_COLUMNS), rows, title, speed_notes(rows)))
     if flat:
         titles = cli.short_keys(train_keys)
         cols = [
@@ -527,7 +585,7 @@ def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool =
             *[Column(k, titles[k]) for k in train_keys],
             *MODEL_COLUMNS[1:],
         ]
-        return [Table(cols, flat_rows, "", [SPEED_NOTE])] if flat_rows else []
+        return [Table(cols, flat_rows, "", speed_notes(flat_rows))] if flat_rows else []
     return tables
 
 
