@@ -162,6 +162,8 @@ def execute(run_dir: str | Path) -> str:
         for stage in STAGES:
             if ownership is not None:
                 ownership.check()
+            if rank != 0 and stage == "measure":  # one process times the models; the others would disturb it
+                continue
             # the stage's own folder: the shared store for a shared training or pruning, else the run's
             store = stores.get(stage)
             target = RunDir(store) if store is not None else run
@@ -202,6 +204,8 @@ def execute(run_dir: str | Path) -> str:
                 metrics["cpu_s"] = _cpu_seconds() - cpu_started
                 if rank == 0:
                     target.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
+                if stage != "measure":  # (rank 0 alone measures)
+                    _ranks_in_step()  # the next stage reads what rank 0 just wrote (models/trained.pt, ...)
             except preempt.Preempted as p:
                 if rank == 0:
                     ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
@@ -479,6 +483,13 @@ def _distributed_rank() -> int:
 
         export_distributed_env()
     return int(os.environ.get("RANK", "0"))
+
+
+def _ranks_in_step() -> None:
+    """In a multi-rank job, wait until every rank has finished the stage (rank 0 has written its files)."""
+    torch = sys.modules.get("torch")  # imported by the stage when there is one; never imported here
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def execute_many(run_dirs: Sequence[str | Path]) -> dict[str, str]:
