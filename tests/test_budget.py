@@ -80,7 +80,9 @@ def test_allocation_path_is_greedy_deterministic_and_survives_json():
     assert search.allocation_path(json.loads(json.dumps(SENSITIVITY))) == path
     assert search.first_level(path, 1.5) == 3
     assert search.first_level(path, 0.0) == 1  # a free upgrade fits even a zero budget
-    assert search.first_level(search.allocation_path({"groups": [{"name": "b", "points": [_point(0.5, 0.1, 8)]}]}), 1) == 1
+    assert (
+        search.first_level(search.allocation_path({"groups": [{"name": "b", "points": [_point(0.5, 0.1, 8)]}]}), 1) == 1
+    )
 
 
 def _run_oracle(propose, feasible, key: str) -> list[dict[str, Any]]:
@@ -105,7 +107,10 @@ def test_next_level_bisects_within_max_attempts_and_resumes_from_any_prefix():
     assert [h["level"] for h in short] == [2, 11]
     failing = _run_oracle(propose, lambda level: False, "level")
     assert [h["level"] for h in failing] == [2, 1]
-    assert search.choose(failing, 1.0, lambda a: a["level"]) == (1, search.OVER_BUDGET)  # the smaller, at equal accuracy
+    assert search.choose(failing, 1.0, lambda a: a["level"]) == (
+        1,
+        search.OVER_BUDGET,
+    )  # the smaller, at equal accuracy
     assert search.next_level([{"drop_pred": 0.0}], [], max_drop=1.0, max_attempts=3) is None  # nothing to prune
 
 
@@ -195,9 +200,9 @@ def task(tmp_path_factory) -> Task:
     return Task(tmp_path_factory.mktemp("budget-data"))
 
 
-def _trained(task: Task, name: str, shortcut: str, epochs: int) -> nn.Module:
+def _trained(task: Task, name: str, shortcut: str, epochs: int, lr: float = 0.1) -> nn.Module:
     torch.manual_seed(0)
-    model = task.fit(build_model(name, 10, shortcut=shortcut), epochs, 0.1, seed=0)
+    model = task.fit(build_model(name, 10, shortcut=shortcut), epochs, lr, seed=0)
     acc = task.score(model)
     assert acc >= 0.6, f"{name}-{shortcut} did not learn the tiny task (val acc {acc:.3f})"
     return model
@@ -316,7 +321,9 @@ def test_structured_auto_resnet20_b_meets_the_budget_and_resumes_exactly(task, r
     assert len(groups) == 12  # three residual streams and nine inner widths
     sens = structured_sensitivity(model, lambda m: task.score(m, max_batches=1), ratios=(0.5, 0.75), tag="test")
     assert json.loads(json.dumps(sens)) == sens
-    assert sens["key"] == structured_sensitivity(model, lambda m: task.score(m, 1), ratios=(0.5, 0.75), tag="test")["key"]
+    assert (
+        sens["key"] == structured_sensitivity(model, lambda m: task.score(m, 1), ratios=(0.5, 0.75), tag="test")["key"]
+    )
 
     saved: dict[int, nn.Module] = {}
     kw = dict(score=task.score, finetune=task.finetune(), max_drop=3.0, max_attempts=3)
@@ -324,7 +331,10 @@ def test_structured_auto_resnet20_b_meets_the_budget_and_resumes_exactly(task, r
         model, sens, on_attempt=lambda a, m: saved.setdefault(a["attempt"], copy.deepcopy(m)), **kw
     )
     rec = result.record
-    print("\nstructured auto resnet20-B:", [(a["level"], round(a["macs_removed"], 3), round(a["drop"], 2)) for a in rec["attempts"]])
+    print(
+        "\nstructured auto resnet20-B:",
+        [(a["level"], round(a["macs_removed"], 3), round(a["drop"], 2)) for a in rec["attempts"]],
+    )
     assert rec["status"] == search.DONE and 1 <= len(rec["attempts"]) <= 3
     chosen = rec["attempts"][rec["chosen"]]
     assert chosen["within"] and chosen["drop"] <= 3.0 and chosen["macs_removed"] > 0.05
@@ -334,7 +344,11 @@ def test_structured_auto_resnet20_b_meets_the_budget_and_resumes_exactly(task, r
 
     # a job killed after its first attempt, restarted with that attempt, ends exactly as the whole run
     resumed = structured_within_budget(
-        model, json.loads(json.dumps(sens)), history=rec["attempts"][:1], load_attempt=lambda a: saved[a["attempt"]], **kw
+        model,
+        json.loads(json.dumps(sens)),
+        history=rec["attempts"][:1],
+        load_attempt=lambda a: saved[a["attempt"]],
+        **kw,
     )
     assert _without_times(resumed.record["attempts"]) == _without_times(rec["attempts"])
     assert resumed.record["chosen"] == rec["chosen"]
@@ -342,7 +356,12 @@ def test_structured_auto_resnet20_b_meets_the_budget_and_resumes_exactly(task, r
         assert torch.equal(a, b)
 
     uniform = uniform_at_macs(
-        model, chosen["macs"], score=task.score, finetune=task.finetune(), attempt=99, reference_acc=rec["reference_val_acc"]
+        model,
+        chosen["macs"],
+        score=task.score,
+        finetune=task.finetune(),
+        attempt=99,
+        reference_acc=rec["reference_val_acc"],
     )
     # round_to=8 makes a uniform ratio's MACs a coarse step function (16 -> 8 channels at once): the
     # closest step is taken, which may be far, but never farther than the unpruned model
@@ -367,7 +386,7 @@ def test_over_budget_is_reported_and_the_best_attempt_kept(task, resnet20_b):
 
 @pytest.mark.slow
 def test_structured_auto_resnet56_a_prunes_only_inner_widths(task):
-    model = _trained(task, "resnet56", "A", 3)
+    model = _trained(task, "resnet56", "A", 4, lr=0.05)
     groups = prunable_groups(model)
     assert len(groups) == 27 and all(g["name"].endswith(".conv1") for g in groups)  # the option-A trap
     sens = structured_sensitivity(model, lambda m: task.score(m, max_batches=1), ratios=(0.5,))
@@ -375,7 +394,10 @@ def test_structured_auto_resnet56_a_prunes_only_inner_widths(task):
         model, sens, score=task.score, finetune=task.finetune(), max_drop=3.0, max_attempts=2
     )
     rec = result.record
-    print("\nstructured auto resnet56-A:", [(a["level"], round(a["macs_removed"], 3), round(a["drop"], 2)) for a in rec["attempts"]])
+    print(
+        "\nstructured auto resnet56-A:",
+        [(a["level"], round(a["macs_removed"], 3), round(a["drop"], 2)) for a in rec["attempts"]],
+    )
     assert rec["status"] == search.DONE and rec["attempts"][rec["chosen"]]["macs_removed"] > 0.02
     for a in rec["attempts"]:
         assert a["widths"] and all(name.endswith(".conv1") for name in a["widths"])
@@ -403,4 +425,6 @@ def test_unstructured_bisects_the_sparsity_with_a_finetune_each(task, resnet20_b
     for a in rec["attempts"]:
         assert abs(a["weight_sparsity"] - a["fraction"]) < 0.05  # first conv and classifier stay dense
     zeros = sum(int((m.weight == 0).sum()) for m in result.model.modules() if isinstance(m, nn.Conv2d))
-    assert zeros > 0.9 * chosen["fraction"] * sum(m.weight.numel() for m in result.model.modules() if isinstance(m, nn.Conv2d))
+    assert zeros > 0.9 * chosen["fraction"] * sum(
+        m.weight.numel() for m in result.model.modules() if isinstance(m, nn.Conv2d)
+    )

@@ -24,7 +24,7 @@ import copy
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -211,7 +211,7 @@ class _Ranker:
         return sqnr_costs(self.reference, self.reference_logged, gm, self.chunks)
 
 
-def _fewest_fp32(step: dict[str, Any]) -> float:
+def _fewest_fp32(step: Mapping[str, Any]) -> float:
     return -len(step["fp32_layers"])
 
 

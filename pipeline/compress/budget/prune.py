@@ -230,10 +230,10 @@ def _run(
         if search.choose(attempts, s.max_drop, _size(s.size))[0] == k:
             best = (k, model)
     index, status = search.choose(attempts, s.max_drop, _size(s.size))
-    model = best[1] if best is not None and best[0] == index else None
-    if model is None and s.load_attempt is not None:
-        model = s.load_attempt(attempts[index])
-    return attempts, model, index, status
+    chosen = best[1] if best is not None and best[0] == index else None
+    if chosen is None and s.load_attempt is not None:  # chosen before a restart
+        chosen = s.load_attempt(attempts[index])
+    return attempts, chosen, index, status
 
 
 def _record(method: str, s: _Search, attempts: list[dict[str, Any]], index: int, status: str, **extra: Any) -> dict:
@@ -369,7 +369,11 @@ def uniform_within_budget(
 
 def _macs_at(model: nn.Module, ratio: float, importance: str, round_to: int, example: torch.Tensor) -> int:
     pruned = copy.deepcopy(model)
-    return int(prune_structured(pruned, ratio=ratio, importance=importance, round_to=round_to, example_input=example)["macs_after"])
+    return int(
+        prune_structured(pruned, ratio=ratio, importance=importance, round_to=round_to, example_input=example)[
+            "macs_after"
+        ]
+    )
 
 
 def uniform_at_macs(
@@ -443,7 +447,11 @@ def unstructured_within_budget(
         )
         pruner.prune_to(settings["fraction"])
         sparsity = weight_sparsity(pruned)
-        return pruned, pruner, {"weight_sparsity": sparsity["sparsity"], "nonzero_weights": sparsity["total"] - sparsity["zeros"]}
+        return (
+            pruned,
+            pruner,
+            {"weight_sparsity": sparsity["sparsity"], "nonzero_weights": sparsity["total"] - sparsity["zeros"]},
+        )
 
     attempts, chosen, index, status = _run(s, propose, build, history)
     return BudgetResult(chosen, _record("unstructured", s, attempts, index, status, max_attempts=max_attempts))
