@@ -150,6 +150,41 @@ def test_bad_budgets_are_refused(max_drop, max_attempts, match):
 
 
 # --------------------------------------------------------------------------------------------------
+# The hooks in quantize.py and structured.py
+# --------------------------------------------------------------------------------------------------
+
+
+def test_quantize_int8_leaves_named_modules_in_fp32():
+    from pipeline.compress.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, shortcut="A").eval()
+    calib = [torch.randn(4, 3, 32, 32)]
+    every = quantized_layers(quantize_int8(model, calib, calib[0][:2]))
+    some = quantized_layers(quantize_int8(model, calib, calib[0][:2], fp32_modules=["layer1.1.conv2", "fc"]))
+    assert len(every) == 20 and set(every) - set(some) == {"layer1.1.conv2", "fc"}
+
+
+def test_prune_structured_takes_a_ratio_per_group():
+    from pipeline.compress.structured import prune_structured
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, shortcut="B").eval()
+    report = prune_structured(
+        model,
+        ratio=0.0,
+        ratios={"layer2.1.conv1": 0.5, "layer3.0.shortcut.0": 0.25},
+        example_input=torch.zeros(2, 3, 32, 32),
+    )
+    changed = {name: w for name, w in report["widths"].items() if w[0] != w[1]}
+    stream3 = {"layer3.0.shortcut.0", "layer3.0.conv2", "layer3.1.conv2", "layer3.2.conv2"}
+    assert changed == {"layer2.1.conv1": [32, 16], **{name: [64, 48] for name in stream3}}
+    assert report["ratios"] == {"layer2.1.conv1": 0.5, "layer3.0.shortcut.0": 0.25}
+    with pytest.raises(ValueError, match="no module"):
+        prune_structured(model, ratio=0.0, ratios={"layer9.conv1": 0.5}, example_input=torch.zeros(2, 3, 32, 32))
+
+
+# --------------------------------------------------------------------------------------------------
 # Tiny data and trained models
 # --------------------------------------------------------------------------------------------------
 
