@@ -258,7 +258,9 @@ def int8_within_budget(
             "drop": drop_points(reference, acc),
         }
         if not within_budget(step["drop"], max_drop):
+            ranked = time.perf_counter()
             step["costs"] = ranker.costs(gm, score, reference)
+            step["ranking_seconds"] = round(time.perf_counter() - ranked, 3)
         step["seconds"] = round(time.perf_counter() - began, 3)
         log.info("int8 with %d layer(s) in fp32: val acc %.4f, drop %.2f points", len(fp32), acc, step["drop"])
         steps.append(step)
