@@ -95,7 +95,8 @@ def prunable_groups(model: nn.Module, example: torch.Tensor | None = None) -> li
             for dep, _ in group
             if isinstance(dep.target.module, nn.Conv2d) and graph.is_out_channel_pruning_fn(dep.handler)
         ]
-        out.append({"name": names[root], "layers": layers, "channels": int(root.out_channels)})
+        channels = getattr(root, "out_channels", getattr(root, "out_features", 0))
+        out.append({"name": names[root], "layers": layers, "channels": int(channels)})
     return sorted(out, key=lambda g: g["name"])
 
 
@@ -165,7 +166,7 @@ def _group_points(
     example: torch.Tensor,
 ) -> list[dict[str, Any]]:
     points: list[dict[str, Any]] = []
-    seen: dict[int, dict[str, Any]] = {}  # width after pruning -> its point
+    seen: dict[int, dict[str, Any]] = {}  # parameters left -> the point (round_to can repeat a width)
     for ratio in sorted(settings["ratios"]):
         pruned = copy.deepcopy(model)
         report = prune_structured(
@@ -176,12 +177,13 @@ def _group_points(
             round_to=settings["round_to"],
             example_input=example,
         )
-        width = _widths_changed(report).get(name, report["widths"][name][0])
-        if width not in seen:
-            acc = float(score(pruned)) if width != report["widths"][name][0] else reference
+        left = int(report["params_after"])
+        if left not in seen:
+            acc = float(score(pruned)) if left != report["params_before"] else reference
             removed = (macs - report["macs_after"]) / macs
-            seen[width] = {"macs_removed": removed, "val_acc": acc, "drop": search.drop_points(reference, acc)}
-        points.append({"ratio": float(ratio), "channels_after": width, **seen[width]})
+            seen[left] = {"macs_removed": removed, "val_acc": acc, "drop": search.drop_points(reference, acc)}
+        width = report["widths"].get(name, [None, None])[1]
+        points.append({"ratio": float(ratio), "channels_after": width, **seen[left]})
     return points
 
 
