@@ -24,7 +24,7 @@ import time
 import traceback
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch._inductor.config
@@ -132,7 +132,7 @@ def _residual_maxpools(gm: GraphModule) -> list[str] | None:
     return names
 
 
-def _quantizer(gm: GraphModule, *, is_qat: bool) -> X86InductorQuantizer:
+def _quantizer(gm: GraphModule, *, is_qat: bool, fp32_modules: Sequence[str] = ()) -> X86InductorQuantizer:
     # Without set_global the quantizer annotates nothing and prepare/convert silently return fp32.
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=is_qat))
     pools = _residual_maxpools(gm)
@@ -142,11 +142,13 @@ def _quantizer(gm: GraphModule, *, is_qat: bool) -> X86InductorQuantizer:
     for name in pools or ():
         log.info("leaving max-pool %s in fp32 (it feeds a residual add)", name)
         quantizer.set_module_name_qconfig(name, None)
+    for name in fp32_modules:  # a module name wins over the global config
+        quantizer.set_module_name_qconfig(name, None)
     return quantizer
 
 
-def _prepare(gm: GraphModule, *, is_qat: bool) -> GraphModule:
-    quantizer = _quantizer(gm, is_qat=is_qat)
+def _prepare(gm: GraphModule, *, is_qat: bool, fp32_modules: Sequence[str] = ()) -> GraphModule:
+    quantizer = _quantizer(gm, is_qat=is_qat, fp32_modules=fp32_modules)
     prepared = (prepare_qat_pt2e if is_qat else prepare_pt2e)(gm, quantizer)
     if _observer_count(prepared) == 0:
         raise RuntimeError("the quantizer annotated nothing: no observer was inserted (is a global config set?)")
@@ -173,15 +175,19 @@ def _require_quantized(converted: GraphModule) -> GraphModule:
     return converted
 
 
-def quantize_int8(model: nn.Module, calib: Iterable[torch.Tensor], example: torch.Tensor) -> GraphModule:
+def quantize_int8(
+    model: nn.Module, calib: Iterable[torch.Tensor], example: torch.Tensor, *, fp32_modules: Sequence[str] = ()
+) -> GraphModule:
     """Post-training static int8 (per-channel weights, per-tensor activations) for x86 inductor.
 
     ``calib`` yields input batches normalised like training inputs (a few hundred images are enough for
     min/max observers). The model is copied to the CPU first: folding BatchNorm into the convolutions
     must not touch the caller's weights. Raises if no quantize op ended up in the graph.
+    ``fp32_modules`` (qualified module names, e.g. ``layer1.1.conv2``) stay in fp32: their inputs are
+    not quantized for them (:mod:`pipeline.compress.budget.int8` picks them to meet an accuracy budget).
     """
     model = copy.deepcopy(model).cpu()
-    prepared = _prepare(export_model(model, example.cpu()).module(), is_qat=False)
+    prepared = _prepare(export_model(model, example.cpu()).module(), is_qat=False, fp32_modules=fp32_modules)
     batches = 0
     with torch.no_grad():
         for x in calib:

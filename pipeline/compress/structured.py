@@ -23,7 +23,7 @@ from pipeline.compress.unstructured import unwrap_model
 
 log = logging.getLogger("pipeline.compress.structured")
 
-__all__ = ["IMPORTANCES", "channel_widths", "prune_structured", "resize_to_state_dict"]
+__all__ = ["IMPORTANCES", "channel_widths", "ignored_layers", "prune_structured", "resize_to_state_dict"]
 
 IMPORTANCES = ("l1", "l2")
 
@@ -50,6 +50,26 @@ def _shortcut_a_ignored(model: nn.Module) -> list[nn.Module]:
         return []
     stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     return [stem] + [cast(nn.Module, m.conv2) for m in model.modules() if isinstance(m, BasicBlock)]
+
+
+def ignored_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose output channels are never pruned: the classifier (last Linear) and, in option-A
+    ResNets, the residual-stream convs (see ``_shortcut_a_ignored``)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:] + _shortcut_a_ignored(model)
+
+
+def _ratio_dict(model: nn.Module, ratios: Mapping[str, float]) -> dict[nn.Module, float]:
+    """{module: ratio} for torch-pruning's ``pruning_ratio_dict`` from {qualified name: ratio}."""
+    modules = dict(model.named_modules())
+    out: dict[nn.Module, float] = {}
+    for name, r in ratios.items():
+        if name not in modules:
+            raise ValueError(f"ratios names {name!r}, which is no module of {type(model).__name__}")
+        if not 0.0 <= float(r) < 1.0:
+            raise ValueError(f"ratio of {name} must be in [0, 1), got {r}")
+        out[modules[name]] = float(r)
+    return out
 
 
 def _channel_count(module: nn.Module, kind: str) -> int:
@@ -107,8 +127,13 @@ def prune_structured(
     iterative_steps: int = 1,
     example_input: torch.Tensor,
     record_removed: bool = False,
+    ratios: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Remove ``ratio`` of the channels of every prunable layer group in place, by L1/L2 group magnitude.
+
+    ``ratios`` ({qualified module name: ratio}) overrides ``ratio`` for the group that module's output
+    channels belong to (torch-pruning's ``pruning_ratio_dict``; name one conv per group, e.g. the
+    group's first): per-group ratios of :mod:`pipeline.compress.budget`.
 
     The classifier (last Linear) keeps its outputs; option-A ResNets also keep their residual-stream
     widths (see ``_shortcut_a_ignored``). ``round_to`` keeps channel counts multiples of it (fast
@@ -141,20 +166,21 @@ def prune_structured(
     input_size = (1, *example_input.shape[1:])
     widths_before = channel_widths(model)
     params_before, macs_before = _n_params(model), count_macs(model, input_size)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    ignored = linears[-1:] + _shortcut_a_ignored(model)
+    ignored = ignored_layers(model)
+    ratio_dict = _ratio_dict(model, ratios or {})
 
     removed = _RemovedChannels(names)
     was_training = model.training
     model.eval()  # the tracing forward must not move BatchNorm running statistics
     try:
-        if ratio > 0:
+        if ratio > 0 or any(r > 0 for r in ratio_dict.values()):
             imp = tp.importance.GroupMagnitudeImportance(p=1 if importance == "l1" else 2)
             pruner = tp.pruner.BasePruner(
                 model,
                 example_input,
                 importance=imp,
                 pruning_ratio=ratio,
+                pruning_ratio_dict=ratio_dict or None,
                 iterative_steps=iterative_steps,
                 round_to=round_to,
                 ignored_layers=ignored,
@@ -178,6 +204,7 @@ def prune_structured(
 
     report: dict[str, Any] = {
         "ratio": float(ratio),
+        **({"ratios": {k: float(v) for k, v in ratios.items()}} if ratios else {}),
         "importance": importance,
         "round_to": int(round_to),
         "iterative_steps": int(iterative_steps),
