@@ -58,7 +58,7 @@ import torch
 from omegaconf import OmegaConf
 
 import pipeline
-from pipeline.artifacts import save_model
+from pipeline.models.files import save_model
 from pipeline.compress.quantize import (
     compile_int8,
     file_sizes,
@@ -851,7 +851,7 @@ def form_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch._inductor  # imported before any clock starts, in every mode alike
     from torch._dynamo.utils import counters
 
-    from pipeline.artifacts import load_int8_package, load_model
+    from pipeline.models.files import load_int8_package, load_model
 
     torch.set_num_threads(spec["threads"])
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["cache"]

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.manifest import comment_of
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs.manifest import comment_of
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def submit(
     cluster's MaxArraySize.
 
     ``on_submitting(token, run ids)`` is called before each sbatch, whose array carries the comment
-    ``pipeline.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token, job records)`` as soon as each
+    ``pipeline.jobs.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token, job records)`` as soon as each
     array (or local job, token None) is queued, before the next one is submitted, so that a kill midway
     leaves a record of what is queued. An array that sbatch refuses is listed in
     ``Submission.rejected`` (with its token) and the others are still submitted; once the
@@ -441,7 +441,7 @@ def wait(
     def elsewhere_running() -> bool:
         if not sub.elsewhere or still_active is None:
             return False
-        from pipeline.slurm_cli import SlurmUnreachable
+        from pipeline.jobs.slurm import SlurmUnreachable
 
         try:
             return bool(still_active([r.id for r in sub.elsewhere]))
@@ -492,11 +492,11 @@ def active_jobs(
     """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all.
     ``records``: job id -> its manifest entry (local jobs are recognised by more than their id);
     ``sweep_dir``: the manifest's sweep (see :func:`local_job_identity`). Raises
-    :class:`pipeline.slurm_cli.SlurmUnreachable` when squeue does not answer."""
+    :class:`pipeline.jobs.slurm.SlurmUnreachable` when squeue does not answer."""
     slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
     states: dict[str, str] = {}
     if slurm_ids:
-        from pipeline import slurm_cli
+        from pipeline.jobs import slurm as slurm_cli
 
         states = {j: s for j, s in slurm_cli.job_states(slurm_ids, strict=True).items() if s in slurm_cli.ACTIVE_STATES}
     records = records or {}
@@ -544,7 +544,7 @@ def job_is_active(
             return False
         return ident.is_alive() if ident.on_this_machine() else True
     if cluster == "slurm":
-        from pipeline import slurm_cli
+        from pipeline.jobs import slurm as slurm_cli
 
         return slurm_cli.job_states([job_id]).get(job_id, "") in slurm_cli.ACTIVE_STATES
     return False

@@ -121,7 +121,7 @@ def execute(run_dir: str | Path) -> str:
     the log path) and raised again, so the scheduler marks the job failed too. In a multi-task job every
     rank runs this; only rank 0 writes the log file and the metrics.
     """
-    from pipeline import endings, owner, preempt
+    from pipeline.jobs import endings, owner, preempt
 
     run = RunDir(Path(run_dir))
     if not run.config.is_file():  # never create a run folder here: sweep or prepare_single writes it
@@ -317,7 +317,7 @@ def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir, extra
 
 
 def _unreadable_model(e: BaseException) -> bool:
-    from pipeline.artifacts import UnreadableModel  # (torch: a stage has run, it is loaded already)
+    from pipeline.models.files import UnreadableModel  # (torch: a stage has run, it is loaded already)
 
     return isinstance(e, UnreadableModel)
 
@@ -328,7 +328,7 @@ def _mark_maker_failed(run: RunDir, stores: dict[str, Path | None], stage: str, 
     an error naming the file (its figures kept), so that ``--rerun failed`` makes the file again instead
     of redoing only ``stage``, which would fail the same way (a shared store is moved aside then, as for
     any failed shared stage). Returns the fields that say so in ``stage``'s own failure record."""
-    from pipeline.artifacts import UnreadableModel
+    from pipeline.models.files import UnreadableModel
 
     if not isinstance(e, UnreadableModel):
         return {}
@@ -498,7 +498,7 @@ def execute_many(run_dirs: Sequence[str | Path]) -> dict[str, str]:
     if os.environ.get("SUBMITIT_EXECUTOR") == "local" and os.environ.get("SUBMITIT_LOCAL_JOB_ID", "").isdigit():
         # submitit's local controller (the job id users see) forwards SIGTERM and SIGINT to this process
         # but cannot forward SIGKILL: without this a `kill -9` of it would leave the training orphaned.
-        from pipeline.procs import die_with_parent
+        from pipeline.jobs.procs import die_with_parent
 
         die_with_parent(expected_parent=int(os.environ["SUBMITIT_LOCAL_JOB_ID"]))
     out: dict[str, str] = {}
@@ -529,7 +529,7 @@ def prepare_single(config: Path, overrides: Sequence[str], out: Path) -> RunDir:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline import cli
+    from pipeline import console as cli
 
     p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.split("\n\n")[0])
     p.add_argument("target", type=Path, help="a run folder (holding config.yaml) or a config YAML file")

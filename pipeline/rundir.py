@@ -10,7 +10,7 @@ and collect/status (read them). Torch-free.
         checkpoints/         last.pt (training), prune.pt, qat.pt: written atomically every epoch
         models/              trained.pt, pruned.pt, int8.pt2, fp16.pt: every model the run made
         tb/                  TensorBoard event files (tb/prune, tb/qat: fine-tunes; tb/sparsity: by step)
-        ending.json          how the last job stopped early on a signal (pipeline.endings), if it did
+        ending.json          how the last job stopped early on a signal (pipeline.jobs.endings), if it did
         archive/<time>/      what --rerun moved aside (nothing is deleted; tb/ packed as tb.tar)
         shared.json          where a shared training lives (pipeline.share); then metrics/train.json,
                              models/trained.pt, progress.json, train.log and tb/train are relative

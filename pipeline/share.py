@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import settled
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import (
     SHARED_LINKS,
     SHARED_POINTER,
@@ -319,7 +319,7 @@ def claim(
     submission, which the manifest gives the run's job once it is queued (:func:`owner_job`).
 
     Not fsynced: the caller syncs the file system once before submitting (:func:`pipeline.sweep.sync_files`)."""
-    from pipeline.submitlock import link_exclusive
+    from pipeline.submit.lock import link_exclusive
 
     store.mkdir(parents=True, exist_ok=True)
     path = store / OWNER_RECORD
@@ -394,7 +394,7 @@ _MANIFESTS: dict[Path, tuple[tuple[int, int], dict[str, dict[str, Any]]]] = {}
 def _manifest_runs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     """The ``runs`` of a sweep's manifest, parsed again only when the file changed (thousands of owner
     records may name one sweep)."""
-    from pipeline.manifest import manifest_path, read_manifest
+    from pipeline.jobs.manifest import manifest_path, read_manifest
 
     try:
         st = manifest_path(sweep_dir).stat()

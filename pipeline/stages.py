@@ -4,7 +4,7 @@
 They reuse the training stage's pieces (:func:`pipeline.train.setup`, :func:`pipeline.train.fit`,
 :func:`pipeline.train.evaluate`, the loaders), so a fine-tune is as deterministic, checkpointed,
 stoppable and exactly resumable as training. A stage whose method is ``none`` records that and costs
-nothing. Every model a stage makes is written under ``<run>/models/`` (:mod:`pipeline.artifacts`).
+nothing. Every model a stage makes is written under ``<run>/models/`` (:mod:`pipeline.models.files`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline.artifacts import (
+from pipeline.models.files import (
     FP16,
     INT8,
     INT8_PACKAGE,

@@ -18,24 +18,25 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline import cli, slurm_cli
+from pipeline import console as cli
+from pipeline.jobs import slurm as slurm_cli
 from pipeline.config import COMMAND_LINE, ConfigError
-from pipeline.endings import STATES, RunJob, classify, run_jobs
+from pipeline.jobs.endings import STATES, RunJob, classify, run_jobs
 from pipeline.launch import local_job_identity
-from pipeline.manifest import read_manifest
+from pipeline.jobs.manifest import read_manifest
 from pipeline.rundir import RunDir, survey
 
 
 @dataclass
 class RunState:
     run: RunDir
-    state: str  # a word of pipeline.endings.STATES
+    state: str  # a word of pipeline.jobs.endings.STATES
     job_id: str
     job_state: str  # the scheduler's word, or "" when it has none
     epoch: str
     val_acc_best: float | None
     elapsed_s: float | None
-    reason: str = ""  # why it is in that state (pipeline.endings.classify), "" when the word says all
+    reason: str = ""  # why it is in that state (pipeline.jobs.endings.classify), "" when the word says all
     note: str = ""  # what the user should know: a fallback checkpoint, a failed write to resume
     problems: list[str] = field(default_factory=list)  # unreadable files, each naming its file
     cluster: str = ""  # the job's scheduler: slurm | local | "" (started by hand, or none)
@@ -52,7 +53,7 @@ def run_states(sweep_dir: Path) -> list[RunState]:
 
 def sweep_states(sweep_dir: Path) -> tuple[list[RunState], list[str]]:
     """(each run's state, what is wrong with the sweep's own files: folders that are no runs, an
-    unreadable manifest.json), from the run folders and the jobs they name (pipeline.endings.run_jobs)."""
+    unreadable manifest.json), from the run folders and the jobs they name (pipeline.jobs.endings.run_jobs)."""
     runs, strays = survey(sweep_dir)
     jobs, manifest_problem = run_jobs(sweep_dir, runs)
     return [_run_state(run, jobs[run.id]) for run in runs], sweep_problems(strays, manifest_problem)

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
-from pipeline import cli, manifest
+from pipeline import console as cli
+from pipeline.jobs import manifest
 from pipeline.config import (
     COMMAND_LINE,
     Composer,
@@ -738,7 +739,7 @@ def update_manifest(
 ) -> Path:
     """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history), with what
     else identifies the job (``job_records``, by job id: a local job's process start time); written
-    atomically. Called once per array, as soon as sbatch answers (see :mod:`pipeline.manifest`)."""
+    atomically. Called once per array, as soon as sbatch answers (see :mod:`pipeline.jobs.manifest`)."""
     return manifest.record_submitted(sweep_dir, cluster, job_ids, job_records=job_records)
 
 
@@ -749,8 +750,9 @@ def active_run_ids(sweep_dir: Path, only: Sequence[str] | None = None) -> set[st
     """Runs of this sweep (of ``only``, when given) whose last job is still queued or running, or that a
     live job owns (so they are not submitted twice). A local job that has already ended a run (its
     folder records done, diverged or failed) no longer holds that run, even while the job goes on or is
-    still exiting. Raises :class:`pipeline.slurm_cli.SlurmUnreachable` when Slurm cannot say."""
-    from pipeline import launch, owner
+    still exiting. Raises :class:`pipeline.jobs.slurm.SlurmUnreachable` when Slurm cannot say."""
+    from pipeline import launch
+    from pipeline.jobs import owner
 
     entries = manifest.read_manifest(sweep_dir)["runs"]
     if only is not None:
@@ -772,8 +774,8 @@ def wait_for_exiting_jobs(sweep_dir: Path, run_ids: Sequence[str], timeout_s: fl
     """Wait until no live job owns the folders of ``run_ids`` (jobs that recorded their run's end and are
     exiting: :func:`active_run_ids` no longer counts them), so a resubmitted job does not find its folder
     still held. Returns the runs still held after ``timeout_s``."""
-    from pipeline import owner
-    from pipeline.procs import ProcessIdentity
+    from pipeline.jobs import owner
+    from pipeline.jobs.procs import ProcessIdentity
 
     def held_here(rid: str) -> bool:  # a job on another host is Slurm's to end before the new one starts
         record = owner.live_owner(RunDir(sweep_dir / rid))
@@ -873,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with cli.exit_on_config_error():
             check_gpus(spec, runs, _cluster_for(args, sweep_dir)[0])
 
-    from pipeline.submitlock import LockHeld, SubmitLock
+    from pipeline.submit.lock import LockHeld, SubmitLock
 
     # One submitter per sweep at a time: two would both see every run as not queued and both submit it.
     lock = SubmitLock(sweep_dir, on_recover=lambda message: console.print(f"[yellow]{message}[/]"))
@@ -929,7 +931,7 @@ def _write_only(
 def _cluster_for(args: argparse.Namespace, sweep_dir: Path) -> tuple[str, str | None]:
     """(the cluster to submit to, why submitting now is impossible or None). A sweep whose manifest
     names Slurm jobs is not silently moved to the local executor by ``auto`` when the controller is down."""
-    from pipeline import slurm_cli
+    from pipeline.jobs import slurm as slurm_cli
 
     if args.cluster == "auto":
         if slurm_cli.controller_answers():
@@ -950,7 +952,8 @@ def _submit(
 ) -> tuple[int, Submission | None, str]:
     """Plan, write the run folders and submit, recording each array in the manifest as soon as it is
     queued; returns (exit code, submission, cluster)."""
-    from pipeline import launch, slurm_cli
+    from pipeline import launch
+    from pipeline.jobs import slurm as slurm_cli
 
     cluster, impossible = _cluster_for(args, sweep_dir)
     try:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from pipeline.artifacts import TRAINED, arch_of, atomic_torch_save, save_model
+from pipeline.models.files import TRAINED, arch_of, atomic_torch_save, save_model
 from pipeline.models import build_model
 from pipeline.rundir import RunDir, atomic_write_json
 
@@ -636,10 +636,10 @@ class FitResult:
 
 def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[str, Any] | None = None) -> FitResult:
     """Train ``model`` for ``phase.epochs`` epochs (resuming from ``ckpt``, a loaded ``phase.checkpoint``,
-    when given), validating after every epoch; raises :class:`pipeline.preempt.Preempted` after a
+    when given), validating after every epoch; raises :class:`pipeline.jobs.preempt.Preempted` after a
     mid-epoch checkpoint when a stop signal arrives. With several ranks every rank calls this; only
     rank 0 writes files."""
-    from pipeline.preempt import STOP, Preempted
+    from pipeline.jobs.preempt import STOP, Preempted
 
     cfg, device, dist, amp_dtype = ctx.cfg, ctx.device, ctx.dist, ctx.amp_dtype
     train_loader, val_loader = ctx.train_loader, ctx.val_loader
@@ -929,7 +929,7 @@ def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     the trained model as models/trained.pt. With ``prune.during: train`` the sparsity schedule runs
     inside this loop, from scratch.
 
-    Raises :class:`pipeline.preempt.Preempted` after saving a mid-epoch checkpoint when a stop signal
+    Raises :class:`pipeline.jobs.preempt.Preempted` after saving a mid-epoch checkpoint when a stop signal
     arrives. With several ranks every rank calls this; only rank 0 writes files.
     """
     ctx = setup(cfg)

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.artifacts import TRAINED, arch_of, save_model
+from pipeline.models.files import TRAINED, arch_of, save_model
 from pipeline.config import load_config
 from pipeline.models import build_model
 from pipeline.rundir import RunDir

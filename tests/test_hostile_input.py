@@ -514,7 +514,7 @@ def test_disk_full_while_writing_run_folders_is_reported_with_the_path(project, 
 def test_exit_on_os_error_lets_other_errors_through(capsys):
     import errno
 
-    from pipeline import cli
+    from pipeline import console as cli
 
     with pytest.raises(SystemExit) as e, cli.exit_on_os_error():
         raise PermissionError(errno.EACCES, "Permission denied", "/x/results.md")

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import launch, owner, sweep
-from pipeline.procs import ProcessIdentity
+from pipeline import launch, sweep
+from pipeline.jobs import owner
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import RunDir, list_runs
 from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline import share
 from pipeline.config import load_config, run_id, tree_run_id
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import SHARED_TRAIN_LINKS, RunDir, atomic_write_json
 
 

@@ -50,7 +50,7 @@ def run_job(tmp_path: Path, root: Path, *extra: str, out: str = "runs") -> RunDi
 
 FRESH_ACCURACY = """
 import json, sys, torch
-from pipeline.artifacts import load_model
+from pipeline.models.files import load_model
 from pipeline.config import from_run_file
 from pipeline.train import evaluate, make_loaders
 run = sys.argv[1]

@@ -74,8 +74,8 @@ MMAP_THRESHOLD = 4096
 def save_model_file(
     path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int, shortcut: str = "A", norm: str = "batch"
 ) -> Path:
-    """:func:`pipeline.artifacts.save_model` with the architecture given by its parts."""
-    from pipeline.artifacts import save_model
+    """:func:`pipeline.models.files.save_model` with the architecture given by its parts."""
+    from pipeline.models.files import save_model
 
     save_model(Path(path), model, {"name": name, "num_classes": int(num_classes), "shortcut": shortcut, "norm": norm})
     return Path(path)
@@ -91,17 +91,17 @@ def _read_model_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str
 
 
 def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of a :data:`MODEL_FORMAT` file in eval mode and its dtype (:func:`pipeline.artifacts.load_model`:
+    """The model of a :data:`MODEL_FORMAT` file in eval mode and its dtype (:func:`pipeline.models.files.load_model`:
     weights only, pruned shapes rebuilt from the tensors)."""
-    from pipeline.artifacts import load_model
+    from pipeline.models.files import load_model
 
     return load_model(Path(path), device)[0]
 
 
 def _load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """:func:`pipeline.artifacts.load_pt2`: the archive checked first (nothing pickled, no code), torchao's
+    """:func:`pipeline.models.files.load_pt2`: the archive checked first (nothing pickled, no code), torchao's
     quantization ops registered, any failure one ``UnreadableModel`` naming the file."""
-    from pipeline.artifacts import load_pt2
+    from pipeline.models.files import load_pt2
 
     return load_pt2(Path(path))
 
@@ -113,8 +113,8 @@ def load_from_spec(
 
     ``{"kind": "state_dict", "path": P}``: a :data:`MODEL_FORMAT` file (:func:`load_model_file`), moved to
     channels_last if asked. ``{"kind": "pt2", "path": P}``: ``torch.export.load(P).module()`` (through
-    :func:`pipeline.artifacts.load_pt2`). ``{"kind": "package", "path": P, "sha256": H, "program": Q}``: the
-    AOTInductor package P (:func:`pipeline.artifacts.load_int8_package`: only when its sha256 is H),
+    :func:`pipeline.models.files.load_pt2`). ``{"kind": "package", "path": P, "sha256": H, "program": Q}``: the
+    AOTInductor package P (:func:`pipeline.models.files.load_int8_package`: only when its sha256 is H),
     compiled already; the exported program Q it was compiled from gives its parameter count.
     ``"compile": true`` wraps either in ``torch.compile`` with inductor freezing
     (:func:`pipeline.compress.quantize.compile_int8`;
@@ -156,7 +156,7 @@ class _PackageRunner:
     exported int8 program it was compiled from, is loaded only when something counts its parameters."""
 
     def __init__(self, path: Path, sha256: str, program: str | None) -> None:
-        from pipeline.artifacts import load_int8_package
+        from pipeline.models.files import load_int8_package
 
         self._run = load_int8_package(path, sha256)
         self._program = program

@@ -33,7 +33,7 @@ JOB_STATES = {
     "DEADLINE": "timed out",
 }
 LOG_TAIL_BYTES = 64 * 1024
-# pipeline.endings' state words -> this report's words
+# pipeline.jobs.endings' state words -> this report's words
 NAMED_ENDINGS = {
     "cancelled": "cancelled",
     "time-limit": "time limit",
@@ -68,7 +68,7 @@ def classify(sweep_dir: Path, records: Sequence[Record]) -> tuple[dict[str, Clas
     ``pipeline.status.sweep_states`` (squeue/sacct, the local executor's processes, the jobs the run
     folders name); runs it does not know keep the state their files give. A scheduler that cannot be
     asked is no reason to fail: the files' word stands."""
-    from pipeline.manifest import checked_manifest
+    from pipeline.jobs.manifest import checked_manifest
     from pipeline.status import job_log, sweep_problems, sweep_states
 
     out = {r.id: Classified(r.status) for r in records}
@@ -181,7 +181,7 @@ def failure(r: Record, c: Classified) -> Failure | None:
             return Failure(r, "running", "started, no epoch finished yet", log)
         queued = f"in the queue as job {c.job_id}" + (f" ({c.job_state})" if c.job_state else "")
         return Failure(r, "pending", queued if c.job_id else "not submitted yet", log)
-    if c.state in NAMED_ENDINGS:  # pipeline.endings named how the job ended (sacct, or the job's record)
+    if c.state in NAMED_ENDINGS:  # pipeline.jobs.endings named how the job ended (sacct, or the job's record)
         return Failure(r, NAMED_ENDINGS[c.state], c.reason, log)
     word = (JOB_STATES.get(c.job_state.split()[0], "") if c.job_state else "") or _log_sign(r.run.log, c.job_log)
     if r.status == "failed":

@@ -9,7 +9,7 @@ import json
 import math
 from typing import Any, Sequence
 
-from pipeline import cli
+from pipeline import console as cli
 from pipeline.report.failures import Failure
 from pipeline.report.tables import Column, Stat, Table, best_rows, number
 

@@ -1,5 +1,5 @@
 """Where a run stands, or how it ended, as one word and a reason: the classification that ``status`` and
-``collect`` share. Torch-free; Slurm is asked through :mod:`pipeline.slurm_cli` only.
+``collect`` share. Torch-free; Slurm is asked through :mod:`pipeline.jobs.slurm` only.
 
 The words (:data:`STATES`):
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline import slurm_cli
+from pipeline.jobs import slurm as slurm_cli
 from pipeline.rundir import RunDir, atomic_write_json, read_mapping
 
 STATES = (
@@ -175,8 +175,8 @@ def run_jobs(sweep_dir: Path, runs: Sequence[RunDir]) -> tuple[dict[str, RunJob]
 
     Slurm is asked once (squeue, then sacct) for every job named."""
     from pipeline.launch import job_is_active
-    from pipeline.manifest import checked_manifest
-    from pipeline.owner import OWNER_FILE, owner_alive, read_owner
+    from pipeline.jobs.manifest import checked_manifest
+    from pipeline.jobs.owner import OWNER_FILE, owner_alive, read_owner
 
     manifest, problem = checked_manifest(sweep_dir)
     owners = {run.id: read_owner(run) or ({}, 0.0) for run in runs}
@@ -211,7 +211,7 @@ def run_jobs(sweep_dir: Path, runs: Sequence[RunDir]) -> tuple[dict[str, RunJob]
 
 def _named_jobs(owner: dict[str, Any], ending: dict[str, Any] | None) -> list[tuple[str, str]]:
     """The Slurm jobs a run folder names, latest first: (job id, file) from ending.json and owner.json."""
-    from pipeline.owner import OWNER_FILE
+    from pipeline.jobs.owner import OWNER_FILE
 
     jobs = [(str((ending or {}).get("job_id") or ""), ENDING_FILE)]
     jobs.append((str(owner.get("job") or "") if owner.get("cluster") == "slurm" else "", OWNER_FILE))

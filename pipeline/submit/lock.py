@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-log = logging.getLogger("pipeline.submitlock")
+log = logging.getLogger("pipeline.submit.lock")
 
 LOCK_NAME = ".submit.lock"
 HEARTBEAT_S = 30.0  # how often a holder touches its lock

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import (
     FIELDS,
     RunDir,
@@ -39,7 +39,7 @@ from pipeline.rundir import (
     unguard_folder,
 )
 
-log = logging.getLogger("pipeline.owner")
+log = logging.getLogger("pipeline.jobs.owner")
 
 OWNER_FILE = "owner.json"
 WATCH_S = float(os.environ.get("PIPELINE_WATCH_S", "2"))  # how often the folder is checked (a stat)
@@ -150,7 +150,7 @@ class Ownership:
             return
         if not self.also or not self.run.config.exists():
             return
-        from pipeline import endings, preempt
+        from pipeline.jobs import endings, preempt
 
         reason = f"{error}; submit the sweep again to redo it"
         endings.write_ending(self.run, "failed", reason, job_id=preempt.slurm_job_id())

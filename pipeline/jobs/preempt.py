@@ -17,7 +17,7 @@ import signal
 from types import FrameType
 from typing import Any
 
-log = logging.getLogger("pipeline.preempt")
+log = logging.getLogger("pipeline.jobs.preempt")
 
 HANDLED = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -69,7 +69,7 @@ def slurm_job_id() -> str | None:
 def handle(p: Preempted, max_requeues: int) -> tuple[str | None, str]:
     """After a stage stopped on a signal: requeue on SIGUSR2 (time limit) within ``max_requeues``.
 
-    Returns (how the run ended as a word of :data:`pipeline.endings.STATES`, or None when it goes on in
+    Returns (how the run ended as a word of :data:`pipeline.jobs.endings.STATES`, or None when it goes on in
     a requeued job; what happened, for the log). On SIGTERM Slurm is already requeueing or cancelling
     the job; which of the two, the job cannot tell (sacct can).
     """
@@ -84,7 +84,7 @@ def handle(p: Preempted, max_requeues: int) -> tuple[str | None, str]:
             f"time limit near and slurm.max_requeues={max_requeues} requeues used: not requeued; "
             "submit the sweep again to resume"
         )
-    from pipeline import slurm_cli
+    from pipeline.jobs import slurm as slurm_cli
 
     if slurm_cli.requeue(job):
         return None, f"time limit near: job {job} requeued ({restarts + 1}/{max_requeues})"
