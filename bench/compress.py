@@ -69,7 +69,9 @@ from pipeline.compress.quantize import (
 )
 from pipeline.compress.structured import prune_structured
 from pipeline.compress.unstructured import MagnitudePruner
-from pipeline.data import DeviceLoader, Split, load_cifar, write_synthetic
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split, load_cifar
+from pipeline.data.synthetic import write_synthetic
 from pipeline.models import build_model
 from pipeline.train import build_optimizer, evaluate, train_one_epoch
 

@@ -212,7 +212,7 @@ def train_steps(model, loader, optimizer, n: int, *, epoch: int = 0, amp_dtype=N
 
 def device_loader(check: Check, batch: int, *, channels_last: bool = True):
     """The project's DeviceLoader over the training split, augmented and shuffled as in training."""
-    from pipeline.data import DeviceLoader
+    from pipeline.data.loaders import DeviceLoader
 
     d = check.data
     return DeviceLoader(
@@ -368,7 +368,7 @@ def path_compile(check: Check) -> Result:
 
 def path_loader(check: Check) -> Result:
     from bench.loader import time_epoch
-    from pipeline.data import DeviceLoader, dataloader_loader
+    from pipeline.data.loaders import DeviceLoader, dataloader_loader
     from pipeline.train import _ToDevice
 
     d, s, dev = check.data, check.sizes, check.device
@@ -461,7 +461,7 @@ def path_fast(check: Check) -> Result:
 
 def _airbench_data(check: Check) -> Path:
     """airbench's own format (NHWC uint8 train.pt / test.pt in ./cifar10) of the same synthetic files."""
-    from pipeline.data import load_cifar
+    from pipeline.data.cifar import load_cifar
 
     d = load_cifar("cifar10", check.data_root, val_size=0)  # all 50,000: airbench trains on every image
     folder = check.work / "airbench" / "cifar10"
@@ -772,7 +772,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def prepare_data(check: Check) -> None:
     """The synthetic cifar10-layout files (the real on-disk format), then the splits paths 1-3 use."""
-    from pipeline.data import load_cifar, write_synthetic
+    from pipeline.data.cifar import load_cifar
+    from pipeline.data.synthetic import write_synthetic
 
     s = check.sizes
     write_synthetic(

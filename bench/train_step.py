@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import load_config
-from pipeline.data import DeviceLoader, Split
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split
 from pipeline.models import build_model
 from pipeline.train import build_optimizer, train_one_epoch
 

@@ -206,12 +206,12 @@ def source_model_file(run: RunDir, cfg: DictConfig) -> str:
 
 def _cpu_loaders(cfg: DictConfig):
     """(data, calibration loader, test loader) on the CPU, un-augmented: int8 is built for CPU inference."""
-    from pipeline import data as data_mod
+    from pipeline.data.loaders import DeviceLoader
     from pipeline.train import make_loaders
 
     cpu = torch.device("cpu")
     d, _, _, test = make_loaders(cfg, cpu)
-    calib = data_mod.DeviceLoader(
+    calib = DeviceLoader(
         d.train,
         int(cfg.train.batch_size),
         device=cpu,

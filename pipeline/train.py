@@ -492,9 +492,10 @@ def _all_sum(values: list[float], dist: Dist, device: torch.device) -> list[floa
 def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
     """(data, train loader, val loader, test loader) for a config; the train loader yields this rank's
     share of every global batch of ``train.batch_size`` images."""
-    from pipeline import data as data_mod
+    from pipeline.data.cifar import load_cifar
+    from pipeline.data.loaders import DeviceLoader, dataloader_loader
 
-    d = data_mod.load_cifar(
+    d = load_cifar(
         cfg.data.name,
         cfg.data.root,
         val_size=int(cfg.data.val_size),
@@ -509,7 +510,7 @@ def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
     shard: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, drop_last=drop_last)
     if cfg.data.loader == "dataloader":
         train: Any = _ToDevice(
-            data_mod.dataloader_loader(
+            dataloader_loader(
                 d.train,
                 bs,
                 augment=bool(cfg.data.augment),
@@ -523,7 +524,7 @@ def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
             bool(cfg.train.channels_last),
         )
     else:
-        train = data_mod.DeviceLoader(
+        train = DeviceLoader(
             d.train,
             bs,
             device=device,
@@ -534,8 +535,8 @@ def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
             **shard,
             **common,
         )
-    val = data_mod.DeviceLoader(d.val, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
-    test = data_mod.DeviceLoader(d.test, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
+    val = DeviceLoader(d.val, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
+    test = DeviceLoader(d.test, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
     return d, train, val, test
 
 

@@ -17,7 +17,8 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.data import DeviceLoader, Split
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split
 from pipeline.models import build_model
 from pipeline.train import Dist, train_one_epoch
 

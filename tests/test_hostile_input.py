@@ -61,7 +61,7 @@ def test_data_error_with_brackets_in_the_path_is_printed_as_text(tmp_path):
 
 @pytest.mark.parametrize("target", [eval, getattr, __import__, os.system])
 def test_read_cifar_pickle_refuses_every_other_global(tmp_path, target):
-    from pipeline.data import UnsafePickleError, read_cifar_pickle
+    from pipeline.data.cifar import UnsafePickleError, read_cifar_pickle
 
     class Crafted:
         def __reduce__(self):
@@ -76,7 +76,7 @@ def test_read_cifar_pickle_refuses_every_other_global(tmp_path, target):
 def test_codecs_encode_is_admitted_for_latin1_only(tmp_path):
     import _codecs
 
-    from pipeline.data import read_cifar_pickle
+    from pipeline.data.cifar import read_cifar_pickle
 
     class OtherCodec:
         def __reduce__(self):
@@ -89,7 +89,7 @@ def test_codecs_encode_is_admitted_for_latin1_only(tmp_path):
 
 
 def test_damaged_file_is_a_value_error_naming_it(tmp_path):
-    from pipeline.data import read_cifar_pickle
+    from pipeline.data.cifar import read_cifar_pickle
 
     p = tmp_path / "data_batch_1"
     p.write_bytes(pickle.dumps({"data": b"x" * 100}, protocol=2)[:-20])
@@ -99,7 +99,7 @@ def test_damaged_file_is_a_value_error_naming_it(tmp_path):
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_python3_pickles_of_every_protocol_still_read(tmp_path, protocol):
-    from pipeline.data import read_cifar_pickle
+    from pipeline.data.cifar import read_cifar_pickle
 
     data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     p = tmp_path / "data_batch_1"
@@ -115,7 +115,7 @@ def test_python3_pickles_of_every_protocol_still_read(tmp_path, protocol):
 
 
 def test_python2_style_and_synthetic_files_still_load(tmp_path, synthetic_root):
-    from pipeline.data import load_cifar, read_cifar_pickle
+    from pipeline.data.cifar import load_cifar, read_cifar_pickle
     from tests.test_data import _Py2Pickler, _to_bytes  # Python-2 str opcodes, as in the real files
 
     folder = _copy_data(synthetic_root, tmp_path)

@@ -17,7 +17,8 @@ from torch import nn
 from torch.export import Dim
 
 from pipeline.compress.measure import Artifact, format_table, load_model_file, measure_artifacts, save_model_file
-from pipeline.data import DeviceLoader, Split, load_cifar
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split, load_cifar
 from pipeline.models import build_model, count_macs
 from pipeline.train import evaluate
 

@@ -182,7 +182,8 @@ def test_compiled_training_runs_and_learns_like_eager(tmp_path, synthetic_root):
 def test_autocast_and_grad_scaler_branch_of_the_training_step(amp_dtype):
     """The low-precision branch of train_one_epoch (autocast, GradScaler, unscale + clipping) driven on
     the CPU with a tiny model: on a GPU the same lines run with CUDA autocast (no GPU here to run them)."""
-    from pipeline.data import DeviceLoader, Split
+    from pipeline.data.loaders import DeviceLoader
+    from pipeline.data.cifar import Split
     from pipeline.models import build_model
     from pipeline.train import EpochResult, train_one_epoch
 

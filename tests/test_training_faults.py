@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.data import DeviceLoader, Split
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split
 from pipeline.models import build_model
 from pipeline.rundir import RunDir, list_runs
 from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks, write
