@@ -44,9 +44,9 @@ from typing import Any, TypeGuard
 # (a dict with a "status" key), imported only inside the job.
 STAGES: dict[str, str] = {
     "train": "pipeline.train:train_stage",
-    "prune": "pipeline.stages:prune_stage",
-    "quantize": "pipeline.stages:quantize_stage",
-    "measure": "pipeline.stages:measure_stage",
+    "prune": "pipeline.stages.prune:prune_stage",
+    "quantize": "pipeline.stages.quantize:quantize_stage",
+    "measure": "pipeline.stages.measure:measure_stage",
 }
 # What each stage writes besides metrics/<stage>.json (relative to the run folder): ``--rerun failed``
 # moves aside the files of the failed stage and of those after it, and keeps the earlier ones.

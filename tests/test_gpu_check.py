@@ -136,7 +136,7 @@ def test_fp16_quantize_stage_evaluates_the_half_model_with_half_inputs(tmp_path,
     """quant.method=fp16 evaluates the half model only when CUDA is available. The loaders give fp32
     batches, which half weights refuse ("Input type ... and weight type ... should be the same") unless
     the inputs are cast. Pretending CUDA is available (no GPU here) runs that branch on the CPU."""
-    from pipeline.stages import quantize_stage
+    from pipeline.stages.quantize import quantize_stage
     from pipeline.train import evaluate, make_loaders
 
     cfg = load_config(

@@ -12,7 +12,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-
 DATASETS = ("cifar10", "cifar100", "synthetic")
 # Folder under the data root for each data set name (= write_synthetic layout).
 LAYOUT_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "synthetic": "synthetic-batches-py"}

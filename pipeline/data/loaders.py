@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-
 from typing import Iterator, Sequence
 
 import numpy as np
