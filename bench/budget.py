@@ -51,7 +51,7 @@ from pipeline.data.loaders import DeviceLoader
 from pipeline.data.cifar import load_cifar
 from pipeline.data.synthetic import write_synthetic
 from pipeline.models import build_model
-from pipeline.train import evaluate, train_one_epoch
+from pipeline.stages.loop import evaluate, train_one_epoch
 
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
 

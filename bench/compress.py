@@ -73,7 +73,8 @@ from pipeline.data.loaders import DeviceLoader
 from pipeline.data.cifar import Split, load_cifar
 from pipeline.data.synthetic import write_synthetic
 from pipeline.models import build_model
-from pipeline.train import build_optimizer, evaluate, train_one_epoch
+from pipeline.stages.setup import build_optimizer
+from pipeline.stages.loop import evaluate, train_one_epoch
 
 warnings.filterwarnings("ignore", message=".*To copy construct from a tensor.*")
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")

@@ -171,8 +171,8 @@ def sync(device: torch.device) -> None:
 
 
 def precision_note(precision: str, device: torch.device) -> str:
-    """What the project does with train.precision on this device (its own rule, pipeline.train)."""
-    from pipeline.train import autocast_dtype
+    """What the project does with train.precision on this device (its own rule, pipeline.stages.setup)."""
+    from pipeline.stages.setup import autocast_dtype
 
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said once already, by the path that trains
@@ -201,8 +201,8 @@ def count_steps(n: int) -> Callable[[], bool]:
 
 
 def train_steps(model, loader, optimizer, n: int, *, epoch: int = 0, amp_dtype=None, scaler=None, **kw):
-    """``n`` steps of pipeline.train.train_one_epoch from the start of ``epoch`` (its EpochResult)."""
-    from pipeline.train import train_one_epoch
+    """``n`` steps of pipeline.stages.loop.train_one_epoch from the start of ``epoch`` (its EpochResult)."""
+    from pipeline.stages.loop import train_one_epoch
 
     loader.set_epoch(epoch)
     return train_one_epoch(
@@ -229,7 +229,7 @@ def device_loader(check: Check, batch: int, *, channels_last: bool = True):
 
 
 def fresh_model(cfg, device: torch.device):
-    from pipeline.train import build_for_training, build_optimizer
+    from pipeline.stages.setup import build_for_training, build_optimizer
 
     model = build_for_training(cfg, CLASSES, device)
     return model, build_optimizer(cfg.optim, model.parameters())
@@ -250,7 +250,7 @@ def rate(res) -> float:
 
 
 def path_precision(check: Check, precision: str) -> Result:
-    from pipeline.train import autocast_dtype
+    from pipeline.stages.setup import autocast_dtype
 
     s = check.sizes
     r = Result(f"train-{precision}")
@@ -369,7 +369,7 @@ def path_compile(check: Check) -> Result:
 def path_loader(check: Check) -> Result:
     from bench.loader import time_epoch
     from pipeline.data.loaders import DeviceLoader, dataloader_loader
-    from pipeline.train import _ToDevice
+    from pipeline.stages.setup import _ToDevice
 
     d, s, dev = check.data, check.sizes, check.device
     batch = s.fast_batch
@@ -420,7 +420,8 @@ def fast_overrides(check: Check) -> list[str]:
 
 
 def path_fast(check: Check) -> Result:
-    from pipeline.train import evaluate, lr_factor, setup
+    from pipeline.stages.loop import evaluate
+    from pipeline.stages.setup import lr_factor, setup
 
     cfg = config(*fast_overrides(check))
     ctx = setup(cfg)
@@ -702,7 +703,7 @@ def ddp_rank_main(run_dir: str, backend: str) -> int:
 
 def _weight_update_gap(check: Check, a, b, cfg) -> float:
     """|update_a - update_b| / |update_b|: the two runs' weight changes from the same seeded start."""
-    from pipeline.train import build_for_training
+    from pipeline.stages.setup import build_for_training
 
     start = build_for_training(cfg, CLASSES, torch.device("cpu")).state_dict()
     wa = torch.load(a.checkpoints / "last.pt", map_location="cpu", weights_only=True)["model"]

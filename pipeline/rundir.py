@@ -43,7 +43,7 @@ from typing import Any, TypeGuard
 # The stages of every run, in order: name -> "module:function", each ``stage(run, cfg) -> metrics``
 # (a dict with a "status" key), imported only inside the job.
 STAGES: dict[str, str] = {
-    "train": "pipeline.train:train_stage",
+    "train": "pipeline.stages.train:train_stage",
     "prune": "pipeline.stages.prune:prune_stage",
     "quantize": "pipeline.stages.quantize:quantize_stage",
     "measure": "pipeline.stages.measure:measure_stage",

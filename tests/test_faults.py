@@ -357,7 +357,7 @@ def test_crafted_checkpoint_and_model_file_are_refused_without_running_code(tmp_
     import torch
 
     from pipeline.models import files as artifacts
-    from pipeline.train import load_checkpoint
+    from pipeline.stages.checkpoint import load_checkpoint
 
     marker = tmp_path / "code-ran"
 

@@ -20,7 +20,7 @@ from pipeline.compress.measure import Artifact, format_table, load_model_file, m
 from pipeline.data.loaders import DeviceLoader
 from pipeline.data.cifar import Split, load_cifar
 from pipeline.models import build_model, count_macs
-from pipeline.train import evaluate
+from pipeline.stages.loop import evaluate
 
 KEYS = {
     "name",

@@ -101,7 +101,7 @@ class _PoisonAt:
 
 
 def test_nan_loss_ends_the_epoch_within_nan_check_steps_and_names_the_step():
-    from pipeline.train import train_one_epoch
+    from pipeline.stages.loop import train_one_epoch
 
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (320, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(320) % 10)
@@ -121,7 +121,7 @@ def test_nan_loss_ends_the_epoch_within_nan_check_steps_and_names_the_step():
 
 
 def test_healthy_epoch_reports_no_divergence_and_its_last_loss():
-    from pipeline.train import train_one_epoch
+    from pipeline.stages.loop import train_one_epoch
 
     g = torch.Generator().manual_seed(1)
     split = Split(torch.randint(0, 256, (80, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(80) % 10)
@@ -221,7 +221,7 @@ def _state(epoch: int) -> dict:
 
 
 def test_checkpoint_rotation_keeps_the_previous_one_and_every_kill_point_loads(tmp_path, caplog):
-    from pipeline.train import load_checkpoint, previous_checkpoint, save_checkpoint
+    from pipeline.stages.checkpoint import load_checkpoint, previous_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"
     prev = previous_checkpoint(path)
@@ -243,7 +243,7 @@ def test_checkpoint_rotation_keeps_the_previous_one_and_every_kill_point_loads(t
 
 
 def test_unreadable_latest_and_previous_checkpoint_is_an_error_naming_both(tmp_path):
-    from pipeline.train import load_checkpoint, previous_checkpoint
+    from pipeline.stages.checkpoint import load_checkpoint, previous_checkpoint
 
     path = tmp_path / "prune.pt"
     path.write_bytes(b"garbage")

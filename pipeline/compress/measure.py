@@ -448,7 +448,7 @@ def _sync(device: torch.device) -> None:
 def _accuracy(
     fn: Callable, batches: Iterable, device: torch.device, dtype: torch.dtype, channels_last: bool
 ) -> dict[str, Any]:
-    """As ``pipeline.train.evaluate``: mean loss, top-1 and top-5 over every batch."""
+    """As ``pipeline.stages.loop.evaluate``: mean loss, top-1 and top-5 over every batch."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top1 = torch.zeros((), device=device, dtype=torch.int64)
     top5 = torch.zeros((), device=device, dtype=torch.int64)

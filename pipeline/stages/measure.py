@@ -36,7 +36,7 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     if not m.enabled:
         return _skipped("none")
     from pipeline.compress.measure import INT8_FLAGS, Artifact, cpu_flags, measure_artifacts
-    from pipeline.train import _set_threads
+    from pipeline.stages.setup import _set_threads
 
     _check_models(run, cfg)
     _set_threads(cfg)

@@ -1,5 +1,5 @@
 """The prune stage: ``prune_stage(run, cfg) -> metrics``. Prunes the trained model (unstructured magnitude or
-structured channels) and fine-tunes it with the training loop (:func:`pipeline.train.fit`), so a fine-tune
+structured channels) and fine-tunes it with the training loop (:func:`pipeline.stages.loop.fit`), so a fine-tune
 is as deterministic, checkpointed, stoppable and exactly resumable as training. Saves models/pruned.pt.
 """
 
@@ -22,16 +22,10 @@ from pipeline.models.files import (
 )
 from pipeline.rundir import RunDir
 from pipeline.stages.setup import _merged, _skipped, _to_device
-from pipeline.train import (
-    Phase,
-    divergence_metrics,
-    evaluate_test,
-    fit,
-    history_metrics,
-    load_checkpoint,
-    setup,
-    unstructured_pruner,
-)
+from pipeline.stages.loop import Phase, evaluate_test, fit
+from pipeline.stages.train import divergence_metrics, history_metrics, unstructured_pruner
+from pipeline.stages.checkpoint import load_checkpoint
+from pipeline.stages.setup import setup
 
 log = logging.getLogger("pipeline.stages.prune")
 

@@ -21,15 +21,10 @@ from pipeline.models.files import (
 )
 from pipeline.rundir import RunDir
 from pipeline.stages.setup import _merged, _skipped, _to_device
-from pipeline.train import (
-    Phase,
-    divergence_metrics,
-    evaluate,
-    fit,
-    history_metrics,
-    load_checkpoint,
-    setup,
-)
+from pipeline.stages.loop import Phase, evaluate, fit
+from pipeline.stages.train import divergence_metrics, history_metrics
+from pipeline.stages.checkpoint import load_checkpoint
+from pipeline.stages.setup import setup
 
 log = logging.getLogger("pipeline.stages.quantize")
 
@@ -44,7 +39,7 @@ def source_model_file(run: RunDir, cfg: DictConfig) -> str:
 def _cpu_loaders(cfg: DictConfig):
     """(data, calibration loader, test loader) on the CPU, un-augmented: int8 is built for CPU inference."""
     from pipeline.data.loaders import DeviceLoader
-    from pipeline.train import make_loaders
+    from pipeline.stages.setup import make_loaders
 
     cpu = torch.device("cpu")
     d, _, _, test = make_loaders(cfg, cpu)

@@ -1,0 +1,44 @@
+"""This process's place in a data-parallel job: rank and world size from the environment, the process group."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("pipeline.stages.distributed")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_from_env() -> Dist:
+    """Rank and world size from torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK), which
+    ``pipeline.launch.export_distributed_env`` sets from Slurm's inside a multi-task job."""
+    return Dist(
+        int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    )
+
+
+def init_distributed(dist: Dist, device: torch.device) -> None:
+    """NCCL between GPUs, gloo between CPU processes; MASTER_ADDR/MASTER_PORT come from the environment."""
+    if dist.enabled and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
+        log.info("rank %d of %d joined (%s)", dist.rank, dist.world_size, backend)
