@@ -695,7 +695,7 @@ def ddp_rank_main(run_dir: str, backend: str) -> int:
         torch.distributed.init_process_group(
             "gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
         )
-    from pipeline.run import execute
+    from pipeline.stages.runner import execute
 
     status = execute(run_dir)
     return 0 if status == "done" else 1
@@ -715,7 +715,8 @@ def _weight_update_gap(check: Check, a, b, cfg) -> float:
 
 
 def path_ddp(check: Check) -> Result:
-    from pipeline.run import execute, prepare_single
+    from pipeline.stages.runner import execute
+    from pipeline.run import prepare_single
 
     base, args, backend = REPO / "configs" / "base.yaml", _ddp_overrides(check), _ddp_backend(check)
     ddp = prepare_single(base, args, check.work / "ddp")

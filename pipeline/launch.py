@@ -1,7 +1,7 @@
 """Submission through submitit: the only module that imports it (lazily). Torch-free.
 
 - slurm: one job array per distinct set of Slurm resources, throttled by ``slurm.array_parallelism``;
-  each array task runs one run folder (``pipeline.run.execute``). A set larger than the cluster's
+  each array task runs one run folder (``pipeline.stages.runner.execute``). A set larger than the cluster's
   MaxArraySize goes out as several arrays of at most that many tasks (never one sbatch per run).
 - local: ``--parallel`` submitit local jobs, each running its share of the runs one after another, so a
   CPU machine trains one network at a time by default. The jobs outlive this process.
@@ -258,7 +258,7 @@ def submit(
     import submitit
     from submitit.core.utils import FailedJobError
 
-    from pipeline.run import execute, execute_many
+    from pipeline.stages.runner import execute, execute_many
 
     sub = Submission(cluster)
     if not runs:
