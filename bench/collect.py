@@ -34,7 +34,8 @@ from pipeline import collect as collect_cli
 from pipeline.report import writers
 from pipeline.report.plots import plot_sweep
 from pipeline.rundir import STAGES, list_runs
-from pipeline.sweep import expand_sweep, read_sweep, write_run
+from pipeline.submit.expand import expand_sweep, read_sweep
+from pipeline.submit.plan import write_run
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {"tables": 2.0, "plots": 10.0}

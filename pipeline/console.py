@@ -13,7 +13,8 @@ from rich.markup import escape
 from pipeline.config import ConfigError
 
 if TYPE_CHECKING:
-    from pipeline.sweep import Decision, SweepSpec
+    from pipeline.submit.plan import Decision
+    from pipeline.submit.expand import SweepSpec
 
 EXIT_USAGE = 2
 SHOWN_ROWS = 40  # plans longer than this show their first and last rows (--all shows every one)

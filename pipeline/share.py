@@ -318,7 +318,7 @@ def claim(
     the record of the live owner that does it (the caller follows it). ``submission``: a token of this
     submission, which the manifest gives the run's job once it is queued (:func:`owner_job`).
 
-    Not fsynced: the caller syncs the file system once before submitting (:func:`pipeline.sweep.sync_files`)."""
+    Not fsynced: the caller syncs the file system once before submitting (:func:`pipeline.submit.plan.sync_files`)."""
     from pipeline.submit.lock import link_exclusive
 
     store.mkdir(parents=True, exist_ok=True)

@@ -417,12 +417,12 @@ def test_huge_grid_is_refused_before_expanding(project):
     _assert_usage_error(
         r,
         f"{sweep}: grid: expands to 200,000,000 runs (grid 100 x 100 x 100 x 100, zip 1, "
-        "variants 2), more than the limit of 100,000 runs per sweep (pipeline.sweep.MAX_RUNS)",
+        "variants 2), more than the limit of 100,000 runs per sweep (pipeline.submit.expand.MAX_RUNS)",
     )
 
 
 def test_run_limit_counts_grid_zip_and_variants(project, monkeypatch):
-    from pipeline import sweep as sweep_mod
+    from pipeline.submit import expand as sweep_mod
     from pipeline.config import ConfigError
 
     spec = sweep_mod.read_sweep(
@@ -655,7 +655,8 @@ def test_collect_on_a_read_only_folder_names_it_and_exits_2(tmp_path, repo):
     import shutil
     import subprocess
 
-    from pipeline.sweep import expand_sweep, read_sweep, write_run
+    from pipeline.submit.expand import expand_sweep, read_sweep
+    from pipeline.submit.plan import write_run
 
     spec_path = tmp_path / "s.yaml"
     spec_path.write_text(f"name: s\nbase: [{repo / 'configs/base.yaml'}]\n")

@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.collect import collect
 from pipeline.rundir import atomic_write_json, list_runs
-from pipeline.sweep import expand_sweep, read_sweep, write_run
+from pipeline.submit.expand import expand_sweep, read_sweep
+from pipeline.submit.plan import write_run
 from pipeline.report.hparams import HPARAMS_FILE, METRIC_TAG, METRICS
 from tests.conftest import REPO, write_done
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import launch, sweep
+from pipeline import launch
+from pipeline.submit import plan as sweep
 from pipeline.jobs import owner
 from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import RunDir, list_runs

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.sweep import expand_sweep, merge_notes, read_sweep
+from pipeline.submit.expand import expand_sweep, merge_notes, read_sweep
 from tests.conftest import run_cli, tree_snapshot, write
 
 

@@ -536,7 +536,8 @@ def test_a_filesystem_gone_read_only_under_a_training_stops_it_and_a_rerun_resum
 
 
 def test_a_sweep_submitted_again_resumes_a_run_that_failed_writing(tmp_path):
-    from pipeline.sweep import expand_sweep, plan, read_sweep, write_run
+    from pipeline.submit.expand import expand_sweep, read_sweep
+    from pipeline.submit.plan import plan, write_run
 
     spec = read_sweep(
         write(

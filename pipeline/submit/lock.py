@@ -129,7 +129,7 @@ def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None)
 def link_exclusive(content: str, target: Path, fsync: bool = True) -> bool:
     """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did.
     Never half-written: readers see no file or the whole of it. ``fsync=False`` when the caller syncs
-    the file system once for many files (:func:`pipeline.sweep.sync_files`)."""
+    the file system once for many files (:func:`pipeline.submit.plan.sync_files`)."""
     tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
