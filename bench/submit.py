@@ -33,7 +33,7 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline import launch
+from pipeline.submit import launch
 from pipeline.jobs import slurm as slurm_cli  # noqa: E402
 
 GOALS_S = {1_000: 3.0, 10_000: 10.0}  # runs -> seconds, from process start to exit

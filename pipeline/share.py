@@ -364,7 +364,7 @@ def owner_active(owner: Mapping[str, Any] | None) -> bool:
     job = owner_job(owner)
     if job is None:
         return time.time() - _number(owner.get("since")) < OWNER_GRACE_S
-    from pipeline.launch import job_is_active
+    from pipeline.jobs.alive import job_is_active
 
     run = owner.get("run")
     return job_is_active(*job, Path(run).parent if isinstance(run, str) and run else None)

@@ -22,7 +22,7 @@ from pipeline import console as cli
 from pipeline.jobs import slurm as slurm_cli
 from pipeline.config import COMMAND_LINE, ConfigError
 from pipeline.jobs.endings import STATES, RunJob, classify, run_jobs
-from pipeline.launch import local_job_identity
+from pipeline.jobs.alive import local_job_identity
 from pipeline.jobs.manifest import read_manifest
 from pipeline.rundir import RunDir, survey
 

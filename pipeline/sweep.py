@@ -47,7 +47,7 @@ from pipeline.submit.plan import (
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from pipeline.launch import Submission
+    from pipeline.submit.launch import Submission
 
 CLUSTERS = ("auto", "local", "debug", "slurm")
 RERUN = ("failed", "all")
@@ -69,7 +69,7 @@ def _submit_later(
     """Submit the runs that follow an owner another submission is queueing, once its job id is in the
     owner record (a submission under way records it within seconds); those whose owner was not queued
     within :data:`OWNER_QUEUED_WAIT_S` are listed as not submitted."""
-    from pipeline.launch import Rejected
+    from pipeline.submit.launch import Rejected
 
     pending = [sh for d in later for sh in d.shares() if sh.role == "follow" and sh.foreign and not sh.after_job]
     deadline = time.monotonic() + OWNER_QUEUED_WAIT_S
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
     if args.dry_run:
-        from pipeline import launch
+        from pipeline.submit import launch
 
         cluster = launch.resolve_cluster(args.cluster)
         try:
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock.release()
     if code != 0 or submission is None:
         return code
-    from pipeline import launch
+    from pipeline.submit import launch
 
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
         console.print("waiting for the runs to finish")
@@ -252,7 +252,7 @@ def _submit(
 ) -> tuple[int, Submission | None, str]:
     """Plan, write the run folders and submit, recording each array in the manifest as soon as it is
     queued; returns (exit code, submission, cluster)."""
-    from pipeline import launch
+    from pipeline.submit import launch
     from pipeline.jobs import slurm as slurm_cli
 
     cluster, impossible = _cluster_for(args, sweep_dir)

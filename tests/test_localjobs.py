@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import launch
+from pipeline.jobs import alive as launch
 from pipeline.submit import plan as sweep
 from pipeline.jobs import owner
 from pipeline.jobs.procs import ProcessIdentity

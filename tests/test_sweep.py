@@ -224,7 +224,7 @@ def test_repo_sweep_files_expand(repo):
 
 
 def test_auto_cluster_falls_back_to_local_without_a_slurm_controller(monkeypatch, tmp_path):
-    from pipeline import launch
+    from pipeline.submit import launch
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, no srun: a laptop
     assert not launch.slurm_controller_answers()

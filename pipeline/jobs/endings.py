@@ -174,7 +174,7 @@ def run_jobs(sweep_dir: Path, runs: Sequence[RunDir]) -> tuple[dict[str, RunJob]
     4. the manifest's job, ended.
 
     Slurm is asked once (squeue, then sacct) for every job named."""
-    from pipeline.launch import job_is_active
+    from pipeline.jobs.alive import job_is_active
     from pipeline.jobs.manifest import checked_manifest
     from pipeline.jobs.owner import OWNER_FILE, owner_alive, read_owner
 

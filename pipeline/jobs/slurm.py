@@ -131,3 +131,13 @@ def cancel(job_ids: Iterable[str]) -> bool:
 def requeue(job_id: str) -> bool:
     """Ask Slurm to requeue a job (from inside it, before its time limit); True on success."""
     return _run(["scontrol", "requeue", str(job_id)]) is not None
+
+
+def slurm_controller_answers(timeout_s: float = 10.0) -> bool:
+    if shutil.which("scontrol") is None or shutil.which("srun") is None:
+        return False
+    try:
+        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and " is UP" in r.stdout

@@ -30,7 +30,7 @@ class Dist:
 
 def dist_from_env() -> Dist:
     """Rank and world size from torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK), which
-    ``pipeline.launch.export_distributed_env`` sets from Slurm's inside a multi-task job."""
+    :func:`export_distributed_env` sets from Slurm's inside a multi-task job."""
     return Dist(
         int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     )
@@ -42,3 +42,13 @@ def init_distributed(dist: Dist, device: torch.device) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
         log.info("rank %d of %d joined (%s)", dist.rank, dist.world_size, backend)
+
+
+def export_distributed_env() -> None:
+    """Inside a multi-task Slurm job: set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK from
+    Slurm's variables with submitit's helper (also for plain ``srun python -m pipeline.run``)."""
+    import submitit
+
+    if "SLURM_JOB_ID" in os.environ:
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

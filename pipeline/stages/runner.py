@@ -362,7 +362,7 @@ def _distributed_rank() -> int:
     """This process's data-parallel rank; in a multi-task Slurm job the torch.distributed variables are
     exported from Slurm's first (through submitit's helper)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        from pipeline.launch import export_distributed_env
+        from pipeline.stages.distributed import export_distributed_env
 
         export_distributed_env()
     return int(os.environ.get("RANK", "0"))

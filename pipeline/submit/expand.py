@@ -302,7 +302,7 @@ def check_gpus(spec: SweepSpec, runs: Sequence[PlannedRun], cluster: str) -> Non
             f" in the cluster profile ({spec.cluster})" if spec.cluster else " in the sweep's set: or a cluster profile"
         )
     elif wants:
-        from pipeline.launch import _visible_gpu_count
+        from pipeline.submit.launch import _visible_gpu_count
 
         if _visible_gpu_count():
             return

@@ -129,7 +129,7 @@ def _blocked(d: Decision, sh: sharing.Share, rerun: str | None) -> bool:
 
 
 def follow_order(to_submit: Sequence[Decision]) -> dict[int, int | str]:
-    """For :func:`pipeline.launch.submit`'s ``after``: index of each run that waits for a shared stage
+    """For :func:`pipeline.submit.launch.submit`'s ``after``: index of each run that waits for a shared stage
     -> index of its owner in ``to_submit``, or the job id of an owner of another submission ("" while
     that submission has not queued it: locally the run waits for the record in its job). A run that
     waits for a shared pruning waits for that (whose owner in turn waits for, or did, the training)."""
@@ -357,14 +357,13 @@ def active_run_ids(sweep_dir: Path, only: Sequence[str] | None = None) -> set[st
     live job owns (so they are not submitted twice). A local job that has already ended a run (its
     folder records done, diverged or failed) no longer holds that run, even while the job goes on or is
     still exiting. Raises :class:`pipeline.jobs.slurm.SlurmUnreachable` when Slurm cannot say."""
-    from pipeline import launch
-    from pipeline.jobs import owner
+    from pipeline.jobs import alive, owner
 
     entries = manifest.read_manifest(sweep_dir)["runs"]
     if only is not None:
         entries = {rid: e for rid, e in entries.items() if rid in set(only)}
     jobs = {rid: (e["cluster"], e["job_id"]) for rid, e in entries.items()}
-    active = launch.active_jobs(list(jobs.values()), {e["job_id"]: e for e in entries.values()}, sweep_dir)
+    active = alive.active_jobs(list(jobs.values()), {e["job_id"]: e for e in entries.values()}, sweep_dir)
     out = set()
     for rid, job in jobs.items():
         if job in active and not (job[0] == "local" and RunDir(sweep_dir / rid).status() in ENDED_STATUSES):

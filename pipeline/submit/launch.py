@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import re
@@ -28,24 +27,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.jobs.manifest import comment_of
 from pipeline.jobs.procs import ProcessIdentity
+from pipeline.jobs.slurm import slurm_controller_answers
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # local jobs run until done; submitit's default would kill them at 2 min
 DEFAULT_MAX_ARRAY_SIZE = 1000  # when scontrol cannot tell (Slurm's own default is 1001)
 MAX_ARRAY_SIZE_ENV = "PIPELINE_MAX_ARRAY_SIZE"  # forces the array size limit (tests; unreadable configs)
-
-
-def slurm_controller_answers(timeout_s: float = 10.0) -> bool:
-    if shutil.which("scontrol") is None or shutil.which("srun") is None:
-        return False
-    try:
-        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and " is UP" in r.stdout
 
 
 def resolve_cluster(name: str) -> str:
@@ -472,79 +463,3 @@ def _result(job: Any, console: Console | None) -> None:
         if console is not None:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             console.print(f"[yellow]job {job.job_id} ended with an error:[/] {first}")
-
-
-def export_distributed_env() -> None:
-    """Inside a multi-task Slurm job: set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK from
-    Slurm's variables with submitit's helper (also for plain ``srun python -m pipeline.run``)."""
-    import submitit
-
-    if "SLURM_JOB_ID" in os.environ:
-        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
-def active_jobs(
-    jobs: Sequence[tuple[str, str]],
-    records: Mapping[str, Mapping[str, Any]] | None = None,
-    sweep_dir: Path | None = None,
-) -> set[tuple[str, str]]:
-    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all.
-    ``records``: job id -> its manifest entry (local jobs are recognised by more than their id);
-    ``sweep_dir``: the manifest's sweep (see :func:`local_job_identity`). Raises
-    :class:`pipeline.jobs.slurm.SlurmUnreachable` when squeue does not answer."""
-    slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
-    states: dict[str, str] = {}
-    if slurm_ids:
-        from pipeline.jobs import slurm as slurm_cli
-
-        states = {j: s for j, s in slurm_cli.job_states(slurm_ids, strict=True).items() if s in slurm_cli.ACTIVE_STATES}
-    records = records or {}
-    return {
-        (c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j, records.get(j), sweep_dir))
-    }
-
-
-def local_job_identity(
-    job_id: str, entry: Mapping[str, Any] | None, sweep_dir: Path | None = None
-) -> ProcessIdentity | None:
-    """The identity of a local job's controller from its manifest entry, or None for a malformed id. An
-    entry with a PID only (written before start times were recorded) names the process only while its
-    command line is that of a job controller of ``sweep_dir`` (none without it): the PID may be
-    anyone's by now."""
-    ident = ProcessIdentity.from_record({**(entry or {}), "pid": job_id})
-    if ident is None or ident.started is not None or sweep_dir is None:
-        return ident
-    return dataclasses.replace(ident, commands=controller_commands(sweep_dir))
-
-
-def controller_commands(sweep_dir: Path) -> tuple[str, ...]:
-    """What the command line of a local job controller of ``sweep_dir`` holds: submitit's controller
-    module and the jobs' folder (absolute, as submitit passes it; also with links resolved)."""
-    folder = Path(sweep_dir) / "logs" / "%j"
-    paths = dict.fromkeys((str(folder.absolute()), str(folder.resolve())))
-    return tuple(f"submitit.local._local {p}" for p in paths)
-
-
-def job_is_active(
-    cluster: str, job_id: str, entry: Mapping[str, Any] | None = None, sweep_dir: Path | None = None
-) -> bool:
-    """Whether a job recorded in a manifest (``entry``: its manifest entry; ``sweep_dir``: the sweep it
-    belongs to) is still queued or running.
-
-    A local job is its controller process: active while that very process (same start time, or for an
-    entry without one, a controller of this sweep: :func:`local_job_identity`) lives and is no zombie,
-    and submitit has not yet written the job's result (the controller outlives the work by a moment).
-    A local job recorded on another host cannot be looked at from here and counts as active."""
-    if cluster == "local":
-        ident = local_job_identity(job_id, entry, sweep_dir)
-        if ident is None:
-            return False
-        if entry and entry.get("result") and Path(str(entry["result"])).exists():
-            return False
-        return ident.is_alive() if ident.on_this_machine() else True
-    if cluster == "slurm":
-        from pipeline.jobs import slurm as slurm_cli
-
-        return slurm_cli.job_states([job_id]).get(job_id, "") in slurm_cli.ACTIVE_STATES
-    return False
