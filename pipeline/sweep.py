@@ -43,11 +43,13 @@ from pipeline.submit.plan import (
     waiting_for_unqueued,
     write_runs,
 )
+from pipeline.submit.show import print_plan
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from pipeline.submit.launch import Submission
+
 
 CLUSTERS = ("auto", "local", "debug", "slurm")
 RERUN = ("failed", "all")
@@ -164,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with cli.exit_on_os_error():
             decisions = plan(runs, sweep_dir, args.rerun, set())
             plan_sharing(decisions, sweep_dir, args.rerun, cluster)
-        cli.print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
+        print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
         console.print(f"{trainings(decisions, sweep_dir)} training(s) in all")
         if cluster == "slurm":
             for header in launch.sbatch_headers(sweep_dir, [d.run.config for d in decisions], spec.name):
@@ -220,7 +222,7 @@ def _write_only(
         atomic_write_text(
             sweep_dir / "array_runs.txt", "".join(f"{(sweep_dir / d.run.id).resolve()}\n" for d in decisions)
         )
-    cli.print_plan(console, spec, decisions, show_all=args.all)
+    print_plan(console, spec, decisions, show_all=args.all)
     console.print(
         f"{len(decisions)} run folders in {sweep_dir}/ (listed in array_runs.txt); submit them "
         f"as a plain array with\n  sbatch --array=0-{len(decisions) - 1} sbatch/array.sh {sweep_dir}"
@@ -252,8 +254,8 @@ def _submit(
 ) -> tuple[int, Submission | None, str]:
     """Plan, write the run folders and submit, recording each array in the manifest as soon as it is
     queued; returns (exit code, submission, cluster)."""
-    from pipeline.submit import launch
     from pipeline.jobs import slurm as slurm_cli
+    from pipeline.submit import launch
 
     cluster, impossible = _cluster_for(args, sweep_dir)
     try:
@@ -321,7 +323,7 @@ def _submit(
             manifest.record_rejected(sweep_dir, cluster, rej.run_ids, rej.reason, rej.token)
     submission.elsewhere = [RunDir(sweep_dir / d.run.id) for d in decisions if d.action == "skip-active"]
     shown = {**submission.job_ids, **{rid: "not submitted" for rej in submission.rejected for rid in rej.run_ids}}
-    cli.print_plan(console, spec, decisions, job_ids=shown, cluster=cluster, show_all=args.all)
+    print_plan(console, spec, decisions, job_ids=shown, cluster=cluster, show_all=args.all)
     n_rejected = sum(len(rej.run_ids) for rej in submission.rejected)
     console.print(
         f"[bold]{len(to_submit) - n_rejected}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/] "

@@ -18,7 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from pipeline import console as cli
+from pipeline.submit import show as cli
 from pipeline.submit import launch
 from pipeline.config import (
     COMMAND_LINE,
