@@ -65,11 +65,11 @@ class Classified:
 
 def classify(sweep_dir: Path, records: Sequence[Record]) -> tuple[dict[str, Classified], list[str]]:
     """(each run's state by id, what is wrong with the sweep's own files), from
-    ``pipeline.status.sweep_states`` (squeue/sacct, the local executor's processes, the jobs the run
+    :func:`pipeline.jobs.states.sweep_states` (squeue/sacct, the local executor's processes, the jobs the run
     folders name); runs it does not know keep the state their files give. A scheduler that cannot be
     asked is no reason to fail: the files' word stands."""
     from pipeline.jobs.manifest import checked_manifest
-    from pipeline.status import job_log, sweep_problems, sweep_states
+    from pipeline.jobs.states import job_log, sweep_problems, sweep_states
 
     out = {r.id: Classified(r.status) for r in records}
     if all(r.status == "done" for r in records):  # final from the files: no scheduler to ask
