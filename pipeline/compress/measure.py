@@ -14,7 +14,7 @@ read by :func:`load_model_file`::
                 "state_dict": sd, "dtype": "float32" | "float16"}, path)
 
 Structurally pruned state dicts (smaller tensors) are loaded through
-``pipeline.compress.structured.resize_to_state_dict`` when that module exists.
+:func:`pipeline.models.files.resize_to_state_dict`.
 """
 
 from __future__ import annotations

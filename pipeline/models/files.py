@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch
 from torch import nn
@@ -69,6 +70,17 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getbuffer())
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel / DataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = cast(nn.Module, model.module)
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = cast(nn.Module, model._orig_mod)
+        else:
+            return model
+
+
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of ``model`` (unwrapped from DDP / torch.compile), tensors detached on the CPU."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -95,10 +107,74 @@ def build_from_arch(arch: Mapping[str, Any], state_dict: Mapping[str, torch.Tens
         arch.get("norm", "batch"),
     )
     if state_dict is not None:
-        from pipeline.compress.structured import resize_to_state_dict
-
         resize_to_state_dict(model, state_dict)
         model.load_state_dict(state_dict)
+    return model
+
+
+def _new_param(old: torch.Tensor, shape: torch.Size, fill: float = 0.0) -> nn.Parameter:
+    return nn.Parameter(torch.full(shape, fill, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
+
+
+def _new_buffer(old: torch.Tensor, shape: torch.Size, fill: float) -> torch.Tensor:
+    return torch.full(shape, fill, dtype=old.dtype, device=old.device)
+
+
+def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Reshape every Conv2d, Linear, BatchNorm2d and GroupNorm of ``model`` in place to the tensor shapes
+    in ``state_dict`` (a pruned model's plain state_dict), so ``model.load_state_dict(state_dict)`` works
+    without re-running the pruner. Parameters come back filled with placeholders: load the state_dict next.
+    """
+    model = unwrap(model)
+
+    def tensor(prefix: str, key: str) -> torch.Tensor:
+        try:
+            return state_dict[prefix + key]
+        except KeyError:
+            raise KeyError(f"state_dict has no {prefix + key!r}: it was not saved from this model") from None
+
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, nn.Conv2d):
+            shape = tensor(prefix, "weight").shape
+            out, per_group = shape[0], shape[1]
+            groups = m.groups
+            if groups > 1 and groups == m.in_channels:  # depthwise: groups follow the channels
+                multiplier = m.out_channels // m.groups
+                if out % multiplier:
+                    raise ValueError(f"{name}: {out} output channels do not fit depthwise multiplier {multiplier}")
+                groups = out // multiplier
+            if out % groups:
+                raise ValueError(f"{name}: {out} output channels are not divisible by groups={groups}")
+            m.groups, m.out_channels, m.in_channels = groups, out, per_group * groups
+            m.weight = _new_param(m.weight, shape)
+            if m.bias is not None:
+                m.bias = _new_param(m.bias, tensor(prefix, "bias").shape)
+        elif isinstance(m, nn.Linear):
+            shape = tensor(prefix, "weight").shape
+            m.out_features, m.in_features = shape[0], shape[1]
+            m.weight = _new_param(m.weight, shape)
+            if m.bias is not None:
+                m.bias = _new_param(m.bias, tensor(prefix, "bias").shape)
+        elif isinstance(m, nn.BatchNorm2d):
+            key = "weight" if m.affine else "running_mean"
+            n = tensor(prefix, key).shape[0]
+            m.num_features = n
+            if m.affine:
+                m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
+                m.bias = _new_param(m.bias, torch.Size([n]))
+            if m.track_running_stats:
+                m.running_mean = _new_buffer(cast(torch.Tensor, m.running_mean), torch.Size([n]), 0.0)
+                m.running_var = _new_buffer(cast(torch.Tensor, m.running_var), torch.Size([n]), 1.0)
+        elif isinstance(m, nn.GroupNorm):
+            if not m.affine:
+                continue  # nothing in the state_dict tells the width; GroupNorm without affine has no size
+            n = tensor(prefix, "weight").shape[0]
+            if n % m.num_groups:
+                m.num_groups = math.gcd(n, m.num_groups)
+            m.num_channels = n
+            m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
+            m.bias = _new_param(m.bias, torch.Size([n]))
     return model
 
 
