@@ -19,7 +19,7 @@ from pipeline.rundir import (
     atomic_write_text,
     disk_error,
 )
-from pipeline.stages.runner import _this_job, _unreadable_model, execute
+from pipeline.stages.runner import _unreadable_model, execute
 
 EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
 
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline import share
 
             RunDir(store).archive()
-            share.write_owner(store, run, *_this_job())
+            share.take_over(store, run)
         run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included
     try:
         status = execute(run.path)

@@ -28,10 +28,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import tarfile
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -40,14 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-# The stages of every run, in order: name -> "module:function", each ``stage(run, cfg) -> metrics``
-# (a dict with a "status" key), imported only inside the job.
-STAGES: dict[str, str] = {
-    "train": "pipeline.stages.train:train_stage",
-    "prune": "pipeline.stages.prune:prune_stage",
-    "quantize": "pipeline.stages.quantize:quantize_stage",
-    "measure": "pipeline.stages.measure:measure_stage",
-}
+# The stages of every run, in order; each writes metrics/<stage>.json (a dict with a "status" key). Their
+# functions are pipeline.stages.<name>.<name>_stage (pipeline.stages.runner.stage_functions).
+STAGES: tuple[str, ...] = ("train", "prune", "quantize", "measure")
 # What each stage writes besides metrics/<stage>.json (relative to the run folder): ``--rerun failed``
 # moves aside the files of the failed stage and of those after it, and keeps the earlier ones.
 STAGE_FILES: dict[str, tuple[str, ...]] = {
@@ -211,6 +208,33 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, fsync: bool = True)
 
 # Why a write can fail that freeing space (or remounting) cures: the run is resumable afterwards
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def link_exclusive(content: str, target: Path, fsync: bool = True) -> bool:
+    """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did.
+    Never half-written: readers see no file or the whole of it. ``fsync=False`` when the caller syncs
+    the file system once for many files (:func:`pipeline.submit.plan.sync_files`)."""
+    tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, content.encode())
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        e.filename = str(target)  # the lock being made, not its temporary name
+        raise
+    try:
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            pass  # maybe ours after a lost reply: the link count says
+        return os.stat(tmp).st_nlink == 2
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def disk_error(e: BaseException) -> OSError | None:

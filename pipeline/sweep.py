@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from pipeline.submit.launch import Submission
-
+from pipeline.stages.runner import execute, execute_many
 
 CLUSTERS = ("auto", "local", "debug", "slurm")
 RERUN = ("failed", "all")
@@ -307,6 +307,8 @@ def _submit(
             cluster=cluster,
             sweep_dir=sweep_dir,
             name=spec.name,
+            job=execute,
+            job_many=execute_many,
             parallel=args.parallel,
             after=follow_order(ds),
             on_submitting=functools.partial(_record_submitting, sweep_dir, cluster, submission_token),

@@ -1,13 +1,34 @@
-"""Whether a job recorded in a manifest or an owner record still lives: Slurm's word for Slurm jobs, the
-controller process itself for local ones. Torch-free."""
+"""Which job this process runs in, and whether a job recorded in a manifest or an owner record still lives:
+Slurm's word for Slurm jobs, the controller process itself for local ones. Torch-free."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.jobs.procs import ProcessIdentity
+
+
+def this_job() -> tuple[str, str]:
+    """(cluster, job id) of the job this process runs in, as a manifest names it: ("slurm", "<array>_<task>"
+    for an array task, else "<job>"), ("local", submitit's local job id: its controller's PID), or ("", "")
+    for a process started by hand."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return "slurm", f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return "slurm", env["SLURM_JOB_ID"]
+    if env.get("SUBMITIT_LOCAL_JOB_ID"):
+        return "local", env["SUBMITIT_LOCAL_JOB_ID"]
+    return "", ""
+
+
+def this_slurm_job() -> str | None:
+    """:func:`this_job`'s id when it is a Slurm job (as scontrol names it), else None."""
+    cluster, job = this_job()
+    return job if cluster == "slurm" else None
 
 
 def active_jobs(

@@ -17,6 +17,8 @@ import signal
 from types import FrameType
 from typing import Any
 
+from pipeline.jobs.alive import this_slurm_job
+
 log = logging.getLogger("pipeline.jobs.preempt")
 
 HANDLED = (signal.SIGUSR2, signal.SIGTERM)
@@ -59,13 +61,6 @@ class StopRequest:
 STOP = StopRequest()
 
 
-def slurm_job_id() -> str | None:
-    """This job's id as scontrol names it (``<array>_<task>`` for array tasks), or None outside Slurm."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def handle(p: Preempted, max_requeues: int) -> tuple[str | None, str]:
     """After a stage stopped on a signal: requeue on SIGUSR2 (time limit) within ``max_requeues``.
 
@@ -73,7 +68,7 @@ def handle(p: Preempted, max_requeues: int) -> tuple[str | None, str]:
     a requeued job; what happened, for the log). On SIGTERM Slurm is already requeueing or cancelling
     the job; which of the two, the job cannot tell (sacct can).
     """
-    job = slurm_job_id()
+    job = this_slurm_job()
     if p.signum != signal.SIGUSR2:
         return "stopped", "stopped on SIGTERM (preempted, requeued or cancelled by Slurm)"
     if job is None:

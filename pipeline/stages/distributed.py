@@ -1,12 +1,17 @@
-"""This process's place in a data-parallel job: rank and world size from the environment, the process group."""
+"""This process's place in a data-parallel job: rank and world size from the environment (exported from
+Slurm's inside a multi-task job), the process group, and waiting for the other ranks. Torch-free at
+import: the runner reads the rank before any stage imports torch."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("pipeline.stages.distributed")
 
@@ -38,6 +43,8 @@ def dist_from_env() -> Dist:
 
 def init_distributed(dist: Dist, device: torch.device) -> None:
     """NCCL between GPUs, gloo between CPU processes; MASTER_ADDR/MASTER_PORT come from the environment."""
+    import torch
+
     if dist.enabled and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
@@ -52,3 +59,18 @@ def export_distributed_env() -> None:
     if "SLURM_JOB_ID" in os.environ:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def job_rank() -> int:
+    """This process's data-parallel rank; in a multi-task Slurm job the torch.distributed variables are
+    exported from Slurm's first (:func:`export_distributed_env`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        export_distributed_env()
+    return int(os.environ.get("RANK", "0"))
+
+
+def wait_for_all_ranks() -> None:
+    """In a multi-rank job, wait until every rank has finished the stage (rank 0 has written its files)."""
+    torch = sys.modules.get("torch")  # imported by the stage when there is one; never imported here
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -6,7 +6,6 @@ atomically when it ends. Torch-free at import: the login node imports it to hand
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import resource
@@ -20,6 +19,7 @@ from typing import Any, Callable, Sequence, cast
 from omegaconf import OmegaConf
 
 from pipeline.config import from_run_file
+from pipeline.jobs.alive import this_slurm_job
 from pipeline.rundir import (
     STAGES,
     UNREADABLE_OUTPUT,
@@ -30,14 +30,21 @@ from pipeline.rundir import (
     reserve_space,
     resumable,
 )
+from pipeline.stages.distributed import job_rank, wait_for_all_ranks
 from pipeline.stages.logs import DISK_HINT, _attach_log, _disk_message, _quiet_disk_errors, _stage_log
 
 log = logging.getLogger("pipeline")
 
 
-def _stage_function(stage: str) -> Callable[..., dict[str, Any]]:
-    module, _, fn = STAGES[stage].partition(":")
-    return getattr(importlib.import_module(module), fn)
+def stage_functions() -> dict[str, Callable[[RunDir, Any], dict[str, Any]]]:
+    """Each stage's function, ``stage(run, cfg) -> metrics``, by name (:data:`pipeline.rundir.STAGES`).
+    Imported here, when a stage is about to run: they import torch, and this module must not."""
+    from pipeline.stages.measure import measure_stage
+    from pipeline.stages.prune import prune_stage
+    from pipeline.stages.quantize import quantize_stage
+    from pipeline.stages.train import train_stage
+
+    return {"train": train_stage, "prune": prune_stage, "quantize": quantize_stage, "measure": measure_stage}
 
 
 def execute(run_dir: str | Path) -> str:
@@ -55,7 +62,7 @@ def execute(run_dir: str | Path) -> str:
         message = f"{run.config} does not exist (was the run folder deleted?); nothing is written"
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise owner.RunFolderVanished(message)
-    rank = _distributed_rank()
+    rank = job_rank()
     handler = _attach_log(run, to_file=rank == 0)
     preempt.STOP.install()
     previous_hook = threading.excepthook
@@ -126,19 +133,19 @@ def execute(run_dir: str | Path) -> str:
                 if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
                     raise preempt.Preempted(preempt.STOP.signum or 0)
                 with _stage_log(handler, target.log if target is not run and rank == 0 else None, stage):
-                    metrics = _stage_function(stage)(target, cfg)
+                    metrics = stage_functions()[stage](target, cfg)
                 metrics["wall_s"] = time.time() - started
                 metrics["cpu_s"] = _cpu_seconds() - cpu_started
                 if rank == 0:
                     target.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
                 if stage != "measure":  # (rank 0 alone measures)
-                    _ranks_in_step()  # the next stage reads what rank 0 just wrote (models/trained.pt, ...)
+                    wait_for_all_ranks()  # the next stage reads what rank 0 just wrote (models/trained.pt, ...)
             except preempt.Preempted as p:
                 if rank == 0:
                     ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
                     log.warning("run %s: %s", run.id, message)
                     if ending is not None:  # for status and collect when sacct cannot tell
-                        endings.write_ending(run, ending, message, stage=stage, job_id=preempt.slurm_job_id())
+                        endings.write_ending(run, ending, message, stage=stage, job_id=this_slurm_job())
                 return "preempted"
             except owner.RunFolderVanished:
                 raise
@@ -296,7 +303,7 @@ def _shared_stage(run: RunDir, cfg: Any, store: RunDir, rank: int, stage: str) -
         if rank == 0:
             if not share.is_owner(run, share.read_owner(store.path)):
                 log.warning("run %s: the owner of the shared %s stopped without a result; doing it here", run.id, what)
-                share.write_owner(store.path, run, *_this_job())
+                share.take_over(store.path, run)
             log.info("run %s: shared %s %s (log %s)", run.id, what, store.path, store.log)
         return None
     status = str(record.get("status", "failed"))
@@ -345,34 +352,6 @@ def _failed_before(run: RunDir, stage: str, record: dict[str, Any]) -> str:
         run.path,
     )
     return "failed"
-
-
-def _this_job() -> tuple[str, str]:
-    """(cluster, job id) of the job this process runs in, as a manifest records it."""
-    import os
-
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return "slurm", f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    if os.environ.get("SLURM_JOB_ID"):
-        return "slurm", os.environ["SLURM_JOB_ID"]
-    return "local", str(os.getpid())
-
-
-def _distributed_rank() -> int:
-    """This process's data-parallel rank; in a multi-task Slurm job the torch.distributed variables are
-    exported from Slurm's first (through submitit's helper)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        from pipeline.stages.distributed import export_distributed_env
-
-        export_distributed_env()
-    return int(os.environ.get("RANK", "0"))
-
-
-def _ranks_in_step() -> None:
-    """In a multi-rank job, wait until every rank has finished the stage (rank 0 has written its files)."""
-    torch = sys.modules.get("torch")  # imported by the stage when there is one; never imported here
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def execute_many(run_dirs: Sequence[str | Path]) -> dict[str, str]:

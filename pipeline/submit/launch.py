@@ -1,9 +1,10 @@
-"""Submission through submitit: the only module that imports it (lazily). Torch-free.
+"""Submission through submitit: the one module that submits with it (imported lazily). Torch-free. The
+function a job runs is handed in (:func:`submit`'s ``job`` and ``job_many``); nothing here imports it.
 
 - slurm: one job array per distinct set of Slurm resources, throttled by ``slurm.array_parallelism``;
-  each array task runs one run folder (``pipeline.stages.runner.execute``). A set larger than the cluster's
+  each array task runs ``job`` on one run folder. A set larger than the cluster's
   MaxArraySize goes out as several arrays of at most that many tasks (never one sbatch per run).
-- local: ``--parallel`` submitit local jobs, each running its share of the runs one after another, so a
+- local: ``--parallel`` submitit local jobs, each running ``job_many`` on its share of the runs (one after another), so a
   CPU machine trains one network at a time by default. The jobs outlive this process.
 - debug: submitit's in-process executor (breakpoints work); runs execute when waited for.
 """
@@ -222,6 +223,8 @@ def submit(
     cluster: str,
     sweep_dir: Path,
     name: str,
+    job: Callable[[str], Any],
+    job_many: Callable[[list[str]], Any],
     parallel: int = 1,
     max_size: int | None = None,
     after: Mapping[int, int | str] | None = None,
@@ -229,7 +232,9 @@ def submit(
     on_submitted: Callable[[dict[str, str], str | None, dict[str, dict[str, Any]]], None] | None = None,
 ) -> Submission:
     """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
-    cluster's MaxArraySize.
+    cluster's MaxArraySize. A Slurm array task runs ``job(run folder)``; a local or debug job runs
+    ``job_many(run folders)``, its share of the runs one after another (the job reads them by the
+    module path of these functions: they must be importable where the job runs).
 
     ``on_submitting(token, run ids)`` is called before each sbatch, whose array carries the comment
     ``pipeline.jobs.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token, job records)`` as soon as each
@@ -248,8 +253,6 @@ def submit(
     and wait for the owner's record when they get there (:func:`pipeline.share.wait_for_owner`)."""
     import submitit
     from submitit.core.utils import FailedJobError
-
-    from pipeline.stages.runner import execute, execute_many
 
     sub = Submission(cluster)
     if not runs:
@@ -302,7 +305,7 @@ def submit(
                 if on_submitting is not None:
                     on_submitting(token, run_ids)
                 try:
-                    jobs = slurm_executor.map_array(execute, paths)
+                    jobs = slurm_executor.map_array(job, paths)
                 except (FailedJobError, OSError) as e:
                     reason = _sbatch_error(e)
                     # refused, or no answer at all? Asking the controller tells them apart.
@@ -311,12 +314,12 @@ def submit(
                     if down:
                         unreachable = "the Slurm controller does not answer (scontrol ping)"
                     continue
-                queued = {runs[i].id: job.job_id for i, job in zip(idx, jobs)}
+                queued = {runs[i].id: task.job_id for i, task in zip(idx, jobs)}
                 if on_submitted is not None:
                     on_submitted(queued, token, {})
                 sub.job_ids.update(queued)
-                for i, job in zip(idx, jobs):
-                    sub.jobs.append(([runs[i]], job))
+                for i, task in zip(idx, jobs):
+                    sub.jobs.append(([runs[i]], task))
         return sub
 
     if cluster == "local":
@@ -335,16 +338,16 @@ def submit(
         share = [runs[i] for i in order[s::slots]]
         if cluster == "local":
             with detached_local_jobs(sweep_dir / "logs" / "local-controllers.err"):
-                job = executor.submit(execute_many, [str(r.path) for r in share])
+                slot_job = executor.submit(job_many, [str(r.path) for r in share])
         else:
-            job = executor.submit(execute_many, [str(r.path) for r in share])
-        queued = {r.id: str(job.job_id) for r in share}
+            slot_job = executor.submit(job_many, [str(r.path) for r in share])
+        queued = {r.id: str(slot_job.job_id) for r in share}
         if cluster == "local":
-            sub.job_records[str(job.job_id)] = local_job_record(job)
+            sub.job_records[str(slot_job.job_id)] = local_job_record(slot_job)
         if on_submitted is not None:
             on_submitted(queued, None, sub.job_records)
         sub.job_ids.update(queued)
-        sub.jobs.append((share, job))
+        sub.jobs.append((share, slot_job))
     return sub
 
 

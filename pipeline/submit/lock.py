@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from pipeline.rundir import link_exclusive
 
 log = logging.getLogger("pipeline.submit.lock")
 
@@ -124,33 +125,6 @@ def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None)
         who = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}" if holder else "unreadable lock"
         return f"{who}: no heartbeat for {age:.0f} s (more than {STALE_AFTER_S:.0f} s)"
     return None
-
-
-def link_exclusive(content: str, target: Path, fsync: bool = True) -> bool:
-    """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did.
-    Never half-written: readers see no file or the whole of it. ``fsync=False`` when the caller syncs
-    the file system once for many files (:func:`pipeline.submit.plan.sync_files`)."""
-    tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, content.encode())
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        e.filename = str(target)  # the lock being made, not its temporary name
-        raise
-    try:
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            pass  # maybe ours after a lost reply: the link count says
-        return os.stat(tmp).st_nlink == 2
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class SubmitLock:
