@@ -1,7 +1,8 @@
-"""Slurm's command-line tools (squeue, sacct, scancel): the only module that calls them. Torch-free."""
+"""Slurm's command-line tools (squeue, sacct, scancel, scontrol): the only module that calls them. Torch-free."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from typing import Iterable
@@ -39,9 +40,16 @@ def _run(cmd: list[str], timeout_s: float = 20.0) -> str | None:
 
 
 def controller_answers(timeout_s: float = 10.0) -> bool:
-    """``scontrol ping`` reports the controller UP."""
+    """``scontrol ping`` reports the controller UP (False where there is no scontrol: a laptop)."""
     out = _run(["scontrol", "ping"], timeout_s)
     return out is not None and " is UP" in out
+
+
+def max_array_size() -> int | None:
+    """``MaxArraySize`` of ``scontrol show config`` (array indices run 0..MaxArraySize-1), or None when
+    scontrol cannot tell."""
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", _run(["scontrol", "show", "config"]) or "", re.MULTILINE)
+    return int(m.group(1)) if m else None
 
 
 def _base_id(job_id: str) -> str:
@@ -131,13 +139,3 @@ def cancel(job_ids: Iterable[str]) -> bool:
 def requeue(job_id: str) -> bool:
     """Ask Slurm to requeue a job (from inside it, before its time limit); True on success."""
     return _run(["scontrol", "requeue", str(job_id)]) is not None
-
-
-def slurm_controller_answers(timeout_s: float = 10.0) -> bool:
-    if shutil.which("scontrol") is None or shutil.which("srun") is None:
-        return False
-    try:
-        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and " is UP" in r.stdout

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.jobs.manifest import comment_of
 from pipeline.jobs.procs import ProcessIdentity
-from pipeline.jobs.slurm import slurm_controller_answers
+from pipeline.jobs import slurm
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ MAX_ARRAY_SIZE_ENV = "PIPELINE_MAX_ARRAY_SIZE"  # forces the array size limit (t
 
 def resolve_cluster(name: str) -> str:
     if name == "auto":
-        return "slurm" if slurm_controller_answers() else "local"
+        return "slurm" if slurm.controller_answers() else "local"
     return name
 
 
@@ -107,14 +106,8 @@ def max_array_size() -> int:
     forced = os.environ.get(MAX_ARRAY_SIZE_ENV, "").strip()
     if forced.isdigit():
         return max(1, int(forced))
-    if shutil.which("scontrol") is None:
-        return DEFAULT_MAX_ARRAY_SIZE
-    try:
-        r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return DEFAULT_MAX_ARRAY_SIZE
-    m = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", r.stdout, re.MULTILINE)
-    return max(1, int(m.group(1))) if r.returncode == 0 and m else DEFAULT_MAX_ARRAY_SIZE
+    found = slurm.max_array_size()
+    return max(1, found) if found is not None else DEFAULT_MAX_ARRAY_SIZE
 
 
 def split_arrays(indices: Sequence[int], max_size: int) -> list[list[int]]:
@@ -309,7 +302,7 @@ def submit(
                 except (FailedJobError, OSError) as e:
                     reason = _sbatch_error(e)
                     # refused, or no answer at all? Asking the controller tells them apart.
-                    down = not slurm_controller_answers()
+                    down = not slurm.controller_answers()
                     sub.rejected.append(Rejected(run_ids, reason, unreachable=down, token=token))
                     if down:
                         unreachable = "the Slurm controller does not answer (scontrol ping)"
