@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from pipeline.jobs.procs import ProcessIdentity, host
 from pipeline.rundir import link_exclusive
 
 log = logging.getLogger("pipeline.submit.lock")
@@ -57,23 +57,11 @@ class LockHeld(Exception):
 
 def process_start(pid: int) -> str | None:
     """What tells this process apart from a later one with the same pid: the boot id and the start
-    time in clock ticks since boot; None when no such process exists (or it is a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+    time in clock ticks since boot; None when no such process runs (a zombie has stopped running)."""
+    ident = ProcessIdentity.of(pid)
+    if ident is None or not ident.is_alive():
         return None
-    # the command name (field 2) is in parentheses and may hold spaces or ')': split after the last ')'
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if not fields or fields[0] in ("Z", "X"):  # a zombie has stopped running: it holds nothing
-        return None
-    return f"{_boot_id()}:{fields[19]}"  # field 22 overall is the 20th after the name
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    return f"{ident.boot_id}:{ident.started}"
 
 
 @dataclass(frozen=True)
@@ -90,7 +78,7 @@ class Holder:
 
 def _me() -> Holder:
     pid = os.getpid()
-    return Holder(socket.gethostname(), pid, process_start(pid), time.time(), uuid.uuid4().hex)
+    return Holder(host(), pid, process_start(pid), time.time(), uuid.uuid4().hex)
 
 
 def _read(path: Path) -> tuple[dict[str, Any] | None, float | None]:
@@ -111,7 +99,7 @@ def _read(path: Path) -> tuple[dict[str, Any] | None, float | None]:
 def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None) -> str | None:
     """Why a lock with this content and modification time is stale, or None when its holder may live."""
     now = time.time() if now is None else now
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+    if holder.get("host") == host() and isinstance(holder.get("pid"), int):
         alive = process_start(holder["pid"])
         if alive is None:
             return f"its holder, pid {holder['pid']} on this host, no longer runs"
