@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from pipeline.compress.measure import Artifact, format_table, load_model_file, measure_artifacts, save_model_file
+from pipeline.compress.measure import Artifact, format_table, measure_artifacts
+from pipeline.models.files import load_model_file, save_model_file
 from pipeline.data.loaders import DeviceLoader
 from pipeline.data.cifar import Split, load_cifar
 from pipeline.models import build_model, count_macs

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -31,6 +32,8 @@ from torch import nn
 from pipeline.rundir import atomic_write_bytes, model_file_problem
 
 FORMAT = "pipeline-model/1"
+# a file's "dtype" -> the dtype of its weights (and of the inputs the model takes)
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 
 # file names under <run>/models/, by what made them
 TRAINED = "trained.pt"
@@ -70,22 +73,25 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getbuffer())
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel / DataParallel and torch.compile wrappers."""
-    while True:
+def unwrap(model: Any) -> Any:
+    """The plain module (or function) inside DistributedDataParallel / DataParallel and ``torch.compile``
+    wrappers: a compiled module's ``_orig_mod`` (also what :func:`pipeline.compress.quantize.compile_int8`
+    and an int8 package's runner carry), a compiled function's original."""
+    for _ in range(8):
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = cast(nn.Module, model.module)
+            model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = cast(nn.Module, model._orig_mod)
+            model = model._orig_mod
+        elif callable(getattr(model, "_torchdynamo_orig_callable", None)):
+            model = model._torchdynamo_orig_callable
         else:
-            return model
+            break
+    return model
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of ``model`` (unwrapped from DDP / torch.compile), tensors detached on the CPU."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def save_model(
@@ -200,6 +206,30 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
         model = model.half()
     info = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.to(device).eval(), info
+
+
+def model_file_dtype(path: Path) -> torch.dtype:
+    """The dtype of a model file's weights, without building the model (its tensors are mapped, not read)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise UnreadableModel(path, f"not a {FORMAT} file")
+    name = blob.get("dtype", "float32")
+    if name not in DTYPES:
+        raise UnreadableModel(path, f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def save_model_file(
+    path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int, shortcut: str = "A", norm: str = "batch"
+) -> Path:
+    """:func:`save_model` with the architecture given by its parts."""
+    save_model(Path(path), model, {"name": name, "num_classes": int(num_classes), "shortcut": shortcut, "norm": norm})
+    return Path(path)
+
+
+def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a model file in eval mode (:func:`load_model` without the file's other fields)."""
+    return load_model(Path(path), device)[0]
 
 
 # --------------------------------------------------------------------------------------------------

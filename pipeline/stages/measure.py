@@ -36,6 +36,7 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     if not m.enabled:
         return _skipped("none")
     from pipeline.compress.measure import INT8_FLAGS, Artifact, cpu_flags, measure_artifacts
+    from pipeline.jobs.procs import cpu_name
     from pipeline.stages.setup import _set_threads
 
     _check_models(run, cfg)
@@ -85,7 +86,7 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         "status": "done",
         "threads": threads,
         "compiled": compiled,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_flags": flags,
         "cpu_int8": any(flags[f] for f in INT8_FLAGS),  # VNNI or AMX: int8 kernels faster than fp32
         "models": entries,
@@ -125,15 +126,3 @@ def _check_models(run: RunDir, cfg: DictConfig) -> None:
             load_model(path)
         elif (problem := model_file_problem(path, whole=True)) is not None:
             raise UnreadableModel(path, problem)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
