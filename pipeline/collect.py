@@ -145,14 +145,14 @@ def _time_line(records: Sequence[Record]) -> str:
         runs += timed
     if not runs:
         return ""
-    line = f"Training time (train and fine-tunes): {writers._hms(wall)} over {runs} run(s)"
+    line = f"Training time (train and fine-tunes): {cli.hms(wall)} over {runs} run(s)"
     for stage, what in (("train", "training(s)"), ("prune", "pruning(s)")):
         if shared[stage]:
             line += f"; {len(shared[stage])} {what} shared by {sum(shared[stage].values())} runs"
     if shared["train"] or shared["prune"]:
         line += ", each counted once"
-    line += f", GPU time {writers._hms(gpu)}" if gpu else ", on CPUs"
-    return line + (f"; CPU time of every stage {writers._hms(cpu)}" if cpu else "") + "."
+    line += f", GPU time {cli.hms(gpu)}" if gpu else ", on CPUs"
+    return line + (f"; CPU time of every stage {cli.hms(cpu)}" if cpu else "") + "."
 
 
 def render_markdown(rep: Report, plot_base: Path | None = None) -> str:

@@ -61,6 +61,12 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def hms(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def short_keys(keys: Sequence[str]) -> dict[str, str]:
     """Column titles: the last part of each dotted key, longer where that would be ambiguous."""
     out = {}

@@ -26,13 +26,6 @@ from pipeline.jobs.manifest import read_manifest
 from pipeline.jobs.states import RunState, job_log, run_states, sweep_states
 
 
-def _elapsed(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def render(sweep_dir: Path, states: list[RunState]) -> Table:
     keys = list(dict.fromkeys(k for s in states for k in s.run.read_meta().get("swept", {})))
     titles = cli.short_keys(keys)
@@ -53,7 +46,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
             s.job_id,
             s.epoch,
             f"{100 * s.val_acc_best:.2f}%" if s.val_acc_best is not None else "",
-            _elapsed(s.elapsed_s),
+            "" if s.elapsed_s is None else cli.hms(s.elapsed_s),
             str(log),
             *([s.note] if notes else []),
         )

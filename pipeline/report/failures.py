@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.console import hms
 from pipeline.report.records import Record
 from pipeline.rundir import survey
 
@@ -124,11 +125,6 @@ def _eta(progress: dict[str, Any]) -> str:
     if epoch <= 0 or not math.isfinite(elapsed):
         return ""
     return f", about {hms(elapsed / epoch * (epochs - epoch))} left"
-
-
-def hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _diverged(r: Record) -> str:
