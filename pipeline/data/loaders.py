@@ -265,31 +265,5 @@ class TorchLoader:
             yield batch
 
 
-def dataloader_loader(
-    split: Split,
-    batch_size: int,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: bool,
-    shuffle: bool,
-    seed: int,
-    num_workers: int,
-    drop_last: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-) -> TorchLoader:
-    """The conventional path: DataLoader + per-sample torchvision v2 transforms (see :class:`TorchLoader`)."""
-    return TorchLoader(
-        split,
-        batch_size,
-        mean=mean,
-        std=std,
-        augment=augment,
-        shuffle=shuffle,
-        seed=seed,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        rank=rank,
-        world_size=world_size,
-    )
+# The conventional path: DataLoader + per-sample torchvision v2 transforms (see :class:`TorchLoader`).
+dataloader_loader = TorchLoader
