@@ -702,9 +702,6 @@ class RunDir:
         """The first stage whose record says failed, if any."""
         return next((s for s, st in self.stage_statuses().items() if st == "failed"), None)
 
-    def is_finished(self) -> bool:
-        return self.status() in FINAL_STATUSES
-
     def archive(self, from_stage: str | None = None) -> Path | None:
         """Move results aside into archive/<UTC time>/ so the run starts again; keeps config.yaml.
 

@@ -48,9 +48,6 @@ STATES = (
     "node-failure",
     "preempted",
 )
-# The words that mean the run ended without finishing and no job of it is alive.
-ENDED = ("failed", "blocked", "stopped", "cancelled", "time-limit", "out-of-memory", "node-failure", "preempted")
-
 ENDING_FILE = "ending.json"
 
 # sacct's first word -> (state, what to say); ACTIVE_STATES are handled apart.

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from pipeline import share as sharing
 from pipeline.jobs import manifest
 from pipeline.rundir import (
+    FINAL_STATUSES,
     SHARED_POINTER,
     STALE_TEMPORARY_S,
     RunDir,
@@ -77,7 +78,7 @@ def plan(runs: Sequence[PlannedRun], sweep_dir: Path, rerun: str | None, active_
         elif status == "blocked":
             owner, why = rd.blocked_by() or ("?", "")
             decisions.append(Decision(r, "skip-blocked", f"blocked by {owner}: {why}; use --rerun failed"))
-        elif status in ("done", "diverged"):
+        elif status in FINAL_STATUSES:
             decisions.append(Decision(r, "skip-done", status))
         elif status == "failed":
             decisions.append(Decision(r, "skip-failed", "use --rerun failed"))
@@ -338,15 +339,6 @@ def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(sync, paths))
-
-
-def update_manifest(
-    sweep_dir: Path, cluster: str, job_ids: dict[str, str], job_records: dict[str, dict[str, Any]] | None = None
-) -> Path:
-    """<sweep>/manifest.json maps run id -> the latest job id (older ones are kept in history), with what
-    else identifies the job (``job_records``, by job id: a local job's process start time); written
-    atomically. Called once per array, as soon as sbatch answers (see :mod:`pipeline.jobs.manifest`)."""
-    return manifest.record_submitted(sweep_dir, cluster, job_ids, job_records=job_records)
 
 
 ENDED_STATUSES = ("done", "diverged", "failed")
