@@ -19,7 +19,7 @@ from pipeline.rundir import (
     atomic_write_text,
     disk_error,
 )
-from pipeline.stages.runner import _unreadable_model, execute
+from pipeline.stages.runner import unreadable_model, execute
 
 EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
 
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = execute(run.path)
     except (OSError, ValueError) as e:
-        if disk_error(e) is None and not _unreadable_model(e):
+        if disk_error(e) is None and not unreadable_model(e):
             raise
         return 1  # said above, in one line, with the file: a traceback would add nothing
     cli.console().print(f"run {run.id}: [bold]{status}[/]  ({run.path})")

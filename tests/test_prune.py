@@ -18,7 +18,14 @@ from torch import nn
 from pipeline.compress import structured
 from pipeline.compress.structured import channel_widths, prune_structured
 from pipeline.models.files import resize_to_state_dict
-from pipeline.compress.unstructured import MagnitudePruner, is_update_step, phase_bounds, target_sparsity, update_steps, weight_sparsity
+from pipeline.compress.unstructured import (
+    MagnitudePruner,
+    is_update_step,
+    phase_bounds,
+    target_sparsity,
+    update_steps,
+    weight_sparsity,
+)
 from pipeline.models import build_model, convert_norm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ DATASETS = ("cifar10", "cifar100", "synthetic")
 LAYOUT_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "synthetic": "synthetic-batches-py"}
 _CIFAR10_FILES = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta")
 _CIFAR100_FILES = (["train"], ["test"], "meta")
-_PIXELS = 3 * 32 * 32
-_PAD = 4
+PIXELS = 3 * 32 * 32
+PAD = 4
 
 
 def _files_for(name: str) -> tuple[list[str], list[str], str]:
@@ -163,16 +163,16 @@ def _read_batches(paths: Sequence[Path], num_classes: int) -> tuple[np.ndarray, 
             raise ValueError(f"{p}: not a CIFAR batch (keys {sorted(map(str, d))})")
         x = np.asarray(d["data"])
         y = np.asarray(d["labels"] if "labels" in d else d["fine_labels"], dtype=np.int64)
-        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != _PIXELS or len(y) != len(x):
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS or len(y) != len(x):
             raise ValueError(
-                f"{p}: expected uint8 data of shape (N, {_PIXELS}) and N labels, "
+                f"{p}: expected uint8 data of shape (N, {PIXELS}) and N labels, "
                 f"got {x.dtype} {x.shape} and {len(y)} labels"
             )
         if len(y) and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"{p}: labels outside [0, {num_classes}) (meta lists {num_classes} classes)")
         xs.append(x)
         ys.append(y)
-    x = np.concatenate(xs) if xs else np.zeros((0, _PIXELS), np.uint8)
+    x = np.concatenate(xs) if xs else np.zeros((0, PIXELS), np.uint8)
     return np.ascontiguousarray(x.reshape(-1, 3, 32, 32)), np.concatenate(ys)
 
 

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.cifar import _PAD, Split
+from pipeline.data.cifar import PAD, Split
 
 
 def _epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -98,9 +98,9 @@ class DeviceLoader:
         if augment:
             # Padded once so each crop is a plain window: the (N, 9, 9, 3, 32, 32) strided view below holds
             # every crop of every image without copying, and one advanced-indexing op picks a batch's crops.
-            self._images = torch.nn.functional.pad(images, (_PAD,) * 4)
+            self._images = torch.nn.functional.pad(images, (PAD,) * 4)
             s = self._images.stride()
-            k = 2 * _PAD + 1
+            k = 2 * PAD + 1
             self._windows = self._images.as_strided((self._n, k, k, 3, 32, 32), (s[0], s[2], s[3], s[1], s[2], s[3]))
         else:
             self._images = images
@@ -129,7 +129,7 @@ class DeviceLoader:
             return (None if order is None else order.to(self.device)), None, None
         if order is None:
             order = torch.arange(self._n)
-        offsets = torch.randint(0, 2 * _PAD + 1, (2, self._n), generator=g)
+        offsets = torch.randint(0, 2 * PAD + 1, (2, self._n), generator=g)
         flips = torch.randint(0, 2, (self._n,), generator=g, dtype=torch.uint8)
         return order.to(self.device), offsets.to(self.device), flips.to(self.device)
 
@@ -219,7 +219,7 @@ class TorchLoader:
         _check_batching(batch_size, rank, world_size)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        steps = [v2.RandomCrop(32, padding=_PAD), v2.RandomHorizontalFlip()] if augment else []
+        steps = [v2.RandomCrop(32, padding=PAD), v2.RandomHorizontalFlip()] if augment else []
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
         self.seed, self.num_workers, self.epoch = seed, num_workers, 0
         self.sampler = _EpochBatchSampler(

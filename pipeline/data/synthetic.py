@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.cifar import _PAD, _PIXELS, LAYOUT_FOLDERS, _read_raw
+from pipeline.data.cifar import PAD, PIXELS, LAYOUT_FOLDERS, _read_raw
 
 
 def _upsample(low: np.ndarray, size: int) -> np.ndarray:
@@ -38,7 +38,7 @@ def _synthetic_images(num_classes: int, per_class: tuple[int, int], seed: int):
     and pixel noise, so classes are learnable but overlap.
     """
     rng = np.random.default_rng(seed)
-    canvas = 32 + 2 * _PAD
+    canvas = 32 + 2 * PAD
     # Weights tuned so ResNet-20 reaches ~60% test accuracy after 20 SGD steps on 500 images and ~90% after
     # 3 epochs on 2,000 (10 classes).
     protos = _upsample(rng.standard_normal((num_classes, 3, 5, 5)), canvas)
@@ -48,7 +48,7 @@ def _synthetic_images(num_classes: int, per_class: tuple[int, int], seed: int):
     for c in range(num_classes):
         for part, n in enumerate(per_class):
             windows = np.lib.stride_tricks.sliding_window_view(protos[c], (32, 32), axis=(1, 2))
-            oy, ox = rng.integers(0, 2 * _PAD + 1, size=(2, n))
+            oy, ox = rng.integers(0, 2 * PAD + 1, size=(2, n))
             img = windows[:, oy, ox].transpose(1, 0, 2, 3)  # (n, 3, 32, 32)
             gain = 1.0 + 0.25 * rng.standard_normal((n, 3, 1, 1))
             bias = 0.3 * rng.standard_normal((n, 3, 1, 1))
@@ -56,7 +56,7 @@ def _synthetic_images(num_classes: int, per_class: tuple[int, int], seed: int):
             noise = rng.standard_normal((n, 3, 32, 32))
             value = gain * img + bias + 0.5 * distractor + 0.3 * noise
             pixels = np.clip(np.rint(128.0 + 48.0 * value), 0, 255).astype(np.uint8)
-            parts[part][0].append(pixels.reshape(n, _PIXELS))
+            parts[part][0].append(pixels.reshape(n, PIXELS))
             parts[part][1].append(np.full(n, c, dtype=np.int64))
     out = []
     for part in (0, 1):
@@ -153,7 +153,7 @@ def write_synthetic(
             "data": test_x,
             "filenames": [f"{names[c]}_s_{i:06d}.png" for i, c in enumerate(test_y)],
         }
-        files["batches.meta"] = {"num_cases_per_batch": len(pieces[0]), "label_names": names, "num_vis": _PIXELS}
+        files["batches.meta"] = {"num_cases_per_batch": len(pieces[0]), "label_names": names, "num_vis": PIXELS}
     # Write into a private folder and rename it into place: readers never see a half-written data set,
     # and of two concurrent writers exactly one wins the rename.
     root.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ def _file_handler(path: Path) -> logging.Handler:
     return handler
 
 
-def _attach_log(run: RunDir, to_file: bool = True) -> logging.Handler | None:
+def attach_log(run: RunDir, to_file: bool = True) -> logging.Handler | None:
     """Log to stdout (the scheduler's log) and, unless ``to_file`` is False (ranks other than 0), to
     <run>/run.log, appended across restarts."""
     root = logging.getLogger("pipeline")
@@ -89,12 +89,12 @@ def _attach_log(run: RunDir, to_file: bool = True) -> logging.Handler | None:
 DISK_HINT = "free space (or fix the mount), then submit again: the run resumes from its last checkpoint"
 
 
-def _disk_message(disk: OSError) -> str:
+def disk_message(disk: OSError) -> str:
     name = os.fsdecode(disk.filename) if disk.filename else ""
     return f"[Errno {disk.errno}] {disk.strerror}" + (f": '{name}'" if name else "") + f"; {DISK_HINT}"
 
 
-def _quiet_disk_errors(args: threading.ExceptHookArgs) -> None:
+def quiet_disk_errors(args: threading.ExceptHookArgs) -> None:
     """A background writer (TensorBoard's event thread) stopped by a full, over-quota or read-only disk:
     one line, not a traceback; the stage itself fails on its next write and says where."""
     error = args.exc_value
@@ -106,7 +106,7 @@ def _quiet_disk_errors(args: threading.ExceptHookArgs) -> None:
 
 
 @contextlib.contextmanager
-def _stage_log(run_handler: logging.Handler | None, path: Path | None, stage: str = "train") -> Iterator[None]:
+def stage_log(run_handler: logging.Handler | None, path: Path | None, stage: str = "train") -> Iterator[None]:
     """Log to ``path`` instead of the run's own log meanwhile: a shared training or pruning keeps its lines
     in the shared store (the run reaches them as train.log, prune.log); the run's log says so once instead
     of repeating them."""

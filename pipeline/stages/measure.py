@@ -20,8 +20,8 @@ from pipeline.models.files import (
     load_model,
 )
 from pipeline.rundir import RunDir, model_file_problem
-from pipeline.stages.quantize import _cpu_loaders, source_model_file
-from pipeline.stages.setup import _skipped
+from pipeline.stages.quantize import cpu_loaders, source_model_file
+from pipeline.stages.setup import skipped
 
 log = logging.getLogger("pipeline.stages.measure")
 
@@ -34,13 +34,13 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     rows of the fp32, pruned and fp16 models."""
     m = cfg.measure
     if not m.enabled:
-        return _skipped("none")
+        return skipped("none")
     from pipeline.compress.measure import INT8_FLAGS, Artifact, cpu_flags, measure_artifacts
     from pipeline.jobs.procs import cpu_name
-    from pipeline.stages.setup import _set_threads
+    from pipeline.stages.setup import set_threads
 
     _check_models(run, cfg)
-    _set_threads(cfg)
+    set_threads(cfg)
     threads = int(m.threads) or torch.get_num_threads()
     channels_last = bool(cfg.train.channels_last)
     compiled = bool(m.compile)
@@ -60,7 +60,7 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
                 artifacts.append(
                     Artifact.from_model_file(f"{name}-cuda", path, device="cuda", channels_last=channels_last)
                 )
-    _, _, test = _cpu_loaders(cfg)
+    _, _, test = cpu_loaders(cfg)
     entries = measure_artifacts(
         artifacts,
         test,

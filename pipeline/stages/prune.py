@@ -21,7 +21,7 @@ from pipeline.models.files import (
     save_model,
 )
 from pipeline.rundir import RunDir
-from pipeline.stages.setup import _merged, _skipped, _to_device
+from pipeline.stages.setup import merged_schedule, skipped, to_device
 from pipeline.stages.loop import Phase, evaluate_test, fit
 from pipeline.stages.train import divergence_metrics, history_metrics, unstructured_pruner
 from pipeline.stages.checkpoint import load_checkpoint
@@ -46,7 +46,7 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     the pruned one and this stage only records its sparsity."""
     p = cfg.prune
     if p.method == "none":
-        return _skipped("none")
+        return skipped("none")
     from pipeline.compress.unstructured import weight_sparsity
     from pipeline.models import count_macs
 
@@ -91,14 +91,14 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
                 iterative_steps=int(p.iterative_steps),
                 example_input=example,
             )
-        model = _to_device(model, cfg, ctx.device)
+        model = to_device(model, cfg, ctx.device)
     else:
-        model = _to_device(trained, cfg, ctx.device)
+        model = to_device(trained, cfg, ctx.device)
         pruner = unstructured_pruner(model, cfg, epochs * len(ctx.train_loader))
         if epochs == 0:
             pruner.prune_to(float(p.sparsity))
 
-    schedule = _merged(cfg.schedule, {"name": str(p.lr_schedule), "warmup_epochs": float(p.warmup_epochs)})
+    schedule = merged_schedule(cfg.schedule, {"name": str(p.lr_schedule), "warmup_epochs": float(p.warmup_epochs)})
     phase = Phase(
         "prune",
         epochs,

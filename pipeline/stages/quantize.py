@@ -20,7 +20,7 @@ from pipeline.models.files import (
     save_model,
 )
 from pipeline.rundir import RunDir
-from pipeline.stages.setup import _merged, _skipped, _to_device
+from pipeline.stages.setup import merged_schedule, skipped, to_device
 from pipeline.stages.loop import Phase, evaluate, fit
 from pipeline.stages.train import divergence_metrics, history_metrics
 from pipeline.stages.checkpoint import load_checkpoint
@@ -36,7 +36,7 @@ def source_model_file(run: RunDir, cfg: DictConfig) -> str:
     return TRAINED
 
 
-def _cpu_loaders(cfg: DictConfig):
+def cpu_loaders(cfg: DictConfig):
     """(data, calibration loader, test loader) on the CPU, un-augmented: int8 is built for CPU inference."""
     from pipeline.data.loaders import DeviceLoader
     from pipeline.stages.setup import make_loaders
@@ -64,7 +64,7 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     evaluated on the CPU, also in a GPU job."""
     q = cfg.quant
     if q.method == "none":
-        return _skipped("none")
+        return skipped("none")
     from pipeline.compress import quantize as qz
 
     source = source_model_file(run, cfg)
@@ -82,28 +82,28 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         metrics.update(model=f"models/{FP16}", **qz.file_sizes(run.models / FP16))
         if torch.cuda.is_available():
             ctx = setup(cfg)
-            on_device = _to_device(half, cfg, ctx.device).eval()
+            on_device = to_device(half, cfg, ctx.device).eval()
             # fp16 inputs: the loaders give fp32 batches, which half weights refuse without autocast
             test = evaluate(lambda x: on_device(x.half()), ctx.test_loader)
             metrics.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"], device=str(ctx.device))
         return metrics
 
-    d, calib, test = _cpu_loaders(cfg)
+    d, calib, test = cpu_loaders(cfg)
     example = next(iter(test))[0][:2]
     if q.method == "int8":
         batches = [x for i, (x, _) in zip(range(int(q.calib_batches)), calib)]
-        model = _to_device(model, cfg, torch.device("cpu"))
+        model = to_device(model, cfg, torch.device("cpu"))
         gm = qz.quantize_int8(model, batches, example)
         metrics["calib_batches"] = len(batches)
     else:  # qat
         ctx = setup(cfg)
-        model = _to_device(model, cfg, ctx.device)
+        model = to_device(model, cfg, ctx.device)
         train_example = next(iter(ctx.test_loader))[0][:2]
         torch.manual_seed(int(cfg.train.seed) + 2)
         prepared = qz.prepare_qat(model, train_example)
         prepared.pipeline_set_mode = lambda training: qz.set_exported_mode(prepared, training)  # type: ignore[assignment]
         ckpt_path = run.checkpoints / "qat.pt"
-        schedule = _merged(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
+        schedule = merged_schedule(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
         phase = Phase("qat", int(q.epochs), float(q.lr), schedule, ckpt_path, run.tensorboard / "qat")
         result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path, run if ctx.dist.is_main else None))
         metrics.update({f"qat_{k}": v for k, v in history_metrics(result).items() if k != "status"})

@@ -31,7 +31,7 @@ from pipeline.rundir import (
     resumable,
 )
 from pipeline.stages.distributed import job_rank, wait_for_all_ranks
-from pipeline.stages.logs import DISK_HINT, _attach_log, _disk_message, _quiet_disk_errors, _stage_log
+from pipeline.stages.logs import DISK_HINT, attach_log, disk_message, quiet_disk_errors, stage_log
 
 log = logging.getLogger("pipeline")
 
@@ -63,10 +63,10 @@ def execute(run_dir: str | Path) -> str:
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise owner.RunFolderVanished(message)
     rank = job_rank()
-    handler = _attach_log(run, to_file=rank == 0)
+    handler = attach_log(run, to_file=rank == 0)
     preempt.STOP.install()
     previous_hook = threading.excepthook
-    threading.excepthook = _quiet_disk_errors
+    threading.excepthook = quiet_disk_errors
     ownership: owner.Ownership | None = None
     reserved = False  # .space-reserve is this job's to free (not another job's that owns the folder)
     try:
@@ -132,7 +132,7 @@ def execute(run_dir: str | Path) -> str:
             try:
                 if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
                     raise preempt.Preempted(preempt.STOP.signum or 0)
-                with _stage_log(handler, target.log if target is not run and rank == 0 else None, stage):
+                with stage_log(handler, target.log if target is not run and rank == 0 else None, stage):
                     metrics = stage_functions()[stage](target, cfg)
                 metrics["wall_s"] = time.time() - started
                 metrics["cpu_s"] = _cpu_seconds() - cpu_started
@@ -156,8 +156,8 @@ def execute(run_dir: str | Path) -> str:
                 if rank == 0:
                     _record_failure(target, stage, e, run, extra)
                 if (disk := disk_error(e)) is not None:  # where and why is all there is to say
-                    log.error("stage %s failed: %s", stage, _disk_message(disk))
-                elif _unreadable_model(e):  # the file and what is wrong with it: a traceback adds nothing
+                    log.error("stage %s failed: %s", stage, disk_message(disk))
+                elif unreadable_model(e):  # the file and what is wrong with it: a traceback adds nothing
                     log.error("stage %s failed: %s%s", stage, e, f"; {extra['hint']}" if extra else "")
                 else:
                     log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
@@ -231,7 +231,7 @@ def _record_failure(target: RunDir, stage: str, e: Exception, run: RunDir, extra
         log.error("could not write the failure record %s either: %s", target.metrics_path(stage), e2)
 
 
-def _unreadable_model(e: BaseException) -> bool:
+def unreadable_model(e: BaseException) -> bool:
     from pipeline.models.files import UnreadableModel  # (torch: a stage has run, it is loaded already)
 
     return isinstance(e, UnreadableModel)

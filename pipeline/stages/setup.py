@@ -21,16 +21,16 @@ from pipeline.stages.distributed import Dist, dist_from_env, init_distributed
 log = logging.getLogger("pipeline.stages.setup")
 
 
-def _skipped(method: str) -> dict[str, Any]:
+def skipped(method: str) -> dict[str, Any]:
     return {"status": "done", "method": method}
 
 
-def _to_device(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
+def to_device(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
 
 
-def _merged(schedule: DictConfig, changes: dict[str, Any]) -> DictConfig:
+def merged_schedule(schedule: DictConfig, changes: dict[str, Any]) -> DictConfig:
     """The training's schedule section with a phase's own settings over it."""
     out = OmegaConf.merge(schedule, changes)
     assert isinstance(out, DictConfig)
@@ -115,7 +115,7 @@ def lr_factor(schedule: DictConfig, t: float, total: float) -> float:
     raise ValueError(f"unknown schedule.name {name!r}; allowed: constant, step, cosine, onecycle")
 
 
-def _set_threads(cfg: DictConfig) -> None:
+def set_threads(cfg: DictConfig) -> None:
     n = int(cfg.train.threads) or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
     if n > 0:
         torch.set_num_threads(n)
@@ -224,7 +224,7 @@ class Context:
 
 def setup(cfg: DictConfig) -> Context:
     """Threads, device, data-parallel group and loaders of a run (every rank calls this)."""
-    _set_threads(cfg)
+    set_threads(cfg)
     dist = dist_from_env()
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and dist.enabled:

@@ -302,9 +302,9 @@ def check_gpus(spec: SweepSpec, runs: Sequence[PlannedRun], cluster: str) -> Non
             f" in the cluster profile ({spec.cluster})" if spec.cluster else " in the sweep's set: or a cluster profile"
         )
     elif wants:
-        from pipeline.submit.launch import _visible_gpu_count
+        from pipeline.submit.launch import visible_gpu_count
 
-        if _visible_gpu_count():
+        if visible_gpu_count():
             return
         where = f"the {cluster} executor runs jobs on this machine, where no GPU is visible"
         fix = "submit to Slurm (--cluster slurm) with slurm.gpus_per_node set"

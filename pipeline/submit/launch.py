@@ -197,7 +197,7 @@ def _sbatch_error(e: BaseException) -> str:
     return text[:500]
 
 
-def _visible_gpu_count() -> int:
+def visible_gpu_count() -> int:
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         return len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
     if shutil.which("nvidia-smi") is None:
@@ -318,7 +318,7 @@ def submit(
     if cluster == "local":
         executor: Any = submitit.LocalExecutor(folder=log_folder)
         executor.update_parameters(
-            timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=_visible_gpu_count(), stderr_to_stdout=True
+            timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=visible_gpu_count(), stderr_to_stdout=True
         )
     elif cluster == "debug":
         executor = submitit.DebugExecutor(folder=log_folder)
