@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pipeline import console as cli
+from pipeline import share
 from pipeline.config import COMMAND_LINE, ConfigError, absolutize_paths, from_run_file, load_config, run_id, to_yaml
 from pipeline.rundir import (
     RunDir,
@@ -19,7 +21,7 @@ from pipeline.rundir import (
     atomic_write_text,
     disk_error,
 )
-from pipeline.stages.runner import unreadable_model, execute
+from pipeline.stages.runner import execute, unreadable_model
 
 EXIT_PREEMPTED = 3  # stopped by a signal after saving a checkpoint: run the same command to resume
 
@@ -40,8 +42,6 @@ def prepare_single(config: Path, overrides: Sequence[str], out: Path) -> RunDir:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline import console as cli
-
     p = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__.split("\n\n")[0])
     p.add_argument("target", type=Path, help="a run folder (holding config.yaml) or a config YAML file")
     p.add_argument("overrides", nargs="*", help="key=value settings (with a config file only)")
@@ -83,8 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.rerun == "failed" and (stage := run.failed_stage()) is not None:
         store = run.shared_store(stage) if stage in ("train", "prune") else None
         if store is not None:  # a failed shared training or pruning: nobody can use it; kept aside
-            from pipeline import share
-
             RunDir(store).archive()
             share.take_over(store, run)
         run.archive(None if stage == "train" else stage)  # a failed training: start afresh, log included

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import settled
-from pipeline.jobs.alive import this_job
+from pipeline.jobs.alive import job_is_active, this_job
+from pipeline.jobs.manifest import manifest_path, read_manifest
 from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import (
     SHARED_LINKS,
@@ -374,8 +375,6 @@ def owner_active(owner: Mapping[str, Any] | None) -> bool:
     job = owner_job(owner)
     if job is None:
         return time.time() - _number(owner.get("since")) < OWNER_GRACE_S
-    from pipeline.jobs.alive import job_is_active
-
     run = owner.get("run")
     return job_is_active(*job, Path(run).parent if isinstance(run, str) and run else None)
 
@@ -404,8 +403,6 @@ _MANIFESTS: dict[Path, tuple[tuple[int, int], dict[str, dict[str, Any]]]] = {}
 def _manifest_runs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     """The ``runs`` of a sweep's manifest, parsed again only when the file changed (thousands of owner
     records may name one sweep)."""
-    from pipeline.jobs.manifest import manifest_path, read_manifest
-
     try:
         st = manifest_path(sweep_dir).stat()
     except OSError:

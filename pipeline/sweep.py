@@ -24,11 +24,16 @@ from pipeline.config import (
     parse_overrides,
 )
 from pipeline.jobs import manifest
+from pipeline.jobs import slurm as slurm_cli
 from pipeline.rundir import (
     RunDir,
     atomic_write_text,
 )
+from pipeline.stages.runner import execute, execute_many
+from pipeline.submit import launch
 from pipeline.submit.expand import PlannedRun, SweepSpec, check_gpus, check_out, expand_sweep, merge_notes, read_sweep
+from pipeline.submit.launch import Rejected, Submission
+from pipeline.submit.lock import LockHeld, SubmitLock
 from pipeline.submit.plan import (
     SUBMITTED,
     Decision,
@@ -48,8 +53,6 @@ from pipeline.submit.show import print_plan
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from pipeline.submit.launch import Submission
-from pipeline.stages.runner import execute, execute_many
 
 CLUSTERS = ("auto", "local", "debug", "slurm")
 RERUN = ("failed", "all")
@@ -71,8 +74,6 @@ def _submit_later(
     """Submit the runs that follow an owner another submission is queueing, once its job id is in the
     owner record (a submission under way records it within seconds); those whose owner was not queued
     within :data:`OWNER_QUEUED_WAIT_S` are listed as not submitted."""
-    from pipeline.submit.launch import Rejected
-
     pending = [sh for d in later for sh in d.shares() if sh.role == "follow" and sh.foreign and not sh.after_job]
     deadline = time.monotonic() + OWNER_QUEUED_WAIT_S
     while pending and time.monotonic() < deadline:
@@ -154,8 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
     if args.dry_run:
-        from pipeline.submit import launch
-
         cluster = launch.resolve_cluster(args.cluster)
         try:
             check_gpus(spec, runs, cluster)
@@ -177,8 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with cli.exit_on_config_error():
             check_gpus(spec, runs, _cluster_for(args, sweep_dir)[0])
 
-    from pipeline.submit.lock import LockHeld, SubmitLock
-
     # One submitter per sweep at a time: two would both see every run as not queued and both submit it.
     lock = SubmitLock(sweep_dir, on_recover=lambda message: console.print(f"[yellow]{message}[/]"))
     try:
@@ -195,8 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock.release()
     if code != 0 or submission is None:
         return code
-    from pipeline.submit import launch
-
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
         console.print("waiting for the runs to finish")
         # also for those an earlier submission's jobs still run (skip-active): --wait waits for every run
@@ -233,8 +228,6 @@ def _write_only(
 def _cluster_for(args: argparse.Namespace, sweep_dir: Path) -> tuple[str, str | None]:
     """(the cluster to submit to, why submitting now is impossible or None). A sweep whose manifest
     names Slurm jobs is not silently moved to the local executor by ``auto`` when the controller is down."""
-    from pipeline.jobs import slurm as slurm_cli
-
     if args.cluster == "auto":
         if slurm_cli.controller_answers():
             return "slurm", None
@@ -254,9 +247,6 @@ def _submit(
 ) -> tuple[int, Submission | None, str]:
     """Plan, write the run folders and submit, recording each array in the manifest as soon as it is
     queued; returns (exit code, submission, cluster)."""
-    from pipeline.jobs import slurm as slurm_cli
-    from pipeline.submit import launch
-
     cluster, impossible = _cluster_for(args, sweep_dir)
     try:
         if impossible is None:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline.jobs import slurm as slurm_cli
 from pipeline.jobs.procs import ProcessIdentity
 
 
@@ -43,8 +44,6 @@ def active_jobs(
     slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
     states: dict[str, str] = {}
     if slurm_ids:
-        from pipeline.jobs import slurm as slurm_cli
-
         states = {j: s for j, s in slurm_cli.job_states(slurm_ids, strict=True).items() if s in slurm_cli.ACTIVE_STATES}
     records = records or {}
     return {
@@ -91,7 +90,5 @@ def job_is_active(
             return False
         return ident.is_alive() if ident.on_this_machine() else True
     if cluster == "slurm":
-        from pipeline.jobs import slurm as slurm_cli
-
         return slurm_cli.job_states([job_id]).get(job_id, "") in slurm_cli.ACTIVE_STATES
     return False

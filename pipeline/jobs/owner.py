@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.jobs import endings
 from pipeline.jobs.alive import this_job, this_slurm_job
 from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import (
@@ -139,8 +140,6 @@ class Ownership:
             return
         if not self.also or not self.run.config.exists():
             return
-        from pipeline.jobs import endings
-
         reason = f"{error}; submit the sweep again to redo it"
         endings.write_ending(self.run, "failed", reason, job_id=this_slurm_job())
 

@@ -17,6 +17,7 @@ import signal
 from types import FrameType
 from typing import Any
 
+from pipeline.jobs import slurm as slurm_cli
 from pipeline.jobs.alive import this_slurm_job
 
 log = logging.getLogger("pipeline.jobs.preempt")
@@ -79,8 +80,6 @@ def handle(p: Preempted, max_requeues: int) -> tuple[str | None, str]:
             f"time limit near and slurm.max_requeues={max_requeues} requeues used: not requeued; "
             "submit the sweep again to resume"
         )
-    from pipeline.jobs import slurm as slurm_cli
-
     if slurm_cli.requeue(job):
         return None, f"time limit near: job {job} requeued ({restarts + 1}/{max_requeues})"
     return "time-limit", f"time limit near: requeue of job {job} failed; submit the sweep again to resume"

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.jobs import slurm as slurm_cli
+from pipeline.jobs.alive import job_is_active
 from pipeline.jobs.endings import ENDING_FILE, classify, read_ending
+from pipeline.jobs.manifest import checked_manifest
+from pipeline.jobs.owner import OWNER_FILE, owner_alive, read_owner
 from pipeline.rundir import RunDir, survey
 
 
@@ -35,10 +38,6 @@ def run_jobs(sweep_dir: Path, runs: Sequence[RunDir]) -> tuple[dict[str, RunJob]
     4. the manifest's job, ended.
 
     Slurm is asked once (squeue, then sacct) for every job named."""
-    from pipeline.jobs.alive import job_is_active
-    from pipeline.jobs.manifest import checked_manifest
-    from pipeline.jobs.owner import OWNER_FILE, owner_alive, read_owner
-
     manifest, problem = checked_manifest(sweep_dir)
     owners = {run.id: read_owner(run) or ({}, 0.0) for run in runs}
     named = {run.id: _named_jobs(owners[run.id][0], read_ending(run)) for run in runs}
@@ -72,8 +71,6 @@ def run_jobs(sweep_dir: Path, runs: Sequence[RunDir]) -> tuple[dict[str, RunJob]
 
 def _named_jobs(owner: dict[str, Any], ending: dict[str, Any] | None) -> list[tuple[str, str]]:
     """The Slurm jobs a run folder names, latest first: (job id, file) from ending.json and owner.json."""
-    from pipeline.jobs.owner import OWNER_FILE
-
     jobs = [(str((ending or {}).get("job_id") or ""), ENDING_FILE)]
     jobs.append((str(owner.get("job") or "") if owner.get("cluster") == "slurm" else "", OWNER_FILE))
     return [(job, source) for job, source in jobs if job]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, cast
 import torch
 from torch import nn
 
+from pipeline.models import build_model, convert_norm
 from pipeline.rundir import atomic_write_bytes, model_file_problem
 
 FORMAT = "pipeline-model/1"
@@ -106,8 +107,6 @@ def save_model(
 
 def build_from_arch(arch: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """A registry model of ``arch``; with ``state_dict``, resized to its shapes (pruned models) and loaded."""
-    from pipeline.models import build_model, convert_norm
-
     model = convert_norm(
         build_model(arch["name"], int(arch["num_classes"]), shortcut=arch.get("shortcut", "A")),
         arch.get("norm", "batch"),

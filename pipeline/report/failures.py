@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.console import hms
+from pipeline.jobs.manifest import checked_manifest
+from pipeline.jobs.states import job_log, sweep_problems, sweep_states
 from pipeline.report.records import Record
 from pipeline.rundir import survey
 
@@ -69,9 +71,6 @@ def classify(sweep_dir: Path, records: Sequence[Record]) -> tuple[dict[str, Clas
     :func:`pipeline.jobs.states.sweep_states` (squeue/sacct, the local executor's processes, the jobs the run
     folders name); runs it does not know keep the state their files give. A scheduler that cannot be
     asked is no reason to fail: the files' word stands."""
-    from pipeline.jobs.manifest import checked_manifest
-    from pipeline.jobs.states import job_log, sweep_problems, sweep_states
-
     out = {r.id: Classified(r.status) for r in records}
     if all(r.status == "done" for r in records):  # final from the files: no scheduler to ask
         return out, sweep_problems(survey(sweep_dir)[1], checked_manifest(sweep_dir)[1])

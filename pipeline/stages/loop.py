@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from pipeline.jobs.preempt import STOP, Preempted
 from pipeline.rundir import RunDir, atomic_write_json
 from pipeline.stages.checkpoint import save_checkpoint
 from pipeline.stages.distributed import Dist
@@ -296,8 +297,6 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
     when given), validating after every epoch; raises :class:`pipeline.jobs.preempt.Preempted` after a
     mid-epoch checkpoint when a stop signal arrives. With several ranks every rank calls this; only
     rank 0 writes files."""
-    from pipeline.jobs.preempt import STOP, Preempted
-
     cfg, device, dist, amp_dtype = ctx.cfg, ctx.device, ctx.dist, ctx.amp_dtype
     train_loader, val_loader = ctx.train_loader, ctx.val_loader
     epochs, steps = phase.epochs, len(train_loader)

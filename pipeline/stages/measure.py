@@ -10,6 +10,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from pipeline.compress.measure import INT8_FLAGS, Artifact, cpu_flags, measure_artifacts
+from pipeline.jobs.procs import cpu_name
 from pipeline.models.files import (
     FP16,
     INT8,
@@ -21,7 +23,7 @@ from pipeline.models.files import (
 )
 from pipeline.rundir import RunDir, model_file_problem
 from pipeline.stages.quantize import cpu_loaders, source_model_file
-from pipeline.stages.setup import skipped
+from pipeline.stages.setup import set_threads, skipped
 
 log = logging.getLogger("pipeline.stages.measure")
 
@@ -35,10 +37,6 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     m = cfg.measure
     if not m.enabled:
         return skipped("none")
-    from pipeline.compress.measure import INT8_FLAGS, Artifact, cpu_flags, measure_artifacts
-    from pipeline.jobs.procs import cpu_name
-    from pipeline.stages.setup import set_threads
-
     _check_models(run, cfg)
     set_threads(cfg)
     threads = int(m.threads) or torch.get_num_threads()
@@ -97,8 +95,6 @@ def _int8_artifact(run: RunDir, program: Any, source: nn.Module, channels_last: 
     """The int8 model as users run it: the AOTInductor package the quantize stage compiled and recorded
     (loaded only if its sha256 is the recorded one). Without one, its accuracy and size but no timing: the
     program run eagerly dequantizes, runs fp32 kernels and quantizes again (slower than fp32)."""
-    from pipeline.compress.measure import Artifact
-
     package = (run.read_metrics("quantize") or {}).get("package") or {}
     if package.get("file") == INT8_PACKAGE and package.get("sha256"):
         return Artifact.from_package(

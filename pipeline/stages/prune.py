@@ -13,6 +13,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from pipeline.compress.unstructured import weight_sparsity
+from pipeline.models import count_macs
 from pipeline.models.files import (
     PRUNED,
     TRAINED,
@@ -21,11 +23,10 @@ from pipeline.models.files import (
     save_model,
 )
 from pipeline.rundir import RunDir
-from pipeline.stages.setup import merged_schedule, skipped, to_device
-from pipeline.stages.loop import Phase, evaluate_test, fit
-from pipeline.stages.train import divergence_metrics, history_metrics, unstructured_pruner
 from pipeline.stages.checkpoint import load_checkpoint
-from pipeline.stages.setup import setup
+from pipeline.stages.loop import Phase, evaluate_test, fit
+from pipeline.stages.setup import merged_schedule, setup, skipped, to_device
+from pipeline.stages.train import divergence_metrics, history_metrics, unstructured_pruner
 
 log = logging.getLogger("pipeline.stages.prune")
 
@@ -47,9 +48,6 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     p = cfg.prune
     if p.method == "none":
         return skipped("none")
-    from pipeline.compress.unstructured import weight_sparsity
-    from pipeline.models import count_macs
-
     trained, info = load_model(run.models / TRAINED)
     if p.during == "train":
         train = run.read_metrics("train") or {}

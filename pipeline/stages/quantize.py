@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from pipeline.data.loaders import DeviceLoader
 from pipeline.models.files import (
     FP16,
     INT8,
@@ -20,11 +21,10 @@ from pipeline.models.files import (
     save_model,
 )
 from pipeline.rundir import RunDir
-from pipeline.stages.setup import merged_schedule, skipped, to_device
-from pipeline.stages.loop import Phase, evaluate, fit
-from pipeline.stages.train import divergence_metrics, history_metrics
 from pipeline.stages.checkpoint import load_checkpoint
-from pipeline.stages.setup import setup
+from pipeline.stages.loop import Phase, evaluate, fit
+from pipeline.stages.setup import make_loaders, merged_schedule, setup, skipped, to_device
+from pipeline.stages.train import divergence_metrics, history_metrics
 
 log = logging.getLogger("pipeline.stages.quantize")
 
@@ -38,9 +38,6 @@ def source_model_file(run: RunDir, cfg: DictConfig) -> str:
 
 def cpu_loaders(cfg: DictConfig):
     """(data, calibration loader, test loader) on the CPU, un-augmented: int8 is built for CPU inference."""
-    from pipeline.data.loaders import DeviceLoader
-    from pipeline.stages.setup import make_loaders
-
     cpu = torch.device("cpu")
     d, _, _, test = make_loaders(cfg, cpu)
     calib = DeviceLoader(

@@ -18,8 +18,11 @@ from typing import Any, Callable, Sequence, cast
 
 from omegaconf import OmegaConf
 
+from pipeline import share
 from pipeline.config import from_run_file
+from pipeline.jobs import endings, owner, preempt
 from pipeline.jobs.alive import this_slurm_job
+from pipeline.jobs.procs import die_with_parent
 from pipeline.rundir import (
     STAGES,
     UNREADABLE_OUTPUT,
@@ -55,8 +58,6 @@ def execute(run_dir: str | Path) -> str:
     the log path) and raised again, so the scheduler marks the job failed too. In a multi-task job every
     rank runs this; only rank 0 writes the log file and the metrics.
     """
-    from pipeline.jobs import endings, owner, preempt
-
     run = RunDir(Path(run_dir))
     if not run.config.is_file():  # never create a run folder here: sweep or prepare_single writes it
         message = f"{run.config} does not exist (was the run folder deleted?); nothing is written"
@@ -278,8 +279,6 @@ def _shared_stage(run: RunDir, cfg: Any, store: RunDir, rank: int, stage: str) -
     """A shared training or pruning (pipeline.share): "done" when it is recorded and this run goes on, a
     status to end the run with (a failed stage of another run blocks this one: "blocked"), or None when
     this run is to do it now (as its owner, or taking over from an owner whose job ended without a result)."""
-    from pipeline import share
-
     what = "training" if stage == "train" else "pruning"
     tree = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     if rank == 0:
@@ -329,8 +328,6 @@ def _shared_stage(run: RunDir, cfg: Any, store: RunDir, rank: int, stage: str) -
 def _failed_in_owners_job(run: RunDir, store: RunDir, stage: str) -> bool:
     """The shared stage's failure was recorded by its current owner's job (after it was made owner), and
     ``run`` is not that owner."""
-    from pipeline import share
-
     owner = share.read_owner(store.path)
     if owner is None or share.is_owner(run, owner):
         return False
@@ -360,8 +357,6 @@ def execute_many(run_dirs: Sequence[str | Path]) -> dict[str, str]:
     if os.environ.get("SUBMITIT_EXECUTOR") == "local" and os.environ.get("SUBMITIT_LOCAL_JOB_ID", "").isdigit():
         # submitit's local controller (the job id users see) forwards SIGTERM and SIGINT to this process
         # but cannot forward SIGKILL: without this a `kill -9` of it would leave the training orphaned.
-        from pipeline.jobs.procs import die_with_parent
-
         die_with_parent(expected_parent=int(os.environ["SUBMITIT_LOCAL_JOB_ID"]))
     out: dict[str, str] = {}
     for d in run_dirs:

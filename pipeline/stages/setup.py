@@ -15,7 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipeline.models import build_model
+from pipeline.data.cifar import load_cifar
+from pipeline.data.loaders import DeviceLoader, dataloader_loader
+from pipeline.models import build_model, convert_norm
 from pipeline.stages.distributed import Dist, dist_from_env, init_distributed
 
 log = logging.getLogger("pipeline.stages.setup")
@@ -124,9 +126,6 @@ def set_threads(cfg: DictConfig) -> None:
 def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
     """(data, train loader, val loader, test loader) for a config; the train loader yields this rank's
     share of every global batch of ``train.batch_size`` images."""
-    from pipeline.data.cifar import load_cifar
-    from pipeline.data.loaders import DeviceLoader, dataloader_loader
-
     d = load_cifar(
         cfg.data.name,
         cfg.data.root,
@@ -198,8 +197,6 @@ class _ToDevice:
 
 def build_for_training(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The run's model, seeded by train.seed, on ``device`` in the configured memory format."""
-    from pipeline.models import convert_norm
-
     torch.manual_seed(int(cfg.train.seed))
     model = convert_norm(build_model(cfg.model.name, num_classes, shortcut=cfg.model.shortcut), cfg.model.norm)
     model = model.to(device)

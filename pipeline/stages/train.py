@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn as nn
 from omegaconf import DictConfig
 
+from pipeline.compress.unstructured import MagnitudePruner
 from pipeline.models.files import TRAINED, arch_of, save_model
 from pipeline.rundir import RunDir
 from pipeline.stages.checkpoint import load_checkpoint
@@ -57,8 +58,6 @@ def divergence_metrics(result: FitResult, prefix: str = "") -> dict[str, Any]:
 
 def unstructured_pruner(model: nn.Module, cfg: DictConfig, total_steps: int) -> Any:
     """The magnitude pruner of ``prune.*`` over ``total_steps`` optimizer steps."""
-    from pipeline.compress.unstructured import MagnitudePruner
-
     p = cfg.prune
     return MagnitudePruner(
         model,

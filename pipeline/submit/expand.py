@@ -43,6 +43,7 @@ from pipeline.config import (
     tree_to_yaml,
     unflatten,
 )
+from pipeline.submit.launch import visible_gpu_count
 
 SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
 
@@ -302,8 +303,6 @@ def check_gpus(spec: SweepSpec, runs: Sequence[PlannedRun], cluster: str) -> Non
             f" in the cluster profile ({spec.cluster})" if spec.cluster else " in the sweep's set: or a cluster profile"
         )
     elif wants:
-        from pipeline.submit.launch import visible_gpu_count
-
         if visible_gpu_count():
             return
         where = f"the {cluster} executor runs jobs on this machine, where no GPU is visible"

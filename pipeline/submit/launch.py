@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.jobs import slurm
 from pipeline.jobs.manifest import comment_of
 from pipeline.jobs.procs import ProcessIdentity
-from pipeline.jobs import slurm
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
 from pipeline.jobs.procs import ProcessIdentity, host
 from pipeline.rundir import link_exclusive
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline import share as sharing
-from pipeline.jobs import manifest
+from pipeline.jobs import alive, manifest, owner
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import (
     FINAL_STATUSES,
     SHARED_POINTER,
@@ -349,8 +350,6 @@ def active_run_ids(sweep_dir: Path, only: Sequence[str] | None = None) -> set[st
     live job owns (so they are not submitted twice). A local job that has already ended a run (its
     folder records done, diverged or failed) no longer holds that run, even while the job goes on or is
     still exiting. Raises :class:`pipeline.jobs.slurm.SlurmUnreachable` when Slurm cannot say."""
-    from pipeline.jobs import alive, owner
-
     entries = manifest.read_manifest(sweep_dir)["runs"]
     if only is not None:
         entries = {rid: e for rid, e in entries.items() if rid in set(only)}
@@ -371,8 +370,6 @@ def wait_for_exiting_jobs(sweep_dir: Path, run_ids: Sequence[str], timeout_s: fl
     """Wait until no live job owns the folders of ``run_ids`` (jobs that recorded their run's end and are
     exiting: :func:`active_run_ids` no longer counts them), so a resubmitted job does not find its folder
     still held. Returns the runs still held after ``timeout_s``."""
-    from pipeline.jobs import owner
-    from pipeline.jobs.procs import ProcessIdentity
 
     def held_here(rid: str) -> bool:  # a job on another host is Slurm's to end before the new one starts
         record = owner.live_owner(RunDir(sweep_dir / rid))

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from rich.console import Console
 
 from pipeline.console import SHOWN_ROWS, fmt, print_table, short_keys
-
-if TYPE_CHECKING:
-    from pipeline.submit.expand import SweepSpec
-    from pipeline.submit.plan import Decision
+from pipeline.rundir import STAGES
+from pipeline.submit.expand import SweepSpec
+from pipeline.submit.plan import Decision
 
 
 def print_plan(
     con: Console,
-    spec: "SweepSpec",
-    decisions: Sequence["Decision"],
+    spec: SweepSpec,
+    decisions: Sequence[Decision],
     *,
     dry_run: bool = False,
     job_ids: dict[str, str] | None = None,
@@ -42,11 +41,9 @@ def print_plan(
     con.print(f"{len(decisions)} runs")
 
 
-def stages_text(d: "Decision") -> str:
+def stages_text(d: Decision) -> str:
     """Which stages a submitted run does and which it reuses: "train (shared, 3 runs)", "reuses training
     <key>", "waits for <run> (training <key>)", then the stages it runs itself."""
-    from pipeline.rundir import STAGES
-
     if d.action.startswith("skip"):
         return ""
     later = [s for s in STAGES if s != "train"]
