@@ -369,7 +369,7 @@ def path_compile(check: Check) -> Result:
 def path_loader(check: Check) -> Result:
     from bench.loader import time_epoch
     from pipeline.data.loaders import DeviceLoader, dataloader_loader
-    from pipeline.stages.setup import _ToDevice
+    from pipeline.stages.setup import ToDevice
 
     d, s, dev = check.data, check.sizes, check.device
     batch = s.fast_batch
@@ -377,7 +377,7 @@ def path_loader(check: Check) -> Result:
     r = Result("loader")
     ours = DeviceLoader(d.train, batch, device=dev, channels_last=True, **kw)
     n_ours, t_ours = time_epoch(ours, 3, str(dev))
-    base = _ToDevice(dataloader_loader(d.train, batch, num_workers=s.loader_workers, **kw), dev, True)
+    base = ToDevice(dataloader_loader(d.train, batch, num_workers=s.loader_workers, **kw), dev, True)
     n_base, t_base = time_epoch(base, 3, str(dev))
     x, _ = next(iter(ours))
     r.figures = {

@@ -236,7 +236,7 @@ def test_checkpoint_rotation_keeps_the_previous_one_and_every_kill_point_loads(t
     # rename fallback of file systems without hard links): only .prev is there, and it is used
     os.replace(path, prev)
     run = RunDir(tmp_path)
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.stages.checkpoint"):
         ckpt = load_checkpoint(path, run)
     assert ckpt["epoch"] == 3 and f"checkpoint {path} is missing" in caplog.text
     assert "resumed from the previous checkpoint last.prev.pt (epoch 3)" in run.notes()[0]

@@ -140,7 +140,7 @@ def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
     drop_last = dist.enabled and 0 < n_train % (bs * dist.world_size) < dist.world_size
     shard: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, drop_last=drop_last)
     if cfg.data.loader == "dataloader":
-        train: Any = _ToDevice(
+        train: Any = ToDevice(
             dataloader_loader(
                 d.train,
                 bs,
@@ -171,7 +171,7 @@ def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
     return d, train, val, test
 
 
-class _ToDevice:
+class ToDevice:
     """Moves batches of a host-side loader (the DataLoader path) to the device."""
 
     def __init__(self, loader: Any, device: torch.device, channels_last: bool):
