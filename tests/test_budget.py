@@ -401,10 +401,11 @@ def test_structured_auto_resnet20_b_meets_the_budget_and_resumes_exactly(task, r
         reference_acc=rec["reference_val_acc"],
     )
     # round_to=8 makes a uniform ratio's MACs a coarse step function (16 -> 8 channels at once): the
-    # closest step is taken, which may be far, but never farther than the unpruned model
+    # closest step is taken, which may be far, but never farther than the unpruned model; on another CPU the
+    # auto model's MACs can sit nearer the unpruned step than the first pruned one, and then 0.0 is the answer
     print("uniform at the same MACs:", uniform["ratio"], uniform["macs"], "auto:", chosen["macs"])
     assert abs(uniform["macs"] - chosen["macs"]) <= abs(sens["macs"] - chosen["macs"])
-    assert 0.0 < uniform["ratio"] < 0.95 and 0.0 <= uniform["val_acc"] <= 1.0
+    assert 0.0 <= uniform["ratio"] < 0.95 and 0.0 <= uniform["val_acc"] <= 1.0
 
 
 def test_over_budget_is_reported_and_the_best_attempt_kept(task, resnet20_b):
