@@ -47,9 +47,11 @@ from torch import nn
 
 from pipeline.compress.budget.int8 import int8_within_budget
 from pipeline.compress.budget.prune import structured_sensitivity, structured_within_budget, uniform_within_budget
-from pipeline.data import DeviceLoader, load_cifar, write_synthetic
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import load_cifar
+from pipeline.data.synthetic import write_synthetic
 from pipeline.models import build_model
-from pipeline.train import evaluate, train_one_epoch
+from pipeline.stages.loop import evaluate, train_one_epoch
 
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
 

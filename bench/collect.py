@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,10 +30,12 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import collect as collect_cli
+from pipeline.jobs.procs import cpu_name
 from pipeline.report import writers
 from pipeline.report.plots import plot_sweep
 from pipeline.rundir import STAGES, list_runs
-from pipeline.sweep import expand_sweep, read_sweep, write_run
+from pipeline.submit.expand import expand_sweep, read_sweep
+from pipeline.submit.plan import write_run
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {"tables": 2.0, "plots": 10.0}
@@ -156,13 +157,6 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
-
-
-def cpu_name() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> int:

@@ -58,7 +58,7 @@ import torch
 from omegaconf import OmegaConf
 
 import pipeline
-from pipeline.artifacts import save_model
+from pipeline.models.files import save_model
 from pipeline.compress.quantize import (
     compile_int8,
     file_sizes,
@@ -69,9 +69,12 @@ from pipeline.compress.quantize import (
 )
 from pipeline.compress.structured import prune_structured
 from pipeline.compress.unstructured import MagnitudePruner
-from pipeline.data import DeviceLoader, Split, load_cifar, write_synthetic
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split, load_cifar
+from pipeline.data.synthetic import write_synthetic
 from pipeline.models import build_model
-from pipeline.train import build_optimizer, evaluate, train_one_epoch
+from pipeline.stages.setup import build_optimizer
+from pipeline.stages.loop import evaluate, train_one_epoch
 
 warnings.filterwarnings("ignore", message=".*To copy construct from a tensor.*")
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
@@ -851,7 +854,7 @@ def form_child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch._inductor  # imported before any clock starts, in every mode alike
     from torch._dynamo.utils import counters
 
-    from pipeline.artifacts import load_int8_package, load_model
+    from pipeline.models.files import load_int8_package, load_model
 
     torch.set_num_threads(spec["threads"])
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["cache"]

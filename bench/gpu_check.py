@@ -171,8 +171,8 @@ def sync(device: torch.device) -> None:
 
 
 def precision_note(precision: str, device: torch.device) -> str:
-    """What the project does with train.precision on this device (its own rule, pipeline.train)."""
-    from pipeline.train import autocast_dtype
+    """What the project does with train.precision on this device (its own rule, pipeline.stages.setup)."""
+    from pipeline.stages.setup import autocast_dtype
 
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said once already, by the path that trains
@@ -201,8 +201,8 @@ def count_steps(n: int) -> Callable[[], bool]:
 
 
 def train_steps(model, loader, optimizer, n: int, *, epoch: int = 0, amp_dtype=None, scaler=None, **kw):
-    """``n`` steps of pipeline.train.train_one_epoch from the start of ``epoch`` (its EpochResult)."""
-    from pipeline.train import train_one_epoch
+    """``n`` steps of pipeline.stages.loop.train_one_epoch from the start of ``epoch`` (its EpochResult)."""
+    from pipeline.stages.loop import train_one_epoch
 
     loader.set_epoch(epoch)
     return train_one_epoch(
@@ -212,7 +212,7 @@ def train_steps(model, loader, optimizer, n: int, *, epoch: int = 0, amp_dtype=N
 
 def device_loader(check: Check, batch: int, *, channels_last: bool = True):
     """The project's DeviceLoader over the training split, augmented and shuffled as in training."""
-    from pipeline.data import DeviceLoader
+    from pipeline.data.loaders import DeviceLoader
 
     d = check.data
     return DeviceLoader(
@@ -229,7 +229,7 @@ def device_loader(check: Check, batch: int, *, channels_last: bool = True):
 
 
 def fresh_model(cfg, device: torch.device):
-    from pipeline.train import build_for_training, build_optimizer
+    from pipeline.stages.setup import build_for_training, build_optimizer
 
     model = build_for_training(cfg, CLASSES, device)
     return model, build_optimizer(cfg.optim, model.parameters())
@@ -250,7 +250,7 @@ def rate(res) -> float:
 
 
 def path_precision(check: Check, precision: str) -> Result:
-    from pipeline.train import autocast_dtype
+    from pipeline.stages.setup import autocast_dtype
 
     s = check.sizes
     r = Result(f"train-{precision}")
@@ -368,8 +368,8 @@ def path_compile(check: Check) -> Result:
 
 def path_loader(check: Check) -> Result:
     from bench.loader import time_epoch
-    from pipeline.data import DeviceLoader, dataloader_loader
-    from pipeline.train import _ToDevice
+    from pipeline.data.loaders import DeviceLoader, dataloader_loader
+    from pipeline.stages.setup import ToDevice
 
     d, s, dev = check.data, check.sizes, check.device
     batch = s.fast_batch
@@ -377,7 +377,7 @@ def path_loader(check: Check) -> Result:
     r = Result("loader")
     ours = DeviceLoader(d.train, batch, device=dev, channels_last=True, **kw)
     n_ours, t_ours = time_epoch(ours, 3, str(dev))
-    base = _ToDevice(dataloader_loader(d.train, batch, num_workers=s.loader_workers, **kw), dev, True)
+    base = ToDevice(dataloader_loader(d.train, batch, num_workers=s.loader_workers, **kw), dev, True)
     n_base, t_base = time_epoch(base, 3, str(dev))
     x, _ = next(iter(ours))
     r.figures = {
@@ -420,7 +420,8 @@ def fast_overrides(check: Check) -> list[str]:
 
 
 def path_fast(check: Check) -> Result:
-    from pipeline.train import evaluate, lr_factor, setup
+    from pipeline.stages.loop import evaluate
+    from pipeline.stages.setup import lr_factor, setup
 
     cfg = config(*fast_overrides(check))
     ctx = setup(cfg)
@@ -461,7 +462,7 @@ def path_fast(check: Check) -> Result:
 
 def _airbench_data(check: Check) -> Path:
     """airbench's own format (NHWC uint8 train.pt / test.pt in ./cifar10) of the same synthetic files."""
-    from pipeline.data import load_cifar
+    from pipeline.data.cifar import load_cifar
 
     d = load_cifar("cifar10", check.data_root, val_size=0)  # all 50,000: airbench trains on every image
     folder = check.work / "airbench" / "cifar10"
@@ -694,7 +695,7 @@ def ddp_rank_main(run_dir: str, backend: str) -> int:
         torch.distributed.init_process_group(
             "gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
         )
-    from pipeline.run import execute
+    from pipeline.stages.runner import execute
 
     status = execute(run_dir)
     return 0 if status == "done" else 1
@@ -702,7 +703,7 @@ def ddp_rank_main(run_dir: str, backend: str) -> int:
 
 def _weight_update_gap(check: Check, a, b, cfg) -> float:
     """|update_a - update_b| / |update_b|: the two runs' weight changes from the same seeded start."""
-    from pipeline.train import build_for_training
+    from pipeline.stages.setup import build_for_training
 
     start = build_for_training(cfg, CLASSES, torch.device("cpu")).state_dict()
     wa = torch.load(a.checkpoints / "last.pt", map_location="cpu", weights_only=True)["model"]
@@ -714,7 +715,8 @@ def _weight_update_gap(check: Check, a, b, cfg) -> float:
 
 
 def path_ddp(check: Check) -> Result:
-    from pipeline.run import execute, prepare_single
+    from pipeline.stages.runner import execute
+    from pipeline.run import prepare_single
 
     base, args, backend = REPO / "configs" / "base.yaml", _ddp_overrides(check), _ddp_backend(check)
     ddp = prepare_single(base, args, check.work / "ddp")
@@ -772,7 +774,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def prepare_data(check: Check) -> None:
     """The synthetic cifar10-layout files (the real on-disk format), then the splits paths 1-3 use."""
-    from pipeline.data import load_cifar, write_synthetic
+    from pipeline.data.cifar import load_cifar
+    from pipeline.data.synthetic import write_synthetic
 
     s = check.sizes
     write_synthetic(

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data import DeviceLoader, Split, dataloader_loader  # noqa: E402
+from pipeline.data.loaders import DeviceLoader, dataloader_loader
+from pipeline.data.cifar import Split  # noqa: E402
 
 GOAL = 10.0
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)

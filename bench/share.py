@@ -109,7 +109,7 @@ def main() -> int:
     args = p.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # kill or timeout(1): stop the sweep's jobs as Ctrl-C does
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background (SIGINT ignored there)
-    from pipeline.data import write_synthetic
+    from pipeline.data.synthetic import write_synthetic
 
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(tmp.name) if tmp is not None else args.keep

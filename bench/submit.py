@@ -33,7 +33,8 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pipeline import launch, slurm_cli  # noqa: E402
+from pipeline.submit import launch
+from pipeline.jobs import slurm as slurm_cli  # noqa: E402
 
 GOALS_S = {1_000: 3.0, 10_000: 10.0}  # runs -> seconds, from process start to exit
 N_AXIS = 10  # optim.lr x optim.weight_decay: 10 x 10; train.seed: n / 100 values

@@ -1,6 +1,6 @@
 """Training throughput of the pipeline's training step against a bare PyTorch loop, in one run.
 
-For each model: images/s of ``pipeline.train.train_one_epoch`` fed by ``pipeline.data.DeviceLoader``
+For each model: images/s of ``pipeline.stages.loop.train_one_epoch`` fed by ``pipeline.data.loaders.DeviceLoader``
 (the real path: shuffling, pad-4 crop and flip, normalisation done per batch on the device, lr set
 every step, loss and accuracy summed on the device) against a bare loop over batches prepared in
 advance (forward, cross-entropy, zero_grad, backward, SGD step: the floor). Same model, data, batch,
@@ -23,9 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import load_config
-from pipeline.data import DeviceLoader, Split
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split
 from pipeline.models import build_model
-from pipeline.train import build_optimizer, train_one_epoch
+from pipeline.stages.setup import build_optimizer
+from pipeline.stages.loop import train_one_epoch
 
 CPU_MODELS = "resnet20,resnet44,preact_resnet164,resnet9,googlenet"
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline import cli
+from pipeline import console as cli
 from pipeline.config import COMMAND_LINE, ConfigError
 from pipeline.report import tables as tb
 from pipeline.report import writers
@@ -145,14 +145,14 @@ def _time_line(records: Sequence[Record]) -> str:
         runs += timed
     if not runs:
         return ""
-    line = f"Training time (train and fine-tunes): {writers._hms(wall)} over {runs} run(s)"
+    line = f"Training time (train and fine-tunes): {cli.hms(wall)} over {runs} run(s)"
     for stage, what in (("train", "training(s)"), ("prune", "pruning(s)")):
         if shared[stage]:
             line += f"; {len(shared[stage])} {what} shared by {sum(shared[stage].values())} runs"
     if shared["train"] or shared["prune"]:
         line += ", each counted once"
-    line += f", GPU time {writers._hms(gpu)}" if gpu else ", on CPUs"
-    return line + (f"; CPU time of every stage {writers._hms(cpu)}" if cpu else "") + "."
+    line += f", GPU time {cli.hms(gpu)}" if gpu else ", on CPUs"
+    return line + (f"; CPU time of every stage {cli.hms(cpu)}" if cpu else "") + "."
 
 
 def render_markdown(rep: Report, plot_base: Path | None = None) -> str:
@@ -202,7 +202,7 @@ def write(rep: Report, md_path: Path, options: Options) -> dict[str, Path]:
 
 
 def _hparams(sweep_dir: Path, rep: Report) -> None:
-    from pipeline.tb_hparams import write_hparams
+    from pipeline.report.hparams import write_hparams
 
     records = [r for r in rep.records if r.run.path.parent == Path(sweep_dir)]
     keys = list(dict.fromkeys(k for r in records for k in r.swept))
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     con.print("wrote " + ", ".join(str(f) for f in files.values()), markup=False, highlight=False, soft_wrap=True)
     if rep.plots:
         con.print(f"plots: {', '.join(str(p) for p in rep.plots)}", markup=False, highlight=False, soft_wrap=True)
-    from pipeline.tb_hparams import HPARAMS_FILE
+    from pipeline.report.hparams import HPARAMS_FILE
 
     runs = [r for d in args.sweep_dirs for r in survey(d)[0]]
     n = sum((r.tensorboard / HPARAMS_FILE).is_file() for r in runs)

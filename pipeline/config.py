@@ -291,11 +291,6 @@ def _suggest(word: str, options: Iterable[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def allowed_keys_text(section: str | None = None) -> str:
-    keys = [k for k in _FIELDS if section is None or k.startswith(section + ".")]
-    return ", ".join(keys)
-
-
 def _shape_message(key: str, value: Any = None) -> str | None:
     """Why ``key`` cannot be set, when it is a section (``optim``) or reaches inside a setting
     (``optim.lr.x``); None when it is merely unknown."""

@@ -10,7 +10,7 @@ and collect/status (read them). Torch-free.
         checkpoints/         last.pt (training), prune.pt, qat.pt: written atomically every epoch
         models/              trained.pt, pruned.pt, int8.pt2, fp16.pt: every model the run made
         tb/                  TensorBoard event files (tb/prune, tb/qat: fine-tunes; tb/sparsity: by step)
-        ending.json          how the last job stopped early on a signal (pipeline.endings), if it did
+        ending.json          how the last job stopped early on a signal (pipeline.jobs.endings), if it did
         archive/<time>/      what --rerun moved aside (nothing is deleted; tb/ packed as tb.tar)
         shared.json          where a shared training lives (pipeline.share); then metrics/train.json,
                              models/trained.pt, progress.json, train.log and tb/train are relative
@@ -28,10 +28,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import tarfile
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -40,14 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-# The stages of every run, in order: name -> "module:function", each ``stage(run, cfg) -> metrics``
-# (a dict with a "status" key), imported only inside the job.
-STAGES: dict[str, str] = {
-    "train": "pipeline.train:train_stage",
-    "prune": "pipeline.stages:prune_stage",
-    "quantize": "pipeline.stages:quantize_stage",
-    "measure": "pipeline.stages:measure_stage",
-}
+# The stages of every run, in order; each writes metrics/<stage>.json (a dict with a "status" key). Their
+# functions are pipeline.stages.<name>.<name>_stage (pipeline.stages.runner.stage_functions).
+STAGES: tuple[str, ...] = ("train", "prune", "quantize", "measure")
 # What each stage writes besides metrics/<stage>.json (relative to the run folder): ``--rerun failed``
 # moves aside the files of the failed stage and of those after it, and keeps the earlier ones.
 STAGE_FILES: dict[str, tuple[str, ...]] = {
@@ -211,6 +208,33 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview, fsync: bool = True)
 
 # Why a write can fail that freeing space (or remounting) cures: the run is resumable afterwards
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def link_exclusive(content: str, target: Path, fsync: bool = True) -> bool:
+    """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did.
+    Never half-written: readers see no file or the whole of it. ``fsync=False`` when the caller syncs
+    the file system once for many files (:func:`pipeline.submit.plan.sync_files`)."""
+    tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, content.encode())
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        e.filename = str(target)  # the lock being made, not its temporary name
+        raise
+    try:
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            pass  # maybe ours after a lost reply: the link count says
+        return os.stat(tmp).st_nlink == 2
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def disk_error(e: BaseException) -> OSError | None:
@@ -677,9 +701,6 @@ class RunDir:
     def failed_stage(self) -> str | None:
         """The first stage whose record says failed, if any."""
         return next((s for s, st in self.stage_statuses().items() if st == "failed"), None)
-
-    def is_finished(self) -> bool:
-        return self.status() in FINAL_STATUSES
 
     def archive(self, from_stage: str | None = None) -> Path | None:
         """Move results aside into archive/<UTC time>/ so the run starts again; keeps config.yaml.

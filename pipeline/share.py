@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import settled
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs.alive import job_is_active, this_job
+from pipeline.jobs.manifest import manifest_path, read_manifest
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import (
     SHARED_LINKS,
     SHARED_POINTER,
@@ -49,6 +51,7 @@ from pipeline.rundir import (
     RunDir,
     atomic_write_json,
     atomic_write_text,
+    link_exclusive,
     model_file_problem,
     read_json,
     resumable,
@@ -307,6 +310,16 @@ def write_owner(
     atomic_write_text(store / OWNER_RECORD, text, fsync=fsync)
 
 
+def take_over(store: Path, run: RunDir) -> None:
+    """Record ``run``, done by this process, as the one doing the shared stage in ``store`` (after an owner
+    that stopped without a result, or a failed stage redone by hand): its Slurm job, else this very
+    process (a local job's training, or one started by hand; :func:`owner_record` names it beyond its PID)."""
+    cluster, job = this_job()
+    if cluster != "slurm":
+        cluster, job = "local", str(os.getpid())
+    write_owner(store, run, cluster, job)
+
+
 def claim(
     store: Path, run: RunDir, cluster: str, submission: str, seen: Mapping[str, Any] | None = None
 ) -> dict[str, Any] | None:
@@ -318,9 +331,7 @@ def claim(
     the record of the live owner that does it (the caller follows it). ``submission``: a token of this
     submission, which the manifest gives the run's job once it is queued (:func:`owner_job`).
 
-    Not fsynced: the caller syncs the file system once before submitting (:func:`pipeline.sweep.sync_files`)."""
-    from pipeline.submitlock import link_exclusive
-
+    Not fsynced: the caller syncs the file system once before submitting (:func:`pipeline.submit.plan.sync_files`)."""
     store.mkdir(parents=True, exist_ok=True)
     path = store / OWNER_RECORD
     text = json.dumps(owner_record(run, cluster, None, submission=submission), indent=2) + "\n"
@@ -364,8 +375,6 @@ def owner_active(owner: Mapping[str, Any] | None) -> bool:
     job = owner_job(owner)
     if job is None:
         return time.time() - _number(owner.get("since")) < OWNER_GRACE_S
-    from pipeline.launch import job_is_active
-
     run = owner.get("run")
     return job_is_active(*job, Path(run).parent if isinstance(run, str) and run else None)
 
@@ -394,8 +403,6 @@ _MANIFESTS: dict[Path, tuple[tuple[int, int], dict[str, dict[str, Any]]]] = {}
 def _manifest_runs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     """The ``runs`` of a sweep's manifest, parsed again only when the file changed (thousands of owner
     records may name one sweep)."""
-    from pipeline.manifest import manifest_path, read_manifest
-
     try:
         st = manifest_path(sweep_dir).stat()
     except OSError:
@@ -420,9 +427,7 @@ def _owner_ran_before_me(run: RunDir, owner: Mapping[str, Any] | None) -> bool:
     job = owner_job(owner) if owner is not None else None
     if owner is None or owner.get("run_id") == run.id or job is None:
         return False
-    mine = {str(os.getpid()), os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""), os.environ.get("SLURM_JOB_ID", "")}
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        mine.add(f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}")
+    mine = {str(os.getpid()), this_job()[1]}
     return job[1] in mine - {""}
 
 

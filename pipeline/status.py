@@ -10,7 +10,6 @@ import argparse
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -18,116 +17,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline import cli, slurm_cli
+from pipeline import console as cli
 from pipeline.config import COMMAND_LINE, ConfigError
-from pipeline.endings import STATES, RunJob, classify, run_jobs
-from pipeline.launch import local_job_identity
-from pipeline.manifest import read_manifest
-from pipeline.rundir import RunDir, survey
-
-
-@dataclass
-class RunState:
-    run: RunDir
-    state: str  # a word of pipeline.endings.STATES
-    job_id: str
-    job_state: str  # the scheduler's word, or "" when it has none
-    epoch: str
-    val_acc_best: float | None
-    elapsed_s: float | None
-    reason: str = ""  # why it is in that state (pipeline.endings.classify), "" when the word says all
-    note: str = ""  # what the user should know: a fallback checkpoint, a failed write to resume
-    problems: list[str] = field(default_factory=list)  # unreadable files, each naming its file
-    cluster: str = ""  # the job's scheduler: slurm | local | "" (started by hand, or none)
-
-
-def job_log(sweep_dir: Path, job_id: str) -> Path:
-    """submitit's stdout/stderr file of a job (array tasks are named <job>_<task>)."""
-    return sweep_dir / "logs" / job_id / f"{job_id}_0_log.out"
-
-
-def run_states(sweep_dir: Path) -> list[RunState]:
-    return sweep_states(sweep_dir)[0]
-
-
-def sweep_states(sweep_dir: Path) -> tuple[list[RunState], list[str]]:
-    """(each run's state, what is wrong with the sweep's own files: folders that are no runs, an
-    unreadable manifest.json), from the run folders and the jobs they name (pipeline.endings.run_jobs)."""
-    runs, strays = survey(sweep_dir)
-    jobs, manifest_problem = run_jobs(sweep_dir, runs)
-    return [_run_state(run, jobs[run.id]) for run in runs], sweep_problems(strays, manifest_problem)
-
-
-def sweep_problems(strays: list[str], manifest_problem: str) -> list[str]:
-    """The lines that name a sweep's unreadable files of its own (not of one run)."""
-    if manifest_problem:
-        return [*strays, f"{manifest_problem}: jobs are told from the run folders alone (owner.json, ending.json)"]
-    return strays
-
-
-def _run_state(run: RunDir, job: RunJob) -> RunState:
-    ending = classify(run, job.state, submitted=bool(job.job_id))
-    state, reason = ending.state, ending.reason
-    if state == "running" and job.cluster == "local" and job.source == "manifest.json" and run.status() == "pending":
-        state = "pending"  # a local slot that has not reached this run yet
-    progress = _progress(run)
-    epoch = f"{progress['epoch']}/{progress['epochs']}" if progress else ""
-    stage = progress.get("stage", "train") if progress else "train"
-    if epoch and stage != "train":
-        epoch = f"{stage} {epoch}"
-    if state == "failed" and (failed := run.failed_stage()) not in (None, "train"):
-        epoch = f"{failed} stage failed"
-    if state == "diverged":
-        epoch = diverged_where(run) or epoch
-    notes = run.notes()
-    if state == "failed" and (why := run.resumable_failure()) is not None:
-        notes.append(f"{why.get('error')}: free space, then submit again to resume")
-    problems = run.problems()
-    if problems:
-        notes.append(f"{len(problems)} unreadable file(s), named below")
-    return RunState(
-        run,
-        state,
-        job.job_id,
-        job.state,
-        epoch,
-        progress.get("val_acc_best"),
-        progress.get("elapsed_s"),
-        reason,
-        "; ".join(notes),
-        problems,
-        job.cluster,
-    )
-
-
-def diverged_where(run: RunDir) -> str:
-    """ "diverged at <stage> epoch E step S/N" from the first diverged stage's record ("" if it says less)."""
-    for stage, status in run.stage_statuses().items():
-        if status == "diverged":
-            m = run.read_metrics(stage) or {}
-            if m.get("diverged_step") is None:
-                return f"diverged at {stage} epoch {m['diverged_epoch']}" if m.get("diverged_epoch") else ""
-            phase = "train" if stage == "train" else ("qat" if stage == "quantize" else stage)
-            return f"diverged at {phase} epoch {m.get('diverged_epoch')} step {m['diverged_step']}/{m.get('steps_per_epoch')}"
-    return ""
-
-
-def _progress(run: RunDir) -> dict:
-    """progress.json, or a shared pruning's while it runs (the run's own progress.json links to its
-    training's, and a shared fine-tune writes its epochs into the pruning's store)."""
-    store = run.shared_store("prune")
-    if store is not None and run.read_metrics("prune") is None and run.read_metrics("train") is not None:
-        pruning = RunDir(store).read_progress()
-        if pruning:
-            return pruning
-    return run.read_progress()
-
-
-def _elapsed(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+from pipeline.jobs import slurm as slurm_cli
+from pipeline.jobs.alive import local_job_identity
+from pipeline.jobs.endings import STATES
+from pipeline.jobs.manifest import read_manifest
+from pipeline.jobs.states import RunState, job_log, run_states, sweep_states
 
 
 def render(sweep_dir: Path, states: list[RunState]) -> Table:
@@ -150,7 +46,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
             s.job_id,
             s.epoch,
             f"{100 * s.val_acc_best:.2f}%" if s.val_acc_best is not None else "",
-            _elapsed(s.elapsed_s),
+            "" if s.elapsed_s is None else cli.hms(s.elapsed_s),
             str(log),
             *([s.note] if notes else []),
         )

@@ -112,7 +112,7 @@ def run_ranks(
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """10 classes x 60 train / 20 test images in the synthetic layout (CIFAR-10 file format)."""
-    from pipeline.data import write_synthetic
+    from pipeline.data.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("data")
     write_synthetic(root, train_per_class=60, test_per_class=20, seed=0)

@@ -17,9 +17,11 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.data import DeviceLoader, Split
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split
 from pipeline.models import build_model
-from pipeline.train import Dist, train_one_epoch
+from pipeline.stages.distributed import Dist
+from pipeline.stages.loop import train_one_epoch
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.rundir import RunDir
-from pipeline.sweep import expand_sweep, read_sweep, write_run
+from pipeline.submit.expand import expand_sweep, read_sweep
+from pipeline.submit.plan import write_run
 from tests.conftest import REPO
 
 

@@ -29,9 +29,11 @@ from pipeline.compress.budget.prune import (
     unstructured_within_budget,
 )
 from pipeline.compress.quantize import save_int8
-from pipeline.data import DeviceLoader, load_cifar, write_synthetic
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import load_cifar
+from pipeline.data.synthetic import write_synthetic
 from pipeline.models import build_model
-from pipeline.train import evaluate
+from pipeline.stages.loop import evaluate
 
 HOSTILE_BLOCK = "layer1.1"  # its bn1 -> relu1 -> conv2: one channel scaled up, conv2's input weights down
 

@@ -6,7 +6,8 @@ import csv
 
 from pipeline.collect import collect
 from pipeline.rundir import atomic_write_json
-from pipeline.sweep import expand_sweep, read_sweep, write_run
+from pipeline.submit.expand import expand_sweep, read_sweep
+from pipeline.submit.plan import write_run
 from tests.conftest import run_cli, write_done
 
 

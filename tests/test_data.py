@@ -13,16 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data as D
-from pipeline.data import (
-    DATASETS,
-    DeviceLoader,
-    Split,
-    dataloader_loader,
-    load_cifar,
-    read_cifar_pickle,
-    write_synthetic,
-)
+from pipeline.data import cifar as D
+from pipeline.data.__main__ import main
+from pipeline.data.cifar import DATASETS, Split, load_cifar, read_cifar_pickle
+from pipeline.data.loaders import DeviceLoader, dataloader_loader
+from pipeline.data.synthetic import write_synthetic
 
 TINY = dict(num_classes=10, train_per_class=20, test_per_class=5)
 
@@ -439,7 +434,7 @@ def test_dataloader_loader_shards_like_device_loader():
 
 def test_cli_synthetic_and_info(tmp_path, capsys):
     assert (
-        D.main(
+        main(
             [
                 "synthetic",
                 "--root",
@@ -459,7 +454,7 @@ def test_cli_synthetic_and_info(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote" in out and "synthetic-batches-py" in out and "40 train" in out and "data_batch_1" in out
     assert (
-        D.main(
+        main(
             [
                 "synthetic",
                 "--root",
@@ -477,13 +472,13 @@ def test_cli_synthetic_and_info(tmp_path, capsys):
     )
     assert "kept existing" in capsys.readouterr().out
     assert (
-        D.main(
+        main(
             ["synthetic", "--root", str(tmp_path), "--classes", "5", "--train-per-class", "8", "--test-per-class", "2"]
         )
         == 2
     )
     assert "already exists" in capsys.readouterr().err
-    assert D.main(["info", "synthetic", "--root", str(tmp_path), "--val-size", "10"]) == 0
+    assert main(["info", "synthetic", "--root", str(tmp_path), "--val-size", "10"]) == 0
     out = capsys.readouterr().out
     assert "train" in out and "30" in out and "classes: 5" in out and "mean" in out and "std" in out
 
@@ -498,12 +493,12 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
         [],
     ):
         with pytest.raises(SystemExit) as e:
-            D.main(argv)
+            main(argv)
         assert e.value.code == 2, argv
     capsys.readouterr()
-    assert D.main(["synthetic", "--root", str(tmp_path), "--layout", "cifar100", "--classes", "10"]) == 2
+    assert main(["synthetic", "--root", str(tmp_path), "--layout", "cifar100", "--classes", "10"]) == 2
     assert "num_classes=100" in capsys.readouterr().err
-    assert D.main(["info", "cifar10", "--root", str(tmp_path)]) == 2
+    assert main(["info", "cifar10", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "python -m pipeline.data download cifar10" in err and "cifar-10-batches-py" in err
     assert not list(tmp_path.iterdir())  # nothing was written, nothing was downloaded
@@ -521,7 +516,7 @@ def test_cli_download_uses_torchvision(tmp_path, monkeypatch, capsys):
             write_synthetic(root, layout="cifar10", num_classes=10, train_per_class=2, test_per_class=1)
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
-    assert D.main(["download", "cifar10", "--root", str(tmp_path / "d")]) == 0
+    assert main(["download", "cifar10", "--root", str(tmp_path / "d")]) == 0
     assert calls == [(str(tmp_path / "d"), True, True)]
     out = capsys.readouterr().out
     assert "downloaded" in out and "cifar-10-batches-py" in out and "classes: 10" in out

@@ -356,8 +356,8 @@ def test_readme_table_is_the_fault_list():
 def test_crafted_checkpoint_and_model_file_are_refused_without_running_code(tmp_path):
     import torch
 
-    from pipeline import artifacts
-    from pipeline.train import load_checkpoint
+    from pipeline.models import files as artifacts
+    from pipeline.stages.checkpoint import load_checkpoint
 
     marker = tmp_path / "code-ran"
 

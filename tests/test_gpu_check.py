@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.artifacts import TRAINED, arch_of, save_model
+from pipeline.models.files import TRAINED, arch_of, save_model
 from pipeline.config import load_config
 from pipeline.models import build_model
 from pipeline.rundir import RunDir
@@ -120,7 +120,7 @@ def test_cuda_settings_without_a_gpu_stop_with_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
     from pipeline.compress.measure import Artifact, measure_artifacts
-    from pipeline.train import resolve_device
+    from pipeline.stages.setup import resolve_device
 
     assert resolve_device("auto").type == "cpu"
     with pytest.raises(RuntimeError, match="train.device=cuda but no CUDA device is visible .CUDA_VISIBLE_DEVICES="):
@@ -136,8 +136,9 @@ def test_fp16_quantize_stage_evaluates_the_half_model_with_half_inputs(tmp_path,
     """quant.method=fp16 evaluates the half model only when CUDA is available. The loaders give fp32
     batches, which half weights refuse ("Input type ... and weight type ... should be the same") unless
     the inputs are cast. Pretending CUDA is available (no GPU here) runs that branch on the CPU."""
-    from pipeline.stages import quantize_stage
-    from pipeline.train import evaluate, make_loaders
+    from pipeline.stages.quantize import quantize_stage
+    from pipeline.stages.loop import evaluate
+    from pipeline.stages.setup import make_loaders
 
     cfg = load_config(
         [REPO / "configs" / "base.yaml"],

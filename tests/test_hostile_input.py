@@ -61,7 +61,7 @@ def test_data_error_with_brackets_in_the_path_is_printed_as_text(tmp_path):
 
 @pytest.mark.parametrize("target", [eval, getattr, __import__, os.system])
 def test_read_cifar_pickle_refuses_every_other_global(tmp_path, target):
-    from pipeline.data import UnsafePickleError, read_cifar_pickle
+    from pipeline.data.cifar import UnsafePickleError, read_cifar_pickle
 
     class Crafted:
         def __reduce__(self):
@@ -76,7 +76,7 @@ def test_read_cifar_pickle_refuses_every_other_global(tmp_path, target):
 def test_codecs_encode_is_admitted_for_latin1_only(tmp_path):
     import _codecs
 
-    from pipeline.data import read_cifar_pickle
+    from pipeline.data.cifar import read_cifar_pickle
 
     class OtherCodec:
         def __reduce__(self):
@@ -89,7 +89,7 @@ def test_codecs_encode_is_admitted_for_latin1_only(tmp_path):
 
 
 def test_damaged_file_is_a_value_error_naming_it(tmp_path):
-    from pipeline.data import read_cifar_pickle
+    from pipeline.data.cifar import read_cifar_pickle
 
     p = tmp_path / "data_batch_1"
     p.write_bytes(pickle.dumps({"data": b"x" * 100}, protocol=2)[:-20])
@@ -99,7 +99,7 @@ def test_damaged_file_is_a_value_error_naming_it(tmp_path):
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_python3_pickles_of_every_protocol_still_read(tmp_path, protocol):
-    from pipeline.data import read_cifar_pickle
+    from pipeline.data.cifar import read_cifar_pickle
 
     data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     p = tmp_path / "data_batch_1"
@@ -115,7 +115,7 @@ def test_python3_pickles_of_every_protocol_still_read(tmp_path, protocol):
 
 
 def test_python2_style_and_synthetic_files_still_load(tmp_path, synthetic_root):
-    from pipeline.data import load_cifar, read_cifar_pickle
+    from pipeline.data.cifar import load_cifar, read_cifar_pickle
     from tests.test_data import _Py2Pickler, _to_bytes  # Python-2 str opcodes, as in the real files
 
     folder = _copy_data(synthetic_root, tmp_path)
@@ -417,12 +417,12 @@ def test_huge_grid_is_refused_before_expanding(project):
     _assert_usage_error(
         r,
         f"{sweep}: grid: expands to 200,000,000 runs (grid 100 x 100 x 100 x 100, zip 1, "
-        "variants 2), more than the limit of 100,000 runs per sweep (pipeline.sweep.MAX_RUNS)",
+        "variants 2), more than the limit of 100,000 runs per sweep (pipeline.submit.expand.MAX_RUNS)",
     )
 
 
 def test_run_limit_counts_grid_zip_and_variants(project, monkeypatch):
-    from pipeline import sweep as sweep_mod
+    from pipeline.submit import expand as sweep_mod
     from pipeline.config import ConfigError
 
     spec = sweep_mod.read_sweep(
@@ -514,7 +514,7 @@ def test_disk_full_while_writing_run_folders_is_reported_with_the_path(project, 
 def test_exit_on_os_error_lets_other_errors_through(capsys):
     import errno
 
-    from pipeline import cli
+    from pipeline import console as cli
 
     with pytest.raises(SystemExit) as e, cli.exit_on_os_error():
         raise PermissionError(errno.EACCES, "Permission denied", "/x/results.md")
@@ -655,7 +655,8 @@ def test_collect_on_a_read_only_folder_names_it_and_exits_2(tmp_path, repo):
     import shutil
     import subprocess
 
-    from pipeline.sweep import expand_sweep, read_sweep, write_run
+    from pipeline.submit.expand import expand_sweep, read_sweep
+    from pipeline.submit.plan import write_run
 
     spec_path = tmp_path / "s.yaml"
     spec_path.write_text(f"name: s\nbase: [{repo / 'configs/base.yaml'}]\n")

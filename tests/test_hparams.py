@@ -13,8 +13,9 @@ import pytest
 
 from pipeline.collect import collect
 from pipeline.rundir import atomic_write_json, list_runs
-from pipeline.sweep import expand_sweep, read_sweep, write_run
-from pipeline.tb_hparams import HPARAMS_FILE, METRIC_TAG, METRICS
+from pipeline.submit.expand import expand_sweep, read_sweep
+from pipeline.submit.plan import write_run
+from pipeline.report.hparams import HPARAMS_FILE, METRIC_TAG, METRICS
 from tests.conftest import REPO, write_done
 
 KEYS = ["optim.name", "optim.lr"]
@@ -215,7 +216,7 @@ def test_collect_cli_writes_hparams_without_torch(sweep):
 def test_hparams_of_a_compressing_sweep_carry_the_compression_metrics(tmp_path):
     """One metric list for the whole sweep (the train metrics and the compression figures), each run's
     values where it has them: sparsity, int8 accuracy, sizes and latencies from its records."""
-    from pipeline.tb_hparams import COMPRESSION_METRICS
+    from pipeline.report.hparams import COMPRESSION_METRICS
     from tests.report_runs import entry, finish, make_sweep, swept, train_record
 
     sweep_dir, runs = make_sweep(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.artifacts import sha256_of
+from pipeline.models.files import sha256_of
 from pipeline.collect import Options, build
 from pipeline.report import plots
 from pipeline.report.writers import markdown

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import launch, owner, sweep
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs import alive as launch
+from pipeline.submit import plan as sweep
+from pipeline.jobs import owner
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import RunDir, list_runs
 from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
 

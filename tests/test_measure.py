@@ -16,10 +16,12 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from pipeline.compress.measure import Artifact, format_table, load_model_file, measure_artifacts, save_model_file
-from pipeline.data import DeviceLoader, Split, load_cifar
+from pipeline.compress.measure import Artifact, format_table, measure_artifacts
+from pipeline.models.files import load_model_file, save_model_file
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split, load_cifar
 from pipeline.models import build_model, count_macs
-from pipeline.train import evaluate
+from pipeline.stages.loop import evaluate
 
 KEYS = {
     "name",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.artifacts import UnreadableModel, check_pt2, load_int8_package, load_pt2, sha256_of
+from pipeline.models.files import UnreadableModel, check_pt2, load_int8_package, load_pt2, sha256_of
 from pipeline.compress import quantize as Q
 from pipeline.compress.measure import Artifact, measure_artifacts
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.compress import structured
-from pipeline.compress.structured import channel_widths, prune_structured, resize_to_state_dict
+from pipeline.compress.structured import channel_widths, prune_structured
+from pipeline.models.files import resize_to_state_dict
 from pipeline.compress.unstructured import (
     MagnitudePruner,
     is_update_step,
@@ -474,7 +475,7 @@ def test_resize_groupnorm_model_to_a_pruned_state_dict():
 LOAD_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from pipeline.compress.structured import resize_to_state_dict
+    from pipeline.models.files import resize_to_state_dict
     from pipeline.models import build_model
     folder = sys.argv[1]
     for spec in sys.argv[2:]:

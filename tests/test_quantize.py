@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.artifacts import sha256_of
+from pipeline.models.files import sha256_of
 from pipeline.compress import quantize as Q
 from pipeline.compress.measure import count_parameters
 from pipeline.models import build_model

@@ -461,7 +461,8 @@ def test_sweeps_of_one_name_are_told_apart_and_one_folder_twice_is_refused(tmp_p
 def test_readme_demo_tables_have_the_columns_collect_prints(tmp_path):
     """The demo's runs table and models block in README.md, in shape: collect on the quickstart sweep's
     run folders (records by hand, with every figure the demo's stages write) prints the same columns."""
-    from pipeline.sweep import expand_sweep, read_sweep, write_run
+    from pipeline.submit.expand import expand_sweep, read_sweep
+    from pipeline.submit.plan import write_run
     from tests.conftest import REPO
 
     readme = (REPO / "README.md").read_text().splitlines()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipeline import cli
+from pipeline import console as cli
 from pipeline.config import Composer, ConfigError, Layer
 from pipeline.search.spec import Choice, EarlyStop, Range, check_space, parse_search
 

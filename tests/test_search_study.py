@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import cli
+from pipeline import console as cli
 from pipeline.config import ConfigError
 from pipeline.search.journal import CUT_SUFFIX, JournalCorrupt, check_journal
 from pipeline.search.spec import parse_search

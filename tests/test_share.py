@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from pipeline import share
 from pipeline.config import load_config, run_id, tree_run_id
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import SHARED_TRAIN_LINKS, RunDir, atomic_write_json
 
 
@@ -240,7 +240,7 @@ def test_study_3_sweep_plans_one_googlenet_training(tmp_path):
 def test_status_shows_a_shared_prunings_progress_while_it_runs(tmp_path):
     """The run's progress.json links to its training's; a shared fine-tune's epochs are in the pruning's
     store, and status shows those (torch-free: hand-written records in the real layout)."""
-    from pipeline import status
+    from pipeline.jobs import states as status
 
     t = tree("prune.method=unstructured")
     sweep = tmp_path / "out" / "sweep"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import slurm_cli
+from pipeline.jobs import slurm as slurm_cli
 from pipeline.rundir import RunDir, list_runs, read_json
 from tests.conftest import REPO, run_cli
 from tests.test_slurm import (

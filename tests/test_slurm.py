@@ -506,7 +506,7 @@ def test_array_script_runs_every_run_folder(tmp_path, synthetic_root):
 def test_job_states_of_array_tasks_that_never_started(tmp_path):
     """squeue lists every task of a queued array; once they leave the queue, sacct keeps tasks that never
     started only inside one record of the whole array ("<id>_[0-2]"): slurm_cli must read both."""
-    from pipeline import slurm_cli
+    from pipeline.jobs import slurm as slurm_cli
 
     array_id = sbatch(
         "--hold", "--array=0-2", "--wrap", "true", "-o", str(tmp_path / "t_%A_%a.out"), cwd=tmp_path, env={}

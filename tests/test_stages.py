@@ -50,9 +50,10 @@ def run_job(tmp_path: Path, root: Path, *extra: str, out: str = "runs") -> RunDi
 
 FRESH_ACCURACY = """
 import json, sys, torch
-from pipeline.artifacts import load_model
+from pipeline.models.files import load_model
 from pipeline.config import from_run_file
-from pipeline.train import evaluate, make_loaders
+from pipeline.stages.loop import evaluate
+from pipeline.stages.setup import make_loaders
 run = sys.argv[1]
 cfg = from_run_file(run + "/config.yaml")
 _, _, _, test = make_loaders(cfg, torch.device("cpu"))

@@ -72,7 +72,7 @@ def test_study_sweep_runs_on_tiny_data(tmp_path, synthetic_root, sweep, n_runs, 
 
 def test_batch_workers_sweep_is_the_studys_own_runs(tmp_path):
     """Nine runs exactly as study 1 lists them: (optimizer, workers, batch, weight decay, epochs)."""
-    from pipeline.sweep import expand_sweep, read_sweep
+    from pipeline.submit.expand import expand_sweep, read_sweep
 
     runs = expand_sweep(read_sweep(REPO / "sweeps/batch_workers.yaml"), cwd=tmp_path)
     got = [

@@ -41,7 +41,7 @@ def hold_lock(sweep_dir: Path) -> subprocess.Popen:
     """A real second process holding the sweep's submission lock (as a submitter would) until killed."""
     code = (
         "import sys, time\n"
-        "from pipeline.submitlock import SubmitLock\n"
+        "from pipeline.submit.lock import SubmitLock\n"
         "SubmitLock(sys.argv[1]).acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(600)\n"
@@ -84,7 +84,7 @@ def test_lock_of_a_live_process_with_a_recycled_pid_or_another_host(tmp_path):
     recycled); another host's lock is stale only without a heartbeat for STALE_AFTER_S."""
     import socket
 
-    from pipeline.submitlock import STALE_AFTER_S, process_start, stale_reason
+    from pipeline.submit.lock import STALE_AFTER_S, process_start, stale_reason
 
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
     assert stale_reason(me, time.time()) is None
@@ -253,7 +253,7 @@ def test_controller_not_answering_exits_3_before_writing_and_auto_does_not_fall_
     assert not list(sweep_dir.glob("*/config.yaml")) and not (sweep_dir / "manifest.json").exists()
 
     # a sweep already on Slurm: auto must not move it to the local executor while the controller is down
-    from pipeline.manifest import record_submitted
+    from pipeline.jobs.manifest import record_submitted
 
     record_submitted(sweep_dir, "slurm", {"0000000000": "999999"})
     r = run_cli("pipeline.sweep", str(spec), "--out", str(out), env=env)
@@ -263,7 +263,7 @@ def test_controller_not_answering_exits_3_before_writing_and_auto_does_not_fall_
 
 
 # --------------------------------------------------------------------------------------------------
-# each ending named (pipeline.endings.classify, shared by status and collect)
+# each ending named (pipeline.jobs.endings.classify, shared by status and collect)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -295,7 +295,7 @@ RECORDED_SACCT = {
 
 @pytest.mark.parametrize("sacct_state", sorted(RECORDED_SACCT))
 def test_classify_names_each_scheduler_ending(tmp_path, sacct_state):
-    from pipeline.endings import classify
+    from pipeline.jobs.endings import classify
 
     state, fragment = RECORDED_SACCT[sacct_state]
     e = classify(started_run(tmp_path), sacct_state)
@@ -305,7 +305,7 @@ def test_classify_names_each_scheduler_ending(tmp_path, sacct_state):
 def test_classify_from_the_run_folder_when_the_scheduler_cannot_tell(tmp_path):
     from tests.conftest import write_done
 
-    from pipeline.endings import classify, write_ending
+    from pipeline.jobs.endings import classify, write_ending
 
     run = started_run(tmp_path)
     assert classify(run, "").state == "stopped"
@@ -385,7 +385,7 @@ def test_an_array_queued_but_not_recorded_is_found_by_its_token(tmp_path, synthe
     holds a token for a run and a real job carries that token as its comment (queued by sbatch here,
     as the killed submitter's sbatch would have); the next submission records it and does not queue
     the run again."""
-    from pipeline.manifest import comment_of, record_submitting
+    from pipeline.jobs.manifest import comment_of, record_submitting
 
     spec = write_sweep(tmp_path / "sweep.yaml", "token", synthetic_root, extra=IDLE)
     out = tmp_path / "runs"

@@ -18,7 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from pipeline import cli, launch
+from pipeline.submit import show as cli
+from pipeline.submit import launch
 from pipeline.config import (
     COMMAND_LINE,
     ConfigError,
@@ -32,7 +33,8 @@ from pipeline.config import (
     to_yaml,
 )
 from pipeline.rundir import list_runs
-from pipeline.sweep import SweepSpec, expand_sweep, plan, read_sweep, write_run
+from pipeline.submit.expand import SweepSpec, expand_sweep, read_sweep
+from pipeline.submit.plan import plan, write_run
 from tests.conftest import REPO, run_cli, tree_snapshot, write
 
 AXIS = 10
@@ -408,6 +410,7 @@ def test_submitting_shared_runs_syncs_once_and_leaves_the_links_to_the_jobs(proj
     the file system, not one fsync each, and no link is made (each job makes its own when it starts);
     status and collect of the pending sweep read it whole."""
     from pipeline import sweep
+    from pipeline.submit import plan
 
     path = write(
         project / "sweeps/many.yaml",
@@ -430,7 +433,7 @@ def test_submitting_shared_runs_syncs_once_and_leaves_the_links_to_the_jobs(proj
 
     monkeypatch.setattr(os, "fsync", counted("fsync", os.fsync))
     monkeypatch.setattr(os, "symlink", counted("symlink", os.symlink))
-    monkeypatch.setattr(sweep, "syncfs", counted("syncfs", getattr(sweep, "syncfs", None)), raising=False)
+    monkeypatch.setattr(plan, "syncfs", counted("syncfs", getattr(plan, "syncfs", None)), raising=False)
     monkeypatch.chdir(project)
     try:
         assert sweep.main([str(path), "--cluster", "slurm", "--out", str(out)]) == 0

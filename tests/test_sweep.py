@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.sweep import expand_sweep, merge_notes, read_sweep
+from pipeline.submit.expand import expand_sweep, merge_notes, read_sweep
 from tests.conftest import run_cli, tree_snapshot, write
 
 
@@ -224,9 +224,10 @@ def test_repo_sweep_files_expand(repo):
 
 
 def test_auto_cluster_falls_back_to_local_without_a_slurm_controller(monkeypatch, tmp_path):
-    from pipeline import launch
+    from pipeline.jobs import slurm
+    from pipeline.submit import launch
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol, no srun: a laptop
-    assert not launch.slurm_controller_answers()
+    assert not slurm.controller_answers()
     assert launch.resolve_cluster("auto") == "local"
     assert launch.resolve_cluster("slurm") == "slurm"

@@ -17,7 +17,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.rundir import list_runs
 from pipeline.run import EXIT_PREEMPTED, prepare_single
-from pipeline.train import autocast_dtype, build_optimizer, lr_factor
+from pipeline.stages.setup import autocast_dtype, build_optimizer, lr_factor
 from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks
 
 BASE = REPO / "configs/base.yaml"
@@ -182,9 +182,10 @@ def test_compiled_training_runs_and_learns_like_eager(tmp_path, synthetic_root):
 def test_autocast_and_grad_scaler_branch_of_the_training_step(amp_dtype):
     """The low-precision branch of train_one_epoch (autocast, GradScaler, unscale + clipping) driven on
     the CPU with a tiny model: on a GPU the same lines run with CUDA autocast (no GPU here to run them)."""
-    from pipeline.data import DeviceLoader, Split
+    from pipeline.data.loaders import DeviceLoader
+    from pipeline.data.cifar import Split
     from pipeline.models import build_model
-    from pipeline.train import EpochResult, train_one_epoch
+    from pipeline.stages.loop import EpochResult, train_one_epoch
 
     torch.manual_seed(0)
     model = build_model("resnet20", 10)

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.data import DeviceLoader, Split
+from pipeline.data.loaders import DeviceLoader
+from pipeline.data.cifar import Split
 from pipeline.models import build_model
 from pipeline.rundir import RunDir, list_runs
 from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks, write
@@ -100,7 +101,7 @@ class _PoisonAt:
 
 
 def test_nan_loss_ends_the_epoch_within_nan_check_steps_and_names_the_step():
-    from pipeline.train import train_one_epoch
+    from pipeline.stages.loop import train_one_epoch
 
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (320, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(320) % 10)
@@ -120,7 +121,7 @@ def test_nan_loss_ends_the_epoch_within_nan_check_steps_and_names_the_step():
 
 
 def test_healthy_epoch_reports_no_divergence_and_its_last_loss():
-    from pipeline.train import train_one_epoch
+    from pipeline.stages.loop import train_one_epoch
 
     g = torch.Generator().manual_seed(1)
     split = Split(torch.randint(0, 256, (80, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(80) % 10)
@@ -220,7 +221,7 @@ def _state(epoch: int) -> dict:
 
 
 def test_checkpoint_rotation_keeps_the_previous_one_and_every_kill_point_loads(tmp_path, caplog):
-    from pipeline.train import load_checkpoint, previous_checkpoint, save_checkpoint
+    from pipeline.stages.checkpoint import load_checkpoint, previous_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"
     prev = previous_checkpoint(path)
@@ -235,14 +236,14 @@ def test_checkpoint_rotation_keeps_the_previous_one_and_every_kill_point_loads(t
     # rename fallback of file systems without hard links): only .prev is there, and it is used
     os.replace(path, prev)
     run = RunDir(tmp_path)
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.stages.checkpoint"):
         ckpt = load_checkpoint(path, run)
     assert ckpt["epoch"] == 3 and f"checkpoint {path} is missing" in caplog.text
     assert "resumed from the previous checkpoint last.prev.pt (epoch 3)" in run.notes()[0]
 
 
 def test_unreadable_latest_and_previous_checkpoint_is_an_error_naming_both(tmp_path):
-    from pipeline.train import load_checkpoint, previous_checkpoint
+    from pipeline.stages.checkpoint import load_checkpoint, previous_checkpoint
 
     path = tmp_path / "prune.pt"
     path.write_bytes(b"garbage")
@@ -535,7 +536,8 @@ def test_a_filesystem_gone_read_only_under_a_training_stops_it_and_a_rerun_resum
 
 
 def test_a_sweep_submitted_again_resumes_a_run_that_failed_writing(tmp_path):
-    from pipeline.sweep import expand_sweep, plan, read_sweep, write_run
+    from pipeline.submit.expand import expand_sweep, read_sweep
+    from pipeline.submit.plan import plan, write_run
 
     spec = read_sweep(
         write(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.artifacts import UnreadableModel, load_model, save_model
+from pipeline.models.files import UnreadableModel, load_model, save_model
 from pipeline.rundir import RunDir, list_runs, model_file_problem
 from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
 from tests.test_share_sweep import TRAINING_STARTED, sweep, sweep_file

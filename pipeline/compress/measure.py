@@ -6,15 +6,8 @@ counts when the runnable is an exported or quantized graph), the device, the inp
 An artifact that also carries a ``loader_spec`` (see :func:`load_from_spec`) can be rebuilt in another
 process, which is how peak CPU memory is measured (``python -m pipeline.compress.measure_memory``).
 
-Model files in the project's own format (:data:`MODEL_FORMAT`) are written by :func:`save_model_file` and
-read by :func:`load_model_file`::
-
-    torch.save({"format": "pipeline-model/1",
-                "arch": {"name": ..., "num_classes": ..., "shortcut": ..., "norm": ...},
-                "state_dict": sd, "dtype": "float32" | "float16"}, path)
-
-Structurally pruned state dicts (smaller tensors) are loaded through
-``pipeline.compress.structured.resize_to_state_dict`` when that module exists.
+Model files are the project's own format (:mod:`pipeline.models.files`: written by ``save_model``, read by
+``load_model``; structurally pruned ones included).
 """
 
 from __future__ import annotations
@@ -39,8 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.jobs.procs import cpu_name
+from pipeline.models.files import DTYPES, load_int8_package, load_model_file, load_pt2, model_file_dtype, unwrap
+
 __all__ = [
-    "MODEL_FORMAT",
     "Artifact",
     "count_flop_macs",
     "count_parameters",
@@ -48,13 +43,9 @@ __all__ = [
     "file_sizes",
     "format_table",
     "load_from_spec",
-    "load_model_file",
     "measure_artifacts",
-    "save_model_file",
 ]
 
-MODEL_FORMAT = "pipeline-model/1"
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 LOADER_KINDS = ("state_dict", "pt2", "package")
 # /proc/cpuinfo flags that decide whether int8 is fast: VNNI (AVX-512 or AVX) or AMX int8 instructions
@@ -67,43 +58,8 @@ MMAP_THRESHOLD = 4096
 
 
 # --------------------------------------------------------------------------------------------------
-# Model files and loading
+# Loading
 # --------------------------------------------------------------------------------------------------
-
-
-def save_model_file(
-    path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int, shortcut: str = "A", norm: str = "batch"
-) -> Path:
-    """:func:`pipeline.artifacts.save_model` with the architecture given by its parts."""
-    from pipeline.artifacts import save_model
-
-    save_model(Path(path), model, {"name": name, "num_classes": int(num_classes), "shortcut": shortcut, "norm": norm})
-    return Path(path)
-
-
-def _read_model_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
-    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a {MODEL_FORMAT} model file")
-    if blob.get("dtype", "float32") not in DTYPES:
-        raise ValueError(f"{path}: unknown dtype {blob.get('dtype')!r}; allowed: {', '.join(DTYPES)}")
-    return blob
-
-
-def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of a :data:`MODEL_FORMAT` file in eval mode and its dtype (:func:`pipeline.artifacts.load_model`:
-    weights only, pruned shapes rebuilt from the tensors)."""
-    from pipeline.artifacts import load_model
-
-    return load_model(Path(path), device)[0]
-
-
-def _load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """:func:`pipeline.artifacts.load_pt2`: the archive checked first (nothing pickled, no code), torchao's
-    quantization ops registered, any failure one ``UnreadableModel`` naming the file."""
-    from pipeline.artifacts import load_pt2
-
-    return load_pt2(Path(path))
 
 
 def load_from_spec(
@@ -111,10 +67,10 @@ def load_from_spec(
 ) -> Callable[[Tensor], Tensor]:
     """The runnable a loader spec describes; the spec is plain JSON so another process can rebuild it.
 
-    ``{"kind": "state_dict", "path": P}``: a :data:`MODEL_FORMAT` file (:func:`load_model_file`), moved to
+    ``{"kind": "state_dict", "path": P}``: a model file (:func:`pipeline.models.files.load_model_file`), moved to
     channels_last if asked. ``{"kind": "pt2", "path": P}``: ``torch.export.load(P).module()`` (through
-    :func:`pipeline.artifacts.load_pt2`). ``{"kind": "package", "path": P, "sha256": H, "program": Q}``: the
-    AOTInductor package P (:func:`pipeline.artifacts.load_int8_package`: only when its sha256 is H),
+    :func:`pipeline.models.files.load_pt2`). ``{"kind": "package", "path": P, "sha256": H, "program": Q}``: the
+    AOTInductor package P (:func:`pipeline.models.files.load_int8_package`: only when its sha256 is H),
     compiled already; the exported program Q it was compiled from gives its parameter count.
     ``"compile": true`` wraps either in ``torch.compile`` with inductor freezing
     (:func:`pipeline.compress.quantize.compile_int8`;
@@ -132,7 +88,7 @@ def load_from_spec(
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
     else:
-        model = _load_pt2(path).module()
+        model = load_pt2(Path(path)).module()
         if device.type != "cpu":
             model = model.to(device)
     if spec.get("compile"):
@@ -156,8 +112,6 @@ class _PackageRunner:
     exported int8 program it was compiled from, is loaded only when something counts its parameters."""
 
     def __init__(self, path: Path, sha256: str, program: str | None) -> None:
-        from pipeline.artifacts import load_int8_package
-
         self._run = load_int8_package(path, sha256)
         self._program = program
         self._module: nn.Module | None = None
@@ -170,7 +124,7 @@ class _PackageRunner:
     @property
     def _orig_mod(self) -> nn.Module | None:
         if self._module is None and self._program:
-            self._module = _load_pt2(self._program).module()
+            self._module = load_pt2(Path(self._program)).module()
         return self._module
 
 
@@ -223,8 +177,8 @@ class Artifact:
         compile: bool = False,
         notes: dict | None = None,
     ) -> Artifact:
-        """A :data:`MODEL_FORMAT` file; the input dtype is the file's."""
-        dtype = DTYPES[_read_model_file(path, mmap=True).get("dtype", "float32")]
+        """A model file (:mod:`pipeline.models.files`); the input dtype is the file's."""
+        dtype = model_file_dtype(Path(path))
         return cls(
             name,
             path,
@@ -314,18 +268,6 @@ def file_sizes(path: str | os.PathLike | None) -> tuple[int | None, int | None]:
     return os.path.getsize(path), counter.n
 
 
-def _unwrap(fn: Any) -> Any:
-    """The original module or function behind ``torch.compile``."""
-    for _ in range(8):
-        if isinstance(getattr(fn, "_orig_mod", None), nn.Module):  # torch.compile'd, or compile_int8's
-            fn = fn._orig_mod
-        elif callable(getattr(fn, "_torchdynamo_orig_callable", None)):
-            fn = fn._torchdynamo_orig_callable
-        else:
-            break
-    return fn
-
-
 def _is_qdq(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and "quantize" in str(node.target)
 
@@ -374,7 +316,7 @@ def _graph_weights(gm: torch.fx.GraphModule) -> dict[int, Tensor]:
 def count_parameters(model: Any) -> tuple[int, int] | None:
     """(parameters, non-zero parameters) of an ``nn.Module`` or graph (see :func:`_graph_weights`);
     None for anything else or when it holds no weights."""
-    m = _unwrap(model)
+    m = unwrap(model)
     if not isinstance(m, nn.Module):
         return None
     if isinstance(m, torch.fx.GraphModule):
@@ -407,7 +349,7 @@ def count_flop_macs(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    m = _unwrap(model)
+    m = unwrap(model)
     ref: Tensor | None = next(iter(m.parameters()), None) if isinstance(m, nn.Module) else None
     if ref is None and isinstance(m, nn.Module):
         ref = next((b for b in m.buffers() if b.is_floating_point()), None)
@@ -448,7 +390,7 @@ def _sync(device: torch.device) -> None:
 def _accuracy(
     fn: Callable, batches: Iterable, device: torch.device, dtype: torch.dtype, channels_last: bool
 ) -> dict[str, Any]:
-    """As ``pipeline.train.evaluate``: mean loss, top-1 and top-5 over every batch."""
+    """As ``pipeline.stages.loop.evaluate``: mean loss, top-1 and top-5 over every batch."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     top1 = torch.zeros((), device=device, dtype=torch.int64)
     top5 = torch.zeros((), device=device, dtype=torch.int64)
@@ -567,18 +509,7 @@ def _cpu_memory(
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def _plain(v: Any) -> Any:
@@ -753,8 +684,8 @@ def _measure(
         skipped, compute = a.untimed, (fn, a.dtype)
         if dev.type == "cpu" and a.dtype == torch.float16:
             skipped = "fp16 on the CPU (no fast fp16 kernels): timing, profile and memory not measured"
-            if isinstance(_unwrap(fn), nn.Module):
-                compute = (copy.deepcopy(_unwrap(fn)).float(), torch.float32)
+            if isinstance(unwrap(fn), nn.Module):
+                compute = (copy.deepcopy(unwrap(fn)).float(), torch.float32)
                 skipped += "; accuracy computed in fp32 from the fp16 weights (an exact upcast)"
         computes.append(compute)
         entries.append(
@@ -783,7 +714,7 @@ def _measure(
             counted, counted_from = count_parameters(a.source), "source"
         e["parameters"], e["nonzero_parameters"] = counted if counted is not None else (None, None)
         e["parameters_from"] = counted_from if counted is not None else None
-        mac_model, mac_from = (a.source, "source") if a.source is not None else (_unwrap(fn), "runnable")
+        mac_model, mac_from = (a.source, "source") if a.source is not None else (unwrap(fn), "runnable")
         if isinstance(mac_model, nn.Module):
             e["macs_per_image"], e["macs_from"] = count_flop_macs(mac_model, input_shape), mac_from
         else:

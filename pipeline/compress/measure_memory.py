@@ -39,7 +39,8 @@ def _reset_peak() -> None:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from pipeline.compress.measure import DTYPES, load_from_spec
+    from pipeline.compress.measure import load_from_spec
+    from pipeline.models.files import DTYPES
 
     threads = int(spec.get("threads") or torch.get_num_threads())
     torch.set_num_threads(threads)

@@ -39,7 +39,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     get_default_x86_inductor_quantization_config,
 )
 
-from pipeline.artifacts import load_pt2, sha256_of
+from pipeline.models.files import load_pt2, sha256_of
 from pipeline.rundir import atomic_write_bytes
 
 log = logging.getLogger("pipeline.compress.quantize")
@@ -299,8 +299,8 @@ def save_int8(gm: GraphModule, path: Path, example: torch.Tensor) -> dict[str, i
 
 
 def load_int8(path: Path) -> nn.Module:
-    """The int8 module saved by ``save_int8``, read through :func:`pipeline.artifacts.load_pt2` (the archive
-    is checked first: nothing pickled, no code; :class:`pipeline.artifacts.UnreadableModel` names the file
+    """The int8 module saved by ``save_int8``, read through :func:`pipeline.models.files.load_pt2` (the archive
+    is checked first: nothing pickled, no code; :class:`pipeline.models.files.UnreadableModel` names the file
     otherwise). Elsewhere: ``import torchao`` (registers the ops), then ``torch.export.load(path).module()``
     on a file you trust; this project is not needed."""
     return load_pt2(Path(path)).module()

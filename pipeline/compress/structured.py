@@ -1,36 +1,35 @@
-"""Channel (structured) pruning with torch-pruning, and loading a pruned model without the pruner.
+"""Channel (structured) pruning with torch-pruning.
 
 Removing whole channels makes a model really smaller and faster with dense kernels, unlike zeroed
 weights. torch-pruning traces the model once to find the layers whose channels are coupled (a residual
 stream, a concatenation) and removes the same channels from all of them.
 
 A pruned model is saved as a plain ``state_dict()`` (``tp.state_dict`` pickles module objects, which
-``torch.load(weights_only=True)`` refuses); ``resize_to_state_dict`` reshapes a freshly built registry
-model to the saved tensor shapes so that state_dict loads into it.
+``torch.load(weights_only=True)`` refuses); :func:`pipeline.models.files.resize_to_state_dict` reshapes a
+freshly built registry model to the saved tensor shapes so that state_dict loads into it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from typing import Any, Mapping, cast
 
 import torch
 from torch import nn
 
-from pipeline.compress.unstructured import unwrap_model
+from pipeline.models.files import unwrap
 
 log = logging.getLogger("pipeline.compress.structured")
 
-__all__ = ["IMPORTANCES", "channel_widths", "ignored_layers", "prune_structured", "resize_to_state_dict"]
+__all__ = ["IMPORTANCES", "channel_widths", "ignored_layers", "prune_structured"]
 
 IMPORTANCES = ("l1", "l2")
 
 
 def channel_widths(model: nn.Module) -> dict[str, int]:
     """{qualified name: out_channels} of every Conv2d, in model order."""
-    return {name: m.out_channels for name, m in unwrap_model(model).named_modules() if isinstance(m, nn.Conv2d)}
+    return {name: m.out_channels for name, m in unwrap(model).named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def _n_params(model: nn.Module) -> int:
@@ -161,7 +160,7 @@ def prune_structured(
     if round_to < 1 or iterative_steps < 1:
         raise ValueError(f"round_to and iterative_steps must be >= 1, got {round_to}, {iterative_steps}")
 
-    model = unwrap_model(model)
+    model = unwrap(model)
     names = {m: name for name, m in model.named_modules()}
     input_size = (1, *example_input.shape[1:])
     widths_before = channel_widths(model)
@@ -227,69 +226,3 @@ def prune_structured(
     if record_removed:
         report["removed"] = removed.as_dict()
     return report
-
-
-def _new_param(old: torch.Tensor, shape: torch.Size, fill: float = 0.0) -> nn.Parameter:
-    return nn.Parameter(torch.full(shape, fill, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
-
-
-def _new_buffer(old: torch.Tensor, shape: torch.Size, fill: float) -> torch.Tensor:
-    return torch.full(shape, fill, dtype=old.dtype, device=old.device)
-
-
-def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Reshape every Conv2d, Linear, BatchNorm2d and GroupNorm of ``model`` in place to the tensor shapes
-    in ``state_dict`` (a pruned model's plain state_dict), so ``model.load_state_dict(state_dict)`` works
-    without re-running the pruner. Parameters come back filled with placeholders: load the state_dict next.
-    """
-    model = unwrap_model(model)
-
-    def tensor(prefix: str, key: str) -> torch.Tensor:
-        try:
-            return state_dict[prefix + key]
-        except KeyError:
-            raise KeyError(f"state_dict has no {prefix + key!r}: it was not saved from this model") from None
-
-    for name, m in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(m, nn.Conv2d):
-            shape = tensor(prefix, "weight").shape
-            out, per_group = shape[0], shape[1]
-            groups = m.groups
-            if groups > 1 and groups == m.in_channels:  # depthwise: groups follow the channels
-                multiplier = m.out_channels // m.groups
-                if out % multiplier:
-                    raise ValueError(f"{name}: {out} output channels do not fit depthwise multiplier {multiplier}")
-                groups = out // multiplier
-            if out % groups:
-                raise ValueError(f"{name}: {out} output channels are not divisible by groups={groups}")
-            m.groups, m.out_channels, m.in_channels = groups, out, per_group * groups
-            m.weight = _new_param(m.weight, shape)
-            if m.bias is not None:
-                m.bias = _new_param(m.bias, tensor(prefix, "bias").shape)
-        elif isinstance(m, nn.Linear):
-            shape = tensor(prefix, "weight").shape
-            m.out_features, m.in_features = shape[0], shape[1]
-            m.weight = _new_param(m.weight, shape)
-            if m.bias is not None:
-                m.bias = _new_param(m.bias, tensor(prefix, "bias").shape)
-        elif isinstance(m, nn.BatchNorm2d):
-            key = "weight" if m.affine else "running_mean"
-            n = tensor(prefix, key).shape[0]
-            m.num_features = n
-            if m.affine:
-                m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
-                m.bias = _new_param(m.bias, torch.Size([n]))
-            if m.track_running_stats:
-                m.running_mean = _new_buffer(cast(torch.Tensor, m.running_mean), torch.Size([n]), 0.0)
-                m.running_var = _new_buffer(cast(torch.Tensor, m.running_var), torch.Size([n]), 1.0)
-        elif isinstance(m, nn.GroupNorm):
-            if not m.affine:
-                continue  # nothing in the state_dict tells the width; GroupNorm without affine has no size
-            n = tensor(prefix, "weight").shape[0]
-            if n % m.num_groups:
-                m.num_groups = math.gcd(n, m.num_groups)
-            m.num_channels = n
-            m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
-            m.bias = _new_param(m.bias, torch.Size([n]))
-    return model

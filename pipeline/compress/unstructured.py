@@ -17,6 +17,8 @@ from typing import Any, Iterator, cast
 import torch
 from torch import nn
 
+from pipeline.models.files import unwrap
+
 __all__ = [
     "SCHEDULES",
     "SCOPES",
@@ -24,7 +26,6 @@ __all__ = [
     "is_update_step",
     "phase_bounds",
     "target_sparsity",
-    "unwrap_model",
     "update_steps",
     "weight_sparsity",
 ]
@@ -126,19 +127,8 @@ def update_steps(total_steps: int, *, schedule: str, frequency: int, begin: floa
 # --------------------------------------------------------------------------------------------------
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel / DataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = cast(nn.Module, model.module)
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = cast(nn.Module, model._orig_mod)
-        else:
-            return model
-
-
 def _weighted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, m in unwrap_model(model).named_modules():
+    for name, m in unwrap(model).named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             yield name, m
 
@@ -199,7 +189,7 @@ class MagnitudePruner:
         if power <= 0:
             raise ValueError(f"power must be > 0, got {power}")
         phase_bounds(total_steps, begin=begin, end=end)  # validates total_steps, begin, end
-        self.model = unwrap_model(model)
+        self.model = unwrap(model)
         self.scope, self.dense_first_last, self.schedule = scope, dense_first_last, schedule
         self.final, self.initial, self.begin, self.end = float(final), float(initial), float(begin), float(end)
         self.power, self.frequency, self.total_steps = float(power), frequency, total_steps

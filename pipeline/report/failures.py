@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.console import hms
+from pipeline.jobs.manifest import checked_manifest
+from pipeline.jobs.states import job_log, sweep_problems, sweep_states
 from pipeline.report.records import Record
 from pipeline.rundir import survey
 
@@ -33,7 +36,7 @@ JOB_STATES = {
     "DEADLINE": "timed out",
 }
 LOG_TAIL_BYTES = 64 * 1024
-# pipeline.endings' state words -> this report's words
+# pipeline.jobs.endings' state words -> this report's words
 NAMED_ENDINGS = {
     "cancelled": "cancelled",
     "time-limit": "time limit",
@@ -65,12 +68,9 @@ class Classified:
 
 def classify(sweep_dir: Path, records: Sequence[Record]) -> tuple[dict[str, Classified], list[str]]:
     """(each run's state by id, what is wrong with the sweep's own files), from
-    ``pipeline.status.sweep_states`` (squeue/sacct, the local executor's processes, the jobs the run
+    :func:`pipeline.jobs.states.sweep_states` (squeue/sacct, the local executor's processes, the jobs the run
     folders name); runs it does not know keep the state their files give. A scheduler that cannot be
     asked is no reason to fail: the files' word stands."""
-    from pipeline.manifest import checked_manifest
-    from pipeline.status import job_log, sweep_problems, sweep_states
-
     out = {r.id: Classified(r.status) for r in records}
     if all(r.status == "done" for r in records):  # final from the files: no scheduler to ask
         return out, sweep_problems(survey(sweep_dir)[1], checked_manifest(sweep_dir)[1])
@@ -126,11 +126,6 @@ def _eta(progress: dict[str, Any]) -> str:
     return f", about {hms(elapsed / epoch * (epochs - epoch))} left"
 
 
-def hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def _diverged(r: Record) -> str:
     stage = next((s for s, m in r.stages.items() if m.get("status") == "diverged"), "train")
     m = r.stages.get(stage, {})
@@ -181,7 +176,7 @@ def failure(r: Record, c: Classified) -> Failure | None:
             return Failure(r, "running", "started, no epoch finished yet", log)
         queued = f"in the queue as job {c.job_id}" + (f" ({c.job_state})" if c.job_state else "")
         return Failure(r, "pending", queued if c.job_id else "not submitted yet", log)
-    if c.state in NAMED_ENDINGS:  # pipeline.endings named how the job ended (sacct, or the job's record)
+    if c.state in NAMED_ENDINGS:  # pipeline.jobs.endings named how the job ended (sacct, or the job's record)
         return Failure(r, NAMED_ENDINGS[c.state], c.reason, log)
     word = (JOB_STATES.get(c.job_state.split()[0], "") if c.job_state else "") or _log_sign(r.run.log, c.job_log)
     if r.status == "failed":

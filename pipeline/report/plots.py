@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline import cli
+from pipeline import console as cli
 from pipeline.report.records import AFTER_TRAINING, Record
 from pipeline.report.tables import model_rows, number
 

@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pipeline import cli
+from pipeline import console as cli
 from pipeline.report.records import AFTER_TRAINING, Record, sort_key
 from pipeline.rundir import UNREADABLE_OUTPUT
 

@@ -9,7 +9,7 @@ import json
 import math
 from typing import Any, Sequence
 
-from pipeline import cli
+from pipeline import console as cli
 from pipeline.report.failures import Failure
 from pipeline.report.tables import Column, Stat, Table, best_rows, number
 
@@ -34,7 +34,7 @@ def format_value(value: Any, kind: str) -> str:
     if kind == "loss":
         return f"{n:.4f}"
     if kind == "s":
-        return f"{n:.1f} s" if n < 600 else _hms(n)
+        return f"{n:.1f} s" if n < 600 else cli.hms(n)
     if kind == "int":
         return f"{int(n):,}"
     if kind == "factor":
@@ -45,11 +45,6 @@ def format_value(value: Any, kind: str) -> str:
 def _spread(std: float, kind: str) -> str:
     """The ± part in the value's unit, without repeating a % sign (93.10% ± 0.21)."""
     return f"{100 * std:.2f}" if kind == "pct" else format_value(std, kind)
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def cell(row: dict[str, Any], col: Column) -> str:

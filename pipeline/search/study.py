@@ -62,7 +62,7 @@ def exit_on_storage_down() -> Iterator[None]:
     except StorageUnreachable as e:
         from rich.markup import escape
 
-        from pipeline import cli
+        from pipeline import console as cli
 
         cli.console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(EXIT_STORAGE_DOWN)

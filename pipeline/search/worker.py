@@ -39,7 +39,7 @@ from typing import Any, Iterator, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import owner
+from pipeline.jobs import owner
 from pipeline.config import ConfigError
 from pipeline.rundir import atomic_write_text, read_json
 from pipeline.search.figures import Outcome, outcome_from_run

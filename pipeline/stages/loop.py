@@ -1,5 +1,5 @@
-"""The training stage: ``train_stage(run, cfg) -> metrics``, built from plain functions
-(``train_one_epoch``, ``evaluate``) that the later stages reuse for fine-tuning and calibration.
+"""The training loop every stage that trains shares: ``train_one_epoch``, ``evaluate`` and ``fit`` (the
+epochs of one phase: training, a pruning fine-tune, QAT), also used for calibration.
 
 Resumable and deterministic: a checkpoint is written atomically after every epoch, every batch order
 and augmentation draw is a function of (seed, epoch), and the RNG state is saved, so a run killed at
@@ -8,13 +8,9 @@ any point and restarted ends with the same weights as one that was never interru
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
-import os
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -24,104 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from pipeline.artifacts import TRAINED, arch_of, atomic_torch_save, save_model
-from pipeline.models import build_model
+from pipeline.jobs.preempt import STOP, Preempted
 from pipeline.rundir import RunDir, atomic_write_json
+from pipeline.stages.checkpoint import save_checkpoint
+from pipeline.stages.distributed import Dist
+from pipeline.stages.setup import Context, autocast, build_optimizer, lr_factor
 
-log = logging.getLogger("pipeline.train")
-
-
-# --------------------------------------------------------------------------------------------------
-# Devices and precision
-# --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "train.device=cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})"
-        )
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for train.precision, or None for fp32.
-
-    fp16 on a CPU and bf16 on a CPU or GPU without bf16 support fall back to fp32 with a warning:
-    CPU autocast in low precision is many times slower than fp32 on AVX2-only processors.
-    """
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            log.warning("train.precision=bf16 but this GPU has no bf16 support; using fp32")
-            warnings.warn("train.precision=bf16 but this GPU has no bf16 support; using fp32")
-            return None
-        return torch.float16 if precision == "fp16" else torch.bfloat16
-    message = f"train.precision={precision} is a GPU setting; training in fp32 on the CPU"
-    log.warning(message)
-    warnings.warn(message)
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# --------------------------------------------------------------------------------------------------
-# Optimizers and schedules
-# --------------------------------------------------------------------------------------------------
-
-
-def build_optimizer(
-    optim: DictConfig, params: Iterable[nn.Parameter], lr: float | None = None
-) -> torch.optim.Optimizer:
-    """The optimizer of ``optim`` (optim.lr unless ``lr`` is given: fine-tuning phases have their own)."""
-    name, wd = optim.name, float(optim.weight_decay)
-    lr = float(optim.lr) if lr is None else float(lr)
-    if name in ("sgd", "nesterov"):
-        return torch.optim.SGD(
-            params, lr=lr, momentum=float(optim.momentum), weight_decay=wd, nesterov=name == "nesterov"
-        )
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd, eps=float(optim.eps))
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd, eps=float(optim.eps))
-    if name in ("adam", "adamw"):
-        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, betas=tuple(optim.betas), eps=float(optim.eps), weight_decay=wd)
-    raise ValueError(f"unknown optim.name {name!r}; allowed: sgd, nesterov, adagrad, adadelta, adam, adamw")
-
-
-def lr_factor(schedule: DictConfig, t: float, total: float) -> float:
-    """Multiplier of the peak lr after ``t`` of ``total`` epochs (fractions allowed: set every step)."""
-    warm = float(schedule.warmup_epochs)
-    if t < warm:
-        return (t + 1e-12) / warm
-    frac = (t - warm) / max(total - warm, 1e-12)
-    floor = float(schedule.min_lr_ratio)
-    name = schedule.name
-    if name == "constant":
-        return 1.0
-    if name == "step":
-        return float(schedule.gamma) ** sum(1 for m in schedule.milestones if frac >= m)
-    if name == "cosine":
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-    if name == "onecycle":
-        # linear ramp from 10% up to the peak over pct_start, then linear decay to min_lr_ratio
-        rise = float(schedule.pct_start)
-        if frac < rise:
-            return 0.1 + 0.9 * frac / rise
-        return max(floor, 1 - (1 - floor) * (frac - rise) / max(1 - rise, 1e-12))
-    raise ValueError(f"unknown schedule.name {name!r}; allowed: constant, step, cosine, onecycle")
-
-
-# --------------------------------------------------------------------------------------------------
-# One epoch, evaluation
-# --------------------------------------------------------------------------------------------------
+log = logging.getLogger("pipeline.stages.loop")
 
 
 @dataclass
@@ -154,23 +59,6 @@ class EpochResult:
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
 
 
 def _any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
@@ -365,242 +253,12 @@ def evaluate(
     return {"loss": loss_sum.item() / seen, "acc": top1.item() / seen, "top5": top5.item() / seen}
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def previous_checkpoint(path: Path) -> Path:
-    """Where the checkpoint before ``path`` is kept: last.pt -> last.prev.pt."""
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-# errnos of a file system that has no hard links (some FUSE, SMB and object-store mounts)
-_NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically and keep the checkpoint it replaces as
-    :func:`previous_checkpoint` (a corrupt latest file then costs one epoch, not the run).
-
-    Order: the current file is hard-linked to a temporary name that is renamed over ``<name>.prev.pt``
-    (no copy, no extra space), then the new one is written beside it and renamed over ``path``. A kill
-    at any point leaves ``path`` whole (old or new) and ``.prev`` whole; a write that fails (a full
-    disk) leaves ``path`` as it was. ``state`` holds only tensors and plain containers, so it loads
-    with ``weights_only=True``."""
-    prev = previous_checkpoint(path)
-    if path.exists():
-        for stale in path.parent.glob(f".{prev.name}.*.link"):  # left by a kill between link and rename
-            stale.unlink(missing_ok=True)
-        link = prev.with_name(f".{prev.name}.{os.getpid()}.link")
-        try:
-            os.link(path, link)
-        except OSError as e:
-            if e.errno not in _NO_HARD_LINKS:
-                raise
-            # no hard links: rename instead; until the new file is in place only .prev exists, and
-            # load_checkpoint resumes from it
-            os.replace(path, prev)
-        else:
-            os.replace(link, prev)
-    atomic_torch_save(state, path)
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch"} <= ckpt.keys():
-        raise ValueError("not a training checkpoint (no model, optimizer and epoch)")
-    return ckpt
-
-
-def load_checkpoint(path: Path, run: RunDir | None = None) -> dict[str, Any] | None:
-    """The checkpoint at ``path``, or None when there is none (nor a previous one).
-
-    When ``path`` is missing or cannot be read but :func:`previous_checkpoint` can, that one is used,
-    with a warning in the log and a note in ``run``'s progress.json (what ``pipeline.status`` shows); an
-    unreadable ``path`` is first moved aside to ``<name>.corrupt``, so the next save keeps the good
-    previous file. Only rank 0 passes ``run`` (the others only read). Never a silent restart from
-    scratch: when neither file can be read this raises, naming both."""
-    prev = previous_checkpoint(path)
-    if not path.exists() and not prev.exists():
-        return None
-    problem = "is missing"
-    if path.exists():
-        try:
-            return _read_checkpoint(path)
-        except Exception as e:
-            problem = f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            if not prev.exists():
-                raise RuntimeError(
-                    f"checkpoint {path} {problem} and there is no previous checkpoint {prev.name}; "
-                    "move it away to start this run again from scratch"
-                ) from e
-    try:
-        ckpt = _read_checkpoint(prev)
-    except Exception as e:
-        raise RuntimeError(
-            f"checkpoint {path} {problem}, and the previous checkpoint {prev} cannot be loaded either "
-            f"({type(e).__name__}: {e}); move both away to start this run again from scratch"
-        ) from e
-    where = f"epoch {int(ckpt['epoch'])}" + (f" step {int(ckpt['step'])}" if ckpt.get("step") else "")
-    note = f"checkpoint {path} {problem}; resumed from the previous checkpoint {prev.name} ({where})"
-    if run is not None:
-        if path.exists():
-            corrupt = path.with_name(path.name + ".corrupt")
-            os.replace(path, corrupt)  # kept for a post-mortem, out of the way of the next save
-            note += f"; the unreadable file is now {corrupt.name}"
-        run.add_note(note)
-    log.warning("WARNING: %s", note)
-    return ckpt
-
-
-# --------------------------------------------------------------------------------------------------
-# The stage
-# --------------------------------------------------------------------------------------------------
-
-
-def _set_threads(cfg: DictConfig) -> None:
-    n = int(cfg.train.threads) or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
-
-
-def dist_from_env() -> Dist:
-    """Rank and world size from torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK), which
-    ``pipeline.launch.export_distributed_env`` sets from Slurm's inside a multi-task job."""
-    return Dist(
-        int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    )
-
-
-def init_distributed(dist: Dist, device: torch.device) -> None:
-    """NCCL between GPUs, gloo between CPU processes; MASTER_ADDR/MASTER_PORT come from the environment."""
-    if dist.enabled and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, rank=dist.rank, world_size=dist.world_size)
-        log.info("rank %d of %d joined (%s)", dist.rank, dist.world_size, backend)
-
-
 def _all_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
     if not dist.enabled:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return t.tolist()
-
-
-def make_loaders(cfg: DictConfig, device: torch.device, dist: Dist = Dist()):
-    """(data, train loader, val loader, test loader) for a config; the train loader yields this rank's
-    share of every global batch of ``train.batch_size`` images."""
-    from pipeline import data as data_mod
-
-    d = data_mod.load_cifar(
-        cfg.data.name,
-        cfg.data.root,
-        val_size=int(cfg.data.val_size),
-        split_seed=int(cfg.data.split_seed),
-        train_size=int(cfg.data.train_size),
-    )
-    common: dict[str, Any] = dict(mean=d.mean, std=d.std)
-    bs, ebs = int(cfg.train.batch_size) // dist.world_size, int(cfg.train.eval_batch_size)
-    # a last global batch with fewer images than ranks would leave a rank with none: drop it
-    n_train = len(d.train.labels)
-    drop_last = dist.enabled and 0 < n_train % (bs * dist.world_size) < dist.world_size
-    shard: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, drop_last=drop_last)
-    if cfg.data.loader == "dataloader":
-        train: Any = _ToDevice(
-            data_mod.dataloader_loader(
-                d.train,
-                bs,
-                augment=bool(cfg.data.augment),
-                shuffle=True,
-                seed=int(cfg.train.seed),
-                num_workers=int(cfg.train.num_workers),
-                **shard,
-                **common,
-            ),
-            device,
-            bool(cfg.train.channels_last),
-        )
-    else:
-        train = data_mod.DeviceLoader(
-            d.train,
-            bs,
-            device=device,
-            augment=bool(cfg.data.augment),
-            shuffle=True,
-            seed=int(cfg.train.seed),
-            channels_last=bool(cfg.train.channels_last),
-            **shard,
-            **common,
-        )
-    val = data_mod.DeviceLoader(d.val, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
-    test = data_mod.DeviceLoader(d.test, ebs, device=device, channels_last=bool(cfg.train.channels_last), **common)
-    return d, train, val, test
-
-
-class _ToDevice:
-    """Moves batches of a host-side loader (the DataLoader path) to the device."""
-
-    def __init__(self, loader: Any, device: torch.device, channels_last: bool):
-        self.loader, self.device, self.channels_last = loader, device, channels_last
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.loader.set_epoch(epoch, start_batch)
-
-    def global_batch_size(self, b: int) -> int:
-        return self.loader.global_batch_size(b)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for x, y in self.loader:
-            yield (
-                x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
-                y.to(self.device, non_blocking=True),
-            )
-
-
-def build_for_training(cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """The run's model, seeded by train.seed, on ``device`` in the configured memory format."""
-    from pipeline.models import convert_norm
-
-    torch.manual_seed(int(cfg.train.seed))
-    model = convert_norm(build_model(cfg.model.name, num_classes, shortcut=cfg.model.shortcut), cfg.model.norm)
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-@dataclass
-class Context:
-    """What every stage that trains or evaluates shares: device, ranks, precision and the loaders."""
-
-    cfg: DictConfig
-    device: torch.device
-    dist: Dist
-    amp_dtype: torch.dtype | None
-    data: Any
-    train_loader: Any
-    val_loader: Any
-    test_loader: Any
-
-
-def setup(cfg: DictConfig) -> Context:
-    """Threads, device, data-parallel group and loaders of a run (every rank calls this)."""
-    _set_threads(cfg)
-    dist = dist_from_env()
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    init_distributed(dist, device)
-    amp_dtype = autocast_dtype(cfg.train.precision, device)
-    data, train_loader, val_loader, test_loader = make_loaders(cfg, device, dist)
-    return Context(cfg, device, dist, amp_dtype, data, train_loader, val_loader, test_loader)
 
 
 @dataclass
@@ -636,11 +294,9 @@ class FitResult:
 
 def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[str, Any] | None = None) -> FitResult:
     """Train ``model`` for ``phase.epochs`` epochs (resuming from ``ckpt``, a loaded ``phase.checkpoint``,
-    when given), validating after every epoch; raises :class:`pipeline.preempt.Preempted` after a
+    when given), validating after every epoch; raises :class:`pipeline.jobs.preempt.Preempted` after a
     mid-epoch checkpoint when a stop signal arrives. With several ranks every rank calls this; only
     rank 0 writes files."""
-    from pipeline.preempt import STOP, Preempted
-
     cfg, device, dist, amp_dtype = ctx.cfg, ctx.device, ctx.dist, ctx.amp_dtype
     train_loader, val_loader = ctx.train_loader, ctx.val_loader
     epochs, steps = phase.epochs, len(train_loader)
@@ -861,122 +517,6 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
     return FitResult(status, history, elapsed, diverged_epoch, sparsity_log, divergence)
 
 
-def history_metrics(result: FitResult) -> dict[str, Any]:
-    """The table figures of a finished loop: last losses, best accuracies, speed, time."""
-    history = result.history
-    last = history[-1] if history else {}
-    return {
-        "status": result.status,
-        "epochs": len(history),
-        "train_loss": last.get("train_loss"),
-        "train_acc_best": max((h["train_acc"] for h in history), default=None),
-        "val_loss": last.get("val_loss"),
-        "val_acc_best": max((h["val_acc"] for h in history), default=None),
-        "test_loss": None,
-        "test_acc": None,
-        "test_top5": None,
-        "images_per_s": (sum(h["images_per_s"] for h in history) / len(history)) if history else None,
-        "train_time_s": result.elapsed_s,
-        # per-epoch rows (losses, accuracies, lr, images/s, seconds so far): collect's learning curves and
-        # time to a target accuracy are read from here, so the login node never opens a checkpoint
-        "history": history,
-    }
-
-
-def divergence_metrics(result: FitResult, prefix: str = "") -> dict[str, Any]:
-    """What a stage record says about a diverged loop: the epoch (``diverged_epoch``, as collect shows
-    it), the 1-based step of that epoch whose loss was first not finite, the step it stopped at, that
-    loss and the last finite one before it."""
-    d = result.divergence or {}
-    return {
-        f"{prefix}diverged_epoch": result.diverged_epoch,
-        f"{prefix}diverged_step": d.get("step"),
-        f"{prefix}diverged_loss": d.get("loss"),
-        f"{prefix}last_finite_loss": d.get("last_finite_loss"),
-        f"{prefix}stopped_at_step": d.get("stopped_at_step"),
-        f"{prefix}steps_per_epoch": d.get("steps"),
-        **({f"{prefix}diverged_error": d["error"]} if d.get("error") else {}),
-    }
-
-
 def evaluate_test(model: nn.Module, ctx: Context) -> dict[str, float]:
     test = evaluate(model, ctx.test_loader, amp_dtype=ctx.amp_dtype)
     return {"test_loss": test["loss"], "test_acc": test["acc"], "test_top5": test["top5"]}
-
-
-def unstructured_pruner(model: nn.Module, cfg: DictConfig, total_steps: int) -> Any:
-    """The magnitude pruner of ``prune.*`` over ``total_steps`` optimizer steps."""
-    from pipeline.compress.unstructured import MagnitudePruner
-
-    p = cfg.prune
-    return MagnitudePruner(
-        model,
-        scope=str(p.scope),
-        dense_first_last=bool(p.dense_first_last),
-        schedule=str(p.schedule),
-        final=float(p.sparsity),
-        initial=float(p.initial_sparsity),
-        begin=float(p.begin),
-        end=float(p.end),
-        power=float(p.power),
-        frequency=int(p.frequency),
-        total_steps=total_steps,
-    )
-
-
-def train_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume) the run's model; returns the metrics written to metrics/train.json and saves
-    the trained model as models/trained.pt. With ``prune.during: train`` the sparsity schedule runs
-    inside this loop, from scratch.
-
-    Raises :class:`pipeline.preempt.Preempted` after saving a mid-epoch checkpoint when a stop signal
-    arrives. With several ranks every rank calls this; only rank 0 writes files.
-    """
-    ctx = setup(cfg)
-    epochs = int(cfg.train.epochs)
-    model = build_for_training(cfg, ctx.data.num_classes, ctx.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    phase = Phase("train", epochs, float(cfg.optim.lr), cfg.schedule, run.checkpoints / "last.pt", run.tensorboard)
-    if cfg.prune.method == "unstructured" and cfg.prune.during == "train":
-        phase.pruner = unstructured_pruner(model, cfg, epochs * len(ctx.train_loader))
-        phase.sparsity_tensorboard = run.tensorboard / "sparsity"
-    ckpt = load_checkpoint(phase.checkpoint, run if ctx.dist.is_main else None)
-    if ckpt is None:
-        log.info(
-            "training %s (%.2fM params) on %s for %d epochs, %d train / %d val / %d test images, device %s, %d rank(s)",
-            cfg.model.name,
-            n_params / 1e6,
-            cfg.data.name,
-            epochs,
-            len(ctx.data.train.labels),
-            len(ctx.data.val.labels),
-            len(ctx.data.test.labels),
-            ctx.device,
-            ctx.dist.world_size,
-        )
-    result = fit(model, ctx, phase, run, ckpt)
-    metrics = history_metrics(result)
-    metrics.update(
-        params=n_params, device=str(ctx.device), precision=cfg.train.precision, world_size=ctx.dist.world_size
-    )
-    if phase.pruner is not None:
-        rep = phase.pruner.report()
-        metrics.update(
-            sparsity=rep["sparsity"],
-            sparsity_target=float(cfg.prune.sparsity),
-            sparsity_layers=rep["layers"],
-            sparsity_log=result.sparsity,
-        )
-    if result.status == "diverged":
-        metrics.update(divergence_metrics(result))
-        return metrics
-    metrics.update(evaluate_test(model, ctx))
-    log.info("test acc %.4f  top-5 %.4f", metrics["test_acc"], metrics["test_top5"])
-    if ctx.dist.is_main:
-        save_model(
-            run.models / TRAINED,
-            model,
-            arch_of(cfg, ctx.data.num_classes),
-            extra={"stage": "train", "test_acc": metrics["test_acc"]},
-        )
-    return metrics

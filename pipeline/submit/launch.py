@@ -1,9 +1,10 @@
-"""Submission through submitit: the only module that imports it (lazily). Torch-free.
+"""Submission through submitit: the one module that submits with it (imported lazily). Torch-free. The
+function a job runs is handed in (:func:`submit`'s ``job`` and ``job_many``); nothing here imports it.
 
 - slurm: one job array per distinct set of Slurm resources, throttled by ``slurm.array_parallelism``;
-  each array task runs one run folder (``pipeline.run.execute``). A set larger than the cluster's
+  each array task runs ``job`` on one run folder. A set larger than the cluster's
   MaxArraySize goes out as several arrays of at most that many tasks (never one sbatch per run).
-- local: ``--parallel`` submitit local jobs, each running its share of the runs one after another, so a
+- local: ``--parallel`` submitit local jobs, each running ``job_many`` on its share of the runs (one after another), so a
   CPU machine trains one network at a time by default. The jobs outlive this process.
 - debug: submitit's in-process executor (breakpoints work); runs execute when waited for.
 """
@@ -11,10 +12,8 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,31 +25,23 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.manifest import comment_of
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs import slurm
+from pipeline.jobs.manifest import comment_of
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import RunDir
 
 if TYPE_CHECKING:
     from rich.console import Console
+
 
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # local jobs run until done; submitit's default would kill them at 2 min
 DEFAULT_MAX_ARRAY_SIZE = 1000  # when scontrol cannot tell (Slurm's own default is 1001)
 MAX_ARRAY_SIZE_ENV = "PIPELINE_MAX_ARRAY_SIZE"  # forces the array size limit (tests; unreadable configs)
 
 
-def slurm_controller_answers(timeout_s: float = 10.0) -> bool:
-    if shutil.which("scontrol") is None or shutil.which("srun") is None:
-        return False
-    try:
-        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0 and " is UP" in r.stdout
-
-
 def resolve_cluster(name: str) -> str:
     if name == "auto":
-        return "slurm" if slurm_controller_answers() else "local"
+        return "slurm" if slurm.controller_answers() else "local"
     return name
 
 
@@ -115,14 +106,8 @@ def max_array_size() -> int:
     forced = os.environ.get(MAX_ARRAY_SIZE_ENV, "").strip()
     if forced.isdigit():
         return max(1, int(forced))
-    if shutil.which("scontrol") is None:
-        return DEFAULT_MAX_ARRAY_SIZE
-    try:
-        r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return DEFAULT_MAX_ARRAY_SIZE
-    m = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", r.stdout, re.MULTILINE)
-    return max(1, int(m.group(1))) if r.returncode == 0 and m else DEFAULT_MAX_ARRAY_SIZE
+    found = slurm.max_array_size()
+    return max(1, found) if found is not None else DEFAULT_MAX_ARRAY_SIZE
 
 
 def split_arrays(indices: Sequence[int], max_size: int) -> list[list[int]]:
@@ -212,7 +197,7 @@ def _sbatch_error(e: BaseException) -> str:
     return text[:500]
 
 
-def _visible_gpu_count() -> int:
+def visible_gpu_count() -> int:
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         return len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
     if shutil.which("nvidia-smi") is None:
@@ -231,6 +216,8 @@ def submit(
     cluster: str,
     sweep_dir: Path,
     name: str,
+    job: Callable[[str], Any],
+    job_many: Callable[[list[str]], Any],
     parallel: int = 1,
     max_size: int | None = None,
     after: Mapping[int, int | str] | None = None,
@@ -238,10 +225,12 @@ def submit(
     on_submitted: Callable[[dict[str, str], str | None, dict[str, dict[str, Any]]], None] | None = None,
 ) -> Submission:
     """Submit one run folder per config (DictConfig or plain nested dict); ``max_size`` overrides the
-    cluster's MaxArraySize.
+    cluster's MaxArraySize. A Slurm array task runs ``job(run folder)``; a local or debug job runs
+    ``job_many(run folders)``, its share of the runs one after another (the job reads them by the
+    module path of these functions: they must be importable where the job runs).
 
     ``on_submitting(token, run ids)`` is called before each sbatch, whose array carries the comment
-    ``pipeline.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token, job records)`` as soon as each
+    ``pipeline.jobs.manifest.comment_of(token)``; ``on_submitted(run id -> job id, token, job records)`` as soon as each
     array (or local job, token None) is queued, before the next one is submitted, so that a kill midway
     leaves a record of what is queued. An array that sbatch refuses is listed in
     ``Submission.rejected`` (with its token) and the others are still submitted; once the
@@ -257,8 +246,6 @@ def submit(
     and wait for the owner's record when they get there (:func:`pipeline.share.wait_for_owner`)."""
     import submitit
     from submitit.core.utils import FailedJobError
-
-    from pipeline.run import execute, execute_many
 
     sub = Submission(cluster)
     if not runs:
@@ -311,27 +298,27 @@ def submit(
                 if on_submitting is not None:
                     on_submitting(token, run_ids)
                 try:
-                    jobs = slurm_executor.map_array(execute, paths)
+                    jobs = slurm_executor.map_array(job, paths)
                 except (FailedJobError, OSError) as e:
                     reason = _sbatch_error(e)
                     # refused, or no answer at all? Asking the controller tells them apart.
-                    down = not slurm_controller_answers()
+                    down = not slurm.controller_answers()
                     sub.rejected.append(Rejected(run_ids, reason, unreachable=down, token=token))
                     if down:
                         unreachable = "the Slurm controller does not answer (scontrol ping)"
                     continue
-                queued = {runs[i].id: job.job_id for i, job in zip(idx, jobs)}
+                queued = {runs[i].id: task.job_id for i, task in zip(idx, jobs)}
                 if on_submitted is not None:
                     on_submitted(queued, token, {})
                 sub.job_ids.update(queued)
-                for i, job in zip(idx, jobs):
-                    sub.jobs.append(([runs[i]], job))
+                for i, task in zip(idx, jobs):
+                    sub.jobs.append(([runs[i]], task))
         return sub
 
     if cluster == "local":
         executor: Any = submitit.LocalExecutor(folder=log_folder)
         executor.update_parameters(
-            timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=_visible_gpu_count(), stderr_to_stdout=True
+            timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=visible_gpu_count(), stderr_to_stdout=True
         )
     elif cluster == "debug":
         executor = submitit.DebugExecutor(folder=log_folder)
@@ -344,16 +331,16 @@ def submit(
         share = [runs[i] for i in order[s::slots]]
         if cluster == "local":
             with detached_local_jobs(sweep_dir / "logs" / "local-controllers.err"):
-                job = executor.submit(execute_many, [str(r.path) for r in share])
+                slot_job = executor.submit(job_many, [str(r.path) for r in share])
         else:
-            job = executor.submit(execute_many, [str(r.path) for r in share])
-        queued = {r.id: str(job.job_id) for r in share}
+            slot_job = executor.submit(job_many, [str(r.path) for r in share])
+        queued = {r.id: str(slot_job.job_id) for r in share}
         if cluster == "local":
-            sub.job_records[str(job.job_id)] = local_job_record(job)
+            sub.job_records[str(slot_job.job_id)] = local_job_record(slot_job)
         if on_submitted is not None:
             on_submitted(queued, None, sub.job_records)
         sub.job_ids.update(queued)
-        sub.jobs.append((share, job))
+        sub.jobs.append((share, slot_job))
     return sub
 
 
@@ -441,7 +428,7 @@ def wait(
     def elsewhere_running() -> bool:
         if not sub.elsewhere or still_active is None:
             return False
-        from pipeline.slurm_cli import SlurmUnreachable
+        from pipeline.jobs.slurm import SlurmUnreachable
 
         try:
             return bool(still_active([r.id for r in sub.elsewhere]))
@@ -472,79 +459,3 @@ def _result(job: Any, console: Console | None) -> None:
         if console is not None:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             console.print(f"[yellow]job {job.job_id} ended with an error:[/] {first}")
-
-
-def export_distributed_env() -> None:
-    """Inside a multi-task Slurm job: set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK from
-    Slurm's variables with submitit's helper (also for plain ``srun python -m pipeline.run``)."""
-    import submitit
-
-    if "SLURM_JOB_ID" in os.environ:
-        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
-def active_jobs(
-    jobs: Sequence[tuple[str, str]],
-    records: Mapping[str, Mapping[str, Any]] | None = None,
-    sweep_dir: Path | None = None,
-) -> set[tuple[str, str]]:
-    """The (cluster, job id) pairs of a manifest still queued or running; Slurm is asked once for all.
-    ``records``: job id -> its manifest entry (local jobs are recognised by more than their id);
-    ``sweep_dir``: the manifest's sweep (see :func:`local_job_identity`). Raises
-    :class:`pipeline.slurm_cli.SlurmUnreachable` when squeue does not answer."""
-    slurm_ids = [jid for cluster, jid in jobs if cluster == "slurm"]
-    states: dict[str, str] = {}
-    if slurm_ids:
-        from pipeline import slurm_cli
-
-        states = {j: s for j, s in slurm_cli.job_states(slurm_ids, strict=True).items() if s in slurm_cli.ACTIVE_STATES}
-    records = records or {}
-    return {
-        (c, j) for c, j in jobs if (j in states if c == "slurm" else job_is_active(c, j, records.get(j), sweep_dir))
-    }
-
-
-def local_job_identity(
-    job_id: str, entry: Mapping[str, Any] | None, sweep_dir: Path | None = None
-) -> ProcessIdentity | None:
-    """The identity of a local job's controller from its manifest entry, or None for a malformed id. An
-    entry with a PID only (written before start times were recorded) names the process only while its
-    command line is that of a job controller of ``sweep_dir`` (none without it): the PID may be
-    anyone's by now."""
-    ident = ProcessIdentity.from_record({**(entry or {}), "pid": job_id})
-    if ident is None or ident.started is not None or sweep_dir is None:
-        return ident
-    return dataclasses.replace(ident, commands=controller_commands(sweep_dir))
-
-
-def controller_commands(sweep_dir: Path) -> tuple[str, ...]:
-    """What the command line of a local job controller of ``sweep_dir`` holds: submitit's controller
-    module and the jobs' folder (absolute, as submitit passes it; also with links resolved)."""
-    folder = Path(sweep_dir) / "logs" / "%j"
-    paths = dict.fromkeys((str(folder.absolute()), str(folder.resolve())))
-    return tuple(f"submitit.local._local {p}" for p in paths)
-
-
-def job_is_active(
-    cluster: str, job_id: str, entry: Mapping[str, Any] | None = None, sweep_dir: Path | None = None
-) -> bool:
-    """Whether a job recorded in a manifest (``entry``: its manifest entry; ``sweep_dir``: the sweep it
-    belongs to) is still queued or running.
-
-    A local job is its controller process: active while that very process (same start time, or for an
-    entry without one, a controller of this sweep: :func:`local_job_identity`) lives and is no zombie,
-    and submitit has not yet written the job's result (the controller outlives the work by a moment).
-    A local job recorded on another host cannot be looked at from here and counts as active."""
-    if cluster == "local":
-        ident = local_job_identity(job_id, entry, sweep_dir)
-        if ident is None:
-            return False
-        if entry and entry.get("result") and Path(str(entry["result"])).exists():
-            return False
-        return ident.is_alive() if ident.on_this_machine() else True
-    if cluster == "slurm":
-        from pipeline import slurm_cli
-
-        return slurm_cli.job_states([job_id]).get(job_id, "") in slurm_cli.ACTIVE_STATES
-    return False

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.procs import ProcessIdentity
+from pipeline.jobs import endings
+from pipeline.jobs.alive import this_job, this_slurm_job
+from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import (
     FIELDS,
     RunDir,
@@ -39,7 +41,7 @@ from pipeline.rundir import (
     unguard_folder,
 )
 
-log = logging.getLogger("pipeline.owner")
+log = logging.getLogger("pipeline.jobs.owner")
 
 OWNER_FILE = "owner.json"
 WATCH_S = float(os.environ.get("PIPELINE_WATCH_S", "2"))  # how often the folder is checked (a stat)
@@ -52,25 +54,13 @@ class RunBusy(RuntimeError):
     """Another live job owns this run folder."""
 
 
-def _job_id() -> str:
-    """The scheduler's id of this job: Slurm's, or submitit's local job (its controller's PID)."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
-
-
-def _cluster() -> str:
-    """Which scheduler ``job`` belongs to: slurm, local (submitit's local executor), or "" (a process
-    started by hand: its PID is all there is), so that status asks Slurm only about Slurm's jobs."""
-    if os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return "slurm"
-    return "local" if os.environ.get("SUBMITIT_LOCAL_JOB_ID") else ""
-
-
 def my_record() -> dict[str, Any]:
     me = ProcessIdentity.of(os.getpid())
     assert me is not None  # this process exists
-    return {**me.record(), "job": _job_id(), "cluster": _cluster(), "since": time.time()}
+    # cluster "" (a process started by hand): its PID is all there is, and status asks Slurm only about
+    # Slurm's jobs
+    cluster, job = this_job()
+    return {**me.record(), "job": job, "cluster": cluster, "since": time.time()}
 
 
 def read_owner(run: RunDir) -> tuple[dict[str, Any], float] | None:
@@ -93,7 +83,7 @@ def owner_alive(record: dict[str, Any], age_s: float) -> bool:
         return False
     if ident.on_this_machine():
         return ident.is_alive()
-    if record.get("job") and record.get("job") == _job_id():
+    if record.get("job") and record.get("job") == this_job()[1]:
         return False  # this same Slurm job, requeued: Slurm ran its earlier instance to its end first
     return age_s < STALE_S
 
@@ -150,10 +140,8 @@ class Ownership:
             return
         if not self.also or not self.run.config.exists():
             return
-        from pipeline import endings, preempt
-
         reason = f"{error}; submit the sweep again to redo it"
-        endings.write_ending(self.run, "failed", reason, job_id=preempt.slurm_job_id())
+        endings.write_ending(self.run, "failed", reason, job_id=this_slurm_job())
 
     def _watch(self, main_thread: int | None) -> None:
         beat = time.monotonic()

@@ -19,17 +19,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch
 from torch import nn
 
+from pipeline.models import build_model, convert_norm
 from pipeline.rundir import atomic_write_bytes, model_file_problem
 
 FORMAT = "pipeline-model/1"
+# a file's "dtype" -> the dtype of its weights (and of the inputs the model takes)
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 
 # file names under <run>/models/, by what made them
 TRAINED = "trained.pt"
@@ -69,11 +74,25 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getbuffer())
 
 
+def unwrap(model: Any) -> Any:
+    """The plain module (or function) inside DistributedDataParallel / DataParallel and ``torch.compile``
+    wrappers: a compiled module's ``_orig_mod`` (also what :func:`pipeline.compress.quantize.compile_int8`
+    and an int8 package's runner carry), a compiled function's original."""
+    for _ in range(8):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif callable(getattr(model, "_torchdynamo_orig_callable", None)):
+            model = model._torchdynamo_orig_callable
+        else:
+            break
+    return model
+
+
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of ``model`` (unwrapped from DDP / torch.compile), tensors detached on the CPU."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def save_model(
@@ -88,17 +107,79 @@ def save_model(
 
 def build_from_arch(arch: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """A registry model of ``arch``; with ``state_dict``, resized to its shapes (pruned models) and loaded."""
-    from pipeline.models import build_model, convert_norm
-
     model = convert_norm(
         build_model(arch["name"], int(arch["num_classes"]), shortcut=arch.get("shortcut", "A")),
         arch.get("norm", "batch"),
     )
     if state_dict is not None:
-        from pipeline.compress.structured import resize_to_state_dict
-
         resize_to_state_dict(model, state_dict)
         model.load_state_dict(state_dict)
+    return model
+
+
+def _new_param(old: torch.Tensor, shape: torch.Size, fill: float = 0.0) -> nn.Parameter:
+    return nn.Parameter(torch.full(shape, fill, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
+
+
+def _new_buffer(old: torch.Tensor, shape: torch.Size, fill: float) -> torch.Tensor:
+    return torch.full(shape, fill, dtype=old.dtype, device=old.device)
+
+
+def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Reshape every Conv2d, Linear, BatchNorm2d and GroupNorm of ``model`` in place to the tensor shapes
+    in ``state_dict`` (a pruned model's plain state_dict), so ``model.load_state_dict(state_dict)`` works
+    without re-running the pruner. Parameters come back filled with placeholders: load the state_dict next.
+    """
+    model = unwrap(model)
+
+    def tensor(prefix: str, key: str) -> torch.Tensor:
+        try:
+            return state_dict[prefix + key]
+        except KeyError:
+            raise KeyError(f"state_dict has no {prefix + key!r}: it was not saved from this model") from None
+
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, nn.Conv2d):
+            shape = tensor(prefix, "weight").shape
+            out, per_group = shape[0], shape[1]
+            groups = m.groups
+            if groups > 1 and groups == m.in_channels:  # depthwise: groups follow the channels
+                multiplier = m.out_channels // m.groups
+                if out % multiplier:
+                    raise ValueError(f"{name}: {out} output channels do not fit depthwise multiplier {multiplier}")
+                groups = out // multiplier
+            if out % groups:
+                raise ValueError(f"{name}: {out} output channels are not divisible by groups={groups}")
+            m.groups, m.out_channels, m.in_channels = groups, out, per_group * groups
+            m.weight = _new_param(m.weight, shape)
+            if m.bias is not None:
+                m.bias = _new_param(m.bias, tensor(prefix, "bias").shape)
+        elif isinstance(m, nn.Linear):
+            shape = tensor(prefix, "weight").shape
+            m.out_features, m.in_features = shape[0], shape[1]
+            m.weight = _new_param(m.weight, shape)
+            if m.bias is not None:
+                m.bias = _new_param(m.bias, tensor(prefix, "bias").shape)
+        elif isinstance(m, nn.BatchNorm2d):
+            key = "weight" if m.affine else "running_mean"
+            n = tensor(prefix, key).shape[0]
+            m.num_features = n
+            if m.affine:
+                m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
+                m.bias = _new_param(m.bias, torch.Size([n]))
+            if m.track_running_stats:
+                m.running_mean = _new_buffer(cast(torch.Tensor, m.running_mean), torch.Size([n]), 0.0)
+                m.running_var = _new_buffer(cast(torch.Tensor, m.running_var), torch.Size([n]), 1.0)
+        elif isinstance(m, nn.GroupNorm):
+            if not m.affine:
+                continue  # nothing in the state_dict tells the width; GroupNorm without affine has no size
+            n = tensor(prefix, "weight").shape[0]
+            if n % m.num_groups:
+                m.num_groups = math.gcd(n, m.num_groups)
+            m.num_channels = n
+            m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
+            m.bias = _new_param(m.bias, torch.Size([n]))
     return model
 
 
@@ -124,6 +205,30 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
         model = model.half()
     info = {k: v for k, v in blob.items() if k != "state_dict"}
     return model.to(device).eval(), info
+
+
+def model_file_dtype(path: Path) -> torch.dtype:
+    """The dtype of a model file's weights, without building the model (its tensors are mapped, not read)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise UnreadableModel(path, f"not a {FORMAT} file")
+    name = blob.get("dtype", "float32")
+    if name not in DTYPES:
+        raise UnreadableModel(path, f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def save_model_file(
+    path: str | os.PathLike, model: nn.Module, *, name: str, num_classes: int, shortcut: str = "A", norm: str = "batch"
+) -> Path:
+    """:func:`save_model` with the architecture given by its parts."""
+    save_model(Path(path), model, {"name": name, "num_classes": int(num_classes), "shortcut": shortcut, "norm": norm})
+    return Path(path)
+
+
+def load_model_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a model file in eval mode (:func:`load_model` without the file's other fields)."""
+    return load_model(Path(path), device)[0]
 
 
 # --------------------------------------------------------------------------------------------------

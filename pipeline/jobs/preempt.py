@@ -17,7 +17,10 @@ import signal
 from types import FrameType
 from typing import Any
 
-log = logging.getLogger("pipeline.preempt")
+from pipeline.jobs import slurm as slurm_cli
+from pipeline.jobs.alive import this_slurm_job
+
+log = logging.getLogger("pipeline.jobs.preempt")
 
 HANDLED = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -59,21 +62,14 @@ class StopRequest:
 STOP = StopRequest()
 
 
-def slurm_job_id() -> str | None:
-    """This job's id as scontrol names it (``<array>_<task>`` for array tasks), or None outside Slurm."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def handle(p: Preempted, max_requeues: int) -> tuple[str | None, str]:
     """After a stage stopped on a signal: requeue on SIGUSR2 (time limit) within ``max_requeues``.
 
-    Returns (how the run ended as a word of :data:`pipeline.endings.STATES`, or None when it goes on in
+    Returns (how the run ended as a word of :data:`pipeline.jobs.endings.STATES`, or None when it goes on in
     a requeued job; what happened, for the log). On SIGTERM Slurm is already requeueing or cancelling
     the job; which of the two, the job cannot tell (sacct can).
     """
-    job = slurm_job_id()
+    job = this_slurm_job()
     if p.signum != signal.SIGUSR2:
         return "stopped", "stopped on SIGTERM (preempted, requeued or cancelled by Slurm)"
     if job is None:
@@ -84,8 +80,6 @@ def handle(p: Preempted, max_requeues: int) -> tuple[str | None, str]:
             f"time limit near and slurm.max_requeues={max_requeues} requeues used: not requeued; "
             "submit the sweep again to resume"
         )
-    from pipeline import slurm_cli
-
     if slurm_cli.requeue(job):
         return None, f"time limit near: job {job} requeued ({restarts + 1}/{max_requeues})"
     return "time-limit", f"time limit near: requeue of job {job} failed; submit the sweep again to resume"

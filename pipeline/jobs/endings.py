@@ -1,5 +1,5 @@
 """Where a run stands, or how it ended, as one word and a reason: the classification that ``status`` and
-``collect`` share. Torch-free; Slurm is asked through :mod:`pipeline.slurm_cli` only.
+``collect`` share. Torch-free; Slurm is asked through :mod:`pipeline.jobs.slurm` only.
 
 The words (:data:`STATES`):
 
@@ -29,10 +29,9 @@ from __future__ import annotations
 import pwd
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from pipeline import slurm_cli
+from pipeline.jobs import slurm as slurm_cli
 from pipeline.rundir import RunDir, atomic_write_json, read_mapping
 
 STATES = (
@@ -49,9 +48,6 @@ STATES = (
     "node-failure",
     "preempted",
 )
-# The words that mean the run ended without finishing and no job of it is alive.
-ENDED = ("failed", "blocked", "stopped", "cancelled", "time-limit", "out-of-memory", "node-failure", "preempted")
-
 ENDING_FILE = "ending.json"
 
 # sacct's first word -> (state, what to say); ACTIVE_STATES are handled apart.
@@ -150,73 +146,3 @@ def write_ending(run: RunDir, state: str, reason: str, **extra: Any) -> None:
 
 def clear_ending(run: RunDir) -> None:
     (run.path / ENDING_FILE).unlink(missing_ok=True)
-
-
-@dataclass(frozen=True)
-class RunJob:
-    """The job a run's state is read from, and what the scheduler says of it."""
-
-    cluster: str  # slurm | local | "" (a process started by hand, or no job known)
-    job_id: str  # "" when no job is known; "pid N" for a process started by hand
-    state: str  # squeue's or sacct's words ("RUNNING", "CANCELLED by 1000"), "RUNNING" for a live process, or ""
-    source: str = ""  # where it was found: manifest.json, owner.json or ending.json
-
-
-def run_jobs(sweep_dir: Path, runs: Sequence[RunDir]) -> tuple[dict[str, RunJob], str]:
-    """(run id -> the job that tells how the run stands, what is wrong with manifest.json or ""), whatever
-    submitted the job (the sweep, a plain ``sbatch sbatch/array.sh``, ``python -m pipeline.run`` by hand):
-
-    1. a live owner (owner.json: its very process on this machine, else a fresh heartbeat; Slurm's word
-       for its job wins when Slurm has one): the run runs now;
-    2. the manifest's job while the scheduler has it queued or running;
-    3. the Slurm job named in ending.json (how the last job that ran the run stopped), else the one in a
-       dead owner.json (the last job that started it, killed before it could say more), if sacct knows it;
-    4. the manifest's job, ended.
-
-    Slurm is asked once (squeue, then sacct) for every job named."""
-    from pipeline.launch import job_is_active
-    from pipeline.manifest import checked_manifest
-    from pipeline.owner import OWNER_FILE, owner_alive, read_owner
-
-    manifest, problem = checked_manifest(sweep_dir)
-    owners = {run.id: read_owner(run) or ({}, 0.0) for run in runs}
-    named = {run.id: _named_jobs(owners[run.id][0], read_ending(run)) for run in runs}
-    asked = [e["job_id"] for e in manifest["runs"].values() if e["cluster"] == "slurm"]
-    asked += [job for jobs in named.values() for job, _ in jobs]
-    sched = slurm_cli.job_states(asked, full=True) if asked else {}
-    out = {}
-    for run in runs:
-        record, age = owners[run.id]
-        slurm_job = next((job for job, source in named[run.id] if source == OWNER_FILE), "")
-        if owner_alive(record, age) and _active(sched.get(slurm_job, "RUNNING")):
-            job = str(record.get("job") or f"pid {record.get('pid')}")
-            out[run.id] = RunJob(str(record.get("cluster") or ""), job, "RUNNING", OWNER_FILE)
-            continue
-        entry = manifest["runs"].get(run.id)
-        ended = None
-        if entry is not None:
-            cluster, job = entry["cluster"], entry["job_id"]
-            active = job_is_active("local", job, entry, sweep_dir) if cluster == "local" else False
-            state = "RUNNING" if active else sched.get(job, "") if cluster == "slurm" else ""
-            ended = RunJob(cluster, job, state, "manifest.json")
-            if _active(state):
-                out[run.id] = ended
-                continue
-        found = next(
-            (RunJob("slurm", job, sched[job], source) for job, source in named[run.id] if sched.get(job)), None
-        )
-        out[run.id] = found or ended or RunJob("", "", "")
-    return out, problem
-
-
-def _named_jobs(owner: dict[str, Any], ending: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """The Slurm jobs a run folder names, latest first: (job id, file) from ending.json and owner.json."""
-    from pipeline.owner import OWNER_FILE
-
-    jobs = [(str((ending or {}).get("job_id") or ""), ENDING_FILE)]
-    jobs.append((str(owner.get("job") or "") if owner.get("cluster") == "slurm" else "", OWNER_FILE))
-    return [(job, source) for job, source in jobs if job]
-
-
-def _active(state: str) -> bool:
-    return state.split(" ", 1)[0] in slurm_cli.ACTIVE_STATES

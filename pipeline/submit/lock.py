@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -29,7 +28,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-log = logging.getLogger("pipeline.submitlock")
+from pipeline.jobs.procs import ProcessIdentity, host
+from pipeline.rundir import link_exclusive
+
+log = logging.getLogger("pipeline.submit.lock")
 
 LOCK_NAME = ".submit.lock"
 HEARTBEAT_S = 30.0  # how often a holder touches its lock
@@ -56,23 +58,11 @@ class LockHeld(Exception):
 
 def process_start(pid: int) -> str | None:
     """What tells this process apart from a later one with the same pid: the boot id and the start
-    time in clock ticks since boot; None when no such process exists (or it is a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+    time in clock ticks since boot; None when no such process runs (a zombie has stopped running)."""
+    ident = ProcessIdentity.of(pid)
+    if ident is None or not ident.is_alive():
         return None
-    # the command name (field 2) is in parentheses and may hold spaces or ')': split after the last ')'
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if not fields or fields[0] in ("Z", "X"):  # a zombie has stopped running: it holds nothing
-        return None
-    return f"{_boot_id()}:{fields[19]}"  # field 22 overall is the 20th after the name
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    return f"{ident.boot_id}:{ident.started}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +79,7 @@ class Holder:
 
 def _me() -> Holder:
     pid = os.getpid()
-    return Holder(socket.gethostname(), pid, process_start(pid), time.time(), uuid.uuid4().hex)
+    return Holder(host(), pid, process_start(pid), time.time(), uuid.uuid4().hex)
 
 
 def _read(path: Path) -> tuple[dict[str, Any] | None, float | None]:
@@ -110,7 +100,7 @@ def _read(path: Path) -> tuple[dict[str, Any] | None, float | None]:
 def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None) -> str | None:
     """Why a lock with this content and modification time is stale, or None when its holder may live."""
     now = time.time() if now is None else now
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+    if holder.get("host") == host() and isinstance(holder.get("pid"), int):
         alive = process_start(holder["pid"])
         if alive is None:
             return f"its holder, pid {holder['pid']} on this host, no longer runs"
@@ -124,33 +114,6 @@ def stale_reason(holder: dict[str, Any], mtime: float, now: float | None = None)
         who = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}" if holder else "unreadable lock"
         return f"{who}: no heartbeat for {age:.0f} s (more than {STALE_AFTER_S:.0f} s)"
     return None
-
-
-def link_exclusive(content: str, target: Path, fsync: bool = True) -> bool:
-    """Create ``target`` holding ``content`` if it does not exist, atomically (NFS-safe); True if we did.
-    Never half-written: readers see no file or the whole of it. ``fsync=False`` when the caller syncs
-    the file system once for many files (:func:`pipeline.sweep.sync_files`)."""
-    tmp = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, content.encode())
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        e.filename = str(target)  # the lock being made, not its temporary name
-        raise
-    try:
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            pass  # maybe ours after a lost reply: the link count says
-        return os.stat(tmp).st_nlink == 2
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class SubmitLock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import signal
 import socket
 from dataclasses import dataclass
@@ -33,6 +34,18 @@ def boot_id() -> str:
 
 def host() -> str:
     return socket.gethostname()
+
+
+def cpu_name() -> str:
+    """This machine's processor, as /proc/cpuinfo names it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _stat_fields(pid: int) -> list[str] | None:

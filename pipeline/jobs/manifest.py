@@ -7,7 +7,7 @@
      "submitting": {"<token>": {"cluster": "slurm", "runs": ["<run id>", ...], "time": ...}}}
 
 Written atomically before and after every sbatch, while the sweep's submission lock
-(:mod:`pipeline.submitlock`) is held. Before: the array's runs under a fresh token, which the array
+(:mod:`pipeline.submit.lock`) is held. Before: the array's runs under a fresh token, which the array
 carries as its Slurm comment; after: its job ids (or its refusal), the token removed. A command killed
 between sbatch's answer and the second write leaves the token, and the next submission finds the array
 in squeue by its comment (:func:`resolve_submitting`), so the manifest names exactly what was queued.

@@ -1,7 +1,8 @@
-"""Slurm's command-line tools (squeue, sacct, scancel): the only module that calls them. Torch-free."""
+"""Slurm's command-line tools (squeue, sacct, scancel, scontrol): the only module that calls them. Torch-free."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from typing import Iterable
@@ -39,9 +40,16 @@ def _run(cmd: list[str], timeout_s: float = 20.0) -> str | None:
 
 
 def controller_answers(timeout_s: float = 10.0) -> bool:
-    """``scontrol ping`` reports the controller UP."""
+    """``scontrol ping`` reports the controller UP (False where there is no scontrol: a laptop)."""
     out = _run(["scontrol", "ping"], timeout_s)
     return out is not None and " is UP" in out
+
+
+def max_array_size() -> int | None:
+    """``MaxArraySize`` of ``scontrol show config`` (array indices run 0..MaxArraySize-1), or None when
+    scontrol cannot tell."""
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", _run(["scontrol", "show", "config"]) or "", re.MULTILINE)
+    return int(m.group(1)) if m else None
 
 
 def _base_id(job_id: str) -> str:

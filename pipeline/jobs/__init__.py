@@ -1,0 +1,1 @@
+"""Which job works on which run, and whether it lives: what the login node and the job both use. Torch-free."""

@@ -1,0 +1,155 @@
+"""The prune stage: ``prune_stage(run, cfg) -> metrics``. Prunes the trained model (unstructured magnitude or
+structured channels) and fine-tunes it with the training loop (:func:`pipeline.stages.loop.fit`), so a fine-tune
+is as deterministic, checkpointed, stoppable and exactly resumable as training. Saves models/pruned.pt.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from pipeline.compress.unstructured import weight_sparsity
+from pipeline.models import count_macs
+from pipeline.models.files import (
+    PRUNED,
+    TRAINED,
+    build_from_arch,
+    load_model,
+    save_model,
+)
+from pipeline.rundir import RunDir
+from pipeline.stages.checkpoint import load_checkpoint
+from pipeline.stages.loop import Phase, evaluate_test, fit
+from pipeline.stages.setup import merged_schedule, setup, skipped, to_device
+from pipeline.stages.train import divergence_metrics, history_metrics, unstructured_pruner
+
+log = logging.getLogger("pipeline.stages.prune")
+
+
+def _weights(model: nn.Module) -> dict[str, int]:
+    """Parameters and non-zero parameters."""
+    params = list(model.parameters())
+    return {"params": sum(p.numel() for p in params), "nonzero_params": sum(int(p.count_nonzero()) for p in params)}
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
+    """Prune the trained model (``prune.method``) and fine-tune it (``prune.epochs``); saves
+    models/pruned.pt. With ``prune.during: train`` the training stage already pruned: its model is
+    the pruned one and this stage only records its sparsity."""
+    p = cfg.prune
+    if p.method == "none":
+        return skipped("none")
+    trained, info = load_model(run.models / TRAINED)
+    if p.during == "train":
+        train = run.read_metrics("train") or {}
+        return {
+            "status": "done",
+            "method": str(p.method),
+            "during": "train",
+            "model": f"models/{TRAINED}",
+            "sparsity": train.get("sparsity"),
+            "sparsity_target": float(p.sparsity),
+            "sparsity_layers": train.get("sparsity_layers"),
+            "weight_sparsity": weight_sparsity(trained)["sparsity"],
+            **_weights(trained),
+            "test_acc": train.get("test_acc"),
+            "test_top5": train.get("test_top5"),
+        }
+
+    ctx = setup(cfg)
+    arch = info["arch"]
+    before: dict[str, Any] = {**_weights(trained), "macs": count_macs(trained), "widths": _widths(trained)}
+    ckpt_path = run.checkpoints / "prune.pt"
+    ckpt = load_checkpoint(ckpt_path, run if ctx.dist.is_main else None)
+    epochs = int(p.epochs)
+    torch.manual_seed(int(cfg.train.seed) + 1)  # the fine-tune's own, reproducible random stream
+    pruner = None
+    if p.method == "structured":
+        if ckpt is not None:  # resume: the checkpoint's shapes are the pruned architecture
+            model = build_from_arch(arch, ckpt["model"])
+        else:
+            from pipeline.compress.structured import prune_structured
+
+            model = copy.deepcopy(trained)
+            example = torch.zeros(2, 3, 32, 32)
+            prune_structured(
+                model,
+                ratio=float(p.sparsity),
+                importance=str(p.importance),
+                round_to=int(p.round_to),
+                iterative_steps=int(p.iterative_steps),
+                example_input=example,
+            )
+        model = to_device(model, cfg, ctx.device)
+    else:
+        model = to_device(trained, cfg, ctx.device)
+        pruner = unstructured_pruner(model, cfg, epochs * len(ctx.train_loader))
+        if epochs == 0:
+            pruner.prune_to(float(p.sparsity))
+
+    schedule = merged_schedule(cfg.schedule, {"name": str(p.lr_schedule), "warmup_epochs": float(p.warmup_epochs)})
+    phase = Phase(
+        "prune",
+        epochs,
+        float(p.lr),
+        schedule,
+        ckpt_path,
+        run.tensorboard / "prune",
+        pruner,
+        run.tensorboard / "prune" / "sparsity",
+    )
+    result = fit(model, ctx, phase, run, ckpt)
+    metrics: dict[str, Any] = history_metrics(result)
+    after: dict[str, Any] = {**_weights(model), "macs": count_macs(model), "widths": _widths(model)}
+    if pruner is not None:  # the pruned tensors' sparsity (the target), per layer, and over all weights
+        rep = pruner.report()
+        metrics.update(
+            sparsity=rep["sparsity"], sparsity_layers=rep["layers"], weight_sparsity=weight_sparsity(model)["sparsity"]
+        )
+    else:  # channels removed: the fraction of parameters gone
+        metrics.update(sparsity=1 - after["params"] / before["params"])
+    metrics.update(
+        method=str(p.method),
+        during="finetune",
+        sparsity_target=float(p.sparsity),
+        params=after["params"],
+        nonzero_params=after["nonzero_params"],
+        macs=after["macs"],
+        params_before=before["params"],
+        macs_before=before["macs"],
+        widths={k: [before["widths"][k], v] for k, v in after["widths"].items() if k in before["widths"]},
+        trained_test_acc=info.get("extra", {}).get("test_acc"),
+    )
+    if result.sparsity:
+        metrics["sparsity_log"] = result.sparsity
+    if result.status == "diverged":
+        metrics.update(divergence_metrics(result))
+        return metrics
+    metrics.update(evaluate_test(model, ctx))
+    log.info(
+        "pruned (%s, %.2f): %d -> %d params, %d -> %d nonzero, test acc %.4f",
+        p.method,
+        p.sparsity,
+        before["params"],
+        after["params"],
+        before["nonzero_params"],
+        after["nonzero_params"],
+        metrics["test_acc"],
+    )
+    if ctx.dist.is_main:
+        save_model(
+            run.models / PRUNED,
+            model,
+            arch,
+            extra={"stage": "prune", "test_acc": metrics["test_acc"], "method": str(p.method)},
+        )
+    return metrics
