@@ -791,6 +791,8 @@ def _inert_settings(flat: Mapping[str, Any]) -> dict[str, str]:
         out["train.num_workers"] = "does nothing with data.loader=device (no worker processes)"
     out.update(_inert_prune(flat))
     out.update({k: v for k, v in inert_budget(flat).items() if k not in out})
+    if flat["quant.max_drop"] is not None:  # qat within a budget calibrates its PTQ search
+        out.pop("quant.calib_batches", None)
     quant = flat["quant.method"]
     unused = {"none": ("calib_batches", "epochs", "lr"), "int8": ("epochs", "lr"), "qat": ("calib_batches",)}
     for leaf in unused.get(quant, ("calib_batches", "epochs", "lr")):

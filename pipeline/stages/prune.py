@@ -23,6 +23,7 @@ from pipeline.models.files import (
     save_model,
 )
 from pipeline.rundir import RunDir
+from pipeline.stages.budget import prune_within_budget
 from pipeline.stages.checkpoint import load_checkpoint
 from pipeline.stages.loop import Phase, evaluate_test, fit
 from pipeline.stages.setup import merged_schedule, setup, skipped, to_device
@@ -66,6 +67,8 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         }
 
     ctx = setup(cfg)
+    if p.sparsity == "auto":  # the largest pruning within prune.max_drop (docs/budget-design.md)
+        return prune_within_budget(run, cfg, ctx, trained, info)
     arch = info["arch"]
     before: dict[str, Any] = {**_weights(trained), "macs": count_macs(trained), "widths": _widths(trained)}
     ckpt_path = run.checkpoints / "prune.pt"

@@ -21,6 +21,7 @@ from pipeline.models.files import (
     save_model,
 )
 from pipeline.rundir import RunDir
+from pipeline.stages.budget import finish_int8_budget, int8_search, qat_drop
 from pipeline.stages.checkpoint import load_checkpoint
 from pipeline.stages.loop import Phase, evaluate, fit
 from pipeline.stages.setup import make_loaders, merged_schedule, setup, skipped, to_device
@@ -90,14 +91,23 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     if q.method == "int8":
         batches = [x for i, (x, _) in zip(range(int(q.calib_batches)), calib)]
         model = to_device(model, cfg, torch.device("cpu"))
-        gm = qz.quantize_int8(model, batches, example)
+        if q.max_drop is not None:  # the costliest layers stay fp32 until within budget
+            gm, metrics["budget"] = int8_search(cfg, model, batches, example, d)
+        else:
+            gm = qz.quantize_int8(model, batches, example)
         metrics["calib_batches"] = len(batches)
     else:  # qat
         ctx = setup(cfg)
         model = to_device(model, cfg, ctx.device)
         train_example = next(iter(ctx.test_loader))[0][:2]
         torch.manual_seed(int(cfg.train.seed) + 2)
-        prepared = qz.prepare_qat(model, train_example)
+        fp32: list[str] = []
+        if q.max_drop is not None:  # the PTQ search chooses the layers QAT leaves in fp32
+            batches = [x for i, (x, _) in zip(range(int(q.calib_batches)), calib)]
+            metrics["budget"] = int8_search(cfg, to_device(model, cfg, torch.device("cpu")), batches, example, d)[1]
+            fp32 = metrics["budget"]["fp32_layers"]
+            model = to_device(model, cfg, ctx.device)
+        prepared = qz.prepare_qat(model, train_example, fp32_modules=fp32)
         prepared.pipeline_set_mode = lambda training: qz.set_exported_mode(prepared, training)  # type: ignore[assignment]
         ckpt_path = run.checkpoints / "qat.pt"
         schedule = merged_schedule(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
@@ -107,6 +117,9 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         if result.status == "diverged":
             return {**metrics, "status": "diverged", **divergence_metrics(result)}
         gm = qz.convert_qat(prepared.to("cpu"))
+        if "budget" in metrics:
+            metrics["budget"] = qat_drop(metrics["budget"], gm, cfg, d)
+    finish_int8_budget(run, metrics)
     path = run.models / INT8
     sizes = qz.save_int8(gm, path, example)
     int8 = qz.load_int8(path)  # evaluate what is on disk, not what is in memory
