@@ -302,3 +302,11 @@ def qat_drop(record: dict[str, Any], gm: Any, cfg: DictConfig, data: Any) -> dic
     within = within_budget(drop, float(cfg.quant.max_drop))
     return {**record, "ptq_val_acc": record["val_acc"], "val_acc": acc, "drop": drop,
             "status": "done" if within else "over budget"}  # fmt: skip
+
+
+def int8_fp32_layers(run: RunDir, entries: list[dict[str, Any]]) -> None:
+    """measure.json's int8 entry names the layers the quantize stage kept in fp32 (issue 18)."""
+    layers = (run.read_metrics("quantize") or {}).get("fp32_layers")
+    for entry in entries:
+        if layers is not None and str(entry.get("name", "")).startswith("int8"):
+            entry["fp32_layers"] = list(layers)
