@@ -223,7 +223,7 @@ def prune_within_budget(
         "status": "done",
         "method": str(p.method),
         "during": "finetune",
-        "sparsity_target": "auto",
+        "sparsity_target": None,  # a number in the record's schema (rundir.FIELDS): auto is the budget below
         **_size_metrics(model, trained, str(p.method)),
         "val_acc": record["val_acc"],
         "trained_test_acc": info.get("extra", {}).get("test_acc"),
