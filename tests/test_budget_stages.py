@@ -175,8 +175,8 @@ def _without_seconds(attempts: list[dict]) -> list[dict]:
 
 
 def test_kill_9_during_the_second_attempt_resumes_bitwise(tmp_path, synthetic_root):
-    extra = ["prune.method=structured", "prune.max_drop=1", "prune.max_attempts=2", "prune.compare_uniform=false"]
-    extra += ["prune.sensitivity_batches=1", "prune.epochs=3", "measure.enabled=false"]
+    extra = ["prune.method=structured", "prune.sparsity=auto", "prune.max_drop=1", "prune.max_attempts=2"]
+    extra += ["prune.compare_uniform=false", "prune.sensitivity_batches=1", "prune.epochs=3", "measure.enabled=false"]
     unbroken = run_job(tmp_path, synthetic_root, *extra, out="a")
     out_b = tmp_path / "b"
     proc = subprocess.Popen(
