@@ -261,3 +261,38 @@ def test_int8_within_budget_keeps_the_hostile_layer_fp32_and_reports_over_budget
     assert run.status() == "done" and any("over budget" in n for n in run.notes())
     c = run_cli("pipeline.collect", str(run.path.parent), cwd=tmp_path, check=True)
     assert "over budget" in c.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# sweeps/budget.yaml
+# --------------------------------------------------------------------------------------------------
+
+
+def test_budget_sweep_runs_end_to_end_and_shares_the_sensitivity_pass(tmp_path, synthetic_root):
+    """The study's sweep on tiny data, ResNet-20-B only (the grid's other models fold into it): three
+    budgets of one training, one sensitivity pass beside it, the budget columns and a plot per run."""
+    from tests.test_study_sweeps import TINY
+
+    out = tmp_path / "runs"
+    small = ["model.name=resnet20", "model.shortcut=B", "prune.max_attempts=1", "prune.epochs=1"]
+    small += ["prune.sensitivity_batches=1", "quant.calib_batches=1", "data.augment=false", "schedule.warmup_epochs=0"]
+    r = run_cli(
+        "pipeline.sweep", str(REPO / "sweeps/budget.yaml"), "--cluster", "local", "--wait", "--out", str(out),
+        f"data.root={synthetic_root}", *TINY, *small, cwd=tmp_path, timeout=1500,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = list_runs(out / "budget")
+    assert len(runs) == 3
+    drops = set()
+    for run in runs:
+        prune, quant = run.read_metrics("prune"), run.read_metrics("quantize")
+        assert run.status() == "done" and prune["status"] == quant["status"] == "done"
+        drops.add(prune["budget"]["max_drop"])
+        assert len(prune["budget"]["attempts"]) == 1 and "uniform" in prune["budget"]
+        assert quant["budget"]["max_drop"] == 0.5 and "fp32_layers" in quant
+    assert drops == {0.5, 1.0, 2.0}
+    (sensitivity,) = (out / ".shared" / "train").glob("*/sensitivity/*.json")  # one pass for three budgets
+    assert {run.read_metrics("prune")["budget"]["sensitivity_key"] for run in runs} == {sensitivity.stem}
+    c = run_cli("pipeline.collect", str(out / "budget"), cwd=tmp_path, check=True)
+    assert "| budget | drop | attempts |" in c.stdout and "structured auto + int8" in c.stdout
+    assert {p.name for p in (out / "budget" / "plots").glob("budget_*.png")} == {f"budget_{r.id}.png" for r in runs}
