@@ -237,7 +237,7 @@ def test_a_run_folders_outcome(tmp_path):
     from conftest import write_done
 
     from pipeline.rundir import RunDir
-    from pipeline.search.figures import Outcome, outcome_from_run
+    from pipeline.search.figures import STOPPED, Outcome, outcome_from_run
 
     def run(name: str, train: dict | None) -> RunDir:
         rd = RunDir(tmp_path / name)
@@ -251,7 +251,7 @@ def test_a_run_folders_outcome(tmp_path):
     assert outcome_from_run(tmp_path / "done", ["val_acc_best", "train_time_s"]) == Outcome.done([0.75, 12.0])
     missing = outcome_from_run(tmp_path / "done", ["int8_latency_ms"])
     assert missing is not None and missing.status == "failed" and "models[int8].latency_b1_ms" in missing.reason
-    run("stopped", {"status": "stopped", "epochs": 3})
+    run("stopped", {"status": STOPPED, "epochs": 3})
     assert outcome_from_run(tmp_path / "stopped", ["val_acc_best"]) == Outcome.stopped(3)
     run("diverged", {"status": "diverged", "error": "loss nan"})
     failed = outcome_from_run(tmp_path / "diverged", ["val_acc_best"])

@@ -18,7 +18,7 @@ from pipeline.rundir import RunDir, resumable
 
 # metrics/train.json's status of a training the search stopped early (phase 2 writes it): the run is
 # finished, keeps its checkpoint and metrics, and its later stages do not run.
-STOPPED = "stopped"
+STOPPED = "stopped early"
 
 
 @dataclass(frozen=True)
