@@ -35,6 +35,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
     for col in columns + (["note"] if notes else []):
         table.add_column(col, no_wrap=col in ("run", "job"))
     colours = {"done": "green", "diverged": "yellow", "running": "cyan", "stopped": "magenta", "pending": "white"}
+    colours["stopped early"] = "blue"  # a search stopped its training: finished, not failed
     for s in states:
         swept = s.run.read_meta().get("swept", {})
         state = f"[{colours.get(s.state, 'red')}]{s.state}[/]" + (f" ({escape(s.reason)})" if s.reason else "")

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.jobs import slurm as slurm_cli
-from pipeline.rundir import RunDir, atomic_write_json, read_mapping
+from pipeline.rundir import STOPPED_EARLY, RunDir, atomic_write_json, read_mapping
 
 STATES = (
     "pending",
     "running",
     "done",
     "diverged",
+    STOPPED_EARLY,
     "failed",
     "blocked",
     "stopped",
@@ -85,6 +86,9 @@ def classify(run: RunDir, job_state: str = "", submitted: bool = True) -> Ending
     if files == "diverged":
         epoch = (run.read_metrics("train") or {}).get("diverged_epoch")
         return Ending("diverged", f"epoch {epoch}" if epoch else "")
+    if files == STOPPED_EARLY:  # a search stopped its training: finished, not failed
+        epochs = (run.read_metrics("train") or {}).get("epochs")
+        return Ending(STOPPED_EARLY, f"by the search after epoch {epochs}" if epochs else "by the search")
     if files == "blocked":  # before the scheduler's word: its job was cancelled because of it, or waits
         owner, why = run.blocked_by() or ("another run", "")
         return Ending("blocked", f"blocked by {owner}: its training failed ({why})")
