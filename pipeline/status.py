@@ -79,12 +79,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             states, problems = sweep_states(args.sweep_dir)
             con.print(render(args.sweep_dir, states))
             con.print(summary(states))
+            show_studies(con, args.sweep_dir)
             show_problems(con, states, problems)
             if not args.watch or not any(s.state in ("pending", "running") for s in states):
                 return 0
             time.sleep(args.interval)
     except KeyboardInterrupt:  # Ctrl-C is how --watch is stopped: no traceback
         return 130
+
+
+def show_studies(con: Console, sweep_dir: Path) -> None:
+    """A search's studies: counts, best so far and its run; a study that cannot be read, named."""
+    from pipeline.search.report import study_views
+
+    views, notes = study_views(sweep_dir)
+    for v in views:
+        con.print(v.summary, markup=False, highlight=False, soft_wrap=True)
+    for note in notes:
+        con.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
 
 
 def show_problems(con: Console, states: list[RunState], problems: list[str]) -> None:
