@@ -155,10 +155,11 @@ def test_dry_run_prints_space_method_trials_workers_header_and_first_configs_wri
 
 
 def test_diverging_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, synthetic_root):
-    # random, seed 0, one worker: trial 0 samples lr 0.05, trial 1 lr 1e8 (diverges), trial 2 lr 0.05
+    # random, seed 0, one worker: trial 0 samples lr 0.05, trial 1 lr 1e6 (diverges), trial 2 lr 0.05
     # again: the same config as trial 0, so the same run, told trial 0's result without training
-    spec = write_search(tmp_path, method="random", trials=2, workers=1, params="{optim.lr: [0.05, 1.0e8]}")
+    spec = write_search(tmp_path, method="random", trials=2, workers=1, params="{optim.lr: [0.05, 1.0e+6]}")
     args = ["--cluster", "local", "--wait", f"data.root={synthetic_root}", "train.epochs=1", *TINY]
+    args += ["schedule.name=constant", "train.batch_size=32"]
     r = sweep(tmp_path, spec, *args)
     assert r.returncode == 0, r.stdout + r.stderr
     sweep_dir = tmp_path / "runs/s"
