@@ -158,8 +158,8 @@ def test_diverging_trial_fails_with_its_reason_and_the_study_goes_on(tmp_path, s
     # random, seed 0, one worker: trial 0 samples lr 0.05, trial 1 lr 1e6 (diverges), trial 2 lr 0.05
     # again: the same config as trial 0, so the same run, told trial 0's result without training
     spec = write_search(tmp_path, method="random", trials=2, workers=1, params="{optim.lr: [0.05, 1.0e+6]}")
-    args = ["--cluster", "local", "--wait", f"data.root={synthetic_root}", "train.epochs=1", *TINY]
-    args += ["schedule.name=constant", "train.batch_size=32"]
+    args = ["--cluster", "local", "--wait", f"data.root={synthetic_root}", *TINY]
+    args += ["train.epochs=2", "data.train_size=0", "schedule.name=constant", "train.batch_size=50"]
     r = sweep(tmp_path, spec, *args)
     assert r.returncode == 0, r.stdout + r.stderr
     sweep_dir = tmp_path / "runs/s"
