@@ -75,9 +75,7 @@ class FakeRunner(RunFolderRunner):
                 atomic_write_json(run / "metrics/train.json", {"status": "diverged", "error": "loss nan at epoch 2"})
                 return Outcome.failed("diverged: loss nan at epoch 2")
             if a.reporter.report(epoch, max(h["val_acc"] for h in history)):
-                atomic_write_json(
-                    run / "metrics/train.json", {"status": STOPPED, "epochs": epoch, "history": history}
-                )
+                atomic_write_json(run / "metrics/train.json", {"status": STOPPED, "epochs": epoch, "history": history})
                 return Outcome.stopped(epoch)
         best = max(h["val_acc"] for h in history)
         train = {"status": "done", "val_acc_best": best, "train_time_s": 10.0 * len(history), "history": history}

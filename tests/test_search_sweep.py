@@ -195,9 +195,10 @@ def test_kill_9_of_the_workers_then_resubmit_ends_with_exactly_trials(tmp_path, 
     jobs = json.loads((sweep_dir / "search/jobs.json").read_text())["search"]
     assert len(jobs) == 2
     _wait_for(lambda: any(sweep_dir.glob("*/progress.json")))
-    for job in jobs.values():
-        os.kill(int(job["job"]), signal.SIGKILL)  # the local job's controller; its worker dies with it
-    _wait_for(lambda: "RUNNING" not in run_cli("pipeline.status", str(sweep_dir), cwd=tmp_path).stdout.upper() or True)
+    workers = [json.loads(p.read_text())["pid"] for p in (sweep_dir / "search/workers/search").glob("*.json")]
+    for pid in [*workers, *(int(job["job"]) for job in jobs.values())]:  # the workers and their controllers
+        os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers))
     again = sweep(tmp_path, spec, "--wait", *args)
     assert again.returncode == 0, again.stdout + again.stderr
     states = study_states(sweep_dir)

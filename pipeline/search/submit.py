@@ -177,25 +177,17 @@ def rerun_failed(study: Any, sweep_dir: Path) -> int:
     from pipeline.rundir import RunDir
     from pipeline.search.worker import ATTR_FAILURE, ATTR_RUN
 
-    queued = {json.dumps(t.params, sort_keys=True, default=str) for t in study.get_trials(states=(TrialState.WAITING,))}
+    trials = study.get_trials(deepcopy=False)
+    rerun = {t.user_attrs.get("rerun_of") for t in trials}  # failed trials already asked again
     n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+    for t in trials:
+        if t.state != TrialState.FAIL or t.number in rerun:
+            continue
         if str(t.user_attrs.get(ATTR_FAILURE, "")).startswith("the sampled config is invalid"):
             continue
-        if t.user_attrs.get("rerun") or json.dumps(t.params, sort_keys=True, default=str) in queued:
-            continue
         run_id = t.user_attrs.get(ATTR_RUN)
-        if (
-            isinstance(run_id, str)
-            and (sweep_dir / run_id).is_dir()
-            and RunDir(sweep_dir / run_id).status()
-            in (
-                "failed",
-                "diverged",
-            )
-        ):
+        if isinstance(run_id, str) and RunDir(sweep_dir / run_id).status() in ("failed", "diverged"):
             RunDir(sweep_dir / run_id).archive()
-        study._storage.set_trial_user_attr(t._trial_id, "rerun", True)
         study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number})
         n += 1
     return n

@@ -487,10 +487,10 @@ def submit_workers(
     folder = sweep_dir / "logs" / "%j"
     if cluster == "slurm":
         params = slurm_parameters(_slurm_section(cfg), name)
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(_slurm_section(cfg)["max_requeues"]))
-        executor.update_parameters(**_executor_parameters(params))
+        array = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(_slurm_section(cfg)["max_requeues"]))
+        array.update_parameters(**_executor_parameters(params))
         try:
-            jobs = executor.map_array(fn, list(workers))
+            jobs = array.map_array(fn, list(workers))
         except (FailedJobError, OSError) as e:
             raise WorkersRefused(_sbatch_error(e), unreachable=not slurm.controller_answers()) from None
         return {w: {"cluster": "slurm", "job": str(j.job_id)} for w, j in zip(workers, jobs)}
