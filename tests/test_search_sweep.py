@@ -259,7 +259,7 @@ def test_search_yaml_runs_8_trials_with_2_workers_on_slurm_some_stopped_early(tm
     assert st.returncode == 0 and "stopped early" in st.stdout and "best so far: trial" in st.stdout, st.stdout
     c = login_command("pipeline.collect", str(sweep_dir), "--format", "markdown", cwd=tmp_path)
     assert c.returncode == 0, c.stdout + c.stderr
-    assert "stopped early (epoch 3)" in c.stdout and "failed" not in c.stdout.split("## Search")[-1], c.stdout
+    assert "stopped early (epoch 3)" in c.stdout and "| failed" not in c.stdout.split("## Search")[-1], c.stdout
     assert (sweep_dir / "plots/search_history.png").is_file() and (sweep_dir / "plots/search_params.png").is_file()
     stopped = [
         m for m in sweep_dir.glob("*/metrics/train.json") if json.loads(m.read_text())["status"] == "stopped early"
