@@ -45,8 +45,8 @@ def sweep_text(name: str, method: str, trials: int, workers: int) -> str:
     return head + (
         f"search:\n  method: {method}\n  trials: {trials}\n  workers: {workers}\n"
         "  objective: {val_acc_best: max}\n"
-        f"  params:\n    optim.lr: {{low: {LR[0]}, high: {LR[1]}, log: true}}\n"
-        f"    optim.weight_decay: {{low: {WD[0]}, high: {WD[1]}, log: true}}\n"
+        f"  params:\n    optim.lr: {{low: {LR[0]:.1e}, high: {LR[1]:.1e}, log: true}}\n"
+        f"    optim.weight_decay: {{low: {WD[0]:.1e}, high: {WD[1]:.1e}, log: true}}\n"
         f"  early_stop: {early}\n  seed: 0\n"
     )
 
@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=2, help="local jobs (grid) and workers (searches) at once")
     p.add_argument("--out", type=Path, default=None, help="keep the sweeps here (default: a temporary folder)")
     p.add_argument("--methods", default="grid,random,tpe")
+    p.add_argument("--grid-best", type=float, help="the grid's best val acc from an earlier run (0-1)")
+    p.add_argument("--grid-epochs", type=int, help="the grid's epochs in all from an earlier run")
     p.add_argument("--no-storage", action="store_true", help="skip the storage overhead measurement")
     args = p.parse_args()
     from pipeline.data.synthetic import write_synthetic
@@ -118,6 +120,8 @@ def main() -> None:
                 f"runs, {r['wall_s']:.0f} s; best vs cumulative epochs {curve}",
                 flush=True,
             )
+    if args.grid_best is not None:  # the grid's figures from an earlier run of this script (--methods)
+        results["grid"] = {"best": args.grid_best, "epochs": args.grid_epochs}
     if {"grid", "tpe"} <= set(results):
         g, t = results["grid"], results["tpe"]
         ok = t["best"] >= g["best"] - 0.005 and t["epochs"] <= g["epochs"] / 2

@@ -261,3 +261,12 @@ def test_a_run_folders_outcome(tmp_path):
     run("running", None)
     assert outcome_from_run(tmp_path / "running", ["val_acc_best"]) is None
     assert outcome_from_run(tmp_path / "absent", ["val_acc_best"]) is None
+
+
+def test_a_range_bound_written_1e_5_is_a_number():
+    # YAML 1.1 (PyYAML) reads 1e-5, with no dot, as text; grids accept it, so a search range does too
+    from pipeline.config import load_yaml
+
+    doc = load_yaml("trials: 2\nobjective: {val_acc_best: max}\nparams: {optim.weight_decay: {low: 1e-5, high: 1e-2}}")
+    spec = parse_search(doc, "s.yaml")
+    assert spec.params["optim.weight_decay"] == Range(1e-5, 1e-2)
