@@ -58,6 +58,7 @@ class Report:
     problems: list[str] = field(default_factory=list)  # unreadable files of the sweeps themselves (not of one run)
     plots: list[Path] = field(default_factory=list)
     markdown: str = ""
+    studies: list[Any] = field(default_factory=list)  # a search's studies (pipeline.search.report.StudyView)
 
 
 def _check(options: Options, keys: list[str], runs: tb.Table) -> None:
@@ -115,7 +116,14 @@ def build(sweep_dirs: Sequence[Path], options: Options) -> Report:
         items, found = failures(d, [r for r in records if r.run.path.parent == Path(d)])
         not_finished += items
         problems += found
-    return Report(keys, records, run_tables, models, raw, not_finished, problems)
+    from pipeline.search.report import study_views
+
+    studies = []
+    for d in sweep_dirs:
+        views, notes = study_views(d)
+        studies += views
+        problems += notes
+    return Report(keys, records, run_tables, models, raw, not_finished, problems, studies=studies)
 
 
 @dataclass
@@ -179,6 +187,10 @@ def render_markdown(rep: Report, plot_base: Path | None = None) -> str:
     time_line = _time_line(rep.records)
     if time_line:
         parts.append(time_line + "\n")
+    if rep.studies:
+        from pipeline.search.report import markdown
+
+        parts.append(markdown(rep.studies, []))
     if rep.models:
         parts.append("## Models\n\n" + "\n".join(writers.markdown(t) for t in rep.models))
     if rep.not_finished:
@@ -201,7 +213,7 @@ def write(rep: Report, md_path: Path, options: Options) -> dict[str, Path]:
 
         plot_dir = folder / ("plots" if stem == "results" else f"{stem}_plots")
         try:
-            rep.plots = plot_sweep(rep.keys, rep.records, plot_dir)
+            rep.plots = plot_sweep(rep.keys, rep.records, plot_dir) + _study_plots(rep, plot_dir)
         except OSError:
             raise  # a folder that refuses writes: reported like the tables' (path, reason, exit 2)
         except Exception as e:  # noqa: BLE001 - odd values in some run's records: the tables still come
@@ -217,6 +229,19 @@ def write(rep: Report, md_path: Path, options: Options) -> dict[str, Path]:
     extra: dict[str, Any] = {"swept_keys": rep.keys, "plots": [str(p) for p in rep.plots], "problems": rep.problems}
     atomic_write_text(out["json"], writers.to_json({"runs": rep.runs, "models": rep.models}, rep.not_finished, extra))
     return out
+
+
+def _study_plots(rep: Report, plot_dir: Path) -> list[Path]:
+    """A search's history (against trials and compute hours) and sampled values against the objective."""
+    if not rep.studies:
+        return []
+    from pipeline.search.report import plot_study
+
+    gpu = {r.id: s / 3600 for r in rep.records if (s := tb.gpu_seconds(r)) is not None}
+    hours, label = (
+        (gpu, "GPU hours") if gpu else ({r.id: (tb.cpu_seconds(r) or 0.0) / 3600 for r in rep.records}, "CPU hours")
+    )
+    return [p for v in rep.studies for p in plot_study(v, hours, label, plot_dir)]
 
 
 def _hparams(sweep_dir: Path, rep: Report) -> None:
@@ -253,6 +278,10 @@ def _print(con: Any, rep: Report, rich: bool) -> None:
         con.print(writers.rich_table(t))
     if rep.not_finished:
         con.print(writers.failures_markdown(rep.not_finished), markup=False, highlight=False, soft_wrap=True)
+    if rep.studies:
+        from pipeline.search.report import markdown
+
+        con.print(markdown(rep.studies, []), markup=False, highlight=False, soft_wrap=True)
     if rep.problems:
         con.print(writers.problems_markdown(rep.problems), markup=False, highlight=False, soft_wrap=True)
 

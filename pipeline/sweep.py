@@ -137,9 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with cli.exit_on_config_error():
         _check_args(args)
         spec = read_sweep(args.sweep)
-        runs = expand_sweep(spec, parse_overrides(args.overrides))
+        overrides = parse_overrides(args.overrides)
+        runs = expand_sweep(spec, overrides)
         sweep_dir = args.out / spec.name
         check_out(args.out, sweep_dir, write=not args.dry_run)
+    if spec.search is not None:
+        return _search(args, console, spec, runs, overrides, sweep_dir)
     for note in merge_notes(runs, show_all=args.all):
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     if args.dry_run:
@@ -219,6 +222,64 @@ def _wait(submission: Submission, console: Console, sweep_dir: Path) -> int:
         )
         return 1
     return 0
+
+
+def _search(
+    args: argparse.Namespace,
+    console: Console,
+    spec: SweepSpec,
+    runs: list[PlannedRun],
+    overrides: dict[str, Any],
+    sweep_dir: Path,
+) -> int:
+    """A sweep with ``search:`` (:mod:`pipeline.search.submit`): one study per point of its fixed axes,
+    each run by an array of workers."""
+    from pipeline.search import submit as search
+    from pipeline.search.study import exit_on_storage_down
+
+    with cli.exit_on_config_error():
+        if args.no_submit:
+            raise ConfigError(
+                COMMAND_LINE, "a search's workers sample its runs: there are none to write ahead.", key="--no-submit"
+            )
+        if args.rerun == "all":
+            raise ConfigError(COMMAND_LINE, "a search reruns its failed trials only. Allowed: failed.", key="--rerun")
+        plans = search.study_plans(spec, runs, overrides)
+    search.print_search(console, spec, plans, args.dry_run)
+    if args.dry_run:
+        for plan in plans:
+            search.print_preview(console, spec, plan)
+        if launch.resolve_cluster(args.cluster) == "slurm":
+            n = min(spec.search.workers, spec.search.trials) if spec.search else 1
+            for header in launch.sbatch_headers(sweep_dir, [plans[0].config] * n, spec.name):
+                console.print(header, markup=False, highlight=False)
+        return 0
+    cluster, impossible = _cluster_for(args, sweep_dir)
+    with cli.exit_on_config_error():
+        check_gpus(spec, runs, cluster)
+    if impossible is not None:
+        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(impossible)}", soft_wrap=True)
+        return EXIT_SLURM_DOWN
+    lock = SubmitLock(sweep_dir, on_recover=lambda message: console.print(f"[yellow]{message}[/]"))
+    try:
+        with cli.exit_on_os_error():
+            lock.acquire()
+    except LockHeld as e:
+        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        return cli.EXIT_USAGE
+    try:
+        with exit_on_storage_down(), cli.exit_on_config_error(), cli.exit_on_os_error():
+            code, submitted = search.submit_search(console, spec, plans, sweep_dir, cluster, args.rerun)
+    except (slurm_cli.SlurmUnreachable, launch.WorkersRefused) as e:
+        down = isinstance(e, slurm_cli.SlurmUnreachable) or getattr(e, "unreachable", False)
+        cli.console(stderr=True).print(f"[bold red]error:[/] not submitted: {escape(str(e))}", soft_wrap=True)
+        return EXIT_SLURM_DOWN if down else cli.EXIT_USAGE
+    finally:
+        lock.release()
+    if code == 0 and submitted and (args.wait or cluster == "debug"):
+        console.print("waiting for the workers to finish")
+        search.wait_for_workers(sweep_dir, submitted)
+    return code
 
 
 def _write_only(

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 from pipeline import console as cli
 from pipeline.report.records import AFTER_TRAINING, Record, sort_key
-from pipeline.rundir import UNREADABLE_OUTPUT
+from pipeline.rundir import STOPPED_EARLY, UNREADABLE_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,8 @@ def run_status(r: Record, raw: bool = False) -> str:
     if status == "diverged" and diverged and r.stages[diverged].get("diverged_epoch"):
         where = "" if diverged == "train" else f"{diverged} "
         return f"diverged ({where}epoch {r.stages[diverged]['diverged_epoch']})"
+    if status == STOPPED_EARLY and r.metrics.get("epochs"):
+        return f"{STOPPED_EARLY} (epoch {r.metrics['epochs']})"
     if status == "failed" and not raw:
         stage = r.run.failed_stage()
         where = f"{stage} stage; " if stage and stage != "train" else ""
@@ -208,7 +210,7 @@ def _training_key(key: str) -> bool:
 
 def _train_value(r: Record, key: str) -> Any:
     # training's figures, once it ended (also when its model file went bad later: the figures stand)
-    finished = r.metrics.get("status") in ("done", "diverged") or bool(r.metrics.get(UNREADABLE_OUTPUT))
+    finished = r.metrics.get("status") in ("done", "diverged", STOPPED_EARLY) or bool(r.metrics.get(UNREADABLE_OUTPUT))
     return r.metrics.get(key) if finished else None
 
 

@@ -43,9 +43,10 @@ from pipeline.config import (
     tree_to_yaml,
     unflatten,
 )
+from pipeline.search.spec import SearchSpec, parse_search
 from pipeline.submit.launch import visible_gpu_count
 
-SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
+SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants", "search")
 
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -67,6 +68,7 @@ class SweepSpec:
     zip: dict[str, list[Any]] = field(default_factory=dict)
     variants: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
+    search: SearchSpec | None = None  # a search: each run of grid x zip x variants is one study's fixed settings
 
 
 @dataclass
@@ -130,6 +132,8 @@ def read_sweep(path: str | Path) -> SweepSpec:
     axes = [set(spec.grid), set(spec.zip)]
     if axes[0] & axes[1]:
         raise ConfigError(path, "a key may not be both in grid and zip.", key=sorted(axes[0] & axes[1])[0])
+    if doc.get("search") is not None:
+        spec.search = parse_search(doc["search"], path)
     return spec
 
 

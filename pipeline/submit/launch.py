@@ -504,3 +504,53 @@ def _result(job: Any, console: Console | None) -> None:
         if console is not None:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             console.print(f"[yellow]job {job.job_id} ended with an error:[/] {first}")
+
+
+class WorkersRefused(Exception):
+    """sbatch refused a search's worker array (``unreachable``: the controller did not answer)."""
+
+    def __init__(self, reason: str, unreachable: bool):
+        super().__init__(reason)
+        self.unreachable = unreachable
+
+
+def submit_workers(
+    cfg: Mapping[str, Any],
+    workers: Sequence[int],
+    fn: Callable[[int], Any],
+    *,
+    cluster: str,
+    sweep_dir: Path,
+    name: str,
+) -> dict[int, dict[str, Any]]:
+    """A search's workers: on Slurm one array whose task i runs ``fn(workers[i])`` with the resources of
+    ``cfg``'s slurm section; locally (or debug) one job per worker. Returns worker -> {"cluster", "job",
+    ...the local job's record}; raises :class:`WorkersRefused` when sbatch refuses the array."""
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    folder = sweep_dir / "logs" / "%j"
+    if cluster == "slurm":
+        params = slurm_parameters(_slurm_section(cfg), name)
+        array = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(_slurm_section(cfg)["max_requeues"]))
+        array.update_parameters(**_executor_parameters(params))
+        try:
+            jobs = array.map_array(fn, list(workers))
+        except (FailedJobError, OSError) as e:
+            raise WorkersRefused(_sbatch_error(e), unreachable=not slurm.controller_answers()) from None
+        return {w: {"cluster": "slurm", "job": str(j.job_id)} for w, j in zip(workers, jobs)}
+    out: dict[int, dict[str, Any]] = {}
+    for w in workers:
+        if cluster == "local":
+            executor = submitit.LocalExecutor(folder=folder)
+            executor.update_parameters(
+                timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=visible_gpu_count(), stderr_to_stdout=True
+            )
+            with detached_local_jobs(sweep_dir / "logs" / "local-controllers.err"):
+                job = executor.submit(fn, w)
+            out[w] = {"cluster": "local", "job": str(job.job_id), **local_job_record(job)}
+        else:
+            job = submitit.DebugExecutor(folder=folder).submit(fn, w)
+            job.result()  # the debug executor runs the job when its result is asked for
+            out[w] = {"cluster": "debug", "job": str(job.job_id)}
+    return out
