@@ -58,6 +58,7 @@ class Report:
     problems: list[str] = field(default_factory=list)  # unreadable files of the sweeps themselves (not of one run)
     plots: list[Path] = field(default_factory=list)
     markdown: str = ""
+    studies: list[Any] = field(default_factory=list)  # a search's studies (pipeline.search.report.StudyView)
 
 
 def _check(options: Options, keys: list[str], runs: tb.Table) -> None:
@@ -115,44 +116,69 @@ def build(sweep_dirs: Sequence[Path], options: Options) -> Report:
         items, found = failures(d, [r for r in records if r.run.path.parent == Path(d)])
         not_finished += items
         problems += found
-    return Report(keys, records, run_tables, models, raw, not_finished, problems)
+    from pipeline.search.report import study_views
+
+    studies = []
+    for d in sweep_dirs:
+        views, notes = study_views(d)
+        studies += views
+        problems += notes
+    return Report(keys, records, run_tables, models, raw, not_finished, problems, studies=studies)
+
+
+@dataclass
+class _Times:
+    """Totals for :func:`_time_line`, added run by run."""
+
+    wall: float = 0.0  # s of training and fine-tunes
+    gpu: float = 0.0  # GPU s: wall time x GPUs
+    cpu: float = 0.0  # CPU s of every stage
+    runs: int = 0  # runs with some timed training
+    # stage -> its shared store -> runs using it
+    shared: dict[str, dict[Path, int]] = field(default_factory=lambda: {"train": {}, "prune": {}})
+
+    def add(self, r: Record) -> None:
+        timed = [self._add_stage(r, stage, m) for stage, m in r.stages.items()]
+        self.runs += any(timed)
+
+    def _add_stage(self, r: Record, stage: str, m: dict[str, Any]) -> bool:
+        """Count one stage of ``r`` (a shared one with the first run that uses it); whether it was timed."""
+        store = r.run.shared_store(stage) if stage in self.shared else None
+        first_use = True
+        if store is not None:
+            uses = self.shared[stage][store] = self.shared[stage].get(store, 0) + 1
+            first_use = uses == 1
+        if first_use and (seconds := tb.number(m.get("cpu_s"))) is not None:
+            self.cpu += seconds
+        timed = False
+        for key in ("train_time_s", "qat_train_time_s"):
+            seconds = tb.number(m.get(key))
+            if seconds is None:
+                continue
+            timed = True
+            if first_use:  # else counted with the first run that shares it
+                self.wall += seconds
+                if str(r.metrics.get("device", "")).startswith("cuda"):
+                    self.gpu += seconds * int(r.metrics.get("world_size") or 1)
+        return timed
 
 
 def _time_line(records: Sequence[Record]) -> str:
     """The sweep's total wall time of training and fine-tunes, GPU time (wall time x GPUs) and CPU time
     of all stages. A training or pruning that several runs share (pipeline.share) is counted once."""
-    wall = gpu = cpu = 0.0
-    runs = 0
-    shared: dict[str, dict[Path, int]] = {"train": {}, "prune": {}}  # stage -> its store -> runs using it
+    t = _Times()
     for r in records:
-        timed = False
-        for stage, m in r.stages.items():
-            store = r.run.shared_store(stage) if stage in shared else None
-            if store is not None:
-                shared[stage][store] = shared[stage].get(store, 0) + 1
-            if (store is None or shared[stage][store] == 1) and (seconds := tb.number(m.get("cpu_s"))) is not None:
-                cpu += seconds
-            for key in ("train_time_s", "qat_train_time_s"):
-                seconds = tb.number(m.get(key))
-                if seconds is None:
-                    continue
-                timed = True
-                if store is not None and shared[stage][store] > 1:
-                    continue  # counted with the first run that shares it
-                wall += seconds
-                if str(r.metrics.get("device", "")).startswith("cuda"):
-                    gpu += seconds * int(r.metrics.get("world_size") or 1)
-        runs += timed
-    if not runs:
+        t.add(r)
+    if not t.runs:
         return ""
-    line = f"Training time (train and fine-tunes): {cli.hms(wall)} over {runs} run(s)"
+    line = f"Training time (train and fine-tunes): {cli.hms(t.wall)} over {t.runs} run(s)"
     for stage, what in (("train", "training(s)"), ("prune", "pruning(s)")):
-        if shared[stage]:
-            line += f"; {len(shared[stage])} {what} shared by {sum(shared[stage].values())} runs"
-    if shared["train"] or shared["prune"]:
+        if t.shared[stage]:
+            line += f"; {len(t.shared[stage])} {what} shared by {sum(t.shared[stage].values())} runs"
+    if t.shared["train"] or t.shared["prune"]:
         line += ", each counted once"
-    line += f", GPU time {cli.hms(gpu)}" if gpu else ", on CPUs"
-    return line + (f"; CPU time of every stage {cli.hms(cpu)}" if cpu else "") + "."
+    line += f", GPU time {cli.hms(t.gpu)}" if t.gpu else ", on CPUs"
+    return line + (f"; CPU time of every stage {cli.hms(t.cpu)}" if t.cpu else "") + "."
 
 
 def render_markdown(rep: Report, plot_base: Path | None = None) -> str:
@@ -161,6 +187,10 @@ def render_markdown(rep: Report, plot_base: Path | None = None) -> str:
     time_line = _time_line(rep.records)
     if time_line:
         parts.append(time_line + "\n")
+    if rep.studies:
+        from pipeline.search.report import markdown
+
+        parts.append(markdown(rep.studies, []))
     if rep.models:
         parts.append("## Models\n\n" + "\n".join(writers.markdown(t) for t in rep.models))
     if rep.not_finished:
@@ -183,7 +213,7 @@ def write(rep: Report, md_path: Path, options: Options) -> dict[str, Path]:
 
         plot_dir = folder / ("plots" if stem == "results" else f"{stem}_plots")
         try:
-            rep.plots = plot_sweep(rep.keys, rep.records, plot_dir)
+            rep.plots = plot_sweep(rep.keys, rep.records, plot_dir) + _study_plots(rep, plot_dir)
         except OSError:
             raise  # a folder that refuses writes: reported like the tables' (path, reason, exit 2)
         except Exception as e:  # noqa: BLE001 - odd values in some run's records: the tables still come
@@ -199,6 +229,19 @@ def write(rep: Report, md_path: Path, options: Options) -> dict[str, Path]:
     extra: dict[str, Any] = {"swept_keys": rep.keys, "plots": [str(p) for p in rep.plots], "problems": rep.problems}
     atomic_write_text(out["json"], writers.to_json({"runs": rep.runs, "models": rep.models}, rep.not_finished, extra))
     return out
+
+
+def _study_plots(rep: Report, plot_dir: Path) -> list[Path]:
+    """A search's history (against trials and compute hours) and sampled values against the objective."""
+    if not rep.studies:
+        return []
+    from pipeline.search.report import plot_study
+
+    gpu = {r.id: s / 3600 for r in rep.records if (s := tb.gpu_seconds(r)) is not None}
+    hours, label = (
+        (gpu, "GPU hours") if gpu else ({r.id: (tb.cpu_seconds(r) or 0.0) / 3600 for r in rep.records}, "CPU hours")
+    )
+    return [p for v in rep.studies for p in plot_study(v, hours, label, plot_dir)]
 
 
 def _hparams(sweep_dir: Path, rep: Report) -> None:
@@ -235,11 +278,15 @@ def _print(con: Any, rep: Report, rich: bool) -> None:
         con.print(writers.rich_table(t))
     if rep.not_finished:
         con.print(writers.failures_markdown(rep.not_finished), markup=False, highlight=False, soft_wrap=True)
+    if rep.studies:
+        from pipeline.search.report import markdown
+
+        con.print(markdown(rep.studies, []), markup=False, highlight=False, soft_wrap=True)
     if rep.problems:
         con.print(writers.problems_markdown(rep.problems), markup=False, highlight=False, soft_wrap=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.collect", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "sweep_dirs", type=Path, nargs="+", metavar="SWEEP_DIR", help="results folders, e.g. runs/optimizers"
@@ -266,8 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="auto",
         help="terminal output (auto: rich on a terminal)",
     )
-    args = p.parse_args(argv)
-    options = Options(
+    return p
+
+
+def _options(args: argparse.Namespace) -> Options:
+    return Options(
         table=args.table,
         flat=args.flat,
         group_by=args.group_by,
@@ -278,22 +328,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds=not args.per_seed,
         plots=not args.no_plots,
     )
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Each SWEEP_DIR a folder with run folders, named once; ``--out`` a .md file (else ConfigError)."""
+    for d in args.sweep_dirs:
+        if not d.is_dir():
+            raise ConfigError(COMMAND_LINE, f"'{d}' is not a folder", key="sweep_dir")
+        runs, strays = survey(d)
+        if not runs:
+            raise ConfigError(d, "holds no run folders (*/config.yaml)" + "".join(f"; {x}" for x in strays[:3]))
+    seen: dict[Path, Path] = {}
+    for d in args.sweep_dirs:
+        if (first := seen.setdefault(d.resolve(), d)) is not d:
+            raise ConfigError(
+                COMMAND_LINE, f"'{d}' is the same folder as '{first}': name each sweep once", key="sweep_dir"
+            )
+    if args.out is not None and args.out.suffix != ".md":
+        raise ConfigError(COMMAND_LINE, f"'{args.out}' must be a markdown file name ending in .md", key="--out")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = _options(args)
     con = cli.console()
     with cli.exit_on_config_error():
-        for d in args.sweep_dirs:
-            if not d.is_dir():
-                raise ConfigError(COMMAND_LINE, f"'{d}' is not a folder", key="sweep_dir")
-            runs, strays = survey(d)
-            if not runs:
-                raise ConfigError(d, "holds no run folders (*/config.yaml)" + "".join(f"; {x}" for x in strays[:3]))
-        seen: dict[Path, Path] = {}
-        for d in args.sweep_dirs:
-            if (first := seen.setdefault(d.resolve(), d)) is not d:
-                raise ConfigError(
-                    COMMAND_LINE, f"'{d}' is the same folder as '{first}': name each sweep once", key="sweep_dir"
-                )
-        if args.out is not None and args.out.suffix != ".md":
-            raise ConfigError(COMMAND_LINE, f"'{args.out}' must be a markdown file name ending in .md", key="--out")
+        _check_args(args)
         rep = build(args.sweep_dirs, options)
     md_path = args.out or args.sweep_dirs[0] / "results.md"
     if len(args.sweep_dirs) > 1 and args.out is None:
@@ -308,24 +368,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     con.print("wrote " + ", ".join(str(f) for f in files.values()), markup=False, highlight=False, soft_wrap=True)
     if rep.plots:
         con.print(f"plots: {', '.join(str(p) for p in rep.plots)}", markup=False, highlight=False, soft_wrap=True)
+    _print_tensorboard_hint(con, args.sweep_dirs)
+    return 0
+
+
+def _print_tensorboard_hint(con: Any, sweep_dirs: Sequence[Path]) -> None:
+    """How many runs have HParams, and the tensorboard command that shows them (nothing when none has)."""
     from pipeline.report.hparams import HPARAMS_FILE
 
-    runs = [r for d in args.sweep_dirs for r in survey(d)[0]]
+    runs = [r for d in sweep_dirs for r in survey(d)[0]]
     n = sum((r.tensorboard / HPARAMS_FILE).is_file() for r in runs)
-    if n:
-        if len(args.sweep_dirs) == 1:
-            logdirs = f"--logdir {args.sweep_dirs[0]}"
-        else:  # one HParams experiment per sweep: TensorBoard's named log folders
-            labels = sweep_labels(args.sweep_dirs)
-            logdirs = "--logdir_spec " + ",".join(f"{n}:{d}" for n, d in zip(labels, args.sweep_dirs))
-        con.print(
-            f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard "
-            f"{logdirs} (restart a running TensorBoard to see changes)",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
-    return 0
+    if not n:
+        return
+    if len(sweep_dirs) == 1:
+        logdirs = f"--logdir {sweep_dirs[0]}"
+    else:  # one HParams experiment per sweep: TensorBoard's named log folders
+        labels = sweep_labels(sweep_dirs)
+        logdirs = "--logdir_spec " + ",".join(f"{n}:{d}" for n, d in zip(labels, sweep_dirs))
+    con.print(
+        f"HParams of {n}/{len(runs)} runs in <run>/tb/{HPARAMS_FILE}: tensorboard "
+        f"{logdirs} (restart a running TensorBoard to see changes)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 if __name__ == "__main__":

@@ -601,90 +601,122 @@ def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None 
     """:func:`validate` on a complete dotted dict of typed values (every schema key, as composed)."""
     provenance = provenance or {}
     _check_finite(flat, provenance)
-    for key, choices, lo, hi, lo_excl, pattern, allowed in _RULES:
-        value = flat[key]
-        if choices and value not in choices:
-            raise ConfigError(
-                provenance.get(key, "defaults"),
-                f"'{value}' is not allowed.{_suggest(str(value), choices)} Allowed values: {', '.join(choices)}.",
-                key=key,
-            )
-        if lo is not None and (value < lo or (lo_excl and value == lo)):
-            op = ">" if lo_excl else ">="
-            raise ConfigError(provenance.get(key, "defaults"), f"must be {op} {lo}, got {value}.", key=key)
-        if hi is not None and value > hi:
-            raise ConfigError(provenance.get(key, "defaults"), f"must be <= {hi}, got {value}.", key=key)
-        if pattern is not None and not pattern.fullmatch(str(value)):
-            raise ConfigError(
-                provenance.get(key, "defaults"),
-                f"{value!r} cannot be passed to sbatch: only {allowed} are allowed (pattern {pattern.pattern}).",
-                key=key,
-            )
+    for key, *rules in _RULES:
+        problem = _leaf_problem(flat[key], *rules)
+        if problem is not None:
+            raise ConfigError(provenance.get(key, "defaults"), problem, key=key)
+    # cross-field rules, in this order: the first problem found is the one reported
+    for check in (_optim_problem, _schedule_problem, _budget_problem, _prune_problem, _quant_problem, _ranks_problem):
+        found = check(flat)
+        if found is not None:
+            key, msg = found
+            raise ConfigError(provenance.get(origin(key, msg), "defaults"), msg, key=key)
 
-    def fail(key: str, msg: str) -> None:
-        raise ConfigError(provenance.get(key, "defaults"), msg, key=key)
 
+def _leaf_problem(
+    value: Any,
+    choices: tuple[str, ...] | None,
+    lo: Any,
+    hi: Any,
+    lo_excl: bool,
+    pattern: re.Pattern | None,
+    allowed: str,
+) -> str | None:
+    """What is wrong with one schema leaf's value by its own rules (choices, range, sbatch pattern)."""
+    if choices and value not in choices:
+        return f"'{value}' is not allowed.{_suggest(str(value), choices)} Allowed values: {', '.join(choices)}."
+    if lo is not None and (value < lo or (lo_excl and value == lo)):
+        op = ">" if lo_excl else ">="
+        return f"must be {op} {lo}, got {value}."
+    if hi is not None and value > hi:
+        return f"must be <= {hi}, got {value}."
+    if pattern is not None and not pattern.fullmatch(str(value)):
+        return f"{value!r} cannot be passed to sbatch: only {allowed} are allowed (pattern {pattern.pattern})."
+    return None
+
+
+# A cross-field check returns (dotted key to blame, message) for the first problem it finds, else None.
+_Problem = tuple[str, str] | None
+
+
+def _optim_problem(flat: Mapping[str, Any]) -> _Problem:
     if len(flat["optim.betas"]) != 2 or not all(0 <= b < 1 for b in flat["optim.betas"]):
-        fail("optim.betas", f"must be two numbers in [0, 1), got {flat['optim.betas']}.")
+        return "optim.betas", f"must be two numbers in [0, 1), got {flat['optim.betas']}."
+    return None
+
+
+def _schedule_problem(flat: Mapping[str, Any]) -> _Problem:
     ms = flat["schedule.milestones"]
     if any(not 0 < m < 1 for m in ms) or list(ms) != sorted(ms):
-        fail("schedule.milestones", f"must be increasing fractions of training in (0, 1), got {list(ms)}.")
+        return "schedule.milestones", f"must be increasing fractions of training in (0, 1), got {list(ms)}."
     if flat["schedule.warmup_epochs"] >= flat["train.epochs"]:
-        fail("schedule.warmup_epochs", f"must be shorter than train.epochs ({flat['train.epochs']}).")
-    for key, msg in budget_problems(flat):  # prune.sparsity (a fraction or auto), the accuracy budgets
-        raise ConfigError(provenance.get(origin(key, msg), "defaults"), msg, key=key)
-    if flat["prune.initial_sparsity"] >= 1:
-        fail(
-            "prune.initial_sparsity",
-            f"must be in [0, 1) (a fraction of the weights removed), got {flat['prune.initial_sparsity']}.",
+        return "schedule.warmup_epochs", f"must be shorter than train.epochs ({flat['train.epochs']})."
+    return None
+
+
+def _budget_problem(flat: Mapping[str, Any]) -> _Problem:
+    """prune.sparsity (a fraction or auto) and the accuracy-budget settings (pipeline.budget_config)."""
+    return next(iter(budget_problems(flat)), None)
+
+
+def _prune_problem(flat: Mapping[str, Any]) -> _Problem:
+    if flat["prune.initial_sparsity"] >= 1:  # prune.sparsity (a fraction or auto): _budget_problem
+        return "prune.initial_sparsity", (
+            f"must be in [0, 1) (a fraction of the weights removed), got {flat['prune.initial_sparsity']}."
         )
-    if flat["prune.method"] != "none":
-        if flat["prune.begin"] > flat["prune.end"]:
-            fail(
-                "prune.begin",
-                f"must not be after prune.end ({flat['prune.end']}): both are fractions of "
-                f"the pruning steps, got {flat['prune.begin']}.",
-            )
-        if (
-            flat["prune.method"] == "unstructured"
-            and flat["prune.schedule"] == "polynomial"
-            and flat["prune.sparsity"] != "auto"
-            and flat["prune.initial_sparsity"] > flat["prune.sparsity"]
-        ):
-            fail(
-                "prune.initial_sparsity",
-                f"must not exceed prune.sparsity ({flat['prune.sparsity']}), got {flat['prune.initial_sparsity']}.",
-            )
-        if flat["prune.method"] == "structured" and flat["prune.during"] == "train":
-            fail(
-                "prune.during",
-                "structured pruning removes channels from a trained model: allowed value "
-                "with prune.method=structured: finetune.",
-            )
-        if (
-            flat["prune.during"] == "finetune"
-            and flat["prune.warmup_epochs"]
-            and flat["prune.warmup_epochs"] >= flat["prune.epochs"]
-        ):
-            fail("prune.warmup_epochs", f"must be shorter than prune.epochs ({flat['prune.epochs']}).")
-    if flat["quant.method"] == "qat" and flat["slurm.nodes"] * flat["slurm.tasks_per_node"] > 1:
-        fail(
-            "quant.method",
+    if flat["prune.method"] == "none":
+        return None
+    if flat["prune.begin"] > flat["prune.end"]:
+        return "prune.begin", (
+            f"must not be after prune.end ({flat['prune.end']}): both are fractions of "
+            f"the pruning steps, got {flat['prune.begin']}."
+        )
+    if (
+        flat["prune.method"] == "unstructured"
+        and flat["prune.schedule"] == "polynomial"
+        and flat["prune.sparsity"] != "auto"
+        and flat["prune.initial_sparsity"] > flat["prune.sparsity"]
+    ):
+        return "prune.initial_sparsity", (
+            f"must not exceed prune.sparsity ({flat['prune.sparsity']}), got {flat['prune.initial_sparsity']}."
+        )
+    if flat["prune.method"] == "structured" and flat["prune.during"] == "train":
+        return "prune.during", (
+            "structured pruning removes channels from a trained model: allowed value "
+            "with prune.method=structured: finetune."
+        )
+    if (
+        flat["prune.during"] == "finetune"
+        and flat["prune.warmup_epochs"]
+        and flat["prune.warmup_epochs"] >= flat["prune.epochs"]
+    ):
+        return "prune.warmup_epochs", f"must be shorter than prune.epochs ({flat['prune.epochs']})."
+    return None
+
+
+def _quant_problem(flat: Mapping[str, Any]) -> _Problem:
+    if flat["quant.method"] != "qat":
+        return None
+    if flat["slurm.nodes"] * flat["slurm.tasks_per_node"] > 1:
+        return "quant.method", (
             "qat fine-tunes an exported program in one process: use slurm.nodes=1 and "
-            "slurm.tasks_per_node=1 with it, or quant.method=int8.",
+            "slurm.tasks_per_node=1 with it, or quant.method=int8."
         )
-    if flat["quant.method"] == "qat" and flat["quant.epochs"] < 1:
-        fail(
-            "quant.epochs",
-            f"quant.method=qat fine-tunes with fake quantization: must be >= 1, got {flat['quant.epochs']}.",
+    if flat["quant.epochs"] < 1:
+        return "quant.epochs", (
+            f"quant.method=qat fine-tunes with fake quantization: must be >= 1, got {flat['quant.epochs']}."
         )
+    return None
+
+
+def _ranks_problem(flat: Mapping[str, Any]) -> _Problem:
     ranks = flat["slurm.nodes"] * flat["slurm.tasks_per_node"]
     if flat["train.batch_size"] % ranks:
-        fail(
-            "train.batch_size",
+        return "train.batch_size", (
             f"must be divisible by the number of data-parallel ranks "
-            f"(slurm.nodes x slurm.tasks_per_node = {ranks}), got {flat['train.batch_size']}.",
+            f"(slurm.nodes x slurm.tasks_per_node = {ranks}), got {flat['train.batch_size']}."
         )
+    return None
 
 
 def load_config(

@@ -94,7 +94,10 @@ SHARED_PRUNE_LINKS: dict[str, str] = {
     "tb/prune": "tb/prune",
 }
 SHARED_LINKS: dict[str, dict[str, str]] = {"train": SHARED_TRAIN_LINKS, "prune": SHARED_PRUNE_LINKS}
-FINAL_STATUSES = ("done", "diverged")  # a run in one of these is finished and is not resubmitted
+# metrics/train.json's status of a training a search stopped early: finished, keeps its checkpoint and
+# metrics, and its later stages do not run
+STOPPED_EARLY = "stopped early"
+FINAL_STATUSES = ("done", "diverged", STOPPED_EARLY)  # a run in one of these is finished and is not resubmitted
 # Top-level sections every config.yaml the sweep writes has (a file without them is cut short or foreign)
 REQUIRED_SECTIONS = ("data", "model", "optim", "train")
 # In a stage's failure record: the model file it made that a later stage found unreadable (the record

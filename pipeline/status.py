@@ -35,6 +35,7 @@ def render(sweep_dir: Path, states: list[RunState]) -> Table:
     for col in columns + (["note"] if notes else []):
         table.add_column(col, no_wrap=col in ("run", "job"))
     colours = {"done": "green", "diverged": "yellow", "running": "cyan", "stopped": "magenta", "pending": "white"}
+    colours["stopped early"] = "blue"  # a search stopped its training: finished, not failed
     for s in states:
         swept = s.run.read_meta().get("swept", {})
         state = f"[{colours.get(s.state, 'red')}]{s.state}[/]" + (f" ({escape(s.reason)})" if s.reason else "")
@@ -78,12 +79,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             states, problems = sweep_states(args.sweep_dir)
             con.print(render(args.sweep_dir, states))
             con.print(summary(states))
+            show_studies(con, args.sweep_dir)
             show_problems(con, states, problems)
             if not args.watch or not any(s.state in ("pending", "running") for s in states):
                 return 0
             time.sleep(args.interval)
     except KeyboardInterrupt:  # Ctrl-C is how --watch is stopped: no traceback
         return 130
+
+
+def show_studies(con: Console, sweep_dir: Path) -> None:
+    """A search's studies: counts, best so far and its run; a study that cannot be read, named."""
+    from pipeline.search.report import study_views
+
+    views, notes = study_views(sweep_dir)
+    for v in views:
+        con.print(v.summary, markup=False, highlight=False, soft_wrap=True)
+    for note in notes:
+        con.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
 
 
 def show_problems(con: Console, states: list[RunState], problems: list[str]) -> None:

@@ -135,42 +135,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     console = cli.console()
     with cli.exit_on_config_error():
-        if args.cluster not in CLUSTERS:
-            raise ConfigError(
-                COMMAND_LINE,
-                f"'{args.cluster}' is not allowed. Allowed values: {', '.join(CLUSTERS)}.",
-                key="--cluster",
-            )
-        if args.rerun is not None and args.rerun not in RERUN:
-            raise ConfigError(
-                COMMAND_LINE, f"'{args.rerun}' is not allowed. Allowed values: {', '.join(RERUN)}.", key="--rerun"
-            )
-        if args.parallel < 1:
-            raise ConfigError(COMMAND_LINE, f"must be >= 1, got {args.parallel}.", key="--parallel")
+        _check_args(args)
         spec = read_sweep(args.sweep)
-        runs = expand_sweep(spec, parse_overrides(args.overrides))
+        overrides = parse_overrides(args.overrides)
+        runs = expand_sweep(spec, overrides)
         sweep_dir = args.out / spec.name
         check_out(args.out, sweep_dir, write=not args.dry_run)
+    if spec.search is not None:
+        return _search(args, console, spec, runs, overrides, sweep_dir)
     for note in merge_notes(runs, show_all=args.all):
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-
     if args.dry_run:
-        cluster = launch.resolve_cluster(args.cluster)
-        try:
-            check_gpus(spec, runs, cluster)
-        except ConfigError as e:  # the plan is still worth seeing; a submission would stop here
-            console.print(
-                f"[yellow]warning:[/] {escape(str(e))} (a submission would stop here, exit 2)", soft_wrap=True
-            )
-        with cli.exit_on_os_error():
-            decisions = plan(runs, sweep_dir, args.rerun, set())
-            plan_sharing(decisions, sweep_dir, args.rerun, cluster)
-        print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
-        console.print(f"{trainings(decisions, sweep_dir)} training(s) in all")
-        if cluster == "slurm":
-            for header in launch.sbatch_headers(sweep_dir, [d.run.config for d in decisions], spec.name):
-                console.print(header, markup=False, highlight=False)
-        return 0
+        return _dry_run(args, console, spec, runs, sweep_dir)
 
     if not args.no_submit:  # (plain sbatch/array.sh arrays ask for their resources in their own header)
         with cli.exit_on_config_error():
@@ -193,17 +169,117 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code != 0 or submission is None:
         return code
     if args.wait or cluster == "debug":  # debug jobs run in this process, when waited for
-        console.print("waiting for the runs to finish")
-        # also for those an earlier submission's jobs still run (skip-active): --wait waits for every run
-        statuses = launch.wait(submission, console, still_active=functools.partial(active_run_ids, sweep_dir))
-        failed = [rid for rid, s in statuses.items() if s in ("failed", "blocked")]
-        if failed:
-            console.print(
-                f"[red]{len(failed)} run(s) failed or blocked:[/] "
-                + ", ".join(f"{rid} (log {sweep_dir / rid / 'run.log'})" for rid in failed)
-            )
-            return 1
+        return _wait(submission, console, sweep_dir)
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The command-line options argparse cannot check itself (ConfigError naming the option)."""
+    if args.cluster not in CLUSTERS:
+        raise ConfigError(
+            COMMAND_LINE,
+            f"'{args.cluster}' is not allowed. Allowed values: {', '.join(CLUSTERS)}.",
+            key="--cluster",
+        )
+    if args.rerun is not None and args.rerun not in RERUN:
+        raise ConfigError(
+            COMMAND_LINE, f"'{args.rerun}' is not allowed. Allowed values: {', '.join(RERUN)}.", key="--rerun"
+        )
+    if args.parallel < 1:
+        raise ConfigError(COMMAND_LINE, f"must be >= 1, got {args.parallel}.", key="--parallel")
+
+
+def _dry_run(
+    args: argparse.Namespace, console: Console, spec: SweepSpec, runs: list[PlannedRun], sweep_dir: Path
+) -> int:
+    """``--dry-run``: the plan (and on Slurm the sbatch headers); writes nothing."""
+    cluster = launch.resolve_cluster(args.cluster)
+    try:
+        check_gpus(spec, runs, cluster)
+    except ConfigError as e:  # the plan is still worth seeing; a submission would stop here
+        console.print(f"[yellow]warning:[/] {escape(str(e))} (a submission would stop here, exit 2)", soft_wrap=True)
+    with cli.exit_on_os_error():
+        decisions = plan(runs, sweep_dir, args.rerun, set())
+        plan_sharing(decisions, sweep_dir, args.rerun, cluster)
+    print_plan(console, spec, decisions, dry_run=True, show_all=args.all)
+    console.print(f"{trainings(decisions, sweep_dir)} training(s) in all")
+    if cluster == "slurm":
+        for header in launch.sbatch_headers(sweep_dir, [d.run.config for d in decisions], spec.name):
+            console.print(header, markup=False, highlight=False)
+    return 0
+
+
+def _wait(submission: Submission, console: Console, sweep_dir: Path) -> int:
+    """``--wait``: block until every run has ended; 1 when any failed or is blocked."""
+    console.print("waiting for the runs to finish")
+    # also for those an earlier submission's jobs still run (skip-active): --wait waits for every run
+    statuses = launch.wait(submission, console, still_active=functools.partial(active_run_ids, sweep_dir))
+    failed = [rid for rid, s in statuses.items() if s in ("failed", "blocked")]
+    if failed:
+        console.print(
+            f"[red]{len(failed)} run(s) failed or blocked:[/] "
+            + ", ".join(f"{rid} (log {sweep_dir / rid / 'run.log'})" for rid in failed)
+        )
+        return 1
+    return 0
+
+
+def _search(
+    args: argparse.Namespace,
+    console: Console,
+    spec: SweepSpec,
+    runs: list[PlannedRun],
+    overrides: dict[str, Any],
+    sweep_dir: Path,
+) -> int:
+    """A sweep with ``search:`` (:mod:`pipeline.search.submit`): one study per point of its fixed axes,
+    each run by an array of workers."""
+    from pipeline.search import submit as search
+    from pipeline.search.study import exit_on_storage_down
+
+    with cli.exit_on_config_error():
+        if args.no_submit:
+            raise ConfigError(
+                COMMAND_LINE, "a search's workers sample its runs: there are none to write ahead.", key="--no-submit"
+            )
+        if args.rerun == "all":
+            raise ConfigError(COMMAND_LINE, "a search reruns its failed trials only. Allowed: failed.", key="--rerun")
+        plans = search.study_plans(spec, runs, overrides)
+    search.print_search(console, spec, plans, args.dry_run)
+    if args.dry_run:
+        for plan in plans:
+            search.print_preview(console, spec, plan)
+        if launch.resolve_cluster(args.cluster) == "slurm":
+            n = min(spec.search.workers, spec.search.trials) if spec.search else 1
+            for header in launch.sbatch_headers(sweep_dir, [plans[0].config] * n, spec.name):
+                console.print(header, markup=False, highlight=False)
+        return 0
+    cluster, impossible = _cluster_for(args, sweep_dir)
+    with cli.exit_on_config_error():
+        check_gpus(spec, runs, cluster)
+    if impossible is not None:
+        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(impossible)}", soft_wrap=True)
+        return EXIT_SLURM_DOWN
+    lock = SubmitLock(sweep_dir, on_recover=lambda message: console.print(f"[yellow]{message}[/]"))
+    try:
+        with cli.exit_on_os_error():
+            lock.acquire()
+    except LockHeld as e:
+        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        return cli.EXIT_USAGE
+    try:
+        with exit_on_storage_down(), cli.exit_on_config_error(), cli.exit_on_os_error():
+            code, submitted = search.submit_search(console, spec, plans, sweep_dir, cluster, args.rerun)
+    except (slurm_cli.SlurmUnreachable, launch.WorkersRefused) as e:
+        down = isinstance(e, slurm_cli.SlurmUnreachable) or getattr(e, "unreachable", False)
+        cli.console(stderr=True).print(f"[bold red]error:[/] not submitted: {escape(str(e))}", soft_wrap=True)
+        return EXIT_SLURM_DOWN if down else cli.EXIT_USAGE
+    finally:
+        lock.release()
+    if code == 0 and submitted and (args.wait or cluster == "debug"):
+        console.print("waiting for the workers to finish")
+        search.wait_for_workers(sweep_dir, submitted)
+    return code
 
 
 def _write_only(
@@ -248,17 +324,53 @@ def _submit(
     """Plan, write the run folders and submit, recording each array in the manifest as soon as it is
     queued; returns (exit code, submission, cluster)."""
     cluster, impossible = _cluster_for(args, sweep_dir)
-    try:
-        if impossible is None:
-            for note in manifest.resolve_submitting(sweep_dir, slurm_cli.queued_comments):
-                console.print(f"[yellow]{note}[/]")
-        active = active_run_ids(sweep_dir) if impossible is None else set()
-    except slurm_cli.SlurmUnreachable as e:
-        impossible = f"{e}; cannot tell which runs are queued, so nothing was submitted: try again later"
+    active, impossible = _queued_now(console, sweep_dir, impossible)
     if impossible is not None:
         cli.console(stderr=True).print(f"[bold red]error:[/] {escape(impossible)}", soft_wrap=True)
         return EXIT_SLURM_DOWN, None, cluster
-    with cli.exit_on_os_error():  # before anything is submitted
+    prepared = _prepare(args, spec, runs, sweep_dir, cluster, active)
+    if prepared is None:
+        return cli.EXIT_USAGE, None, cluster
+    decisions, to_submit, submission_token = prepared
+    launch_runs = functools.partial(_launch_runs, args, spec.name, sweep_dir, cluster, submission_token)
+    # On Slurm a run that follows another submission's owner needs its job id: those go out last
+    later = waiting_for_unqueued(to_submit) if cluster == "slurm" else set()
+    with cli.exit_on_os_error():
+        submission = launch_runs([d for d in to_submit if d.run.id not in later])
+        if later:
+            _submit_later(submission, [d for d in to_submit if d.run.id in later], launch_runs)
+        for rej in submission.rejected:
+            manifest.record_rejected(sweep_dir, cluster, rej.run_ids, rej.reason, rej.token)
+    submission.elsewhere = [RunDir(sweep_dir / d.run.id) for d in decisions if d.action == "skip-active"]
+    code = _print_submission(args, console, spec, sweep_dir, decisions, len(to_submit), submission)
+    return code, submission, cluster
+
+
+def _queued_now(console: Console, sweep_dir: Path, impossible: str | None) -> tuple[set[str], str | None]:
+    """(ids of the runs queued or running now, why submitting is impossible or None). Settles the manifest's
+    arrays whose sbatch was not known to have returned first, unless submitting is already impossible."""
+    if impossible is not None:
+        return set(), impossible
+    try:
+        for note in manifest.resolve_submitting(sweep_dir, slurm_cli.queued_comments):
+            console.print(f"[yellow]{note}[/]")
+        return active_run_ids(sweep_dir), None
+    except slurm_cli.SlurmUnreachable as e:
+        return set(), f"{e}; cannot tell which runs are queued, so nothing was submitted: try again later"
+
+
+def _prepare(
+    args: argparse.Namespace,
+    spec: SweepSpec,
+    runs: list[PlannedRun],
+    sweep_dir: Path,
+    cluster: str,
+    active: set[str],
+) -> tuple[list[Decision], list[Decision], str] | None:
+    """Plan, write the folders of the runs to submit and claim shared stages, before anything is
+    submitted; returns (decisions, those to submit, this submission's token), or None (error printed)
+    while jobs that recorded their end still hold runs to submit."""
+    with cli.exit_on_os_error():
         decisions = plan(runs, sweep_dir, args.rerun, active)
         plan_sharing(decisions, sweep_dir, args.rerun, cluster)
         to_submit = [d for d in decisions if d.action in SUBMITTED]
@@ -269,7 +381,7 @@ def _submit(
                 "end but have not exited (see <run>/owner.json); nothing was submitted: try again shortly",
                 soft_wrap=True,
             )
-            return cli.EXIT_USAGE, None, cluster
+            return None
         unsynced = write_runs(sweep_dir, spec, to_submit)
         # before submitting (a follower that starts first waits for the owner); the owner's job is
         # found later through the manifest entry that carries this submission's token
@@ -277,52 +389,67 @@ def _submit(
         unsynced += claim_shared(decisions, sweep_dir, args.rerun, cluster, submission_token)
         to_submit = [d for d in decisions if d.action in SUBMITTED]
         sync_files(unsynced)
+    return decisions, to_submit, submission_token
 
-    def record(job_ids: dict[str, str], token: str | None, job_records: dict[str, dict[str, Any]]) -> None:
-        try:
-            manifest.record_submitted(sweep_dir, cluster, job_ids, token, job_records, submission_token)
-        except OSError as e:
-            # queued but not recorded: say which jobs, since a rerun cannot know them
-            cli.console(stderr=True).print(
-                f"[bold red]error:[/] jobs queued but {sweep_dir / 'manifest.json'} could not be written "
-                f"({escape(e.strerror or str(e))}): " + ", ".join(f"{r}={j}" for r, j in job_ids.items()),
-                soft_wrap=True,
-            )
-            raise
 
-    def launch_runs(ds: Sequence[Decision]) -> Submission:
-        return launch.submit(
-            [RunDir(sweep_dir / d.run.id) for d in ds],
-            [d.run.config for d in ds],
-            cluster=cluster,
-            sweep_dir=sweep_dir,
-            name=spec.name,
-            job=execute,
-            job_many=execute_many,
-            parallel=args.parallel,
-            after=follow_order(ds),
-            on_submitting=functools.partial(_record_submitting, sweep_dir, cluster, submission_token),
-            on_submitted=record,
+def _launch_runs(
+    args: argparse.Namespace, name: str, sweep_dir: Path, cluster: str, submission_token: str, ds: Sequence[Decision]
+) -> Submission:
+    """Submit the runs of ``ds``, each array recorded in the manifest before and as soon as it is queued."""
+    return launch.submit(
+        [RunDir(sweep_dir / d.run.id) for d in ds],
+        [d.run.config for d in ds],
+        cluster=cluster,
+        sweep_dir=sweep_dir,
+        name=name,
+        job=execute,
+        job_many=execute_many,
+        parallel=args.parallel,
+        after=follow_order(ds),
+        on_submitting=functools.partial(_record_submitting, sweep_dir, cluster, submission_token),
+        on_submitted=functools.partial(_record_submitted, sweep_dir, cluster, submission_token),
+    )
+
+
+def _record_submitted(
+    sweep_dir: Path,
+    cluster: str,
+    submission_token: str,
+    job_ids: dict[str, str],
+    token: str | None,
+    job_records: dict[str, dict[str, Any]],
+) -> None:
+    try:
+        manifest.record_submitted(sweep_dir, cluster, job_ids, token, job_records, submission_token)
+    except OSError as e:
+        # queued but not recorded: say which jobs, since a rerun cannot know them
+        cli.console(stderr=True).print(
+            f"[bold red]error:[/] jobs queued but {sweep_dir / 'manifest.json'} could not be written "
+            f"({escape(e.strerror or str(e))}): " + ", ".join(f"{r}={j}" for r, j in job_ids.items()),
+            soft_wrap=True,
         )
+        raise
 
-    # On Slurm a run that follows another submission's owner needs its job id: those go out last
-    later = waiting_for_unqueued(to_submit) if cluster == "slurm" else set()
-    with cli.exit_on_os_error():
-        submission = launch_runs([d for d in to_submit if d.run.id not in later])
-        if later:
-            _submit_later(submission, [d for d in to_submit if d.run.id in later], launch_runs)
-        for rej in submission.rejected:
-            manifest.record_rejected(sweep_dir, cluster, rej.run_ids, rej.reason, rej.token)
-    submission.elsewhere = [RunDir(sweep_dir / d.run.id) for d in decisions if d.action == "skip-active"]
+
+def _print_submission(
+    args: argparse.Namespace,
+    console: Console,
+    spec: SweepSpec,
+    sweep_dir: Path,
+    decisions: list[Decision],
+    n_to_submit: int,
+    submission: Submission,
+) -> int:
+    """The plan with each run's job id, the count, and what was not submitted and why; the exit code."""
     shown = {**submission.job_ids, **{rid: "not submitted" for rej in submission.rejected for rid in rej.run_ids}}
-    print_plan(console, spec, decisions, job_ids=shown, cluster=cluster, show_all=args.all)
-    n_rejected = sum(len(rej.run_ids) for rej in submission.rejected)
+    print_plan(console, spec, decisions, job_ids=shown, cluster=submission.cluster, show_all=args.all)
+    n_submitted = n_to_submit - sum(len(rej.run_ids) for rej in submission.rejected)
     console.print(
-        f"[bold]{len(to_submit) - n_rejected}[/] of {len(decisions)} runs submitted to [bold]{cluster}[/] "
+        f"[bold]{n_submitted}[/] of {len(decisions)} runs submitted to [bold]{submission.cluster}[/] "
         f"({trainings(decisions, sweep_dir)} training(s)); results in {sweep_dir}/"
     )
     if not submission.rejected:
-        return 0, submission, cluster
+        return 0
     err = cli.console(stderr=True)
     for rej in submission.rejected:
         err.print(
@@ -334,7 +461,7 @@ def _submit(
         "once the cause is fixed, the same command submits only the runs not queued."
     )
     unreachable = any(rej.unreachable for rej in submission.rejected)
-    return (EXIT_SLURM_DOWN if unreachable else cli.EXIT_USAGE), submission, cluster
+    return EXIT_SLURM_DOWN if unreachable else cli.EXIT_USAGE
 
 
 if __name__ == "__main__":

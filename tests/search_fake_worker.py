@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ConfigError, read_yaml  # noqa: E402
 from pipeline.rundir import atomic_write_json, read_json  # noqa: E402
-from pipeline.search.figures import Outcome  # noqa: E402
+from pipeline.search.figures import STOPPED, Outcome  # noqa: E402
 from pipeline.search.spec import parse_search  # noqa: E402
 from pipeline.search.worker import Assignment, RunFolderRunner, run_worker  # noqa: E402
 
@@ -75,9 +75,7 @@ class FakeRunner(RunFolderRunner):
                 atomic_write_json(run / "metrics/train.json", {"status": "diverged", "error": "loss nan at epoch 2"})
                 return Outcome.failed("diverged: loss nan at epoch 2")
             if a.reporter.report(epoch, max(h["val_acc"] for h in history)):
-                atomic_write_json(
-                    run / "metrics/train.json", {"status": "stopped", "epochs": epoch, "history": history}
-                )
+                atomic_write_json(run / "metrics/train.json", {"status": STOPPED, "epochs": epoch, "history": history})
                 return Outcome.stopped(epoch)
         best = max(h["val_acc"] for h in history)
         train = {"status": "done", "val_acc_best": best, "train_time_s": 10.0 * len(history), "history": history}

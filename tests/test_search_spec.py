@@ -237,7 +237,7 @@ def test_a_run_folders_outcome(tmp_path):
     from conftest import write_done
 
     from pipeline.rundir import RunDir
-    from pipeline.search.figures import Outcome, outcome_from_run
+    from pipeline.search.figures import STOPPED, Outcome, outcome_from_run
 
     def run(name: str, train: dict | None) -> RunDir:
         rd = RunDir(tmp_path / name)
@@ -251,7 +251,7 @@ def test_a_run_folders_outcome(tmp_path):
     assert outcome_from_run(tmp_path / "done", ["val_acc_best", "train_time_s"]) == Outcome.done([0.75, 12.0])
     missing = outcome_from_run(tmp_path / "done", ["int8_latency_ms"])
     assert missing is not None and missing.status == "failed" and "models[int8].latency_b1_ms" in missing.reason
-    run("stopped", {"status": "stopped", "epochs": 3})
+    run("stopped", {"status": STOPPED, "epochs": 3})
     assert outcome_from_run(tmp_path / "stopped", ["val_acc_best"]) == Outcome.stopped(3)
     run("diverged", {"status": "diverged", "error": "loss nan"})
     failed = outcome_from_run(tmp_path / "diverged", ["val_acc_best"])
@@ -261,3 +261,12 @@ def test_a_run_folders_outcome(tmp_path):
     run("running", None)
     assert outcome_from_run(tmp_path / "running", ["val_acc_best"]) is None
     assert outcome_from_run(tmp_path / "absent", ["val_acc_best"]) is None
+
+
+def test_a_range_bound_written_1e_5_is_a_number():
+    # YAML 1.1 (PyYAML) reads 1e-5, with no dot, as text; grids accept it, so a search range does too
+    from pipeline.config import load_yaml
+
+    doc = load_yaml("trials: 2\nobjective: {val_acc_best: max}\nparams: {optim.weight_decay: {low: 1e-5, high: 1e-2}}")
+    spec = parse_search(doc, "s.yaml")
+    assert spec.params["optim.weight_decay"] == Range(1e-5, 1e-2)

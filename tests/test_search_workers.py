@@ -17,6 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from pipeline.search.figures import STOPPED
 from pipeline.search.spec import parse_search
 from pipeline.search.study import open_study
 from pipeline.search.worker import ATTR_FAILURE, ATTR_RUN, ATTR_SAME_AS, WorkerBusy, run_worker
@@ -115,7 +116,7 @@ def test_early_stopping_stops_some_trials_and_the_study_still_has_its_trials(tmp
     assert counts.get("PRUNED", 0) >= 1, counts
     for t in study.get_trials(states=(TrialState.PRUNED,)):
         train = json.loads((sweep / t.user_attrs[ATTR_RUN] / "metrics/train.json").read_text())
-        assert train["status"] == "stopped" and train["epochs"] == max(t.intermediate_values) < 9
+        assert train["status"] == STOPPED and train["epochs"] == max(t.intermediate_values) < 9
         if t.user_attrs.get(ATTR_SAME_AS) is None:
             assert t.value == t.intermediate_values[max(t.intermediate_values)]  # ranked by its last epoch
     for t in study.get_trials(states=(TrialState.COMPLETE,)):  # only the rungs went to the study

@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.jobs import slurm as slurm_cli
-from pipeline.rundir import RunDir, atomic_write_json, read_mapping
+from pipeline.rundir import STOPPED_EARLY, RunDir, atomic_write_json, read_mapping
 
 STATES = (
     "pending",
     "running",
     "done",
     "diverged",
+    STOPPED_EARLY,
     "failed",
     "blocked",
     "stopped",
@@ -80,14 +81,9 @@ def classify(run: RunDir, job_state: str = "", submitted: bool = True) -> Ending
     "" when the scheduler does not know the job or was not asked); ``submitted`` is False when no job
     was ever recorded for the run (so a run with no trace of starting is pending, not stopped)."""
     files = run.status()
-    if files == "done":
-        return Ending("done")
-    if files == "diverged":
-        epoch = (run.read_metrics("train") or {}).get("diverged_epoch")
-        return Ending("diverged", f"epoch {epoch}" if epoch else "")
-    if files == "blocked":  # before the scheduler's word: its job was cancelled because of it, or waits
-        owner, why = run.blocked_by() or ("another run", "")
-        return Ending("blocked", f"blocked by {owner}: its training failed ({why})")
+    settled = _settled_by_files(run, files)
+    if settled is not None:
+        return settled
     word, _, detail = job_state.strip().partition(" ")
     if word in slurm_cli.ACTIVE_STATES:
         if word in ("RUNNING", "COMPLETING"):
@@ -109,6 +105,22 @@ def classify(run: RunDir, job_state: str = "", submitted: bool = True) -> Ending
     if files == "pending" and not submitted:
         return Ending("pending")
     return Ending("stopped", "started, not finished, no job alive: submit the sweep again to resume")
+
+
+def _settled_by_files(run: RunDir, files: str) -> Ending | None:
+    """The endings the run's own files decide, whatever the scheduler says (None: ask the scheduler)."""
+    if files == "done":
+        return Ending("done")
+    if files == "diverged":
+        epoch = (run.read_metrics("train") or {}).get("diverged_epoch")
+        return Ending("diverged", f"epoch {epoch}" if epoch else "")
+    if files == STOPPED_EARLY:  # a search stopped its training: finished, not failed
+        epochs = (run.read_metrics("train") or {}).get("epochs")
+        return Ending(STOPPED_EARLY, f"by the search after epoch {epochs}" if epochs else "by the search")
+    if files == "blocked":  # before the scheduler's word: its job was cancelled because of it, or waits
+        owner, why = run.blocked_by() or ("another run", "")
+        return Ending("blocked", f"blocked by {owner}: its training failed ({why})")
+    return None
 
 
 def _failure(run: RunDir) -> str:

@@ -65,38 +65,51 @@ def job_states(job_ids: Iterable[str], strict: bool = False, full: bool = False)
     if not wanted:
         return {}
     bases = sorted({_base_id(j) for j in wanted})
-    states: dict[str, str] = {}
+    states = _queued_states(wanted, bases, strict)
+    missing = wanted - set(states)
+    if missing:
+        states.update(_accounted_states(missing, bases, full))
+    return states
+
+
+def _queued_states(wanted: set[str], bases: list[str], strict: bool) -> dict[str, str]:
+    """squeue's state of each of ``wanted`` that is queued or running."""
     out = _run(["squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i|%T"])
     # squeue also exits non-zero when it knows none of the ids ("Invalid job id specified": all ended
     # and purged); only a controller that does not answer leaves the queue unknown
     if out is None and strict and not controller_answers():
         raise SlurmUnreachable("squeue did not answer (is the Slurm controller up? try: scontrol ping)")
+    states: dict[str, str] = {}
     for line in (out or "").splitlines():
         jid, _, state = line.strip().partition("|")
         if jid in wanted:
             states[jid] = state
-    missing = wanted - set(states)
-    if missing:
-        out = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(bases), "-o", "JobID,State"])
-        # sacct lists array tasks that never started only inside one record of the whole array:
-        # "123_[1-3,7%2]" (or just "123" once cancelled); without these a pending task seen by sacct
-        # alone would count as unknown, i.e. not active, and be submitted a second time.
-        ranges: dict[str, str] = {}
-        remainder: dict[str, str] = {}
-        for line in (out or "").splitlines():
-            jid, _, state = line.strip().partition("|")
-            state = state.strip() if full else (state.split() or [""])[0]
-            if jid in missing:
-                states[jid] = state
-            elif "_[" in jid:
-                base, _, spec = jid.partition("_[")
-                for task in _array_tasks(spec.rstrip("]")):
-                    ranges.setdefault(f"{base}_{task}", state)
-            elif "_" not in jid:
-                remainder[jid] = state
-        for jid in missing - set(states):
-            if "_" in jid and (ranges.get(jid) or remainder.get(_base_id(jid))):
-                states[jid] = ranges.get(jid) or remainder[_base_id(jid)]
+    return states
+
+
+def _accounted_states(missing: set[str], bases: list[str], full: bool) -> dict[str, str]:
+    """sacct's state of each of ``missing`` it knows, whole (``full``) or its first word."""
+    out = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(bases), "-o", "JobID,State"])
+    # sacct lists array tasks that never started only inside one record of the whole array:
+    # "123_[1-3,7%2]" (or just "123" once cancelled); without these a pending task seen by sacct
+    # alone would count as unknown, i.e. not active, and be submitted a second time.
+    states: dict[str, str] = {}
+    ranges: dict[str, str] = {}
+    remainder: dict[str, str] = {}
+    for line in (out or "").splitlines():
+        jid, _, state = line.strip().partition("|")
+        state = state.strip() if full else (state.split() or [""])[0]
+        if jid in missing:
+            states[jid] = state
+        elif "_[" in jid:
+            base, _, spec = jid.partition("_[")
+            for task in _array_tasks(spec.rstrip("]")):
+                ranges.setdefault(f"{base}_{task}", state)
+        elif "_" not in jid:
+            remainder[jid] = state
+    for jid in missing - set(states):
+        if "_" in jid and (ranges.get(jid) or remainder.get(_base_id(jid))):
+            states[jid] = ranges.get(jid) or remainder[_base_id(jid)]
     return states
 
 

@@ -16,7 +16,7 @@ from pipeline.console import hms
 from pipeline.jobs.manifest import checked_manifest
 from pipeline.jobs.states import job_log, sweep_problems, sweep_states
 from pipeline.report.records import Record
-from pipeline.rundir import survey
+from pipeline.rundir import STOPPED_EARLY, survey
 
 # What a log says when the job ended for a reason the run folder cannot record itself (the tail of
 # run.log or submitit's job log is searched, last match wins)
@@ -161,7 +161,7 @@ def _number(value: Any) -> float | None:
 def failure(r: Record, c: Classified) -> Failure | None:
     """The failures-section entry of one run, None when it is done."""
     log = str(r.run.log) if r.run.log.exists() else c.job_log
-    if c.state == "done" and r.status == "done":
+    if (c.state == "done" and r.status == "done") or r.status == STOPPED_EARLY:  # (a search's, not a failure)
         return None
     if c.state == "blocked":
         return Failure(r, "blocked", c.reason or "waits on a training that failed", log)

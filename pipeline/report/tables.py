@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from pipeline import console as cli
 from pipeline.report.budget import budget_cells, budget_notes
 from pipeline.report.records import AFTER_TRAINING, Record, sort_key
-from pipeline.rundir import UNREADABLE_OUTPUT
+from pipeline.rundir import STOPPED_EARLY, UNREADABLE_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,8 @@ def run_status(r: Record, raw: bool = False) -> str:
     if status == "diverged" and diverged and r.stages[diverged].get("diverged_epoch"):
         where = "" if diverged == "train" else f"{diverged} "
         return f"diverged ({where}epoch {r.stages[diverged]['diverged_epoch']})"
+    if status == STOPPED_EARLY and r.metrics.get("epochs"):
+        return f"{STOPPED_EARLY} (epoch {r.metrics['epochs']})"
     if status == "failed" and not raw:
         stage = r.run.failed_stage()
         where = f"{stage} stage; " if stage and stage != "train" else ""
@@ -209,7 +211,7 @@ def _training_key(key: str) -> bool:
 
 def _train_value(r: Record, key: str) -> Any:
     # training's figures, once it ended (also when its model file went bad later: the figures stand)
-    finished = r.metrics.get("status") in ("done", "diverged") or bool(r.metrics.get(UNREADABLE_OUTPUT))
+    finished = r.metrics.get("status") in ("done", "diverged", STOPPED_EARLY) or bool(r.metrics.get(UNREADABLE_OUTPUT))
     return r.metrics.get(key) if finished else None
 
 
@@ -222,59 +224,82 @@ def runs_table(
     seeds: bool = True,
 ) -> Table:
     """One row per run (or per seed group), swept values first and status last."""
+    layout = _RunsLayout.of(records, target_acc)
     titles = cli.short_keys(list(keys))
     cols = [Column("run", "run")]
     if sweep_column:
         cols.append(Column("sweep", "sweep"))
     cols += [Column(k, titles[k]) for k in keys]
-    train_cols = [
-        c
-        for c in TRAIN_COLUMNS
-        if c[0] != "test_loss" or any(_train_value(r, "test_loss") is not None for r in records)
-    ]
-    cols += [Column(key, title, kind, better) for key, title, _, kind, better in train_cols]
-    extra = COMPRESSION_COLUMNS if compresses(records) else []
-    cols += [Column(key, title, kind, better) for key, title, _, kind, better in extra]
-    timed = any(number(r.metrics.get("train_time_s")) is not None for r in records)
-    gpus = any(str(r.metrics.get("device", "")).startswith("cuda") for r in records)
-    if timed:
-        cols.append(Column("train_time_s", "train time", "s", "min"))
-    if timed and gpus:
-        cols.append(Column("gpu_time_s", "GPU time", "s", "min"))
-    cpu_timed = any(cpu_seconds(r) is not None for r in records)
-    if cpu_timed:
-        cols.append(Column("cpu_time_s", "CPU time", "s", "min"))
-    if target_acc is not None:
-        splits = sorted({accuracy_split(r) for r in records if r.metrics.get("history")}, reverse=True)
-        which = {("test",): "test", ("val",): "val", ("val", "test"): "val or test"}.get(tuple(splits), "val")
-        cols.append(Column("time_to_target_s", f"time to {100 * target_acc:g}% {which}", "s", "min"))
+    cols += layout.columns(records)
     cols.append(Column("status", "status"))
+    table = Table(cols, [layout.row(r, keys) for r in records])
+    if seeds and "train.seed" in keys:
+        table = average_seeds(table, [k for k in keys if k != "train.seed"], sweep_column)
+    return table
 
-    rows = []
-    for r in records:
+
+@dataclass
+class _RunsLayout:
+    """Which figure columns the runs table has (those some run can fill), and each run's row."""
+
+    train_cols: list[tuple[str, str, str, str, str]]
+    extra: list[tuple[str, str, Callable[[Record], Any], str, str | None]]  # compression figures
+    timed: bool  # some run has a training time
+    gpus: bool  # some run trained on CUDA
+    cpu_timed: bool
+    target_acc: float | None
+
+    @classmethod
+    def of(cls, records: Sequence[Record], target_acc: float | None) -> _RunsLayout:
+        return cls(
+            train_cols=[
+                c
+                for c in TRAIN_COLUMNS
+                if c[0] != "test_loss" or any(_train_value(r, "test_loss") is not None for r in records)
+            ],
+            extra=COMPRESSION_COLUMNS if compresses(records) else [],
+            timed=any(number(r.metrics.get("train_time_s")) is not None for r in records),
+            gpus=any(str(r.metrics.get("device", "")).startswith("cuda") for r in records),
+            cpu_timed=any(cpu_seconds(r) is not None for r in records),
+            target_acc=target_acc,
+        )
+
+    def columns(self, records: Sequence[Record]) -> list[Column]:
+        """The figure columns, between the swept values and the status."""
+        cols = [Column(key, title, kind, better) for key, title, _, kind, better in self.train_cols]
+        cols += [Column(key, title, kind, better) for key, title, _, kind, better in self.extra]
+        if self.timed:
+            cols.append(Column("train_time_s", "train time", "s", "min"))
+        if self.timed and self.gpus:
+            cols.append(Column("gpu_time_s", "GPU time", "s", "min"))
+        if self.cpu_timed:
+            cols.append(Column("cpu_time_s", "CPU time", "s", "min"))
+        if self.target_acc is not None:
+            splits = sorted({accuracy_split(r) for r in records if r.metrics.get("history")}, reverse=True)
+            which = {("test",): "test", ("val",): "val", ("val", "test"): "val or test"}.get(tuple(splits), "val")
+            cols.append(Column("time_to_target_s", f"time to {100 * self.target_acc:g}% {which}", "s", "min"))
+        return cols
+
+    def row(self, r: Record, keys: Sequence[str]) -> dict[str, Any]:
         row: dict[str, Any] = {"run": r.id, "sweep": r.sweep, "status": run_status(r), "status_word": r.status}
         # a key some runs do not sweep (one variant sets it) shows their config's value, not a blank;
         # but not a compression setting: a run that does not prune has no sparsity worth showing
         row.update({k: r.setting(k, "") if _training_key(k) else r.swept.get(k, "") for k in keys})
-        row.update({key: _train_value(r, src) for key, _, src, _, _ in train_cols})
-        row.update({key: get(r) for key, _, get, _, _ in extra})
-        if timed:
+        row.update({key: _train_value(r, src) for key, _, src, _, _ in self.train_cols})
+        row.update({key: get(r) for key, _, get, _, _ in self.extra})
+        if self.timed:
             row["train_time_s"] = number(r.metrics.get("train_time_s"))
             if r.run.shared_store() is not None:  # the one shared training's time, counted once in totals
                 row["train_time_s_note"] = "shared"
-        if timed and gpus:
+        if self.timed and self.gpus:
             row["gpu_time_s"] = gpu_seconds(r)
-        if cpu_timed:
+        if self.cpu_timed:
             row["cpu_time_s"] = cpu_seconds(r)
             if r.run.shared_store() is not None:  # includes the shared training's, counted once in totals
                 row["cpu_time_s_note"] = "shared"
-        if target_acc is not None:
-            row["time_to_target_s"] = time_to_accuracy(r, target_acc)
-        rows.append(row)
-    table = Table(cols, rows)
-    if seeds and "train.seed" in keys:
-        table = average_seeds(table, [k for k in keys if k != "train.seed"], sweep_column)
-    return table
+        if self.target_acc is not None:
+            row["time_to_target_s"] = time_to_accuracy(r, self.target_acc)
+        return row
 
 
 def average_seeds(table: Table, other_keys: Sequence[str], by_sweep: bool) -> Table:
@@ -428,70 +453,7 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
         "fp16": f"{prune} + fp16" if prune else "fp16",
     }
     entries = r.measured()
-    rows = []
-    if entries:
-        by_name = {e["name"]: e for e in entries}
-        for e in entries:
-            name = e["name"]
-            if name.endswith("-cuda"):
-                if name.removesuffix("-cuda") in by_name:
-                    continue  # its CUDA time goes on its CPU twin's row
-                # a GPU-only model (fp16): its own row, CPU columns empty (its GPU latency and memory are
-                # not comparable with the CPU figures of the other rows)
-                name, e = name.removesuffix("-cuda"), {**e, "latency_b1_ms": None, "self_cpu_ms_per_batch": None}
-                e.update(peak_memory_batch_bytes=None, peak_memory_b1_bytes=None)
-            cuda = by_name.get(f"{name}-cuda", {})
-            timed = speed_counts(e)
-            rows.append(
-                {
-                    "name": name,
-                    "top1": number(e.get("test_top1")),
-                    "top5": number(e.get("test_top5")),
-                    "parameters": e.get("parameters"),
-                    "nonzero_parameters": e.get("nonzero_parameters"),
-                    "file_bytes": e.get("file_bytes"),
-                    "file_gzip_bytes": e.get("file_gzip_bytes"),
-                    "peak_memory_bytes": e.get("peak_memory_batch_bytes") or e.get("peak_memory_b1_bytes"),
-                    "latency_b1_ms": number(e.get("latency_b1_ms")) if timed else None,
-                    "self_cpu_ms_per_batch": number(e.get("self_cpu_ms_per_batch")) if timed else None,
-                    "runtime": runtime(e),
-                    "self_cuda_ms_per_batch": number(
-                        cuda.get("self_cuda_ms_per_batch") or e.get("self_cuda_ms_per_batch")
-                    ),
-                }
-            )
-    else:
-        if r.metrics.get("status") == "done":
-            rows.append(
-                {
-                    "name": "trained",
-                    "top1": number(r.metrics.get("test_acc")),
-                    "top5": number(r.metrics.get("test_top5")),
-                    "parameters": r.metrics.get("params"),
-                }
-            )
-        if _stage(r, "prune", "during") == "finetune":
-            p = r.stages["prune"]
-            rows.append(
-                {
-                    "name": "pruned",
-                    "top1": number(p.get("test_acc")),
-                    "top5": number(p.get("test_top5")),
-                    "parameters": p.get("params"),
-                    "nonzero_parameters": p.get("nonzero_params"),
-                }
-            )
-        if quant is not None and quant != "none":
-            q = r.stages["quantize"]
-            rows.append(
-                {
-                    "name": "int8" if quant != "fp16" else "fp16",
-                    "top1": number(q.get("test_acc")),
-                    "top5": number(q.get("test_top5")),
-                    "file_bytes": q.get("raw"),
-                    "file_gzip_bytes": q.get("gzip"),
-                }
-            )
+    rows = _measured_rows(entries) if entries else _stage_rows(r, quant)
     fast_cpu = int8_fast_cpu(r)
     for row in rows:
         row["model"] = labels.get(row["name"], row["name"])
@@ -500,6 +462,77 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
         row["top1_error"] = None if row["top1"] is None else 1 - row["top1"]
         row["top5_error"] = None if row["top5"] is None else 1 - row["top5"]
         row.update(budget_cells(r, row["name"]))
+    return rows
+
+
+def _measured_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model of measure.json; a '<name>-cuda' entry's CUDA time goes on its CPU twin's row."""
+    by_name = {e["name"]: e for e in entries}
+    rows = []
+    for e in entries:
+        name = e["name"]
+        if name.endswith("-cuda"):
+            if name.removesuffix("-cuda") in by_name:
+                continue  # its CUDA time goes on its CPU twin's row
+            # a GPU-only model (fp16): its own row, CPU columns empty (its GPU latency and memory are
+            # not comparable with the CPU figures of the other rows)
+            name, e = name.removesuffix("-cuda"), {**e, "latency_b1_ms": None, "self_cpu_ms_per_batch": None}
+            e.update(peak_memory_batch_bytes=None, peak_memory_b1_bytes=None)
+        cuda = by_name.get(f"{name}-cuda", {})
+        timed = speed_counts(e)
+        rows.append(
+            {
+                "name": name,
+                "top1": number(e.get("test_top1")),
+                "top5": number(e.get("test_top5")),
+                "parameters": e.get("parameters"),
+                "nonzero_parameters": e.get("nonzero_parameters"),
+                "file_bytes": e.get("file_bytes"),
+                "file_gzip_bytes": e.get("file_gzip_bytes"),
+                "peak_memory_bytes": e.get("peak_memory_batch_bytes") or e.get("peak_memory_b1_bytes"),
+                "latency_b1_ms": number(e.get("latency_b1_ms")) if timed else None,
+                "self_cpu_ms_per_batch": number(e.get("self_cpu_ms_per_batch")) if timed else None,
+                "runtime": runtime(e),
+                "self_cuda_ms_per_batch": number(cuda.get("self_cuda_ms_per_batch") or e.get("self_cuda_ms_per_batch")),
+            }
+        )
+    return rows
+
+
+def _stage_rows(r: Record, quant: Any) -> list[dict[str, Any]]:
+    """The models of a run that measured nothing, from its stage records (fewer columns)."""
+    rows = []
+    if r.metrics.get("status") == "done":
+        rows.append(
+            {
+                "name": "trained",
+                "top1": number(r.metrics.get("test_acc")),
+                "top5": number(r.metrics.get("test_top5")),
+                "parameters": r.metrics.get("params"),
+            }
+        )
+    if _stage(r, "prune", "during") == "finetune":
+        p = r.stages["prune"]
+        rows.append(
+            {
+                "name": "pruned",
+                "top1": number(p.get("test_acc")),
+                "top5": number(p.get("test_top5")),
+                "parameters": p.get("params"),
+                "nonzero_parameters": p.get("nonzero_params"),
+            }
+        )
+    if quant is not None and quant != "none":
+        q = r.stages["quantize"]
+        rows.append(
+            {
+                "name": "int8" if quant != "fp16" else "fp16",
+                "top1": number(q.get("test_acc")),
+                "top5": number(q.get("test_top5")),
+                "file_bytes": q.get("raw"),
+                "file_gzip_bytes": q.get("gzip"),
+            }
+        )
     return rows
 
 

@@ -14,11 +14,9 @@ from typing import Any, Callable, Literal, Sequence
 
 from pipeline.report.records import Record, read_record
 from pipeline.report.tables import COMPRESSION_COLUMNS, TRAIN_COLUMNS
-from pipeline.rundir import RunDir, resumable
+from pipeline.rundir import STOPPED_EARLY, RunDir, resumable
 
-# metrics/train.json's status of a training the search stopped early (phase 2 writes it): the run is
-# finished, keeps its checkpoint and metrics, and its later stages do not run.
-STOPPED = "stopped"
+STOPPED = STOPPED_EARLY  # metrics/train.json's status of a training the search stopped early
 
 
 @dataclass(frozen=True)

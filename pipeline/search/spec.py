@@ -249,6 +249,11 @@ def parse_choice(key: str, values: list[Any], kind: str, src: str) -> Choice:
 
 
 def _number(src: str, where: str, value: Any) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as text; the schema's own values accept it
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _fail(src, where, f"must be a finite number, got {value!r}.")
     return value

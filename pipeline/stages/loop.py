@@ -22,6 +22,8 @@ from omegaconf import DictConfig
 
 from pipeline.jobs.preempt import STOP, Preempted
 from pipeline.rundir import RunDir, atomic_write_json
+from pipeline.search.figures import STOPPED
+from pipeline.search.reporting import current_hook
 from pipeline.stages.checkpoint import save_checkpoint
 from pipeline.stages.distributed import Dist
 from pipeline.stages.setup import Context, autocast, build_optimizer, lr_factor
@@ -68,6 +70,15 @@ def _any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def stop_early(epoch: int, history: list[dict[str, float]], dist: Dist, device: torch.device) -> bool:
+    """After a training epoch of a search's trial: whether the search stops the trial now (rank 0 asks
+    the trial's reporter; every rank gets the answer). False outside a search."""
+    hook = current_hook()
+    if hook is None:
+        return False
+    return _any_rank(dist.is_main and hook.after_epoch(epoch, history), dist, device)
 
 
 def set_mode(model: nn.Module, training: bool) -> None:
@@ -283,7 +294,7 @@ class Phase:
 
 @dataclass
 class FitResult:
-    status: str  # done | diverged
+    status: str  # done | diverged | stopped early (by a search)
     history: list[dict[str, float]]
     elapsed_s: float
     diverged_epoch: int | None = None
@@ -510,6 +521,10 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
                     "notes": run.notes(),  # e.g. a checkpoint that could not be loaded
                 },
             )
+        if phase.name == "train" and epoch + 1 < epochs and stop_early(epoch + 1, history, dist, device):
+            status = STOPPED  # after the checkpoint: the trial keeps it, and its metrics
+            log.info("stopped early by the search after epoch %d/%d", epoch + 1, epochs)
+            break
 
     for w in (writer, sparsity_writer):
         if w is not None:

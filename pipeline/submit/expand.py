@@ -43,9 +43,10 @@ from pipeline.config import (
     tree_to_yaml,
     unflatten,
 )
+from pipeline.search.spec import SearchSpec, parse_search
 from pipeline.submit.launch import visible_gpu_count
 
-SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants")
+SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants", "search")
 
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -67,6 +68,7 @@ class SweepSpec:
     zip: dict[str, list[Any]] = field(default_factory=dict)
     variants: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
+    search: SearchSpec | None = None  # a search: each run of grid x zip x variants is one study's fixed settings
 
 
 @dataclass
@@ -118,6 +120,25 @@ def read_sweep(path: str | Path) -> SweepSpec:
     """Parse and check a sweep file; every problem is a ConfigError naming the file and key."""
     path = Path(path)
     doc = read_yaml(path)
+    _check_top_level(path, doc)
+    name = doc.get("name")
+    if not isinstance(name, str) or not SAFE_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(path, f"must be a folder name of letters, digits, '.', '_' or '-', got {name!r}.", key="name")
+    spec = SweepSpec(path=path, name=name, base=_base_files(path, doc), description=str(doc.get("description") or ""))
+    spec.cluster = _cluster_file(path, doc)
+    spec.set, spec.grid, spec.zip = (_section(path, doc, section) for section in ("set", "grid", "zip"))
+    _check_axes(path, spec)
+    spec.variants = _variants(path, doc)
+    axes = [set(spec.grid), set(spec.zip)]
+    if axes[0] & axes[1]:
+        raise ConfigError(path, "a key may not be both in grid and zip.", key=sorted(axes[0] & axes[1])[0])
+    if doc.get("search") is not None:
+        spec.search = parse_search(doc["search"], path)
+    return spec
+
+
+def _check_top_level(path: Path, doc: Any) -> None:
+    """A mapping of the sweep file's own keys only."""
     if not isinstance(doc, dict):
         raise ConfigError(path, "a sweep file must be a mapping with keys " + ", ".join(SWEEP_KEYS))
     for key in doc:
@@ -129,31 +150,41 @@ def read_sweep(path: str | Path) -> SweepSpec:
                 f"unknown top-level key.{_suggest(str(key), SWEEP_KEYS)} Allowed keys: {', '.join(SWEEP_KEYS)}.",
                 key=str(key),
             )
-    name = doc.get("name")
-    if not isinstance(name, str) or not SAFE_NAME.match(name) or name in (".", ".."):
-        raise ConfigError(path, f"must be a folder name of letters, digits, '.', '_' or '-', got {name!r}.", key="name")
+
+
+def _base_files(path: Path, doc: dict[str, Any]) -> list[Path]:
+    """The config files of ``base:`` (one path or a list), found (:func:`_find`)."""
     base = doc.get("base", [])
     if isinstance(base, str):
         base = [base]
     if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
         raise ConfigError(path, "must be a list of config file paths.", key="base")
-    spec = SweepSpec(
-        path=path, name=name, base=[_find(b, path, "base") for b in base], description=str(doc.get("description") or "")
-    )
-    cluster = doc.get("cluster")
-    if cluster is not None:
-        if not isinstance(cluster, str) or not cluster:
-            raise ConfigError(path, "must be a cluster profile name or a file path.", key="cluster")
-        ref = cluster if cluster.endswith((".yaml", ".yml")) else f"configs/cluster/{cluster}.yaml"
-        spec.cluster = _find(ref, path, "cluster")
+    return [_find(b, path, "base") for b in base]
 
-    for section in ("set", "grid", "zip"):
-        value = doc.get(section) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(path, "must be a mapping of dotted keys.", key=section)
-        flat = flatten(value, source=f"{path} ({section})")
-        check_keys(flat, f"{path} ({section})")
-        setattr(spec, section, flat)
+
+def _cluster_file(path: Path, doc: dict[str, Any]) -> Path | None:
+    """The file of ``cluster:`` (a profile name in configs/cluster/ or a YAML path), or None."""
+    cluster = doc.get("cluster")
+    if cluster is None:
+        return None
+    if not isinstance(cluster, str) or not cluster:
+        raise ConfigError(path, "must be a cluster profile name or a file path.", key="cluster")
+    ref = cluster if cluster.endswith((".yaml", ".yml")) else f"configs/cluster/{cluster}.yaml"
+    return _find(ref, path, "cluster")
+
+
+def _section(path: Path, doc: dict[str, Any], section: str) -> dict[str, Any]:
+    """``set``, ``grid`` or ``zip`` as a dotted dict of schema keys."""
+    value = doc.get(section) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(path, "must be a mapping of dotted keys.", key=section)
+    flat = flatten(value, source=f"{path} ({section})")
+    check_keys(flat, f"{path} ({section})")
+    return flat
+
+
+def _check_axes(path: Path, spec: SweepSpec) -> None:
+    """Every grid and zip axis a non-empty list; the zip axes of one length."""
     for section in ("grid", "zip"):
         for key, values in getattr(spec, section).items():
             if not isinstance(values, list) or not values:
@@ -165,16 +196,17 @@ def read_sweep(path: str | Path) -> SweepSpec:
             "zip axes must have equal lengths, got " + ", ".join(f"{k}: {n}" for k, n in lengths.items()) + ".",
             key="zip",
         )
+
+
+def _variants(path: Path, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """``variants``: a list of non-empty mappings, each as a dotted dict of schema keys."""
     variants = doc.get("variants") or []
     if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
         raise ConfigError(path, "must be a list of non-empty mappings of dotted keys.", key="variants")
-    spec.variants = [flatten(v, source=f"{path} (variants[{i}])") for i, v in enumerate(variants)]
-    for i, v in enumerate(spec.variants):
+    flat = [flatten(v, source=f"{path} (variants[{i}])") for i, v in enumerate(variants)]
+    for i, v in enumerate(flat):
         check_keys(v, f"{path} (variants[{i}])")
-    axes = [set(spec.grid), set(spec.zip)]
-    if axes[0] & axes[1]:
-        raise ConfigError(path, "a key may not be both in grid and zip.", key=sorted(axes[0] & axes[1])[0])
-    return spec
+    return flat
 
 
 def count_runs(spec: SweepSpec) -> int:

@@ -244,104 +244,146 @@ def submit(
     starts when its own training ends) and ``--kill-on-invalid-dep=yes`` (a failed training cancels its
     followers instead of leaving them queued forever). Locally they go after the others in every slot
     and wait for the owner's record when they get there (:func:`pipeline.share.wait_for_owner`)."""
-    import submitit
-    from submitit.core.utils import FailedJobError
-
     sub = Submission(cluster)
     if not runs:
         return sub
     after = dict(after or {})
     log_folder = sweep_dir / "logs" / "%j"
     if cluster == "slurm":
-        unreachable: str | None = None
-        first = [i for i in range(len(runs)) if i not in after]
-        waves: list[tuple[list[int], int | str | None]] = [(first, None)]
-        by_owner: dict[int | str, list[int]] = {}
-        for i, owner in after.items():
-            by_owner.setdefault(owner, []).append(i)
-        for i_or_job, owner_idx in by_owner.items():
-            waves.append((sorted(owner_idx), i_or_job))
-        for wave, waits_for in waves:
-            if not wave:
-                continue
-            depend: str | None = None
-            if waits_for is not None:
-                owner_job = sub.job_ids.get(runs[waits_for].id) if isinstance(waits_for, int) else waits_for
-                if not owner_job:  # its owner was refused (or not queued yet): it would start and train on its own
-                    owner = runs[waits_for].id if isinstance(waits_for, int) else "of another submission"
-                    sub.rejected.append(
-                        Rejected(
-                            [runs[i].id for i in wave],
-                            f"not tried: the run whose training they share ({owner}) was not submitted",
-                            unreachable=unreachable is not None,
-                        )
-                    )
-                    continue
-                depend = f"afterok:{owner_job}"
-            for params, chunk in _arrays([cfgs[i] for i in wave], name, max_size):
-                idx = [wave[j] for j in chunk]
-                run_ids = [runs[i].id for i in idx]
-                if unreachable is not None:
-                    sub.rejected.append(Rejected(run_ids, f"not tried: {unreachable}", unreachable=True))
-                    continue
-                slurm_executor = submitit.SlurmExecutor(
-                    folder=log_folder, max_num_timeout=int(_slurm_section(cfgs[idx[0]])["max_requeues"])
-                )
-                token = uuid.uuid4().hex[:16]
-                # a follower starts when its own training ends; a failed training cancels it (else it would
-                # stay queued forever, DependencyNeverSatisfied) and the files show it as blocked
-                extra = (
-                    {"additional_parameters": {"dependency": depend, "kill_on_invalid_dep": "yes"}} if depend else {}
-                )
-                slurm_executor.update_parameters(**_executor_parameters(params), comment=comment_of(token), **extra)
-                paths = [str(runs[i].path) for i in idx]
-                if on_submitting is not None:
-                    on_submitting(token, run_ids)
-                try:
-                    jobs = slurm_executor.map_array(job, paths)
-                except (FailedJobError, OSError) as e:
-                    reason = _sbatch_error(e)
-                    # refused, or no answer at all? Asking the controller tells them apart.
-                    down = not slurm.controller_answers()
-                    sub.rejected.append(Rejected(run_ids, reason, unreachable=down, token=token))
-                    if down:
-                        unreachable = "the Slurm controller does not answer (scontrol ping)"
-                    continue
-                queued = {runs[i].id: task.job_id for i, task in zip(idx, jobs)}
-                if on_submitted is not None:
-                    on_submitted(queued, token, {})
-                sub.job_ids.update(queued)
-                for i, task in zip(idx, jobs):
-                    sub.jobs.append(([runs[i]], task))
+        arrays = _SlurmArrays(sub, runs, cfgs, name, max_size, log_folder, job, on_submitting, on_submitted)
+        for wave, waits_for in _waves(len(runs), after):
+            arrays.submit_wave(wave, waits_for)
         return sub
+    executor = _slot_executor(cluster, log_folder)
+    slots = min(parallel, len(runs))
+    order = _slot_order(len(runs), after)
+    for s in range(slots):
+        _submit_slot(sub, executor, [runs[i] for i in order[s::slots]], job_many, sweep_dir, on_submitted)
+    return sub
+
+
+def _waves(n: int, after: Mapping[int, int | str]) -> list[tuple[list[int], int | str | None]]:
+    """Run indices in the order Slurm gets them: first every run that waits for no one, then one wave per
+    owner (an index of this submission, or an earlier submission's job id) with the runs that wait for it."""
+    waves: list[tuple[list[int], int | str | None]] = [([i for i in range(n) if i not in after], None)]
+    by_owner: dict[int | str, list[int]] = {}
+    for i, owner in after.items():
+        by_owner.setdefault(owner, []).append(i)
+    waves.extend((sorted(idx), owner) for owner, idx in by_owner.items())
+    return [(wave, owner) for wave, owner in waves if wave]
+
+
+@dataclass
+class _SlurmArrays:
+    """Submits the waves of :func:`submit` on Slurm, one array per set of resources, recording into
+    ``sub`` what was queued and what was refused; once the controller stops answering, the rest is not tried."""
+
+    sub: Submission
+    runs: Sequence[RunDir]
+    cfgs: Sequence[DictConfig | Mapping[str, Any]]
+    name: str
+    max_size: int | None
+    log_folder: Path
+    job: Callable[[str], Any]
+    on_submitting: Callable[[str, list[str]], Any] | None
+    on_submitted: Callable[[dict[str, str], str | None, dict[str, dict[str, Any]]], None] | None
+    unreachable: str | None = None  # why the remaining arrays are not tried
+
+    def submit_wave(self, wave: list[int], waits_for: int | str | None) -> None:
+        depend: str | None = None
+        if waits_for is not None:
+            owner_job = self._owner_job(waits_for)
+            if not owner_job:  # its owner was refused (or not queued yet): it would start and train on its own
+                owner = self.runs[waits_for].id if isinstance(waits_for, int) else "of another submission"
+                reason = f"not tried: the run whose training they share ({owner}) was not submitted"
+                self.sub.rejected.append(Rejected(self._ids(wave), reason, unreachable=self.unreachable is not None))
+                return
+            depend = f"afterok:{owner_job}"
+        for params, chunk in _arrays([self.cfgs[i] for i in wave], self.name, self.max_size):
+            self._submit_array(params, [wave[j] for j in chunk], depend)
+
+    def _owner_job(self, waits_for: int | str) -> str | None:
+        if isinstance(waits_for, int):
+            return self.sub.job_ids.get(self.runs[waits_for].id)
+        return waits_for
+
+    def _ids(self, idx: Sequence[int]) -> list[str]:
+        return [self.runs[i].id for i in idx]
+
+    def _submit_array(self, params: dict[str, Any], idx: list[int], depend: str | None) -> None:
+        import submitit
+        from submitit.core.utils import FailedJobError
+
+        run_ids = self._ids(idx)
+        if self.unreachable is not None:
+            self.sub.rejected.append(Rejected(run_ids, f"not tried: {self.unreachable}", unreachable=True))
+            return
+        max_requeues = int(_slurm_section(self.cfgs[idx[0]])["max_requeues"])
+        executor = submitit.SlurmExecutor(folder=self.log_folder, max_num_timeout=max_requeues)
+        token = uuid.uuid4().hex[:16]
+        # a follower starts when its own training ends; a failed training cancels it (else it would
+        # stay queued forever, DependencyNeverSatisfied) and the files show it as blocked
+        extra = {"additional_parameters": {"dependency": depend, "kill_on_invalid_dep": "yes"}} if depend else {}
+        executor.update_parameters(**_executor_parameters(params), comment=comment_of(token), **extra)
+        if self.on_submitting is not None:
+            self.on_submitting(token, run_ids)
+        try:
+            jobs = executor.map_array(self.job, [str(self.runs[i].path) for i in idx])
+        except (FailedJobError, OSError) as e:
+            # refused, or no answer at all? Asking the controller tells them apart.
+            down = not slurm.controller_answers()
+            self.sub.rejected.append(Rejected(run_ids, _sbatch_error(e), unreachable=down, token=token))
+            if down:
+                self.unreachable = "the Slurm controller does not answer (scontrol ping)"
+            return
+        queued = {self.runs[i].id: task.job_id for i, task in zip(idx, jobs)}
+        if self.on_submitted is not None:
+            self.on_submitted(queued, token, {})
+        self.sub.job_ids.update(queued)
+        self.sub.jobs.extend(([self.runs[i]], task) for i, task in zip(idx, jobs))
+
+
+def _slot_executor(cluster: str, log_folder: Path) -> Any:
+    """submitit's executor for local or debug slots."""
+    import submitit
 
     if cluster == "local":
-        executor: Any = submitit.LocalExecutor(folder=log_folder)
+        executor = submitit.LocalExecutor(folder=log_folder)
         executor.update_parameters(
             timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=visible_gpu_count(), stderr_to_stdout=True
         )
-    elif cluster == "debug":
-        executor = submitit.DebugExecutor(folder=log_folder)
+        return executor
+    if cluster == "debug":
+        return submitit.DebugExecutor(folder=log_folder)
+    raise ValueError(f"unknown cluster {cluster!r}; allowed: slurm, local, debug")
+
+
+def _slot_order(n: int, after: Mapping[int, int | str]) -> list[int]:
+    """Every slot runs the runs that train (or need no one) before those that wait for a training."""
+    return [i for i in range(n) if i not in after] + [i for i in range(n) if i in after]
+
+
+def _submit_slot(
+    sub: Submission,
+    executor: Any,
+    share: list[RunDir],
+    job_many: Callable[[list[str]], Any],
+    sweep_dir: Path,
+    on_submitted: Callable[[dict[str, str], str | None, dict[str, dict[str, Any]]], None] | None,
+) -> None:
+    """One local or debug job running ``share`` one after another; recorded into ``sub``."""
+    paths = [str(r.path) for r in share]
+    if sub.cluster == "local":
+        with detached_local_jobs(sweep_dir / "logs" / "local-controllers.err"):
+            slot_job = executor.submit(job_many, paths)
+        sub.job_records[str(slot_job.job_id)] = local_job_record(slot_job)
     else:
-        raise ValueError(f"unknown cluster {cluster!r}; allowed: slurm, local, debug")
-    slots = min(parallel, len(runs))
-    # every slot runs the runs that train (or need no one) before those that wait for a training
-    order = [i for i in range(len(runs)) if i not in after] + [i for i in range(len(runs)) if i in after]
-    for s in range(slots):
-        share = [runs[i] for i in order[s::slots]]
-        if cluster == "local":
-            with detached_local_jobs(sweep_dir / "logs" / "local-controllers.err"):
-                slot_job = executor.submit(job_many, [str(r.path) for r in share])
-        else:
-            slot_job = executor.submit(job_many, [str(r.path) for r in share])
-        queued = {r.id: str(slot_job.job_id) for r in share}
-        if cluster == "local":
-            sub.job_records[str(slot_job.job_id)] = local_job_record(slot_job)
-        if on_submitted is not None:
-            on_submitted(queued, None, sub.job_records)
-        sub.job_ids.update(queued)
-        sub.jobs.append((share, slot_job))
-    return sub
+        slot_job = executor.submit(job_many, paths)
+    queued = {r.id: str(slot_job.job_id) for r in share}
+    if on_submitted is not None:
+        on_submitted(queued, None, sub.job_records)
+    sub.job_ids.update(queued)
+    sub.jobs.append((share, slot_job))
 
 
 class _DetachedPopen:
@@ -413,43 +455,46 @@ def wait(
     finishes; returns run id -> run status (from its folder)."""
     runs = [r for rs, _ in sub.jobs for r in rs] + list(sub.elsewhere)
     reported: set[str] = set()
-
-    def report() -> None:
-        for r in runs:
-            status = r.status()
-            if r.id in reported or status in ("pending", "running"):
-                continue
-            reported.add(r.id)
-            if console is not None:
-                m = r.read_metrics("train") or {}
-                acc = f"  test acc {100 * m['test_acc']:.2f}%" if m.get("test_acc") is not None else ""
-                console.print(f"  {r.id}: {status}{acc}")
-
-    def elsewhere_running() -> bool:
-        if not sub.elsewhere or still_active is None:
-            return False
-        from pipeline.jobs.slurm import SlurmUnreachable
-
-        try:
-            return bool(still_active([r.id for r in sub.elsewhere]))
-        except SlurmUnreachable:
-            return True  # cannot tell now: ask again at the next poll
-
     if sub.cluster == "debug":  # the debug executor runs each job inside result()
         for _, job in sub.jobs:
             _result(job, console)
-            report()
+            _report_finished(runs, reported, console)
     else:
         while not all(job.done() for _, job in sub.jobs):
-            report()
+            _report_finished(runs, reported, console)
             time.sleep(poll_s)
         for _, job in sub.jobs:
             _result(job, console)
-    while elsewhere_running():
-        report()
+    while _elsewhere_running(sub, still_active):
+        _report_finished(runs, reported, console)
         time.sleep(poll_s)
-    report()
+    _report_finished(runs, reported, console)
     return {r.id: r.status() for r in runs}
+
+
+def _report_finished(runs: Sequence[RunDir], reported: set[str], console: Console | None) -> None:
+    """Print each run that has ended since the last call (adding it to ``reported``)."""
+    for r in runs:
+        status = r.status()
+        if r.id in reported or status in ("pending", "running"):
+            continue
+        reported.add(r.id)
+        if console is not None:
+            m = r.read_metrics("train") or {}
+            acc = f"  test acc {100 * m['test_acc']:.2f}%" if m.get("test_acc") is not None else ""
+            console.print(f"  {r.id}: {status}{acc}")
+
+
+def _elsewhere_running(sub: Submission, still_active: Callable[[list[str]], set[str]] | None) -> bool:
+    """Whether a job of an earlier submission still runs one of ``sub.elsewhere``."""
+    if not sub.elsewhere or still_active is None:
+        return False
+    from pipeline.jobs.slurm import SlurmUnreachable
+
+    try:
+        return bool(still_active([r.id for r in sub.elsewhere]))
+    except SlurmUnreachable:
+        return True  # cannot tell now: ask again at the next poll
 
 
 def _result(job: Any, console: Console | None) -> None:
@@ -459,3 +504,53 @@ def _result(job: Any, console: Console | None) -> None:
         if console is not None:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             console.print(f"[yellow]job {job.job_id} ended with an error:[/] {first}")
+
+
+class WorkersRefused(Exception):
+    """sbatch refused a search's worker array (``unreachable``: the controller did not answer)."""
+
+    def __init__(self, reason: str, unreachable: bool):
+        super().__init__(reason)
+        self.unreachable = unreachable
+
+
+def submit_workers(
+    cfg: Mapping[str, Any],
+    workers: Sequence[int],
+    fn: Callable[[int], Any],
+    *,
+    cluster: str,
+    sweep_dir: Path,
+    name: str,
+) -> dict[int, dict[str, Any]]:
+    """A search's workers: on Slurm one array whose task i runs ``fn(workers[i])`` with the resources of
+    ``cfg``'s slurm section; locally (or debug) one job per worker. Returns worker -> {"cluster", "job",
+    ...the local job's record}; raises :class:`WorkersRefused` when sbatch refuses the array."""
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    folder = sweep_dir / "logs" / "%j"
+    if cluster == "slurm":
+        params = slurm_parameters(_slurm_section(cfg), name)
+        array = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(_slurm_section(cfg)["max_requeues"]))
+        array.update_parameters(**_executor_parameters(params))
+        try:
+            jobs = array.map_array(fn, list(workers))
+        except (FailedJobError, OSError) as e:
+            raise WorkersRefused(_sbatch_error(e), unreachable=not slurm.controller_answers()) from None
+        return {w: {"cluster": "slurm", "job": str(j.job_id)} for w, j in zip(workers, jobs)}
+    out: dict[int, dict[str, Any]] = {}
+    for w in workers:
+        if cluster == "local":
+            executor = submitit.LocalExecutor(folder=folder)
+            executor.update_parameters(
+                timeout_min=LOCAL_TIMEOUT_MIN, gpus_per_node=visible_gpu_count(), stderr_to_stdout=True
+            )
+            with detached_local_jobs(sweep_dir / "logs" / "local-controllers.err"):
+                job = executor.submit(fn, w)
+            out[w] = {"cluster": "local", "job": str(job.job_id), **local_job_record(job)}
+        else:
+            job = submitit.DebugExecutor(folder=folder).submit(fn, w)
+            job.result()  # the debug executor runs the job when its result is asked for
+            out[w] = {"cluster": "debug", "job": str(job.job_id)}
+    return out

@@ -342,7 +342,7 @@ def sync_files(paths: Sequence[Path], threads: int = 8) -> None:
         list(pool.map(sync, paths))
 
 
-ENDED_STATUSES = ("done", "diverged", "failed")
+ENDED_STATUSES = ("done", "diverged", "failed", "stopped early")
 
 
 def active_run_ids(sweep_dir: Path, only: Sequence[str] | None = None) -> set[str]:

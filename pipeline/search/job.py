@@ -1,0 +1,112 @@
+"""What a search's array task (or local job) runs: :func:`work` rebuilds the study's base config from
+``<sweep>/search/search.json``, then runs :func:`pipeline.search.worker.run_worker` with a
+:class:`JobRunner`, whose trials are ordinary run folders taken through their stages by
+:func:`pipeline.stages.runner.execute`, with the trial's reporter installed for the training loop.
+
+Torch-free at import (the login node hands :func:`work` to submitit); a trial's stages import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Composer, Layer, flatten, tree_run_id, tree_to_yaml, unflatten
+from pipeline.jobs.owner import RunBusy, RunFolderVanished
+from pipeline.jobs.procs import die_with_parent
+from pipeline.rundir import RunDir, atomic_write_text, read_json
+from pipeline.search.figures import Outcome, outcome_from_run
+from pipeline.search.files import SearchRecord, StudyPlan, read_record
+from pipeline.search.reporting import EarlyStopHook, installed
+from pipeline.search.spec import SearchSpec
+from pipeline.search.worker import Assignment, RunFolderRunner, run_worker
+
+log = logging.getLogger("pipeline.search")
+
+
+class TrialInterrupted(Exception):
+    """The trial's run stopped on a signal (time limit, preemption) after a checkpoint: the worker stops
+    and its trial stays running in the study; the requeued (or resubmitted) worker resumes it."""
+
+
+class JobRunner(RunFolderRunner):
+    """Trials as run folders ``<sweep>/<run id>/`` (see :class:`pipeline.search.worker.TrialRunner`)."""
+
+    def __init__(self, sweep_dir: Path, record: SearchRecord, study: StudyPlan, worker: int):
+        super().__init__(sweep_dir, record.spec.objectives)
+        self.record, self.study, self.worker = record, study, worker
+        self.composer = Composer([Layer(f"{record.sweep_file} ({study.name}: fixed settings)", flatten(study.config))])
+        self.trees: dict[str, dict[str, Any]] = {}
+
+    @property
+    def spec(self) -> SearchSpec:
+        return self.record.spec
+
+    def resolve(self, params: dict[str, Any]) -> str:
+        flat = self.composer.compose_flat([Layer(f"{self.spec.source} (search.params)", dict(params))])
+        tree = unflatten(flat)
+        run_id = tree_run_id(tree)
+        self.trees[run_id] = tree
+        return run_id
+
+    def write_run(self, a: Assignment) -> RunDir:
+        """config.yaml and meta.json (the sampled values are its ``swept``: collect's columns)."""
+        run = RunDir(self.sweep_dir / a.run_id)
+        tree = self.trees.get(a.run_id)
+        if tree is None:  # a resumed trial: its run id was resolved by an earlier instance
+            self.resolve(a.params)
+            tree = self.trees[a.run_id]
+        text = tree_to_yaml(tree)
+        if not run.config.exists() or run.config.read_text() != text:
+            run.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run.config, text)
+        search = {"study": self.study.name, "trial": a.number, "params": a.params, "worker": self.worker}
+        meta = {
+            "id": a.run_id,
+            "sweep": self.record.sweep,
+            "sweep_file": self.record.sweep_file,
+            "swept": {**self.study.fixed, **a.params},
+            "search": search,
+        }
+        if read_json(run.meta) != meta:
+            atomic_write_text(run.meta, json.dumps(meta, indent=2, default=str) + "\n")
+        return run
+
+    def run(self, a: Assignment) -> Outcome:
+        from pipeline.stages.runner import execute  # (torch-free at import, as this module)
+
+        run = self.write_run(a)
+        hook = EarlyStopHook(a.reporter, self.spec.objectives[0])
+        try:
+            with installed(hook):
+                status = execute(run.path)
+        except (RunBusy, RunFolderVanished):
+            raise
+        except Exception as e:  # recorded in the run folder by execute; the study goes on
+            found = outcome_from_run(run.path, self.objectives)
+            return found if found is not None else Outcome.failed(f"run {run.id}: {type(e).__name__}: {e}")
+        if status == "preempted":
+            raise TrialInterrupted(f"trial {a.number} (run {run.id}) stopped on a signal; it resumes when requeued")
+        found = outcome_from_run(run.path, self.objectives)
+        return found if found is not None else Outcome.failed(f"run {run.id} ended {status}")
+
+
+def work(sweep_dir: str, study: str, worker: int) -> dict[str, Any]:
+    """One worker of one study: claim, run and tell trials until there is nothing left for it."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and os.environ.get("SUBMITIT_LOCAL_JOB_ID", "").isdigit():
+        die_with_parent(expected_parent=int(os.environ["SUBMITIT_LOCAL_JOB_ID"]))  # as runner.execute_many
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    record = read_record(Path(sweep_dir))
+    plan = record.studies[study]
+    runner = JobRunner(Path(sweep_dir), record, plan, worker)
+    epochs = int(plan.config["train"]["epochs"])
+    try:
+        summary = run_worker(record.spec, Path(sweep_dir), worker, runner, study_name=study, max_epochs=epochs)
+    except TrialInterrupted as e:
+        log.warning("worker %d: %s", worker, e)
+        return {"worker": worker, "interrupted": str(e)}
+    return {"worker": worker, "trials": summary.trials}
