@@ -296,3 +296,19 @@ def test_budget_sweep_runs_end_to_end_and_shares_the_sensitivity_pass(tmp_path, 
     c = run_cli("pipeline.collect", str(out / "budget"), cwd=tmp_path, check=True)
     assert "| budget | drop | attempts |" in c.stdout and "structured auto + int8" in c.stdout
     assert {p.name for p in (out / "budget" / "plots").glob("budget_*.png")} == {f"budget_{r.id}.png" for r in runs}
+
+
+def test_qat_within_budget_records_the_ptq_search_and_its_own_drop(tmp_path, synthetic_root):
+    """qat with quant.max_drop: the PTQ search picks the fp32 layers, one QAT fine-tune keeps them fp32,
+    and the QAT model's validation drop decides done / over budget."""
+    run = run_job(
+        tmp_path, synthetic_root, "quant.method=qat", "quant.epochs=1", "quant.max_drop=2", "quant.calib_batches=1",
+        "measure.enabled=false",
+    )  # fmt: skip
+    m = run.read_metrics("quantize")
+    b = m["budget"]
+    assert m["status"] == "done" and m["method"] == "qat" and b["steps"] and "ptq_val_acc" in b
+    assert m["fp32_layers"] == b["fp32_layers"] == b["steps"][b["chosen"]]["fp32_layers"]
+    assert b["drop"] == pytest.approx(100 * (b["reference_val_acc"] - b["val_acc"]))
+    assert b["status"] == ("done" if b["drop"] <= 2.0 else "over budget")
+    assert fresh_accuracies(run, "int8.pt2")["int8.pt2"] == m["test_acc"]
