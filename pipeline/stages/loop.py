@@ -83,6 +83,125 @@ def set_mode(model: nn.Module, training: bool) -> None:
         pass
 
 
+@dataclass
+class _StepRecipe:
+    """How one optimizer step is done: forward under autocast, the loss, backward (scaled for fp16),
+    clipping and the optimizer's step."""
+
+    model: Any  # the module, maybe wrapped in DDP or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    grad_clip: float
+    label_smoothing: float
+    dist: Dist
+    device: torch.device
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, loader: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on batch ``step`` of ``loader``; returns the model's output and the batch's loss
+        (with several ranks this rank's summed loss; the gradient is of the global batch's mean)."""
+        with autocast(self.device, self.amp_dtype):
+            out = self.model(x)
+            if self.dist.enabled:
+                loss = F.cross_entropy(out, y, label_smoothing=self.label_smoothing, reduction="sum")
+                loss_for_grad = loss * (self.dist.world_size / loader.global_batch_size(step))
+            else:
+                loss = F.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+                loss_for_grad = loss
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss_for_grad).backward()
+            if self.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss_for_grad.backward()
+            if self.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+        return out, loss
+
+
+class _Tally:
+    """An epoch's sums and a window of its per-step losses, kept on the device: no host sync per step.
+    The window is read every ``nan_check_steps`` steps, so a diverged network (many times slower per
+    step on a CPU) is noticed within that many steps at the cost of one host sync per window."""
+
+    def __init__(self, res: EpochResult, nan_check_steps: int, dist: Dist, device: torch.device) -> None:
+        self.res, self.dist, self.device = res, dist, device
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.window = torch.zeros(max(1, int(nan_check_steps)), device=device, dtype=torch.float32)
+        self.filled = 0
+
+    def add(self, step: int, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        n = y.shape[0]
+        self.loss_sum += loss.detach().double() * (1 if self.dist.enabled else n)
+        self.correct += (out.detach().argmax(1) == y).sum()
+        self.window[self.filled] = loss.detach() / n if self.dist.enabled else loss.detach()
+        self.filled += 1
+        self.res.images += n
+        self.res.steps = step + 1  # batches of this epoch done, including those before start_step
+
+    def running_loss(self) -> float:
+        return (self.res.loss_sum + self.loss_sum.item()) / max(self.res.images, 1)
+
+    def window_full(self) -> bool:
+        return self.filled == len(self.window)
+
+    def check(self, last_step: int) -> bool:
+        """Reads the window ending at ``last_step`` (0-based); True when a loss in it was not finite
+        (on any rank: ``res.diverged`` is set)."""
+        res = self.res
+        values = self.window[: self.filled].tolist()
+        first = last_step - self.filled + 2  # 1-based step of values[0]
+        self.filled = 0
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                res.diverged = {"step": first + i, "loss": str(value), "last_finite_loss": res.last_loss}
+                break
+            res.last_loss = value
+        if _any_rank(res.diverged is not None, self.dist, self.device):
+            if res.diverged is None:  # only another rank saw it; DDP's averaged gradients reach us next
+                res.diverged = {"step": last_step + 1, "loss": None, "last_finite_loss": res.last_loss}
+            return True
+        return False
+
+    def diverged_before(self, step: int, error: RuntimeError, model: nn.Module) -> bool:
+        """True (``diverged`` set) when the network had diverged before ``step`` raised ``error``."""
+        res = self.res
+        if not (self.filled and self.check(step - 1)):
+            if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                return False
+            res.diverged = {"step": step + 1, "loss": None, "last_finite_loss": res.last_loss}
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        res.diverged = {**(res.diverged or {}), "error": f"{type(error).__name__}: {first_line}"}
+        return True
+
+    def finish(self, start: float) -> EpochResult:
+        """The result, with the steps since the last check checked and the time since ``start`` added."""
+        res = self.res
+        # a stop must never checkpoint a network that has diverged
+        if res.diverged is None and self.filled and self.check(res.steps - 1):
+            res.stopped = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        res.seconds += time.perf_counter() - start
+        res.loss_sum += self.loss_sum.item()
+        res.correct += int(self.correct.item())
+        return res
+
+
+def _stop_agreed(should_stop: Callable[[], bool] | None, step: int, dist: Dist, device: torch.device) -> bool:
+    """``should_stop`` polled after every step alone; with several ranks after every 20th and agreed
+    over ranks (agreeing costs a collective and a host sync)."""
+    if should_stop is None or (dist.enabled and (step + 1) % 20 != 0):
+        return False
+    return _any_rank(should_stop(), dist, device)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Any,
@@ -116,108 +235,33 @@ def train_one_epoch(
     set_mode(model, True)
     device = next(model.parameters()).device
     res = EpochResult(**{**vars(carry), "stopped": False}) if carry is not None else EpochResult()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    # Each step's loss goes into this window on the device (one copy, no sync); it is read every
-    # ``nan_check_steps`` steps, so a diverged network (many times slower per step on a CPU) is noticed
-    # within that many steps at the cost of one host sync per window.
-    window_len = max(1, int(nan_check_steps))
-    window = torch.zeros(window_len, device=device, dtype=torch.float32)
-    filled = 0
     if last_finite_loss is not None:
         res.last_loss = last_finite_loss
-
-    def check_window(last_step: int) -> bool:
-        """Reads the window ending at ``last_step`` (0-based); True when a loss in it was not finite."""
-        nonlocal filled
-        values = window[:filled].tolist()
-        first = last_step - filled + 2  # 1-based step of values[0]
-        filled = 0
-        for i, value in enumerate(values):
-            if not math.isfinite(value):
-                res.diverged = {"step": first + i, "loss": str(value), "last_finite_loss": res.last_loss}
-                break
-            res.last_loss = value
-        if _any_rank(res.diverged is not None, dist, device):
-            if res.diverged is None:  # only another rank saw it; DDP's averaged gradients reach us next
-                res.diverged = {"step": last_step + 1, "loss": None, "last_finite_loss": res.last_loss}
-            return True
-        return False
-
-    def diverged_before(step: int, error: RuntimeError) -> bool:
-        """True (``diverged`` set) when the network had diverged before ``step`` raised ``error``."""
-        if not (filled and check_window(step - 1)):
-            if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                return False
-            res.diverged = {"step": step + 1, "loss": None, "last_finite_loss": res.last_loss}
-        first_line = str(error).splitlines()[0] if str(error) else ""
-        res.diverged = {**(res.diverged or {}), "error": f"{type(error).__name__}: {first_line}"}
-        return True
-
+    recipe = _StepRecipe(model, optimizer, scaler, amp_dtype, grad_clip, label_smoothing, dist, device)
+    tally = _Tally(res, nan_check_steps, dist, device)
     start = time.perf_counter()
-    step = start_step
     for step, (x, y) in enumerate(loader, start=start_step):
         if set_lr is not None:
             set_lr(step)
         try:
-            with autocast(device, amp_dtype):
-                out = model(x)
-                if dist.enabled:
-                    loss = F.cross_entropy(out, y, label_smoothing=label_smoothing, reduction="sum")
-                    loss_for_grad = loss * (dist.world_size / loader.global_batch_size(step))
-                else:
-                    loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
-                    loss_for_grad = loss
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss_for_grad).backward()
-                if grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss_for_grad.backward()
-                if grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
+            out, loss = recipe.run(x, y, loader, step)
         except RuntimeError as e:
             # QAT's fake-quantize observers refuse NaN activations: the step after the loss went
             # non-finite raises instead of giving NaN. That is the divergence, not a new fault.
-            if not diverged_before(step, e):
+            if not tally.diverged_before(step, e, model):
                 raise
             break
         if after_step is not None:
             after_step(step)
-        n = y.shape[0]
-        loss_sum += loss.detach().double() * (1 if dist.enabled else n)
-        correct += (out.detach().argmax(1) == y).sum()
-        window[filled] = loss.detach() / n if dist.enabled else loss.detach()
-        filled += 1
-        res.images += n
-        res.steps = step + 1  # batches of this epoch done, including those before start_step
+        tally.add(step, loss, out, y)
         if log_every and (step + 1) % log_every == 0:
-            running = (res.loss_sum + loss_sum.item()) / max(res.images, 1)
-            log.info("  step %d/%d  loss %.4f", step + 1, len(loader), running)
-        if filled == window_len and check_window(step):
+            log.info("  step %d/%d  loss %.4f", step + 1, len(loader), tally.running_loss())
+        if tally.window_full() and tally.check(step):
             break
-        # every step alone; with several ranks every 20th (agreeing costs a collective and a host sync)
-        if (
-            should_stop is not None
-            and (not dist.enabled or (step + 1) % 20 == 0)
-            and _any_rank(should_stop(), dist, device)
-        ):
+        if _stop_agreed(should_stop, step, dist, device):
             res.stopped = step + 1 < len(loader)
             break
-    # the steps since the last check: a stop must never checkpoint a network that has diverged
-    if res.diverged is None and filled and check_window(res.steps - 1):
-        res.stopped = False
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    res.seconds += time.perf_counter() - start
-    res.loss_sum += loss_sum.item()
-    res.correct += int(correct.item())
-    return res
+    return tally.finish(start)
 
 
 @torch.no_grad()
