@@ -561,6 +561,23 @@ def _median_ms(seconds: list[float]) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_artifacts(artifacts: list[Artifact]) -> None:
+    names = [a.name for a in artifacts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"artifact names must be unique, got {names}")
+    for a in artifacts:
+        if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{a.name}: device {a.device} but CUDA is not available")
+
+
+def _batches_source(test_data: Iterable | Callable[[], Iterable]) -> Callable[[], Iterable]:
+    """A callable giving the test batches afresh for each model (a one-shot iterator is read once)."""
+    if callable(test_data) and not hasattr(test_data, "__iter__"):
+        return test_data
+    batches = list(test_data) if iter(test_data) is test_data else test_data  # keep a one-shot's batches
+    return lambda: batches
+
+
 def measure_artifacts(
     artifacts: list[Artifact],
     test_data: Iterable | Callable[[], Iterable],
@@ -609,18 +626,8 @@ def measure_artifacts(
         raise ValueError(
             "need threads >= 0, latency_repeats >= 1, throughput_batch >= 1, throughput_repeats >= 1 and warmup >= 1"
         )
-    names = [a.name for a in artifacts]
-    if len(set(names)) != len(names):
-        raise ValueError(f"artifact names must be unique, got {names}")
-    for a in artifacts:
-        if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"{a.name}: device {a.device} but CUDA is not available")
-    if callable(test_data) and not hasattr(test_data, "__iter__"):
-        batches_for: Callable[[], Iterable] = test_data
-    else:
-        if iter(test_data) is test_data:  # a one-shot iterator: keep its batches
-            test_data = list(test_data)
-        batches_for = lambda: test_data  # noqa: E731
+    _check_artifacts(artifacts)
+    batches_for = _batches_source(test_data)
     first = next(iter(batches_for()), None)
     if first is None:
         raise ValueError("test_data yielded no batches")

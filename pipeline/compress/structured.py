@@ -191,16 +191,20 @@ def prune_structured(
         "output_shape": list(out.shape),
     }
     if ratio > 0 and report["params_after"] == params_before:
-        # E.g. GroupNorm with 16 groups: round_to applies to the per-group count, which rounds to "all".
-        message = (
-            f"structured pruning at ratio {ratio} removed no channel from {type(model).__name__} "
-            f"(round_to={round_to}); the model is unchanged"
-        )
-        log.warning(message)
-        warnings.warn(message)
+        _warn_unchanged(model, ratio, round_to)
     if record_removed:
         report["removed"] = removed.as_dict()
     return report
+
+
+def _warn_unchanged(model: nn.Module, ratio: float, round_to: int) -> None:
+    # E.g. GroupNorm with 16 groups: round_to applies to the per-group count, which rounds to "all".
+    message = (
+        f"structured pruning at ratio {ratio} removed no channel from {type(model).__name__} "
+        f"(round_to={round_to}); the model is unchanged"
+    )
+    log.warning(message)
+    warnings.warn(message)
 
 
 def _check_arguments(ratio: float, importance: str, round_to: int, iterative_steps: int) -> None:
