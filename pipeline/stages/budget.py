@@ -24,13 +24,12 @@ from torch import nn
 from pipeline.compress.budget import prune as bp
 from pipeline.compress.budget.search import choose
 from pipeline.compress.unstructured import weight_sparsity
-from pipeline.data.loaders import DeviceLoader
 from pipeline.models import count_macs
 from pipeline.models.files import PRUNED, TRAINED, load_model, save_model
 from pipeline.rundir import RunDir, atomic_write_json, read_json
 from pipeline.stages.checkpoint import load_checkpoint
 from pipeline.stages.loop import Phase, evaluate, evaluate_test, fit
-from pipeline.stages.setup import Context, merged_schedule, to_device
+from pipeline.stages.setup import Context, make_loaders, merged_schedule, to_device
 
 log = logging.getLogger("pipeline.stages.budget")
 
@@ -252,28 +251,20 @@ def over_budget_note(stage: str, record: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def cpu_val_loader(cfg: DictConfig, data: Any) -> DeviceLoader:
+def cpu_val_loader(cfg: DictConfig) -> Any:
     """The validation split on the CPU, un-augmented: what int8 decisions are scored on."""
-    cpu = torch.device("cpu")
-    return DeviceLoader(
-        data.val,
-        int(cfg.train.eval_batch_size),
-        device=cpu,
-        channels_last=bool(cfg.train.channels_last),
-        mean=data.mean,
-        std=data.std,
-    )
+    return make_loaders(cfg, torch.device("cpu"))[2]
 
 
 def int8_search(
-    cfg: DictConfig, model: nn.Module, calib: list[torch.Tensor], example: torch.Tensor, data: Any
+    cfg: DictConfig, model: nn.Module, calib: list[torch.Tensor], example: torch.Tensor
 ) -> tuple[Any, dict[str, Any]]:
     """int8 with the costliest layers in fp32 until the validation drop is within ``quant.max_drop``
     (:func:`pipeline.compress.budget.int8.int8_within_budget`): (converted program, record)."""
     from pipeline.compress.budget.int8 import int8_within_budget
 
     q = cfg.quant
-    val = cpu_val_loader(cfg, data)
+    val = cpu_val_loader(cfg)
     score: Callable[[Any], float] = lambda f: evaluate(f, val)["acc"]  # noqa: E731
     gm, record = int8_within_budget(
         model, calib, example, score, max_drop=float(q.max_drop), ranking=str(q.ranking),
@@ -292,12 +283,12 @@ def finish_int8_budget(run: RunDir, metrics: dict[str, Any]) -> None:
         run.add_note(over_budget_note(str(metrics["method"]), record))
 
 
-def qat_drop(record: dict[str, Any], gm: Any, cfg: DictConfig, data: Any) -> dict[str, Any]:
+def qat_drop(record: dict[str, Any], gm: Any, cfg: DictConfig) -> dict[str, Any]:
     """QAT within a budget: the PTQ search chose the fp32 layers (its steps in ``record``); the QAT model
     trained with them in fp32 decides done / over budget against the same reference."""
     from pipeline.compress.budget.search import drop_points, within_budget
 
-    acc = evaluate(gm, cpu_val_loader(cfg, data))["acc"]
+    acc = evaluate(gm, cpu_val_loader(cfg))["acc"]
     drop = drop_points(record["reference_val_acc"], acc)
     within = within_budget(drop, float(cfg.quant.max_drop))
     return {**record, "ptq_val_acc": record["val_acc"], "val_acc": acc, "drop": drop,
