@@ -267,3 +267,44 @@ def test_search_yaml_runs_8_trials_with_2_workers_on_slurm_some_stopped_early(tm
     for m in stopped:  # keeps its checkpoint and metrics, costs nothing more (no later stage ran)
         run = m.parent.parent
         assert (run / "checkpoints/last.pt").is_file() and not (run / "metrics/prune.json").exists()
+
+
+def _trials_table(markdown: str) -> tuple[list[str], list[list[str]]]:
+    """collect's trials table (the one under '## Search'): headers, rows."""
+    lines = [ln for ln in markdown.split("## Search: ", 1)[1].splitlines() if ln.startswith("|")]
+    split = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+    return split[0], split[2:]
+
+
+def test_two_objectives_give_a_pareto_front_in_status_and_collect(tmp_path, synthetic_root):
+    # more epochs: better accuracy, more time; NSGA-II trades them off
+    spec = write_search(
+        tmp_path,
+        method="nsga2",
+        trials=4,
+        workers=2,
+        objective="{val_acc_best: max, train_time_s: min}",
+        params="{train.epochs: {low: 1, high: 4}, optim.lr: {low: 0.01, high: 0.2, log: true}}",
+    )
+    args = ["--cluster", "local", "--parallel", "2", "--wait", f"data.root={synthetic_root}", *TINY]
+    r = sweep(tmp_path, spec, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep_dir = tmp_path / "runs/s"
+    assert study_states(sweep_dir) == {"COMPLETE": 4}
+    st = run_cli("pipeline.status", str(sweep_dir), cwd=tmp_path)
+    assert st.returncode == 0 and "Pareto front: trials" in st.stdout, st.stdout + st.stderr
+    c = run_cli("pipeline.collect", str(sweep_dir), "--format", "markdown", cwd=tmp_path)
+    assert c.returncode == 0, c.stdout + c.stderr
+    headers, rows = _trials_table(c.stdout)
+    acc, secs, front = (headers.index(h) for h in ("val_acc_best", "train_time_s", "Pareto front"))
+    points = {row[0]: (float(row[acc]), float(row[secs]), row[front] == "yes") for row in rows}
+    assert len(points) == 4 and any(on for _, _, on in points.values()), c.stdout
+    for trial, (a, s, on) in points.items():  # on the front exactly when no other trial dominates it
+        dominated = any(
+            a2 >= a and s2 <= s and (a2, s2) != (a, s) for t2, (a2, s2, _) in points.items() if t2 != trial
+        )
+        assert on == (not dominated), (trial, points)
+    # which trial is best for each objective, said in status and collect
+    for out in (st.stdout, c.stdout):
+        text = " ".join(out.split())
+        assert "best val_acc_best: trial" in text and "best train_time_s: trial" in text, out
