@@ -124,6 +124,19 @@ def test_searched_key_that_is_also_a_grid_axis_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "override, key", [("slurm.tasks_per_node=2", "slurm.tasks_per_node"), ("slurm.nodes=2", "slurm.nodes")]
+)
+def test_several_ranks_per_worker_are_refused_naming_the_key(tmp_path, override, key):
+    spec = write_search(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        r = sweep(tmp_path, spec, "--cluster", "local", override, "train.batch_size=128", *extra, timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        err = " ".join(r.stderr.split())
+        assert str(spec) in err and key in err and "one process" in err and "Allowed with search: 1" in err, err
+        assert not (tmp_path / "runs").exists()
+
+
 def test_storage_url_that_does_not_answer_exits_3_with_nothing_submitted(tmp_path):
     spec = write_search(tmp_path)
     # a port nothing listens on: the server does not answer
@@ -300,9 +313,7 @@ def test_two_objectives_give_a_pareto_front_in_status_and_collect(tmp_path, synt
     points = {row[0]: (float(row[acc]), float(row[secs]), row[front] == "yes") for row in rows}
     assert len(points) == 4 and any(on for _, _, on in points.values()), c.stdout
     for trial, (a, s, on) in points.items():  # on the front exactly when no other trial dominates it
-        dominated = any(
-            a2 >= a and s2 <= s and (a2, s2) != (a, s) for t2, (a2, s2, _) in points.items() if t2 != trial
-        )
+        dominated = any(a2 >= a and s2 <= s and (a2, s2) != (a, s) for t2, (a2, s2, _) in points.items() if t2 != trial)
         assert on == (not dominated), (trial, points)
     # which trial is best for each objective, said in status and collect
     for out in (st.stdout, c.stdout):

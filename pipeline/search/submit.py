@@ -62,9 +62,25 @@ def study_plans(sweep: SweepSpec, runs: Sequence[PlannedRun], overrides: dict[st
     check_axes(sweep, search, overrides)
     plans = []
     for run in runs:
+        check_one_rank(sweep.path, run.config)
         check_space(search, composer_for(sweep.path, run.config))
         plans.append(StudyPlan(study_name(run.swept, len(runs) == 1), dict(run.swept), run.config))
     return plans
+
+
+def check_one_rank(sweep_file: str | Path, config: dict[str, Any]) -> None:
+    """A worker is one process: several ranks (data-parallel tasks) would each run the worker loop and
+    claim trials of their own, instead of training one trial together."""
+    for key in ("tasks_per_node", "nodes"):
+        value = int(config["slurm"][key])
+        if value > 1:
+            raise ConfigError(
+                sweep_file,
+                f"is {value}: a search runs each trial in one process (a worker claims its trials alone, and "
+                "several ranks would each claim their own). Allowed with search: 1; to train data-parallel, "
+                "run the chosen config as a grid sweep.",
+                key=f"slurm.{key}",
+            )
 
 
 def composer_for(sweep_file: str | Path, config: dict[str, Any]) -> Composer:
