@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.rundir import RunDir
 from tests.conftest import REPO, run_cli
 from tests.test_search_sweep import TINY, study_states
 from tests.test_slurm import ENV, cancel_all, jobs_ended, logs_tail, wait_until
@@ -51,7 +52,8 @@ def sweep_args(tmp_path: Path, name: str, root: Path) -> list[str]:
     spec = tmp_path / f"{name}.yaml"
     spec.write_text(SEARCH.format(name=name, base=REPO / "configs/base.yaml"))
     overrides = [t for t in TINY if not t.startswith(("data.train_size", "data.val_size"))]
-    return [str(spec), "--out", str(tmp_path / "runs"), f"data.root={root}", *overrides]
+    # each in its own --out: a sweep reuses the trainings stored under its --out (train once)
+    return [str(spec), "--out", str(tmp_path / name), f"data.root={root}", *overrides]
 
 
 def reference(tmp_path: Path, root: Path) -> subprocess.Popen:
@@ -81,15 +83,16 @@ def assert_same_training(run: Path, ref: Path) -> None:
     assert m["status"] == r["status"] == "done", (m, r)
     for key in COMPARED:
         assert m[key] == r[key], (key, m[key], r[key])
-    a = torch.load(run / "checkpoints/last.pt", weights_only=False)["model"]
-    b = torch.load(ref / "checkpoints/last.pt", weights_only=False)["model"]
+    trained_in = [RunDir(p).shared_store("train") or p for p in (run, ref)]  # (train once: a shared store)
+    a = torch.load(trained_in[0] / "checkpoints/last.pt", weights_only=False)["model"]
+    b = torch.load(trained_in[1] / "checkpoints/last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_requeued_worker_resumes_its_trial_bitwise_and_the_study_ends_with_trials(tmp_path, synthetic_root):
     r = run_cli("pipeline.sweep", *sweep_args(tmp_path, "req", synthetic_root), "--cluster", "slurm", env=ENV)
     assert r.returncode == 0, r.stdout + r.stderr
-    sweep_dir = tmp_path / "runs/req"
+    sweep_dir = tmp_path / "req/req"
     job = json.loads((sweep_dir / "search/jobs.json").read_text())["search"]["0"]["job"]
     ref = reference(tmp_path, synthetic_root)
     try:
@@ -107,7 +110,7 @@ def test_requeued_worker_resumes_its_trial_bitwise_and_the_study_ends_with_trial
 
     states = study_states(sweep_dir)
     assert states == {"COMPLETE": 2}, (states, logs_tail(sweep_dir))
-    runs, refs = trial_runs(sweep_dir), trial_runs(tmp_path / "runs/ref")
+    runs, refs = trial_runs(sweep_dir), trial_runs(tmp_path / "ref/ref")
     assert sorted(runs) == sorted(refs) == [0, 1]
     for trial, signal_name in ((0, "SIGTERM"), (1, "SIGUSR2")):
         log = (runs[trial] / "run.log").read_text()

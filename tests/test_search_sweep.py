@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.rundir import RunDir
 from tests.conftest import REPO, run_cli
 
 TINY = [
@@ -279,7 +280,8 @@ def test_search_yaml_runs_8_trials_with_2_workers_on_slurm_some_stopped_early(tm
     ]
     for m in stopped:  # keeps its checkpoint and metrics, costs nothing more (no later stage ran)
         run = m.parent.parent
-        assert (run / "checkpoints/last.pt").is_file() and not (run / "metrics/prune.json").exists()
+        trained_in = RunDir(run).shared_store("train") or run  # (train once: in <out>/.shared/train/<key>/)
+        assert (trained_in / "checkpoints/last.pt").is_file() and not (run / "metrics/prune.json").exists()
 
 
 def _trials_table(markdown: str) -> tuple[list[str], list[list[str]]]:
@@ -319,3 +321,31 @@ def test_two_objectives_give_a_pareto_front_in_status_and_collect(tmp_path, synt
     for out in (st.stdout, c.stdout):
         text = " ".join(out.split())
         assert "best val_acc_best: trial" in text and "best train_time_s: trial" in text, out
+
+
+def test_trials_that_differ_only_in_pruning_share_one_training(tmp_path, synthetic_root):
+    spec = write_search(
+        tmp_path,
+        method="random",
+        trials=3,
+        workers=2,
+        objective="{pruned_test_acc: max}",
+        params="{prune.sparsity: {low: 0.2, high: 0.8}}",
+    )
+    spec.write_text(
+        spec.read_text().replace("{model.name: resnet20}", "{model.name: resnet20, prune.method: unstructured}")
+    )
+    args = ["--cluster", "local", "--parallel", "2", "--wait", f"data.root={synthetic_root}", *TINY]
+    r = sweep(tmp_path, spec, *args, "train.epochs=2", "prune.epochs=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep_dir = tmp_path / "runs/s"
+    assert study_states(sweep_dir) == {"COMPLETE": 3}
+    runs = [RunDir(p.parent) for p in sweep_dir.glob("*/config.yaml")]
+    assert len(runs) == 3
+    stores = {run.shared_store("train") for run in runs}
+    (store,) = stores  # one training for the three trials
+    assert store is not None and json.loads((store / "metrics/train.json").read_text())["status"] == "done"
+    reused = [run for run in runs if "reuses the shared training" in run.log.read_text()]
+    assert len(reused) == 2, [run.log.read_text() for run in runs]
+    assert all(run.read_metrics("prune")["status"] == "done" for run in runs)  # each pruned itself
+    assert len({run.read_metrics("prune")["sparsity"] for run in runs}) == 3

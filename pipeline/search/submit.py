@@ -185,6 +185,19 @@ def busy_workers(sweep_dir: Path, study: str) -> dict[int, str]:
     return busy
 
 
+def archive_failed_stores(run: Any) -> None:
+    """The failed or diverged shared training (or pruning) of a trial's run, moved aside (kept) so that
+    the trial asked again redoes it, as ``--rerun failed`` does for a grid's runs."""
+    from pipeline import share
+    from pipeline.rundir import RunDir
+
+    for stage in ("train", "prune"):
+        store = run.shared_store(stage)
+        record = share.store_record(store, stage) if store is not None else None
+        if record is not None and record.get("status") in ("failed", "diverged") and not share.resumable(record):
+            RunDir(store).archive()
+
+
 def rerun_failed(study: Any, sweep_dir: Path) -> int:
     """``--rerun failed``: each failed trial (except an invalid sampled config, which cannot change) is
     enqueued again with its values, its run folder's failed stage archived; returns how many."""
@@ -203,6 +216,7 @@ def rerun_failed(study: Any, sweep_dir: Path) -> int:
             continue
         run_id = t.user_attrs.get(ATTR_RUN)
         if isinstance(run_id, str) and RunDir(sweep_dir / run_id).status() in ("failed", "diverged"):
+            archive_failed_stores(RunDir(sweep_dir / run_id))
             RunDir(sweep_dir / run_id).archive()
         study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number})
         n += 1
