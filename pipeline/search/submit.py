@@ -109,6 +109,15 @@ def space_text(search: SearchSpec) -> list[str]:
     return lines
 
 
+def storage_text(search: SearchSpec) -> str:
+    """The storage, for people: a database URL without its password."""
+    if search.storage is None:
+        return "journal file search/journal.log"
+    from pipeline.search.study import masked
+
+    return masked(search.storage)
+
+
 def print_search(console: Console, sweep: SweepSpec, plans: Sequence[StudyPlan], dry_run: bool) -> None:
     s = sweep.search
     assert s is not None
@@ -120,7 +129,7 @@ def print_search(console: Console, sweep: SweepSpec, plans: Sequence[StudyPlan],
     console.print(
         f"method {s.method}, {s.trials} trials, {s.workers} workers, objective "
         + ", ".join(f"{k}: {d}" for k, d in s.objective.items())
-        + f", early stopping {stop}, seed {s.seed}, storage {escape(s.storage or 'journal file search/journal.log')}",
+        + f", early stopping {stop}, seed {s.seed}, storage {escape(storage_text(s))}",
         soft_wrap=True,
     )
     console.print("space:")
