@@ -561,6 +561,23 @@ def _median_ms(seconds: list[float]) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_artifacts(artifacts: list[Artifact]) -> None:
+    names = [a.name for a in artifacts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"artifact names must be unique, got {names}")
+    for a in artifacts:
+        if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{a.name}: device {a.device} but CUDA is not available")
+
+
+def _batches_source(test_data: Iterable | Callable[[], Iterable]) -> Callable[[], Iterable]:
+    """A callable giving the test batches afresh for each model (a one-shot iterator is read once)."""
+    if callable(test_data) and not hasattr(test_data, "__iter__"):
+        return test_data
+    batches = list(test_data) if iter(test_data) is test_data else test_data  # keep a one-shot's batches
+    return lambda: batches
+
+
 def measure_artifacts(
     artifacts: list[Artifact],
     test_data: Iterable | Callable[[], Iterable],
@@ -609,18 +626,8 @@ def measure_artifacts(
         raise ValueError(
             "need threads >= 0, latency_repeats >= 1, throughput_batch >= 1, throughput_repeats >= 1 and warmup >= 1"
         )
-    names = [a.name for a in artifacts]
-    if len(set(names)) != len(names):
-        raise ValueError(f"artifact names must be unique, got {names}")
-    for a in artifacts:
-        if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"{a.name}: device {a.device} but CUDA is not available")
-    if callable(test_data) and not hasattr(test_data, "__iter__"):
-        batches_for: Callable[[], Iterable] = test_data
-    else:
-        if iter(test_data) is test_data:  # a one-shot iterator: keep its batches
-            test_data = list(test_data)
-        batches_for = lambda: test_data  # noqa: E731
+    _check_artifacts(artifacts)
+    batches_for = _batches_source(test_data)
     first = next(iter(batches_for()), None)
     if first is None:
         raise ValueError("test_data yielded no batches")
@@ -648,6 +655,29 @@ def measure_artifacts(
         torch.set_num_threads(old_threads)
 
 
+@dataclass
+class _Timing:
+    """How :func:`measure_artifacts` times (its arguments of the same names)."""
+
+    threads: int
+    latency_repeats: int
+    throughput_batch: int
+    throughput_repeats: int
+    warmup: int
+    profile: bool
+
+
+@dataclass
+class _Loaded:
+    """One artifact loaded: what is timed, what computes its accuracy (with that dtype), its entry."""
+
+    artifact: Artifact
+    device: torch.device
+    runnable: Callable[[Tensor], Tensor]
+    compute: tuple[Callable[[Tensor], Tensor], torch.dtype]
+    entry: dict[str, Any]
+
+
 def _measure(
     artifacts: list[Artifact],
     batches_for: Callable[[], Iterable],
@@ -662,71 +692,96 @@ def _measure(
     memory: bool,
     memory_timeout_s: float,
 ) -> list[dict[str, Any]]:
+    timing = _Timing(threads, latency_repeats, throughput_batch, throughput_repeats, warmup, profile)
+    loaded = [_load(a, dev, threads) for a, dev in zip(artifacts, _devices(artifacts))]  # everything first
+    for m in loaded:  # static figures and accuracy, one model at a time (nothing timed)
+        _static_figures(m, input_shape)
+        m.entry.update(_accuracy(m.compute[0], batches_for(), m.device, m.compute[1], m.artifact.channels_last))
+        m.compute = (m.runnable, m.artifact.dtype)  # let an fp32 copy made for the accuracy go
+    inputs = _timing_inputs(loaded, input_shape, throughput_batch)
+    timed = [i for i, m in enumerate(loaded) if m.entry["skipped"] is None]
+    samples = _time_interleaved(loaded, inputs, timed, timing)
+    order = [loaded[i].entry["name"] for i in timed]
+    for i, m in enumerate(loaded):
+        m.entry.update(_timing_figures(samples, i, order, timing))
+        m.entry.update(peak_memory_b1_bytes=None, peak_memory_batch_bytes=None, memory_method=None, memory_error=None)
+    for i in timed:
+        if memory:
+            _peak_memory(loaded[i], inputs[i], input_shape, timing, memory_timeout_s)
+        else:
+            loaded[i].entry["memory_method"] = "not measured (memory=False)"
+    for m in loaded:
+        m.entry["notes"] = m.artifact.notes
+    return [_plain(m.entry) for m in loaded]
+
+
+def _devices(artifacts: list[Artifact]) -> list[torch.device]:
+    """Each artifact's device, a bare "cuda" made the current CUDA device."""
     devices = [torch.device(a.device) for a in artifacts]
     if any(d.type == "cuda" and d.index is None for d in devices):
         devices = [
             torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
             for d in devices
         ]
+    return devices
 
-    # Load everything first.
-    runnables: list[Callable[[Tensor], Tensor]] = []
-    computes: list[tuple[Callable[[Tensor], Tensor], torch.dtype]] = []  # what computes the accuracy
-    entries: list[dict[str, Any]] = []
-    for a, dev in zip(artifacts, devices):
-        t0 = time.perf_counter()
-        assert a.load is not None  # __post_init__ builds it from loader_spec
-        fn = a.load()
-        if isinstance(fn, nn.Module):
-            _set_training(fn, False)
-        load_s = time.perf_counter() - t0
-        runnables.append(fn)
-        skipped, compute = a.untimed, (fn, a.dtype)
-        if dev.type == "cpu" and a.dtype == torch.float16:
-            skipped = "fp16 on the CPU (no fast fp16 kernels): timing, profile and memory not measured"
-            if isinstance(unwrap(fn), nn.Module):
-                compute = (copy.deepcopy(unwrap(fn)).float(), torch.float32)
-                skipped += "; accuracy computed in fp32 from the fp16 weights (an exact upcast)"
-        computes.append(compute)
-        entries.append(
-            {
-                "name": a.name,
-                "device": str(dev),
-                "device_name": _device_name(dev),
-                "dtype": _DTYPE_NAMES[a.dtype],
-                "compute_dtype": _DTYPE_NAMES[compute[1]],
-                "channels_last": bool(a.channels_last),
-                "threads": threads,
-                "file": None if a.path is None else str(a.path),
-                "load_s": load_s,
-                "skipped": skipped,
-                "compile": getattr(fn, "compile_info", None),
-                "runtime": _runtime(fn),
-                "loader": a.loader_spec,
-            }
-        )
 
-    # Static figures and accuracy, one model at a time (nothing timed).
-    for a, fn, compute, dev, e in zip(artifacts, runnables, computes, devices, entries):
-        e["file_bytes"], e["file_gzip_bytes"] = file_sizes(a.path)
-        counted, counted_from = count_parameters(fn), "runnable"
-        if counted is None and a.source is not None:
-            counted, counted_from = count_parameters(a.source), "source"
-        e["parameters"], e["nonzero_parameters"] = counted if counted is not None else (None, None)
-        e["parameters_from"] = counted_from if counted is not None else None
-        mac_model, mac_from = (a.source, "source") if a.source is not None else (unwrap(fn), "runnable")
-        if isinstance(mac_model, nn.Module):
-            e["macs_per_image"], e["macs_from"] = count_flop_macs(mac_model, input_shape), mac_from
-        else:
-            e["macs_per_image"], e["macs_from"] = None, None
-        e.update(_accuracy(compute[0], batches_for(), dev, compute[1], a.channels_last))
-    del computes
+def _load(a: Artifact, dev: torch.device, threads: int) -> _Loaded:
+    """Load ``a`` (timed) and start its entry; fp16 on the CPU is not timed, its accuracy computed in fp32."""
+    t0 = time.perf_counter()
+    assert a.load is not None  # __post_init__ builds it from loader_spec
+    fn = a.load()
+    if isinstance(fn, nn.Module):
+        _set_training(fn, False)
+    load_s = time.perf_counter() - t0
+    skipped, compute = a.untimed, (fn, a.dtype)
+    if dev.type == "cpu" and a.dtype == torch.float16:
+        skipped = "fp16 on the CPU (no fast fp16 kernels): timing, profile and memory not measured"
+        if isinstance(unwrap(fn), nn.Module):
+            compute = (copy.deepcopy(unwrap(fn)).float(), torch.float32)
+            skipped += "; accuracy computed in fp32 from the fp16 weights (an exact upcast)"
+    entry = {
+        "name": a.name,
+        "device": str(dev),
+        "device_name": _device_name(dev),
+        "dtype": _DTYPE_NAMES[a.dtype],
+        "compute_dtype": _DTYPE_NAMES[compute[1]],
+        "channels_last": bool(a.channels_last),
+        "threads": threads,
+        "file": None if a.path is None else str(a.path),
+        "load_s": load_s,
+        "skipped": skipped,
+        "compile": getattr(fn, "compile_info", None),
+        "runtime": _runtime(fn),
+        "loader": a.loader_spec,
+    }
+    return _Loaded(a, dev, fn, compute, entry)
 
-    # Timing inputs: one fixed batch, cast per (device, dtype, memory format).
-    base = torch.randn((throughput_batch, *input_shape), generator=torch.Generator().manual_seed(0))
+
+def _static_figures(m: _Loaded, input_shape: tuple[int, ...]) -> None:
+    """File sizes, parameters and MACs per image; counted on the runnable, else on its source model."""
+    a, fn, e = m.artifact, m.runnable, m.entry
+    e["file_bytes"], e["file_gzip_bytes"] = file_sizes(a.path)
+    counted, counted_from = count_parameters(fn), "runnable"
+    if counted is None and a.source is not None:
+        counted, counted_from = count_parameters(a.source), "source"
+    e["parameters"], e["nonzero_parameters"] = counted if counted is not None else (None, None)
+    e["parameters_from"] = counted_from if counted is not None else None
+    mac_model, mac_from = (a.source, "source") if a.source is not None else (unwrap(fn), "runnable")
+    if isinstance(mac_model, nn.Module):
+        e["macs_per_image"], e["macs_from"] = count_flop_macs(mac_model, input_shape), mac_from
+    else:
+        e["macs_per_image"], e["macs_from"] = None, None
+
+
+def _timing_inputs(loaded: list[_Loaded], input_shape: tuple[int, ...], batch: int) -> list[tuple[Tensor, Tensor]]:
+    """Each model's timing inputs (batch 1, ``batch``): one fixed random batch (seed 0), cast per
+    (device, dtype, memory format)."""
+    base = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
     cache: dict[tuple, tuple[Tensor, Tensor]] = {}
     inputs: list[tuple[Tensor, Tensor]] = []
-    for a, dev in zip(artifacts, devices):
+    for m in loaded:
+        a, dev = m.artifact, m.device
         key = (str(dev), a.dtype, a.channels_last)
         if key not in cache:
             cache[key] = (
@@ -734,89 +789,109 @@ def _measure(
                 _prepare(base, dev, a.dtype, a.channels_last),
             )
         inputs.append(cache[key])
-    timed = [i for i, e in enumerate(entries) if e["skipped"] is None]
+    return inputs
 
-    lat: dict[int, list[float]] = {i: [] for i in timed}
-    thr: dict[int, list[float]] = {i: [] for i in timed}
-    prof_cpu: dict[int, list[float]] = {i: [] for i in timed}
-    prof_cuda: dict[int, list[float]] = {i: [] for i in timed}
+
+@dataclass
+class _Samples:
+    """Per timed model (by index): seconds per batch-1 and per large-batch forward, profiled µs."""
+
+    latency: dict[int, list[float]]
+    throughput: dict[int, list[float]]
+    prof_cpu: dict[int, list[float]]
+    prof_cuda: dict[int, list[float]]
+
+
+def _time_interleaved(
+    loaded: list[_Loaded], inputs: list[tuple[Tensor, Tensor]], timed: list[int], t: _Timing
+) -> _Samples:
+    """Warm-up, then rounds that time every model in turn (see :func:`measure_artifacts`); the garbage
+    collector is off while timing."""
+    s = _Samples({i: [] for i in timed}, {i: [] for i in timed}, {i: [] for i in timed}, {i: [] for i in timed})
     gc_was_enabled = gc.isenabled()
     try:
         with torch.no_grad():
             for i in timed:
                 for x in inputs[i]:
-                    for _ in range(warmup):
-                        _time_once(runnables[i], x, devices[i])
+                    for _ in range(t.warmup):
+                        _time_once(loaded[i].runnable, x, loaded[i].device)
             gc.collect()
             gc.disable()
-            for _ in range(latency_repeats):
+            for _ in range(t.latency_repeats):
                 for i in timed:
-                    lat[i].append(_time_once(runnables[i], inputs[i][0], devices[i]))
-            for _ in range(throughput_repeats):
+                    s.latency[i].append(_time_once(loaded[i].runnable, inputs[i][0], loaded[i].device))
+            for _ in range(t.throughput_repeats):
                 for i in timed:
-                    thr[i].append(_time_once(runnables[i], inputs[i][1], devices[i]))
+                    s.throughput[i].append(_time_once(loaded[i].runnable, inputs[i][1], loaded[i].device))
             gc.enable()
-            if profile:
-                for _ in range(throughput_repeats):
-                    # a package's kernels run outside the profiler's sight: no figure rather than a wrong one
-                    for i in (i for i in timed if entries[i]["runtime"] != "aoti"):
-                        cpu_us, cuda_us = _profile_once(runnables[i], inputs[i][1], devices[i])
-                        prof_cpu[i].append(cpu_us)
-                        if cuda_us is not None:
-                            prof_cuda[i].append(cuda_us)
+            if t.profile:
+                _profile_rounds(loaded, inputs, timed, t, s)
     finally:
         if gc_was_enabled:
             gc.enable()
+    return s
 
-    order = [entries[i]["name"] for i in timed]
-    for i, e in enumerate(entries):
-        on = i in lat
-        e["latency_repeats"] = latency_repeats if on else None
-        e["latency_b1_ms"] = _median_ms(lat[i]) if on else None
-        e["latency_b1_ms_min"] = min(lat[i]) * 1e3 if on else None
-        e["throughput_batch"] = throughput_batch
-        e["throughput_repeats"] = throughput_repeats if on else None
-        e["batch_ms"] = _median_ms(thr[i]) if on else None
-        e["batch_ms_min"] = min(thr[i]) * 1e3 if on else None
-        e["throughput_img_s"] = throughput_batch / statistics.median(thr[i]) if on else None
-        e["warmup"] = warmup
-        e["timing_order"] = ("interleaved rounds: " + ", ".join(order)) if on else None
-        n_prof = len(prof_cpu[i]) if on else 0
-        e["profile_iterations"] = n_prof or None
-        e["self_cpu_ms_per_batch"] = sum(prof_cpu[i]) / n_prof / 1e3 if n_prof else None
-        n_cuda = len(prof_cuda[i]) if on else 0
-        e["self_cuda_ms_per_batch"] = sum(prof_cuda[i]) / n_cuda / 1e3 if n_cuda else None
-        e.update(peak_memory_b1_bytes=None, peak_memory_batch_bytes=None, memory_method=None, memory_error=None)
 
-    if memory:
-        for i in timed:
-            a, fn, dev, e = artifacts[i], runnables[i], devices[i], entries[i]
-            if dev.type == "cuda":
-                e["peak_memory_b1_bytes"] = _cuda_peak(fn, inputs[i][0], dev)
-                e["peak_memory_batch_bytes"] = _cuda_peak(fn, inputs[i][1], dev)
-                e["memory_method"] = (
-                    "cuda, in this process after warm-up: max_memory_allocated after "
-                    "reset_peak_memory_stats minus memory_allocated before one forward"
-                )
-            elif a.loader_spec is None:
-                e["memory_method"] = "not measured: the artifact has no loader_spec to rebuild it in a subprocess"
-            else:
-                try:
-                    got = _cpu_memory(a, input_shape, [1, throughput_batch], threads, max(1, warmup), memory_timeout_s)
-                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as err:
-                    e["memory_error"] = str(err)[-2000:]
-                    e["memory_method"] = "cpu subprocess failed"
-                    continue
-                e["peak_memory_b1_bytes"] = int(got["peak_bytes"]["1"])
-                e["peak_memory_batch_bytes"] = int(got["peak_bytes"][str(throughput_batch)])
-                e["memory_method"] = got["method"]
-    else:
-        for i in timed:
-            entries[i]["memory_method"] = "not measured (memory=False)"
+def _profile_rounds(
+    loaded: list[_Loaded], inputs: list[tuple[Tensor, Tensor]], timed: list[int], t: _Timing, s: _Samples
+) -> None:
+    for _ in range(t.throughput_repeats):
+        # a package's kernels run outside the profiler's sight: no figure rather than a wrong one
+        for i in (i for i in timed if loaded[i].entry["runtime"] != "aoti"):
+            cpu_us, cuda_us = _profile_once(loaded[i].runnable, inputs[i][1], loaded[i].device)
+            s.prof_cpu[i].append(cpu_us)
+            if cuda_us is not None:
+                s.prof_cuda[i].append(cuda_us)
 
-    for a, e in zip(artifacts, entries):
-        e["notes"] = a.notes
-    return [_plain(e) for e in entries]
+
+def _timing_figures(s: _Samples, i: int, order: list[str], t: _Timing) -> dict[str, Any]:
+    """Model ``i``'s medians and minima (None where it was not timed)."""
+    on = i in s.latency
+    lat, thr = s.latency.get(i, []), s.throughput.get(i, [])
+    n_prof = len(s.prof_cpu[i]) if on else 0
+    n_cuda = len(s.prof_cuda[i]) if on else 0
+    return {
+        "latency_repeats": t.latency_repeats if on else None,
+        "latency_b1_ms": _median_ms(lat) if on else None,
+        "latency_b1_ms_min": min(lat) * 1e3 if on else None,
+        "throughput_batch": t.throughput_batch,
+        "throughput_repeats": t.throughput_repeats if on else None,
+        "batch_ms": _median_ms(thr) if on else None,
+        "batch_ms_min": min(thr) * 1e3 if on else None,
+        "throughput_img_s": t.throughput_batch / statistics.median(thr) if on else None,
+        "warmup": t.warmup,
+        "timing_order": ("interleaved rounds: " + ", ".join(order)) if on else None,
+        "profile_iterations": n_prof or None,
+        "self_cpu_ms_per_batch": sum(s.prof_cpu[i]) / n_prof / 1e3 if n_prof else None,
+        "self_cuda_ms_per_batch": sum(s.prof_cuda[i]) / n_cuda / 1e3 if n_cuda else None,
+    }
+
+
+def _peak_memory(
+    m: _Loaded, inputs: tuple[Tensor, Tensor], input_shape: tuple[int, ...], t: _Timing, timeout_s: float
+) -> None:
+    """Peak inference memory at batch 1 and at the large batch: on CUDA here, on the CPU in a subprocess."""
+    a, dev, e = m.artifact, m.device, m.entry
+    if dev.type == "cuda":
+        e["peak_memory_b1_bytes"] = _cuda_peak(m.runnable, inputs[0], dev)
+        e["peak_memory_batch_bytes"] = _cuda_peak(m.runnable, inputs[1], dev)
+        e["memory_method"] = (
+            "cuda, in this process after warm-up: max_memory_allocated after "
+            "reset_peak_memory_stats minus memory_allocated before one forward"
+        )
+        return
+    if a.loader_spec is None:
+        e["memory_method"] = "not measured: the artifact has no loader_spec to rebuild it in a subprocess"
+        return
+    try:
+        got = _cpu_memory(a, input_shape, [1, t.throughput_batch], t.threads, max(1, t.warmup), timeout_s)
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as err:
+        e["memory_error"] = str(err)[-2000:]
+        e["memory_method"] = "cpu subprocess failed"
+        return
+    e["peak_memory_b1_bytes"] = int(got["peak_bytes"]["1"])
+    e["peak_memory_batch_bytes"] = int(got["peak_bytes"][str(t.throughput_batch)])
+    e["memory_method"] = got["method"]
 
 
 # --------------------------------------------------------------------------------------------------

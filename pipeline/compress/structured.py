@@ -149,17 +149,9 @@ def prune_structured(
     warning says so); with round_to=1 channels go, but the group statistics change, so the pruned model
     is not the unpruned one with channels zeroed (fine-tuning has to recover it).
     """
-    import torch_pruning as tp
-
     from pipeline.models import count_macs
 
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    if importance not in IMPORTANCES:
-        raise ValueError(f"unknown importance {importance!r}; allowed: {', '.join(IMPORTANCES)}")
-    if round_to < 1 or iterative_steps < 1:
-        raise ValueError(f"round_to and iterative_steps must be >= 1, got {round_to}, {iterative_steps}")
-
+    _check_arguments(ratio, importance, round_to, iterative_steps)
     model = unwrap(model)
     names = {m: name for name, m in model.named_modules()}
     input_size = (1, *example_input.shape[1:])
@@ -173,29 +165,12 @@ def prune_structured(
     model.eval()  # the tracing forward must not move BatchNorm running statistics
     try:
         if ratio > 0 or any(r > 0 for r in ratio_dict.values()):
-            imp = tp.importance.GroupMagnitudeImportance(p=1 if importance == "l1" else 2)
-            pruner = tp.pruner.BasePruner(
-                model,
-                example_input,
-                importance=imp,
-                pruning_ratio=ratio,
-                pruning_ratio_dict=ratio_dict or None,
-                iterative_steps=iterative_steps,
-                round_to=round_to,
-                ignored_layers=ignored,
-            )
+            pruner = _pruner(model, example_input, ratio, ratio_dict, importance, round_to, iterative_steps, ignored)
             for _ in range(iterative_steps):
                 for group in pruner.step(interactive=True):
                     removed.record(group, pruner.DG.is_out_channel_pruning_fn)
                     group.prune()
-        with torch.no_grad():
-            try:
-                out = model(example_input)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"structured pruning left {type(model).__name__} unable to run a forward pass ({exc}); "
-                    "torch-pruning missed a channel coupling: add the layers involved to the ignored ones"
-                ) from exc
+        out = _forward_after_pruning(model, example_input)
     finally:
         model.train(was_training)
     for p in model.parameters():
@@ -216,13 +191,63 @@ def prune_structured(
         "output_shape": list(out.shape),
     }
     if ratio > 0 and report["params_after"] == params_before:
-        # E.g. GroupNorm with 16 groups: round_to applies to the per-group count, which rounds to "all".
-        message = (
-            f"structured pruning at ratio {ratio} removed no channel from {type(model).__name__} "
-            f"(round_to={round_to}); the model is unchanged"
-        )
-        log.warning(message)
-        warnings.warn(message)
+        _warn_unchanged(model, ratio, round_to)
     if record_removed:
         report["removed"] = removed.as_dict()
     return report
+
+
+def _warn_unchanged(model: nn.Module, ratio: float, round_to: int) -> None:
+    # E.g. GroupNorm with 16 groups: round_to applies to the per-group count, which rounds to "all".
+    message = (
+        f"structured pruning at ratio {ratio} removed no channel from {type(model).__name__} "
+        f"(round_to={round_to}); the model is unchanged"
+    )
+    log.warning(message)
+    warnings.warn(message)
+
+
+def _check_arguments(ratio: float, importance: str, round_to: int, iterative_steps: int) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"unknown importance {importance!r}; allowed: {', '.join(IMPORTANCES)}")
+    if round_to < 1 or iterative_steps < 1:
+        raise ValueError(f"round_to and iterative_steps must be >= 1, got {round_to}, {iterative_steps}")
+
+
+def _pruner(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ratio: float,
+    ratio_dict: dict[Any, float],
+    importance: str,
+    round_to: int,
+    iterative_steps: int,
+    ignored: list[nn.Module],
+) -> Any:
+    """torch-pruning's pruner by L1/L2 group magnitude over ``model``'s dependency graph."""
+    import torch_pruning as tp
+
+    return tp.pruner.BasePruner(
+        model,
+        example_input,
+        importance=tp.importance.GroupMagnitudeImportance(p=1 if importance == "l1" else 2),
+        pruning_ratio=ratio,
+        pruning_ratio_dict=ratio_dict or None,
+        iterative_steps=iterative_steps,
+        round_to=round_to,
+        ignored_layers=ignored,
+    )
+
+
+def _forward_after_pruning(model: nn.Module, example_input: torch.Tensor) -> torch.Tensor:
+    """A forward pass of the pruned model: torch-pruning can leave one that no longer runs."""
+    with torch.no_grad():
+        try:
+            return model(example_input)
+        except Exception as exc:
+            raise RuntimeError(
+                f"structured pruning left {type(model).__name__} unable to run a forward pass ({exc}); "
+                "torch-pruning missed a channel coupling: add the layers involved to the ignored ones"
+            ) from exc

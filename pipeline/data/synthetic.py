@@ -93,67 +93,17 @@ def write_synthetic(
     same arguments. Never overwrites: an existing folder raises FileExistsError, unless ``exist_ok`` and it
     holds a complete data set with the same class and image counts (then it is returned untouched).
     """
-    if layout not in LAYOUT_FOLDERS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUT_FOLDERS)}")
-    if layout == "cifar100" and num_classes != 100:
-        raise ValueError(f"layout cifar100 needs num_classes=100, got {num_classes}")
-    if layout == "cifar10" and num_classes != 10:
-        raise ValueError(f"layout cifar10 needs num_classes=10, got {num_classes}")
-    if num_classes < 2 or train_per_class < 1 or test_per_class < 1:
-        raise ValueError(
-            "need num_classes >= 2, train_per_class >= 1 and test_per_class >= 1, got "
-            f"{num_classes}, {train_per_class}, {test_per_class}"
-        )
+    _check_shape(layout, num_classes, train_per_class, test_per_class)
     root = Path(root).expanduser()
     folder = root / LAYOUT_FOLDERS[layout]
-    n_train, n_test = num_classes * train_per_class, num_classes * test_per_class
-
-    def existing() -> Path:
-        if exist_ok and _complete(folder, layout, num_classes, n_train, n_test):
-            return folder
-        why = (
-            "it is incomplete or holds a data set of another shape"
-            if exist_ok
-            else "pass exist_ok=True / --exist-ok to reuse it"
-        )
-        raise FileExistsError(f"{folder} already exists; not overwriting ({why})")
-
+    shape = (layout, num_classes, num_classes * train_per_class, num_classes * test_per_class)
     if folder.exists():
-        return existing()
+        return _existing(folder, shape, exist_ok)
     train_x, train_y, test_x, test_y = _synthetic_images(num_classes, (train_per_class, test_per_class), seed)
-    files: dict[str, dict[str, object]] = {}
     if layout == "cifar100":
-        fine = [f"class_{i:03d}" for i in range(num_classes)]
-        coarse = [f"superclass_{i:02d}" for i in range(20)]
-        for fname, x, y, label in (
-            ("train", train_x, train_y, "training batch 1 of 1"),
-            ("test", test_x, test_y, "testing batch 1 of 1"),
-        ):
-            files[fname] = {
-                "filenames": [f"{fine[c]}_s_{i:06d}.png" for i, c in enumerate(y)],
-                "batch_label": label,
-                "fine_labels": y.tolist(),
-                "coarse_labels": (y // 5).tolist(),
-                "data": x,
-            }
-        files["meta"] = {"fine_label_names": fine, "coarse_label_names": coarse}
+        files = _cifar100_files(num_classes, train_x, train_y, test_x, test_y)
     else:
-        names = [f"class_{i:02d}" for i in range(num_classes)]
-        pieces = np.array_split(np.arange(len(train_y)), 5)
-        for k, idx in enumerate(pieces, start=1):
-            files[f"data_batch_{k}"] = {
-                "batch_label": f"training batch {k} of 5",
-                "labels": train_y[idx].tolist(),
-                "data": train_x[idx],
-                "filenames": [f"{names[train_y[i]]}_s_{i:06d}.png" for i in idx],
-            }
-        files["test_batch"] = {
-            "batch_label": "testing batch 1 of 1",
-            "labels": test_y.tolist(),
-            "data": test_x,
-            "filenames": [f"{names[c]}_s_{i:06d}.png" for i, c in enumerate(test_y)],
-        }
-        files["batches.meta"] = {"num_cases_per_batch": len(pieces[0]), "label_names": names, "num_vis": PIXELS}
+        files = _cifar10_files(num_classes, train_x, train_y, test_x, test_y)
     # Write into a private folder and rename it into place: readers never see a half-written data set,
     # and of two concurrent writers exactly one wins the rename.
     root.mkdir(parents=True, exist_ok=True)
@@ -167,9 +117,82 @@ def write_synthetic(
             os.rename(tmp, folder)
         except OSError:
             if folder.exists():
-                return existing()
+                return _existing(folder, shape, exist_ok)
             raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
+
+
+def _check_shape(layout: str, num_classes: int, train_per_class: int, test_per_class: int) -> None:
+    if layout not in LAYOUT_FOLDERS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUT_FOLDERS)}")
+    if layout == "cifar100" and num_classes != 100:
+        raise ValueError(f"layout cifar100 needs num_classes=100, got {num_classes}")
+    if layout == "cifar10" and num_classes != 10:
+        raise ValueError(f"layout cifar10 needs num_classes=10, got {num_classes}")
+    if num_classes < 2 or train_per_class < 1 or test_per_class < 1:
+        raise ValueError(
+            "need num_classes >= 2, train_per_class >= 1 and test_per_class >= 1, got "
+            f"{num_classes}, {train_per_class}, {test_per_class}"
+        )
+
+
+def _existing(folder: Path, shape: tuple[str, int, int, int], exist_ok: bool) -> Path:
+    """``folder`` when ``exist_ok`` and it holds a complete data set of ``shape`` (layout, classes, train
+    and test images); else FileExistsError."""
+    if exist_ok and _complete(folder, *shape):
+        return folder
+    why = (
+        "it is incomplete or holds a data set of another shape"
+        if exist_ok
+        else "pass exist_ok=True / --exist-ok to reuse it"
+    )
+    raise FileExistsError(f"{folder} already exists; not overwriting ({why})")
+
+
+def _cifar100_files(
+    num_classes: int, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
+) -> dict[str, dict[str, object]]:
+    """CIFAR-100's files (train, test, meta) by name."""
+    fine = [f"class_{i:03d}" for i in range(num_classes)]
+    coarse = [f"superclass_{i:02d}" for i in range(20)]
+    files: dict[str, dict[str, object]] = {}
+    for fname, x, y, label in (
+        ("train", train_x, train_y, "training batch 1 of 1"),
+        ("test", test_x, test_y, "testing batch 1 of 1"),
+    ):
+        files[fname] = {
+            "filenames": [f"{fine[c]}_s_{i:06d}.png" for i, c in enumerate(y)],
+            "batch_label": label,
+            "fine_labels": y.tolist(),
+            "coarse_labels": (y // 5).tolist(),
+            "data": x,
+        }
+    files["meta"] = {"fine_label_names": fine, "coarse_label_names": coarse}
+    return files
+
+
+def _cifar10_files(
+    num_classes: int, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
+) -> dict[str, dict[str, object]]:
+    """CIFAR-10's files (data_batch_1..5, test_batch, batches.meta) by name."""
+    names = [f"class_{i:02d}" for i in range(num_classes)]
+    pieces = np.array_split(np.arange(len(train_y)), 5)
+    files: dict[str, dict[str, object]] = {}
+    for k, idx in enumerate(pieces, start=1):
+        files[f"data_batch_{k}"] = {
+            "batch_label": f"training batch {k} of 5",
+            "labels": train_y[idx].tolist(),
+            "data": train_x[idx],
+            "filenames": [f"{names[train_y[i]]}_s_{i:06d}.png" for i in idx],
+        }
+    files["test_batch"] = {
+        "batch_label": "testing batch 1 of 1",
+        "labels": test_y.tolist(),
+        "data": test_x,
+        "filenames": [f"{names[c]}_s_{i:06d}.png" for i, c in enumerate(test_y)],
+    }
+    files["batches.meta"] = {"num_cases_per_batch": len(pieces[0]), "label_names": names, "num_vis": PIXELS}
+    return files

@@ -125,61 +125,76 @@ def _new_buffer(old: torch.Tensor, shape: torch.Size, fill: float) -> torch.Tens
     return torch.full(shape, fill, dtype=old.dtype, device=old.device)
 
 
+def _saved(state_dict: Mapping[str, torch.Tensor], prefix: str, key: str) -> torch.Tensor:
+    try:
+        return state_dict[prefix + key]
+    except KeyError:
+        raise KeyError(f"state_dict has no {prefix + key!r}: it was not saved from this model") from None
+
+
+def _resize_conv(name: str, m: nn.Conv2d, sd: Mapping[str, torch.Tensor], prefix: str) -> None:
+    shape = _saved(sd, prefix, "weight").shape
+    out, per_group = shape[0], shape[1]
+    groups = m.groups
+    if groups > 1 and groups == m.in_channels:  # depthwise: groups follow the channels
+        multiplier = m.out_channels // m.groups
+        if out % multiplier:
+            raise ValueError(f"{name}: {out} output channels do not fit depthwise multiplier {multiplier}")
+        groups = out // multiplier
+    if out % groups:
+        raise ValueError(f"{name}: {out} output channels are not divisible by groups={groups}")
+    m.groups, m.out_channels, m.in_channels = groups, out, per_group * groups
+    m.weight = _new_param(m.weight, shape)
+    if m.bias is not None:
+        m.bias = _new_param(m.bias, _saved(sd, prefix, "bias").shape)
+
+
+def _resize_linear(m: nn.Linear, sd: Mapping[str, torch.Tensor], prefix: str) -> None:
+    shape = _saved(sd, prefix, "weight").shape
+    m.out_features, m.in_features = shape[0], shape[1]
+    m.weight = _new_param(m.weight, shape)
+    if m.bias is not None:
+        m.bias = _new_param(m.bias, _saved(sd, prefix, "bias").shape)
+
+
+def _resize_batchnorm(m: nn.BatchNorm2d, sd: Mapping[str, torch.Tensor], prefix: str) -> None:
+    n = _saved(sd, prefix, "weight" if m.affine else "running_mean").shape[0]
+    m.num_features = n
+    if m.affine:
+        m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
+        m.bias = _new_param(m.bias, torch.Size([n]))
+    if m.track_running_stats:
+        m.running_mean = _new_buffer(cast(torch.Tensor, m.running_mean), torch.Size([n]), 0.0)
+        m.running_var = _new_buffer(cast(torch.Tensor, m.running_var), torch.Size([n]), 1.0)
+
+
+def _resize_groupnorm(m: nn.GroupNorm, sd: Mapping[str, torch.Tensor], prefix: str) -> None:
+    if not m.affine:
+        return  # nothing in the state_dict tells the width; GroupNorm without affine has no size
+    n = _saved(sd, prefix, "weight").shape[0]
+    if n % m.num_groups:
+        m.num_groups = math.gcd(n, m.num_groups)
+    m.num_channels = n
+    m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
+    m.bias = _new_param(m.bias, torch.Size([n]))
+
+
 def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Reshape every Conv2d, Linear, BatchNorm2d and GroupNorm of ``model`` in place to the tensor shapes
     in ``state_dict`` (a pruned model's plain state_dict), so ``model.load_state_dict(state_dict)`` works
     without re-running the pruner. Parameters come back filled with placeholders: load the state_dict next.
     """
     model = unwrap(model)
-
-    def tensor(prefix: str, key: str) -> torch.Tensor:
-        try:
-            return state_dict[prefix + key]
-        except KeyError:
-            raise KeyError(f"state_dict has no {prefix + key!r}: it was not saved from this model") from None
-
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(m, nn.Conv2d):
-            shape = tensor(prefix, "weight").shape
-            out, per_group = shape[0], shape[1]
-            groups = m.groups
-            if groups > 1 and groups == m.in_channels:  # depthwise: groups follow the channels
-                multiplier = m.out_channels // m.groups
-                if out % multiplier:
-                    raise ValueError(f"{name}: {out} output channels do not fit depthwise multiplier {multiplier}")
-                groups = out // multiplier
-            if out % groups:
-                raise ValueError(f"{name}: {out} output channels are not divisible by groups={groups}")
-            m.groups, m.out_channels, m.in_channels = groups, out, per_group * groups
-            m.weight = _new_param(m.weight, shape)
-            if m.bias is not None:
-                m.bias = _new_param(m.bias, tensor(prefix, "bias").shape)
+            _resize_conv(name, m, state_dict, prefix)
         elif isinstance(m, nn.Linear):
-            shape = tensor(prefix, "weight").shape
-            m.out_features, m.in_features = shape[0], shape[1]
-            m.weight = _new_param(m.weight, shape)
-            if m.bias is not None:
-                m.bias = _new_param(m.bias, tensor(prefix, "bias").shape)
+            _resize_linear(m, state_dict, prefix)
         elif isinstance(m, nn.BatchNorm2d):
-            key = "weight" if m.affine else "running_mean"
-            n = tensor(prefix, key).shape[0]
-            m.num_features = n
-            if m.affine:
-                m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
-                m.bias = _new_param(m.bias, torch.Size([n]))
-            if m.track_running_stats:
-                m.running_mean = _new_buffer(cast(torch.Tensor, m.running_mean), torch.Size([n]), 0.0)
-                m.running_var = _new_buffer(cast(torch.Tensor, m.running_var), torch.Size([n]), 1.0)
+            _resize_batchnorm(m, state_dict, prefix)
         elif isinstance(m, nn.GroupNorm):
-            if not m.affine:
-                continue  # nothing in the state_dict tells the width; GroupNorm without affine has no size
-            n = tensor(prefix, "weight").shape[0]
-            if n % m.num_groups:
-                m.num_groups = math.gcd(n, m.num_groups)
-            m.num_channels = n
-            m.weight = _new_param(m.weight, torch.Size([n]), 1.0)
-            m.bias = _new_param(m.bias, torch.Size([n]))
+            _resize_groupnorm(m, state_dict, prefix)
     return model
 
 

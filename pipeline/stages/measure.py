@@ -40,24 +40,7 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     _check_models(run, cfg)
     set_threads(cfg)
     threads = int(m.threads) or torch.get_num_threads()
-    channels_last = bool(cfg.train.channels_last)
-    compiled = bool(m.compile)
-    files = [("trained", run.models / TRAINED), ("pruned", run.models / PRUNED)]
-    artifacts: list[Artifact] = []
-    for name, path in files:
-        if path.is_file():
-            # fp32 as a user runs it: eager (the 'faster' factors compare with this)
-            artifacts.append(Artifact.from_model_file(name, path, channels_last=channels_last))
-    int8_path = run.models / INT8
-    if int8_path.is_file():
-        source, _ = load_model(run.models / source_model_file(run, cfg))
-        artifacts.append(_int8_artifact(run, int8_path, source, channels_last))
-    if torch.cuda.is_available() and cfg.train.device != "cpu":
-        for name, path in [*files, ("fp16", run.models / FP16)]:
-            if path.is_file():
-                artifacts.append(
-                    Artifact.from_model_file(f"{name}-cuda", path, device="cuda", channels_last=channels_last)
-                )
+    artifacts = _artifacts(run, cfg)
     _, _, test = cpu_loaders(cfg)
     entries = measure_artifacts(
         artifacts,
@@ -83,12 +66,35 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     return {
         "status": "done",
         "threads": threads,
-        "compiled": compiled,
+        "compiled": bool(m.compile),
         "cpu": cpu_name(),
         "cpu_flags": flags,
         "cpu_int8": any(flags[f] for f in INT8_FLAGS),  # VNNI or AMX: int8 kernels faster than fp32
         "models": entries,
     }
+
+
+def _artifacts(run: RunDir, cfg: DictConfig) -> list[Artifact]:
+    """The run's models to measure: fp32 trained and pruned, int8 on the CPU; in a GPU job also the
+    fp32, pruned and fp16 models on CUDA."""
+    channels_last = bool(cfg.train.channels_last)
+    files = [("trained", run.models / TRAINED), ("pruned", run.models / PRUNED)]
+    artifacts: list[Artifact] = []
+    for name, path in files:
+        if path.is_file():
+            # fp32 as a user runs it: eager (the 'faster' factors compare with this)
+            artifacts.append(Artifact.from_model_file(name, path, channels_last=channels_last))
+    int8_path = run.models / INT8
+    if int8_path.is_file():
+        source, _ = load_model(run.models / source_model_file(run, cfg))
+        artifacts.append(_int8_artifact(run, int8_path, source, channels_last))
+    if torch.cuda.is_available() and cfg.train.device != "cpu":
+        for name, path in [*files, ("fp16", run.models / FP16)]:
+            if path.is_file():
+                artifacts.append(
+                    Artifact.from_model_file(f"{name}-cuda", path, device="cuda", channels_last=channels_last)
+                )
+    return artifacts
 
 
 def _int8_artifact(run: RunDir, program: Any, source: nn.Module, channels_last: bool) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from pipeline.data.loaders import DeviceLoader
 from pipeline.models.files import (
@@ -62,11 +63,8 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     q = cfg.quant
     if q.method == "none":
         return skipped("none")
-    from pipeline.compress import quantize as qz
-
     source = source_model_file(run, cfg)
     model, info = load_model(run.models / source)
-    arch = info["arch"]
     metrics: dict[str, Any] = {
         "status": "done",
         "method": str(q.method),
@@ -74,39 +72,76 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         "source_test_acc": info.get("extra", {}).get("test_acc"),
     }
     if q.method == "fp16":
-        half = copy.deepcopy(model).half()
-        save_model(run.models / FP16, half, arch, extra={"stage": "quantize", "method": "fp16"})
-        metrics.update(model=f"models/{FP16}", **qz.file_sizes(run.models / FP16))
-        if torch.cuda.is_available():
-            ctx = setup(cfg)
-            on_device = to_device(half, cfg, ctx.device).eval()
-            # fp16 inputs: the loaders give fp32 batches, which half weights refuse without autocast
-            test = evaluate(lambda x: on_device(x.half()), ctx.test_loader)
-            metrics.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"], device=str(ctx.device))
-        return metrics
+        return _fp16(run, cfg, model, info["arch"], metrics)
 
-    d, calib, test = cpu_loaders(cfg)
+    _, calib, test = cpu_loaders(cfg)
     example = next(iter(test))[0][:2]
     if q.method == "int8":
-        batches = [x for i, (x, _) in zip(range(int(q.calib_batches)), calib)]
-        model = to_device(model, cfg, torch.device("cpu"))
-        gm = qz.quantize_int8(model, batches, example)
-        metrics["calib_batches"] = len(batches)
-    else:  # qat
+        gm = _post_training_int8(cfg, model, calib, example, metrics)
+    else:
+        gm = _quantization_aware(run, cfg, model, metrics)
+        if gm is None:
+            return metrics
+    _save_and_test_int8(run, cfg, gm, example, test, metrics)
+    return metrics
+
+
+def _fp16(run: RunDir, cfg: DictConfig, model: nn.Module, arch: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """models/fp16.pt; tested only where there is a GPU (half precision is a GPU format)."""
+    from pipeline.compress import quantize as qz
+
+    half = copy.deepcopy(model).half()
+    save_model(run.models / FP16, half, arch, extra={"stage": "quantize", "method": "fp16"})
+    metrics.update(model=f"models/{FP16}", **qz.file_sizes(run.models / FP16))
+    if torch.cuda.is_available():
         ctx = setup(cfg)
-        model = to_device(model, cfg, ctx.device)
-        train_example = next(iter(ctx.test_loader))[0][:2]
-        torch.manual_seed(int(cfg.train.seed) + 2)
-        prepared = qz.prepare_qat(model, train_example)
-        prepared.pipeline_set_mode = lambda training: qz.set_exported_mode(prepared, training)  # type: ignore[assignment]
-        ckpt_path = run.checkpoints / "qat.pt"
-        schedule = merged_schedule(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
-        phase = Phase("qat", int(q.epochs), float(q.lr), schedule, ckpt_path, run.tensorboard / "qat")
-        result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path, run if ctx.dist.is_main else None))
-        metrics.update({f"qat_{k}": v for k, v in history_metrics(result).items() if k != "status"})
-        if result.status == "diverged":
-            return {**metrics, "status": "diverged", **divergence_metrics(result)}
-        gm = qz.convert_qat(prepared.to("cpu"))
+        on_device = to_device(half, cfg, ctx.device).eval()
+        # fp16 inputs: the loaders give fp32 batches, which half weights refuse without autocast
+        test = evaluate(lambda x: on_device(x.half()), ctx.test_loader)
+        metrics.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"], device=str(ctx.device))
+    return metrics
+
+
+def _post_training_int8(
+    cfg: DictConfig, model: nn.Module, calib: DeviceLoader, example: torch.Tensor, metrics: dict[str, Any]
+) -> Any:
+    """The int8 program of ``model`` calibrated on quant.calib_batches batches, on the CPU."""
+    from pipeline.compress import quantize as qz
+
+    batches = [x for i, (x, _) in zip(range(int(cfg.quant.calib_batches)), calib)]
+    gm = qz.quantize_int8(to_device(model, cfg, torch.device("cpu")), batches, example)
+    metrics["calib_batches"] = len(batches)
+    return gm
+
+
+def _quantization_aware(run: RunDir, cfg: DictConfig, model: nn.Module, metrics: dict[str, Any]) -> Any:
+    """Fine-tune ``model`` with fake quantization (a checkpointed phase of the training loop), then
+    convert it to an int8 program on the CPU; None (``metrics`` saying where) when the fine-tune diverged."""
+    from pipeline.compress import quantize as qz
+
+    q, ctx = cfg.quant, setup(cfg)
+    model = to_device(model, cfg, ctx.device)
+    train_example = next(iter(ctx.test_loader))[0][:2]
+    torch.manual_seed(int(cfg.train.seed) + 2)
+    prepared = qz.prepare_qat(model, train_example)
+    prepared.pipeline_set_mode = lambda training: qz.set_exported_mode(prepared, training)  # type: ignore[assignment]
+    ckpt_path = run.checkpoints / "qat.pt"
+    schedule = merged_schedule(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
+    phase = Phase("qat", int(q.epochs), float(q.lr), schedule, ckpt_path, run.tensorboard / "qat")
+    result = fit(prepared, ctx, phase, run, load_checkpoint(ckpt_path, run if ctx.dist.is_main else None))
+    metrics.update({f"qat_{k}": v for k, v in history_metrics(result).items() if k != "status"})
+    if result.status == "diverged":
+        metrics.update(status="diverged", **divergence_metrics(result))
+        return None
+    return qz.convert_qat(prepared.to("cpu"))
+
+
+def _save_and_test_int8(
+    run: RunDir, cfg: DictConfig, gm: Any, example: torch.Tensor, test: Any, metrics: dict[str, Any]
+) -> None:
+    """models/int8.pt2 (and its compiled package when measure.compile), and the saved file's test scores."""
+    from pipeline.compress import quantize as qz
+
     path = run.models / INT8
     sizes = qz.save_int8(gm, path, example)
     int8 = qz.load_int8(path)  # evaluate what is on disk, not what is in memory
@@ -123,9 +158,8 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         metrics["package"] = qz.package_int8(path, run.models / INT8_PACKAGE, example)
     log.info(
         "%s: test acc %.4f (source %s), file %d bytes",
-        q.method,
+        cfg.quant.method,
         metrics["test_acc"],
         metrics["source_test_acc"],
         sizes.get("raw", 0),
     )
-    return metrics

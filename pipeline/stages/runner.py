@@ -13,10 +13,11 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import share
 from pipeline.config import from_run_file
@@ -50,6 +51,17 @@ def stage_functions() -> dict[str, Callable[[RunDir, Any], dict[str, Any]]]:
     return {"train": train_stage, "prune": prune_stage, "quantize": quantize_stage, "measure": measure_stage}
 
 
+@dataclass
+class _Job:
+    """This process's hold on one run folder while :func:`execute` takes it through its stages."""
+
+    run: RunDir
+    rank: int
+    handler: logging.Handler | None = None
+    ownership: owner.Ownership | None = None
+    reserved: bool = False  # .space-reserve is this job's to free (not another job's that owns the folder)
+
+
 def execute(run_dir: str | Path) -> str:
     """Run every unfinished stage of one run folder; returns the run's status, or "preempted" when a
     stop signal ended it early (after a checkpoint; requeued on SIGUSR2 within slurm.max_requeues).
@@ -63,128 +75,177 @@ def execute(run_dir: str | Path) -> str:
         message = f"{run.config} does not exist (was the run folder deleted?); nothing is written"
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise owner.RunFolderVanished(message)
-    rank = job_rank()
-    handler = attach_log(run, to_file=rank == 0)
+    job = _Job(run, job_rank())
+    job.handler = attach_log(run, to_file=job.rank == 0)
     preempt.STOP.install()
     previous_hook = threading.excepthook
     threading.excepthook = quiet_disk_errors
-    ownership: owner.Ownership | None = None
-    reserved = False  # .space-reserve is this job's to free (not another job's that owns the folder)
     try:
-        if rank == 0:
-            try:
-                ownership = owner.acquire(run)
-                endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
-                # room for a failure record on a disk that fills up later
-                reserve_space(run.path)
-                reserved = True
-            except owner.RunBusy as e:
-                log.error("run %s: %s", run.id, e)
-                print(f"error: {e}", file=sys.stderr, flush=True)
-                raise
-            except OSError as e:  # a disk already full (or read-only): stop before any work, naming the folder
-                if disk_error(e) is None:
-                    raise
-                message = f"run {run.id}: cannot write in {run.path}: {e}; free space, then submit again"
-                log.error("%s", message)
-                print(f"error: {message}", file=sys.stderr, flush=True)
-                raise
-        cfg = from_run_file(run.config)
-        stores = {
-            "train": run.shared_store("train") if bool(cfg.share.train) else None,
-            "prune": run.shared_store("prune") if bool(cfg.share.train) and bool(cfg.share.prune) else None,
-        }
-        for stage in STAGES:
-            if ownership is not None:
-                ownership.check()
-            if rank != 0 and stage == "measure":  # one process times the models; the others would disturb it
-                continue
-            # the stage's own folder: the shared store for a shared training or pruning, else the run's
-            store = stores.get(stage)
-            target = RunDir(store) if store is not None else run
-            if target is not run:
-                shared = _shared_stage(run, cfg, target, rank, stage)
-                if shared is not None:
-                    if shared == "done":
-                        continue
-                    return shared
-                if ownership is not None:  # this job does it: a store deleted meanwhile stops it
-                    ownership.watch_also(target.path)
-            done = target.read_metrics(stage)
-            if resumable(done):
-                # it failed writing (full disk, quota, read-only) and its last checkpoint is intact
-                log.warning(
-                    "run %s: the %s stage stopped before on a failed write (%s); resuming it from its last checkpoint",
-                    run.id,
-                    stage,
-                    done.get("error"),
-                )
-                if rank == 0:
-                    target.metrics_path(stage).unlink(missing_ok=True)
-                done = None
-            if done is not None:
-                if done.get("status") != "done":
-                    if done.get("status") == "failed":
-                        return _failed_before(run, stage, done)
-                    return str(done.get("status"))
-                continue
-            log.info("run %s: stage %s", run.id, stage)
-            started, cpu_started = time.time(), _cpu_seconds()
-            try:
-                if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
-                    raise preempt.Preempted(preempt.STOP.signum or 0)
-                with stage_log(handler, target.log if target is not run and rank == 0 else None, stage):
-                    metrics = stage_functions()[stage](target, cfg)
-                metrics["wall_s"] = time.time() - started
-                metrics["cpu_s"] = _cpu_seconds() - cpu_started
-                if rank == 0:
-                    target.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage below
-                if stage != "measure":  # (rank 0 alone measures)
-                    wait_for_all_ranks()  # the next stage reads what rank 0 just wrote (models/trained.pt, ...)
-            except preempt.Preempted as p:
-                if rank == 0:
-                    ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
-                    log.warning("run %s: %s", run.id, message)
-                    if ending is not None:  # for status and collect when sacct cannot tell
-                        endings.write_ending(run, ending, message, stage=stage, job_id=this_slurm_job())
-                return "preempted"
-            except owner.RunFolderVanished:
-                raise
-            except Exception as e:
-                if ownership is not None:
-                    ownership.check()  # a failure caused by a deleted folder is not written back into it
-                extra = _mark_maker_failed(run, stores, stage, e) if rank == 0 else {}
-                if rank == 0:
-                    _record_failure(target, stage, e, run, extra)
-                if (disk := disk_error(e)) is not None:  # where and why is all there is to say
-                    log.error("stage %s failed: %s", stage, disk_message(disk))
-                elif unreadable_model(e):  # the file and what is wrong with it: a traceback adds nothing
-                    log.error("stage %s failed: %s%s", stage, e, f"; {extra['hint']}" if extra else "")
-                else:
-                    log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
-                raise
-            if metrics["status"] != "done":
-                if target is not run:  # its lines went to the shared log: say here how it ended
-                    log.warning("run %s: stage %s %s%s", run.id, stage, metrics["status"], _divergence(metrics))
-                return str(metrics["status"])
-        return "done"
+        if job.rank == 0:
+            _take_folder(job)
+        return _run_stages(job, from_run_file(run.config))
     except owner.RunFolderVanished as e:
         message = f"run {run.id}: {e}; stopped"
         log.error("%s", message)
         print(f"error: {message}", file=sys.stderr, flush=True)
-        if ownership is not None:
-            ownership.record_vanished(e)
+        if job.ownership is not None:
+            job.ownership.record_vanished(e)
         raise
     finally:
-        if ownership is not None:
-            ownership.release()
-        preempt.STOP.restore()
-        threading.excepthook = previous_hook
-        if reserved:
-            release_space(run.path)
-        if handler is not None:
-            logging.getLogger("pipeline").removeHandler(handler)
-            handler.close()
+        _let_go(job, previous_hook)
+
+
+def _take_folder(job: _Job) -> None:
+    """Rank 0 becomes the folder's owner (:class:`pipeline.jobs.owner.RunBusy` when a live job is) and
+    reserves room for a failure record; a full or read-only disk stops it here, naming the folder."""
+    run = job.run
+    try:
+        job.ownership = owner.acquire(run)
+        endings.clear_ending(run)  # this attempt's own ending, if any, replaces the last one's
+        # room for a failure record on a disk that fills up later
+        reserve_space(run.path)
+        job.reserved = True
+    except owner.RunBusy as e:
+        log.error("run %s: %s", run.id, e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise
+    except OSError as e:  # a disk already full (or read-only): stop before any work, naming the folder
+        if disk_error(e) is None:
+            raise
+        message = f"run {run.id}: cannot write in {run.path}: {e}; free space, then submit again"
+        log.error("%s", message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise
+
+
+def _let_go(job: _Job, excepthook: Callable[..., Any]) -> None:
+    """Give back everything :func:`execute` took: the folder, the stop signal's handler, the threads'
+    exception hook, the reserve, the log."""
+    if job.ownership is not None:
+        job.ownership.release()
+    preempt.STOP.restore()
+    threading.excepthook = excepthook
+    if job.reserved:
+        release_space(job.run.path)
+    if job.handler is not None:
+        logging.getLogger("pipeline").removeHandler(job.handler)
+        job.handler.close()
+
+
+def _run_stages(job: _Job, cfg: DictConfig) -> str:
+    """The stages in order until one does not end "done"; returns the run's status."""
+    run = job.run
+    stores = {
+        "train": run.shared_store("train") if bool(cfg.share.train) else None,
+        "prune": run.shared_store("prune") if bool(cfg.share.train) and bool(cfg.share.prune) else None,
+    }
+    for stage in STAGES:
+        if job.ownership is not None:
+            job.ownership.check()
+        if job.rank != 0 and stage == "measure":  # one process times the models; the others would disturb it
+            continue
+        status = _stage(job, cfg, stores, stage)
+        if status != "done":
+            return status
+    return "done"
+
+
+def _stage(job: _Job, cfg: DictConfig, stores: dict[str, Path | None], stage: str) -> str:
+    """One stage, in its own folder (the shared store for a shared training or pruning, else the run's):
+    skipped when recorded done, else run. Returns "done" for the run to go on, else its status."""
+    store = stores.get(stage)
+    target = RunDir(store) if store is not None else job.run
+    if target is not job.run:
+        shared = _shared_stage(job.run, cfg, target, job.rank, stage)
+        if shared is not None:
+            return shared
+        if job.ownership is not None:  # this job does it: a store deleted meanwhile stops it
+            job.ownership.watch_also(target.path)
+    done = _earlier_record(job, target, stage)
+    if done is None:
+        return _run_stage(job, cfg, stores, target, stage)
+    if done.get("status") == "failed":
+        return _failed_before(job.run, stage, done)
+    return str(done.get("status"))
+
+
+def _earlier_record(job: _Job, target: RunDir, stage: str) -> dict[str, Any] | None:
+    """The stage's record from an earlier attempt; None when there is none or the stage is to be resumed."""
+    done = target.read_metrics(stage)
+    if not resumable(done):
+        return done
+    # it failed writing (full disk, quota, read-only) and its last checkpoint is intact
+    log.warning(
+        "run %s: the %s stage stopped before on a failed write (%s); resuming it from its last checkpoint",
+        job.run.id,
+        stage,
+        done.get("error"),
+    )
+    if job.rank == 0:
+        target.metrics_path(stage).unlink(missing_ok=True)
+    return None
+
+
+def _run_stage(job: _Job, cfg: DictConfig, stores: dict[str, Path | None], target: RunDir, stage: str) -> str:
+    """Run the stage and record it; a stop signal ends the run "preempted", an exception is recorded as
+    the stage's failure and raised again."""
+    log.info("run %s: stage %s", job.run.id, stage)
+    try:
+        metrics = _call_stage(job, cfg, target, stage)
+    except preempt.Preempted as p:
+        if job.rank == 0:
+            _record_preemption(job, cfg, stage, p)
+        return "preempted"
+    except owner.RunFolderVanished:
+        raise
+    except Exception as e:
+        _stage_failed(job, stores, target, stage, e)
+        raise
+    if metrics["status"] != "done" and target is not job.run:  # its lines went to the shared log: say here
+        log.warning("run %s: stage %s %s%s", job.run.id, stage, metrics["status"], _divergence(metrics))
+    return str(metrics["status"])
+
+
+def _call_stage(job: _Job, cfg: DictConfig, target: RunDir, stage: str) -> dict[str, Any]:
+    """The stage's function on ``target``, its metrics (with its wall and CPU seconds) written by rank 0."""
+    started, cpu_started = time.time(), _cpu_seconds()
+    if preempt.STOP:  # a stop signal during the last stage's final steps: stop between stages
+        raise preempt.Preempted(preempt.STOP.signum or 0)
+    with stage_log(job.handler, target.log if target is not job.run and job.rank == 0 else None, stage):
+        metrics = stage_functions()[stage](target, cfg)
+    metrics["wall_s"] = time.time() - started
+    metrics["cpu_s"] = _cpu_seconds() - cpu_started
+    if job.rank == 0:
+        target.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage (_stage_failed)
+    if stage != "measure":  # (rank 0 alone measures)
+        wait_for_all_ranks()  # the next stage reads what rank 0 just wrote (models/trained.pt, ...)
+    return metrics
+
+
+def _record_preemption(job: _Job, cfg: DictConfig, stage: str, p: preempt.Preempted) -> None:
+    """Requeue (or not) the stopped job, and leave its ending where status and collect find it."""
+    ending, message = preempt.handle(p, int(cfg.slurm.max_requeues))
+    log.warning("run %s: %s", job.run.id, message)
+    if ending is not None:  # for status and collect when sacct cannot tell
+        endings.write_ending(job.run, ending, message, stage=stage, job_id=this_slurm_job())
+
+
+def _stage_failed(job: _Job, stores: dict[str, Path | None], target: RunDir, stage: str, e: Exception) -> None:
+    """Record the stage's failure (and that of the stage that made an unreadable input) and log it.
+    Called while ``e`` is being handled (its traceback is logged)."""
+    if job.ownership is not None:
+        job.ownership.check()  # a failure caused by a deleted folder is not written back into it
+    if job.rank == 0:
+        extra = _mark_maker_failed(job.run, stores, stage, e)
+        _record_failure(target, stage, e, job.run, extra)
+    else:
+        extra = {}
+    if (disk := disk_error(e)) is not None:  # where and why is all there is to say
+        log.error("stage %s failed: %s", stage, disk_message(disk))
+    elif unreadable_model(e):  # the file and what is wrong with it: a traceback adds nothing
+        log.error("stage %s failed: %s%s", stage, e, f"; {extra['hint']}" if extra else "")
+    else:
+        log.error("stage %s failed: %s\n%s", stage, e, traceback.format_exc())
 
 
 def _cpu_seconds() -> float:
