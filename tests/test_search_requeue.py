@@ -113,7 +113,8 @@ def test_requeued_worker_resumes_its_trial_bitwise_and_the_study_ends_with_trial
     runs, refs = trial_runs(sweep_dir), trial_runs(tmp_path / "ref/ref")
     assert sorted(runs) == sorted(refs) == [0, 1]
     for trial, signal_name in ((0, "SIGTERM"), (1, "SIGUSR2")):
-        log = (runs[trial] / "run.log").read_text()
+        store = RunDir(runs[trial]).shared_store("train")  # a shared training logs into its store
+        log = "".join((p / "run.log").read_text() for p in (runs[trial], *([store] if store else [])))
         assert f"received {signal_name}" in log and "resuming from" in log, log
         assert_same_training(runs[trial], refs[trial])
     worker_log = "\n".join(p.read_text() for p in sweep_dir.glob("logs/*/*_log.out"))
