@@ -34,6 +34,7 @@ from pipeline.search.study import (
     preview,
 )
 from pipeline.search.worker import run_worker
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -328,6 +329,26 @@ def test_the_url_path_on_mariadb(tmp_path, mariadb_url):
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 6
     assert len(study.trials) == 6 and not journal_path(sweep).exists()
     assert all(math.isfinite(t.value) for t in study.trials if t.state == TrialState.COMPLETE)
+
+
+@pytest.mark.slurm
+def test_a_search_sweep_on_mariadb_through_the_commands(tmp_path, mariadb_url, synthetic_root):
+    """sweep (--cluster local), status and collect with search.storage naming the MariaDB database."""
+    from tests.test_search_sweep import TINY, study_states, sweep, write_search
+
+    spec = write_search(tmp_path, method="random", trials=3, workers=2)
+    spec.write_text(spec.read_text() + f"  storage: {json.dumps(mariadb_url)}\n")
+    args = ["--cluster", "local", "--parallel", "2", "--wait", f"data.root={synthetic_root}", "train.epochs=1", *TINY]
+    r = sweep(tmp_path, spec, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "storage mysql+pymysql://" in r.stdout and mariadb_url.split(":")[2].split("@")[0] not in r.stdout
+    sweep_dir = tmp_path / "runs/s"
+    assert study_states(sweep_dir) == {"COMPLETE": 3}
+    assert len(list(sweep_dir.glob("*/config.yaml"))) == 3 and not journal_path(sweep_dir).exists()
+    st = run_cli("pipeline.status", str(sweep_dir), cwd=tmp_path)
+    assert st.returncode == 0 and "0 to go (of 3)" in st.stdout and "best so far: trial" in st.stdout, st.stdout
+    c = run_cli("pipeline.collect", str(sweep_dir), "--format", "markdown", cwd=tmp_path)
+    assert c.returncode == 0 and "## Search: study search: 3 finished" in c.stdout, c.stdout + c.stderr
 
 
 def test_a_started_search_keeps_its_objectives_and_space(tmp_path):

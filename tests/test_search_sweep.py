@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.rundir import RunDir
 from tests.conftest import REPO, run_cli
 
 TINY = [
@@ -122,6 +123,19 @@ def test_searched_key_that_is_also_a_grid_axis_is_refused(tmp_path):
     r = sweep(tmp_path, spec, "--cluster", "local", timeout=120)
     assert r.returncode == 2 and "search.params.optim.name" in r.stderr and "grid axis" in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "override, key", [("slurm.tasks_per_node=2", "slurm.tasks_per_node"), ("slurm.nodes=2", "slurm.nodes")]
+)
+def test_several_ranks_per_worker_are_refused_naming_the_key(tmp_path, override, key):
+    spec = write_search(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        r = sweep(tmp_path, spec, "--cluster", "local", override, "train.batch_size=128", *extra, timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        err = " ".join(r.stderr.split())
+        assert str(spec) in err and key in err and "one process" in err and "Allowed with search: 1" in err, err
+        assert not (tmp_path / "runs").exists()
 
 
 def test_storage_url_that_does_not_answer_exits_3_with_nothing_submitted(tmp_path):
@@ -266,4 +280,72 @@ def test_search_yaml_runs_8_trials_with_2_workers_on_slurm_some_stopped_early(tm
     ]
     for m in stopped:  # keeps its checkpoint and metrics, costs nothing more (no later stage ran)
         run = m.parent.parent
-        assert (run / "checkpoints/last.pt").is_file() and not (run / "metrics/prune.json").exists()
+        trained_in = RunDir(run).shared_store("train") or run  # (train once: in <out>/.shared/train/<key>/)
+        assert (trained_in / "checkpoints/last.pt").is_file() and not (run / "metrics/prune.json").exists()
+
+
+def _trials_table(markdown: str) -> tuple[list[str], list[list[str]]]:
+    """collect's trials table (the one under '## Search'): headers, rows."""
+    lines = [ln for ln in markdown.split("## Search: ", 1)[1].splitlines() if ln.startswith("|")]
+    split = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+    return split[0], split[2:]
+
+
+def test_two_objectives_give_a_pareto_front_in_status_and_collect(tmp_path, synthetic_root):
+    # more epochs: better accuracy, more time; NSGA-II trades them off
+    spec = write_search(
+        tmp_path,
+        method="nsga2",
+        trials=4,
+        workers=2,
+        objective="{val_acc_best: max, train_time_s: min}",
+        params="{train.epochs: {low: 1, high: 4}, optim.lr: {low: 0.01, high: 0.2, log: true}}",
+    )
+    args = ["--cluster", "local", "--parallel", "2", "--wait", f"data.root={synthetic_root}", *TINY]
+    r = sweep(tmp_path, spec, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep_dir = tmp_path / "runs/s"
+    assert study_states(sweep_dir) == {"COMPLETE": 4}
+    st = run_cli("pipeline.status", str(sweep_dir), cwd=tmp_path)
+    assert st.returncode == 0 and "Pareto front: trials" in st.stdout, st.stdout + st.stderr
+    c = run_cli("pipeline.collect", str(sweep_dir), "--format", "markdown", cwd=tmp_path)
+    assert c.returncode == 0, c.stdout + c.stderr
+    headers, rows = _trials_table(c.stdout)
+    acc, secs, front = (headers.index(h) for h in ("val_acc_best", "train_time_s", "Pareto front"))
+    points = {row[0]: (float(row[acc]), float(row[secs]), row[front] == "yes") for row in rows}
+    assert len(points) == 4 and any(on for _, _, on in points.values()), c.stdout
+    for trial, (a, s, on) in points.items():  # on the front exactly when no other trial dominates it
+        dominated = any(a2 >= a and s2 <= s and (a2, s2) != (a, s) for t2, (a2, s2, _) in points.items() if t2 != trial)
+        assert on == (not dominated), (trial, points)
+    # which trial is best for each objective, said in status and collect
+    for out in (st.stdout, c.stdout):
+        text = " ".join(out.split())
+        assert "best val_acc_best: trial" in text and "best train_time_s: trial" in text, out
+
+
+def test_trials_that_differ_only_in_pruning_share_one_training(tmp_path, synthetic_root):
+    spec = write_search(
+        tmp_path,
+        method="random",
+        trials=3,
+        workers=2,
+        objective="{pruned_test_acc: max}",
+        params="{prune.sparsity: {low: 0.2, high: 0.8}}",
+    )
+    spec.write_text(
+        spec.read_text().replace("{model.name: resnet20}", "{model.name: resnet20, prune.method: unstructured}")
+    )
+    args = ["--cluster", "local", "--parallel", "2", "--wait", f"data.root={synthetic_root}", *TINY]
+    r = sweep(tmp_path, spec, *args, "train.epochs=2", "prune.epochs=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    sweep_dir = tmp_path / "runs/s"
+    assert study_states(sweep_dir) == {"COMPLETE": 3}
+    runs = [RunDir(p.parent) for p in sweep_dir.glob("*/config.yaml")]
+    assert len(runs) == 3
+    stores = {run.shared_store("train") for run in runs}
+    (store,) = stores  # one training for the three trials
+    assert store is not None and json.loads((store / "metrics/train.json").read_text())["status"] == "done"
+    reused = [run for run in runs if "reuses the shared training" in run.log.read_text()]
+    assert len(reused) == 2, [run.log.read_text() for run in runs]
+    assert all(run.read_metrics("prune")["status"] == "done" for run in runs)  # each pruned itself
+    assert len({run.read_metrics("prune")["sparsity"] for run in runs}) == 3

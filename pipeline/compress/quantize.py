@@ -80,15 +80,15 @@ def _export_example(example: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _export(model: nn.Module, example: torch.Tensor, *, train: bool) -> ExportedProgram:
+def _export(model: nn.Module, example: torch.Tensor, *, train: bool, strict: bool = False) -> ExportedProgram:
     batch = Dim("batch", min=1, max=_MAX_BATCH)
     args, shapes = (_export_example(example),), ({0: batch},)
     if model_is_exported(model):  # its mode is baked into the graph; .train()/.eval() raise
-        return torch.export.export(model, args, dynamic_shapes=shapes)
+        return torch.export.export(model, args, dynamic_shapes=shapes, strict=strict)
     was_training = model.training
     model.train(train)
     try:
-        return torch.export.export(model, args, dynamic_shapes=shapes)
+        return torch.export.export(model, args, dynamic_shapes=shapes, strict=strict)
     finally:
         model.train(was_training)
 
@@ -149,10 +149,27 @@ def _quantizer(gm: GraphModule, *, is_qat: bool, fp32_modules: Sequence[str] = (
 
 def _prepare(gm: GraphModule, *, is_qat: bool, fp32_modules: Sequence[str] = ()) -> GraphModule:
     quantizer = _quantizer(gm, is_qat=is_qat, fp32_modules=fp32_modules)
-    prepared = (prepare_qat_pt2e if is_qat else prepare_pt2e)(gm, quantizer)
-    if _observer_count(prepared) == 0:
-        raise RuntimeError("the quantizer annotated nothing: no observer was inserted (is a global config set?)")
-    return prepared
+    return (prepare_qat_pt2e if is_qat else prepare_pt2e)(gm, quantizer)
+
+
+def _export_and_prepare(
+    model: nn.Module, example: torch.Tensor, *, is_qat: bool, fp32_modules: Sequence[str] = ()
+) -> GraphModule:
+    """``model`` exported (training mode for QAT) with observers or fake-quantizers in place.
+
+    Exported non-strict first (the default, fast); if the quantizer then annotated nothing, exported
+    again with ``strict=True``: torch 2.11's non-strict export records no ``source_fn_stack``, which the
+    x86 inductor quantizer matches on (README, GPUs), while strict export records it on every version.
+    """
+    for strict in (False, True):
+        prepared = _prepare(
+            _export(model, example, train=is_qat, strict=strict).module(), is_qat=is_qat, fp32_modules=fp32_modules
+        )
+        if _observer_count(prepared) > 0:
+            return prepared
+        if not strict:
+            log.warning("the quantizer annotated nothing in the non-strict export; exporting again with strict=True")
+    raise RuntimeError("the quantizer annotated nothing: no observer was inserted (is a global config set?)")
 
 
 def quantize_op_count(gm: GraphModule) -> int:
@@ -187,7 +204,7 @@ def quantize_int8(
     not quantized for them (:mod:`pipeline.compress.budget.int8` picks them to meet an accuracy budget).
     """
     model = copy.deepcopy(model).cpu()
-    prepared = _prepare(export_model(model, example.cpu()).module(), is_qat=False, fp32_modules=fp32_modules)
+    prepared = _export_and_prepare(model, example.cpu(), is_qat=False, fp32_modules=fp32_modules)
     batches = 0
     with torch.no_grad():
         for x in calib:
@@ -211,7 +228,7 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, *, fp32_modules: Sequen
     architecture, which is how an interrupted QAT fine-tune resumes.
     """
     model = copy.deepcopy(model).cpu()
-    return _prepare(_export(model, example.cpu(), train=True).module(), is_qat=True, fp32_modules=fp32_modules)
+    return _export_and_prepare(model, example.cpu(), is_qat=True, fp32_modules=fp32_modules)
 
 
 def set_exported_mode(gm: GraphModule, train: bool) -> GraphModule:

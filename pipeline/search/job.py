@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline import share
 from pipeline.config import Composer, Layer, flatten, tree_run_id, tree_to_yaml, unflatten
 from pipeline.jobs.owner import RunBusy, RunFolderVanished
 from pipeline.jobs.procs import die_with_parent
@@ -53,13 +54,32 @@ class JobRunner(RunFolderRunner):
         self.trees[run_id] = tree
         return run_id
 
+    def tree(self, run_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        if run_id not in self.trees:  # a resumed trial: its run id was resolved by an earlier instance
+            self.resolve(params)
+        return self.trees[run_id]
+
+    def stores(self, run_id: str) -> dict[str, Path]:
+        """Stage -> shared store (train once, compress many) of the run, as a grid sweep's run gets them:
+        none with share.train false, nor for a stage the run folder already did (or began) itself."""
+        tree, run = self.trees[run_id], RunDir(self.sweep_dir / run_id)
+        out: dict[str, Path] = {}
+        for stage in ("train", "prune"):
+            if stage == "prune" and "train" not in out:
+                break  # a shared pruning starts from a shared training
+            if share.stage_sharing_on(tree, stage) and not share.has_own_stage(run, stage):
+                out[stage] = share.stage_store(self.sweep_dir, stage, share.stage_key(tree, stage))
+        return out
+
+    def shared(self, run_id: str, params: dict[str, Any]) -> list[str]:
+        self.tree(run_id, params)
+        return [str(p) for p in self.stores(run_id).values()]
+
     def write_run(self, a: Assignment) -> RunDir:
-        """config.yaml and meta.json (the sampled values are its ``swept``: collect's columns)."""
+        """config.yaml and meta.json (the sampled values are its ``swept``: collect's columns), and
+        shared.json naming the shared stores of its training and pruning."""
         run = RunDir(self.sweep_dir / a.run_id)
-        tree = self.trees.get(a.run_id)
-        if tree is None:  # a resumed trial: its run id was resolved by an earlier instance
-            self.resolve(a.params)
-            tree = self.trees[a.run_id]
+        tree = self.tree(a.run_id, a.params)
         text = tree_to_yaml(tree)
         if not run.config.exists() or run.config.read_text() != text:
             run.path.mkdir(parents=True, exist_ok=True)
@@ -74,7 +94,21 @@ class JobRunner(RunFolderRunner):
         }
         if read_json(run.meta) != meta:
             atomic_write_text(run.meta, json.dumps(meta, indent=2, default=str) + "\n")
+        self.own_shared_stages(run)
         return run
+
+    def own_shared_stages(self, run: RunDir) -> None:
+        """Point the run at its shared stores and make it the owner of those not done yet: the worker
+        runs a trial only while no other live worker uses one of its stores (:func:`pipeline.search.worker.
+        _take_run`), so a store without a result is this trial's to make (or to resume)."""
+        stores = self.stores(run.id)
+        if not stores:
+            return
+        share.point_to_stores(run, stores)
+        for stage, store in stores.items():
+            record = share.store_record(store, stage)
+            if record is None or share.resumable(record):
+                share.take_over(store, run)
 
     def run(self, a: Assignment) -> Outcome:
         from pipeline.stages.runner import execute  # (torch-free at import, as this module)

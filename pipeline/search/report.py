@@ -91,13 +91,23 @@ def _summary(name: str, p: Any, record: SearchRecord) -> str:
         return line + "; no finished trial yet"
     if len(record.spec.objective) > 1:
         front = ", ".join(f"{t.number} (run {t.user_attrs.get('run_id', '?')})" for t in p.best)
-        return line + f"; Pareto front: trials {front}"
+        return line + f"; Pareto front: trials {front}; " + best_each(p.best, record.spec.objective)
     best = p.best[0]
     objective = next(iter(record.spec.objective))
     return (
         line
         + f"; best so far: trial {best.number}, {objective} {cli.fmt(best.values[0])}, run {best.user_attrs.get('run_id', '?')}"
     )
+
+
+def best_each(front: Sequence[Any], objective: dict[str, str]) -> str:
+    """Which trial is best for each objective (each one's best is on the front)."""
+    parts = []
+    for i, (name, direction) in enumerate(objective.items()):
+        pick = max if direction == "max" else min
+        t = pick(front, key=lambda t: t.values[i])
+        parts.append(f"best {name}: trial {t.number} ({cli.fmt(t.values[i])})")
+    return ", ".join(parts)
 
 
 def trial_rows(view: StudyView) -> tuple[list[str], list[list[str]]]:

@@ -62,9 +62,25 @@ def study_plans(sweep: SweepSpec, runs: Sequence[PlannedRun], overrides: dict[st
     check_axes(sweep, search, overrides)
     plans = []
     for run in runs:
+        check_one_rank(sweep.path, run.config)
         check_space(search, composer_for(sweep.path, run.config))
         plans.append(StudyPlan(study_name(run.swept, len(runs) == 1), dict(run.swept), run.config))
     return plans
+
+
+def check_one_rank(sweep_file: str | Path, config: dict[str, Any]) -> None:
+    """A worker is one process: several ranks (data-parallel tasks) would each run the worker loop and
+    claim trials of their own, instead of training one trial together."""
+    for key in ("tasks_per_node", "nodes"):
+        value = int(config["slurm"][key])
+        if value > 1:
+            raise ConfigError(
+                sweep_file,
+                f"is {value}: a search runs each trial in one process (a worker claims its trials alone, and "
+                "several ranks would each claim their own). Allowed with search: 1; to train data-parallel, "
+                "run the chosen config as a grid sweep.",
+                key=f"slurm.{key}",
+            )
 
 
 def composer_for(sweep_file: str | Path, config: dict[str, Any]) -> Composer:
@@ -93,6 +109,15 @@ def space_text(search: SearchSpec) -> list[str]:
     return lines
 
 
+def storage_text(search: SearchSpec) -> str:
+    """The storage, for people: a database URL without its password."""
+    if search.storage is None:
+        return "journal file search/journal.log"
+    from pipeline.search.study import masked
+
+    return masked(search.storage)
+
+
 def print_search(console: Console, sweep: SweepSpec, plans: Sequence[StudyPlan], dry_run: bool) -> None:
     s = sweep.search
     assert s is not None
@@ -104,7 +129,7 @@ def print_search(console: Console, sweep: SweepSpec, plans: Sequence[StudyPlan],
     console.print(
         f"method {s.method}, {s.trials} trials, {s.workers} workers, objective "
         + ", ".join(f"{k}: {d}" for k, d in s.objective.items())
-        + f", early stopping {stop}, seed {s.seed}, storage {escape(s.storage or 'journal file search/journal.log')}",
+        + f", early stopping {stop}, seed {s.seed}, storage {escape(storage_text(s))}",
         soft_wrap=True,
     )
     console.print("space:")
@@ -169,6 +194,19 @@ def busy_workers(sweep_dir: Path, study: str) -> dict[int, str]:
     return busy
 
 
+def archive_failed_stores(run: Any) -> None:
+    """The failed or diverged shared training (or pruning) of a trial's run, moved aside (kept) so that
+    the trial asked again redoes it, as ``--rerun failed`` does for a grid's runs."""
+    from pipeline import share
+    from pipeline.rundir import RunDir
+
+    for stage in ("train", "prune"):
+        store = run.shared_store(stage)
+        record = share.store_record(store, stage) if store is not None else None
+        if record is not None and record.get("status") in ("failed", "diverged") and not share.resumable(record):
+            RunDir(store).archive()
+
+
 def rerun_failed(study: Any, sweep_dir: Path) -> int:
     """``--rerun failed``: each failed trial (except an invalid sampled config, which cannot change) is
     enqueued again with its values, its run folder's failed stage archived; returns how many."""
@@ -187,6 +225,7 @@ def rerun_failed(study: Any, sweep_dir: Path) -> int:
             continue
         run_id = t.user_attrs.get(ATTR_RUN)
         if isinstance(run_id, str) and RunDir(sweep_dir / run_id).status() in ("failed", "diverged"):
+            archive_failed_stores(RunDir(sweep_dir / run_id))
             RunDir(sweep_dir / run_id).archive()
         study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number})
         n += 1

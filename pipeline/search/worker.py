@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -113,6 +113,11 @@ class TrialRunner(Protocol):
         """Run (or resume) the trial's run folder to its end, calling the reporter every epoch."""
         ...
 
+    def shared(self, run_id: str, params: dict[str, Any]) -> list[str]:
+        """The shared stores (train once, compress many) the run's stages use: two trials with one in
+        common do not run at once (the later one waits, then reuses the result)."""
+        ...
+
 
 class RunFolderRunner:
     """A runner whose runs live in ``<sweep_dir>/<run id>/``: :meth:`existing` reads the folder; the
@@ -124,6 +129,9 @@ class RunFolderRunner:
 
     def existing(self, run_id: str) -> Outcome | None:
         return outcome_from_run(self.sweep_dir / run_id, self.objectives)
+
+    def shared(self, run_id: str, params: dict[str, Any]) -> list[str]:
+        return []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,10 +151,12 @@ class Slot:
     worker: int
     record: dict[str, Any] = field(default_factory=owner.my_record)
 
-    def hold(self, trial: int | None, run: str | None = None) -> None:
-        """Say which trial this worker holds, and the run folder it is training (None: not yet)."""
+    def hold(self, trial: int | None, run: str | None = None, shared: Sequence[str] = ()) -> None:
+        """Say which trial this worker holds, the run folder it is training (None: not yet) and the
+        shared stores that run uses."""
         # no fsync: after a machine crash a lost file only makes its trial an orphan, adopted by anyone
-        text = json.dumps({**self.record, "worker": self.worker, "trial": trial, "run": run}, indent=2) + "\n"
+        held = {"worker": self.worker, "trial": trial, "run": run, "shared": list(shared)}
+        text = json.dumps({**self.record, **held}, indent=2) + "\n"
         atomic_write_text(self.path, text, fsync=False)
 
     def check_free(self) -> int | None:
@@ -232,6 +242,7 @@ class Claim:
     how: str  # asked | resumed | adopted
     run_id: str = ""
     invalid: str = ""  # the ConfigError of a sampled combination the schema refuses
+    shared: list[str] = field(default_factory=list)  # the shared stores its run uses
     may_run: bool = False  # no live worker trains its run folder now: this one does
 
 
@@ -244,13 +255,14 @@ def _resolve(study: optuna.Study, runner: TrialRunner, claim: Claim) -> Claim:
     known = claim.trial.user_attrs.get(ATTR_RUN)
     if isinstance(known, str):
         claim.run_id = known
-        return claim
-    try:
-        claim.run_id = runner.resolve(dict(claim.trial.params))
-    except ConfigError as e:
-        claim.invalid = str(e)
-        return claim
-    study._storage.set_trial_user_attr(_trial_id(claim.trial), ATTR_RUN, claim.run_id)
+    else:
+        try:
+            claim.run_id = runner.resolve(dict(claim.trial.params))
+        except ConfigError as e:
+            claim.invalid = str(e)
+            return claim
+        study._storage.set_trial_user_attr(_trial_id(claim.trial), ATTR_RUN, claim.run_id)
+    claim.shared = runner.shared(claim.run_id, dict(claim.trial.params))
     return claim
 
 
@@ -285,11 +297,15 @@ def claim_next(study: optuna.Study, spec: SearchSpec, sweep_dir: Path, slot: Slo
 
 def _take_run(slot: Slot, claim: Claim) -> bool:
     """Under the claim lock: unless another live worker trains the claim's run folder now (a twin: a
-    trial that sampled the same config), note in this worker's file that this one does."""
-    for data in live_slots(slot.path.parent):
-        if data.get("run") == claim.run_id and data.get("worker") != slot.worker:
+    trial that sampled the same config) or a shared stage it uses (a trial of the same training), note
+    in this worker's file that this one does."""
+    studies = slot.path.parent.parent  # every study of the sweep: their trials may share a training too
+    for data in [d for folder in sorted(studies.iterdir()) if folder.is_dir() for d in live_slots(folder)]:
+        if _same_process(data, slot.record):
+            continue
+        if data.get("run") == claim.run_id or set(data.get("shared") or ()) & set(claim.shared):
             return False
-    slot.hold(claim.trial.number, claim.run_id)
+    slot.hold(claim.trial.number, claim.run_id, claim.shared)
     return True
 
 
@@ -312,7 +328,11 @@ def settle(
             return _copy(study, claim, found)
         if claim.may_run:
             break
-        log.info("trial %d: run %s is being trained by another trial; waiting for it", claim.trial.number, claim.run_id)
+        log.info(
+            "trial %d: run %s (or its shared training) is being trained by another trial; waiting for it",
+            claim.trial.number,
+            claim.run_id,
+        )
         time.sleep(poll_s)
         with claim_lock(sweep_dir):
             claim.may_run = _take_run(slot, claim)  # its worker died: train it here
