@@ -19,12 +19,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.budget_config import LATER_KEYS, budget_problems, inert_budget, origin
 from pipeline.models import MODEL_NAMES, NORMS, SHORTCUTS
 
 COMMAND_LINE = "command line"
@@ -141,8 +142,8 @@ class PruneConfig:
     # none | unstructured (magnitude, per weight; zeros give no speed with dense kernels, but compress)
     # | structured (whole channels removed with torch-pruning: fewer parameters and MACs, faster)
     method: str = _choice("none", *PRUNE_METHODS)
-    sparsity: float = _num(0.5, min=0.0, max=1.0)  # final fraction of weights (unstructured) or of
-    # channels per layer (structured) removed; must be < 1
+    sparsity: Any = 0.5  # final fraction of weights (unstructured) or of channels per layer (structured)
+    # removed, in [0, 1); or auto: the largest pruning within prune.max_drop (docs/budget-design.md)
     initial_sparsity: float = _num(0.0, min=0.0, max=1.0)  # unstructured, polynomial: sparsity at begin
     schedule: str = _choice("polynomial", "constant", "polynomial")  # unstructured: constant = the final
     # sparsity from the first pruning step on; polynomial = Zhu & Gupta 2017, rising from
@@ -166,6 +167,13 @@ class PruneConfig:
     # optimizer, momentum and weight decay)
     lr_schedule: str = _choice("cosine", *LR_SCHEDULES)  # finetune: learning-rate schedule
     warmup_epochs: float = _num(0.0, min=0.0)  # finetune: linear warm-up, epochs
+    # sparsity auto: points of validation top-1 the fine-tuned model may lose against the trained one
+    max_drop: Optional[float] = None
+    max_attempts: int = _num(4, min=1)  # auto: fine-tunes the search may spend (uniform comparison: +1)
+    sensitivity_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # auto, structured:
+    # ratios each channel group is pruned alone at (no fine-tune) to rank the groups
+    sensitivity_batches: int = _num(4, min=1)  # auto, structured: validation batches per sensitivity point
+    compare_uniform: bool = True  # auto, structured: fine-tune one uniform ratio at the chosen MACs too
 
 
 @dataclass
@@ -176,6 +184,10 @@ class QuantConfig:
     calib_batches: int = _num(16, min=1)  # int8: un-augmented training batches for calibration
     epochs: int = _num(2, min=0)  # qat: fine-tuning epochs with fake quantization (>= 1)
     lr: float = _num(1e-3, min=0.0, min_exclusive=True)  # qat: peak learning rate (cosine to 0)
+    # int8/qat: points of validation top-1 int8 may cost; over it, the costliest layers stay fp32
+    max_drop: Optional[float] = None
+    ranking: str = _choice("sqnr", "sqnr", "accuracy")  # max_drop: how layers are ranked for fp32
+    max_fp32_layers: Optional[int] = None  # max_drop: stop after this many layers in fp32 (>= 1)
 
 
 @dataclass
@@ -594,11 +606,11 @@ def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None 
         if problem is not None:
             raise ConfigError(provenance.get(key, "defaults"), problem, key=key)
     # cross-field rules, in this order: the first problem found is the one reported
-    for check in (_optim_problem, _schedule_problem, _prune_problem, _quant_problem, _ranks_problem):
+    for check in (_optim_problem, _schedule_problem, _budget_problem, _prune_problem, _quant_problem, _ranks_problem):
         found = check(flat)
         if found is not None:
             key, msg = found
-            raise ConfigError(provenance.get(key, "defaults"), msg, key=key)
+            raise ConfigError(provenance.get(origin(key, msg), "defaults"), msg, key=key)
 
 
 def _leaf_problem(
@@ -642,10 +654,16 @@ def _schedule_problem(flat: Mapping[str, Any]) -> _Problem:
     return None
 
 
+def _budget_problem(flat: Mapping[str, Any]) -> _Problem:
+    """prune.sparsity (a fraction or auto) and the accuracy-budget settings (pipeline.budget_config)."""
+    return next(iter(budget_problems(flat)), None)
+
+
 def _prune_problem(flat: Mapping[str, Any]) -> _Problem:
-    for key in ("prune.sparsity", "prune.initial_sparsity"):
-        if flat[key] >= 1:
-            return key, f"must be in [0, 1) (a fraction of the weights removed), got {flat[key]}."
+    if flat["prune.initial_sparsity"] >= 1:  # prune.sparsity (a fraction or auto): _budget_problem
+        return "prune.initial_sparsity", (
+            f"must be in [0, 1) (a fraction of the weights removed), got {flat['prune.initial_sparsity']}."
+        )
     if flat["prune.method"] == "none":
         return None
     if flat["prune.begin"] > flat["prune.end"]:
@@ -656,6 +674,7 @@ def _prune_problem(flat: Mapping[str, Any]) -> _Problem:
     if (
         flat["prune.method"] == "unstructured"
         and flat["prune.schedule"] == "polynomial"
+        and flat["prune.sparsity"] != "auto"
         and flat["prune.initial_sparsity"] > flat["prune.sparsity"]
     ):
         return "prune.initial_sparsity", (
@@ -774,7 +793,16 @@ _PRUNE_FINETUNE_ONLY = ("epochs", "lr", "lr_schedule", "warmup_epochs")
 
 
 # the settings that decide which others do nothing (inert_settings depends on these alone)
-_DECIDING = ("data.loader", "prune.method", "prune.schedule", "prune.during", "quant.method", "measure.enabled")
+_DECIDING = (
+    "data.loader",
+    "prune.method",
+    "prune.schedule",
+    "prune.during",
+    "quant.method",
+    "measure.enabled",
+    "prune.sparsity",
+    "quant.max_drop",
+)
 _INERT: dict[tuple[Any, ...], dict[str, str]] = {}
 
 
@@ -794,6 +822,9 @@ def _inert_settings(flat: Mapping[str, Any]) -> dict[str, str]:
     if flat["data.loader"] == "device":
         out["train.num_workers"] = "does nothing with data.loader=device (no worker processes)"
     out.update(_inert_prune(flat))
+    out.update({k: v for k, v in inert_budget(flat).items() if k not in out})
+    if flat["quant.max_drop"] is not None:  # qat within a budget calibrates its PTQ search
+        out.pop("quant.calib_batches", None)
     quant = flat["quant.method"]
     unused = {"none": ("calib_batches", "epochs", "lr"), "int8": ("epochs", "lr"), "qat": ("calib_batches",)}
     for leaf in unused.get(quant, ("calib_batches", "epochs", "lr")):
@@ -842,6 +873,11 @@ def settled(tree: Mapping[str, Any]) -> dict[str, Any]:
         copied = node is not tree.get(section)  # copied before its first change: ``tree`` stays as it is
         out[section] = {**node, leaf: _DEFAULTS[key]} if not copied else node
         out[section][leaf] = _DEFAULTS[key]
+    for key in LATER_KEYS:  # added later: at their default they are not hashed, so older ids and keys stay
+        section, leaf = key.split(".")
+        node = out.get(section)
+        if isinstance(node, Mapping) and leaf in node and node[leaf] == _DEFAULTS[key]:
+            out[section] = {k: v for k, v in node.items() if k != leaf}
     return out
 
 

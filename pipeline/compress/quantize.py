@@ -220,7 +220,7 @@ def quantize_int8(
 # --------------------------------------------------------------------------------------------------
 
 
-def prepare_qat(model: nn.Module, example: torch.Tensor) -> GraphModule:
+def prepare_qat(model: nn.Module, example: torch.Tensor, *, fp32_modules: Sequence[str] = ()) -> GraphModule:
     """A copy of ``model`` exported in training mode with fake-quantize modules in place.
 
     Train it like any module (``set_exported_mode(gm, True)``, an optimizer over ``gm.parameters()``);
@@ -228,7 +228,7 @@ def prepare_qat(model: nn.Module, example: torch.Tensor) -> GraphModule:
     architecture, which is how an interrupted QAT fine-tune resumes.
     """
     model = copy.deepcopy(model).cpu()
-    return _export_and_prepare(model, example.cpu(), is_qat=True)
+    return _export_and_prepare(model, example.cpu(), is_qat=True, fp32_modules=fp32_modules)
 
 
 def set_exported_mode(gm: GraphModule, train: bool) -> GraphModule:

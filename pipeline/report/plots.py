@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline import console as cli
+from pipeline.report.budget import budget_panels
 from pipeline.report.records import AFTER_TRAINING, Record
 from pipeline.report.tables import model_rows, number
 
@@ -295,6 +296,38 @@ def render_sparsity(curves: Sequence[Curve], path: Path) -> Path:
     return path
 
 
+def render_budget(r: Record, path: Path) -> Path | None:
+    """Validation top-1 of every attempt (numbered) against MACs (structured), sparsity (unstructured) or
+    layers kept in fp32 (int8), the budget line, the chosen attempt and the uniform comparison."""
+    panels = budget_panels(r)
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE[0] * len(panels), FIGSIZE[1]), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        pts = p["points"]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o", color="tab:blue", label="attempts")
+        for k, (x, y) in enumerate(pts):
+            ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if isinstance(p["chosen"], int) and 0 <= p["chosen"] < len(pts):
+            ax.plot(*pts[p["chosen"]], "*", markersize=16, color="tab:green", label=f"chosen ({p['status']})")
+        if p["uniform"] is not None:
+            ax.plot(*p["uniform"], "s", color="tab:orange", label="uniform ratio, nearest MACs")
+        ax.axhline(p["line"], color="tab:red", linestyle="--", label=f"budget: reference - {p['max_drop']:g} pt")
+        ax.set_xlabel(p["xlabel"])
+        if p["stage"] == "quantize":
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("validation top-1 (%)")
+        what = "pruning" if p["stage"] == "prune" else "int8"
+        ax.set_title(f"{r.id}: {what} within {p['max_drop']:g} pt")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
 def plot_sweep(keys: Sequence[str], records: Sequence[Record], out_dir: Path) -> list[Path]:
     """Every plot the records have data for, written under ``out_dir``; returns the files."""
     written = []
@@ -322,4 +355,7 @@ def plot_sweep(keys: Sequence[str], records: Sequence[Record], out_dir: Path) ->
     sparsity = sparsity_series(records)
     if sparsity:
         written.append(render_sparsity(sparsity, out_dir / "sparsity.png"))
+    for r in records:  # one plot per run with a budget: every attempt
+        if (budget := render_budget(r, out_dir / f"budget_{r.id}.png")) is not None:
+            written.append(budget)
     return written

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from pipeline import console as cli
+from pipeline.report.budget import budget_cells, budget_notes
 from pipeline.report.records import AFTER_TRAINING, Record, sort_key
 from pipeline.rundir import STOPPED_EARLY, UNREADABLE_OUTPUT
 
@@ -420,6 +421,12 @@ MODEL_COLUMNS: list[Column] = [
     Column("self_cuda_ms_per_batch", "CUDA ms/batch", "ms"),
     Column("size_factor", "smaller", "factor"),
     Column("speed_factor", "faster", "factor"),
+    # compression to an accuracy budget (pipeline.report.budget); empty columns are left out
+    Column("budget", "budget"),
+    Column("drop", "drop"),
+    Column("attempts", "attempts"),
+    Column("fp32_layers", "fp32 layers", "int"),
+    Column("uniform_top1", "uniform val top-1", "pct"),
 ]
 
 
@@ -428,6 +435,8 @@ def _prune_label(r: Record) -> str:
     if method is None:
         return ""
     target = number(_stage(r, "prune", "sparsity_target"))
+    if _stage(r, "prune", "budget"):  # prune.sparsity: auto
+        return f"{method} auto"
     return f"{method} {100 * target:g}%" if target is not None else str(method)
 
 
@@ -452,6 +461,7 @@ def model_rows(r: Record) -> list[dict[str, Any]]:
         row["int8_fast_cpu"] = fast_cpu if row["name"] == "int8" else None
         row["top1_error"] = None if row["top1"] is None else 1 - row["top1"]
         row["top5_error"] = None if row["top5"] is None else 1 - row["top5"]
+        row.update(budget_cells(r, row["name"]))
     return rows
 
 
@@ -609,7 +619,7 @@ def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool =
                 row.update({k: group[0].swept.get(k, "") for k in train_keys})
             flat_rows += rows
         else:
-            tables.append(Table(list(MODEL_COLUMNS), rows, title, speed_notes(rows)))
+            tables.append(Table(list(MODEL_COLUMNS), rows, title, speed_notes(rows) + budget_notes(group)))
     if flat:
         titles = cli.short_keys(train_keys)
         cols = [
@@ -618,7 +628,8 @@ def model_tables(keys: Sequence[str], records: Sequence[Record], *, flat: bool =
             *[Column(k, titles[k]) for k in train_keys],
             *MODEL_COLUMNS[1:],
         ]
-        return [Table(cols, flat_rows, "", speed_notes(flat_rows))] if flat_rows else []
+        notes = speed_notes(flat_rows) + budget_notes(records)
+        return [Table(cols, flat_rows, "", notes)] if flat_rows else []
     return tables
 
 

@@ -22,6 +22,7 @@ from pipeline.models.files import (
     load_model,
 )
 from pipeline.rundir import RunDir, model_file_problem
+from pipeline.stages.budget import int8_fp32_layers
 from pipeline.stages.quantize import cpu_loaders, source_model_file
 from pipeline.stages.setup import set_threads, skipped
 
@@ -62,6 +63,7 @@ def measure_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
             f"{e['throughput_img_s']:.0f}" if e.get("throughput_img_s") else "-",
             int(m.throughput_batch),
         )
+    int8_fp32_layers(run, entries)
     flags = cpu_flags()
     return {
         "status": "done",

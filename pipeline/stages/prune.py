@@ -23,6 +23,7 @@ from pipeline.models.files import (
     save_model,
 )
 from pipeline.rundir import RunDir
+from pipeline.stages.budget import prune_within_budget
 from pipeline.stages.checkpoint import load_checkpoint
 from pipeline.stages.loop import FitResult, Phase, evaluate_test, fit
 from pipeline.stages.setup import Context, merged_schedule, setup, skipped, to_device
@@ -58,6 +59,8 @@ def prune_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
         return _pruned_in_training(run, p, trained)
 
     ctx = setup(cfg)
+    if p.sparsity == "auto":  # the largest pruning within prune.max_drop (docs/budget-design.md)
+        return prune_within_budget(run, cfg, ctx, trained, info)
     before = _size(trained)
     ckpt_path = run.checkpoints / "prune.pt"
     ckpt = load_checkpoint(ckpt_path, run if ctx.dist.is_main else None)

@@ -22,6 +22,7 @@ from pipeline.models.files import (
     save_model,
 )
 from pipeline.rundir import RunDir
+from pipeline.stages.budget import finish_int8_budget, int8_search, qat_drop
 from pipeline.stages.checkpoint import load_checkpoint
 from pipeline.stages.loop import Phase, evaluate, fit
 from pipeline.stages.setup import make_loaders, merged_schedule, setup, skipped, to_device
@@ -79,9 +80,10 @@ def quantize_stage(run: RunDir, cfg: DictConfig) -> dict[str, Any]:
     if q.method == "int8":
         gm = _post_training_int8(cfg, model, calib, example, metrics)
     else:
-        gm = _quantization_aware(run, cfg, model, metrics)
+        gm = _quantization_aware(run, cfg, model, metrics, calib, example)
         if gm is None:
             return metrics
+    finish_int8_budget(run, metrics)  # quant.max_drop: fp32_layers, and a note when over budget
     _save_and_test_int8(run, cfg, gm, example, test, metrics)
     return metrics
 
@@ -109,21 +111,33 @@ def _post_training_int8(
     from pipeline.compress import quantize as qz
 
     batches = [x for i, (x, _) in zip(range(int(cfg.quant.calib_batches)), calib)]
-    gm = qz.quantize_int8(to_device(model, cfg, torch.device("cpu")), batches, example)
+    model = to_device(model, cfg, torch.device("cpu"))
+    if cfg.quant.max_drop is not None:  # the costliest layers stay fp32 until within budget
+        gm, metrics["budget"] = int8_search(cfg, model, batches, example)
+    else:
+        gm = qz.quantize_int8(model, batches, example)
     metrics["calib_batches"] = len(batches)
     return gm
 
 
-def _quantization_aware(run: RunDir, cfg: DictConfig, model: nn.Module, metrics: dict[str, Any]) -> Any:
+def _quantization_aware(
+    run: RunDir, cfg: DictConfig, model: nn.Module, metrics: dict[str, Any], calib: DeviceLoader, example: torch.Tensor
+) -> Any:
     """Fine-tune ``model`` with fake quantization (a checkpointed phase of the training loop), then
-    convert it to an int8 program on the CPU; None (``metrics`` saying where) when the fine-tune diverged."""
+    convert it to an int8 program on the CPU; None (``metrics`` saying where) when the fine-tune diverged.
+    With quant.max_drop the PTQ search first chooses the layers QAT leaves in fp32."""
     from pipeline.compress import quantize as qz
 
+    fp32: list[str] = []
+    if cfg.quant.max_drop is not None:
+        ptq: dict[str, Any] = {}
+        _post_training_int8(cfg, model, calib, example, ptq)
+        metrics["budget"], fp32 = ptq["budget"], list(ptq["budget"]["fp32_layers"])
     q, ctx = cfg.quant, setup(cfg)
     model = to_device(model, cfg, ctx.device)
     train_example = next(iter(ctx.test_loader))[0][:2]
     torch.manual_seed(int(cfg.train.seed) + 2)
-    prepared = qz.prepare_qat(model, train_example)
+    prepared = qz.prepare_qat(model, train_example, fp32_modules=fp32)
     prepared.pipeline_set_mode = lambda training: qz.set_exported_mode(prepared, training)  # type: ignore[assignment]
     ckpt_path = run.checkpoints / "qat.pt"
     schedule = merged_schedule(cfg.schedule, {"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0})
@@ -133,7 +147,10 @@ def _quantization_aware(run: RunDir, cfg: DictConfig, model: nn.Module, metrics:
     if result.status == "diverged":
         metrics.update(status="diverged", **divergence_metrics(result))
         return None
-    return qz.convert_qat(prepared.to("cpu"))
+    gm = qz.convert_qat(prepared.to("cpu"))
+    if "budget" in metrics:  # the QAT model's own drop decides done / over budget
+        metrics["budget"] = qat_drop(metrics["budget"], gm, cfg)
+    return gm
 
 
 def _save_and_test_int8(
