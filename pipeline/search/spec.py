@@ -196,7 +196,7 @@ def parse_params(doc: Any, src: str) -> dict[str, Param]:
         key = str(key)
         check_param_key(key, src)
         check_searchable(key, src)
-        kind = str(fields[key].type)
+        kind = _kind(fields[key])
         out[key] = (
             parse_choice(key, value, kind, src) if isinstance(value, list) else parse_range(key, value, kind, src)
         )
@@ -230,6 +230,16 @@ def check_searchable(key: str, src: str) -> None:
             "does not change a run's result (it is left out of the run id), so every value would be the "
             "same run: search settings of data, model, optim, schedule, train, prune or quant.",
         )
+
+
+def _kind(field: Any) -> str:
+    """The setting's type as text; a setting typed Any that holds a number by default (prune.sparsity: a
+    fraction or ``auto``) searches as that number's type."""
+    kind = str(field.type)
+    default = getattr(field, "default", None)
+    if kind in ("Any", "typing.Any") and isinstance(default, (int, float)) and not isinstance(default, bool):
+        return type(default).__name__
+    return kind
 
 
 def parse_choice(key: str, values: list[Any], kind: str, src: str) -> Choice:
