@@ -117,3 +117,26 @@ def test_pareto_front_holds_feasible_trials_only(tmp_path):
     assert any(not feasible(t) for t in done)
     front = study.best_trials
     assert front and all(feasible(t) for t in front)
+
+
+def test_trials_table_and_budget_plot_show_feasibility(tmp_path):
+    from pipeline.search.report import StudyView, _summary, plot_budget, trial_rows
+    from pipeline.search.study import progress
+
+    spec = spec_of()
+    study, done = run_study(tmp_path, spec)
+    view = StudyView("search", "", list(study.trials), set(), dict(spec.objective), dict(spec.constraints))
+    headers, rows = trial_rows(view)
+    assert headers[-3:] == ["val_acc_drop", "feasible", "run"]
+    feasibility = {row[0]: row[headers.index("feasible")] for row in rows}
+    assert {n: v for n, v in feasibility.items()} == {str(t.number): "yes" if feasible(t) else "no" for t in done}
+
+    class Record:
+        pass
+
+    record = Record()
+    record.spec = spec  # type: ignore[attr-defined]
+    line = _summary("search", progress(study, spec), record)  # type: ignore[arg-type]
+    assert f"trial {study.best_trial.number}," in line and feasible(study.best_trial)
+    path = plot_budget(view, done, tmp_path)
+    assert path.name == "search_budget.png" and path.stat().st_size > 0
