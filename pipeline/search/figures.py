@@ -63,7 +63,8 @@ def _number(value: Any) -> float | None:
 
 def _val_acc(stage: dict[str, Any], key: str) -> float | None:
     """A validation accuracy of a compress stage's record: its budget's, else its own top-level one."""
-    budget = stage.get("budget") if isinstance(stage.get("budget"), dict) else {}
+    budget = stage.get("budget")
+    budget = budget if isinstance(budget, dict) else {}
     return _number(budget.get(key, stage.get(key)))
 
 

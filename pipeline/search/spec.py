@@ -41,7 +41,18 @@ from pipeline.search.figures import ALIASES, FIGURES, figure, figures_text
 
 METHODS = ("random", "tpe", "nsga2")
 DIRECTIONS = ("min", "max")
-SEARCH_KEYS = ("method", "trials", "workers", "objective", "params", "early_stop", "seed", "storage", "max_failed", "constraints")
+SEARCH_KEYS = (
+    "method",
+    "trials",
+    "workers",
+    "objective",
+    "params",
+    "early_stop",
+    "seed",
+    "storage",
+    "max_failed",
+    "constraints",
+)
 BOUND_KEYS = ("min", "max")
 RANGE_KEYS = ("low", "high", "log", "step", "int")
 # early_stop keys by method (each also takes "method")
@@ -201,7 +212,11 @@ def parse_constraints(doc: Any, src: str) -> dict[str, Bound]:
     if doc is None:
         return {}
     if not isinstance(doc, Mapping):
-        raise _fail(src, "constraints", f"must be a mapping of figure: {{min?, max?}} (e.g. {{val_acc_drop: {{max: 1.0}}}}), got {doc!r}.")
+        raise _fail(
+            src,
+            "constraints",
+            f"must be a mapping of figure: {{min?, max?}} (e.g. {{val_acc_drop: {{max: 1.0}}}}), got {doc!r}.",
+        )
     out: dict[str, Bound] = {}
     for name, bounds in doc.items():
         key = f"constraints.{name}"

@@ -380,7 +380,9 @@ def constrain(study: optuna.Study, claim: Claim, outcome: Outcome, constraints: 
         return Outcome.failed(f"constraint figure(s) {', '.join(missing)} not recorded as finite numbers")
     trial = optuna.Trial(study, _trial_id(claim.trial))
     study._storage.set_trial_user_attr(_trial_id(claim.trial), ATTR_FIGURES, dict(outcome.figures))
-    done = set(study._storage.get_trial(_trial_id(claim.trial)).constraints)  # a resumed tell: Optuna keeps the first value of each
+    done = set(
+        study._storage.get_trial(_trial_id(claim.trial)).constraints
+    )  # a resumed tell: Optuna keeps the first value of each
     for name, bound in constraints.items():
         for key, value in bound.violations(name, outcome.figures[name]).items():
             if key not in done:
