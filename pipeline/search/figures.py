@@ -56,6 +56,38 @@ def _final_model(key: str) -> Callable[[Record], Any]:
     return read
 
 
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _val_acc(stage: dict[str, Any], key: str) -> float | None:
+    """A validation accuracy of a compress stage's record: its budget's, else its own top-level one."""
+    budget = stage.get("budget")
+    budget = budget if isinstance(budget, dict) else {}
+    return _number(budget.get(key, stage.get(key)))
+
+
+def val_acc_drop(r: Record) -> float | None:
+    """Points of validation top-1 the compressed model (int8 when quantized, else pruned) loses against
+    the trained model. The compressed accuracy is the quantize (else prune) record's ``val_acc``; the
+    trained model's is the prune budget's ``reference_val_acc`` (the trained model), else the quantize
+    budget's when nothing was pruned, else the last epoch of train.json. None when the run has no
+    compressed model or its stage recorded no validation accuracy (only budgets do: quant.max_drop,
+    prune.sparsity auto)."""
+    prune = r.stages.get("prune") or {}
+    quant = r.stages.get("quantize") or {}
+    pruned, quantized = prune.get("method", "none") != "none", quant.get("method", "none") != "none"
+    acc = _val_acc(quant, "val_acc") if quantized else _val_acc(prune, "val_acc") if pruned else None
+    reference = _val_acc(prune, "reference_val_acc") if pruned else None
+    if reference is None and not pruned and quantized:
+        reference = _val_acc(quant, "reference_val_acc")
+    if reference is None:
+        history = r.metrics.get("history") or [{}]
+        reference = _number(history[-1].get("val_acc")) if isinstance(history[-1], dict) else None
+    return None if acc is None or reference is None else 100.0 * (reference - acc)
+
+
 _ACC_EPOCH = ("val_acc", True)  # accuracies are judged by the best validation accuracy so far
 _PER_EPOCH: dict[str, tuple[str, bool]] = {
     "train_loss": ("train_loss", False),
@@ -110,6 +142,12 @@ def _figures() -> dict[str, Figure]:
         None,
         _MEASURED,
     )
+    out["val_acc_drop"] = Figure(
+        "val_acc_drop",
+        "points: metrics/train.json or prune.json budget.reference_val_acc minus quantize.json (else "
+        "prune.json) val_acc",
+        val_acc_drop,
+    )
     return out
 
 
@@ -141,10 +179,11 @@ class Outcome:
     values: tuple[float, ...] | None = None
     reason: str = ""
     epoch: int | None = None
+    figures: dict[str, float] = field(default_factory=dict)  # the constraints' figures (done only)
 
     @classmethod
-    def done(cls, values: Sequence[float]) -> Outcome:
-        return cls("done", tuple(float(v) for v in values))
+    def done(cls, values: Sequence[float], figures: dict[str, float] | None = None) -> Outcome:
+        return cls("done", tuple(float(v) for v in values), figures=dict(figures or {}))
 
     @classmethod
     def stopped(cls, epoch: int | None = None) -> Outcome:
@@ -155,11 +194,11 @@ class Outcome:
         return cls("failed", reason=reason)
 
 
-def read_values(record: Record, objectives: Sequence[str]) -> Outcome:
-    """The objectives' values of a finished run; failed naming the file when one is missing or not a
-    finite number (an objective the run's settings do not produce)."""
+def read_values(record: Record, objectives: Sequence[str], constraints: Sequence[str] = ()) -> Outcome:
+    """The objectives' values (and the constraints' figures) of a finished run; failed naming the file
+    when one is missing or not a finite number (a figure the run's settings do not produce)."""
     values = []
-    for name in objectives:
+    for name in [*objectives, *constraints]:
         fig = figure(name)
         assert fig is not None, f"unchecked objective {name!r}"  # the spec was validated
         value = fig.read(record)
@@ -168,10 +207,10 @@ def read_values(record: Record, objectives: Sequence[str]) -> Outcome:
                 f"run {record.id}: {name} is not recorded as a finite number ({fig.where}: {value!r})"
             )
         values.append(float(value))
-    return Outcome.done(values)
+    return Outcome.done(values[: len(objectives)], dict(zip(constraints, values[len(objectives) :])))
 
 
-def outcome_from_run(run_path: Path, objectives: Sequence[str]) -> Outcome | None:
+def outcome_from_run(run_path: Path, objectives: Sequence[str], constraints: Sequence[str] = ()) -> Outcome | None:
     """The outcome a run folder already holds: done (with the objectives' values), stopped early,
     failed or diverged (a reason naming its log); None while it has none (absent, pending, running)."""
     if not (run_path / "config.yaml").exists():
@@ -184,7 +223,7 @@ def outcome_from_run(run_path: Path, objectives: Sequence[str]) -> Outcome | Non
         epoch = train.get("epochs")
         return Outcome.stopped(epoch if isinstance(epoch, int) else None)
     if record.status == "done":
-        return read_values(record, objectives)
+        return read_values(record, objectives, constraints)
     if record.status in ("diverged", "failed", "blocked"):
         stage = next((s for s, m in record.stages.items() if m.get("status") not in (None, "done")), "train")
         error = str(record.stages.get(stage, {}).get("error") or record.status)

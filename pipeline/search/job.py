@@ -38,7 +38,7 @@ class JobRunner(RunFolderRunner):
     """Trials as run folders ``<sweep>/<run id>/`` (see :class:`pipeline.search.worker.TrialRunner`)."""
 
     def __init__(self, sweep_dir: Path, record: SearchRecord, study: StudyPlan, worker: int):
-        super().__init__(sweep_dir, record.spec.objectives)
+        super().__init__(sweep_dir, record.spec.objectives, list(record.spec.constraints))
         self.record, self.study, self.worker = record, study, worker
         self.composer = Composer([Layer(f"{record.sweep_file} ({study.name}: fixed settings)", flatten(study.config))])
         self.trees: dict[str, dict[str, Any]] = {}
@@ -121,11 +121,11 @@ class JobRunner(RunFolderRunner):
         except (RunBusy, RunFolderVanished):
             raise
         except Exception as e:  # recorded in the run folder by execute; the study goes on
-            found = outcome_from_run(run.path, self.objectives)
+            found = outcome_from_run(run.path, self.objectives, self.constraints)
             return found if found is not None else Outcome.failed(f"run {run.id}: {type(e).__name__}: {e}")
         if status == "preempted":
             raise TrialInterrupted(f"trial {a.number} (run {run.id}) stopped on a signal; it resumes when requeued")
-        found = outcome_from_run(run.path, self.objectives)
+        found = outcome_from_run(run.path, self.objectives, self.constraints)
         return found if found is not None else Outcome.failed(f"run {run.id} ended {status}")
 
 

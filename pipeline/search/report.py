@@ -25,6 +25,7 @@ class StudyView:
     trials: list[Any] = field(default_factory=list)  # FrozenTrial, best first
     front: set[int] = field(default_factory=set)  # trial numbers on the Pareto front (several objectives)
     objectives: dict[str, str] = field(default_factory=dict)
+    constraints: dict[str, Any] = field(default_factory=dict)  # figure -> spec.Bound
     problem: str = ""  # why the study could not be read
 
 
@@ -46,14 +47,19 @@ def _values(t: Any) -> list[float]:
     return list(t.values) if t.values is not None else []
 
 
+def _feasible(t: Any) -> bool:
+    return all(v <= 0 for v in t.constraints.values())
+
+
 def _rank_key(t: Any, directions: list[str]) -> tuple[int, float]:
-    """Finished trials by their first objective, then stopped ones by their last reported value."""
+    """Finished feasible trials by their first objective, then infeasible ones, then stopped ones by
+    their last reported value."""
     sign = -1.0 if directions[0] == "max" else 1.0
     if t.state.name == "COMPLETE":
-        return 0, sign * t.values[0]
+        return (0 if _feasible(t) else 1), sign * t.values[0]
     if t.state.name == "PRUNED" and t.intermediate_values:
-        return 1, sign * t.intermediate_values[max(t.intermediate_values)]
-    return {"RUNNING": 2, "WAITING": 3}.get(t.state.name, 4), float(t.number)
+        return 2, sign * t.intermediate_values[max(t.intermediate_values)]
+    return {"RUNNING": 3, "WAITING": 4}.get(t.state.name, 5), float(t.number)
 
 
 def study_views(sweep_dir: Path) -> tuple[list[StudyView], list[str]]:
@@ -77,7 +83,9 @@ def study_views(sweep_dir: Path) -> tuple[list[StudyView], list[str]]:
         p = progress(study, record.spec)
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: _rank_key(t, directions))
         front = {t.number for t in p.best} if len(directions) > 1 else set()
-        views.append(StudyView(name, _summary(name, p, record), trials, front, dict(record.spec.objective)))
+        view = StudyView(name, _summary(name, p, record), trials, front, dict(record.spec.objective))
+        view.constraints = dict(record.spec.constraints)
+        views.append(view)
     return views, notes
 
 
@@ -88,7 +96,7 @@ def _summary(name: str, p: Any, record: SearchRecord) -> str:
         f"{p.to_go} to go (of {record.spec.trials})"
     )
     if not p.best:
-        return line + "; no finished trial yet"
+        return line + ("; no feasible finished trial yet" if record.spec.constraints else "; no finished trial yet")
     if len(record.spec.objective) > 1:
         front = ", ".join(f"{t.number} (run {t.user_attrs.get('run_id', '?')})" for t in p.best)
         return line + f"; Pareto front: trials {front}; " + best_each(p.best, record.spec.objective)
@@ -111,10 +119,12 @@ def best_each(front: Sequence[Any], objective: dict[str, str]) -> str:
 
 
 def trial_rows(view: StudyView) -> tuple[list[str], list[list[str]]]:
-    """The trials table: number, state, sampled values, objective values, run (best first)."""
+    """The trials table: number, state, sampled values, objective values, the constraints' figures and
+    whether the trial is feasible (with constraints), run (best first)."""
     keys = list(dict.fromkeys(k for t in view.trials for k in t.params))
     objectives = list(view.objectives)
-    headers = ["trial", "state", *keys, *objectives, "run"] + (["Pareto front"] if view.front else [])
+    bounded = [*view.constraints, "feasible"] if view.constraints else []
+    headers = ["trial", "state", *keys, *objectives, *bounded, "run"] + (["Pareto front"] if view.front else [])
     rows = []
     for t in view.trials:
         state = STATE_LABELS.get(t.state.name, t.state.name.lower())
@@ -128,9 +138,17 @@ def trial_rows(view: StudyView) -> tuple[list[str], list[list[str]]]:
         values = _values(t) if t.state.name == "COMPLETE" else []
         row = [str(t.number), state, *(cli.fmt(t.params.get(k, "")) for k in keys)]
         row += [cli.fmt(values[i]) if i < len(values) else "" for i in range(len(objectives))]
+        row += _constraint_cells(view, t) if view.constraints else []
         row += [run] + (["yes" if t.number in view.front else ""] if view.front else [])
         rows.append(row)
     return headers, rows
+
+
+def _constraint_cells(view: StudyView, t: Any) -> list[str]:
+    figures = t.user_attrs.get("constraint_figures") or {}
+    cells = [cli.fmt(figures[n]) if n in figures else "" for n in view.constraints]
+    judged = t.state.name == "COMPLETE" and bool(t.constraints)
+    return [*cells, ("yes" if _feasible(t) else "no") if judged else ""]
 
 
 def markdown(views: Sequence[StudyView], notes: Sequence[str]) -> str:
@@ -185,6 +203,8 @@ def plot_study(view: StudyView, hours: dict[str, float], hours_label: str, out_d
         paths.append(_save(fig, out_dir / f"{view.name}_history.png"))
         plt.close(fig)
     done = [t for t in view.trials if t.state.name == "COMPLETE"]
+    if view.constraints and done:
+        paths.append(plot_budget(view, done, out_dir))
     keys = list(dict.fromkeys(k for t in done for k in t.params))
     if done and keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
@@ -199,3 +219,27 @@ def plot_study(view: StudyView, hours: dict[str, float], hours_label: str, out_d
         paths.append(_save(fig, out_dir / f"{view.name}_params.png"))
         plt.close(fig)
     return paths
+
+
+def plot_budget(view: StudyView, done: list[Any], out_dir: Path) -> Path:
+    """<study>_budget.png: each constraint's figure against the first objective (int8 latency or size in
+    a budget study), feasible and infeasible trials apart, the budget line(s) marked."""
+    from pipeline.report.plots import _pyplot, _save
+
+    plt = _pyplot()
+    objective = next(iter(view.objectives))
+    fig, axes = plt.subplots(1, len(view.constraints), figsize=(5 * len(view.constraints), 4), squeeze=False)
+    for ax, (name, bound) in zip(axes[0], view.constraints.items()):
+        for ok, colour, label in ((True, "tab:blue", "feasible"), (False, "tab:red", "infeasible")):
+            pts = [(t.values[0], t.user_attrs["constraint_figures"][name]) for t in done
+                   if _feasible(t) == ok and name in (t.user_attrs.get("constraint_figures") or {})]  # fmt: skip
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=colour, label=label)
+        for limit in (bound.min, bound.max):
+            if limit is not None:
+                ax.axhline(limit, color="black", linestyle="--", label=f"budget {limit:g}")
+        ax.set(xlabel=objective, ylabel=name, title=f"{view.name}: {name} against {objective}")
+        ax.legend()
+    fig.tight_layout()
+    path = _save(fig, out_dir / f"{view.name}_budget.png")
+    plt.close(fig)
+    return path

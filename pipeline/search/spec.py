@@ -12,6 +12,7 @@
       seed: 0                     # the sampler's seed (reproducible with one worker)
       storage: mysql+pymysql://user:pw@host/db   # optional: a database instead of the journal file
       max_failed: 64              # optional: stop asking once this many trials failed (default: trials)
+      constraints: {val_acc_drop: {max: 1.0}}   # optional: figure: {min?, max?}; a trial outside is infeasible
 
 Every problem is a :class:`pipeline.config.ConfigError` naming the file, the key under ``search`` and
 what is allowed; the commands turn it into exit code 2 before anything is written or submitted.
@@ -40,7 +41,19 @@ from pipeline.search.figures import ALIASES, FIGURES, figure, figures_text
 
 METHODS = ("random", "tpe", "nsga2")
 DIRECTIONS = ("min", "max")
-SEARCH_KEYS = ("method", "trials", "workers", "objective", "params", "early_stop", "seed", "storage", "max_failed")
+SEARCH_KEYS = (
+    "method",
+    "trials",
+    "workers",
+    "objective",
+    "params",
+    "early_stop",
+    "seed",
+    "storage",
+    "max_failed",
+    "constraints",
+)
+BOUND_KEYS = ("min", "max")
 RANGE_KEYS = ("low", "high", "log", "step", "int")
 # early_stop keys by method (each also takes "method")
 EARLY_STOP_KEYS: dict[str, tuple[str, ...]] = {
@@ -84,6 +97,23 @@ class EarlyStop:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """A constraint on a figure: the trial is feasible when ``min <= value <= max`` (either may be absent)."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def violations(self, name: str, value: float) -> dict[str, float]:
+        """Optuna's constraint values, one per bound: feasible when <= 0 (how far past the bound otherwise)."""
+        out = {}
+        if self.max is not None:
+            out[f"{name} <= {self.max:g}"] = value - self.max
+        if self.min is not None:
+            out[f"{name} >= {self.min:g}"] = self.min - value
+        return out
+
+
+@dataclass(frozen=True)
 class SearchSpec:
     source: str  # the sweep file, for messages
     trials: int
@@ -95,6 +125,7 @@ class SearchSpec:
     seed: int = 0
     storage: str | None = None  # a database URL; None: the journal file in the sweep folder
     max_failed: int | None = None  # None: as many as trials
+    constraints: dict[str, Bound] = field(default_factory=dict)  # figure -> bounds (aliases resolved)
 
     @property
     def failure_limit(self) -> int:
@@ -160,7 +191,46 @@ def parse_search(doc: Any, source: str | os.PathLike) -> SearchSpec:
         seed=_int(src, "seed", doc.get("seed", 0), 0),
         storage=parse_storage(doc.get("storage"), src),
         max_failed=None if max_failed is None else _int(src, "max_failed", max_failed, 0),
+        constraints=parse_constraints(doc.get("constraints"), src),
     )
+
+
+def _figure_name(src: str, key: str, name: Any) -> str:
+    fig = figure(str(name))
+    if fig is None:
+        raise _fail(
+            src,
+            key,
+            f"names no figure a run records.{_suggest(str(name), [*FIGURES, *ALIASES])} Allowed figures (read "
+            f"from): {figures_text()}.",
+        )
+    return fig.name
+
+
+def parse_constraints(doc: Any, src: str) -> dict[str, Bound]:
+    """``{figure: {min?, max?}}``: at least one bound each, numbers, min <= max."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise _fail(
+            src,
+            "constraints",
+            f"must be a mapping of figure: {{min?, max?}} (e.g. {{val_acc_drop: {{max: 1.0}}}}), got {doc!r}.",
+        )
+    out: dict[str, Bound] = {}
+    for name, bounds in doc.items():
+        key = f"constraints.{name}"
+        fig = _figure_name(src, key, name)
+        if not isinstance(bounds, Mapping) or not bounds:
+            raise _fail(src, key, f"must give a bound, min and/or max (e.g. {{max: 1.0}}), got {bounds!r}.")
+        _unknown(src, key, bounds, BOUND_KEYS)
+        values = {k: _number(src, f"{key}.{k}", v) for k, v in bounds.items()}
+        if "min" in values and "max" in values and values["min"] > values["max"]:
+            raise _fail(src, key, f"min must not exceed max, got min {values['min']!r} > max {values['max']!r}.")
+        if fig in out:
+            raise _fail(src, key, f"names {fig} a second time.")
+        out[fig] = Bound(values.get("min"), values.get("max"))
+    return out
 
 
 def parse_objective(doc: Any, src: str) -> dict[str, str]:
@@ -169,21 +239,13 @@ def parse_objective(doc: Any, src: str) -> dict[str, str]:
             src, "objective", f"must be a mapping of figure: min|max (e.g. {{val_acc_best: max}}), got {doc!r}."
         )
     out: dict[str, str] = {}
-    names = [*FIGURES, *ALIASES]
     for name, direction in doc.items():
-        fig = figure(str(name))
-        if fig is None:
-            raise _fail(
-                src,
-                f"objective.{name}",
-                f"names no figure a run records.{_suggest(str(name), names)} Allowed figures (read from): "
-                f"{figures_text()}.",
-            )
+        fig_name = _figure_name(src, f"objective.{name}", name)
         if direction not in DIRECTIONS:
             raise _fail(src, f"objective.{name}", f"direction {direction!r} is not allowed: min or max.")
-        if fig.name in out:
-            raise _fail(src, f"objective.{name}", f"names {fig.name} a second time.")
-        out[fig.name] = direction
+        if fig_name in out:
+            raise _fail(src, f"objective.{name}", f"names {fig_name} a second time.")
+        out[fig_name] = direction
     return out
 
 

@@ -258,7 +258,8 @@ SPACE_ATTR = "pipeline.search"  # the study's user attribute: its objectives and
 def space_record(spec: SearchSpec) -> dict[str, Any]:
     """What a study is fixed to: its objectives and its parameters (JSON)."""
     params = {k: dataclasses.asdict(p) if isinstance(p, Range) else list(p.values) for k, p in spec.params.items()}
-    return {"objective": dict(spec.objective), "params": params}
+    constraints = {k: dataclasses.asdict(b) for k, b in spec.constraints.items()}
+    return {"objective": dict(spec.objective), "params": params, "constraints": constraints}
 
 
 def _where(spec: SearchSpec, sweep_dir: Path) -> str:
@@ -274,8 +275,8 @@ def _check_same_search(study: optuna.Study, spec: SearchSpec, sweep_dir: Path, w
         if write:
             study.set_user_attr(SPACE_ATTR, mine)
         return
-    for key in ("objective", "params"):
-        if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(mine[key], sort_keys=True):
+    for key in ("objective", "params", "constraints"):
+        if json.dumps(theirs.get(key, {}), sort_keys=True) != json.dumps(mine[key], sort_keys=True):
             raise ConfigError(
                 spec.source,
                 f"differs from the {key} of the study this search started with in {_where(spec, sweep_dir)} "

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -43,7 +43,7 @@ from pipeline.jobs import owner
 from pipeline.config import ConfigError
 from pipeline.rundir import atomic_write_text, read_json
 from pipeline.search.figures import Outcome, outcome_from_run
-from pipeline.search.spec import EarlyStop, SearchSpec
+from pipeline.search.spec import Bound, EarlyStop, SearchSpec
 from pipeline.search.study import DEFAULT_STUDY, SEARCH_DIR, Counts, ask, count, judged, open_study
 
 log = logging.getLogger("pipeline.search")
@@ -53,6 +53,7 @@ CLAIMS = "claims"  # <sweep>/search/claims(.lock): the lock every claim is made 
 POLL_S = 5.0  # how often a trial waiting for its twin (same run) looks again
 # user attributes of a trial: its run folder, why it failed, the earlier trial of the same run
 ATTR_RUN, ATTR_FAILURE, ATTR_SAME_AS = "run_id", "failure", "same_as"
+ATTR_FIGURES = "constraint_figures"  # the figures search.constraints bounds, as the run recorded them
 
 
 class WorkerBusy(RuntimeError):
@@ -123,12 +124,13 @@ class RunFolderRunner:
     """A runner whose runs live in ``<sweep_dir>/<run id>/``: :meth:`existing` reads the folder; the
     job's runner (phase 2) adds ``resolve`` and ``run``."""
 
-    def __init__(self, sweep_dir: Path, objectives: list[str]):
+    def __init__(self, sweep_dir: Path, objectives: list[str], constraints: Sequence[str] = ()):
         self.sweep_dir = Path(sweep_dir)
         self.objectives = objectives
+        self.constraints = list(constraints)  # figures read for search.constraints
 
     def existing(self, run_id: str) -> Outcome | None:
-        return outcome_from_run(self.sweep_dir / run_id, self.objectives)
+        return outcome_from_run(self.sweep_dir / run_id, self.objectives, self.constraints)
 
     def shared(self, run_id: str, params: dict[str, Any]) -> list[str]:
         return []
@@ -367,9 +369,35 @@ def _copy(study: optuna.Study, claim: Claim, found: Outcome) -> Outcome:
     return found
 
 
-def tell(study: optuna.Study, claim: Claim, outcome: Outcome) -> str:
+def constrain(study: optuna.Study, claim: Claim, outcome: Outcome, constraints: Mapping[str, Bound]) -> Outcome:
+    """Before tell: the constraints' figures as a user attribute (the tables' columns) and each bound's
+    violation through ``Trial.set_constraint`` (the system attributes Optuna 5's samplers, best trial and
+    Pareto front read: a violating trial finishes but is infeasible). A figure not recorded fails it."""
+    if outcome.status != "done" or not constraints:
+        return outcome
+    missing = [n for n in constraints if not math.isfinite(outcome.figures.get(n, math.nan))]
+    if missing:
+        return Outcome.failed(f"constraint figure(s) {', '.join(missing)} not recorded as finite numbers")
+    trial = optuna.Trial(study, _trial_id(claim.trial))
+    study._storage.set_trial_user_attr(_trial_id(claim.trial), ATTR_FIGURES, dict(outcome.figures))
+    done = set(
+        study._storage.get_trial(_trial_id(claim.trial)).constraints
+    )  # a resumed tell: Optuna keeps the first value of each
+    for name, bound in constraints.items():
+        for key, value in bound.violations(name, outcome.figures[name]).items():
+            if key not in done:
+                trial.set_constraint(key, value)
+    return outcome
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def tell(study: optuna.Study, claim: Claim, outcome: Outcome, constraints: Mapping[str, Bound] | None = None) -> str:
     """Record the outcome in the study; returns the trial's final state name."""
     number = claim.trial.number
+    outcome = constrain(study, claim, outcome, constraints or {})
     if outcome.status == "done" and not (
         outcome.values is not None
         and len(outcome.values) == len(study.directions)
@@ -413,7 +441,7 @@ def run_worker(
         while (claim := claim_next(study, spec, Path(sweep_dir), slot, runner)) is not None:
             log.info("worker %d: trial %d (%s) %s", worker, claim.trial.number, claim.how, dict(claim.trial.params))
             outcome = settle(study, spec, Path(sweep_dir), claim, runner, slot, poll_s)
-            state = tell(study, claim, outcome)
+            state = tell(study, claim, outcome, spec.constraints)
             summary.trials.append((claim.trial.number, claim.how, state))
             log.info(
                 "worker %d: trial %d %s %s", worker, claim.trial.number, state, outcome.reason or outcome.values or ""
