@@ -140,3 +140,30 @@ def test_trials_table_and_budget_plot_show_feasibility(tmp_path):
     assert f"trial {study.best_trial.number}," in line and feasible(study.best_trial)
     path = plot_budget(view, done, tmp_path)
     assert path.name == "search_budget.png" and path.stat().st_size > 0
+
+
+def test_a_searched_setting_may_supply_what_the_fixed_settings_need_and_the_dry_run_shows_the_bounds(tmp_path):
+    """prune.sparsity: auto needs prune.max_drop; when the search samples prune.max_drop, the fixed settings
+    are checked with it filled in (a sweep file written as the README's example passes), and the dry run
+    prints the constraints beside the space."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sweep_file = tmp_path / "budget_search.yaml"
+    sweep_file.write_text(
+        f"name: budget_search\nbase: [{repo}/configs/base.yaml]\n"
+        "set: {data.name: synthetic, model.name: resnet20, train.epochs: 2, prune.method: structured,"
+        " prune.sparsity: auto, quant.method: int8, quant.max_drop: 0.5}\n"
+        "search:\n  method: tpe\n  trials: 4\n  workers: 2\n  objective: {int8_latency_ms: min}\n"
+        "  constraints: {val_acc_drop: {max: 1.0}}\n  params:\n    prune.max_drop: [0.25, 0.5, 0.75]\n"
+    )
+    cmd = [sys.executable, "-m", "pipeline.sweep", str(sweep_file), "--dry-run", "--cluster", "local"]
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "runs")], capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "constraints: val_acc_drop <= 1.0" in r.stdout and "prune.max_drop=0.25" in r.stdout
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+    # without the search supplying it, the same fixed settings are refused, naming the key
+    sweep_file.write_text(sweep_file.read_text().replace("prune.max_drop: [0.25, 0.5, 0.75]", "optim.lr: [0.1, 0.2]"))
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "runs")], capture_output=True, text=True, cwd=repo)
+    assert r.returncode == 2 and "prune.max_drop" in r.stderr

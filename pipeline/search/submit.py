@@ -132,10 +132,19 @@ def print_search(console: Console, sweep: SweepSpec, plans: Sequence[StudyPlan],
         + f", early stopping {stop}, seed {s.seed}, storage {escape(storage_text(s))}",
         soft_wrap=True,
     )
+    if s.constraints:
+        console.print("constraints: " + ", ".join(_bound_text(k, b) for k, b in s.constraints.items()), soft_wrap=True)
     console.print("space:")
     for line in space_text(s):
         console.print(escape(line), soft_wrap=True)
     console.print(f"{len(plans)} stud{'y' if len(plans) == 1 else 'ies'}: " + ", ".join(p.name for p in plans))
+
+
+def _bound_text(figure: str, bound: Any) -> str:
+    """'val_acc_drop <= 1.0', '0.5 <= x <= 2.0'."""
+    low = f"{bound.min} <= " if bound.min is not None else ""
+    high = f" <= {bound.max}" if bound.max is not None else ""
+    return f"{low}{figure}{high}"
 
 
 def print_preview(console: Console, sweep: SweepSpec, plan: StudyPlan) -> None:

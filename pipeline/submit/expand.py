@@ -43,7 +43,7 @@ from pipeline.config import (
     tree_to_yaml,
     unflatten,
 )
-from pipeline.search.spec import SearchSpec, parse_search
+from pipeline.search.spec import SearchSpec, parse_search, representative
 from pipeline.submit.launch import visible_gpu_count
 
 SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants", "search")
@@ -244,6 +244,8 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None, cwd: 
     if spec.set:
         layers.append(Layer(f"{spec.path} (set)", spec.set))
     last = [Layer(COMMAND_LINE, dict(overrides))] if overrides else []
+    if spec.search is not None:  # the fixed values are checked with the searched settings filled in
+        last.insert(0, Layer(f"{spec.path} (search.params)", representative(spec.search)))
     composer = Composer(layers)
     base = cwd or Path.cwd()
     roots: dict[str, str] = {}
