@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, tiny_args
 
 TINY = ["data.val_size=100", "train.epochs=2", "train.batch_size=50", "output.log_every=1000", *MEASURE_FAST_ARGS]
 
@@ -116,17 +116,8 @@ def _final_state(run: RunDir) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_kill_9_matches_unbroken_run(tmp_path, synthetic_root):
-    args = [
-        str(REPO / "configs/base.yaml"),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={synthetic_root}",
-        "train.threads=1",
-        "train.epochs=3",
-        "data.val_size=100",
-        "train.batch_size=25",
-        "measure.enabled=false",  # what is compared is the training
-    ]
+    # what is compared is the training
+    args = tiny_args(synthetic_root, changes={"train.epochs": 3, "train.batch_size": 25, "measure.enabled": False})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     unbroken = run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
     assert "done" in unbroken.stdout

@@ -23,18 +23,10 @@ from pipeline.submit import plan as sweep
 from pipeline.jobs import owner
 from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import REPO, as_overrides, run_cli, tiny_settings
 
-TINY = [
-    "model.name=resnet20",
-    "data.name=synthetic",
-    "data.val_size=50",
-    "data.train_size=150",
-    "train.batch_size=50",
-    "train.threads=1",
-    "output.log_every=1000",
-    *MEASURE_FAST_ARGS,
-]
+# no train.epochs: each test says how long its run trains
+TINY = as_overrides(tiny_settings(changes={"data.val_size": 50, "data.train_size": 150, "train.epochs": None}))
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)  train loss")
 
 

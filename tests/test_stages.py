@@ -18,26 +18,13 @@ import torch
 from pipeline.config import load_config
 from pipeline.rundir import RunDir, list_runs
 from pipeline.run import prepare_single
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import REPO, run_cli, tiny_args
 
 BASE = REPO / "configs/base.yaml"
 
 
 def tiny(root: Path, *extra: str) -> list[str]:
-    return [
-        str(BASE),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={root}",
-        "data.val_size=100",
-        "train.threads=1",
-        "train.batch_size=50",
-        "train.epochs=1",
-        "output.log_every=1000",
-        "train.device=cpu",
-        *MEASURE_FAST_ARGS,
-        *extra,
-    ]
+    return tiny_args(root, *extra, changes={"train.device": "cpu"})
 
 
 def run_job(tmp_path: Path, root: Path, *extra: str, out: str = "runs") -> RunDir:

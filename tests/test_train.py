@@ -18,7 +18,8 @@ from pipeline.config import load_config
 from pipeline.rundir import list_runs
 from pipeline.run import EXIT_PREEMPTED, prepare_single
 from pipeline.stages.setup import autocast_dtype, build_optimizer, lr_factor
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks
+from tests.conftest import REPO, run_cli, run_ranks
+from tests.conftest import tiny_args as tiny_run_args
 
 BASE = REPO / "configs/base.yaml"
 
@@ -76,18 +77,7 @@ def test_low_precision_on_cpu_warns_and_trains_in_fp32():
 
 
 def tiny_args(root: Path, *extra: str) -> list[str]:
-    return [
-        str(BASE),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={root}",
-        "data.val_size=100",
-        "train.threads=1",
-        "train.batch_size=25",
-        "output.log_every=1000",
-        *MEASURE_FAST_ARGS,
-        *extra,
-    ]
+    return tiny_run_args(root, *extra, changes={"train.batch_size": 25})
 
 
 def test_signal_mid_epoch_saves_step_checkpoint_and_resume_matches_unbroken(tmp_path, synthetic_root):

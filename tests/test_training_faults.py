@@ -32,7 +32,7 @@ from pipeline.data.loaders import DeviceLoader
 from pipeline.data.cifar import Split
 from pipeline.models import build_model
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks, write
+from tests.conftest import REPO, run_cli, run_ranks, tiny_args, write
 
 BASE = REPO / "configs/base.yaml"
 
@@ -40,20 +40,8 @@ BASE = REPO / "configs/base.yaml"
 def tiny(root: Path, *extra: str) -> list[str]:
     """pipeline.run arguments of a ResNet-20 run on the tiny synthetic data: 400 train images, batch 25
     (20 steps per epoch: 600 images less 100 for validation)."""
-    return [
-        str(BASE),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={root}",
-        "data.val_size=100",
-        "train.threads=1",
-        "train.batch_size=25",
-        "train.device=cpu",
-        "output.log_every=1000",
-        "schedule.name=constant",
-        *MEASURE_FAST_ARGS,
-        *extra,
-    ]
+    changes = {"train.batch_size": 25, "train.device": "cpu", "schedule.name": "constant"}
+    return tiny_args(root, *extra, changes=changes)
 
 
 def job(tmp_path: Path, root: Path, *extra: str, out: str = "runs", expect: int = 0) -> RunDir:
