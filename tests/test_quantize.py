@@ -532,8 +532,13 @@ def test_fp16_copy_and_state_dict():
     assert sd.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert sd[key].dtype == (torch.float16 if value.is_floating_point() else value.dtype)
-    if torch.cuda.is_available():
-        x = torch.randn(4, 3, 32, 32)
-        with torch.no_grad():
-            out = half.cuda()(x.cuda().half()).float().cpu()
-        torch.testing.assert_close(out, model.eval()(x), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fp16 convolutions run on GPUs only)")
+def test_fp16_copy_runs_on_a_gpu_like_the_fp32_model():
+    model = build_model("resnet20", NUM_CLASSES)
+    half = Q.to_fp16(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = half.cuda()(x.cuda().half()).float().cpu()
+    torch.testing.assert_close(out, model.eval()(x), atol=0.05, rtol=0.05)
