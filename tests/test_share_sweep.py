@@ -262,6 +262,7 @@ set:
   prune.sparsity: 0.5
   quant.calib_batches: 1
   measure.enabled: false
+  measure.compile: false  # no AOTInductor package of each int8 model (a minute of CPU each; nothing times it)
 variants:
   - {{prune.method: none, quant.method: int8}}
   - {{prune.method: unstructured, quant.method: int8}}

@@ -272,6 +272,7 @@ def _garble(path: Path) -> int:
 def test_corrupt_latest_checkpoint_resumes_from_the_previous_one_in_training_and_pruning(tmp_path, synthetic_root):
     extra = (
         "train.epochs=4",
+        "data.train_size=250",  # 10 steps an epoch: the kill lands inside the next epoch all the same
         "prune.method=unstructured",
         "prune.sparsity=0.5",
         "prune.epochs=3",
@@ -368,7 +369,7 @@ def _tmpfs(where: Path, size_kb: int):
 
 
 def test_full_disk_during_training_keeps_the_checkpoint_says_why_and_resumes_bitwise(tmp_path, synthetic_root):
-    extra = ("train.epochs=3", "measure.enabled=false")
+    extra = ("train.epochs=3", "data.train_size=200", "measure.enabled=false")
     unbroken = job(tmp_path, synthetic_root, *extra, out="a")
     checkpoint_kb = (unbroken.checkpoints / "last.pt").stat().st_size // 1024
     # room for everything of the first epoch and one checkpoint, not for the second one beside it
