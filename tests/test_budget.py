@@ -352,6 +352,7 @@ def _without_times(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in a.items() if k != "seconds"} for a in attempts]
 
 
+@pytest.mark.slow
 def test_structured_auto_resnet20_b_meets_the_budget_and_resumes_exactly(task, resnet20_b):
     model = resnet20_b
     groups = prunable_groups(model)

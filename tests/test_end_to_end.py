@@ -26,6 +26,7 @@ def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_cli("pipeline.sweep", *args, cwd=cwd, timeout=900)
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, synthetic_root):
     """The demo: one ResNet-20 unpruned, 70% unstructured and 50% structured, each then int8, all measured."""
     out = tmp_path / "runs"
@@ -115,6 +116,7 @@ def _final_state(run: RunDir) -> dict[str, torch.Tensor]:
     return torch.load(run.checkpoints / "last.pt", map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_matches_unbroken_run(tmp_path, synthetic_root):
     # what is compared is the training
     args = tiny_args(synthetic_root, changes={"train.epochs": 3, "train.batch_size": 25, "measure.enabled": False})

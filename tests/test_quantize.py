@@ -346,6 +346,7 @@ def _qat_round_trip(name: str, model: nn.Module, tmp_path: Path, steps: int, bat
     assert torch.equal(_load_in_fresh_process([file], x, tmp_path)["outputs"][0], out)
 
 
+@pytest.mark.slow
 def test_qat_resnet20_trains_resumes_converts_and_loads(resnet20, tmp_path):
     _qat_round_trip("resnet20", copy.deepcopy(resnet20), tmp_path, steps=3, batch=16)
 

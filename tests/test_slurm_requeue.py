@@ -100,6 +100,7 @@ def restarts(job: str) -> int:
     return sum(1 for line in out.splitlines() if "REQUEUED" in line or "PREEMPTED" in line)
 
 
+@pytest.mark.slow
 def test_time_limit_signal_requeue_and_scontrol_requeue_end_like_an_unbroken_run(tmp_path, synthetic_root):
     ref_proc = reference_run(tmp_path, synthetic_root)
     # (a) a 1-minute limit: signalled about 40 s in (FACTS.md), long before the training ends
@@ -153,6 +154,7 @@ def test_two_task_gloo_ddp_job_completes(tmp_path, synthetic_root):
     assert sacct(job).get(job) == "COMPLETED"
 
 
+@pytest.mark.slow
 def test_plain_sbatch_script_checkpoints_and_requeues_on_sigusr2(tmp_path, synthetic_root):
     """sbatch/min_project.sh asks for SIGUSR2 to its batch process before the limit; sending it by hand
     (scancel --signal=USR2 --batch) must save a checkpoint, requeue the job and end in a finished run."""

@@ -71,6 +71,7 @@ def fresh_accuracies(run: RunDir, *names: str) -> dict[str, float]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     run = run_job(
         tmp_path,
@@ -129,6 +130,7 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     assert "CPU time of every stage" in (run.path.parent / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_structured_prune_then_qat(tmp_path, synthetic_root):
     run = run_job(
         tmp_path,

@@ -146,6 +146,7 @@ def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_pat
     assert not (ddp.path / "tb").exists() or len(list((ddp.path / "tb").glob("events.*"))) == 1  # rank 0 only
 
 
+@pytest.mark.slow
 def test_compiled_training_runs_and_learns_like_eager(tmp_path, synthetic_root):
     """train.compile=true (torch.compile with inductor; gcc is on this machine) trains the same model."""
     args = tiny_args(synthetic_root, "train.epochs=1", "data.train_size=100")

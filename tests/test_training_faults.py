@@ -269,6 +269,7 @@ def _garble(path: Path) -> int:
     return epoch
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_resumes_from_the_previous_one_in_training_and_pruning(tmp_path, synthetic_root):
     extra = (
         "train.epochs=4",
@@ -321,6 +322,7 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one_in_training_and
             assert ma[key] == mb[key], (stage, key)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_qat_checkpoint_resumes_from_the_previous_one(tmp_path, synthetic_root):
     """The QAT fine-tune's checkpoint (a prepared, fake-quantized graph's state) rotates and recovers like
     training's: killed in its last epoch, qat.pt garbled, the rerun resumes from qat.prev.pt and ends
@@ -368,6 +370,7 @@ def _tmpfs(where: Path, size_kb: int):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_keeps_the_checkpoint_says_why_and_resumes_bitwise(tmp_path, synthetic_root):
     extra = ("train.epochs=3", "data.train_size=200", "measure.enabled=false")
     unbroken = job(tmp_path, synthetic_root, *extra, out="a")

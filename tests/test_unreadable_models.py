@@ -139,6 +139,7 @@ def test_unreadable_int8_program_fails_quantize_and_rerun_failed_makes_it_again(
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unreadable_shared_training_is_trained_again_once_by_rerun_failed(tmp_path, synthetic_root):
     path = sweep_file(tmp_path, synthetic_root, name="share")
     out = tmp_path / "runs"
