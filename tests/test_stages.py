@@ -182,6 +182,7 @@ def _pruned_state(run: RunDir) -> dict[str, torch.Tensor]:
     return torch.load(run.models / "pruned.pt", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_pruning_finetune_resumes_bitwise(tmp_path, synthetic_root):
     extra = [
         "prune.method=unstructured",
@@ -223,6 +224,7 @@ def test_kill_9_during_pruning_finetune_resumes_bitwise(tmp_path, synthetic_root
     assert unbroken.read_metrics("prune")["test_acc"] == run_b.read_metrics("prune")["test_acc"]
 
 
+@pytest.mark.slow
 def test_failed_prune_stage_keeps_the_training_and_rerun_failed_redoes_only_it(tmp_path, synthetic_root):
     args = tiny(synthetic_root, "prune.method=unstructured", "prune.epochs=1", "measure.enabled=false")
     run = prepare_single(Path(args[0]), args[1:], tmp_path / "runs")

@@ -80,6 +80,7 @@ def tiny_args(root: Path, *extra: str) -> list[str]:
     return tiny_run_args(root, *extra, changes={"train.batch_size": 25})
 
 
+@pytest.mark.slow
 def test_signal_mid_epoch_saves_step_checkpoint_and_resume_matches_unbroken(tmp_path, synthetic_root):
     args = tiny_args(synthetic_root, "train.epochs=2")
     run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
@@ -120,6 +121,7 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return torch.load(run.checkpoints / "last.pt", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_path, synthetic_root):
     # GroupNorm: BatchNorm statistics would differ per rank (SyncBatchNorm needs GPUs; on GPUs
     # train.sync_bn converts to it). 8 steps of a global batch of 50 = 2 ranks x 25.

@@ -184,6 +184,7 @@ def test_a_diverging_two_rank_job_ends_on_both_ranks_with_rank_0_s_record(tmp_pa
     assert not (run.models / "trained.pt").exists() and run.status() == "diverged"
 
 
+@pytest.mark.slow
 def test_pruning_finetune_and_qat_that_diverge_stop_early_with_the_same_record(tmp_path, synthetic_root):
     common = ("train.epochs=1", "train.nan_check_steps=3", "measure.enabled=false")
     pruned = job(
@@ -461,6 +462,7 @@ def _first_checkpoint(job: subprocess.Popen, out: Path) -> Path:
     raise AssertionError(f"no checkpoint under {out}: {job.communicate()[0][-3000:]}")
 
 
+@pytest.mark.slow
 def test_quota_exceeded_during_training_says_so_and_resumes_once_raised(tmp_path, synthetic_root):
     """A real quota: a btrfs qgroup limit on the subvolume holding the runs, lowered under the job after
     its first checkpoint, as when a shared group quota fills up. Write fails with EDQUOT."""
@@ -496,6 +498,7 @@ def test_quota_exceeded_during_training_says_so_and_resumes_once_raised(tmp_path
         assert saved >= 1
 
 
+@pytest.mark.slow
 def test_a_filesystem_gone_read_only_under_a_training_stops_it_and_a_rerun_resumes(tmp_path, synthetic_root):
     """A real read-only filesystem: ext4 forced read-only by an error (``errors=remount-ro``, the kernel's
     trigger_fs_error), with the job's files open, as a storage fault does on a cluster. Nothing can be
