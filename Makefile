@@ -1,4 +1,5 @@
-# Two entry points: `make demo` and `make test`. Both build .venv/ at the repo root.
+# Entry points: `make demo`, `make test` (the whole suite, as CI runs it) and `make test-fast` (all but
+# the tests marked slow). Each builds .venv/ at the repo root.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ DEMO_OUT  ?= runs
 # subprocesses, so two keep a 2-core machine busy; more than the cores only adds contention.
 TEST_WORKERS ?= 2
 
-.PHONY: venv demo readme-plot test slurm-up slurm-down bench clean-demo gpu-check gpu-wheels
+.PHONY: venv demo readme-plot test test-fast lint slurm-up slurm-down bench clean-demo gpu-check gpu-wheels
 
 # The stamp is rebuilt whenever the dependency list changes.
 $(VENV)/.installed: pyproject.toml
@@ -31,12 +32,20 @@ readme-plot:
 
 # The Slurm tests need the local cluster; start.sh is a fast no-op when it is already up. If it cannot
 # start (not root, say), the Slurm tests fail and show why: they are never skipped.
-test: venv
+test: lint
 	bash tests/slurm/start.sh || echo "warning: the local Slurm cluster did not start; Slurm tests will fail" >&2
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --timeout 1200 $(PYTEST_ARGS)
+
+# The edit-test loop: every test but those marked slow (over ~30 s each: compiling, long trainings,
+# Slurm time limits). The fast Slurm tests stay in: Slurm is the project's core. CI runs `make test`.
+test-fast: lint
+	bash tests/slurm/start.sh || echo "warning: the local Slurm cluster did not start; Slurm tests will fail" >&2
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --timeout 1200 -m "not slow" $(PYTEST_ARGS)
+
+lint: venv
 	$(VENV)/bin/ruff check pipeline tests bench
 	$(VENV)/bin/ruff format --check pipeline tests bench
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --timeout 1200 $(PYTEST_ARGS)
 
 slurm-up:
 	bash tests/slurm/start.sh

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,55 @@ MEASURE_FAST = {
     "measure.warmup": 1,
     "measure.memory": False,
 }
-MEASURE_FAST_ARGS = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MEASURE_FAST.items()]
+
+
+def as_overrides(settings: Mapping[str, object]) -> list[str]:
+    """``key=value`` command-line overrides of dotted settings (booleans as YAML writes them)."""
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
+
+
+MEASURE_FAST_ARGS = as_overrides(MEASURE_FAST)
+
+# A tiny run: ResNet-20 on the synthetic data (600 train images: 500 to train, 100 to validate), one
+# epoch, one thread, the fast measure settings. Files change what their faults need through ``changes``.
+TINY_RUN: dict[str, object] = {
+    "model.name": "resnet20",
+    "data.name": "synthetic",
+    "data.val_size": 100,
+    "train.threads": 1,
+    "train.batch_size": 50,
+    "train.epochs": 1,
+    "output.log_every": 1000,
+    **MEASURE_FAST,
+}
+
+
+def tiny_settings(root: Path | str | None = None, changes: Mapping[str, object] | None = None) -> dict[str, object]:
+    """The settings of a tiny run (TINY_RUN) on the data in ``root`` (when given), with ``changes`` on top;
+    a change to None removes that setting (the config's default applies)."""
+    settings = {**TINY_RUN, **({"data.root": str(root)} if root is not None else {}), **(changes or {})}
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def tiny_args(root: Path | str | None, *extra: str, changes: Mapping[str, object] | None = None) -> list[str]:
+    """``pipeline.run`` arguments of a tiny run: configs/base.yaml, tiny_settings as overrides, then ``extra``
+    (later overrides win)."""
+    return [str(REPO / "configs/base.yaml"), *as_overrides(tiny_settings(root, changes)), *extra]
+
+
+def finished(status: str, **extra: object) -> dict[str, object]:
+    """A training record as a finished job writes it (train.json), in ``status``; ``extra`` on top."""
+    return {
+        "status": status,
+        "epochs": 3,
+        "train_loss": 0.123456,
+        "train_acc_best": 0.9512,
+        "val_loss": 0.5,
+        "val_acc_best": 0.8812,
+        "test_acc": 0.8731,
+        "test_top5": 0.99,
+        **extra,
+    }
 
 
 # Files whose tests take longest, handed out first when the suite runs in several processes (make test:

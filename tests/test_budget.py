@@ -297,6 +297,7 @@ def _outputs_in_fresh_process(path: Path, x: torch.Tensor, tmp_path: Path) -> to
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_int8_fallback_keeps_the_hostile_layer_in_fp32(task, resnet20_a, tmp_path):
     hostile = make_hostile(resnet20_a)
     x = next(iter(task.val))[0]
@@ -352,6 +353,7 @@ def _without_times(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in a.items() if k != "seconds"} for a in attempts]
 
 
+@pytest.mark.slow
 def test_structured_auto_resnet20_b_meets_the_budget_and_resumes_exactly(task, resnet20_b):
     model = resnet20_b
     groups = prunable_groups(model)

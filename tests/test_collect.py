@@ -8,7 +8,7 @@ from pipeline.collect import collect
 from pipeline.rundir import atomic_write_json
 from pipeline.submit.expand import expand_sweep, read_sweep
 from pipeline.submit.plan import write_run
-from tests.conftest import run_cli, write_done
+from tests.conftest import finished, run_cli, write_done
 
 
 def make_sweep(tmp_path, repo):
@@ -19,20 +19,6 @@ def make_sweep(tmp_path, repo):
     spec = read_sweep(spec_path)
     runs = {r.cfg.optim.name: write_run(tmp_path / "runs/s", spec, r) for r in expand_sweep(spec, cwd=tmp_path)}
     return tmp_path / "runs/s", runs
-
-
-def finished(status: str, **extra):
-    return {
-        "status": status,
-        "epochs": 3,
-        "train_loss": 0.123456,
-        "train_acc_best": 0.9512,
-        "val_loss": 0.5,
-        "val_acc_best": 0.8812,
-        "test_acc": 0.8731,
-        "test_top5": 0.99,
-        **extra,
-    }
 
 
 def test_table_shows_numbers_for_finished_runs_and_status_for_the_rest(tmp_path, repo):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, tiny_args
 
 TINY = ["data.val_size=100", "train.epochs=2", "train.batch_size=50", "output.log_every=1000", *MEASURE_FAST_ARGS]
 
@@ -26,6 +26,7 @@ def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_cli("pipeline.sweep", *args, cwd=cwd, timeout=900)
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path, synthetic_root):
     """The demo: one ResNet-20 unpruned, 70% unstructured and 50% structured, each then int8, all measured."""
     out = tmp_path / "runs"
@@ -115,18 +116,10 @@ def _final_state(run: RunDir) -> dict[str, torch.Tensor]:
     return torch.load(run.checkpoints / "last.pt", map_location="cpu", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_matches_unbroken_run(tmp_path, synthetic_root):
-    args = [
-        str(REPO / "configs/base.yaml"),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={synthetic_root}",
-        "train.threads=1",
-        "train.epochs=3",
-        "data.val_size=100",
-        "train.batch_size=25",
-        "measure.enabled=false",  # what is compared is the training
-    ]
+    # what is compared is the training
+    args = tiny_args(synthetic_root, changes={"train.epochs": 3, "train.batch_size": 25, "measure.enabled": False})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     unbroken = run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
     assert "done" in unbroken.stdout
@@ -195,7 +188,9 @@ base: [{REPO / "configs/base.yaml"}]
 set: {{model.name: resnet20, data.name: synthetic, data.root: {data}, share.train: false}}
 """)  # a training of its own, in the run folder (shared trainings: tests/test_share_sweep.py)
     out = tmp_path / "runs"
-    r = sweep(str(spec), "--cluster", "local", "--wait", "--out", str(out), *TINY, cwd=tmp_path)
+    # what is tested is the bookkeeping of attempts: the shortest training that writes every file
+    short = [*TINY, "data.train_size=100", "train.epochs=1", "measure.enabled=false"]
+    r = sweep(str(spec), "--cluster", "local", "--wait", "--out", str(out), *short, cwd=tmp_path)
     assert r.returncode == 1 and "failed" in r.stdout
     (run,) = list_runs(out / "fail")
     m = run.read_metrics("train")
@@ -203,12 +198,12 @@ set: {{model.name: resnet20, data.name: synthetic, data.root: {data}, share.trai
     c = run_cli("pipeline.collect", str(out / "fail"), cwd=tmp_path, check=True)
     assert f"failed (log {run.log})" in c.stdout
 
-    again = sweep(str(spec), "--cluster", "local", "--out", str(out), *TINY, cwd=tmp_path)
+    again = sweep(str(spec), "--cluster", "local", "--out", str(out), *short, cwd=tmp_path)
     assert again.returncode == 0 and "skip-failed" in again.stdout and "0 of 1 runs submitted" in again.stdout
 
     data.symlink_to(synthetic_root)
     rerun = sweep(
-        str(spec), "--cluster", "local", "--wait", "--rerun", "failed", "--out", str(out), *TINY, cwd=tmp_path
+        str(spec), "--cluster", "local", "--wait", "--rerun", "failed", "--out", str(out), *short, cwd=tmp_path
     )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert run.read_metrics("train")["status"] == "done"
@@ -219,7 +214,7 @@ set: {{model.name: resnet20, data.name: synthetic, data.root: {data}, share.trai
     # --rerun all: the finished attempt moves aside too, its TensorBoard files packed out of TensorBoard's
     # sight (an unpacked copy inside the sweep folder would show as one more run)
     events = sorted(p.name for p in run.tensorboard.iterdir())
-    rerun = sweep(str(spec), "--cluster", "local", "--wait", "--rerun", "all", "--out", str(out), *TINY, cwd=tmp_path)
+    rerun = sweep(str(spec), "--cluster", "local", "--wait", "--rerun", "all", "--out", str(out), *short, cwd=tmp_path)
     assert rerun.returncode == 0 and run.read_metrics("train")["status"] == "done"
     second = max((run.path / "archive").iterdir())
     with tarfile.open(second / "tb.tar") as tar:

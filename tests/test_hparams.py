@@ -16,7 +16,7 @@ from pipeline.rundir import atomic_write_json, list_runs
 from pipeline.submit.expand import expand_sweep, read_sweep
 from pipeline.submit.plan import write_run
 from pipeline.report.hparams import HPARAMS_FILE, METRIC_TAG, METRICS
-from tests.conftest import REPO, write_done
+from tests.conftest import REPO, finished, write_done
 
 KEYS = ["optim.name", "optim.lr"]
 
@@ -24,20 +24,6 @@ KEYS = ["optim.name", "optim.lr"]
 def f32(x: float) -> float:
     """What a TensorBoard scalar (float32) holds for ``x``."""
     return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def finished(status: str, **extra):
-    return {
-        "status": status,
-        "epochs": 3,
-        "train_loss": 0.123456,
-        "train_acc_best": 0.9512,
-        "val_loss": 0.5,
-        "val_acc_best": 0.8812,
-        "test_acc": 0.8731,
-        "test_top5": 0.99,
-        **extra,
-    }
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.models.files import sha256_of
 from pipeline.collect import Options, build
 from pipeline.report import plots
@@ -107,6 +109,7 @@ def test_speed_plot_compares_each_model_with_the_base_of_its_own_job(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quantize_packages_int8_once_and_measure_times_the_package(tmp_path, synthetic_root):
     run = run_job(tmp_path, synthetic_root, "quant.method=int8", "quant.calib_batches=2", "measure.compile=true")
     quant, meas = run.read_metrics("quantize"), run.read_metrics("measure")

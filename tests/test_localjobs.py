@@ -23,18 +23,10 @@ from pipeline.submit import plan as sweep
 from pipeline.jobs import owner
 from pipeline.jobs.procs import ProcessIdentity
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import REPO, as_overrides, run_cli, tiny_settings
 
-TINY = [
-    "model.name=resnet20",
-    "data.name=synthetic",
-    "data.val_size=50",
-    "data.train_size=150",
-    "train.batch_size=50",
-    "train.threads=1",
-    "output.log_every=1000",
-    *MEASURE_FAST_ARGS,
-]
+# no train.epochs: each test says how long its run trains
+TINY = as_overrides(tiny_settings(changes={"data.val_size": 50, "data.train_size": 150, "train.epochs": None}))
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)  train loss")
 
 
@@ -218,9 +210,18 @@ def test_a_job_that_recorded_its_end_does_not_hold_its_run_and_a_resubmission_wa
 
 def test_an_unreadable_owner_record_is_taken_over(tmp_path):
     run = _run_folder(tmp_path)
-    (run.path / owner.OWNER_FILE).write_bytes(b"\x00\xff not json")
+    record = run.path / owner.OWNER_FILE
+    record.write_bytes(b"\x00\xff not json")
+    assert owner.live_owner(run) is None  # unreadable: an owner with no PID, which is dead
     own = owner.acquire(run, watch=False)
-    own.release()
+    try:
+        mine = json.loads(record.read_text())  # this process's record replaced the unreadable one
+        assert mine["pid"] == os.getpid() and mine == own.record
+        assert owner.live_owner(run) == own.record
+        assert sorted(p.name for p in run.path.glob(f".{owner.OWNER_FILE}.*")) == []  # no leftovers
+    finally:
+        own.release()
+    assert not record.exists()
 
 
 def test_a_second_job_on_a_busy_run_folder_refuses_and_writes_nothing(tmp_path, synthetic_root):

@@ -346,6 +346,7 @@ def _qat_round_trip(name: str, model: nn.Module, tmp_path: Path, steps: int, bat
     assert torch.equal(_load_in_fresh_process([file], x, tmp_path)["outputs"][0], out)
 
 
+@pytest.mark.slow
 def test_qat_resnet20_trains_resumes_converts_and_loads(resnet20, tmp_path):
     _qat_round_trip("resnet20", copy.deepcopy(resnet20), tmp_path, steps=3, batch=16)
 
@@ -532,11 +533,16 @@ def test_fp16_copy_and_state_dict():
     assert sd.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert sd[key].dtype == (torch.float16 if value.is_floating_point() else value.dtype)
-    if torch.cuda.is_available():
-        x = torch.randn(4, 3, 32, 32)
-        with torch.no_grad():
-            out = half.cuda()(x.cuda().half()).float().cpu()
-        torch.testing.assert_close(out, model.eval()(x), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fp16 convolutions run on GPUs only)")
+def test_fp16_copy_runs_on_a_gpu_like_the_fp32_model():
+    model = build_model("resnet20", NUM_CLASSES)
+    half = Q.to_fp16(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = half.cuda()(x.cuda().half()).float().cpu()
+    torch.testing.assert_close(out, model.eval()(x), atol=0.05, rtol=0.05)
 
 
 def test_a_non_strict_export_without_source_partitions_is_exported_again_strict(monkeypatch, caplog):

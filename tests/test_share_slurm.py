@@ -116,6 +116,7 @@ def log_time(run: RunDir, text: str) -> float:
     raise AssertionError(f"{text!r} not in {run.log}")
 
 
+@pytest.mark.slow
 def test_followers_wait_for_their_owners_task_and_each_training_runs_once(tmp_path, synthetic_root):
     # two seeds x (unpruned, unstructured, structured): two trainings, whose owners are tasks of one array
     spec = write_sweep(tmp_path / "sweep.yaml", "share-slurm", synthetic_root, seeds=2)
@@ -220,6 +221,7 @@ def test_failed_training_blocks_followers_until_rerun_failed(tmp_path, synthetic
     assert list((store / "archive").glob("*/metrics/train.json"))  # the failure kept aside
 
 
+@pytest.mark.slow
 def test_a_shared_pruning_waits_for_its_owner_which_waits_for_the_training(tmp_path, synthetic_root):
     """unpruned + int8 trains; unstructured + int8 prunes after that training; unstructured + fp16 waits
     for that pruning: three arrays chained by afterok, one training, one pruning."""

@@ -262,6 +262,7 @@ set:
   prune.sparsity: 0.5
   quant.calib_batches: 1
   measure.enabled: false
+  measure.compile: false  # no AOTInductor package of each int8 model (a minute of CPU each; nothing times it)
 variants:
   - {{prune.method: none, quant.method: int8}}
   - {{prune.method: unstructured, quant.method: int8}}
@@ -276,6 +277,7 @@ def prunings(out: Path) -> int:
     return sum(p.read_text().count(PRUNED) for p in logs)
 
 
+@pytest.mark.slow
 def test_one_training_one_pruning_two_quantizations_identical_to_unshared_runs_and_blocked(tmp_path, synthetic_root):
     """The unpruned run trains; the int8 one (waiting for that training) prunes; the fp16 one waits for
     that pruning: one training, one pruning, and every result bitwise that of unshared runs. Then a

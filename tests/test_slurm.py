@@ -20,24 +20,13 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import MEASURE_FAST, REPO, run_cli
+from tests.conftest import REPO, run_cli, tiny_settings
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 DEADLINE_S = 180  # longest wait for jobs to end
 ENV = {"PIPELINE_PYTHON": sys.executable, "COLUMNS": "400"}  # plain sbatch scripts' python; wide tables
-TINY = {
-    "model.name": "resnet20",
-    "data.name": "synthetic",
-    "data.val_size": 50,
-    "data.train_size": 150,
-    "train.epochs": 1,
-    "train.batch_size": 50,
-    "train.threads": 1,
-    "output.log_every": 1000,
-    "output.tensorboard": False,
-    **MEASURE_FAST,
-}
+TINY = tiny_settings(changes={"data.val_size": 50, "data.train_size": 150, "output.tensorboard": False})
 ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING")
 
 

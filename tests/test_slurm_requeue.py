@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import REPO
+from tests.conftest import REPO, as_overrides, tiny_settings
 from tests.test_slurm import ENV, cancel_all, jobs_ended, logs_tail, manifest, sacct, sweep, wait_until, write_sweep
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
@@ -36,17 +36,7 @@ COMPARED = ("train_loss", "train_acc_best", "val_loss", "val_acc_best", "test_ac
 
 def reference_run(tmp_path, synthetic_root) -> subprocess.Popen:
     """The same training, uninterrupted, in this machine's foreground (started in parallel)."""
-    settings = {
-        "model.name": "resnet20",
-        "data.name": "synthetic",
-        "data.root": str(synthetic_root),
-        "train.threads": 1,
-        "train.device": "cpu",
-        "output.log_every": 1000,
-        "output.tensorboard": False,
-        **LONG,
-    }
-    args = [f"{k}={v}" for k, v in settings.items()]
+    args = as_overrides(tiny_settings(synthetic_root, {**LONG, "train.device": "cpu", "output.tensorboard": False}))
     return subprocess.Popen(
         [
             sys.executable,
@@ -110,6 +100,7 @@ def restarts(job: str) -> int:
     return sum(1 for line in out.splitlines() if "REQUEUED" in line or "PREEMPTED" in line)
 
 
+@pytest.mark.slow
 def test_time_limit_signal_requeue_and_scontrol_requeue_end_like_an_unbroken_run(tmp_path, synthetic_root):
     ref_proc = reference_run(tmp_path, synthetic_root)
     # (a) a 1-minute limit: signalled about 40 s in (FACTS.md), long before the training ends
@@ -163,19 +154,12 @@ def test_two_task_gloo_ddp_job_completes(tmp_path, synthetic_root):
     assert sacct(job).get(job) == "COMPLETED"
 
 
+@pytest.mark.slow
 def test_plain_sbatch_script_checkpoints_and_requeues_on_sigusr2(tmp_path, synthetic_root):
     """sbatch/min_project.sh asks for SIGUSR2 to its batch process before the limit; sending it by hand
     (scancel --signal=USR2 --batch) must save a checkpoint, requeue the job and end in a finished run."""
-    settings = {
-        "model.name": "resnet20",
-        "data.name": "synthetic",
-        "data.root": str(synthetic_root),
-        "train.threads": 1,
-        "train.device": "cpu",
-        "output.log_every": 1000,
-        **LONG,
-        "train.epochs": 6,  # signalled by hand after the first epoch: no need to outlast a time limit
-    }
+    # signalled by hand after the first epoch: no need to outlast a time limit
+    settings = tiny_settings(synthetic_root, {**LONG, "train.device": "cpu", "train.epochs": 6})
     env = {**os.environ, **ENV, "PIPELINE_OUT": str(tmp_path / "runs")}
     r = subprocess.run(
         [
@@ -183,7 +167,7 @@ def test_plain_sbatch_script_checkpoints_and_requeues_on_sigusr2(tmp_path, synth
             "--parsable",
             str(REPO / "sbatch/min_project.sh"),
             str(REPO / "configs/base.yaml"),
-            *[f"{k}={v}" for k, v in settings.items()],
+            *as_overrides(settings),
         ],
         cwd=tmp_path,
         env=env,

@@ -18,26 +18,13 @@ import torch
 from pipeline.config import load_config
 from pipeline.rundir import RunDir, list_runs
 from pipeline.run import prepare_single
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import REPO, run_cli, tiny_args
 
 BASE = REPO / "configs/base.yaml"
 
 
 def tiny(root: Path, *extra: str) -> list[str]:
-    return [
-        str(BASE),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={root}",
-        "data.val_size=100",
-        "train.threads=1",
-        "train.batch_size=50",
-        "train.epochs=1",
-        "output.log_every=1000",
-        "train.device=cpu",
-        *MEASURE_FAST_ARGS,
-        *extra,
-    ]
+    return tiny_args(root, *extra, changes={"train.device": "cpu"})
 
 
 def run_job(tmp_path: Path, root: Path, *extra: str, out: str = "runs") -> RunDir:
@@ -84,6 +71,7 @@ def fresh_accuracies(run: RunDir, *names: str) -> dict[str, float]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     run = run_job(
         tmp_path,
@@ -142,6 +130,7 @@ def test_unstructured_finetune_then_int8_then_measure(tmp_path, synthetic_root):
     assert "CPU time of every stage" in (run.path.parent / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_structured_prune_then_qat(tmp_path, synthetic_root):
     run = run_job(
         tmp_path,
@@ -193,6 +182,7 @@ def _pruned_state(run: RunDir) -> dict[str, torch.Tensor]:
     return torch.load(run.models / "pruned.pt", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_kill_9_during_pruning_finetune_resumes_bitwise(tmp_path, synthetic_root):
     extra = [
         "prune.method=unstructured",
@@ -234,6 +224,7 @@ def test_kill_9_during_pruning_finetune_resumes_bitwise(tmp_path, synthetic_root
     assert unbroken.read_metrics("prune")["test_acc"] == run_b.read_metrics("prune")["test_acc"]
 
 
+@pytest.mark.slow
 def test_failed_prune_stage_keeps_the_training_and_rerun_failed_redoes_only_it(tmp_path, synthetic_root):
     args = tiny(synthetic_root, "prune.method=unstructured", "prune.epochs=1", "measure.enabled=false")
     run = prepare_single(Path(args[0]), args[1:], tmp_path / "runs")

@@ -20,6 +20,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sweep, n_runs, model, params, extra",
     [

@@ -328,6 +328,7 @@ def test_classify_from_the_run_folder_when_the_scheduler_cannot_tell(tmp_path):
     assert classify(RunDir(pending), "", submitted=False).state == "pending"
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
 def test_scancel_shows_cancelled_and_a_time_limit_without_requeues_shows_time_limit(tmp_path, synthetic_root):

@@ -335,9 +335,17 @@ def test_good_sbatch_values_pass():
             "slurm.qos": "",
             "slurm.gpu_type": "rtx8000",
             "slurm.constraint": "[rack1|rack2]&intel,avx2:2*!slow",
+            "slurm.gpus_per_node": 1,
         },
     )
-    assert cfg.slurm.partition == "gpu-v100_2.x"
+    (header,) = launch.sbatch_headers(Path("runs/s"), [cfg], "s", max_size=1000)
+    lines = header.splitlines()
+    assert "#SBATCH --partition=gpu-v100_2.x" in lines, header
+    assert "#SBATCH --account=pr_123_general" in lines, header
+    assert not any(line.startswith("#SBATCH --qos") for line in lines), header  # empty: not asked for
+    assert "#SBATCH --gres=gpu:rtx8000:1" in lines, header
+    # submitit quotes it (its special characters) as it does for a shell
+    assert "#SBATCH --constraint='[rack1|rack2]&intel,avx2:2*!slow'" in lines, header
 
 
 def test_bad_sbatch_value_in_a_sweep_exits_2_and_writes_nothing(project):

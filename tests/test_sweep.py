@@ -217,10 +217,28 @@ def test_dry_run_lists_runs_and_writes_nothing(project):
     assert tree_snapshot(project) == before and not (project / "runs").exists()
 
 
+# Every sweep file the repository ships, with the number of runs it expands to. A new sweep file, or a
+# changed grid, is added here on purpose.
+REPO_SWEEPS = {
+    "batch_workers.yaml": 9,
+    "budget.yaml": 12,
+    "compression.yaml": 3,
+    "fast.yaml": 3,
+    "mixed_precision.yaml": 8,
+    "optimizers.yaml": 5,
+    "quickstart.yaml": 3,
+    "search.yaml": 1,  # one study: its trials are sampled, not expanded
+    "sparsity.yaml": 16,
+}
+
+
 def test_repo_sweep_files_expand(repo):
-    for path in sorted((repo / "sweeps").glob("*.yaml")):
-        runs = expand_sweep(read_sweep(path), cwd=repo)
-        assert runs, path
+    found = {path.name: path for path in (repo / "sweeps").glob("*.yaml")}
+    assert sorted(found) == sorted(REPO_SWEEPS)
+    for name, expected in REPO_SWEEPS.items():
+        runs = expand_sweep(read_sweep(found[name]), cwd=repo)
+        assert len(runs) == expected, name
+        assert len({r.id for r in runs}) == expected, f"{name}: two runs with one id"
 
 
 def test_auto_cluster_falls_back_to_local_without_a_slurm_controller(monkeypatch, tmp_path):

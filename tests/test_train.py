@@ -18,7 +18,8 @@ from pipeline.config import load_config
 from pipeline.rundir import list_runs
 from pipeline.run import EXIT_PREEMPTED, prepare_single
 from pipeline.stages.setup import autocast_dtype, build_optimizer, lr_factor
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks
+from tests.conftest import REPO, run_cli, run_ranks
+from tests.conftest import tiny_args as tiny_run_args
 
 BASE = REPO / "configs/base.yaml"
 
@@ -76,20 +77,10 @@ def test_low_precision_on_cpu_warns_and_trains_in_fp32():
 
 
 def tiny_args(root: Path, *extra: str) -> list[str]:
-    return [
-        str(BASE),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={root}",
-        "data.val_size=100",
-        "train.threads=1",
-        "train.batch_size=25",
-        "output.log_every=1000",
-        *MEASURE_FAST_ARGS,
-        *extra,
-    ]
+    return tiny_run_args(root, *extra, changes={"train.batch_size": 25})
 
 
+@pytest.mark.slow
 def test_signal_mid_epoch_saves_step_checkpoint_and_resume_matches_unbroken(tmp_path, synthetic_root):
     args = tiny_args(synthetic_root, "train.epochs=2")
     run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
@@ -130,6 +121,7 @@ def _weights(run) -> dict[str, torch.Tensor]:
     return torch.load(run.checkpoints / "last.pt", weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_path, synthetic_root):
     # GroupNorm: BatchNorm statistics would differ per rank (SyncBatchNorm needs GPUs; on GPUs
     # train.sync_bn converts to it). 8 steps of a global batch of 50 = 2 ranks x 25.
@@ -156,6 +148,7 @@ def test_two_process_gloo_matches_one_process_with_the_same_global_batch(tmp_pat
     assert not (ddp.path / "tb").exists() or len(list((ddp.path / "tb").glob("events.*"))) == 1  # rank 0 only
 
 
+@pytest.mark.slow
 def test_compiled_training_runs_and_learns_like_eager(tmp_path, synthetic_root):
     """train.compile=true (torch.compile with inductor; gcc is on this machine) trains the same model."""
     args = tiny_args(synthetic_root, "train.epochs=1", "data.train_size=100")

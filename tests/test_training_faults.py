@@ -32,7 +32,7 @@ from pipeline.data.loaders import DeviceLoader
 from pipeline.data.cifar import Split
 from pipeline.models import build_model
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, run_ranks, write
+from tests.conftest import REPO, run_cli, run_ranks, tiny_args, write
 
 BASE = REPO / "configs/base.yaml"
 
@@ -40,20 +40,8 @@ BASE = REPO / "configs/base.yaml"
 def tiny(root: Path, *extra: str) -> list[str]:
     """pipeline.run arguments of a ResNet-20 run on the tiny synthetic data: 400 train images, batch 25
     (20 steps per epoch: 600 images less 100 for validation)."""
-    return [
-        str(BASE),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={root}",
-        "data.val_size=100",
-        "train.threads=1",
-        "train.batch_size=25",
-        "train.device=cpu",
-        "output.log_every=1000",
-        "schedule.name=constant",
-        *MEASURE_FAST_ARGS,
-        *extra,
-    ]
+    changes = {"train.batch_size": 25, "train.device": "cpu", "schedule.name": "constant"}
+    return tiny_args(root, *extra, changes=changes)
 
 
 def job(tmp_path: Path, root: Path, *extra: str, out: str = "runs", expect: int = 0) -> RunDir:
@@ -196,6 +184,7 @@ def test_a_diverging_two_rank_job_ends_on_both_ranks_with_rank_0_s_record(tmp_pa
     assert not (run.models / "trained.pt").exists() and run.status() == "diverged"
 
 
+@pytest.mark.slow
 def test_pruning_finetune_and_qat_that_diverge_stop_early_with_the_same_record(tmp_path, synthetic_root):
     common = ("train.epochs=1", "train.nan_check_steps=3", "measure.enabled=false")
     pruned = job(
@@ -281,9 +270,11 @@ def _garble(path: Path) -> int:
     return epoch
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_resumes_from_the_previous_one_in_training_and_pruning(tmp_path, synthetic_root):
     extra = (
         "train.epochs=4",
+        "data.train_size=250",  # 10 steps an epoch: the kill lands inside the next epoch all the same
         "prune.method=unstructured",
         "prune.sparsity=0.5",
         "prune.epochs=3",
@@ -332,6 +323,7 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one_in_training_and
             assert ma[key] == mb[key], (stage, key)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_qat_checkpoint_resumes_from_the_previous_one(tmp_path, synthetic_root):
     """The QAT fine-tune's checkpoint (a prepared, fake-quantized graph's state) rotates and recovers like
     training's: killed in its last epoch, qat.pt garbled, the rerun resumes from qat.prev.pt and ends
@@ -379,8 +371,9 @@ def _tmpfs(where: Path, size_kb: int):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_keeps_the_checkpoint_says_why_and_resumes_bitwise(tmp_path, synthetic_root):
-    extra = ("train.epochs=3", "measure.enabled=false")
+    extra = ("train.epochs=3", "data.train_size=200", "measure.enabled=false")
     unbroken = job(tmp_path, synthetic_root, *extra, out="a")
     checkpoint_kb = (unbroken.checkpoints / "last.pt").stat().st_size // 1024
     # room for everything of the first epoch and one checkpoint, not for the second one beside it
@@ -469,6 +462,7 @@ def _first_checkpoint(job: subprocess.Popen, out: Path) -> Path:
     raise AssertionError(f"no checkpoint under {out}: {job.communicate()[0][-3000:]}")
 
 
+@pytest.mark.slow
 def test_quota_exceeded_during_training_says_so_and_resumes_once_raised(tmp_path, synthetic_root):
     """A real quota: a btrfs qgroup limit on the subvolume holding the runs, lowered under the job after
     its first checkpoint, as when a shared group quota fills up. Write fails with EDQUOT."""
@@ -504,6 +498,7 @@ def test_quota_exceeded_during_training_says_so_and_resumes_once_raised(tmp_path
         assert saved >= 1
 
 
+@pytest.mark.slow
 def test_a_filesystem_gone_read_only_under_a_training_stops_it_and_a_rerun_resumes(tmp_path, synthetic_root):
     """A real read-only filesystem: ext4 forced read-only by an error (``errors=remount-ro``, the kernel's
     trigger_fs_error), with the job's files open, as a storage fault does on a cluster. Nothing can be

@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.models.files import UnreadableModel, load_model, save_model
 from pipeline.rundir import RunDir, list_runs, model_file_problem
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli
+from tests.conftest import run_cli, tiny_args
 from tests.test_share_sweep import TRAINING_STARTED, sweep, sweep_file
 
 
@@ -95,20 +95,7 @@ def test_the_login_nodes_look_is_cheap_and_torch_free(model_file):
 
 
 def tiny(root: Path, *extra: str) -> list[str]:
-    return [
-        str(REPO / "configs/base.yaml"),
-        "model.name=resnet20",
-        "data.name=synthetic",
-        f"data.root={root}",
-        "data.val_size=100",
-        "train.threads=1",
-        "train.batch_size=50",
-        "train.epochs=1",
-        "output.log_every=1000",
-        "train.device=cpu",
-        *MEASURE_FAST_ARGS,
-        *extra,
-    ]
+    return tiny_args(root, *extra, changes={"train.device": "cpu"})
 
 
 def test_unreadable_int8_program_fails_quantize_and_rerun_failed_makes_it_again(tmp_path, synthetic_root):
@@ -152,6 +139,7 @@ def test_unreadable_int8_program_fails_quantize_and_rerun_failed_makes_it_again(
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unreadable_shared_training_is_trained_again_once_by_rerun_failed(tmp_path, synthetic_root):
     path = sweep_file(tmp_path, synthetic_root, name="share")
     out = tmp_path / "runs"
