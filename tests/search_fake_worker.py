@@ -74,7 +74,8 @@ class FakeRunner(RunFolderRunner):
             if self.args.fail_name and a.params.get("optim.name") == self.args.fail_name and epoch == 2:
                 atomic_write_json(run / "metrics/train.json", {"status": "diverged", "error": "loss nan at epoch 2"})
                 return Outcome.failed("diverged: loss nan at epoch 2")
-            if a.reporter.report(epoch, max(h["val_acc"] for h in history)):
+            # as the training loop: every epoch is reported, and the last one is never stopped (it is done)
+            if a.reporter.report(epoch, max(h["val_acc"] for h in history)) and epoch < self.args.epochs:
                 atomic_write_json(run / "metrics/train.json", {"status": STOPPED, "epochs": epoch, "history": history})
                 return Outcome.stopped(epoch)
         best = max(h["val_acc"] for h in history)

@@ -70,3 +70,28 @@ def test_shared_store_deleted_under_its_training_stops_the_job_and_shows_the_run
     line = next(ln for ln in c.stdout.splitlines() if ln.startswith(f"- `{run.id}`"))
     assert c.returncode == 0 and f"**failed**: {said}" in line and "blocked" not in line, c.stdout
     assert not (out / ".shared").exists() and run.config.is_file()  # the run folder itself is intact
+
+
+def test_a_background_writer_whose_folder_was_deleted_says_one_line_not_a_traceback(tmp_path, capfd):
+    """TensorBoard's writer thread raises FileNotFoundError when the store is deleted under it, and re-raises
+    it in its own thread after handing it to the stage: which of the two prints first is a race, so the
+    thread's report must be one line whatever the order (CI once showed its traceback)."""
+    import threading
+
+    from pipeline.stages.logs import quiet_disk_errors
+
+    gone = tmp_path / "tb" / "events.out.tfevents.1"
+
+    def write() -> None:
+        open(gone, "ab").close()
+
+    previous = threading.excepthook
+    threading.excepthook = quiet_disk_errors
+    try:
+        thread = threading.Thread(target=write, name="tb-writer")
+        thread.start()
+        thread.join()
+    finally:
+        threading.excepthook = previous
+    err = capfd.readouterr().err
+    assert err == f"error: background writer tb-writer stopped: {gone} is gone\n", err

@@ -95,12 +95,17 @@ def disk_message(disk: OSError) -> str:
 
 
 def quiet_disk_errors(args: threading.ExceptHookArgs) -> None:
-    """A background writer (TensorBoard's event thread) stopped by a full, over-quota or read-only disk:
-    one line, not a traceback; the stage itself fails on its next write and says where."""
+    """A background writer (TensorBoard's event thread) stopped by a full, over-quota or read-only disk,
+    or by its folder deleted under it: one line, not a traceback; the stage itself fails on its next write
+    and says where (a deleted run folder or shared store: :class:`pipeline.jobs.owner.RunFolderVanished`)."""
     error = args.exc_value
+    name = args.thread.name if args.thread is not None else "a thread"
     if isinstance(error, OSError) and disk_error(error) is not None:
-        name = args.thread.name if args.thread is not None else "a thread"
         print(f"error: background writer {name} stopped: {error}", file=sys.stderr, flush=True)
+        return
+    if isinstance(error, FileNotFoundError):  # its folder was deleted: the stage sees it and names the folder
+        where = os.fsdecode(error.filename) if error.filename else "its file"
+        print(f"error: background writer {name} stopped: {where} is gone", file=sys.stderr, flush=True)
         return
     threading.__excepthook__(args)
 
