@@ -137,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with cli.exit_on_config_error():
         _check_args(args)
         spec = read_sweep(args.sweep)
+        if spec.search_doc is not None:
+            from pipeline.search.spec import parse_search
+
+            spec.search = parse_search(spec.search_doc, spec.path)
         overrides = parse_overrides(args.overrides)
         runs = expand_sweep(spec, overrides)
         sweep_dir = args.out / spec.name

@@ -1,14 +1,14 @@
 """The training loop's hook into a search's early stopping, set around a trial's run by the search job
-(:mod:`pipeline.search.job`) as a context variable, so nothing is passed through the stages' signatures.
-Outside a search there is none and the loop never stops early. No optuna, no torch."""
+(:mod:`pipeline.search.job`) through :mod:`pipeline.stages.hooks` (a context variable the loop reads), so
+nothing is passed through the stages' signatures and the stages import nothing of the search. No optuna,
+no torch."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from pipeline.search.figures import FIGURES
+from pipeline.stages.hooks import current_hook, installed  # noqa: F401  (the search job sets the hook)
 
 
 class EpochReporter(Protocol):
@@ -32,20 +32,3 @@ class EarlyStopHook:
             return False
         self.stopped_at = epoch
         return True
-
-
-_CURRENT: contextvars.ContextVar[EarlyStopHook | None] = contextvars.ContextVar("early_stop_hook", default=None)
-
-
-def current_hook() -> EarlyStopHook | None:
-    """The running trial's hook, None outside a search."""
-    return _CURRENT.get()
-
-
-@contextlib.contextmanager
-def installed(hook: EarlyStopHook | None) -> Iterator[None]:
-    token = _CURRENT.set(hook)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)

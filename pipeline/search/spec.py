@@ -87,13 +87,6 @@ class Choice:
 Param = Range | Choice
 
 
-def representative(search: "SearchSpec") -> dict[str, Any]:
-    """One value of every searched setting (a range's low end, a list's first choice): set on top of a
-    sweep point before it is checked, so that a setting the fixed values need (``prune.max_drop`` with
-    ``prune.sparsity: auto``) may come from the search; each trial overrides it with its own value."""
-    return {k: (p.bounds()[0] if isinstance(p, Range) else p.values[0]) for k, p in search.params.items()}
-
-
 @dataclass(frozen=True)
 class EarlyStop:
     method: str = "none"
@@ -141,6 +134,12 @@ class SearchSpec:
     @property
     def objectives(self) -> list[str]:
         return list(self.objective)
+
+    def representative(self) -> dict[str, Any]:
+        """One value of every searched setting (a range's low end, a list's first choice): set on top of a
+        sweep point before it is checked, so that a setting the fixed values need (``prune.max_drop`` with
+        ``prune.sparsity: auto``) may come from the search; each trial overrides it with its own value."""
+        return {k: (p.bounds()[0] if isinstance(p, Range) else p.values[0]) for k, p in self.params.items()}
 
 
 # --------------------------------------------------------------------------------------------------

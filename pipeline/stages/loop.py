@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from pipeline.jobs.preempt import STOP, Preempted
-from pipeline.rundir import RunDir, atomic_write_json
-from pipeline.search.figures import STOPPED
-from pipeline.search.reporting import current_hook
+from pipeline.rundir import STOPPED_EARLY, RunDir, atomic_write_json
+from pipeline.stages.hooks import current_hook
 from pipeline.stages.checkpoint import save_checkpoint
 from pipeline.stages.distributed import Dist
 from pipeline.stages.setup import Context, autocast, build_optimizer, lr_factor
@@ -419,7 +418,7 @@ def fit(model: nn.Module, ctx: Context, phase: Phase, run: RunDir, ckpt: dict[st
         row = _record_epoch(t, res, train_loss, train_acc, images)
         if _stop_after(t, epoch + 1, row):  # after the checkpoint: the trial keeps it, and its metrics
             log.info("%s: stopped early after epoch %d/%d", phase.name, epoch + 1, phase.epochs)
-            return _finish(t, STOPPED)
+            return _finish(t, STOPPED_EARLY)
     return _finish(t, "done")
 
 

@@ -43,7 +43,6 @@ from pipeline.config import (
     tree_to_yaml,
     unflatten,
 )
-from pipeline.search.spec import SearchSpec, parse_search, representative
 from pipeline.submit.launch import visible_gpu_count
 
 SWEEP_KEYS = ("name", "description", "base", "cluster", "set", "grid", "zip", "variants", "search")
@@ -68,7 +67,11 @@ class SweepSpec:
     zip: dict[str, list[Any]] = field(default_factory=dict)
     variants: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
-    search: SearchSpec | None = None  # a search: each run of grid x zip x variants is one study's fixed settings
+    # a search: each run of grid x zip x variants is one study's fixed settings. ``search_doc`` is the
+    # section as written; the search command parses it into ``search`` (pipeline.search.spec.SearchSpec:
+    # submit/ imports nothing of search/, which is built on it)
+    search_doc: Any = None
+    search: Any = None
 
 
 @dataclass
@@ -132,8 +135,7 @@ def read_sweep(path: str | Path) -> SweepSpec:
     axes = [set(spec.grid), set(spec.zip)]
     if axes[0] & axes[1]:
         raise ConfigError(path, "a key may not be both in grid and zip.", key=sorted(axes[0] & axes[1])[0])
-    if doc.get("search") is not None:
-        spec.search = parse_search(doc["search"], path)
+    spec.search_doc = doc.get("search")
     return spec
 
 
@@ -245,7 +247,7 @@ def expand_sweep(spec: SweepSpec, overrides: dict[str, Any] | None = None, cwd: 
         layers.append(Layer(f"{spec.path} (set)", spec.set))
     last = [Layer(COMMAND_LINE, dict(overrides))] if overrides else []
     if spec.search is not None:  # the fixed values are checked with the searched settings filled in
-        last.insert(0, Layer(f"{spec.path} (search.params)", representative(spec.search)))
+        last.insert(0, Layer(f"{spec.path} (search.params)", spec.search.representative()))
     composer = Composer(layers)
     base = cwd or Path.cwd()
     roots: dict[str, str] = {}
