@@ -475,3 +475,20 @@ def test_wait_waits_for_runs_an_earlier_submission_still_runs(tmp_path, syntheti
     # returned once the run had finished, not at once
     assert run.status() == "done" and sweep.active_run_ids(out / "waitall") == set(), again
     assert f"{run.id}: done" in again, again
+
+
+def test_a_folder_being_removed_is_named_as_deleted_whichever_file_went_first(tmp_path):
+    """`rm -rf` removes a run folder's files before the folder: a check in between finds the folder but not
+    its config.yaml, and must name the run folder as deleted, as when the folder is already gone (CI once
+    showed the other wording)."""
+    run = RunDir(tmp_path / "abc")
+    run.path.mkdir()
+    run.config.write_text("x: 1\n")
+    held = owner.acquire(run, watch=False)
+    try:
+        run.config.unlink()  # the folder itself is still there
+        with pytest.raises(owner.RunFolderVanished) as e:
+            held.check()
+        assert f"run folder {run.path} was deleted or replaced while this job was running" in str(e.value)
+    finally:
+        held.release()

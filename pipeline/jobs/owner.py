@@ -121,7 +121,11 @@ class Ownership:
         gone or was replaced."""
         check_folder(self.run.path)
         if not self.run.config.exists():
-            raise RunFolderVanished(f"{self.run.config} was deleted while this job was running")
+            # `rm -rf` of the folder under way: its files go before the folder itself, so say the same
+            raise RunFolderVanished(
+                f"run folder {self.run.path} was deleted or replaced while this job was running"
+                f" (its {self.run.config.name} is gone); nothing more is written there"
+            )
         for store in self.also:
             check_folder(store)
 
