@@ -215,10 +215,13 @@ def _call_stage(job: _Job, cfg: DictConfig, target: RunDir, stage: str) -> dict[
         metrics = stage_functions()[stage](target, cfg)
     metrics["wall_s"] = time.time() - started
     metrics["cpu_s"] = _cpu_seconds() - cpu_started
+    if stage != "measure":  # (rank 0 alone measures)
+        # every rank waits here before rank 0 records the stage: a rank that was slower to start it has
+        # read its record (none) by now, so none sees it done and skips it, one barrier short of the
+        # others (rank 0 then waited alone in its last barrier). The next stage reads rank 0's models.
+        wait_for_all_ranks()
     if job.rank == 0:
         target.write_metrics(stage, metrics)  # on a full disk: a failed, resumable stage (_stage_failed)
-    if stage != "measure":  # (rank 0 alone measures)
-        wait_for_all_ranks()  # the next stage reads what rank 0 just wrote (models/trained.pt, ...)
     return metrics
 
 
