@@ -156,13 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with cli.exit_on_config_error():
             check_gpus(spec, runs, _cluster_for(args, sweep_dir)[0])
 
-    # One submitter per sweep at a time: two would both see every run as not queued and both submit it.
-    lock = SubmitLock(sweep_dir, on_recover=lambda message: console.print(f"[yellow]{message}[/]"))
-    try:
-        with cli.exit_on_os_error():
-            lock.acquire()
-    except LockHeld as e:
-        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+    lock = _take_lock(sweep_dir, console)
+    if lock is None:
         return cli.EXIT_USAGE
     try:
         if args.no_submit:
@@ -264,12 +259,8 @@ def _search(
     if impossible is not None:
         cli.console(stderr=True).print(f"[bold red]error:[/] {escape(impossible)}", soft_wrap=True)
         return EXIT_SLURM_DOWN
-    lock = SubmitLock(sweep_dir, on_recover=lambda message: console.print(f"[yellow]{message}[/]"))
-    try:
-        with cli.exit_on_os_error():
-            lock.acquire()
-    except LockHeld as e:
-        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+    lock = _take_lock(sweep_dir, console)
+    if lock is None:
         return cli.EXIT_USAGE
     try:
         with exit_on_storage_down(), cli.exit_on_config_error(), cli.exit_on_os_error():
@@ -466,6 +457,19 @@ def _print_submission(
     )
     unreachable = any(rej.unreachable for rej in submission.rejected)
     return EXIT_SLURM_DOWN if unreachable else cli.EXIT_USAGE
+
+
+def _take_lock(sweep_dir: Path, console: Console) -> SubmitLock | None:
+    """The sweep's submit lock, held by this process; None (said on stderr) when another submitter holds
+    it. One submitter per sweep at a time: two would both see every run as not queued and both submit it."""
+    lock = SubmitLock(sweep_dir, on_recover=lambda message: console.print(f"[yellow]{message}[/]"))
+    try:
+        with cli.exit_on_os_error():
+            lock.acquire()
+    except LockHeld as e:
+        cli.console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        return None
+    return lock
 
 
 if __name__ == "__main__":

@@ -158,6 +158,48 @@ def run_ranks(
             p.kill()
 
 
+def kill_9_when(args: list[str], out: Path, cwd: Path, when, *, after_s: float = 0.3, timeout: float = 600) -> dict:
+    """Start ``python -m pipeline.run *args --out out`` and SIGKILL it ``after_s`` seconds after its
+    progress.json first satisfies ``when(progress)``; returns its progress record when killed. Fails the test when
+    the run ends (or ``timeout`` passes) before that point."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", *args, "--out", str(out)],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, seen = time.monotonic() + timeout, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            progress = _progress(out)
+            if progress and when(progress):
+                time.sleep(after_s)
+                seen = _progress(out) or progress  # where it is when killed
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert seen is not None, "the run ended before it could be killed"
+    return seen
+
+
+def _progress(out: Path) -> dict:
+    """The progress record of the one run under ``out`` ({} when there is none yet, or it is mid-replace)."""
+    import json
+
+    files = list(out.glob("*/progress.json"))
+    try:
+        return json.loads(files[0].read_text()) if files else {}
+    except (OSError, ValueError):
+        return {}
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """10 classes x 60 train / 20 test images in the synthetic layout (CIFAR-10 file format)."""

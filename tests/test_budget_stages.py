@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import REPO, run_cli, write
+from tests.conftest import kill_9_when, REPO, run_cli, write
 from tests.test_budget import make_hostile
 from tests.test_stages import BASE, fresh_accuracies, tiny
 
@@ -179,25 +177,10 @@ def test_kill_9_during_the_second_attempt_resumes_bitwise(tmp_path, synthetic_ro
     extra += ["prune.compare_uniform=false", "prune.sensitivity_batches=1", "prune.epochs=3", "measure.enabled=false"]
     unbroken = run_job(tmp_path, synthetic_root, *extra, out="a")
     out_b = tmp_path / "b"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.run", *tiny(synthetic_root, *extra), "--out", str(out_b)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # into the second attempt's second epoch
+    kill_9_when(
+        tiny(synthetic_root, *extra), out_b, tmp_path, lambda p: p.get("stage") == "prune-1" and p.get("epoch") == 1
     )
-    deadline, killed = time.monotonic() + 600, False
-    while time.monotonic() < deadline and proc.poll() is None:
-        progress = list(out_b.glob("*/progress.json"))
-        p = json.loads(progress[0].read_text()) if progress else {}
-        if p.get("stage") == "prune-1" and p.get("epoch") == 1:
-            time.sleep(0.3)  # into the second attempt's second epoch
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert killed, "the run ended before it could be killed"
     (run_b,) = list_runs(out_b)
     assert run_b.read_metrics("prune") is None
     assert len(json.loads((run_b.path / "budget/prune_attempts.json").read_text())) == 1  # the first is on disk

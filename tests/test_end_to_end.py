@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.rundir import RunDir, list_runs
-from tests.conftest import MEASURE_FAST_ARGS, REPO, run_cli, tiny_args
+from tests.conftest import kill_9_when, MEASURE_FAST_ARGS, REPO, run_cli, tiny_args
 
 TINY = ["data.val_size=100", "train.epochs=2", "train.batch_size=50", "output.log_every=1000", *MEASURE_FAST_ARGS]
 
@@ -120,30 +116,12 @@ def _final_state(run: RunDir) -> dict[str, torch.Tensor]:
 def test_resume_after_kill_9_matches_unbroken_run(tmp_path, synthetic_root):
     # what is compared is the training
     args = tiny_args(synthetic_root, changes={"train.epochs": 3, "train.batch_size": 25, "measure.enabled": False})
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     unbroken = run_cli("pipeline.run", *args, "--out", str(tmp_path / "a"), cwd=tmp_path, check=True)
     assert "done" in unbroken.stdout
 
     out_b = tmp_path / "b"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.run", *args, "--out", str(out_b)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    killed_at = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        progress = list(out_b.glob("*/progress.json"))
-        if progress and json.loads(progress[0].read_text())["epoch"] == 1:
-            time.sleep(0.5)  # into the second epoch
-            killed_at = json.loads(progress[0].read_text())["epoch"]
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert killed_at is not None and killed_at < 3, "the run ended before it could be killed"
+    seen = kill_9_when(args, out_b, tmp_path, lambda p: p["epoch"] == 1, after_s=0.5, timeout=300)  # into epoch 2
+    assert seen["epoch"] < 3
     (run_b,) = list_runs(out_b)
     assert run_b.read_metrics("train") is None  # really interrupted
     resumed = run_cli("pipeline.run", str(run_b.path), cwd=tmp_path, check=True)

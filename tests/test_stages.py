@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.rundir import RunDir, list_runs
 from pipeline.run import prepare_single
-from tests.conftest import REPO, run_cli, tiny_args
+from tests.conftest import kill_9_when, REPO, run_cli, tiny_args
 
 BASE = REPO / "configs/base.yaml"
 
@@ -194,26 +192,8 @@ def test_kill_9_during_pruning_finetune_resumes_bitwise(tmp_path, synthetic_root
     ]
     unbroken = run_job(tmp_path, synthetic_root, *extra, out="a")
     out_b = tmp_path / "b"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.run", *tiny(synthetic_root, *extra), "--out", str(out_b)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline, killed = time.monotonic() + 600, False
-    while time.monotonic() < deadline and proc.poll() is None:
-        progress = list(out_b.glob("*/progress.json"))
-        if progress:
-            p = json.loads(progress[0].read_text())
-            if p.get("stage") == "prune" and p["epoch"] == 1:
-                time.sleep(0.3)  # into the second fine-tune epoch
-                proc.send_signal(signal.SIGKILL)
-                killed = True
-                break
-        time.sleep(0.02)
-    proc.wait()
-    assert killed, "the run ended before it could be killed"
+    # into the second fine-tune epoch
+    kill_9_when(tiny(synthetic_root, *extra), out_b, tmp_path, lambda p: p.get("stage") == "prune" and p["epoch"] == 1)
     (run_b,) = list_runs(out_b)
     assert run_b.read_metrics("train")["status"] == "done" and run_b.read_metrics("prune") is None
     run_cli("pipeline.run", str(run_b.path), cwd=tmp_path, check=True, timeout=900)
