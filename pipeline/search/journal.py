@@ -103,9 +103,9 @@ def check_journal(path: Path, repair: bool = False) -> JournalCheck:
 def _move_cut_record(path: Path) -> int:
     """Under the journal's lock (no live writer is mid-append then), cut the file after its last newline
     and append what was cut to ``<path>.cut``; returns the bytes moved (0 when a writer finished it)."""
-    from optuna.storages.journal import JournalFileSymlinkLock  # the journal's own lock
+    from pipeline.search.lock import PromptSymlinkLock  # the journal's own lock
 
-    lock = JournalFileSymlinkLock(str(path))
+    lock = PromptSymlinkLock(str(path))
     lock.acquire()
     try:
         with open(path, "r+b") as f:

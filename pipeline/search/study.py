@@ -1,8 +1,8 @@
 """The study of a search: its storage, sampler and pruner, and the configs a dry run shows.
 
 Storage: by default Optuna's journal file ``<sweep>/search/journal.log`` (JournalFileBackend), made for
-NFS where ``fcntl`` locks fail. Its lock is :class:`JournalFileSymlinkLock` (Optuna's default, named
-explicitly): ``symlink()`` is atomic on every NFS version, where the ``O_EXCL`` create of
+NFS where ``fcntl`` locks fail. Its lock is Optuna's symlink lock (:mod:`pipeline.search.lock`, which
+waits less between tries): ``symlink()`` is atomic on every NFS version, where the ``O_EXCL`` create of
 :class:`JournalFileOpenLock` is atomic only from NFSv3 on. A holder that dies is broken after its grace
 period (30 s in which the journal did not change). ``search.storage`` may name a database URL instead
 (RDBStorage); one that does not answer raises :class:`StorageUnreachable` (the commands exit 3: try
@@ -96,9 +96,11 @@ def open_storage(spec: SearchSpec, sweep_dir: Path, *, write: bool = True) -> Ba
     check_journal(path, repair=write)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+    from optuna.storages.journal import JournalFileBackend
 
-    backend = JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path)))
+    from pipeline.search.lock import PromptSymlinkLock
+
+    backend = JournalFileBackend(str(path), lock_obj=PromptSymlinkLock(str(path)))
     try:
         return optuna.storages.JournalStorage(backend)
     except (ValueError, KeyError, TypeError, AssertionError) as e:  # a record check_journal let through

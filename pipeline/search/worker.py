@@ -218,14 +218,13 @@ def heartbeat(path: Path, every_s: float = owner.HEARTBEAT_S) -> Iterator[None]:
 
 @contextlib.contextmanager
 def claim_lock(sweep_dir: Path) -> Iterator[None]:
-    from optuna.storages.journal import JournalFileSymlinkLock
+    from pipeline.search.lock import PromptSymlinkLock
 
     target = Path(sweep_dir) / SEARCH_DIR / CLAIMS
     target.parent.mkdir(parents=True, exist_ok=True)
-    # the link's target must exist: Optuna's lock stats it (through the link) for its grace period, and
-    # retries at once, without sleeping, while that stat fails
+    # the link's target must exist: the lock stats it (through the link) for its grace period
     target.touch(exist_ok=True)
-    lock = JournalFileSymlinkLock(str(target))
+    lock = PromptSymlinkLock(str(target))
     lock.acquire()
     try:
         yield
