@@ -41,7 +41,7 @@ class PromptSymlinkLock(JournalFileSymlinkLock):
         super().__init__(filepath, grace_period=None)
         self.target = filepath
         self.link = filepath + LOCK_SUFFIX
-        self.grace_period = grace_period
+        self.grace_s = grace_period
 
     def acquire(self) -> bool:
         wait, seen, since = FIRST_WAIT_S, None, time.monotonic()
@@ -57,7 +57,7 @@ class PromptSymlinkLock(JournalFileSymlinkLock):
                 stamp = None
             if stamp != seen:
                 seen, since = stamp, time.monotonic()
-            elif self.grace_period is not None and time.monotonic() - since > self.grace_period:
+            elif self.grace_s is not None and time.monotonic() - since > self.grace_s:
                 self._break()
                 continue
             time.sleep(wait * random.uniform(0.5, 1.0))
@@ -73,7 +73,7 @@ class PromptSymlinkLock(JournalFileSymlinkLock):
         log.warning(
             "the lock %s has not changed for %s s: its holder is taken to be dead and the lock is broken",
             self.link,
-            self.grace_period,
+            self.grace_s,
         )
         try:
             os.unlink(self.link)
