@@ -256,6 +256,7 @@ def _search(
     cluster, impossible = _cluster_for(args, sweep_dir)
     with cli.exit_on_config_error():
         check_gpus(spec, runs, cluster)
+        search.check_storage_variables(spec)  # before the sweep folder is made
     if impossible is not None:
         cli.console(stderr=True).print(f"[bold red]error:[/] {escape(impossible)}", soft_wrap=True)
         return EXIT_SLURM_DOWN

@@ -20,8 +20,9 @@ from optuna.trial import TrialState
 from pipeline import console as cli
 from pipeline.config import ConfigError
 from pipeline.search.journal import CUT_SUFFIX, JournalCorrupt, check_journal
-from pipeline.search.spec import parse_search
+from pipeline.search.spec import check_not_sqlite, parse_search
 from pipeline.search.study import (
+    expand_storage,
     StorageUnreachable,
     ask,
     exit_on_storage_down,
@@ -333,22 +334,47 @@ def test_the_url_path_on_mariadb(tmp_path, mariadb_url):
 
 @pytest.mark.slurm
 def test_a_search_sweep_on_mariadb_through_the_commands(tmp_path, mariadb_url, synthetic_root):
-    """sweep (--cluster local), status and collect with search.storage naming the MariaDB database."""
-    from tests.test_search_sweep import TINY, study_states, sweep, write_search
+    """sweep (--cluster local), status and collect with search.storage naming the MariaDB database, its
+    password given as $SEARCH_DB_PASSWORD: in no file of the sweep folder, nor in what the commands print."""
+    from tests.test_search_sweep import TINY, study_states, write_search
 
+    password = mariadb_url.split(":")[2].split("@")[0]
     spec = write_search(tmp_path, method="random", trials=3, workers=2)
-    spec.write_text(spec.read_text() + f"  storage: {json.dumps(mariadb_url)}\n")
+    url = mariadb_url.replace(f":{password}@", ":$SEARCH_DB_PASSWORD@", 1)
+    spec.write_text(spec.read_text() + f"  storage: {json.dumps(url)}\n")
     args = ["--cluster", "local", "--parallel", "2", "--wait", f"data.root={synthetic_root}", "train.epochs=1", *TINY]
-    r = sweep(tmp_path, spec, *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "storage mysql+pymysql://" in r.stdout and mariadb_url.split(":")[2].split("@")[0] not in r.stdout
+    env = {"SEARCH_DB_PASSWORD": password}
     sweep_dir = tmp_path / "runs/s"
-    assert study_states(sweep_dir) == {"COMPLETE": 3}
+    unset = run_cli("pipeline.sweep", str(spec), "--out", str(tmp_path / "runs"), *args, cwd=tmp_path)
+    assert unset.returncode == 2 and "search.storage" in unset.stderr and "$SEARCH_DB_PASSWORD" in unset.stderr
+    assert not sweep_dir.exists(), "written before the storage was checked"
+    r = run_cli("pipeline.sweep", str(spec), "--out", str(tmp_path / "runs"), *args, cwd=tmp_path, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "storage mysql+pymysql://" in r.stdout and password not in r.stdout
+    assert study_states(sweep_dir, env=env) == {"COMPLETE": 3}
     assert len(list(sweep_dir.glob("*/config.yaml"))) == 3 and not journal_path(sweep_dir).exists()
-    st = run_cli("pipeline.status", str(sweep_dir), cwd=tmp_path)
+    st = run_cli("pipeline.status", str(sweep_dir), cwd=tmp_path, env=env)
     assert st.returncode == 0 and "0 to go (of 3)" in st.stdout and "best so far: trial" in st.stdout, st.stdout
-    c = run_cli("pipeline.collect", str(sweep_dir), "--format", "markdown", cwd=tmp_path)
+    c = run_cli("pipeline.collect", str(sweep_dir), "--format", "markdown", cwd=tmp_path, env=env)
     assert c.returncode == 0 and "## Search: study search: 3 finished" in c.stdout, c.stdout + c.stderr
+    for path in sweep_dir.rglob("*"):
+        assert not path.is_file() or password.encode() not in path.read_bytes(), path
+    assert password not in st.stdout + c.stdout
+
+
+def test_storage_urls_read_variables_from_the_environment():
+    env = {"PW": "p@ss/w:rd", "HOST": "db.example.org", "URL": "postgresql://u:x@h/db", "LITE": "sqlite:///x.db"}
+    expand = lambda url: expand_storage(url, "sweep.yaml", env)  # noqa: E731
+    assert expand("mysql+pymysql://u:$PW@${HOST}/db") == "mysql+pymysql://u:p%40ss%2Fw%3Ard@db.example.org/db"
+    assert expand("$URL") == "postgresql://u:x@h/db"  # a whole URL is not encoded
+    assert expand("mysql+pymysql://u:pw@h/db?x=$HOST") == "mysql+pymysql://u:pw@h/db?x=db.example.org"
+    with pytest.raises(ConfigError, match=r"sweep.yaml: search.storage: names \$NOPE, which is not set"):
+        expand("mysql+pymysql://u:$NOPE@h/db")
+    assert spec_of(storage="$URL").storage == "$URL"
+    with pytest.raises(ConfigError, match=r"search.storage: must be a database URL"):
+        spec_of(storage="URL")
+    with pytest.raises(ConfigError, match=r"search.storage: SQLite locks fail"):
+        check_not_sqlite(expand("$LITE"), "s.yaml")
 
 
 def test_a_started_search_keeps_its_objectives_and_space(tmp_path):

@@ -69,7 +69,7 @@ def sweep(tmp_path: Path, spec: Path, *args: str, timeout: float = 900) -> subpr
     return run_cli("pipeline.sweep", str(spec), "--out", str(tmp_path / "runs"), *args, cwd=tmp_path, timeout=timeout)
 
 
-def study_states(sweep_dir: Path) -> dict[str, int]:
+def study_states(sweep_dir: Path, env: dict[str, str] | None = None) -> dict[str, int]:
     """Trial states of the study, read by Optuna from the journal (in a process of its own)."""
     code = (
         "import json, sys; from pipeline.search.files import read_record; from pipeline.search.study import open_study\n"
@@ -82,7 +82,7 @@ def study_states(sweep_dir: Path) -> dict[str, int]:
         [sys.executable, "-c", code, str(sweep_dir)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)

@@ -21,6 +21,7 @@ what is allowed; the commands turn it into exit code 2 before anything is writte
 from __future__ import annotations
 
 import math
+import re
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -427,20 +428,29 @@ def check_early_stop(early: EarlyStop, objective: Mapping[str, str], src: str) -
 
 
 def parse_storage(value: Any, src: str) -> str | None:
+    """A database URL, as written: ``$NAME`` parts (a password kept out of the file) are read from the
+    environment where the storage is opened (:func:`pipeline.search.study.expand_storage`)."""
     if value is None:
         return None
-    if not isinstance(value, str) or "://" not in value:
+    whole_url_in_a_variable = isinstance(value, str) and re.fullmatch(r"\$(\{\w+\}|\w+)", value) is not None
+    if not isinstance(value, str) or ("://" not in value and not whole_url_in_a_variable):
         raise _fail(
-            src, "storage", "must be a database URL such as mysql+pymysql://user:password@host/db (or left out)."
+            src,
+            "storage",
+            "must be a database URL such as mysql+pymysql://user:$DB_PASSWORD@host/db (or left out).",
         )
-    if value.split(":", 1)[0].split("+", 1)[0] == "sqlite":
+    check_not_sqlite(value, src)
+    return value
+
+
+def check_not_sqlite(url: str, src: str) -> None:
+    if url.split(":", 1)[0].split("+", 1)[0] == "sqlite":
         raise _fail(
             src,
             "storage",
             "SQLite locks fail on shared file systems (Optuna's FAQ advises against it): leave storage out "
             "for the journal file in the sweep folder, or name a MySQL/PostgreSQL server.",
         )
-    return value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import sys
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import ConfigError
 from pipeline.search.journal import JournalCorrupt, check_journal
-from pipeline.search.spec import Choice, EarlyStop, Range, SearchSpec
+from pipeline.search.spec import Choice, EarlyStop, Range, SearchSpec, check_not_sqlite
 
 SEARCH_DIR = "search"
 JOURNAL = "journal.log"
@@ -130,9 +134,39 @@ def _refused_by_server(orig: Any, reason: str) -> bool:
     return any(word in reason.lower() for word in _REFUSALS)
 
 
+_ENV_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def expand_storage(url: str, source: str, environ: Mapping[str, str] | None = None) -> str:
+    """``url`` with each ``$NAME`` or ``${NAME}`` replaced by that environment variable, read where the
+    storage is opened (the login node, then each worker: Slurm passes the submitting environment on), so
+    that a password need not be written in the sweep file or in the sweep folder's copy of it. A value in
+    the user and password part is percent-encoded (a password may hold ``@``, ``/`` or ``:``); elsewhere
+    it goes in as it is (``storage: $OPTUNA_STORAGE`` names a whole URL). ConfigError names an unset one."""
+    env = os.environ if environ is None else environ
+    scheme_end = url.find("://") + 3
+    host_end = url.find("/", scheme_end) if url.find("/", scheme_end) >= 0 else len(url)
+    userinfo_end = url.rfind("@", scheme_end, host_end)
+
+    def value(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in env:
+            raise ConfigError(
+                source,
+                f"names ${name}, which is not set in this environment: export it before submitting (Slurm "
+                "passes the submitting environment to the jobs), or write the value in the URL",
+                key="search.storage",
+            )
+        return urllib.parse.quote(env[name], safe="") if m.start() < userinfo_end else env[name]
+
+    return _ENV_VAR.sub(value, url)
+
+
 def _database(url: str, source: str) -> BaseStorage:
     import sqlalchemy.exc
 
+    url = expand_storage(url, source)
+    check_not_sqlite(url, source)  # (a URL read from a variable is checked here)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith(("mysql", "mariadb", "postgresql")):
         kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}

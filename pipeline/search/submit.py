@@ -241,6 +241,15 @@ def rerun_failed(study: Any, sweep_dir: Path) -> int:
     return n
 
 
+def check_storage_variables(sweep: SweepSpec) -> None:
+    """ConfigError when the storage URL names an environment variable that is not set here (the workers
+    read it from the environment they inherit from this command)."""
+    from pipeline.search.study import expand_storage
+
+    if sweep.search is not None and sweep.search.storage is not None:
+        expand_storage(sweep.search.storage, sweep.search.source)
+
+
 def submit_search(
     console: Console,
     sweep: SweepSpec,
