@@ -2,7 +2,8 @@
 int8 that keeps a hostile layer in fp32.
 
     .venv/bin/python bench/budget.py [--quick] [--models resnet20-B,resnet56-A] [--budgets 0.5,1,2]
-                                     [--round-to 8] [--no-int8] [--threads 2] [--out results.json]
+                                     [--round-to 8] [--no-int8] [--attempts N] [--threads 2]
+                                     [--out results.json]
 
 The task: the project's synthetic generator in its 100-class layout (``write_synthetic(layout="cifar100")``,
 written into a temporary folder), which a ResNet trained for a few epochs learns only partly, so pruning
@@ -214,11 +215,14 @@ def main() -> int:
         "--round-to", type=int, default=8, help="structured: kept channels a multiple of this (both methods)"
     )
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 fallback")
+    ap.add_argument("--attempts", type=int, default=None, help="fine-tunes per method and budget (default: the mode's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="write every figure to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    mode = MODES["quick" if args.quick else "full"]
+    mode = dict(MODES["quick" if args.quick else "full"])
+    if args.attempts is not None:
+        mode["attempts"] = args.attempts
     budgets = [float(b) for b in args.budgets.split(",")]
     start = time.perf_counter()
     results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "settings": mode, "round_to": args.round_to}
