@@ -432,7 +432,7 @@ def parse_storage(value: Any, src: str) -> str | None:
     environment where the storage is opened (:func:`pipeline.search.study.expand_storage`)."""
     if value is None:
         return None
-    whole_url_in_a_variable = isinstance(value, str) and re.fullmatch(r"\$(\{\w+\}|\w+)", value) is not None
+    whole_url_in_a_variable = isinstance(value, str) and ENV_VAR.fullmatch(value) is not None
     if not isinstance(value, str) or ("://" not in value and not whole_url_in_a_variable):
         raise _fail(
             src,
@@ -441,6 +441,9 @@ def parse_storage(value: Any, src: str) -> str | None:
         )
     check_not_sqlite(value, src)
     return value
+
+
+ENV_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")  # $NAME or ${NAME} in a storage URL
 
 
 def check_not_sqlite(url: str, src: str) -> None:

@@ -40,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import ConfigError
 from pipeline.search.journal import JournalCorrupt, check_journal
-from pipeline.search.spec import Choice, EarlyStop, Range, SearchSpec, check_not_sqlite
+from pipeline.search.spec import ENV_VAR, Choice, EarlyStop, Range, SearchSpec, check_not_sqlite
 
 SEARCH_DIR = "search"
 JOURNAL = "journal.log"
@@ -134,9 +134,6 @@ def _refused_by_server(orig: Any, reason: str) -> bool:
     return any(word in reason.lower() for word in _REFUSALS)
 
 
-_ENV_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
-
-
 def expand_storage(url: str, source: str, environ: Mapping[str, str] | None = None) -> str:
     """``url`` with each ``$NAME`` or ``${NAME}`` replaced by that environment variable, read where the
     storage is opened (the login node, then each worker: Slurm passes the submitting environment on), so
@@ -145,7 +142,8 @@ def expand_storage(url: str, source: str, environ: Mapping[str, str] | None = No
     it goes in as it is (``storage: $OPTUNA_STORAGE`` names a whole URL). ConfigError names an unset one."""
     env = os.environ if environ is None else environ
     scheme_end = url.find("://") + 3
-    host_end = url.find("/", scheme_end) if url.find("/", scheme_end) >= 0 else len(url)
+    path_start = url.find("/", scheme_end)
+    host_end = path_start if path_start >= 0 else len(url)
     userinfo_end = url.rfind("@", scheme_end, host_end)
 
     def value(m: re.Match[str]) -> str:
@@ -159,7 +157,7 @@ def expand_storage(url: str, source: str, environ: Mapping[str, str] | None = No
             )
         return urllib.parse.quote(env[name], safe="") if m.start() < userinfo_end else env[name]
 
-    return _ENV_VAR.sub(value, url)
+    return ENV_VAR.sub(value, url)
 
 
 def _database(url: str, source: str) -> BaseStorage:
