@@ -19,7 +19,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -295,6 +296,7 @@ def schema_fields() -> dict[str, dataclasses.Field]:
 
 
 _FIELDS = schema_fields()
+_SPLIT_KEYS: dict[str, tuple[str, str]] = {k: (k.split(".")[0], k.split(".")[-1]) for k in _FIELDS if k.count(".") == 1}
 _SECTIONS = {k.split(".", 1)[0] for k in _FIELDS}
 
 
@@ -369,8 +371,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "", source: str | os.PathLike
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1, "c.d": 2} -> {"a": {"b": 1}, "c": {"d": 2}}."""
     out: dict[str, Any] = {}
     for key, v in flat.items():
+        split = _SPLIT_KEYS.get(key)
+        if split is not None:  # a schema key: section.leaf
+            section = out.get(split[0])
+            if section is None:
+                section = out[split[0]] = {}
+            section[split[1]] = v
+            continue
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
@@ -597,11 +607,16 @@ def validate(cfg: DictConfig, provenance: Mapping[str, str] | None = None) -> No
     validate_flat(flatten(as_dict(cfg)), provenance)
 
 
-def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None = None) -> None:
-    """:func:`validate` on a complete dotted dict of typed values (every schema key, as composed)."""
+def validate_flat(
+    flat: Mapping[str, Any], provenance: Mapping[str, str] | None = None, leaves: Iterable[str] | None = None
+) -> None:
+    """:func:`validate` on a complete dotted dict of typed values (every schema key, as composed).
+    ``leaves``: the only keys whose own rules (finite, choices, range, pattern) need checking, the
+    others' values having passed them already; the cross-field rules are always checked."""
     provenance = provenance or {}
-    _check_finite(flat, provenance)
-    for key, *rules in _RULES:
+    only = None if leaves is None else set(leaves)
+    _check_finite(flat if only is None else {k: v for k, v in flat.items() if k in only}, provenance)
+    for key, *rules in _RULES if only is None else (r for r in _RULES if r[0] in only):
         problem = _leaf_problem(flat[key], *rules)
         if problem is not None:
             raise ConfigError(provenance.get(key, "defaults"), problem, key=key)
@@ -611,6 +626,15 @@ def validate_flat(flat: Mapping[str, Any], provenance: Mapping[str, str] | None 
         if found is not None:
             key, msg = found
             raise ConfigError(provenance.get(origin(key, msg), "defaults"), msg, key=key)
+
+
+def _leaf_problems(flat: Mapping[str, Any]) -> bool:
+    """Whether any value of ``flat`` breaks its own rules (finite, choices, range, pattern)."""
+    try:
+        _check_finite(flat, {})
+    except ConfigError:
+        return True
+    return any(_leaf_problem(flat[key], *rules) is not None for key, *rules in _RULES)
 
 
 def _leaf_problem(
@@ -863,22 +887,53 @@ def _inert_prune(flat: Mapping[str, Any]) -> dict[str, str]:
 def settled(tree: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a resolved config (a plain nested dict) with every :func:`inert_settings` key at its
     default value: what run ids and stage keys hash. At the default, nothing changes: the ids and keys
-    of runs made before, whose inert settings had their default values, stay the same."""
+    of runs made before, whose inert settings had their default values, stay the same. Keys added later
+    (``LATER_KEYS``) are left out at their default, so older ids and keys stay too. ``tree`` is not
+    changed; a section is copied only where something in it changes."""
     out = dict(tree)
-    for key in inert_settings(tree):
-        section, leaf = key.split(".")
+    for section, inert, later in _settle_plan(tree):
         node = out.get(section)
-        if not isinstance(node, Mapping) or leaf not in node or node[leaf] == _DEFAULTS[key]:
+        if not isinstance(node, Mapping):
             continue
-        copied = node is not tree.get(section)  # copied before its first change: ``tree`` stays as it is
-        out[section] = {**node, leaf: _DEFAULTS[key]} if not copied else node
-        out[section][leaf] = _DEFAULTS[key]
-    for key in LATER_KEYS:  # added later: at their default they are not hashed, so older ids and keys stay
-        section, leaf = key.split(".")
-        node = out.get(section)
-        if isinstance(node, Mapping) and leaf in node and node[leaf] == _DEFAULTS[key]:
-            out[section] = {k: v for k, v in node.items() if k != leaf}
+        changed: dict[str, Any] | None = None
+        for leaf, default in inert:
+            if leaf in node and node[leaf] != default:
+                changed = dict(node) if changed is None else changed
+                changed[leaf] = default
+        for leaf, default in later:
+            now = node if changed is None else changed
+            if leaf in now and now[leaf] == default:
+                changed = dict(node) if changed is None else changed
+                del changed[leaf]
+        if changed is not None:
+            out[section] = changed
     return out
+
+
+_SETTLE_PLANS: dict[
+    tuple[Any, ...], tuple[tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]], ...]
+] = {}
+
+
+def _settle_plan(
+    tree: Mapping[str, Any],
+) -> tuple[tuple[str, tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]], ...]:
+    """Per section: the (leaf, default) pairs :func:`settled` sets to their default (the inert settings)
+    and those it leaves out at their default (``LATER_KEYS``). Depends only on the deciding settings."""
+    deciding = tuple(_value(tree, key) for key in _DECIDING)
+    plan = _SETTLE_PLANS.get(deciding)
+    if plan is None:
+        inert: dict[str, list[tuple[str, Any]]] = {}
+        later: dict[str, list[tuple[str, Any]]] = {}
+        for key in inert_settings(tree):
+            section, leaf = key.split(".")
+            inert.setdefault(section, []).append((leaf, _DEFAULTS[key]))
+        for key in LATER_KEYS:
+            section, leaf = key.split(".")
+            later.setdefault(section, []).append((leaf, _DEFAULTS[key]))
+        plan = tuple((s, tuple(inert.get(s, ())), tuple(later.get(s, ()))) for s in {**inert, **later})
+        _SETTLE_PLANS[deciding] = plan
+    return plan
 
 
 def from_tree(tree: Mapping[str, Any]) -> DictConfig:
@@ -894,25 +949,36 @@ def _value_key(value: Any) -> tuple[str, type]:
 
 
 _YAML_LINES: dict[tuple[str, str, type], str] = {}
+_YAML_SECTIONS: dict[tuple[str, str], str] = {}
 
 
 def tree_to_yaml(tree: Mapping[str, Mapping[str, Any]]) -> str:
     """:func:`to_yaml` of a resolved config given as a plain nested dict (sections of leaves, in schema
     order), text for text. Each ``key: value`` block is emitted once by omegaconf's own YAML dumper and
-    reused: in a block mapping a leaf's text depends only on its key, value and indentation."""
+    reused: in a block mapping a leaf's text depends only on its key, value and indentation. A section
+    seen before (same leaves, same values by ``repr``, which tells 1, 1.0, True and '1' apart) is reused
+    whole: the runs of a sweep differ in a few sections."""
     parts = []
     for section, leaves in tree.items():
-        if not leaves:
-            parts.append(OmegaConf.to_yaml({section: {}}))
-            continue
-        parts.append(f"{section}:\n")
-        for leaf, value in leaves.items():
-            key = (f"{section}.{leaf}", *_value_key(value))
-            text = _YAML_LINES.get(key)
-            if text is None:
-                text = OmegaConf.to_yaml({section: {leaf: value}}).split("\n", 1)[1]
-                _YAML_LINES[key] = text
-            parts.append(text)
+        key = (section, repr(leaves))
+        text = _YAML_SECTIONS.get(key)
+        if text is None:
+            text = _YAML_SECTIONS[key] = _section_yaml(section, leaves)
+        parts.append(text)
+    return "".join(parts)
+
+
+def _section_yaml(section: str, leaves: Mapping[str, Any]) -> str:
+    if not leaves:
+        return OmegaConf.to_yaml({section: {}})
+    parts = [f"{section}:\n"]
+    for leaf, value in leaves.items():
+        key = (f"{section}.{leaf}", *_value_key(value))
+        text = _YAML_LINES.get(key)
+        if text is None:
+            text = OmegaConf.to_yaml({section: {leaf: value}}).split("\n", 1)[1]
+            _YAML_LINES[key] = text
+        parts.append(text)
     return "".join(parts)
 
 
@@ -957,6 +1023,7 @@ class Composer:
             except OmegaConfBaseException:
                 self._flat = None
         self._scratch = cfg  # values are converted by setting them here: any schema-typed config will do
+        self._shared_bad = self._flat is None or _leaf_problems(self._flat)
         self._converted: dict[tuple[str, str, type], Any] = {}
 
     def _convert(self, key: str, value: Any, source: str) -> Any:
@@ -986,5 +1053,6 @@ class Composer:
             for key, value in layer.values.items():
                 flat[key] = self._convert(key, value, layer.source)
                 provenance[key] = layer.source
-        validate_flat(flat, provenance)
+        # the shared values' own rules are checked once (when they all pass); each run's, for its own values
+        validate_flat(flat, provenance, None if self._shared_bad else {k for layer in layers for k in layer.values})
         return {k: list(v) if isinstance(v, list) else v for k, v in flat.items()}

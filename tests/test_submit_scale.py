@@ -194,6 +194,31 @@ def test_error_is_the_one_per_run_compose_raises_first(project):
     assert e.value.key == "train.batch_size" and e.value.source == f"{path} (zip)"
 
 
+def test_a_bad_shared_value_is_reported_unless_every_run_replaces_it(project):
+    # the shared layers' values are checked once, each run's own values per run: a bad value in set:
+    # that a grid replaces in every run is no error (as per-run compose); one that it keeps is, named
+    # in set:, like compose; and a cross-field rule between a shared and a swept value still holds
+    replaced = "name: r\nbase: [configs/base.yaml]\nset: {optim.name: adamm}\ngrid: {optim.name: [sgd, adam]}\n"
+    spec = read_sweep(write(project / "sweeps/r.yaml", replaced))
+    runs = expand_sweep(spec, cwd=project)
+    assert [r.config["optim"]["name"] for r in runs] == ["sgd", "adam"]
+    for r, pt in zip(runs, points(spec)):
+        assert_same_as_reference(spec, r, pt, {}, project)
+    kept = "name: k\nbase: [configs/base.yaml]\nset: {train.batch_size: 0}\ngrid: {optim.name: [sgd, adam]}\n"
+    path = write(project / "sweeps/k.yaml", kept)
+    with pytest.raises(ConfigError) as e:
+        expand_sweep(read_sweep(path), cwd=project)
+    with pytest.raises(ConfigError) as ref:
+        reference(read_sweep(path), points(read_sweep(path))[0], {}, project)
+    assert (e.value.key, e.value.source, str(e.value)) == (ref.value.key, ref.value.source, str(ref.value))
+    assert e.value.key == "train.batch_size" and e.value.source == f"{path} (set)"
+    cross = "name: c\nbase: [configs/base.yaml]\nset: {train.epochs: 3}\ngrid: {schedule.warmup_epochs: [1, 3]}\n"
+    path = write(project / "sweeps/c.yaml", cross)
+    with pytest.raises(ConfigError) as e:
+        expand_sweep(read_sweep(path), cwd=project)
+    assert e.value.key == "schedule.warmup_epochs" and e.value.source == f"{path} (grid)"
+
+
 # --------------------------------------------------------------------------------------------------
 # Arrays split by MaxArraySize
 # --------------------------------------------------------------------------------------------------
