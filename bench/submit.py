@@ -146,6 +146,18 @@ def run_floor(tmp: Path, n: int) -> tuple[float, set[str]]:
     return seconds, set(r.stdout.split())
 
 
+def cpu_line() -> str:
+    """The CPU model, its core count and the vector flags that matter here (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(shown) or 'no AVX2'}"
+
+
 def remove(folder: Path) -> None:
     """Remove a measurement's files and write the removal back (os.sync) before the next timing starts,
     so that the next one does not pay for this one's 30,000 deletions."""
@@ -203,11 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the local Slurm cluster is not up: bash tests/slurm/start.sh")
     if any(n % N_AXIS**2 or n <= 0 for n in args.sizes):
         raise SystemExit(f"--sizes must be positive multiples of {N_AXIS**2}")
+    if args.before is not None and not set(args.before_sizes) <= set(args.sizes):
+        raise SystemExit("--before-sizes must be among --sizes (the code before is timed in the same repeats)")
     times = {n: {k: [] for k in LABELS} for n in args.sizes}
     notes: dict[int, dict[str, str]] = {n: {} for n in args.sizes}
     with tempfile.TemporaryDirectory(prefix="bench-submit-") as td:
         tmp = Path(td)
         sweeps = {n: write_sweep(tmp, REPO, n) for n in args.sizes}
+        before = args.before.resolve() if args.before is not None else None
+        bsweeps = {n: write_sweep(tmp, before, n) for n in args.before_sizes} if before is not None else {}
         for rep in range(args.repeats):  # interleaved, so load from other users hits all alike
             for n in args.sizes:
                 measure_size(n, tmp, sweeps[n], times[n], notes[n])
@@ -216,15 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"repeat {rep + 1}/{args.repeats}, {n:,} runs: floor {tn['floor'][-1]:.2f}s, pipeline "
                     f"{tn['pipeline'][-1]:.2f}s, --no-submit {tn['no-submit'][-1]:.2f}s"
                 )
-        if args.before is not None:
-            before = args.before.resolve()
-            for n in args.before_sizes:
-                bsweep = write_sweep(tmp, before, n)
-                for _ in range(args.before_repeats):
-                    s, folders, ids = run_pipeline(before, bsweep, n, tmp, [])
-                    times.setdefault(n, {k: [] for k in LABELS})["before"].append(s)
-                    notes.setdefault(n, {})["before"] = f"{folders} folders, {len(ids)} array(s)"
-                    console.print(f"before ({before}), {n:,} runs: {s:.2f}s")
+                if n in bsweeps and rep < args.before_repeats:  # the code before, in the same repeat
+                    s, folders, ids = run_pipeline(before, bsweeps[n], n, tmp, [])
+                    times[n]["before"].append(s)
+                    notes[n]["before"] = f"{folders} folders, {len(ids)} array(s)"
+                    console.print(f"  before ({before}), {n:,} runs: {s:.2f}s")
+        console.print(f"CPU: {cpu_line()}; load average at the end: {os.getloadavg()[0]:.1f}")
     for n in sorted(times):
         if times[n]["floor"]:
             console.print(table(n, times[n], notes[n], args.before))
