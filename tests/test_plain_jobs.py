@@ -37,6 +37,7 @@ def owned(run: RunDir) -> bool:
     return (run.path / "owner.json").is_file() and run.progress.is_file()
 
 
+@pytest.mark.slow
 def test_plain_array_tasks_and_a_hand_run_are_shown_running_then_cancelled(tmp_path, synthetic_root):
     out = tmp_path / "runs"
     sweep_dir = out / "plain"

@@ -333,6 +333,7 @@ def test_the_url_path_on_mariadb(tmp_path, mariadb_url):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_a_search_sweep_on_mariadb_through_the_commands(tmp_path, mariadb_url, synthetic_root):
     """sweep (--cluster local), status and collect with search.storage naming the MariaDB database, its
     password given as $SEARCH_DB_PASSWORD: in no file of the sweep folder, nor in what the commands print."""

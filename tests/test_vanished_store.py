@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from pipeline.rundir import list_runs, read_json
 from tests.conftest import REPO, run_cli
 
@@ -30,6 +32,7 @@ set:
 """
 
 
+@pytest.mark.slow
 def test_shared_store_deleted_under_its_training_stops_the_job_and_shows_the_run_failed(tmp_path, synthetic_root):
     spec = tmp_path / "gone.yaml"
     spec.write_text(SWEEP.format(base=REPO / "configs/base.yaml", root=synthetic_root))
